@@ -1,0 +1,40 @@
+"""asr-fx: attention-alike structural re-parameterization (ASR) as torch.fx graph passes.
+
+``instrument(model)`` -> train -> ``fuse(model)`` -> ``export_onnx(fused, path, inputs)``.
+"""
+
+from asr_fx import attention
+from asr_fx.api import asr_parameters, find_sites, fuse, fusion_report, get_config, instrument
+from asr_fx.asr import ASR
+from asr_fx.checkpoint import build, load, save
+from asr_fx.export import ExportReport, export_onnx, onnx_op_counts
+from asr_fx.errors import ASRError, CheckpointError, FusionError, NoSitesError, TraceError, VerificationError
+from asr_fx.passes import Site
+from asr_fx.report import FusionReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASR",
+    "ASRError",
+    "CheckpointError",
+    "FusionError",
+    "FusionReport",
+    "NoSitesError",
+    "Site",
+    "TraceError",
+    "VerificationError",
+    "ExportReport",
+    "asr_parameters",
+    "build",
+    "export_onnx",
+    "load",
+    "onnx_op_counts",
+    "save",
+    "attention",
+    "find_sites",
+    "fuse",
+    "fusion_report",
+    "get_config",
+    "instrument",
+]

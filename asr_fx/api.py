@@ -1,0 +1,253 @@
+"""instrument / find_sites / fuse: the two phases of ASR, like prepare_fx / convert_fx."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from asr_fx.asr import ASR, PsiInit, make_site_block
+from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
+from asr_fx.passes._patterns import channel_info
+from asr_fx.passes.locate import _site, find_residual_sites
+from asr_fx.report import FusionReport
+
+CONFIG_KEY = "asr_fx"
+
+#: placement rules by name: each maps a traced graph to its sites
+RULES: dict[str, Callable[[fx.GraphModule], list[Site]]] = {
+    "residual": find_residual_sites,
+}
+RULE_ALIASES = {"auto": "residual"}
+
+SiteSelector = Sequence[str] | Callable[[Site], bool] | None
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Record every node's output shape (``node.meta['tensor_meta']``) without touching BN statistics."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _candidate_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every node a scale could follow: calls of conv/norm/linear modules."""
+    out = []
+    for node in gm.graph.nodes:
+        info = channel_info(gm, node)
+        if info is not None:
+            out.append(_site(node, "explicit", info))
+    return out
+
+
+def _matches(site: Site, selector: Sequence[str] | Callable[[Site], bool]) -> bool:
+    if callable(selector):
+        return bool(selector(site))
+    return site.node in selector or site.module in selector or site.key in selector
+
+
+def _select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: SiteSelector) -> list[Site]:
+    if sites is not None:
+        candidates = _candidate_sites(gm)
+        chosen = [s for s in candidates if _matches(s, sites)]
+        if not callable(sites):
+            known = {n for s in candidates for n in (s.node, s.module, s.key)}
+            missing = [name for name in sites if name not in known]
+            if missing:
+                raise ASRError(
+                    f"sites={missing} name no conv/norm/linear call in the traced graph; "
+                    f"candidates include {[s.module or s.node for s in candidates[:8]]}"
+                )
+    else:
+        name = RULE_ALIASES.get(rule, rule)
+        if name not in RULES:
+            raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(set(RULES) | set(RULE_ALIASES))}")
+        chosen = RULES[name](gm)
+    if exclude is not None:
+        chosen = [s for s in chosen if not _matches(s, exclude)]
+    return chosen
+
+
+def find_sites(
+    model: nn.Module,
+    rule: str = "auto",
+    *,
+    sites: SiteSelector = None,
+    exclude: SiteSelector = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    leaf_modules: Any = None,
+) -> list[Site]:
+    """The ASR sites ``instrument`` would use, as a list of :class:`Site` (nothing is changed)."""
+    gm = trace(copy.deepcopy(model), leaf_modules)
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)
+    return _select_sites(gm, rule, sites, exclude)
+
+
+def _attention_name(attention: Any) -> Any:
+    if isinstance(attention, str):
+        return attention
+    module, qualname = getattr(attention, "__module__", None), getattr(attention, "__qualname__", None)
+    return f"{module}:{qualname}" if module and qualname and "<" not in qualname else None
+
+
+def instrument(
+    model: nn.Module,
+    attention: str | Callable[..., nn.Module] = "se",
+    rule: str = "auto",
+    *,
+    sites: SiteSelector = None,
+    exclude: SiteSelector = None,
+    delta: int = 1,
+    activation: str = "sigmoid",
+    psi_init: PsiInit = 0.1,
+    learnable_psi: bool = True,
+    attention_kwargs: dict[str, Any] | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    leaf_modules: Any = None,
+) -> fx.GraphModule:
+    """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
+
+    ``model`` is not modified (the result holds copies of its modules, under the same names).
+    Blocks live at ``asr.<site key>`` (e.g. ``asr.layer1_0_bn3``); with ``delta > 1`` each site
+    holds an ``nn.Sequential`` of ``delta`` blocks (the paper's Table 7).
+
+    Args:
+        attention: a registered name (``asr_fx.attention.names()``) or a factory ``f(channels, **kw)``.
+        rule: placement rule; ``"auto"`` picks the paper's placement (see ``RULES``).
+        sites / exclude: node or module names, or a predicate on :class:`Site`, to choose sites.
+        example_inputs: optional; shapes let layers whose channel dimension depends on the input
+            rank (BatchNorm1d, GroupNorm, ...) take a site.
+        leaf_modules: module names or classes that torch.fx keeps as opaque calls.
+    """
+    if delta < 1:
+        raise ValueError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
+    gm = trace(copy.deepcopy(model), leaf_modules)
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)
+    chosen = _select_sites(gm, rule, sites, exclude)
+    if not chosen:
+        raise NoSitesError(
+            f"no ASR site found in {type(model).__name__} with rule={rule!r}: looked for residual adds whose "
+            "longer branch ends in a conv/norm/linear layer. Pass sites=[module names] or another rule."
+        )
+    unknown = [s.node for s in chosen if not s.foldable]
+    if unknown:
+        raise ASRError(f"sites {unknown}: the channel dimension depends on the input rank; pass example_inputs=")
+    kwargs = dict(attention_kwargs or {})
+
+    def make_block(site: Site) -> nn.Module:
+        return make_site_block(site.channels, site.channel_pos, attention, delta=delta, activation=activation,
+                               psi_init=psi_init, learnable_psi=learnable_psi, attention_kwargs=kwargs)
+
+    insert_asr(gm, chosen, make_block)
+    config = {
+        "attention": _attention_name(attention),
+        "attention_kwargs": kwargs,
+        "rule": rule,
+        "delta": delta,
+        "activation": activation,
+        "psi_init": list(psi_init) if isinstance(psi_init, tuple) else psi_init,
+        "learnable_psi": learnable_psi,
+        "sites": [s.to_dict() for s in chosen],
+        "factory": getattr(model, "_asr_fx_factory", None),
+        "input_shape": list(example_inputs[0].shape) if example_inputs else None,
+    }
+    set_config(gm, config)
+    gm.train(model.training)
+    return gm
+
+
+def set_config(gm: nn.Module, config: dict[str, Any]) -> None:
+    """Record the ASR config on a module (kept across ``copy.deepcopy`` and pickling)."""
+    if isinstance(gm, fx.GraphModule):
+        gm.meta[CONFIG_KEY] = config
+    gm.asr_fx_config = config
+
+
+def get_config(model: nn.Module) -> dict[str, Any] | None:
+    """The config :func:`instrument` recorded on ``model``, or ``None``."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and CONFIG_KEY in meta:
+        return meta[CONFIG_KEY]
+    return getattr(model, "asr_fx_config", None)
+
+
+def _is_asr_module(module: nn.Module) -> bool:
+    return isinstance(module, ASR)
+
+
+def fuse(
+    model: nn.Module,
+    strict: bool = False,
+    *,
+    fold_bn: bool = False,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    leaf_modules: Any = None,
+) -> fx.GraphModule:
+    """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
+
+    ``model`` is not modified. The result is in eval mode and computes what ``model.eval()``
+    computes. Sites that could not be folded stay as one constant ``mul`` and are reported with a
+    warning (``asr_fx.fusion_report(fused)`` has the details); ``strict=True`` raises
+    :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
+    """
+    work = copy.deepcopy(model).eval()
+    gm = trace(work, leaf_modules)
+    if example_inputs is not None:
+        _propagate_shapes(gm, example_inputs)
+    gm, records = fuse_pipeline(gm, fold_bn=fold_bn, check=_check_finite)
+    report = FusionReport(records)
+    gm.meta["asr_fx.fusion"] = report
+    if report.unfolded:
+        message = report.unfolded_message()
+        if strict:
+            from asr_fx.errors import FusionError
+
+            raise FusionError(message)
+        warnings.warn(message, stacklevel=2)
+    return gm.eval()
+
+
+def _check_finite(gm: fx.GraphModule) -> None:
+    """Refuse NaN/Inf constants computed from psi: folding them would poison the weights."""
+    from asr_fx.passes.fold import site_of
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith("_folded_"):
+            value = getattr(gm, str(node.target))
+            if not torch.isfinite(value).all():
+                where = site_of(node) or node.name
+                raise ASRError(f"the attention value at site `{where}` is not finite (NaN/Inf): the checkpoint's "
+                               "psi or attention weights are broken; retrain or restore them before fusing")
+
+
+def fusion_report(fused: nn.Module) -> FusionReport | None:
+    """The :class:`FusionReport` that :func:`fuse` attached to its result."""
+    meta = getattr(fused, "meta", {})
+    return meta.get("asr_fx.fusion") if isinstance(meta, dict) else None
+
+
+def asr_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """psi and the attention networks' parameters of every ASR block (e.g. for a no-weight-decay group)."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if _is_asr_module(module):
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+__all__ = ["asr_parameters", "find_sites", "fuse", "fusion_report", "get_config", "instrument"]

@@ -1,0 +1,196 @@
+"""ONNX export with verification in onnxruntime, written atomically.
+
+The model is exported to a temporary file beside ``path``, checked with ``onnx.checker``, run in
+onnxruntime and compared with the reference in torch; only then is it renamed to ``path``. Any
+failure leaves ``path`` as it was (absent, or the file that was there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from asr_fx.errors import ASRError, VerificationError
+
+
+@dataclass
+class OutputError:
+    name: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` exported and how well onnxruntime agrees with torch."""
+
+    path: str
+    provider: str = ""
+    outputs: list[OutputError] = field(default_factory=list)
+    op_counts: dict[str, int] = field(default_factory=dict)
+    param_count: int = 0
+    rtol: float = 1e-4
+    atol: float = 0.0
+    verified: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def table(self) -> str:
+        rows = [(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", "ok" if o.ok else "FAILED") for o in self.outputs]
+        return tabulate(rows, headers=["output", "max abs err", "max rel err", f"rtol {self.rtol:g}"])
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "provider": self.provider,
+            "verified": self.verified,
+            "ok": self.ok,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "outputs": [o.__dict__ for o in self.outputs],
+            "op_counts": self.op_counts,
+            "param_count": self.param_count,
+            "seconds": self.seconds,
+        }
+
+
+def onnx_op_counts(model: str | os.PathLike | onnx.ModelProto) -> dict[str, int]:
+    """The op-type multiset of an ONNX model's main graph (and of its local functions)."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    counts = Counter(node.op_type for node in proto.graph.node)
+    for function in proto.functions:
+        counts.update(node.op_type for node in function.node)
+    return dict(sorted(counts.items()))
+
+
+def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _flatten(out: object) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    return []
+
+
+def _export(model: nn.Module, args: tuple, path: str, opset: int | None, dynamic_batch: bool) -> None:
+    kwargs: dict = {"dynamo": True, "verbose": False, "external_data": False}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, args, path, **kwargs)
+
+
+def run_onnxruntime(path: str, inputs: Sequence[torch.Tensor], providers: Sequence[str] | None = None):
+    """Run an ONNX file in onnxruntime; returns ``(outputs, provider)``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=list(providers or ["CPUExecutionProvider"]))
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds), session.get_providers()[0]
+
+
+def compare(reference: Sequence[torch.Tensor], actual: Sequence[np.ndarray], rtol: float, atol: float) -> list[OutputError]:
+    """Per output: ``max|a - r|`` and that over ``max|r|``; ok when ``max_abs <= atol + rtol * max|r|``."""
+    if len(reference) != len(actual):
+        raise VerificationError(f"onnxruntime returned {len(actual)} outputs, torch {len(reference)}")
+    errors = []
+    for i, (ref, act) in enumerate(zip(reference, actual)):
+        ref_np = ref.detach().float().cpu().numpy()
+        act = np.asarray(act, dtype=np.float32)
+        if ref_np.shape != act.shape:
+            raise VerificationError(f"output {i}: onnxruntime shape {act.shape} != torch shape {ref_np.shape}")
+        scale = float(np.abs(ref_np).max()) if ref_np.size else 0.0
+        max_abs = float(np.abs(ref_np - act).max()) if ref_np.size else 0.0
+        ok = bool(np.isfinite(act).all()) and max_abs <= atol + rtol * scale
+        errors.append(OutputError(f"output{i}", max_abs, max_abs / scale if scale else max_abs, ok))
+    return errors
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    verify: bool = True,
+    reference: nn.Module | None = None,
+    rtol: float = 1e-4,
+    atol: float = 0.0,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    providers: Sequence[str] | None = None,
+) -> ExportReport:
+    """Export ``model`` (eval mode) to ONNX at ``path``, check it and verify it in onnxruntime.
+
+    Verification compares onnxruntime's outputs with ``reference`` (default: ``model``) in torch
+    on ``example_inputs``. Raises :class:`VerificationError` (with ``.report``) when they disagree
+    beyond ``atol + rtol * max|reference|``; then nothing is written at ``path``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ASRError(f"the output {str(path)!r} should end in .onnx")
+    if not path.parent.exists():
+        raise ASRError(f"the output folder {str(path.parent)!r} does not exist")
+    args = _as_tuple(example_inputs)
+    model = model.eval()
+    report = ExportReport(str(path), rtol=rtol, atol=atol, param_count=sum(p.numel() for p in model.parameters()))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        start = time.perf_counter()
+        try:
+            _export(model, args, tmp, opset, dynamic_batch)
+        except Exception as exc:  # noqa: BLE001
+            raise ASRError(
+                f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                "Try another --opset, a fixed batch (no --dynamic-batch), or fuse with --strict to see what stayed."
+            ) from exc
+        report.seconds["export"] = time.perf_counter() - start
+        onnx.checker.check_model(tmp)
+        report.op_counts = onnx_op_counts(tmp)
+        if verify:
+            start = time.perf_counter()
+            with torch.no_grad():
+                expected = _flatten((reference or model).eval()(*args))
+            actual, report.provider = run_onnxruntime(tmp, args, providers)
+            report.outputs = compare(expected, actual, rtol, atol)
+            report.verified = True
+            report.seconds["verify"] = time.perf_counter() - start
+            if not report.ok:
+                raise VerificationError(
+                    f"onnxruntime disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
+                    report,
+                )
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return report

@@ -1,0 +1,55 @@
+"""The fusion report: where every constant per-channel scale went, and why not where it stayed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tabulate import tabulate
+
+from asr_fx.passes.fold import FoldRecord
+
+
+@dataclass
+class FusionReport:
+    """One :class:`~asr_fx.passes.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw."""
+
+    records: list[FoldRecord] = field(default_factory=list)
+
+    @property
+    def folded(self) -> list[FoldRecord]:
+        return [r for r in self.records if r.folded]
+
+    @property
+    def unfolded(self) -> list[FoldRecord]:
+        """Scales computed by attention networks (ASR sites) that are still a ``mul``."""
+        return [r for r in self.records if not r.folded and r.from_attention]
+
+    @property
+    def muls_removed(self) -> int:
+        return len(self.folded)
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(r.where for r in self.records))
+
+    def unfolded_message(self) -> str:
+        lines = [f"{len(self.unfolded)} ASR site(s) could not be folded and stay as a constant Mul:"]
+        lines += [f"  {r.site or r.mul} after `{r.target}`: {r.reason}" for r in self.unfolded]
+        return "\n".join(lines)
+
+    def table(self) -> str:
+        rows = [(r.site or "-", r.mul, r.target, r.where, r.reason) for r in self.records]
+        return tabulate(rows, headers=["site", "mul", "producer", "folded into", "reason"])
+
+    def to_dict(self) -> dict:
+        return {
+            "folded": len(self.folded),
+            "unfolded": len(self.unfolded),
+            "records": [
+                {"site": r.site, "mul": r.mul, "producer": r.target, "where": r.where, "reason": r.reason}
+                for r in self.records
+            ],
+        }
+
+    def __str__(self) -> str:
+        return self.table()

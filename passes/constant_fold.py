@@ -1,0 +1,99 @@
+"""Pass 4, constant folding: every value computed only from parameters, buffers and literals
+becomes one buffer.
+
+Equivalence: exact in eval mode (the folded subgraph is evaluated once with the module's current
+parameters); this is what makes ``act(F(psi))`` a constant ``v`` whether ASR was inserted by
+:func:`asr_fx.instrument` or written by hand.
+
+Refuses (leaves in the graph): random ops, values that are not tensors, and a lone ``get_attr``
+(already a constant). Call it on a model in eval mode: a module in training mode (BatchNorm
+updating running statistics, dropout) is not a constant function of its inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+_RANDOM_FUNCTIONS = {
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.bernoulli, torch.normal, torch.multinomial, torch.dropout,
+    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
+}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "cauchy_"}
+
+FOLDED_PREFIX = "_folded_"
+
+
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    """``gm.a.b.c`` for target ``"a.b.c"``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_constant_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target not in _RANDOM_FUNCTIONS
+    if node.op == "call_method":
+        return node.target not in _RANDOM_METHODS
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        return not module.training
+    return False
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    args = fx.node.map_arg(node.args, lambda n: env[n])
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+    if node.op == "get_attr":
+        return fetch_attr(gm, str(node.target))
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)  # type: ignore[operator]
+    if node.op == "call_method":
+        self_obj, *rest = args
+        return getattr(self_obj, str(node.target))(*rest, **kwargs)
+    return gm.get_submodule(str(node.target))(*args, **kwargs)
+
+
+def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace each maximal parameter-only tensor subgraph by a ``get_attr`` of a new buffer.
+
+    The buffer is named ``_folded_<node name>``. Modifies ``gm`` in place and returns it; dead
+    nodes are left for :func:`eliminate_dead_code`.
+    """
+    constant: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            constant[node] = True
+        elif node.op in ("placeholder", "output"):
+            constant[node] = False
+        else:
+            constant[node] = _is_constant_op(gm, node) and all(constant[i] for i in node.all_input_nodes)
+
+    env: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        for node in list(gm.graph.nodes):
+            if not constant[node]:
+                continue
+            env[node] = _evaluate(gm, node, env)
+            if node.op == "get_attr" or not isinstance(env[node], torch.Tensor):
+                continue
+            if all(constant[user] for user in node.users):
+                continue
+            name = FOLDED_PREFIX + node.name
+            gm.register_buffer(name, env[node].detach().clone())
+            with gm.graph.inserting_before(node):
+                replacement = gm.graph.get_attr(name)
+            replacement.meta = dict(node.meta)
+            node.replace_all_uses_with(replacement, delete_user_cb=lambda u: not constant[u])
+            constant[replacement] = True
+    gm.recompile()
+    return gm
+
+
+__all__ = ["FOLDED_PREFIX", "fetch_attr", "fold_constants"]

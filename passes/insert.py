@@ -1,0 +1,46 @@
+"""Pass 3, insert: put a module at each site, as ``x -> block(x)`` right after the site's node.
+
+Equivalence: none by design (this is the training-time change); the graph is otherwise untouched.
+Each block is registered as ``<container>.<site.key>`` (e.g. ``asr.layer1_0_bn3``), so submodule
+and state_dict names are derived from the site and stable across runs.
+
+Refuses: a site naming a node that is not in the graph, and two sites with the same key.
+Modifies ``gm`` in place and returns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch.fx as fx
+from torch import nn
+
+from .locate import Site
+
+
+def insert_asr(
+    gm: fx.GraphModule,
+    sites: Sequence[Site],
+    make_block: Callable[[Site], nn.Module],
+    container: str = "asr",
+) -> fx.GraphModule:
+    """Insert ``make_block(site)`` after every site's node; all former users of the node see the block's output."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if hasattr(gm, container) and not isinstance(getattr(gm, container), nn.ModuleDict):
+        raise ValueError(f"the model already has an attribute {container!r}; choose another container name")
+    if not hasattr(gm, container):
+        gm.add_module(container, nn.ModuleDict())
+    blocks: nn.ModuleDict = getattr(gm, container)
+    for site in sites:
+        if site.node not in nodes:
+            raise KeyError(f"site node {site.node!r} is not in the graph")
+        if site.key in blocks:
+            raise ValueError(f"two sites share the key {site.key!r}; each site takes one block")
+        blocks[site.key] = make_block(site)
+        node = nodes[site.node]
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(f"{container}.{site.key}", (node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

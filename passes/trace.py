@@ -1,0 +1,114 @@
+"""Pass 1, trace: ``nn.Module -> GraphModule`` with torch.fx symbolic tracing.
+
+Equivalence: the GraphModule computes what the module's ``forward`` computes for inputs that take
+the same Python control flow as the symbolic trace (the usual torch.fx contract).
+
+Refuses: modules torch.fx cannot trace. The error names the innermost module being traced, the
+Python line where tracing failed and the way out (``leaf_modules=`` keeps a module as one opaque
+call).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from asr_fx.errors import TraceError
+
+LeafSpec = Iterable["str | type[nn.Module]"] | Callable[[nn.Module, str], bool] | None
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_DIR = os.path.dirname(__file__)
+
+
+class ASRTracer(fx.Tracer):
+    """A ``torch.fx.Tracer`` with user leaf modules and a readable failure message.
+
+    ``leaf_modules`` holds qualified module names, module classes, or is a predicate
+    ``(module, qualified_name) -> bool``. ``inline`` lists module classes that are traced through
+    even though the default tracer would keep them as leaves.
+    """
+
+    def __init__(self, leaf_modules: LeafSpec = None, inline: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self._leaf_predicate: Callable[[nn.Module, str], bool] | None = None
+        self._leaf_names: set[str] = set()
+        self._leaf_types: tuple[type, ...] = ()
+        if callable(leaf_modules) and not isinstance(leaf_modules, type):
+            self._leaf_predicate = leaf_modules
+        elif leaf_modules is not None:
+            for item in leaf_modules:
+                if isinstance(item, str):
+                    self._leaf_names.add(item)
+                elif isinstance(item, type):
+                    self._leaf_types += (item,)
+                else:
+                    raise TypeError(f"leaf_modules takes module names or classes, got {item!r}")
+        self._inline = inline
+        self.module_stack_names: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        if self._leaf_predicate is not None and self._leaf_predicate(m, module_qualified_name):
+            return True
+        if self._inline and isinstance(m, self._inline):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self.module_stack_names.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.module_stack_names.pop()
+        return result
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame outside torch and asr-fx: the user's line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if not frame.filename.startswith((_TORCH_DIR, _THIS_DIR)):
+            return frame
+    return frames[-1] if frames else None
+
+
+def trace(
+    model: nn.Module,
+    leaf_modules: LeafSpec = None,
+    inline: tuple[type, ...] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a ``GraphModule`` whose submodules keep their names.
+
+    Raises :class:`asr_fx.errors.TraceError` naming the module and the Python line where tracing
+    failed.
+    """
+    tracer = ASRTracer(leaf_modules, inline)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+        module = model.get_submodule(where) if where else model
+        frame = _user_frame(exc)
+        line = f" at {frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)" if frame else ""
+        label = f"`{where}` ({type(module).__name__})" if where else f"the model ({type(model).__name__})"
+        hint = (
+            f"pass leaf_modules=[{where!r}] (or its class {type(module).__name__}) to keep it as one opaque call"
+            if where
+            else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
+        )
+        raise TraceError(
+            f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}."
+        ) from exc
+    name = type(model).__name__
+    gm = fx.GraphModule(tracer.root, graph, name)
+    for attr in ("_asr_fx_factory",):
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm

@@ -1,0 +1,40 @@
+"""Shared test helpers. Tolerances are DESIGN.md's: torch fusion <= 1e-5 * max|ref|, onnxruntime 1e-4."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+FUSE_RTOL = 1e-5
+ORT_RTOL = 1e-4
+
+
+def rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_step(model: nn.Module, x: torch.Tensor, lr: float = 0.01) -> None:
+    """One SGD step on a made-up regression target, so parameters (psi included) move."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    out = model(x)
+    loss = (out - torch.linspace(-1, 1, out.numel()).reshape(out.shape)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def perturb_asr(model: nn.Module, seed: int = 0) -> None:
+    """Move psi and attention weights away from their init so v differs per channel."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("asr."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
