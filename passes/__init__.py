@@ -10,6 +10,7 @@ Pipeline used by :func:`asr_fx.fuse`::
 if __name__ == "passes":  # pragma: no cover - guards a mis-configured sys.path
     raise ImportError("the graph passes are the subpackage 'asr_fx.passes': `import asr_fx.passes`, not `import passes`")
 
+from .attention_patterns import ChannelAttention, find_channel_attention
 from .cleanup import eliminate_dead_code
 from .constant_fold import fold_constants
 from .fold import FoldRecord, fold_scales
@@ -21,9 +22,11 @@ from .trace import ASRTracer, trace
 
 __all__ = [
     "ASRTracer",
+    "ChannelAttention",
     "FoldRecord",
     "Site",
     "eliminate_dead_code",
+    "find_channel_attention",
     "find_residual_sites",
     "fold_constants",
     "fold_conv_bn",

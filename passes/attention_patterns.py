@@ -1,0 +1,275 @@
+"""Find existing channel attention in a traced graph, by its shape in the graph, not by class name.
+
+The pattern (SE, ECA, EffectiveSE, the SE inside torchvision's MobileNetV3 / EfficientNet / RegNetY)::
+
+    pooled = global_pool(x)                 # AdaptiveAvg/MaxPool to 1, F.adaptive_*_pool(x, 1), x.mean(dims)
+    gate   = sigmoid(F(pooled))             # F: a small network of conv / linear / 1-D conv / activations /
+                                            #    reshapes, with parameters, fed by nothing but the pooling
+    out    = x * gate                       # (or gate * x; the gate may pass a view/expand_as first)
+
+This is a report pass: it returns :class:`ChannelAttention` records and changes nothing.
+
+Refuses (does not report): a gate whose network reads another graph value than the pooled ``x``
+(so it is not a function of ``GAP(x)`` alone), a network whose inner values are used outside it
+(rewriting it would change another user), a pooling that is not global (output size other than 1),
+a network with no parameters (``x * sigmoid(mean(x))`` has nothing to train into a constant), and
+networks of more than ``MAX_NETWORK_NODES`` nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ._patterns import IDENTITY_MODULES, channel_info, is_mul, module_of, output_rank
+
+#: largest attention network (nodes between the pooling and the gate) that still counts as "small"
+MAX_NETWORK_NODES = 32
+
+_POOL_MODULES_DIMS = {
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
+_POOL_FUNCTIONS_DIMS = {
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+    torch.adaptive_avg_pool1d: 1,
+}
+_REDUCE_FUNCTIONS = (torch.mean, torch.amax)
+_REDUCE_METHODS = ("mean", "amax")
+
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.special.expit)
+_GATE_METHODS = ("sigmoid", "sigmoid_")
+#: shape-only steps allowed between the gate and the multiply
+_VIEW_METHODS = ("view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze", "transpose", "permute", "flatten")
+_VIEW_FUNCTIONS = (torch.reshape, torch.unsqueeze, torch.squeeze, torch.transpose, torch.permute, torch.flatten)
+
+
+@dataclass
+class ChannelAttention:
+    """One existing channel-attention block: ``mul = feature * act(F(pool(feature)))``.
+
+    Node names: ``mul`` (the multiply), ``gate`` (the sigmoid/hardsigmoid output), ``pool`` (the
+    global pooling; ``pools`` lists all of them when the network reads several, as CBAM's channel
+    gate does), ``feature`` (the scaled tensor ``x``), ``network`` (the nodes strictly between the
+    pooling and the gate, in graph order). ``module``: module path of the attention block (from
+    ``nn_module_stack``: the innermost module that holds the multiply, e.g. ``features.1.block.1``
+    for torchvision's ``SqueezeExcitation``). ``channels``/``channel_pos``: size of the scaled
+    dimension and its position counted from the right (``-3`` for NCHW); ``channels`` is ``0`` where
+    it cannot be told without shapes (pass them via shape propagation). ``activation``:
+    ``"sigmoid"`` or ``"hardsigmoid"``. ``spatial_dims``: how many trailing dimensions the pooling
+    reduces.
+    """
+
+    mul: str
+    gate: str
+    pool: str
+    feature: str
+    module: str
+    channels: int
+    channel_pos: int
+    activation: str = "sigmoid"
+    pools: tuple[str, ...] = ()
+    network: tuple[str, ...] = field(default_factory=tuple)
+    spatial_dims: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_one(size: Any) -> bool:
+    if isinstance(size, int):
+        return size == 1
+    return isinstance(size, (tuple, list)) and len(size) > 0 and all(s == 1 for s in size)
+
+
+def pooled_dims(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """How many trailing dims ``node`` pools globally (keeping them as size 1 or dropping them), else ``None``."""
+    module = module_of(gm, node)
+    if module is not None:
+        for cls, dims in _POOL_MODULES_DIMS.items():
+            if isinstance(module, cls):
+                return dims if _is_one(module.output_size) else None
+        return None
+    if node.op == "call_function" and node.target in _POOL_FUNCTIONS_DIMS:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        return _POOL_FUNCTIONS_DIMS[node.target] if _is_one(size) else None
+    if (node.op == "call_function" and node.target in _REDUCE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _REDUCE_METHODS
+    ):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+        if not dims or not all(isinstance(d, int) for d in dims):
+            return None
+        rank = output_rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if rank is not None:
+            dims = [d - rank if d >= 0 else d for d in dims]
+        elif any(d >= 0 for d in dims):
+            # without shapes assume the reduced dims are the trailing ones (NCHW: dim=(2, 3))
+            dims = [d - (max(dims) + 1) if d >= 0 else d for d in dims]
+        if sorted(dims) != list(range(-len(dims), 0)):
+            return None  # not the trailing (spatial) dims
+        return len(dims)
+    return None
+
+
+def _gate_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    module = module_of(gm, node)
+    if module is not None:
+        if isinstance(module, nn.Hardsigmoid):
+            return "hardsigmoid"
+        return "sigmoid" if isinstance(module, nn.Sigmoid) else None
+    if node.op == "call_function" and node.target in _GATE_FUNCTIONS:
+        return "hardsigmoid" if node.target is F.hardsigmoid else "sigmoid"
+    if node.op == "call_method" and node.target in _GATE_METHODS:
+        return "sigmoid"
+    return None
+
+
+def _is_view(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
+        node.op == "call_function" and node.target in _VIEW_FUNCTIONS
+    )
+
+
+def _skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    while isinstance(module_of(gm, node), IDENTITY_MODULES) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx.Node, str] | None:
+    """Walk from a multiply operand back through view/expand steps to a sigmoid-like node."""
+    node = operand
+    for _ in range(8):
+        activation = _gate_activation(gm, node)
+        if activation is not None:
+            return node, activation
+        if not _is_view(node) or not isinstance(node.args[0], fx.Node):
+            return None
+        extra = [n for n in node.all_input_nodes[1:] if n is not feature]  # expand_as(x) reads x: fine
+        if extra:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """The nodes between the global pooling(s) of ``feature`` and ``gate``; ``None`` if it is not that."""
+    pools: list[fx.Node] = []
+    inner: list[fx.Node] = []
+    stack, seen = list(gate.all_input_nodes), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            inner.append(node)
+            continue
+        if pooled_dims(gm, node) is not None and _skip_identity(gm, node.args[0]) is feature:
+            pools.append(node)
+            continue
+        if node.op in ("placeholder", "output") or node is feature:
+            return None
+        inner.append(node)
+        if len(inner) > MAX_NETWORK_NODES:
+            return None
+        stack.extend(node.all_input_nodes)
+    if not pools:
+        return None
+    allowed = set(inner) | {gate}
+    for node in inner:  # nothing of the network may be used outside it
+        if node.op != "get_attr" and any(user not in allowed for user in node.users):
+            return None
+    has_parameters = any(n.op == "get_attr" for n in inner) or any(
+        any(True for _ in m.parameters()) for m in (module_of(gm, n) for n in inner) if m is not None
+    )
+    if not has_parameters:
+        return None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(pools, key=order.__getitem__), sorted(inner, key=order.__getitem__)
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    value = list(stack.values())[-1]
+    return str(value[0]) if isinstance(value, tuple) else str(list(stack.keys())[-1])
+
+
+def _common_module(nodes: list[fx.Node]) -> str:
+    paths = [p.split(".") for p in (_module_path(n) for n in nodes) if p]
+    if not paths:
+        return ""
+    prefix = paths[0]
+    for p in paths[1:]:
+        k = 0
+        while k < min(len(prefix), len(p)) and prefix[k] == p[k]:
+            k += 1
+        prefix = prefix[:k]
+    return ".".join(prefix)
+
+
+def _channels(gm: fx.GraphModule, feature: fx.Node, network: list[fx.Node], channel_pos: int) -> int:
+    """The scaled dimension's size: from shapes when recorded, else from the network's first/last layer."""
+    shape = getattr(feature.meta.get("tensor_meta"), "shape", None)
+    if shape is not None and len(shape) >= -channel_pos:
+        return int(shape[channel_pos])
+    modules = [m for m in (module_of(gm, n) for n in network) if m is not None]
+    for m in modules:  # the first layer reads the pooled channels
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        if isinstance(m, nn.Conv2d) and m.in_channels > 1:
+            return m.in_channels
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            break  # ECA: a 1-D conv over the channel axis (1 in-channel) says nothing of C
+    node = feature  # else the layer that produced x, through single-input elementwise steps
+    for _ in range(4):
+        info = channel_info(gm, node)
+        if info is not None:
+            return info.channels
+        inputs = node.all_input_nodes
+        if len(inputs) != 1 or node.op not in ("call_module", "call_function", "call_method"):
+            break
+        node = inputs[0]
+    return 0
+
+
+def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
+    """Every ``x * act(F(global_pool(x)))`` in ``gm``, in graph order (a report; ``gm`` is unchanged)."""
+    found: list[ChannelAttention] = []
+    for mul in gm.graph.nodes:
+        if not is_mul(mul) or not all(isinstance(a, fx.Node) for a in mul.args):
+            continue
+        for gate_side, feature in ((mul.args[1], mul.args[0]), (mul.args[0], mul.args[1])):
+            feature = _skip_identity(gm, feature)
+            hit = _gate_of(gm, gate_side, feature)
+            if hit is None:
+                continue
+            gate, activation = hit
+            net = _network(gm, gate, feature)
+            if net is None:
+                continue
+            pools, inner = net
+            spatial = pooled_dims(gm, pools[0]) or 2
+            channel_pos = -(spatial + 1)
+            module = _module_path(mul) or _common_module(inner)
+            found.append(ChannelAttention(
+                mul=mul.name, gate=gate.name, pool=pools[0].name, feature=feature.name, module=module,
+                channels=_channels(gm, feature, inner, channel_pos), channel_pos=channel_pos,
+                activation=activation, pools=tuple(p.name for p in pools),
+                network=tuple(n.name for n in inner), spatial_dims=spatial,
+            ))
+            break
+    return found
+
+
+__all__ = ["ChannelAttention", "MAX_NETWORK_NODES", "find_channel_attention", "pooled_dims"]
