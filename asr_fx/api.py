@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from asr_fx.asr import ASR, PsiInit, make_site_block
+from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.errors import ASRError, NoSitesError
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
 from asr_fx.passes._patterns import channel_info
@@ -117,6 +117,7 @@ def instrument(
     attention_kwargs: dict[str, Any] | None = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf_modules: Any = None,
+    preset: str | None = None,
 ) -> fx.GraphModule:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
 
@@ -131,7 +132,13 @@ def instrument(
         example_inputs: optional; shapes let layers whose channel dimension depends on the input
             rank (BatchNorm1d, GroupNorm, ...) take a site.
         leaf_modules: module names or classes that torch.fx keeps as opaque calls.
+        delta / activation / psi_init / learnable_psi: ASR blocks per site (Table 7), ``"sigmoid"``,
+            ``"tanh"`` or ``"hardsigmoid"``, psi's start (a number or ``("normal", std)``), and
+            ``False`` to keep psi fixed (Table 8).
+        preset: a named setting of :data:`asr_fx.asr.PRESETS`; ``"transformer"`` is the paper's ViT
+            setting (tanh, psi and the attention layers' parameters initialised to 1e-3).
     """
+    activation, psi_init, _ = resolve_preset(preset, activation, psi_init)
     if delta < 1:
         raise ValueError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
     gm = trace(copy.deepcopy(model), leaf_modules)
@@ -150,7 +157,8 @@ def instrument(
 
     def make_block(site: Site) -> nn.Module:
         return make_site_block(site.channels, site.channel_pos, attention, delta=delta, activation=activation,
-                               psi_init=psi_init, learnable_psi=learnable_psi, attention_kwargs=kwargs)
+                               psi_init=psi_init, learnable_psi=learnable_psi, attention_kwargs=kwargs,
+                               preset=preset)
 
     insert_asr(gm, chosen, make_block)
     config = {
@@ -161,6 +169,7 @@ def instrument(
         "activation": activation,
         "psi_init": list(psi_init) if isinstance(psi_init, tuple) else psi_init,
         "learnable_psi": learnable_psi,
+        "preset": preset,
         "sites": [s.to_dict() for s in chosen],
         "factory": getattr(model, "_asr_fx_factory", None),
         "input_shape": list(example_inputs[0].shape) if example_inputs else None,

@@ -8,6 +8,7 @@ constant vector and :func:`asr_fx.fuse` folds ``x * v`` into the layer that prod
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,43 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 PsiInit = float | tuple[str, float]
+
+#: named settings from the paper. ``cnn``: sigmoid, psi = 0.1 (Appendix B.2, ResNet/VGG/...);
+#: ``transformer``: tanh, psi and every parameter of the attention network initialised to 1e-3
+#: (Appendix B.2, ViT). ``attention_init`` fills the attention network's parameters with a constant.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cnn": {"activation": "sigmoid", "psi_init": 0.1, "attention_init": None},
+    "transformer": {"activation": "tanh", "psi_init": 1e-3, "attention_init": 1e-3},
+}
+
+_DEFAULTS = {"activation": "sigmoid", "psi_init": 0.1}
+
+
+def resolve_preset(preset: str | None, activation: str, psi_init: PsiInit) -> tuple[str, PsiInit, float | None]:
+    """``(activation, psi_init, attention_init)`` after applying ``preset`` (``None``: no preset).
+
+    A preset sets all three; an ``activation``/``psi_init`` given beside it must be the default
+    or the preset's own value, else this raises (two settings for one knob is a mistake).
+    """
+    if preset is None:
+        return activation, psi_init, None
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    chosen = PRESETS[preset]
+    for knob, value in (("activation", activation), ("psi_init", psi_init)):
+        if value != _DEFAULTS[knob] and value != chosen[knob]:
+            raise ValueError(
+                f"preset={preset!r} sets {knob}={chosen[knob]!r}, but {knob}={value!r} was also given; "
+                f"drop one of them"
+            )
+    return chosen["activation"], chosen["psi_init"], chosen["attention_init"]
+
+
+def fill_parameters(module: nn.Module, value: float) -> None:
+    """Set every parameter of ``module`` to the constant ``value`` (the transformer preset's init)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(value)
 
 
 def init_psi(shape: tuple[int, ...], psi_init: PsiInit) -> torch.Tensor:
@@ -99,12 +137,22 @@ def make_site_block(
     psi_init: PsiInit = 0.1,
     learnable_psi: bool = True,
     attention_kwargs: dict | None = None,
+    preset: str | None = None,
 ) -> nn.Module:
-    """The module placed at one site: one :class:`ASR` block, or ``nn.Sequential`` of ``delta`` of them."""
+    """The module placed at one site: one :class:`ASR` block, or ``nn.Sequential`` of ``delta`` of them.
+
+    ``preset`` names an entry of :data:`PRESETS` (e.g. ``"transformer"``); see :func:`resolve_preset`.
+    """
     from asr_fx import attention as registry
+
+    if delta < 1:
+        raise ValueError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
+    activation, psi_init, attention_init = resolve_preset(preset, activation, psi_init)
 
     def one() -> ASR:
         net = registry.create(attention, channels, **(attention_kwargs or {}))
+        if attention_init is not None:
+            fill_parameters(net, attention_init)
         return ASR(channels, net, channel_pos=channel_pos, activation=activation, psi_init=psi_init,
                    learnable_psi=learnable_psi)
 

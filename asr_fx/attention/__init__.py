@@ -4,7 +4,24 @@ An attention network is an ``nn.Module`` with an attribute ``psi_shape`` (the sh
 descriptor, e.g. ``(1, C, 1, 1)``) whose ``forward(psi)`` returns ``C`` values before the
 activation. Its pooling step is skipped: ``psi`` stands in for the pooled input.
 
-``create(name, channels, **kw)`` builds one by name; ``register(name, factory)`` adds a name.
+``create(name, channels, **kw)`` builds one by name; ``register(name, factory)`` adds a name;
+``unregister(name)`` removes one. Built in (each module's docstring states its psi form):
+
+==========  ======================================  ==============
+name        network                                 psi shape
+==========  ======================================  ==============
+``se``      Squeeze-and-Excitation                  ``(1, C, 1, 1)``
+``eca``     Efficient Channel Attention             ``(1, C, 1, 1)``
+``srm``     Style-based Recalibration (mean, std)   ``(1, C, 2)``
+``ie``      Instance Enhancement (IEBN's gate)      ``(1, C, 1, 1)``
+``spa``     Spatial Pyramid Attention, scales 1/2/4 ``(1, C, 21)``
+``cbam``    CBAM's channel branch (avg, max)        ``(2, C, 1, 1)``
+==========  ======================================  ==============
+
+Not built in, because no honest psi form exists: Gather-Excite's gather is a spatial map
+(a per-position scale does not fold into a layer's per-channel weights); DIA shares one LSTM
+across the blocks of a stage, whose state passes from site to site, so its network is not a
+function of one site's psi.
 """
 
 from __future__ import annotations
@@ -13,11 +30,22 @@ from collections.abc import Callable
 
 from torch import nn
 
+from asr_fx.errors import ASRError
+
+from .cbam import CBAMChannel
+from .eca import EfficientChannelAttention
+from .ie import InstanceEnhancement
 from .se import SqueezeExcite
+from .spa import SpatialPyramidAttention
+from .srm import StyleRecalibration
 
 AttentionFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, AttentionFactory] = {}
+
+
+class UnknownAttentionError(ASRError, ValueError):
+    """An attention name that is not registered (also a ``ValueError``, as before)."""
 
 
 def register(name: str, factory: AttentionFactory, *, overwrite: bool = False) -> None:
@@ -26,6 +54,11 @@ def register(name: str, factory: AttentionFactory, *, overwrite: bool = False) -
     if key in _REGISTRY and not overwrite:
         raise ValueError(f"attention {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
+
+
+def unregister(name: str) -> None:
+    """Remove ``name`` from the registry (a no-op if it is not there)."""
+    _REGISTRY.pop(name.lower(), None)
 
 
 def names() -> list[str]:
@@ -41,7 +74,10 @@ def create(name: str | AttentionFactory, channels: int, **kwargs) -> nn.Module:
         try:
             factory = _REGISTRY[name.lower()]
         except KeyError:
-            raise ValueError(f"unknown attention {name!r}; registered: {', '.join(names())}") from None
+            raise UnknownAttentionError(
+                f"unknown attention {name!r}; registered: {', '.join(names())}. Register your own with "
+                "asr_fx.attention.register(name, factory), or pass the factory itself as attention="
+            ) from None
         module = factory(channels, **kwargs)
     if not hasattr(module, "psi_shape"):
         raise TypeError(
@@ -52,5 +88,22 @@ def create(name: str | AttentionFactory, channels: int, **kwargs) -> nn.Module:
 
 
 register("se", SqueezeExcite)
+register("eca", EfficientChannelAttention)
+register("srm", StyleRecalibration)
+register("ie", InstanceEnhancement)
+register("spa", SpatialPyramidAttention)
+register("cbam", CBAMChannel)
 
-__all__ = ["SqueezeExcite", "create", "names", "register"]
+__all__ = [
+    "CBAMChannel",
+    "EfficientChannelAttention",
+    "InstanceEnhancement",
+    "SpatialPyramidAttention",
+    "SqueezeExcite",
+    "StyleRecalibration",
+    "UnknownAttentionError",
+    "create",
+    "names",
+    "register",
+    "unregister",
+]

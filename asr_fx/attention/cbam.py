@@ -1,0 +1,35 @@
+"""The channel branch of CBAM (Woo et al., ECCV 2018) on psi.
+
+psi form: ``(2, C, 1, 1)``: CBAM's channel branch pools each channel twice, by average and by
+max, and runs both descriptors through one shared MLP; psi holds the two descriptors as a batch of
+two (row 0 stands for the average, row 1 for the max). ``F(psi) = MLP(psi[0]) + MLP(psi[1])``
+with ``MLP = conv1x1(C -> h) -> ReLU -> conv1x1(h -> C)`` without biases,
+``h = max(C // reduction, min_hidden)``.
+
+Symmetry, stated plainly: with a constant ``psi_init`` the two rows start equal and receive equal
+gradients, so they stay equal and ``F`` is ``2 * MLP(psi[0])`` (an SE without biases). Start psi
+with ``psi_init=("normal", std)`` to let them differ.
+
+CBAM's spatial branch is left out: its map varies over positions, so it is not a per-channel
+constant and cannot fold into the layer's weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CBAMChannel(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16, min_hidden: int = 8) -> None:
+        super().__init__()
+        hidden = min(channels, max(channels // reduction, min_hidden))
+        self.psi_shape = (2, channels, 1, 1)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+        )
+
+    def forward(self, psi: torch.Tensor) -> torch.Tensor:
+        return self.mlp(psi).sum(dim=0, keepdim=True)
