@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import FUSE_RTOL, ORT_RTOL, n_params, perturb_asr, rel_err, train_step
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import asr_fx
@@ -174,6 +179,30 @@ def test_fuse_matches_and_adds_no_parameters(trained):
     assert n_params(fused) == n_params(vanilla) < n_params(model)
     assert not any(n.startswith("asr") for n, _ in fused.named_modules())
     _assert_every_site_folded_into_bn(fused, len(asr_fx.get_config(model)["sites"]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(name=st.sampled_from(BUILT_IN), channels=st.integers(1, 300), psi=st.floats(-3, 3))
+def test_every_attention_gives_c_finite_values_for_any_width(name, channels, psi):
+    net = attention.create(name, channels)
+    out = net(torch.full(net.psi_shape, psi))
+    assert out.numel() == channels and torch.isfinite(out).all()
+
+
+def test_attention_table_tool_measures_zero_added_after_fusion():
+    spec = importlib.util.spec_from_file_location(
+        "attention_table", Path(__file__).resolve().parents[1] / "tools" / "attention_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    c = 32
+    theta = {"se": 2 * c * 8 + 8 + c, "eca": 3, "srm": 4 * c, "ie": 2 * c, "spa": c * 21 * 8 + 8 * c,
+             "cbam": 2 * c * 8}
+    for name in BUILT_IN:
+        row = tool.measure(name, c)
+        psi_size = torch.Size(PSI_SHAPES[name](c)).numel()
+        assert row["added after fusion"] == 0, name
+        assert row["added in training"] == psi_size + theta[name], name
+        assert float(row["fuse error"]) <= FUSE_RTOL
 
 
 def test_srm_never_computes_a_std_and_stays_finite():
