@@ -127,6 +127,22 @@ class ASR(nn.Module):
         return f"channels={self.channels}, channel_pos={self.channel_pos}, activation={self.activation!r}"
 
 
+def check_attention_output(net: nn.Module, channels: int) -> None:
+    """Run ``net`` once on a zero psi (eval mode, no grad) and refuse it unless it returns ``channels`` values."""
+    mode = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(torch.zeros(tuple(net.psi_shape)))
+    finally:
+        net.train(mode)
+    if not isinstance(out, torch.Tensor) or out.numel() != channels:
+        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"attention {type(net).__name__} returned {got} for a site of {channels} channels: forward(psi) "
+            "must return one value per channel (before the activation)"
+        )
+
+
 def make_site_block(
     channels: int,
     channel_pos: int,
@@ -151,6 +167,7 @@ def make_site_block(
 
     def one() -> ASR:
         net = registry.create(attention, channels, **(attention_kwargs or {}))
+        check_attention_output(net, channels)
         if attention_init is not None:
             fill_parameters(net, attention_init)
         return ASR(channels, net, channel_pos=channel_pos, activation=activation, psi_init=psi_init,

@@ -112,6 +112,16 @@ def test_a_user_attention_works_end_to_end(by):
     assert "test_channel_gate" not in attention.names()
 
 
+class HalfGate(ChannelGate):
+    def forward(self, psi: torch.Tensor) -> torch.Tensor:
+        return psi[:, ::2] * self.weight[:, ::2]
+
+
+def test_an_attention_with_the_wrong_output_size_is_refused_at_instrument():
+    with pytest.raises(ValueError, match="must return one value per channel"):
+        asr_fx.instrument(_resnet(), attention=HalfGate)
+
+
 def test_register_refuses_to_overwrite_silently():
     with pytest.raises(ValueError, match="overwrite=True"):
         attention.register("se", ChannelGate)

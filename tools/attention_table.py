@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, default=256)
     args = parser.parse_args(argv)
     papers_order = ["se", "eca", "srm", "ie", "spa", "cbam"]
-    order = [n for n in papers_order if n in attention.names()] + [n for n in attention.names() if n not in papers_order]
+    registered = attention.names()
+    order = [n for n in papers_order if n in registered] + [n for n in registered if n not in papers_order]
     rows = [measure(name, args.channels) for name in order]
     print(f"One ASR site of C = {args.channels} channels (python tools/attention_table.py):\n")
     print(tabulate(rows, headers="keys", tablefmt="github", disable_numparse=[5]))
