@@ -215,6 +215,16 @@ def test_attention_table_tool_measures_zero_added_after_fusion():
         assert float(row["fuse error"]) <= FUSE_RTOL
 
 
+def test_state_dict_round_trip(trained):
+    name, vanilla, model, _ = trained
+    fresh = asr_fx.instrument(vanilla, attention=name).eval()
+    fresh.load_state_dict(model.state_dict())
+    model.eval()
+    x = torch.randn(X)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x)), name
+
+
 def test_srm_never_computes_a_std_and_stays_finite():
     net = attention.create("srm", 8)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
