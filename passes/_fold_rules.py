@@ -1,12 +1,18 @@
-"""Per-layer folding formulas (the paper's Appendix A): ``layer(x) * v == layer'(x)``.
+"""Per-layer folding formulas (the paper's Appendix A).
 
-Each function takes the layer and the per-channel scale ``v`` (1-D, one entry per output channel)
-and rescales the layer's parameters in place, replacing ``nn.Parameter`` objects (never writing
-into a tensor that something else may share). Each returns ``None`` on success or the reason it
-cannot fold.
+Output side, ``layer(x) * v == layer'(x)``: :func:`scale_outputs` (conv, conv-transpose, BN, GN,
+IN, LN, linear, multi-head attention's output projection).
+Input side, ``layer(x * s) == layer'(x)``: :func:`scale_inputs` (conv, conv-transpose, linear,
+eval-mode BN), used when a scale is pushed forward into the next layer.
+
+``v``/``s`` is 1-D, one entry per channel. Parameters are replaced by new ``nn.Parameter`` objects
+(never written into in place, so a tensor that something else shares is never changed); callers
+check beforehand that no other call or module uses them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,87 +20,224 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+NORMS = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)
 
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
+
+def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Set ``owner.<name>`` to a fresh copy of ``value``, as a Parameter if it was one."""
+    old = getattr(owner, name)
     if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        setattr(owner, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
     else:
-        setattr(module, name, value.detach().clone())
+        setattr(owner, name, value.detach().clone())
 
 
-def _scale_bias(module: nn.Module, v: torch.Tensor) -> None:
-    if getattr(module, "bias", None) is not None:
-        _replace(module, "bias", module.bias * v)
+def conv_weight_out_scaled(w: torch.Tensor, v: torch.Tensor, groups: int, transposed: bool) -> torch.Tensor:
+    """Eq. 6 on a raw weight: output channel ``o`` scaled by ``v[o]``.
 
-
-def fold_into_conv(conv: _ConvNd, v: torch.Tensor) -> str | None:
-    """Eq. 6: ``K'[o] = K[o] * v[o]``, ``b'[o] = b[o] * v[o]``.
-
-    Conv weights are ``(out, in/groups, *k)``; transposed conv weights are
-    ``(in, out/groups, *k)``, with output channel ``o = g * (out/groups) + j``.
+    Conv weights are ``(out, in/groups, *k)``; transposed conv weights are ``(in, out/groups, *k)``
+    with output channel ``o = g * (out/groups) + j``.
     """
-    w = conv.weight
     k = (1,) * (w.dim() - 2)
-    if isinstance(conv, _ConvTransposeNd):
-        g = conv.groups
-        in_per_group, out_per_group = w.shape[0] // g, w.shape[1]
-        scaled = w.reshape(g, in_per_group, out_per_group, *w.shape[2:]) * v.reshape(g, 1, out_per_group, *k)
-        _replace(conv, "weight", scaled.reshape(w.shape))
-    else:
-        _replace(conv, "weight", w * v.reshape(-1, 1, *k))
-    _scale_bias(conv, v)
-    return None
+    if not transposed:
+        return w * v.reshape(-1, 1, *k)
+    in_per_group, out_per_group = w.shape[0] // groups, w.shape[1]
+    grouped = w.reshape(groups, in_per_group, out_per_group, *w.shape[2:])
+    return (grouped * v.reshape(groups, 1, out_per_group, *k)).reshape(w.shape)
 
 
-def fold_into_linear(linear: nn.Linear, v: torch.Tensor) -> str | None:
-    """Eq. 12: rows of ``W`` and entries of ``b`` scaled."""
-    _replace(linear, "weight", linear.weight * v.reshape(-1, 1))
-    _scale_bias(linear, v)
-    return None
+def conv_weight_in_scaled(w: torch.Tensor, s: torch.Tensor, groups: int, transposed: bool) -> torch.Tensor:
+    """Input channel ``i`` of a conv scaled by ``s[i]``: ``conv(x * s) == conv'(x)``.
 
-
-def fold_into_norm(norm: nn.Module, v: torch.Tensor) -> str | None:
-    """Eq. 7/11: ``gamma' = gamma * v``, ``beta' = beta * v`` (BN, GN, IN, LN; train mode too).
-
-    A norm without an affine gets ``gamma = v``, ``beta = 0`` as buffers, so the parameter count
-    and the exported op set do not change (BatchNormalization always carries scale and bias).
+    Conv input channel ``i = g * (in/groups) + j`` is column ``j`` of group ``g``'s rows;
+    a transposed conv's input channel is its weight's first dimension.
     """
+    k = (1,) * (w.dim() - 2)
+    if transposed:
+        return w * s.reshape(-1, 1, *k)
+    out_per_group, in_per_group = w.shape[0] // groups, w.shape[1]
+    grouped = w.reshape(groups, out_per_group, in_per_group, *w.shape[2:])
+    return (grouped * s.reshape(groups, 1, in_per_group, *k)).reshape(w.shape)
+
+
+def _scale_conv_out(conv: _ConvNd, v: torch.Tensor) -> None:
+    transposed = isinstance(conv, _ConvTransposeNd)
+    replace_tensor(conv, "weight", conv_weight_out_scaled(conv.weight, v, conv.groups, transposed))
+    if conv.bias is not None:
+        replace_tensor(conv, "bias", conv.bias * v)
+
+
+def _scale_linear_out(linear: nn.Linear, v: torch.Tensor) -> None:
+    """Eq. 12: rows of ``W`` and entries of ``b`` scaled."""
+    replace_tensor(linear, "weight", linear.weight * v.reshape(-1, 1))
+    if linear.bias is not None:
+        replace_tensor(linear, "bias", linear.bias * v)
+
+
+def _scale_norm_out(norm: nn.Module, v: torch.Tensor) -> None:
+    """Eq. 7/11: ``gamma' = gamma * v``, ``beta' = beta * v`` (train mode too).
+
+    A norm without an affine gets ``gamma = v`` as a buffer (and ``beta = 0`` for BN), so the
+    parameter count does not change; the exported ONNX op is the same either way
+    (BatchNormalization, InstanceNormalization and LayerNormalization always carry a scale; the
+    GroupNorm decomposition already has its Mul/Add), which ``tests/test_fold_targets.py`` checks.
+    """
+    if isinstance(norm, nn.LayerNorm):
+        v = v.reshape((1,) * (len(norm.normalized_shape) - 1) + (-1,))
     weight = getattr(norm, "weight", None)
     if weight is None:
-        if not isinstance(norm, _BatchNorm):
-            return f"{type(norm).__name__} has no affine parameters to take the scale"
-        del norm.weight, norm.bias
-        norm.register_buffer("weight", v.detach().clone())
-        norm.register_buffer("bias", torch.zeros_like(v))
-        norm.affine = True
-        return None
-    if isinstance(norm, nn.LayerNorm):
-        shape = norm.normalized_shape
-        scale = v.reshape((1,) * (len(shape) - 1) + (-1,))
+        if "weight" in norm._parameters:
+            del norm._parameters["weight"]
+        norm.register_buffer("weight", v.expand(norm.normalized_shape).clone() if isinstance(norm, nn.LayerNorm)
+                             else v.detach().clone())
+        if isinstance(norm, _BatchNorm):
+            if "bias" in norm._parameters:
+                del norm._parameters["bias"]
+            norm.register_buffer("bias", torch.zeros_like(v))
+        if hasattr(norm, "affine"):
+            norm.affine = True
+        if hasattr(norm, "elementwise_affine"):
+            norm.elementwise_affine = True
+        return
+    replace_tensor(norm, "weight", weight * v)
+    if getattr(norm, "bias", None) is not None:
+        replace_tensor(norm, "bias", norm.bias * v)
+
+
+def scale_outputs(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], None], list[torch.Tensor]] | None:
+    """``(kind, apply, tensors)`` for a module whose output channels can take a scale, else ``None``.
+
+    ``kind`` is what the fusion report says (``conv``, ``linear``, ``bn``, ``norm``); ``apply(v)``
+    folds ``v``; ``tensors`` are the parameters and buffers ``apply`` replaces.
+    """
+    own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if isinstance(module, (_ConvNd, _ConvTransposeNd)):
+        return "conv", lambda v: _scale_conv_out(module, v), own
+    if isinstance(module, nn.Linear):
+        return "linear", lambda v: _scale_linear_out(module, v), own
+    if isinstance(module, NORMS):
+        return ("bn" if isinstance(module, _BatchNorm) else "norm"), lambda v: _scale_norm_out(module, v), own
+    if isinstance(module, nn.MultiheadAttention):
+        proj = module.out_proj
+        tensors = list(proj.parameters(recurse=False))
+        return "linear", lambda v: _scale_linear_out(proj, v), tensors
+    return None
+
+
+def _scale_bn_in(bn: _BatchNorm, s: torch.Tensor) -> None:
+    """Eval BN of ``x * s``: ``mean' = mean / s``, ``var' + eps = (var + eps) / s^2``, ``gamma' = gamma * sign(s)``."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    replace_tensor(bn, "running_mean", bn.running_mean / s)
+    replace_tensor(bn, "running_var", (std / s.abs()) ** 2 - bn.eps)
+    sign = torch.sign(s)
+    if bool((sign > 0).all()):
+        return
+    if bn.weight is None:
+        _scale_norm_out(bn, sign)
     else:
-        scale = v
-    _replace(norm, "weight", weight * scale)
-    if norm.bias is not None:
-        _replace(norm, "bias", norm.bias * scale)
+        replace_tensor(bn, "weight", bn.weight * sign)
+
+
+def scale_inputs(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], None], list[torch.Tensor]] | None:
+    """``(kind, apply, tensors)`` for a module whose input channels can take a scale, else ``None``
+    (see :func:`input_refusal` for the scales it cannot take)."""
+    own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if isinstance(module, (_ConvNd, _ConvTransposeNd)):
+        transposed = isinstance(module, _ConvTransposeNd)
+
+        def conv_in(s: torch.Tensor) -> None:
+            replace_tensor(module, "weight", conv_weight_in_scaled(module.weight, s, module.groups, transposed))
+
+        return "next-conv", conv_in, own
+    if isinstance(module, nn.Linear):
+        return "next-linear", lambda s: replace_tensor(module, "weight", module.weight * s.reshape(1, -1)), own
+    if isinstance(module, _BatchNorm):
+        return "next-bn", lambda s: _scale_bn_in(module, s), own
     return None
 
 
-def fold_rule(module: nn.Module):
-    """The folding function for a module, or ``None`` where there is none."""
-    if isinstance(module, (_ConvNd, _ConvTransposeNd)):
-        return fold_into_conv
-    if isinstance(module, nn.Linear):
-        return fold_into_linear
-    if isinstance(module, (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)):
-        return fold_into_norm
+def input_refusal(module: nn.Module, s: torch.Tensor) -> str | None:
+    """Why ``module``'s input channels cannot take ``s`` (asked before anything changes), or ``None``."""
+    if isinstance(module, _BatchNorm):
+        if module.training or module.running_var is None:
+            return f"`{type(module).__name__}` uses batch statistics; only an eval BN with running stats takes it"
+        if bool((s == 0).any()):
+            return "the scale has zero entries, which a following BatchNorm cannot undo"
     return None
 
 
-def fold_kind(module: nn.Module) -> str:
-    """Where a scale went, as the fusion report says it: ``conv``, ``linear``, ``bn`` or ``norm``."""
+def in_channels(module: nn.Module) -> int | None:
+    """How many input channels a module that :func:`scale_inputs` accepts takes."""
     if isinstance(module, (_ConvNd, _ConvTransposeNd)):
-        return "conv"
+        return module.in_channels
     if isinstance(module, nn.Linear):
-        return "linear"
-    return "bn" if isinstance(module, _BatchNorm) else "norm"
+        return module.in_features
+    if isinstance(module, _BatchNorm):
+        return module.num_features
+    return None
+
+
+class Target:
+    """One layer that can take a per-channel scale, on its output or its input side.
+
+    ``label``: what the report names (a module path or node name); ``kind``: where the scale went
+    (``conv``, ``bn``, ``next-conv``, ...); ``channels`` and ``position`` (the channel dimension
+    counted from the right, ``None`` where unknown) on the scaled side; ``tensors``: the parameters
+    and buffers ``apply`` replaces (checked to be used nowhere else); ``module``: the module called,
+    if any (checked to be called once); ``refuse(v)``: why a 1-D ``v`` cannot fold (or ``None``),
+    asked before anything changes; ``apply(v)`` folds it.
+    """
+
+    __slots__ = ("label", "kind", "channels", "position", "tensors", "apply", "module", "refuse")
+
+    def __init__(self, label: str, kind: str, channels: int, position: int | None, tensors: list[torch.Tensor],
+                 apply: Callable[[torch.Tensor], None], module: nn.Module | None = None,
+                 refuse: Callable[[torch.Tensor], str | None] | None = None) -> None:
+        self.label, self.kind, self.channels, self.position = label, kind, channels, position
+        self.tensors, self.apply, self.module = tensors, apply, module
+        self.refuse = refuse or (lambda v: None)
+
+
+class TensorUsage:
+    """How many places use each parameter/buffer, counted once over the graph (linear in its size).
+
+    A call of a module uses every tensor in its subtree; a ``get_attr`` uses its tensor once per
+    user. A fold may replace a tensor only where its count is 1: no other call of the same module,
+    no tied weight in another module, no functional use of it. Tensors created by folds are not in
+    the table and are unshared by construction; the table keeps the counted tensors alive, so their
+    ids are not reused.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        from collections import Counter
+
+        from .constant_fold import fetch_attr
+
+        self.count: Counter[int] = Counter()
+        self.calls: Counter[int] = Counter()
+        self._alive: list[object] = []
+        subtree: dict[int, list[torch.Tensor]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                module = gm.get_submodule(str(node.target))
+                self.calls[id(module)] += 1
+                if id(module) not in subtree:
+                    subtree[id(module)] = list({id(t): t for t in (*module.parameters(), *module.buffers())}.values())
+                    self._alive.append(module)
+                for t in subtree[id(module)]:
+                    self.count[id(t)] += 1
+                    self._alive.append(t)
+            elif node.op == "get_attr":
+                value = fetch_attr(gm, str(node.target))
+                if isinstance(value, torch.Tensor):
+                    self.count[id(value)] += max(1, len(node.users))
+                    self._alive.append(value)
+
+    def refusal(self, target: Target) -> str | None:
+        """Why folding into ``target`` would change another call or user, or ``None``."""
+        if target.module is not None and self.calls[id(target.module)] > 1:
+            return (f"module `{target.label}` is called at {self.calls[id(target.module)]} places; folding would "
+                    "change the other calls")
+        if any(self.count[id(t)] > 1 for t in target.tensors):
+            return f"`{target.label}` shares a parameter with another call or module (tied weights)"
+        return None

@@ -1,21 +1,47 @@
 """Pass 8 (housekeeping): drop dead nodes, then the submodules, parameters and buffers that no
-node uses any more. Equivalence: exact (only unreachable code and state are removed).
-Modifies ``gm`` in place and returns it."""
+node uses any more (a folded layer scale, the attention networks whose value became a constant).
+
+Equivalence: exact (only unreachable code and state are removed). Linear in the size of the
+graph and the module tree. Modifies ``gm`` in place and returns it.
+"""
 
 from __future__ import annotations
 
 import torch.fx as fx
 
-from .constant_fold import FOLDED_PREFIX
+
+def _used_state(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
+    """Module paths whose whole subtree is used (called leaves), and attribute paths read by ``get_attr``."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    attrs = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    return called, attrs
+
+
+def remove_unused_state(gm: fx.GraphModule) -> fx.GraphModule:
+    """Delete every parameter and buffer that no ``get_attr`` reads and no called module owns."""
+    called, attrs = _used_state(gm)
+    used_modules: set[int] = set()
+    for path in called | attrs:
+        try:
+            obj = gm.get_submodule(path)
+        except AttributeError:
+            continue
+        used_modules.update(id(m) for m in obj.modules())
+    for path, module in list(gm.named_modules()):
+        if id(module) in used_modules:
+            continue
+        prefix = f"{path}." if path else ""
+        for store in (module._parameters, module._buffers):
+            for name in [k for k in store if f"{prefix}{k}" not in attrs]:
+                del store[name]
+    return gm
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove dead nodes, unused submodules and unused folded-constant buffers."""
+    """Remove dead nodes, unused submodules and unused parameters and buffers."""
     gm.graph.eliminate_dead_code()
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [b for b in gm._buffers if b.startswith(FOLDED_PREFIX) and b not in used]:
-        del gm._buffers[name]
     gm.delete_all_unused_submodules()
+    remove_unused_state(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

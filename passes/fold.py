@@ -4,31 +4,49 @@ Equivalence: ``layer'(x) == layer(x) * c`` for every input, by the formulas of
 :mod:`asr_fx.passes._fold_rules` (the paper's Appendix A), up to float rounding.
 
 Matches ``operator.mul``/``imul``, ``torch.mul``, ``Tensor.mul``/``mul_`` in either operand order,
-where ``c`` is a ``get_attr`` tensor (run :func:`fold_constants` first so ``act(F(psi))`` is one)
-with one non-unit dimension of the layer's channel count sitting at the layer's channel dimension
-(or a single value), and the layer is a call of a conv/conv-transpose, BN/GN/IN/LN or linear module.
+where ``c`` is a ``get_attr`` tensor (a parameter such as a layer scale, or what
+:func:`fold_constants` made of ``act(F(psi))``) that is one value, or varies along one dimension
+(``(1,C,1,1)``, ``(C,1,1)``, ``(C,)``, ``(1,1,C)``, ...). The layer is a call of a conv /
+conv-transpose (any groups), BN / SyncBN, GN, IN, LN or linear module, ``getitem(mha(...), 0)`` of
+an ``nn.MultiheadAttention`` (its output projection), or a functional form on attribute weights
+(:mod:`asr_fx.passes.fold_functional`). Between the layer and the ``mul`` the scale also moves back
+through ops that commute with it (ReLU / max pooling for ``c >= 0``, average pooling, dropout,
+identity, permutes and channel-preserving reshapes), into both inputs of an ``add`` and into the
+pieces of a channel ``cat``, as long as each value on the way has no other user.
 
-Refuses (and reports, leaving the ``mul``): a layer whose output has other users (folding would
-change them), a module called at more than one place, parameters shared with another module,
-scales that broadcast along a dimension other than the channel one, and layers without a rule.
+Refuses (records the reason and leaves the ``mul`` for :func:`propagate_scales`): a value on the
+way with other users (folding would change them), a module called at more than one place,
+parameters shared with another module or call (tied weights), an in-place ``mul_`` of a value that
+something reads before it, scales that vary along more than one dimension or not along the layer's
+channels, scales that broadcast the value to a larger shape, and layers without a rule.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch import nn
 
-from ._fold_rules import fold_kind, fold_rule
-from ._patterns import ChannelInfo, channel_info, is_mul, module_of, output_rank
+from ._fold_rules import Target, TensorUsage, scale_outputs
+from ._patterns import channel_info, is_add, is_mul
 from .constant_fold import FOLDED_PREFIX, fetch_attr
+from .fold_functional import output_target
+from .propagate import State, _SHAPE_QUERIES, _shape, is_inplace, map_through, match
+
+_CAT = (torch.cat, torch.concat, torch.concatenate)
 
 
 @dataclass
 class FoldRecord:
-    """What happened to one constant ``mul``: ``where`` it went (``bn``/``conv``/... or ``left as Mul``)."""
+    """What happened to one constant ``mul``.
+
+    ``where`` it went (``bn``, ``conv``, ``linear``, ``norm``, ``next-conv``, ``next-linear``,
+    ``next-bn``, or ``left as Mul``), ``into`` which layers, and the ``reason`` it was not folded
+    (or, for a scale pushed forward, why its producer could not take it).
+    """
 
     mul: str
     site: str
@@ -36,6 +54,7 @@ class FoldRecord:
     where: str
     reason: str = ""
     from_attention: bool = False
+    into: str = ""
 
     @property
     def folded(self) -> bool:
@@ -62,30 +81,20 @@ def constant_operand(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.T
     return None
 
 
-def per_channel_scale(c: torch.Tensor, info: ChannelInfo, rank: int | None) -> torch.Tensor | str:
-    """``c`` as a 1-D tensor of ``info.channels`` entries, or the reason it is not per-channel."""
+def per_channel_scale(c: torch.Tensor, mul: fx.Node, x: fx.Node) -> State | str:
+    """``c`` as ``(v, position)`` (see :data:`~asr_fx.passes.propagate.State`), or why it is not per-channel."""
     if not c.is_floating_point():
         return f"scale has dtype {c.dtype}, not floating point"
-    if rank is not None and c.dim() > rank:
-        return f"scale of shape {tuple(c.shape)} would broadcast the output to rank {c.dim()}"
-    big = [i - c.dim() for i, s in enumerate(c.shape) if s != 1]
+    before, after = _shape(x), _shape(mul)
+    if before is not None and (c.dim() > len(before) or (after is not None and after != before)):
+        return f"scale of shape {tuple(c.shape)} broadcasts the value to a larger shape"
+    c = c.detach()
+    big = [i for i, s in enumerate(c.shape) if s != 1]
     if not big:
-        return c.reshape(1).expand(info.channels).clone()
+        return c.reshape(()), None
     if len(big) > 1:
         return f"scale of shape {tuple(c.shape)} varies along more than one dimension"
-    if info.position is None:
-        return "the layer's channel dimension depends on the input rank: pass example_inputs"
-    if big[0] != info.position or c.shape[big[0]] != info.channels:
-        return f"scale of shape {tuple(c.shape)} does not lie along the layer's {info.channels} channels"
-    return c.reshape(-1)
-
-
-def _shares_parameters(gm: fx.GraphModule, module: torch.nn.Module) -> bool:
-    own = {id(p) for p in module.parameters(recurse=False)}
-    for other in gm.modules():
-        if other is not module and any(id(p) in own for p in other.parameters(recurse=False)):
-            return True
-    return False
+    return c.reshape(-1), big[0] - c.dim()
 
 
 def _computed(mul: fx.Node, x: fx.Node) -> bool:
@@ -95,12 +104,121 @@ def _computed(mul: fx.Node, x: fx.Node) -> bool:
     return isinstance(c, fx.Node) and str(c.target).startswith(FOLDED_PREFIX)
 
 
-def fold_scales(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[FoldRecord]]:
-    """Fold every per-channel constant ``mul`` into the layer that produced its other operand.
+def _is_shape_query(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in _SHAPE_QUERIES or \
+        node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype")
 
-    Modifies ``gm`` in place and returns it with one record per constant ``mul`` seen.
+
+def _other_users(node: fx.Node, user: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u is not user and not _is_shape_query(u)]
+
+
+def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
+    """The layer whose output ``node`` is, as a fold target, or ``None``."""
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        found = None if isinstance(module, nn.MultiheadAttention) else scale_outputs(module)
+        info = channel_info(gm, node)
+        if found is None or info is None:
+            return None
+        kind, apply, tensors = found
+        return Target(str(node.target), kind, info.channels, info.position, tensors, apply, module)
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        mha_node = node.args[0]
+        if isinstance(mha_node, fx.Node) and mha_node.op == "call_module":
+            mha = gm.get_submodule(str(mha_node.target))
+            if isinstance(mha, nn.MultiheadAttention):
+                kind, apply, tensors = scale_outputs(mha)  # type: ignore[misc]
+                return Target(f"{mha_node.target}.out_proj", kind, mha.embed_dim, -1, tensors, apply, mha)
+        return None
+    return output_target(gm, node)
+
+
+def _cat_pieces(node: fx.Node, pos: int | None) -> tuple[list[fx.Node], list[int] | None] | str | None:
+    """The inputs of a ``cat`` along the scaled dim and their sizes there (``None`` sizes: unknown)."""
+    if node.op != "call_function" or node.target not in _CAT:
+        return None
+    pieces = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
+        return "a cat of non-graph values"
+    shape = _shape(node)
+    if pos is not None and dim >= 0:
+        if shape is None:
+            return "a cat whose rank is unknown; pass example_inputs to fuse"
+        dim -= len(shape)
+    if pos is not None and dim != pos:
+        return "a cat along another dimension than the scaled one"
+    sizes = [(_shape(p) or {})[dim] if _shape(p) else None for p in pieces] if pos is not None else None
+    if sizes is not None and None in sizes:
+        return "a cat of pieces of unknown size; pass example_inputs to fuse"
+    return list(pieces), sizes
+
+
+def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: TensorUsage,
+                  budget: list[int]) -> list[tuple[Target, torch.Tensor]] | str:
+    """The layers that must take ``state`` so that ``node``'s value comes out scaled, or the reason."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return "the scale would have to move through too many nodes"
+    target = producer_target(gm, node)
+    if target is not None:
+        vec = match(target, state, usage)
+        return vec if isinstance(vec, str) else [(target, vec)]
+    if is_add(node):
+        inputs: list[tuple[fx.Node, State]] = [(a, state) for a in node.args]  # type: ignore[misc]
+    else:
+        cat = _cat_pieces(node, state[1])
+        if isinstance(cat, str):
+            return f"`{node.name}` is {cat}"
+        if cat is not None:
+            pieces, sizes = cat
+            if sizes is None:
+                inputs = [(p, state) for p in pieces]
+            else:
+                inputs = [(p, (v, state[1])) for p, v in zip(pieces, state[0].split(sizes))]
+        else:
+            moved = map_through(gm, node, state, forward=False)
+            if moved is None:
+                return f"the value comes from `{node.name}`, which is not a layer that can take a scale"
+            if isinstance(moved, str):
+                return moved
+            if not isinstance(node.args[0], fx.Node):
+                return f"`{node.name}` has no graph input"
+            inputs = [(node.args[0], moved)]
+    if len({id(n) for n, _ in inputs}) != len(inputs):
+        return f"`{node.name}` uses the same value twice"
+    plan: list[tuple[Target, torch.Tensor]] = []
+    for child, child_state in inputs:
+        others = _other_users(child, node)
+        if others:
+            return f"`{child.name}` has {len(others)} other user(s); folding there would change them"
+        found = plan_backward(gm, child, child_state, usage, budget)
+        if isinstance(found, str):
+            return found
+        plan += found
+    return plan
+
+
+def _kinds(plan: list[tuple[Target, torch.Tensor]]) -> str:
+    return "+".join(sorted({t.kind for t, _ in plan}))
+
+
+def apply_plan(plan: list[tuple[Target, torch.Tensor]]) -> None:
+    """Fold each 1-D scale into its target (in the target's dtype)."""
+    with torch.no_grad():
+        for target, vec in plan:
+            target.apply(vec.to(target.tensors[0].dtype) if target.tensors else vec)
+
+
+def fold_scales(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[FoldRecord]]:
+    """Fold every per-channel constant ``mul`` into the layer(s) that produced its other operand.
+
+    Modifies ``gm`` in place and returns it with one record per constant ``mul`` seen. One pass
+    over the graph; the parameter-usage table is built once.
     """
-    calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    usage = TensorUsage(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     records: list[FoldRecord] = []
     for mul in list(gm.graph.nodes):
         if not is_mul(mul):
@@ -109,38 +227,25 @@ def fold_scales(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[FoldRecord]]:
         if operands is None:
             continue
         x, c = operands
-        record = FoldRecord(
-            mul=mul.name,
-            site=site_of(mul),
-            target=str(x.target) if x.op == "call_module" else x.name,
-            where="left as Mul",
-            from_attention=_computed(mul, x),
-        )
+        record = FoldRecord(mul=mul.name, site=site_of(mul), target=str(x.target) if x.op == "call_module" else x.name,
+                            where="left as Mul", from_attention=_computed(mul, x))
         records.append(record)
-        module = module_of(gm, x)
-        rule = fold_rule(module) if module is not None else None
-        info = channel_info(gm, x)
-        if rule is None or info is None:
-            record.reason = f"the value comes from `{x.name}`, which is not a conv/norm/linear layer"
+        state = per_channel_scale(c, mul, x)
+        if isinstance(state, str):
+            record.reason = state
             continue
-        if len(x.users) > 1:
-            record.reason = f"`{x.target}`'s output has {len(x.users)} users; folding would change the others"
+        others = _other_users(x, mul)
+        if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
+            record.reason = f"`{x.name}` has {len(others)} other user(s); folding into it would change them"
             continue
-        if calls[str(x.target)] > 1:
-            record.reason = f"module `{x.target}` is called at {calls[str(x.target)]} places"
+        with torch.no_grad():
+            plan = plan_backward(gm, x, state, usage, [64])
+        if isinstance(plan, str):
+            record.reason = plan
             continue
-        if _shares_parameters(gm, module):
-            record.reason = f"module `{x.target}` shares parameters with another module"
-            continue
-        v = per_channel_scale(c, info, output_rank(x))
-        if isinstance(v, str):
-            record.reason = v
-            continue
-        why = rule(module, v.to(dtype=next(module.parameters(), v).dtype))
-        if why is not None:
-            record.reason = why
-            continue
-        record.where = fold_kind(module)
+        apply_plan(plan)
+        record.where = _kinds(plan)
+        record.into = ", ".join(t.label for t, _ in plan)
         mul.replace_all_uses_with(x)
         gm.graph.erase_node(mul)
     gm.recompile()

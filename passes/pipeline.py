@@ -13,6 +13,7 @@ from .cleanup import eliminate_dead_code
 from .constant_fold import fold_constants
 from .fold import FoldRecord, fold_scales
 from .fold_conv_bn import fold_conv_bn
+from .propagate import propagate_scales
 
 
 def fuse_pipeline(
@@ -21,7 +22,7 @@ def fuse_pipeline(
     fold_bn: bool = False,
     check: Callable[[fx.GraphModule], None] | None = None,
 ) -> tuple[fx.GraphModule, list[FoldRecord]]:
-    """constant-fold -> (check) -> fold scales -> cleanup -> (conv-BN fold -> cleanup).
+    """constant-fold -> (check) -> fold scales -> propagate -> cleanup -> (conv-BN fold -> cleanup).
 
     ``gm`` must be traced with ASR blocks inlined and be in eval mode; it is modified in place.
     ``check`` sees the graph after constant folding (e.g. to refuse non-finite attention values).
@@ -30,6 +31,7 @@ def fuse_pipeline(
     if check is not None:
         check(gm)
     gm, records = fold_scales(gm)
+    propagate_scales(gm, records)
     eliminate_dead_code(gm)
     if fold_bn:
         fold_conv_bn(gm)
