@@ -14,7 +14,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,10 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx.errors import ASRError, VerificationError
+
+
+class ExportError(ASRError):
+    """torch.onnx.export could not export the model."""
 
 
 @dataclass
@@ -135,6 +139,47 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[np.ndarray], rto
     return errors
 
 
+def op_count_diff(expected: dict[str, int], actual: dict[str, int]) -> str:
+    """``"Mul: 3 (expected 0), Conv: 12 (expected 13)"``: the op types whose counts differ."""
+    ops = sorted(set(expected) | set(actual))
+    return ", ".join(f"{op}: {actual.get(op, 0)} (expected {expected.get(op, 0)})"
+                     for op in ops if actual.get(op, 0) != expected.get(op, 0)) or "none"
+
+
+def _verify_at_batch(path: str, reference: nn.Module, args: tuple, batch: int, rtol: float, atol: float,
+                     providers: Sequence[str] | None) -> list[OutputError]:
+    """Run the (dynamic-batch) ONNX file on random inputs of ``batch`` samples and compare with torch."""
+    g = torch.Generator().manual_seed(batch)
+    inputs = tuple(torch.randn((batch, *a.shape[1:]), generator=g).to(a.device, a.dtype) for a in args)
+    with torch.no_grad():
+        expected = _flatten(reference.eval()(*inputs))
+    actual, _ = run_onnxruntime(path, inputs, providers)
+    errors = compare(expected, actual, rtol, atol)
+    for e in errors:
+        e.name = f"{e.name} (batch {batch})"
+    return errors
+
+
+def onnxruntime_latency_ms(path: str | os.PathLike, inputs: torch.Tensor | Sequence[torch.Tensor], *, runs: int = 20,
+                           warmup: int = 3, providers: Sequence[str] | None = None) -> float:
+    """Median wall time in milliseconds of one onnxruntime run of ``path`` on ``inputs`` (one thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), _as_tuple(inputs))}
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -147,12 +192,17 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = False,
     providers: Sequence[str] | None = None,
+    verify_batches: Sequence[int] | None = None,
+    expected_op_counts: dict[str, int] | None = None,
+    on_verify: Callable[[], None] | None = None,
 ) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path``, check it and verify it in onnxruntime.
 
     Verification compares onnxruntime's outputs with ``reference`` (default: ``model``) in torch
-    on ``example_inputs``. Raises :class:`VerificationError` (with ``.report``) when they disagree
-    beyond ``atol + rtol * max|reference|``; then nothing is written at ``path``.
+    on ``example_inputs``, and with ``dynamic_batch`` also on random inputs of each batch size in
+    ``verify_batches`` (default 1 and 7). Raises :class:`VerificationError` (with ``.report``) when
+    they disagree beyond ``atol + rtol * max|reference|``, or when ``expected_op_counts`` is given
+    and the ONNX op multiset differs from it; then nothing is written at ``path``.
     """
     path = Path(path)
     if path.suffix.lower() != ".onnx":
@@ -169,19 +219,26 @@ def export_onnx(
         try:
             _export(model, args, tmp, opset, dynamic_batch)
         except Exception as exc:  # noqa: BLE001
-            raise ASRError(
-                f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                "Try another --opset, a fixed batch (no --dynamic-batch), or fuse with --strict to see what stayed."
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            raise ExportError(
+                f"torch.onnx.export failed: {type(exc).__name__}: {first}. "
+                "Try another --opset, a fixed batch (no --dynamic-batch), --fold-bn off, or fuse with --strict to "
+                "see which site stayed unfolded; -v prints the exporter's full message"
             ) from exc
         report.seconds["export"] = time.perf_counter() - start
         onnx.checker.check_model(tmp)
         report.op_counts = onnx_op_counts(tmp)
         if verify:
+            if on_verify is not None:
+                on_verify()
             start = time.perf_counter()
             with torch.no_grad():
                 expected = _flatten((reference or model).eval()(*args))
             actual, report.provider = run_onnxruntime(tmp, args, providers)
             report.outputs = compare(expected, actual, rtol, atol)
+            if dynamic_batch:
+                for batch in (1, 7) if verify_batches is None else verify_batches:
+                    report.outputs += _verify_at_batch(tmp, reference or model, args, batch, rtol, atol, providers)
             report.verified = True
             report.seconds["verify"] = time.perf_counter() - start
             if not report.ok:
@@ -189,7 +246,14 @@ def export_onnx(
                     f"onnxruntime disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
                     report,
                 )
-        os.replace(tmp, path)
+        if expected_op_counts is not None and report.op_counts != expected_op_counts:
+            raise VerificationError(
+                f"the ONNX op multiset differs from the expected (vanilla) one: {op_count_diff(expected_op_counts, report.op_counts)}",
+                report,
+            )
+        from asr_fx.checkpoint import publish
+
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
