@@ -3,7 +3,7 @@
 ``instrument(model)`` -> train -> ``fuse(model)`` -> ``export_onnx(fused, path, inputs)``.
 """
 
-from asr_fx import attention
+from asr_fx import attention, stripe
 from asr_fx.api import asr_parameters, find_sites, fuse, fusion_report, get_config, instrument
 from asr_fx.asr import ASR
 from asr_fx.checkpoint import build, load, save
@@ -11,6 +11,7 @@ from asr_fx.export import ExportReport, export_onnx, onnx_op_counts
 from asr_fx.errors import ASRError, CheckpointError, FusionError, NoSitesError, TraceError, VerificationError
 from asr_fx.passes import Site
 from asr_fx.report import FusionReport
+from asr_fx.stripe import freeze_attention
 
 __version__ = "0.1.0"
 
@@ -32,7 +33,9 @@ __all__ = [
     "onnx_op_counts",
     "save",
     "attention",
+    "stripe",
     "find_sites",
+    "freeze_attention",
     "fuse",
     "fusion_report",
     "get_config",

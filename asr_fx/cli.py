@@ -164,7 +164,7 @@ def _extra_commands():
 
 
 #: modules adding subcommands (``register(subparsers)``); keep this list short and sorted
-EXTRA_COMMAND_MODULES: list[str] = []
+EXTRA_COMMAND_MODULES: list[str] = ["asr_fx.cli_stripe"]
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,391 @@
+"""The Stripe Observation, measured: what input-dependent channel attention outputs on real data,
+and that attention frozen into a constant after training.
+
+The paper's premise (Fig. 1): the output ``v = act(F(GAP(x)))`` of a trained channel-attention
+module (SE, ECA, ...) is nearly the same vector for every input; per channel, its std across
+inputs is near 0 while the pooled input features vary a lot.
+
+- :func:`collect` runs a model on batches and records, at every attention site found by
+  :func:`asr_fx.passes.attention_patterns.find_channel_attention`, the attention values per input
+  (``N x C``) and the pooled input of the attention network (``N x C``), with their per-channel
+  statistics (:class:`SiteStats`, :class:`StripeStats`).
+- :func:`freeze_attention` replaces each such attention by the mean ``v`` it produced on the data:
+  ``x * act(F(GAP(x)))`` becomes ``x * v`` with ``v`` a constant buffer, so :func:`asr_fx.fuse`
+  folds ``v`` into the layer that produced ``x`` (or reports the site where it cannot). The
+  attention's inference cost is gone with no retraining; :class:`FreezeReport` says per site the
+  std the freeze ignores and how much the model's output moved on held-out data.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tabulate import tabulate
+from torch import nn
+
+from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.passes import trace
+from asr_fx.passes._patterns import qualified_key
+from asr_fx.passes.constant_fold import FOLDED_PREFIX
+
+#: prefix of the buffers holding frozen attention values; a kind of folded constant, so
+#: :func:`asr_fx.fuse` reports the sites as attention sites and cleans up buffers it folded
+FROZEN_PREFIX = FOLDED_PREFIX + "stripe_"
+FREEZE_KEY = "asr_fx.freeze"
+
+Batches = Iterable[Any]
+
+
+def _inputs_of(batch: Any) -> tuple[torch.Tensor, ...]:
+    """The model inputs in one batch: a tensor, or the first item of an ``(x, y)`` tuple/list."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    if isinstance(batch, dict):
+        for key in ("x", "input", "inputs", "image", "images"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return (batch[key],)
+    raise ASRError(f"a batch must be a tensor, an (inputs, targets) pair or a dict with 'x'/'inputs'; got {type(batch).__name__}")
+
+
+@dataclass
+class SiteStats:
+    """What one channel-attention site produced on the data.
+
+    ``values``: the attention value per input (``N x C``, after the sigmoid); ``pooled``: the
+    attention network's pooled input per input (``N x C``), i.e. the features before the attention.
+    ``site``: the attention module's path (or the multiply's node name); ``mul``/``gate``/``pool``/
+    ``feature``: graph node names; ``channel_pos``: the scaled dimension counted from the right.
+    """
+
+    site: str
+    mul: str
+    gate: str
+    pool: str
+    feature: str
+    channel_pos: int
+    activation: str
+    values: torch.Tensor
+    pooled: torch.Tensor
+
+    @property
+    def channels(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean attention value ``v`` (``C``): what :func:`freeze_attention` uses."""
+        return self.values.mean(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-channel std of the attention values across inputs (``C``; population std)."""
+        return _std(self.values)
+
+    @property
+    def feature_std(self) -> torch.Tensor:
+        """Per-channel std of the pooled input features across inputs (``C``)."""
+        return _std(self.pooled)
+
+    @property
+    def std_ratio(self) -> float:
+        """Mean attention std over mean feature std: well below 1 is the Stripe Observation."""
+        return float(self.std.mean() / self.feature_std.mean().clamp_min(1e-30))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "site": self.site, "channels": self.channels, "inputs": self.n_inputs,
+            "attention_std_mean": float(self.std.mean()), "attention_std_max": float(self.std.max()),
+            "feature_std_mean": float(self.feature_std.mean()), "std_ratio": self.std_ratio,
+            "v_mean": float(self.mean.mean()), "v_min": float(self.mean.min()), "v_max": float(self.mean.max()),
+        }
+
+
+def _std(t: torch.Tensor) -> torch.Tensor:
+    """Population std over dim 0 in float64 (0 for one input, never NaN; exact 0 for identical rows)."""
+    t64 = t.double()
+    centred = t64 - t64[:1]  # identical rows give exact zeros whatever the rounding of the mean
+    return (centred - centred.mean(0, keepdim=True)).pow(2).mean(0).sqrt().to(t.dtype)
+
+
+@dataclass
+class StripeStats:
+    """:class:`SiteStats` for every channel-attention site of a model, in graph order."""
+
+    sites: list[SiteStats] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def __iter__(self):
+        return iter(self.sites)
+
+    def __getitem__(self, key: int | str) -> SiteStats:
+        if isinstance(key, int):
+            return self.sites[key]
+        for s in self.sites:
+            if key in (s.site, s.mul):
+                return s
+        raise KeyError(f"no attention site {key!r}; sites: {[s.site for s in self.sites]}")
+
+    def table(self, tablefmt: str = "github") -> str:
+        """One row per site: channels, attention std (mean/max over channels), feature std, their ratio."""
+        rows = [(s["site"], s["channels"], s["inputs"], f"{s['attention_std_mean']:.3g}", f"{s['attention_std_max']:.3g}",
+                 f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}", f"{s['v_min']:.3f}..{s['v_max']:.3f}")
+                for s in (site.summary() for site in self.sites)]
+        headers = ["site", "C", "inputs", "attn std (mean)", "attn std (max)", "feature std (mean)",
+                   "std ratio", "mean v range"]
+        return tabulate(rows, headers=headers, tablefmt=tablefmt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [s.summary() for s in self.sites]}
+
+
+def values_over_checkpoints(runs: Sequence[StripeStats], site: int | str = 0) -> torch.Tensor:
+    """One site's attention values from :func:`collect` runs on several checkpoints of one training
+    (same inputs, in order), stacked as ``E x N x C`` for :func:`asr_fx.plot.plot_epoch_difference`."""
+    if len(runs) < 2:
+        raise ASRError(f"the change over epochs needs at least two checkpoints, got {len(runs)}")
+    values = [run[site].values for run in runs]
+    if any(v.shape != values[0].shape for v in values):
+        raise ASRError(f"the checkpoints saw different inputs or channels: shapes {[tuple(v.shape) for v in values]}; "
+                       "collect every checkpoint on the same batches")
+    return torch.stack(values)
+
+
+def find_attention(gm: fx.GraphModule) -> list[Any]:
+    """The input-dependent channel-attention sites of a traced model (``ChannelAttention`` records)."""
+    from asr_fx.passes.attention_patterns import find_channel_attention
+
+    return find_channel_attention(gm)
+
+
+def _probe(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
+    """A copy of ``gm`` that returns the values of the named nodes (and computes nothing after them)."""
+    graph = copy.deepcopy(gm.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tuple(nodes[name] for name in names),)
+    probe = fx.GraphModule(gm, graph, "StripeProbe")
+    probe.graph.eliminate_dead_code()
+    probe.recompile()
+    return probe
+
+
+def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None, max_inputs: int | None = None) -> StripeStats:
+    """Run ``model`` (in eval mode, no grad) on ``batches`` and record every channel-attention site.
+
+    ``batches``: tensors, ``(inputs, targets)`` pairs or dicts with ``"x"``; wrap it in
+    :func:`asr_fx.progress.progress` for a progress bar. ``max_inputs`` stops after that many inputs.
+    ``model`` is not changed (its train/eval flags are restored). Raises :class:`NoSitesError` when
+    the model has no input-dependent channel attention (``x * sigmoid(F(GAP(x)))``).
+    """
+    gm = trace(model, leaf_modules)
+    sites = find_attention(gm)
+    if not sites:
+        raise NoSitesError(
+            f"no input-dependent channel attention found in {type(model).__name__}: looked for "
+            "x * sigmoid/hardsigmoid(F(global_pool(x))) with a small network F (SE, ECA, ...). ASR blocks "
+            "(fed by psi) are constant already; an untraced custom module can be traced by leaf_modules=."
+        )
+    names = [n for s in sites for n in (s.gate, s.pool)]
+    probe = _probe(gm, names)
+    values: list[list[torch.Tensor]] = [[] for _ in sites]
+    pooled: list[list[torch.Tensor]] = [[] for _ in sites]
+    flags = _training_flags(model)
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                inputs = _inputs_of(batch)
+                outs = probe(*inputs)
+                n = inputs[0].shape[0]
+                for i, _ in enumerate(sites):
+                    values[i].append(outs[2 * i].detach().reshape(n, -1).float().cpu())
+                    pooled[i].append(outs[2 * i + 1].detach().reshape(n, -1).float().cpu())
+                seen += n
+                if max_inputs is not None and seen >= max_inputs:
+                    break
+    finally:
+        for m, mode in flags.items():
+            m.training = mode
+    if seen == 0:
+        raise ASRError("collect got no batches: pass an iterable of input tensors or (inputs, targets) pairs")
+    stats = []
+    for site, v, p in zip(sites, values, pooled):
+        v_all, p_all = torch.cat(v)[:max_inputs], torch.cat(p)[:max_inputs]
+        if v_all.shape[1] != p_all.shape[1]:
+            raise ASRError(f"attention at {site.module or site.mul}: {v_all.shape[1]} values per input but "
+                           f"{p_all.shape[1]} pooled channels; is it a channel attention?")
+        stats.append(SiteStats(site=site.module or site.mul, mul=site.mul, gate=site.gate, pool=site.pool,
+                               feature=site.feature, channel_pos=site.channel_pos, activation=site.activation,
+                               values=v_all, pooled=p_all))
+    return StripeStats(stats)
+
+
+@dataclass
+class FrozenSite:
+    """One frozen attention: ``v`` (its mean value, ``C``), the per-channel std the freeze ignores,
+    and the buffer holding ``v``."""
+
+    site: str
+    mul: str
+    buffer: str
+    channels: int
+    ignored_std_mean: float
+    ignored_std_max: float
+    std_ratio: float
+
+
+@dataclass
+class FreezeReport:
+    """What :func:`freeze_attention` did: the frozen sites and the output change it caused.
+
+    ``output_change``: on the held-out data (or the calibration data where none was given, then
+    ``data == "calibration"``): ``max_abs`` ``max|frozen - original|``, ``rel`` that over
+    ``max|original|``, ``argmax_agreement`` (share of inputs with the same top-1 class, 2-D outputs).
+    """
+
+    sites: list[FrozenSite] = field(default_factory=list)
+    output_change: dict[str, float] = field(default_factory=dict)
+    data: str = "held-out"
+
+    def table(self, tablefmt: str = "github") -> str:
+        rows = [(s.site, s.channels, f"{s.ignored_std_mean:.3g}", f"{s.ignored_std_max:.3g}", f"{s.std_ratio:.3g}")
+                for s in self.sites]
+        text = tabulate(rows, headers=["site", "C", "ignored std (mean)", "ignored std (max)", "std ratio"],
+                        tablefmt=tablefmt)
+        if self.output_change:
+            change = ", ".join(f"{k} {v:.4g}" for k, v in self.output_change.items())
+            text += f"\n\noutput change on {self.data} data: {change}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [s.__dict__ for s in self.sites], "output_change": dict(self.output_change), "data": self.data}
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _gate_operand(mul: fx.Node, gate_name: str) -> int:
+    """Which argument of ``mul`` carries the gate (possibly through view/expand steps)."""
+    for i, arg in enumerate(mul.args):
+        node = arg
+        for _ in range(9):
+            if not isinstance(node, fx.Node):
+                break
+            if node.name == gate_name:
+                return i
+            if not node.args:
+                break
+            node = node.args[0]
+    raise ASRError(f"multiply `{mul.name}` does not read the attention gate `{gate_name}`")
+
+
+def _broadcast_shape(site: SiteStats) -> tuple[int, ...]:
+    return (1, site.channels) + (1,) * (-site.channel_pos - 1)
+
+
+def output_change(reference: nn.Module, changed: nn.Module, batches: Batches) -> dict[str, float]:
+    """How far ``changed``'s outputs are from ``reference``'s on ``batches`` (both in eval mode)."""
+    flags = _training_flags(reference) | _training_flags(changed)
+    max_abs, max_ref, agree, total = 0.0, 0.0, 0, 0
+    try:
+        reference.eval(), changed.eval()
+        with torch.no_grad():
+            for batch in batches:
+                inputs = _inputs_of(batch)
+                ref, out = reference(*inputs), changed(*inputs)
+                max_abs = max(max_abs, float((out - ref).abs().max()))
+                max_ref = max(max_ref, float(ref.abs().max()))
+                if ref.dim() == 2:
+                    agree += int((ref.argmax(1) == out.argmax(1)).sum())
+                    total += ref.shape[0]
+    finally:
+        for m, mode in flags.items():
+            m.training = mode
+    change = {"max_abs": max_abs, "rel": max_abs / max(max_ref, 1e-30)}
+    if total:
+        change["argmax_agreement"] = agree / total
+    return change
+
+
+def freeze_attention(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    held_out: Batches | None = None,
+    stats: StripeStats | None = None,
+    leaf_modules: Any = None,
+) -> fx.GraphModule:
+    """Replace every input-dependent channel attention by the mean value ``v`` it produced on ``batches``.
+
+    ``x * act(F(pool(x)))`` becomes ``x * v``, ``v`` a constant buffer shaped to broadcast along the
+    channel dimension (``_folded_stripe_<site>``); the pooling and the attention network go away.
+    Then :func:`asr_fx.fuse` folds ``v`` into the conv/norm/linear layer that produced ``x``, or
+    reports the site where it cannot (e.g. after an activation, as in MobileNetV3).
+
+    Equivalence: none by design. The frozen model computes what ``model`` computes with each
+    attention's output replaced by its data mean; the std that ignores is in the report, and the
+    output change on ``held_out`` (default: ``batches``) too. ``model`` is not changed; the result
+    is a GraphModule in eval mode, its :class:`FreezeReport` in ``freeze_report(result)``.
+    ``stats``: a :func:`collect` result on the same model to reuse instead of running ``batches``.
+    """
+    batches = list(batches) if stats is None or held_out is None else batches
+    stats = stats if stats is not None else collect(model, batches, leaf_modules=leaf_modules)
+    gm = trace(copy.deepcopy(model), leaf_modules)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    frozen: list[FrozenSite] = []
+    for site in stats:
+        mul = nodes.get(site.mul)
+        if mul is None:
+            raise ASRError(f"the statistics name multiply `{site.mul}`, which is not in this model's graph; "
+                           "collect them on the same model")
+        index = _gate_operand(mul, site.gate)
+        buffer = FROZEN_PREFIX + qualified_key(site.site or site.mul)
+        gm.register_buffer(buffer, site.mean.reshape(_broadcast_shape(site)).clone())
+        with gm.graph.inserting_before(mul):
+            constant = gm.graph.get_attr(buffer)
+        args = list(mul.args)
+        args[index] = constant
+        mul.args = tuple(args)
+        std = site.std
+        frozen.append(FrozenSite(site=site.site, mul=site.mul, buffer=buffer, channels=site.channels,
+                                 ignored_std_mean=float(std.mean()), ignored_std_max=float(std.max()),
+                                 std_ratio=site.std_ratio))
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    gm.eval()
+    report = FreezeReport(frozen, data="held-out" if held_out is not None else "calibration")
+    report.output_change = output_change(model, gm, held_out if held_out is not None else batches)
+    gm.meta[FREEZE_KEY] = report
+    return gm
+
+
+def freeze_report(frozen: nn.Module) -> FreezeReport | None:
+    """The :class:`FreezeReport` that :func:`freeze_attention` attached to its result."""
+    meta = getattr(frozen, "meta", {})
+    return meta.get(FREEZE_KEY) if isinstance(meta, dict) else None
+
+
+__all__ = [
+    "FROZEN_PREFIX", "FreezeReport", "FrozenSite", "SiteStats", "StripeStats", "collect", "find_attention",
+    "freeze_attention", "freeze_report", "output_change", "values_over_checkpoints",
+]
