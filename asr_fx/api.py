@@ -15,17 +15,29 @@ from torch.fx.passes.shape_prop import ShapeProp
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.errors import ASRError, NoSitesError
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
-from asr_fx.passes._patterns import channel_info
-from asr_fx.passes.locate import _site, find_residual_sites
+from asr_fx.passes.attention_patterns import find_channel_attention
+from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
+from asr_fx.passes.locate import find_residual_sites, site_at
+from asr_fx.passes.rules import (
+    LOOKS_FOR,
+    find_auto_sites,
+    find_branch_sites,
+    find_norm_act_sites,
+    find_transformer_sites,
+)
 from asr_fx.report import FusionReport
 
 CONFIG_KEY = "asr_fx"
 
 #: placement rules by name: each maps a traced graph to its sites
 RULES: dict[str, Callable[[fx.GraphModule], list[Site]]] = {
+    "auto": find_auto_sites,
     "residual": find_residual_sites,
+    "norm-act": find_norm_act_sites,
+    "branch": find_branch_sites,
+    "transformer": find_transformer_sites,
 }
-RULE_ALIASES = {"auto": "residual"}
+RULE_ALIASES = {"norm_act": "norm-act", "resnet": "residual", "vit": "transformer", "shufflenet": "branch"}
 
 SiteSelector = Sequence[str] | Callable[[Site], bool] | None
 
@@ -43,13 +55,8 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
 
 
 def _candidate_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every node a scale could follow: calls of conv/norm/linear modules."""
-    out = []
-    for node in gm.graph.nodes:
-        info = channel_info(gm, node)
-        if info is not None:
-            out.append(_site(node, "explicit", info))
-    return out
+    """Every node a scale could follow: calls of conv/norm/linear modules, multi-head attention outputs."""
+    return [s for s in (site_at(gm, node, "explicit") for node in gm.graph.nodes) if s is not None]
 
 
 def _matches(site: Site, selector: Sequence[str] | Callable[[Site], bool]) -> bool:
@@ -88,12 +95,19 @@ def find_sites(
     exclude: SiteSelector = None,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf_modules: Any = None,
+    existing: bool = True,
 ) -> list[Site]:
-    """The ASR sites ``instrument`` would use, as a list of :class:`Site` (nothing is changed)."""
+    """The ASR sites ``instrument`` would use, as a list of :class:`Site` (nothing is changed).
+
+    With ``existing=True`` (default) the model's own channel attention blocks follow, with
+    ``rule="existing"`` and ``node`` = their multiply: ``instrument(..., convert_existing=True)``
+    turns those into ASR form.
+    """
     gm = trace(copy.deepcopy(model), leaf_modules)
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
-    return _select_sites(gm, rule, sites, exclude)
+    chosen = _select_sites(gm, rule, sites, exclude)
+    return chosen + (existing_attention_sites(gm) if existing else [])
 
 
 def _attention_name(attention: Any) -> Any:
@@ -118,6 +132,7 @@ def instrument(
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf_modules: Any = None,
     preset: str | None = None,
+    convert_existing: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
 
@@ -136,7 +151,13 @@ def instrument(
             ``"tanh"`` or ``"hardsigmoid"``, psi's start (a number or ``("normal", std)``), and
             ``False`` to keep psi fixed (Table 8).
         preset: a named setting of :data:`asr_fx.asr.PRESETS`; ``"transformer"`` is the paper's ViT
-            setting (tanh, psi and the attention layers' parameters initialised to 1e-3).
+            setting (tanh, psi and the attention layers' parameters initialised to 1e-3). With no
+            preset, defaults for activation/psi_init and only ``transformer``-rule sites (ViT, Swin),
+            the transformer preset is used (recorded in the config); ``preset="cnn"`` keeps sigmoid.
+        convert_existing: also turn each existing channel attention (SE/ECA-like ``x * gate(pool(x))``,
+            found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
+            ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
+            at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
     """
     activation, psi_init, _ = resolve_preset(preset, activation, psi_init)
     if delta < 1:
@@ -145,14 +166,22 @@ def instrument(
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
     chosen = _select_sites(gm, rule, sites, exclude)
-    if not chosen:
+    existing = find_channel_attention(gm) if convert_existing else []
+    if not chosen and not existing:
+        looked = LOOKS_FOR.get(RULE_ALIASES.get(rule, rule), "the sites named by sites=") if sites is None else \
+            "the sites named by sites=, less exclude="
         raise NoSitesError(
-            f"no ASR site found in {type(model).__name__} with rule={rule!r}: looked for residual adds whose "
-            "longer branch ends in a conv/norm/linear layer. Pass sites=[module names] or another rule."
+            f"no ASR site found in {type(model).__name__} with rule={rule!r}: looked for {looked}. "
+            f"Pass sites=[module names] or another rule (one of {sorted(RULES)})."
         )
-    unknown = [s.node for s in chosen if not s.foldable]
-    if unknown:
-        raise ASRError(f"sites {unknown}: the channel dimension depends on the input rank; pass example_inputs=")
+    unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
+    if unfoldable:
+        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
+                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
+    if preset is None and chosen and all(s.rule == "transformer" for s in chosen) and \
+            (activation, psi_init) == ("sigmoid", 0.1):
+        preset = "transformer"  # the paper's ViT setting for transformer sites
+        activation, psi_init, _ = resolve_preset(preset, activation, psi_init)
     kwargs = dict(attention_kwargs or {})
 
     def make_block(site: Site) -> nn.Module:
@@ -160,7 +189,12 @@ def instrument(
                                psi_init=psi_init, learnable_psi=learnable_psi, attention_kwargs=kwargs,
                                preset=preset)
 
+    psi_values = pooled_means(gm, existing, example_inputs) if existing and example_inputs is not None else None
     insert_asr(gm, chosen, make_block)
+    if existing:
+        existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
+        convert_existing_attention(gm, existing, psi_init=psi_init if isinstance(psi_init, (int, float)) else 0.1,
+                                   psi_values=psi_values, learnable_psi=learnable_psi)
     config = {
         "attention": _attention_name(attention),
         "attention_kwargs": kwargs,
@@ -170,6 +204,7 @@ def instrument(
         "psi_init": list(psi_init) if isinstance(psi_init, tuple) else psi_init,
         "learnable_psi": learnable_psi,
         "preset": preset,
+        "convert_existing": convert_existing,
         "sites": [s.to_dict() for s in chosen],
         "factory": getattr(model, "_asr_fx_factory", None),
         "input_shape": list(example_inputs[0].shape) if example_inputs else None,

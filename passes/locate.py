@@ -1,19 +1,60 @@
 """Pass 2, locate: find where ASR goes. Returns a report (a list of :class:`Site`); changes nothing.
 
-The rule of this module is the paper's ResNet rule (Appendix B.2): after the last normalization of
-each residual branch, before the residual add. A residual add is an ``add`` of two values whose
-lowest common ancestor is reached by one input through more layers than the other; the longer path
-is the residual branch, the shorter one the shortcut (identity or downsample).
+This module holds the site record, what may be a site (:func:`site_at`), the walk from a branch's
+end back to the layer that can take the scale (:func:`branch_producer`), and the paper's ResNet
+rule (Appendix B.2): after the last normalization of each residual branch, before the residual add.
+The other rules (norm-act, branch, transformer, auto) are in :mod:`asr_fx.passes.rules`.
+
+A residual add is an ``add`` of two values whose nearest common ancestor is reached by one input
+through more nodes than the other; the longer path is the residual branch, the shorter one the
+shortcut (identity or downsample). From the branch's end the walk skips what a per-channel scale
+passes through unchanged or commutes with: dropout/identity, stochastic depth, a layer-scale
+multiply by a parameter (ConvNeXt), a permute, and an existing channel attention ``x * gate``
+(whose scaled tensor ``x`` is followed); the first layer that can take the scale is the site.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
-from ._patterns import IDENTITY_MODULES, NORM_MODULES, channel_info, is_add, module_of
+from ._patterns import IDENTITY_MODULES, NORM_MODULES, channel_info, is_add, is_mul, module_of
+
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh,
+                      nn.SELU, nn.CELU, nn.PReLU)
+ACTIVATION_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu,
+                        F.elu, F.mish, F.hardtanh, F.selu, F.celu)
+ACTIVATION_METHODS = ("relu", "relu_")
+
+
+def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A pointwise activation (ReLU family, Hardswish, SiLU, GELU, ...) as a module, function or method."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), ACTIVATION_MODULES)
+    if node.op == "call_function":
+        return node.target in ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in ACTIVATION_METHODS
+
+
+def skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back over modules that are the identity at inference (dropout, identity)."""
+    while isinstance(module_of(gm, node), IDENTITY_MODULES) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def norm_before_activation(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The norm ``n`` when ``node`` is ``act(n(...))`` (identity steps between allowed), else ``None``."""
+    if not is_activation(gm, node) or not isinstance(node.args[0], fx.Node):
+        return None
+    inner = skip_identity(gm, node.args[0])
+    return inner if isinstance(module_of(gm, inner), NORM_MODULES) else None
 
 
 @dataclass
@@ -45,63 +86,6 @@ class Site:
         return asdict(self)
 
 
-def _walk_back_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Skip modules that are the identity at inference (dropout, identity)."""
-    while isinstance(module_of(gm, node), IDENTITY_MODULES) and len(node.users) == 1:
-        node = node.args[0]  # type: ignore[assignment]
-    return node
-
-
-def branch_depths(a: fx.Node, b: fx.Node, limit: int = 10_000) -> tuple[int, int] | None:
-    """Path lengths from ``a`` and ``b`` back to their nearest common ancestor.
-
-    Breadth-first from both sides at once, so the cost is the size of the block, not of the graph.
-    Returns ``None`` where no common ancestor exists within ``limit`` steps.
-    """
-    dist = ({a: 0}, {b: 0})
-    frontier: tuple[list[fx.Node], list[fx.Node]] = ([a], [b])
-    for _ in range(limit):
-        for side in (0, 1):
-            meet = [n for n in frontier[side] if n in dist[1 - side]]
-            if meet:
-                n = min(meet, key=lambda m: dist[0][m] + dist[1][m])
-                return dist[0][n], dist[1][n]
-        if not frontier[0] and not frontier[1]:
-            return None
-        side = 0 if (frontier[0] and (not frontier[1] or len(dist[0]) <= len(dist[1]))) else 1
-        nxt: list[fx.Node] = []
-        for n in frontier[side]:
-            for p in n.all_input_nodes:
-                if p not in dist[side]:
-                    dist[side][p] = dist[side][n] + 1
-                    nxt.append(p)
-        frontier = (nxt, frontier[1]) if side == 0 else (frontier[0], nxt)
-    return None
-
-
-def find_residual_sites(gm: fx.GraphModule) -> list[Site]:
-    """Sites of the ``residual`` rule: the last norm (or conv) of each residual branch."""
-    sites: list[Site] = []
-    seen: set[fx.Node] = set()
-    for add in gm.graph.nodes:
-        if not is_add(add):
-            continue
-        lhs, rhs = add.args
-        depths = branch_depths(lhs, rhs)
-        if depths is None or depths[0] == depths[1]:
-            continue
-        branch = lhs if depths[0] > depths[1] else rhs
-        producer = _walk_back_identity(gm, branch)
-        module = module_of(gm, producer)
-        info = channel_info(gm, producer)
-        if info is None or producer in seen:
-            continue
-        if isinstance(module, NORM_MODULES) or module is not None and info is not None:
-            seen.add(producer)
-            sites.append(_site(producer, "residual", info))
-    return sites
-
-
 def _site(node: fx.Node, rule: str, info: Any) -> Site:
     module = str(node.target) if node.op == "call_module" else ""
     foldable = info.position is not None
@@ -115,3 +99,206 @@ def _site(node: fx.Node, rule: str, info: Any) -> Site:
         foldable=foldable,
         reason="" if foldable else "channel dimension unknown: pass example_inputs",
     )
+
+
+def mha_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.MultiheadAttention] | None:
+    """``(path, mha)`` when ``node`` is ``mha(...)[0]``, the attention output of an ``nn.MultiheadAttention``."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
+        return None
+    call = node.args[0]
+    module = module_of(gm, call) if isinstance(call, fx.Node) else None
+    return (str(call.target), module) if isinstance(module, nn.MultiheadAttention) else None
+
+
+def _function_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def window_attention_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | None:
+    """``(projection path, channels)`` for torchvision's ``shifted_window_attention(...)`` call (Swin)."""
+    if _function_name(node) != "shifted_window_attention":
+        return None
+    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("proj_weight")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    path = str(weight.target).rsplit(".", 1)[0]
+    return path, int(gm.get_parameter(str(weight.target)).shape[0])
+
+
+def site_at(gm: fx.GraphModule, node: fx.Node, rule: str) -> Site | None:
+    """The site right after ``node`` when a scale there has a known layer to fold into, else ``None``.
+
+    Layers: conv/norm/linear module calls (:func:`channel_info`), and the attention output
+    ``mha(...)[0]`` of an ``nn.MultiheadAttention`` (channel dim -1, folds into ``out_proj``).
+    torchvision's Swin attention (``shifted_window_attention``) is a site that cannot fold: its
+    output projection is computed inside one traced function call.
+    """
+    info = channel_info(gm, node)
+    if info is not None:
+        return _site(node, rule, info)
+    mha = mha_of(gm, node)
+    if mha is not None:
+        path, module = mha
+        return Site(node.name, path, rule, module.embed_dim, -1, f"{path}.out_proj")
+    window = window_attention_of(gm, node)
+    if window is not None:
+        path, channels = window
+        return Site(node.name, path.rsplit(".", 1)[0], rule, channels, -1, path, foldable=False,
+                    reason="Swin's shifted_window_attention applies its output projection inside one function "
+                    "call, which the fold pass cannot rewrite")
+    return None
+
+
+def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = module_of(gm, node)
+    return type(module).__name__ == "StochasticDepth" or _function_name(node) == "stochastic_depth"
+
+
+def _is_permute(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in (torch.permute, "permute", torch.transpose, "transpose", "contiguous")
+
+
+def _is_layer_scale(node: fx.Node) -> fx.Node | None:
+    """The scaled operand of ``x * parameter`` (a layer scale), else ``None``."""
+    if not is_mul(node):
+        return None
+    a, b = node.args
+    for x, c in ((a, b), (b, a)):
+        if isinstance(c, fx.Node) and c.op == "get_attr" and isinstance(x, fx.Node) and x.op != "get_attr":
+            return x
+    return None
+
+
+def branch_producer(gm: fx.GraphModule, node: fx.Node, attention_features: dict[str, str] | None = None,
+                    limit: int = 16) -> fx.Node:
+    """Walk back from a branch's end over steps a per-channel scale passes (see the module docstring).
+
+    ``attention_features`` maps an existing attention's multiply node name to its scaled tensor's.
+    Returns the first node that is none of those steps (maybe not a layer at all).
+    """
+    features = attention_features or {}
+    nodes = {n.name: n for n in gm.graph.nodes} if features else {}
+    for _ in range(limit):
+        nxt: Any = None
+        if isinstance(module_of(gm, node), IDENTITY_MODULES) or _is_stochastic_depth(gm, node) or _is_permute(node):
+            nxt = node.args[0]
+        elif node.name in features:
+            nxt = nodes[features[node.name]]
+        else:
+            nxt = _is_layer_scale(node)
+        if not isinstance(nxt, fx.Node) or len(node.all_input_nodes) == 0:
+            return node
+        node = nxt
+    return node
+
+
+def _bfs_meet(a: fx.Node, b: fx.Node, limit: int = 10_000) -> tuple[int, int, fx.Node] | None:
+    """Path lengths from ``a`` and ``b`` back to their nearest common ancestor, and that ancestor.
+
+    Breadth-first from both sides at once, so the cost is the size of the block, not of the graph.
+    """
+    dist: tuple[dict[fx.Node, int], dict[fx.Node, int]] = ({a: 0}, {b: 0})
+    frontier: tuple[list[fx.Node], list[fx.Node]] = ([a], [b])
+    for _ in range(limit):
+        for side in (0, 1):
+            meet = [n for n in frontier[side] if n in dist[1 - side]]
+            if meet:
+                n = min(meet, key=lambda m: dist[0][m] + dist[1][m])
+                return dist[0][n], dist[1][n], n
+        if not frontier[0] and not frontier[1]:
+            return None
+        side = 0 if (frontier[0] and (not frontier[1] or len(dist[0]) <= len(dist[1]))) else 1
+        nxt: list[fx.Node] = []
+        for n in frontier[side]:
+            for p in n.all_input_nodes:
+                if p not in dist[side]:
+                    dist[side][p] = dist[side][n] + 1
+                    nxt.append(p)
+        frontier = (nxt, frontier[1]) if side == 0 else (frontier[0], nxt)
+    return None
+
+
+def branch_depths(a: fx.Node, b: fx.Node, limit: int = 10_000) -> tuple[int, int] | None:
+    """Path lengths from ``a`` and ``b`` back to their nearest common ancestor (``None``: none)."""
+    found = _bfs_meet(a, b, limit)
+    return None if found is None else found[:2]
+
+
+@dataclass
+class ResidualBlock:
+    """One residual add: ``add = branch + shortcut``; ``start`` is where both split, ``nodes`` the
+    branch's nodes (``start`` excluded), ``producer`` the branch's last node before the scale-passing steps."""
+
+    add: fx.Node
+    branch: fx.Node
+    shortcut: fx.Node
+    start: fx.Node
+    producer: fx.Node
+    nodes: list[fx.Node]
+
+
+def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Node] | None:
+    """The nodes from ``end`` back to (not including) ``start``; ``None`` if the branch reads the graph
+    input on another path or is larger than ``limit``."""
+    seen, stack = {start}, [end]
+    out: list[fx.Node] = []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder" or len(out) > limit:
+            return None
+        out.append(node)
+        stack.extend(node.all_input_nodes)
+    return out
+
+
+def residual_blocks(gm: fx.GraphModule, attention_features: dict[str, str] | None = None) -> list[ResidualBlock]:
+    """Every residual add of ``gm`` whose branch is longer than its shortcut, in graph order."""
+    blocks = []
+    for add in gm.graph.nodes:
+        if not is_add(add):
+            continue
+        lhs, rhs = add.args
+        found = _bfs_meet(lhs, rhs)
+        if found is None or found[0] == found[1]:
+            continue
+        branch, shortcut = (lhs, rhs) if found[0] > found[1] else (rhs, lhs)
+        nodes = _branch_nodes(branch, found[2])
+        if nodes is None:
+            continue
+        producer = branch_producer(gm, branch, attention_features)
+        blocks.append(ResidualBlock(add, branch, shortcut, found[2], producer, nodes))
+    return blocks
+
+
+def residual_site(gm: fx.GraphModule, block: ResidualBlock, rule: str = "residual") -> Site | None:
+    """The site of one residual block: its producer, or the norm before it when the branch ends in
+    ``act(norm(...))`` (post-activation branches: the scale goes between the norm and its activation)."""
+    site = site_at(gm, block.producer, rule)
+    if site is None:
+        norm = norm_before_activation(gm, block.producer)
+        site = site_at(gm, norm, rule) if norm is not None else None
+    return site
+
+
+def attention_features(gm: fx.GraphModule) -> dict[str, str]:
+    """Existing channel attention of ``gm`` as ``{multiply node: scaled tensor node}``."""
+    from .attention_patterns import find_channel_attention
+
+    return {a.mul: a.feature for a in find_channel_attention(gm)}
+
+
+def find_residual_sites(gm: fx.GraphModule) -> list[Site]:
+    """Sites of the ``residual`` rule: the last layer that can take a scale in each residual branch
+    (the last norm in ResNet/RegNet/MobileNet blocks, also behind an SE block; the last linear in
+    ConvNeXt blocks, before layer scale and stochastic depth)."""
+    sites: list[Site] = []
+    seen: set[str] = set()
+    for block in residual_blocks(gm, attention_features(gm)):
+        site = residual_site(gm, block)
+        if site is not None and site.node not in seen:
+            seen.add(site.node)
+            sites.append(site)
+    return sites

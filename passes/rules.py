@@ -1,0 +1,190 @@
+"""Placement rules beyond ``residual``: ``norm-act``, ``branch``, ``transformer`` and ``auto``.
+
+Each rule is a report pass ``GraphModule -> list[Site]`` (graph order); none changes the graph.
+The paper's placements (Appendix B.2):
+
+- ``residual`` (:func:`asr_fx.passes.locate.find_residual_sites`): after the last norm of a residual
+  branch, before the add (ResNet, RegNet; ConvNeXt: after the branch's last linear, before layer
+  scale and stochastic depth; behind an existing SE block: after the norm the SE scales).
+- ``norm-act``: between every norm and its activation (VGG, RepVGG, MobileNet: the depthwise and
+  the pointwise layers); a conv followed directly by an activation (VGG without BN) counts too.
+  Linear layers (classifier heads) are not sites of this rule.
+- ``branch``: after the last norm of each branch that feeds a concatenation, before its activation
+  (ShuffleNetV2).
+- ``transformer``: after multi-head attention and after the MLP, before each residual add, on the
+  feature (last) dimension (ViT, Swin, MaxViT's attention blocks).
+- ``auto``: per block, from the graph's structure (see :func:`find_auto_sites`).
+
+Layers inside an existing channel attention's network (an SE block's ``fc1 -> ReLU``) are never sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from ._patterns import NORM_MODULES, module_of
+from .attention_patterns import find_channel_attention
+from .locate import (
+    ResidualBlock,
+    Site,
+    is_activation,
+    mha_of,
+    norm_before_activation,
+    residual_blocks,
+    residual_site,
+    site_at,
+    skip_identity,
+    window_attention_of,
+)
+
+#: what each rule looks for, as the "no site found" error says it
+LOOKS_FOR: dict[str, str] = {
+    "residual": "residual adds whose longer branch ends (past dropout, stochastic depth, layer scale, permutes and "
+    "existing channel attention) in a conv/norm/linear layer, a norm before an activation, or a multi-head attention",
+    "norm-act": "norm layers (BatchNorm/GroupNorm/InstanceNorm/LayerNorm), or convs without a norm, whose output goes "
+    "into an activation (ReLU, ReLU6, Hardswish, SiLU, GELU, ...)",
+    "branch": "concatenations (torch.cat) whose inputs end in a norm layer, maybe followed by an activation",
+    "transformer": "residual adds whose branch ends in nn.MultiheadAttention, Swin window attention, or the last "
+    "linear layer of a conv-free MLP",
+}
+LOOKS_FOR["auto"] = "any of: " + "; ".join(f"{k}: {v}" for k, v in LOOKS_FOR.items())
+
+
+def _attention_network_nodes(gm: fx.GraphModule) -> set[str]:
+    return {name for att in find_channel_attention(gm) for name in att.network}
+
+
+def _in_graph_order(gm: fx.GraphModule, sites: Iterable[Site]) -> list[Site]:
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    unique = {s.node: s for s in sites}
+    return sorted(unique.values(), key=lambda s: order[s.node])
+
+
+def _norm_act_sites(gm: fx.GraphModule, within: set[fx.Node] | None, excluded: set[str]) -> list[Site]:
+    sites = []
+    for act in gm.graph.nodes:
+        if not is_activation(gm, act) or not isinstance(act.args[0], fx.Node):
+            continue
+        layer = skip_identity(gm, act.args[0])
+        if layer.name in excluded or (within is not None and layer not in within):
+            continue
+        if isinstance(module_of(gm, layer), (*NORM_MODULES, _ConvNd)):
+            site = site_at(gm, layer, "norm-act")
+            if site is not None:
+                sites.append(site)
+    return _in_graph_order(gm, sites)
+
+
+def find_norm_act_sites(gm: fx.GraphModule) -> list[Site]:
+    """Sites of the ``norm-act`` rule: every norm (or norm-less conv) whose output feeds an activation."""
+    return _norm_act_sites(gm, None, _attention_network_nodes(gm))
+
+
+def _is_depthwise(module: nn.Module | None) -> bool:
+    return isinstance(module, _ConvNd) and module.groups > 1 and module.groups == module.in_channels
+
+
+def _chain(node: fx.Node, limit: int = 12) -> list[fx.Node]:
+    """``node`` and the nodes before it along first arguments (a branch of a sequential block)."""
+    out = [node]
+    while len(out) < limit and node.args and isinstance(node.args[0], fx.Node) and len(node.args[0].users) == 1:
+        node = node.args[0]
+        out.append(node)
+    return out
+
+
+def _concat_branch_sites(gm: fx.GraphModule, need_depthwise: bool) -> list[Site]:
+    sites = []
+    for cat in gm.graph.nodes:
+        if cat.op != "call_function" or cat.target is not torch.cat or not isinstance(cat.args[0], (list, tuple)):
+            continue
+        for end in cat.args[0]:
+            if not isinstance(end, fx.Node):
+                continue
+            end = skip_identity(gm, end)
+            norm = norm_before_activation(gm, end) or (end if isinstance(module_of(gm, end), NORM_MODULES) else None)
+            if norm is None:
+                continue
+            if need_depthwise and not any(_is_depthwise(module_of(gm, n)) for n in _chain(norm)):
+                continue
+            site = site_at(gm, norm, "branch")
+            if site is not None:
+                sites.append(site)
+    return _in_graph_order(gm, sites)
+
+
+def find_branch_sites(gm: fx.GraphModule) -> list[Site]:
+    """Sites of the ``branch`` rule: the last norm of every branch feeding a concatenation."""
+    return _concat_branch_sites(gm, need_depthwise=False)
+
+
+def _transformer_site(gm: fx.GraphModule, block: ResidualBlock) -> Site | None:
+    producer = block.producer
+    if mha_of(gm, producer) is not None or window_attention_of(gm, producer) is not None:
+        return site_at(gm, producer, "transformer")
+    if isinstance(module_of(gm, producer), nn.Linear) and not any(
+        isinstance(module_of(gm, n), _ConvNd) for n in block.nodes
+    ):
+        return site_at(gm, producer, "transformer")
+    return None
+
+
+def find_transformer_sites(gm: fx.GraphModule) -> list[Site]:
+    """Sites of the ``transformer`` rule: after each attention and each MLP, before its residual add.
+
+    Swin's window attention is listed with ``foldable=False`` (see :func:`locate.site_at`)."""
+    blocks = residual_blocks(gm, {a.mul: a.feature for a in find_channel_attention(gm)})
+    return _in_graph_order(gm, filter(None, (_transformer_site(gm, b) for b in blocks)))
+
+
+def _is_inverted_residual(gm: fx.GraphModule, block: ResidualBlock) -> bool:
+    """A MobileNet-style block: a depthwise conv and at least one norm -> activation in the branch."""
+    return any(_is_depthwise(module_of(gm, n)) for n in block.nodes) and any(
+        norm_before_activation(gm, n) is not None for n in block.nodes
+    )
+
+
+def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
+    """The ``auto`` rule: the paper's placement per block, read from the graph's structure.
+
+    - a residual block whose branch ends in attention, or in a linear layer with no conv in the
+      branch: ``transformer`` (ViT, Swin, MaxViT attention);
+    - a residual block with a depthwise conv and norm -> activation pairs (MobileNetV2/V3,
+      EfficientNet, MNASNet, MaxViT's MBConv): ``norm-act`` inside the branch;
+    - any other residual block: ``residual`` (ResNet, ResNeXt, Wide ResNet, RegNet, ConvNeXt);
+    - a concatenation of branches with depthwise convs: ``branch`` (ShuffleNetV2);
+    - a model with none of the residual, transformer or branch blocks above (VGG, AlexNet,
+      SqueezeNet, MobileNet, EfficientNet, MNASNet, DenseNet, GoogLeNet, Inception): ``norm-act``
+      everywhere.
+
+    Sites that cannot fold (Swin's window attention) are left out: ``auto`` promises a model that
+    fuses back to the vanilla structure; ``rule="transformer"`` lists them.
+    """
+    features = {a.mul: a.feature for a in find_channel_attention(gm)}
+    excluded = _attention_network_nodes(gm)
+    sites: list[Site] = []
+    inverted: set[fx.Node] = set()
+    structured = False
+    for block in residual_blocks(gm, features):
+        site = _transformer_site(gm, block)
+        if site is None and _is_inverted_residual(gm, block):
+            inverted.update(block.nodes)
+            continue
+        site = site or residual_site(gm, block)
+        if site is not None:
+            structured = True
+            if site.foldable:
+                sites.append(site)
+    branch = _concat_branch_sites(gm, need_depthwise=True)
+    structured = structured or bool(branch)
+    sites += branch
+    sites += _norm_act_sites(gm, inverted if structured else None, excluded)
+    return _in_graph_order(gm, sites)
+
+
+__all__ = ["LOOKS_FOR", "find_auto_sites", "find_branch_sites", "find_norm_act_sites", "find_transformer_sites"]
