@@ -37,9 +37,19 @@ def remove_unused_state(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _writes_into_a_live_value(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An unused in-place op (``y.mul_(c)``, ``relu(y, inplace=True)``) still matters when something
+    else reads ``y``; torch.fx's own dead-code elimination would drop it."""
+    from .propagate import is_inplace
+
+    target = node.args[0] if node.args else None
+    return is_inplace(gm, node) and isinstance(target, fx.Node) and len(target.users) > 1
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove dead nodes, unused submodules and unused parameters and buffers."""
-    gm.graph.eliminate_dead_code()
+    """Remove dead nodes (keeping in-place writes into values that are read elsewhere), unused
+    submodules and unused parameters and buffers."""
+    gm.graph.eliminate_dead_code(lambda n: n.is_impure() or _writes_into_a_live_value(gm, n))
     gm.delete_all_unused_submodules()
     remove_unused_state(gm)
     gm.graph.lint()

@@ -34,7 +34,7 @@ from ._fold_rules import Target, TensorUsage, scale_outputs
 from ._patterns import channel_info, is_add, is_mul
 from .constant_fold import FOLDED_PREFIX, fetch_attr
 from .fold_functional import output_target
-from .propagate import State, _SHAPE_QUERIES, _shape, is_inplace, map_through, match
+from .propagate import _SHAPE_QUERIES, State, _is_reshape, _permuted, _shape, is_inplace, map_through, match
 
 _CAT = (torch.cat, torch.concat, torch.concatenate)
 
@@ -134,7 +134,28 @@ def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
     return output_target(gm, node)
 
 
-def _cat_pieces(node: fx.Node, pos: int | None) -> tuple[list[fx.Node], list[int] | None] | str | None:
+def _channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> int | None:
+    """The size of ``node``'s value along dim ``pos``, from recorded shapes or from the layers that made it."""
+    shape = _shape(node)
+    if shape is not None:
+        return shape[pos] if -len(shape) <= pos < 0 else None
+    if depth == 0:
+        return None
+    target = producer_target(gm, node)
+    if target is not None:
+        return target.channels if target.position == pos else None
+    if is_add(node):
+        return _channels_of(gm, node.args[0], pos, depth - 1)  # type: ignore[arg-type]
+    cat = _cat_pieces(gm, node, pos, depth - 1)
+    if isinstance(cat, tuple) and cat[1] is not None:
+        return sum(cat[1])
+    moved = map_through(gm, node, (torch.ones(()), None), forward=False)
+    if isinstance(moved, tuple) and _permuted(node) is None and not _is_reshape(gm, node):
+        return _channels_of(gm, node.args[0], pos, depth - 1)  # type: ignore[arg-type]
+    return None
+
+
+def _cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None, depth: int = 8) -> tuple[list[fx.Node], list[int] | None] | str | None:
     """The inputs of a ``cat`` along the scaled dim and their sizes there (``None`` sizes: unknown)."""
     if node.op != "call_function" or node.target not in _CAT:
         return None
@@ -149,7 +170,7 @@ def _cat_pieces(node: fx.Node, pos: int | None) -> tuple[list[fx.Node], list[int
         dim -= len(shape)
     if pos is not None and dim != pos:
         return "a cat along another dimension than the scaled one"
-    sizes = [(_shape(p) or {})[dim] if _shape(p) else None for p in pieces] if pos is not None else None
+    sizes = [_channels_of(gm, p, dim, depth) for p in pieces] if pos is not None else None
     if sizes is not None and None in sizes:
         return "a cat of pieces of unknown size; pass example_inputs to fuse"
     return list(pieces), sizes
@@ -168,7 +189,7 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: Tensor
     if is_add(node):
         inputs: list[tuple[fx.Node, State]] = [(a, state) for a in node.args]  # type: ignore[misc]
     else:
-        cat = _cat_pieces(node, state[1])
+        cat = _cat_pieces(gm, node, state[1])
         if isinstance(cat, str):
             return f"`{node.name}` is {cat}"
         if cat is not None:

@@ -63,7 +63,9 @@ _SHAPE_QUERIES = {"size", "dim", "numel", "ndimension"}
 
 
 def _name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        return f"{node.target} ({type(node.graph.owning_module.get_submodule(str(node.target))).__name__})"
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
