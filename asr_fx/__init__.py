@@ -12,6 +12,7 @@ from asr_fx.errors import ASRError, CheckpointError, FusionError, NoSitesError, 
 from asr_fx.passes import Site
 from asr_fx.report import FusionReport
 from asr_fx.stripe import freeze_attention
+from asr_fx import testing  # asr_fx.testing.assert_fusion_equivalent, for users' CI
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "fusion_report",
     "get_config",
     "instrument",
+    "testing",
 ]

@@ -292,7 +292,7 @@ def load_checkpoint(
         model = _from_asr_fx(raw, path, leaf_modules)
         vanilla = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
         return LoadedCheckpoint(model, vanilla, "asr-fx", input_shape or raw.get("input_shape"))
-    weights, kind = find_state_dict(raw)
+    weights, kind = find_state_dict(raw, repr(str(path)))
     kwargs = dict(factory_kwargs or {})
     if isinstance(weights, nn.Module):
         model = weights.eval()

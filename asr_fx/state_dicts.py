@@ -33,7 +33,7 @@ def is_state_dict(obj: Any) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
 
 
-def find_state_dict(obj: Any) -> tuple[Any, str]:
+def find_state_dict(obj: Any, source: str = "the checkpoint") -> tuple[Any, str]:
     """``(weights, where)``: the state_dict (or a pickled ``nn.Module``) inside a loaded checkpoint.
 
     ``where`` describes the format, e.g. ``"bare state_dict"`` or ``"training checkpoint ['model']"``.
@@ -51,10 +51,10 @@ def find_state_dict(obj: Any) -> tuple[Any, str]:
                 return value, f"training checkpoint [{entry!r}]"
         keys = ", ".join(repr(k) for k in list(obj)[:8])
         raise CheckpointError(
-            f"found no state_dict in the checkpoint: a dict with keys {keys}; expected a state_dict "
+            f"found no state_dict in {source}: a dict with keys {keys}; expected a state_dict "
             f"(names -> tensors) or one under {', '.join(repr(e) for e in STATE_DICT_ENTRIES[:3])}"
         )
-    raise CheckpointError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict or a dict holding one")
+    raise CheckpointError(f"{source} holds a {type(obj).__name__}, not a state_dict or a dict holding one")
 
 
 def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

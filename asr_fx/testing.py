@@ -1,0 +1,174 @@
+"""Checks for users' own CI: ``assert_fusion_equivalent(model, example_inputs)``.
+
+The check the project runs on its built-in models, usable in any pytest suite::
+
+    from asr_fx.testing import assert_fusion_equivalent
+
+    def test_my_model_fuses():
+        model = asr_fx.instrument(MyNet(), attention="se")
+        model.load_state_dict(torch.load("ckpt.pt", weights_only=True))
+        assert_fusion_equivalent(model, torch.randn(2, 3, 224, 224), onnx=True)
+
+On failure it raises ``AssertionError`` with a message that says which check failed and by how
+much, so pytest shows it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from asr_fx.api import asr_parameters, fuse, fusion_report
+from asr_fx.errors import ASRError, FusionError, VerificationError
+
+#: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch
+FUSE_RTOL = 1e-5
+ONNX_RTOL = 1e-4
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    return []
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _output_problems(reference: list[torch.Tensor], actual: list[torch.Tensor], rtol: float, atol: float) -> list[str]:
+    if len(reference) != len(actual):
+        return [f"the fused model returns {len(actual)} output tensor(s), the original {len(reference)}"]
+    problems = []
+    for i, (ref, out) in enumerate(zip(reference, actual)):
+        if ref.shape != out.shape:
+            problems.append(f"output{i}: shape {tuple(out.shape)} != original {tuple(ref.shape)}")
+            continue
+        if ref.numel() == 0:
+            continue
+        ref, out = ref.detach().double(), out.detach().double()
+        if not torch.isfinite(out).all():
+            problems.append(f"output{i}: the fused model gives NaN/Inf")
+            continue
+        diff = (out - ref).abs()
+        scale = ref.abs().max().item()
+        bound = atol + rtol * scale
+        worst = diff.max().item()
+        if worst > bound:
+            index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+            problems.append(f"output{i}: max|fused - original| = {worst:.3g} > {bound:.3g} "
+                            f"(atol {atol:g} + rtol {rtol:g} * max|original| {scale:.3g}; rel {worst / max(scale, 1e-30):.3g}) "
+                            f"at index {index}: fused {out[index].item():.6g}, original {ref[index].item():.6g}")
+    return problems
+
+
+def assert_fusion_equivalent(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    rtol: float = FUSE_RTOL,
+    atol: float = 0.0,
+    strict: bool = True,
+    fold_bn: bool = False,
+    vanilla: nn.Module | None = None,
+    check_parameters: bool = True,
+    onnx: bool = False,
+    onnx_rtol: float = ONNX_RTOL,
+    opset: int | None = None,
+    leaf_modules: Any = None,
+) -> nn.Module:
+    """Fuse ``model`` and assert the result is equivalent to it; returns the fused module.
+
+    Checks, each failing with an ``AssertionError`` that says what and by how much:
+
+    - ``asr_fx.fuse(model, strict=strict)`` succeeds (with ``strict``, every ASR site folds) and
+      leaves ``model``'s state_dict unchanged;
+    - in eval mode, every output of the fused model is within ``atol + rtol * max|original|`` of
+      ``model``'s on ``example_inputs`` (default ``rtol=1e-5``);
+    - with ``check_parameters`` (and not ``fold_bn``): the fused parameter count equals ``vanilla``'s
+      when given, else ``model``'s less its ASR parameters (psi and attention networks);
+    - with ``onnx=True``: the fused model exports to ONNX, and onnxruntime agrees with ``model``
+      within ``onnx_rtol`` (default 1e-4); with ``vanilla`` given, its op multiset equals the
+      vanilla model's.
+
+    ``model``'s train/eval mode is restored afterwards.
+    """
+    __tracebackhide__ = True  # pytest shows the caller's line, not this function's
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    modes = {m: m.training for m in model.modules()}
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        model.eval()
+        try:
+            fused = fuse(model, strict=strict, fold_bn=fold_bn, example_inputs=inputs, leaf_modules=leaf_modules)
+        except FusionError as exc:
+            raise AssertionError(f"fuse(model, strict=True) left ASR sites unfolded:\n{exc}") from None
+        except ASRError as exc:
+            raise AssertionError(f"fuse(model) failed: {exc}") from None
+        changed = [k for k, v in model.state_dict().items() if k in before and not torch.equal(v, before[k])]
+        if changed:
+            raise AssertionError(f"fuse(model) changed the model it was given: {changed[:5]}")
+        with torch.no_grad():
+            reference, actual = _flatten(model(*inputs)), _flatten(fused(*inputs))
+        problems = _output_problems(reference, actual, rtol, atol)
+        if problems:
+            report = fusion_report(fused)
+            where = f"\nfusion report:\n{report.table()}" if report is not None and report.records else ""
+            raise AssertionError("the fused model is not equivalent to the original:\n  "
+                                 + "\n  ".join(problems) + where)
+        if check_parameters and not fold_bn:
+            _check_parameters(model, fused, vanilla)
+        if onnx:
+            _check_onnx(model, fused, inputs, onnx_rtol, opset, vanilla)
+        return fused
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _check_parameters(model: nn.Module, fused: nn.Module, vanilla: nn.Module | None) -> None:
+    __tracebackhide__ = True
+    if vanilla is not None:
+        expected, what = _n_params(vanilla), "the vanilla model's"
+    else:
+        expected, what = _n_params(model) - sum(p.numel() for p in asr_parameters(model)), \
+            "the original's less its ASR parameters"
+    if _n_params(fused) != expected:
+        raise AssertionError(f"the fused model has {_n_params(fused):,} parameters, {what} count is {expected:,}: "
+                             "something stayed that should have folded")
+
+
+def _check_onnx(model: nn.Module, fused: nn.Module, inputs: tuple, rtol: float, opset: int | None,
+                vanilla: nn.Module | None) -> None:
+    __tracebackhide__ = True
+    from asr_fx.export import export_onnx, op_count_diff
+
+    with tempfile.TemporaryDirectory(prefix="asr-fx-testing-") as workdir:
+        expected_ops = None
+        if vanilla is not None:
+            modes = {m: m.training for m in vanilla.modules()}
+            try:
+                expected_ops = export_onnx(vanilla.eval(), os.path.join(workdir, "vanilla.onnx"), inputs,
+                                           verify=False, opset=opset).op_counts
+            finally:
+                for module, mode in modes.items():
+                    module.training = mode
+        try:
+            report = export_onnx(fused, os.path.join(workdir, "fused.onnx"), inputs, reference=model, rtol=rtol,
+                                 opset=opset)
+        except VerificationError as exc:
+            raise AssertionError(f"onnxruntime disagrees with the original model:\n{exc}") from None
+        except ASRError as exc:
+            raise AssertionError(f"the fused model does not export to ONNX: {exc}") from None
+        if expected_ops is not None and report.op_counts != expected_ops:
+            raise AssertionError("the fused ONNX graph's op multiset differs from the vanilla model's: "
+                                 + op_count_diff(expected_ops, report.op_counts))
