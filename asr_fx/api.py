@@ -244,7 +244,10 @@ def fuse(
     """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
 
     ``model`` is not modified. The result is in eval mode and computes what ``model.eval()``
-    computes. Sites that could not be folded stay as one constant ``mul`` and are reported with a
+    computes. Every constant per-channel ``mul`` (ASR blocks, layer scales) folds into the layer
+    before it, or is pushed forward through ReLU/pooling/flatten into the next conv/linear/BN
+    (``example_inputs`` give the shapes that reshapes and rank-dependent norms need). Sites that
+    could not be folded stay as one constant ``mul`` and are reported with a
     warning (``asr_fx.fusion_report(fused)`` has the details); ``strict=True`` raises
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
     """

@@ -30,6 +30,7 @@ class FusionReport:
         return len(self.folded)
 
     def summary(self) -> dict[str, int]:
+        """How many scales went where: ``{"bn": 16, "next-conv": 1, "left as Mul": 2, ...}``."""
         return dict(Counter(r.where for r in self.records))
 
     def unfolded_message(self) -> str:
@@ -38,15 +39,16 @@ class FusionReport:
         return "\n".join(lines)
 
     def table(self) -> str:
-        rows = [(r.site or "-", r.mul, r.target, r.where, r.reason) for r in self.records]
-        return tabulate(rows, headers=["site", "mul", "producer", "folded into", "reason"])
+        rows = [(r.site or "-", r.mul, r.target, r.where, getattr(r, "into", ""), r.reason) for r in self.records]
+        return tabulate(rows, headers=["site", "mul", "producer", "folded into", "layer(s)", "reason"])
 
     def to_dict(self) -> dict:
         return {
             "folded": len(self.folded),
             "unfolded": len(self.unfolded),
             "records": [
-                {"site": r.site, "mul": r.mul, "producer": r.target, "where": r.where, "reason": r.reason}
+                {"site": r.site, "mul": r.mul, "producer": r.target, "where": r.where, "into": getattr(r, "into", ""),
+                 "reason": r.reason}
                 for r in self.records
             ],
         }

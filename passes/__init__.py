@@ -18,6 +18,7 @@ from .fold_conv_bn import fold_conv_bn
 from .insert import insert_asr
 from .locate import Site, find_residual_sites
 from .pipeline import fuse_pipeline
+from .propagate import propagate_scales
 from .trace import ASRTracer, trace
 
 __all__ = [
@@ -33,5 +34,6 @@ __all__ = [
     "fold_scales",
     "fuse_pipeline",
     "insert_asr",
+    "propagate_scales",
     "trace",
 ]
