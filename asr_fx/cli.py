@@ -164,7 +164,7 @@ def _extra_commands():
 
 
 #: modules adding subcommands (``register(subparsers)``); keep this list short and sorted
-EXTRA_COMMAND_MODULES: list[str] = ["asr_fx.cli_stripe"]
+EXTRA_COMMAND_MODULES: list[str] = ["asr_fx.cli_inspect", "asr_fx.cli_stripe"]
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -291,7 +291,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     stages.start("load", str(args.checkpoint))
     loaded = load_from_args(args, args.checkpoint)
     summary.checkpoint_format, summary.notes = loaded.kind, loaded.notes
-    _say(args, f"        {loaded.kind}" + "".join(f"; {n}" for n in loaded.notes))
+    _say(args, f"        format: {loaded.kind}" + "".join(f"; {n}" for n in loaded.notes))
     shape = args.input_shape or loaded.input_shape
     if not shape:
         raise ASRError("the checkpoint records no input shape: pass --input-shape, e.g. 1,3,224,224")

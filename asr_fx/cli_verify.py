@@ -214,7 +214,7 @@ def run_verify(args: argparse.Namespace) -> int:
     stages.start("export", "vanilla and instrumented models, for comparison" if not args.no_compare else "skipped")
     with tempfile.TemporaryDirectory(prefix="asr-fx-verify-") as workdir:
         if not args.no_compare:
-            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x.cpu(), workdir)
+            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir)
         stages.start("verify", f"{onnx_path} in onnxruntime")
         report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
         with torch.no_grad():
