@@ -78,3 +78,138 @@ def test_finds_hand_written_eca_only():
 
 def test_no_attention_in_plain_resnet():
     assert find_channel_attention(trace(torchvision.models.resnet18())) == []
+
+
+# --- auto placement per torchvision family (site lists only: tracing, no training) ---------------
+
+import asr_fx  # noqa: E402
+from torchvision.ops.misc import Conv2dNormActivation  # noqa: E402
+
+
+def _auto(model: nn.Module) -> list:
+    return asr_fx.find_sites(model, existing=False)
+
+
+def _bn_before_activation(model: nn.Module) -> list[str]:
+    """torchvision's conv -> BN -> activation blocks: the BN of each (depthwise and pointwise)."""
+    return [f"{name}.1" for name, m in model.named_modules() if isinstance(m, Conv2dNormActivation) and len(m) == 3]
+
+
+def test_auto_resnet18_is_the_residual_rule():
+    sites = _auto(torchvision.models.resnet18())
+    assert {s.rule for s in sites} == {"residual"}
+    assert [s.module for s in sites] == [f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)]
+
+
+def test_auto_vgg11_bn_puts_asr_between_every_bn_and_relu():
+    model = torchvision.models.vgg11_bn(init_weights=False)  # weights do not matter for placement
+    sites = _auto(model)
+    assert {s.rule for s in sites} == {"norm-act"}
+    assert [s.module for s in sites] == [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0"])
+def test_auto_mobilenets_put_asr_after_depthwise_and_pointwise_bn(name):
+    model = getattr(torchvision.models, name)()
+    sites = _auto(model)
+    assert {s.rule for s in sites} == {"norm-act"}
+    assert [s.module for s in sites] == _bn_before_activation(model)
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert {f"{n[:-2]}.1" for n in depthwise} <= {s.module for s in sites}  # the depthwise layers' BNs too
+    assert not any(".fc" in s.module or "avgpool" in s.module for s in sites)  # never inside an SE block
+
+
+def test_auto_shufflenet_v2_uses_the_last_bn_of_each_branch():
+    model = torchvision.models.shufflenet_v2_x0_5()
+    sites = _auto(model)
+    assert {s.rule for s in sites} == {"branch"}
+    expected = []
+    for name, m in model.named_modules():
+        if type(m).__name__ == "InvertedResidual":
+            if len(m.branch1) > 0:
+                expected.append(f"{name}.branch1.3")
+            expected.append(f"{name}.branch2.6")
+    assert [s.module for s in sites] == expected
+
+
+def test_auto_regnet_y_sites_are_after_the_last_bn_behind_the_se_block():
+    model = torchvision.models.regnet_y_400mf()
+    sites = _auto(model)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "ResBottleneckBlock"]
+    assert {s.rule for s in sites} == {"residual"}
+    assert [s.module for s in sites] == [f"{b}.f.c.1" for b in blocks]
+
+
+def test_auto_convnext_sites_are_the_last_linear_before_layer_scale():
+    model = torchvision.models.convnext_tiny()
+    sites = _auto(model)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "CNBlock"]
+    assert [(s.module, s.rule, s.channel_pos) for s in sites] == [(f"{b}.block.5", "residual", -1) for b in blocks]
+
+
+def test_auto_vit_sites_after_attention_and_mlp_fold_into_out_proj_and_mlp():
+    model = torchvision.models.vit_b_16(image_size=32)
+    sites = _auto(model)
+    expected = []
+    for i in range(12):
+        layer = f"encoder.layers.encoder_layer_{i}"
+        expected += [(f"{layer}.self_attention", f"{layer}.self_attention.out_proj"), (f"{layer}.mlp.3",) * 2]
+    assert [(s.module, s.fold_target) for s in sites] == expected
+    assert {(s.rule, s.channel_pos, s.channels, s.foldable) for s in sites} == {("transformer", -1, 768, True)}
+    gm = asr_fx.instrument(model)
+    assert asr_fx.get_config(gm)["preset"] == "transformer"
+    assert gm.asr[sites[0].key].activation == "tanh"
+
+
+def test_auto_swin_uses_the_mlp_sites_and_transformer_lists_attention_as_unfoldable():
+    model = torchvision.models.swin_t()
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "SwinTransformerBlock"]
+    assert [(s.module, s.rule) for s in _auto(model)] == [(f"{b}.mlp.3", "transformer") for b in blocks]
+    listed = asr_fx.find_sites(model, "transformer", existing=False)
+    attention = [s for s in listed if not s.foldable]
+    assert [s.module for s in attention] == [f"{b}.attn" for b in blocks]
+    assert all("shifted_window_attention" in s.reason for s in attention)
+    with pytest.raises(asr_fx.ASRError, match="cannot fold"):
+        asr_fx.instrument(model, rule="transformer")
+
+
+def test_auto_densenet_puts_asr_between_every_bn_and_relu():
+    model = torchvision.models.densenet121()
+    sites = _auto(model)
+    assert {s.rule for s in sites} == {"norm-act"}
+    assert [s.module for s in sites] == [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_find_sites_lists_existing_attention():
+    sites = asr_fx.find_sites(torchvision.models.mobilenet_v3_small())
+    existing = [s for s in sites if s.rule == "existing"]
+    assert [s.module for s in existing][:2] == ["features.1.block.1", "features.4.block.2"]
+    assert len(existing) == 9 and existing[0].fold_target == "features.1.block.2.0 (input channels)"
+
+
+# --- selection and errors ------------------------------------------------------------------------
+
+
+def test_sites_and_exclude_by_name_and_predicate():
+    model = torchvision.models.resnet18()
+    chosen = asr_fx.find_sites(model, sites=["layer1.0.bn1", "layer4_1_bn2"], existing=False)
+    assert [s.node for s in chosen] == ["layer1_0_bn1", "layer4_1_bn2"]
+    kept = asr_fx.find_sites(model, exclude=lambda s: s.module.startswith("layer4"), existing=False)
+    assert len(kept) == 6
+    assert asr_fx.find_sites(model, "norm_act", exclude=["bn1"], existing=False)[0].module == "layer1.0.bn1"
+
+
+@pytest.mark.parametrize(("rule", "looked_for"), [
+    ("residual", "residual adds"), ("norm-act", "into an activation"), ("branch", "concatenations"),
+    ("transformer", "nn.MultiheadAttention"), ("auto", "any of"),
+])
+def test_no_site_error_says_what_the_rule_looked_for(rule, looked_for):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    with pytest.raises(asr_fx.NoSitesError, match=looked_for) as info:
+        asr_fx.instrument(model, rule=rule)
+    assert "sites=" in str(info.value)
+
+
+def test_unknown_rule_names_the_rules():
+    with pytest.raises(ValueError, match="norm-act"):
+        asr_fx.find_sites(torchvision.models.resnet18(), "vgg-ish")

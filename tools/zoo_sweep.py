@@ -1,0 +1,240 @@
+"""Sweep asr-fx over every torchvision classification model.
+
+For each model of ``torchvision.models.list_models(module=torchvision.models)``, with random
+weights and the smallest input size it accepts (tried in ``SIZES``):
+
+    instrument (rule auto) -> one SGD step -> eval -> fuse -> ONNX export -> onnxruntime verify
+    -> the fused model's ONNX op multiset and parameter count against the vanilla model's.
+
+The vanilla reference is ``fuse(vanilla)``: fuse also folds a model's own constant per-channel
+multiplies (ConvNeXt's layer scale), so that is the deploy graph an ASR model must match; for
+models without such multiplies it is the vanilla graph itself.
+
+The model is instrumented in eval mode: torchvision's stochastic depth takes ``self.training`` as a
+Python bool, which tracing would freeze at its value (train mode would keep dropping rows in eval).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python tools/zoo_sweep.py                  # all models -> tools/results/torchvision.md
+    python tools/zoo_sweep.py resnet18 vgg11_bn --out /tmp/x.md  # a few
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import math
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from tabulate import tabulate
+
+import asr_fx
+from asr_fx.progress import progress
+
+SIZES = (32, 64, 96, 128, 160, 224)
+RESULTS = Path(__file__).resolve().parent / "results" / "torchvision.md"
+#: ONNX's single-file limit: export_onnx writes no external data
+ONNX_LIMIT_BYTES = 2**31
+
+#: constructor arguments: the ViTs take a small image size; the aux heads only exist in train mode
+#: and change the output type, so they are off
+MODEL_KWARGS: dict[str, dict] = {
+    "vit_b_16": {"image_size": 32}, "vit_b_32": {"image_size": 32}, "vit_l_16": {"image_size": 32},
+    "vit_l_32": {"image_size": 32}, "vit_h_14": {"image_size": 28},
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+
+
+@dataclass
+class Row:
+    model: str
+    input: str = ""
+    sites: int = 0
+    rules: str = ""
+    params_vanilla: int = 0
+    params_fused: int = 0
+    params_reference: int = 0
+    fuse_err: float = math.nan
+    ort_err: float = math.nan
+    ops_equal: bool = False
+    op_diff: str = ""
+    status: str = ""
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def smallest_input(model: torch.nn.Module, name: str) -> int:
+    """The smallest size in ``SIZES`` (or the model's fixed one) a batch of 2 goes through in eval mode."""
+    fixed = MODEL_KWARGS.get(name, {}).get("image_size")
+    if fixed:
+        return fixed
+    with torch.no_grad():
+        for size in SIZES:
+            try:
+                model(torch.zeros(2, 3, size, size))
+                return size
+            except Exception:  # noqa: BLE001 - too small: try the next size
+                continue
+    raise RuntimeError(f"{name} accepts none of the input sizes {SIZES}")
+
+
+def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    out = model(x)
+    loss = (out - torch.linspace(-1, 1, out.numel()).reshape(out.shape)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _op_diff(got: dict[str, int], want: dict[str, int]) -> str:
+    keys = sorted(set(got) | set(want))
+    return ", ".join(f"{k} {got.get(k, 0):+d}" if k not in want else f"{k} {got.get(k, 0) - want[k]:+d}"
+                     for k in keys if got.get(k, 0) != want.get(k, 0))
+
+
+def sweep_model(name: str, batch: int = 1, workdir: str | None = None) -> Row:
+    """Run the whole pipeline on one model; never raises (the row's status says what failed)."""
+    row = Row(name)
+    start = time.perf_counter()
+    tmp = tempfile.TemporaryDirectory(dir=workdir)
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vanilla = torchvision.models.get_model(name, weights=None, **MODEL_KWARGS.get(name, {})).eval()
+        row.params_vanilla = _n_params(vanilla)
+        if row.params_vanilla * 4 >= ONNX_LIMIT_BYTES:
+            row.status = (f"skipped: {row.params_vanilla / 1e6:.0f}M parameters exceed ONNX's 2 GiB single-file "
+                          "limit (export_onnx writes no external data)")
+            return row
+        size = smallest_input(vanilla, name)
+        row.input = f"{batch}x3x{size}x{size}"
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+        x_train = torch.randn(max(2, batch), 3, size, size, generator=torch.Generator().manual_seed(2))
+        model = asr_fx.instrument(vanilla, example_inputs=(x,))
+        sites = asr_fx.get_config(model)["sites"]
+        row.sites = len(sites)
+        row.rules = ", ".join(f"{k} {v}" for k, v in collections.Counter(s["rule"] for s in sites).items())
+        _train_step(model, x_train)
+        model.eval()
+        with torch.no_grad():
+            ref = model(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fused = asr_fx.fuse(model, example_inputs=(x,))
+        unfolded = [str(w.message) for w in caught if "fold" in str(w.message).lower()]
+        row.notes += unfolded[:1]
+        with torch.no_grad():
+            row.fuse_err = _rel(ref, fused(x))
+        row.params_fused = _n_params(fused)
+        report = asr_fx.export_onnx(fused, Path(tmp.name) / "fused.onnx", x, reference=model)
+        row.ort_err = max(o.max_rel for o in report.outputs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = asr_fx.fuse(vanilla, example_inputs=(x,))
+        row.params_reference = _n_params(reference)
+        base = asr_fx.export_onnx(reference, Path(tmp.name) / "vanilla.onnx", x, verify=False)
+        row.ops_equal = report.op_counts == base.op_counts
+        row.op_diff = _op_diff(report.op_counts, base.op_counts)
+        problems = []
+        if row.fuse_err > 1e-5:
+            problems.append(f"fuse error {row.fuse_err:.2g} > 1e-5")
+        if row.params_fused != row.params_reference:
+            problems.append(f"parameters {row.params_fused} != vanilla {row.params_reference}")
+        if not row.ops_equal:
+            problems.append(f"ONNX ops differ from vanilla: {row.op_diff}")
+        row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+    except Exception as exc:  # noqa: BLE001 - one row per model, whatever happened
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        row.status = f"error: {type(exc).__name__}: {first[:300]}"
+        row.notes.append(traceback.format_exc(limit=3)[-600:])
+    finally:
+        tmp.cleanup()
+        row.seconds = time.perf_counter() - start
+        gc.collect()
+    return row
+
+
+def _fmt(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.1e}"
+
+
+def table(rows: list[Row], fmt: str = "github") -> str:
+    body = [(r.model, r.input, r.sites, r.rules, f"{r.params_vanilla:,}",
+             "" if not r.params_fused else ("yes" if r.params_fused == r.params_reference else "no"),
+             _fmt(r.fuse_err), _fmt(r.ort_err), "" if not r.params_fused else ("yes" if r.ops_equal else "no"),
+             r.status, f"{r.seconds:.0f}") for r in rows]
+    headers = ["model", "input", "sites", "rule (auto)", "params (vanilla)", "fused params == vanilla",
+               "max fuse err", "max ORT err", "ONNX ops == vanilla", "status", "s"]
+    return tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True)
+
+
+def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
+    ok = sum(r.ok for r in rows)
+    lines = [
+        "# asr-fx on the torchvision classification zoo",
+        "",
+        f"Written by `tools/zoo_sweep.py` (torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"batch {batch}, random weights, CPU).",
+        "Per model: instrument (rule auto) -> one SGD step -> eval -> fuse -> ONNX -> onnxruntime verify; "
+        "parameters and ONNX op multiset compared with `fuse(vanilla)`.",
+        "",
+        f"**{ok} of {len(rows)} models pass**" + (f" ({len(rows)} of {total} swept so far)" if len(rows) < total else ""),
+        "",
+        table(rows),
+        "",
+    ]
+    failures = [r for r in rows if not r.ok]
+    if failures:
+        lines += ["## Not passing", ""]
+        lines += [f"- `{r.model}`: {r.status}" + (f" ({r.notes[0][:300]})" if r.notes and not r.status.startswith(
+            "error") else "") for r in failures]
+        lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="model names (default: every classification model)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the verified input (default 1)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"markdown file (default {RESULTS})")
+    args = parser.parse_args(argv)
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    rows: list[Row] = []
+    for name in progress(names, "zoo"):
+        row = sweep_model(name, batch=args.batch)
+        rows.append(row)
+        print(f"{name:24s} {row.status[:150]} ({row.seconds:.0f}s)", flush=True)
+        write_markdown(rows, args.out, len(names), args.batch)
+    print(table(rows, fmt="simple"))
+    print(f"\n{sum(r.ok for r in rows)} of {len(rows)} ok; wrote {args.out}")
+    return 0 if all(r.ok or r.status.startswith("skipped") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
