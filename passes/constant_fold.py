@@ -60,12 +60,17 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
     return gm.get_submodule(str(node.target))(*args, **kwargs)
 
 
-def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
+def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphModule:
     """Replace each maximal parameter-only tensor subgraph by a ``get_attr`` of a new buffer.
 
-    The buffer is named ``_folded_<node name>``. Modifies ``gm`` in place and returns it; dead
-    nodes are left for :func:`eliminate_dead_code`.
+    With ``scales_only`` (the default, what :func:`asr_fx.fuse` uses) only subgraphs whose value
+    is multiplied into the graph (an ASR attention value, a reshaped layer scale) are folded; other
+    parameter-only computations (e.g. Swin's relative position bias) stay, so the parameter count
+    and the exported op set stay the vanilla model's. The buffer is named ``_folded_<node name>``.
+    Modifies ``gm`` in place and returns it; dead nodes are left for :func:`eliminate_dead_code`.
     """
+    from ._patterns import is_mul
+
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -84,6 +89,8 @@ def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
             if node.op == "get_attr" or not isinstance(env[node], torch.Tensor):
                 continue
             if all(constant[user] for user in node.users):
+                continue
+            if scales_only and not any(is_mul(user) for user in node.users if not constant[user]):
                 continue
             name = FOLDED_PREFIX + node.name
             gm.register_buffer(name, env[node].detach().clone())

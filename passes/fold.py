@@ -232,13 +232,14 @@ def apply_plan(plan: list[tuple[Target, torch.Tensor]]) -> None:
             target.apply(vec.to(target.tensors[0].dtype) if target.tensors else vec)
 
 
-def fold_scales(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[FoldRecord]]:
+def fold_scales(gm: fx.GraphModule, usage: TensorUsage | None = None) -> tuple[fx.GraphModule, list[FoldRecord]]:
     """Fold every per-channel constant ``mul`` into the layer(s) that produced its other operand.
 
     Modifies ``gm`` in place and returns it with one record per constant ``mul`` seen. One pass
-    over the graph; the parameter-usage table is built once.
+    over the graph; the parameter-usage table is built once (or passed in: folds keep it valid,
+    since the tensors they create are used once and are not in it).
     """
-    usage = TensorUsage(gm)
+    usage = usage or TensorUsage(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     records: list[FoldRecord] = []
     for mul in list(gm.graph.nodes):

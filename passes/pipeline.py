@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch.fx as fx
 
+from ._fold_rules import TensorUsage
 from .cleanup import eliminate_dead_code
 from .constant_fold import fold_constants
 from .fold import FoldRecord, fold_scales
@@ -30,8 +31,9 @@ def fuse_pipeline(
     fold_constants(gm)
     if check is not None:
         check(gm)
-    gm, records = fold_scales(gm)
-    propagate_scales(gm, records)
+    usage = TensorUsage(gm)
+    gm, records = fold_scales(gm, usage)
+    propagate_scales(gm, records, usage)
     eliminate_dead_code(gm)
     if fold_bn:
         fold_conv_bn(gm)

@@ -290,6 +290,8 @@ def propagate_scales(gm: fx.GraphModule, records: list, usage: TensorUsage | Non
     :func:`~asr_fx.passes.fold.fold_scales`) into the layers after it; updates the records."""
     from .fold import apply_plan, constant_operand, per_channel_scale
 
+    if all(r.folded for r in records):
+        return gm
     usage = usage or TensorUsage(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     for record in records:
