@@ -102,7 +102,8 @@ def plot_epoch_difference(values: torch.Tensor | Sequence[torch.Tensor], path: s
     """
     v = torch.stack(list(values)) if not isinstance(values, torch.Tensor) else values
     if v.dim() != 3 or v.shape[0] < 2:
-        raise ASRError(f"values must be checkpoints x inputs x channels with at least two checkpoints, got {tuple(v.shape)}")
+        raise ASRError("values must be checkpoints x inputs x channels with at least two checkpoints, "
+                       f"got {tuple(v.shape)}")
     labels = list(epochs) if epochs is not None else list(range(v.shape[0]))
     if len(labels) != v.shape[0]:
         raise ASRError(f"{len(labels)} epoch labels for {v.shape[0]} checkpoints")
@@ -137,7 +138,8 @@ def _numeric(labels: Sequence[Any]) -> bool:
 
 
 def plot_all(stats: StripeStats, out_dir: str | os.PathLike, *, site: int | str = 0,
-             over_epochs: torch.Tensor | None = None, epochs: Sequence[Any] | None = None, prefix: str = "") -> list[Path]:
+             over_epochs: torch.Tensor | None = None, epochs: Sequence[Any] | None = None,
+             prefix: str = "") -> list[Path]:
     """The Fig. 1 panels for ``stats`` in ``out_dir``: ``stripes.png`` (for ``site``),
     ``std_histogram.png`` (every site) and, given ``over_epochs``, ``epoch_difference.png``."""
     out = Path(out_dir)

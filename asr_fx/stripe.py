@@ -19,6 +19,7 @@ inputs is near 0 while the pooled input features vary a lot.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,6 @@ from torch import nn
 
 from asr_fx.errors import ASRError, NoSitesError
 from asr_fx.passes import trace
-from asr_fx.passes._patterns import qualified_key
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
 
 #: prefix of the buffers holding frozen attention values; a kind of folded constant, so
@@ -51,7 +51,8 @@ def _inputs_of(batch: Any) -> tuple[torch.Tensor, ...]:
         for key in ("x", "input", "inputs", "image", "images"):
             if isinstance(batch.get(key), torch.Tensor):
                 return (batch[key],)
-    raise ASRError(f"a batch must be a tensor, an (inputs, targets) pair or a dict with 'x'/'inputs'; got {type(batch).__name__}")
+    raise ASRError("a batch must be a tensor, an (inputs, targets) pair or a dict with 'x'/'inputs'; "
+                   f"got {type(batch).__name__}")
 
 
 @dataclass
@@ -140,8 +141,8 @@ class StripeStats:
 
     def table(self, tablefmt: str = "github") -> str:
         """One row per site: channels, attention std (mean/max over channels), feature std, their ratio."""
-        rows = [(s["site"], s["channels"], s["inputs"], f"{s['attention_std_mean']:.3g}", f"{s['attention_std_max']:.3g}",
-                 f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}", f"{s['v_min']:.3f}..{s['v_max']:.3f}")
+        rows = [(s["site"], s["channels"], s["inputs"], f"{s['attention_std_mean']:.3g}",
+                 f"{s['attention_std_max']:.3g}", f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}", f"{s['v_min']:.3f}..{s['v_max']:.3f}")
                 for s in (site.summary() for site in self.sites)]
         headers = ["site", "C", "inputs", "attn std (mean)", "attn std (max)", "feature std (mean)",
                    "std ratio", "mean v range"]
@@ -186,7 +187,8 @@ def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
 
-def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None, max_inputs: int | None = None) -> StripeStats:
+def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
+            max_inputs: int | None = None) -> StripeStats:
     """Run ``model`` (in eval mode, no grad) on ``batches`` and record every channel-attention site.
 
     ``batches``: tensors, ``(inputs, targets)`` pairs or dicts with ``"x"``; wrap it in
@@ -227,12 +229,17 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None, max
     if seen == 0:
         raise ASRError("collect got no batches: pass an iterable of input tensors or (inputs, targets) pairs")
     stats = []
+    calls: dict[str, int] = {}
     for site, v, p in zip(sites, values, pooled):
+        name = site.module or site.mul
+        calls[name] = calls.get(name, 0) + 1
+        if calls[name] > 1:  # one attention module called at several places: "se", "se#2", ...
+            name = f"{name}#{calls[name]}"
         v_all, p_all = torch.cat(v)[:max_inputs], torch.cat(p)[:max_inputs]
         if v_all.shape[1] != p_all.shape[1]:
             raise ASRError(f"attention at {site.module or site.mul}: {v_all.shape[1]} values per input but "
                            f"{p_all.shape[1]} pooled channels; is it a channel attention?")
-        stats.append(SiteStats(site=site.module or site.mul, mul=site.mul, gate=site.gate, pool=site.pool,
+        stats.append(SiteStats(site=name, mul=site.mul, gate=site.gate, pool=site.pool,
                                feature=site.feature, channel_pos=site.channel_pos, activation=site.activation,
                                values=v_all, pooled=p_all))
     return StripeStats(stats)
@@ -357,7 +364,9 @@ def freeze_attention(
             raise ASRError(f"the statistics name multiply `{site.mul}`, which is not in this model's graph; "
                            "collect them on the same model")
         index = _gate_operand(mul, site.gate)
-        buffer = FROZEN_PREFIX + qualified_key(site.site or site.mul)
+        buffer = FROZEN_PREFIX + re.sub(r"\W", "_", site.site or site.mul)
+        if hasattr(gm, buffer):
+            buffer += "_" + site.mul
         gm.register_buffer(buffer, site.mean.reshape(_broadcast_shape(site)).clone())
         with gm.graph.inserting_before(mul):
             constant = gm.graph.get_attr(buffer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 
@@ -224,6 +225,34 @@ def test_eca_with_an_expanded_gate_freezes_and_fuses():
     assert n_params(fused) == n_params(TinyNet(attention=None))
 
 
+class SharedSE(nn.Module):
+    """One SE module applied at two places: two sites, two constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.se = SE(8)
+
+    def forward(self, x):
+        x = F.relu(self.se(self.bn1(self.conv1(x))))
+        return self.se(self.bn2(self.conv2(x))).mean((2, 3))
+
+
+def test_an_attention_module_called_twice_gives_two_sites_and_two_constants():
+    torch.manual_seed(0)
+    model = SharedSE().eval()
+    stats = stripe.collect(model, make_batches((4,)))
+    assert [s.site for s in stats] == ["se", "se#2"]
+    frozen = stripe.freeze_attention(model, make_batches((4,)), stats=stats)
+    assert len({s.buffer for s in stripe.freeze_report(frozen).sites}) == 2
+    fused = asr_fx.fuse(frozen, strict=True)
+    x = make_batches((3,), seed=4)[0]
+    with torch.no_grad():
+        assert rel_err(frozen(x), fused(x)) <= FUSE_RTOL
+    assert n_params(fused) == n_params(model) - n_params(model.se)
+
+
 def test_a_model_without_attention_is_refused_with_the_pattern_named():
     with pytest.raises(NoSitesError, match="sigmoid/hardsigmoid"):
         stripe.collect(TinyNet(attention=None), make_batches((2,)))
@@ -306,6 +335,11 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
     assert code == 0, printed
     assert {p.name for p in out.iterdir()} == {"stripes.png", "std_histogram.png", "epoch_difference.png", "summary.md"}
     assert "b2.att" in printed and "std ratio" in (out / "summary.md").read_text()
+    torch.save((torch.randn(10, 3, 8, 8), torch.zeros(10)), tmp_path / "inputs.pt")
+    code = cli.main(["stripe", "stripe_factories:tiny_net", "--data", str(tmp_path / "inputs.pt"), "-o", str(out),
+                     "--json", "-q"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and [s["inputs"] for s in report["sites"]] == [10, 10]
     code = cli.main(["stripe", "stripe_factories:tiny_net", "--data", "random", "--input-shape", "4,3,8,8",
                      "-o", str(out), "--site", "nowhere"])
     assert code == 2 and "no attention site 'nowhere'" in capsys.readouterr().err

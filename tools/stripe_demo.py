@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         plot.plot_stripes(site, args.figures / "stripe_heatmap.png", max_inputs=48, max_channels=32,
                           title=f"SE-ResNet on digits, {site.site}: before / after the attention"),
         plot.plot_std_histogram(stats, args.figures / "stripe_std_histogram.png",
-                                title=f"per-channel std over {site.n_inputs} held-out images, all {len(stats)} SE sites"),
+                                title=f"per-channel std over {site.n_inputs} held-out images, "
+                                      f"all {len(stats)} SE sites"),
         plot.plot_epoch_difference(torch.stack(over_epochs), args.figures / "stripe_epoch_difference.png",
                                    inputs=(0, 1, 2), channels=20,
                                    title=f"{site.site}: |v(t+1) - v(t)| over epochs (lr x0.1 at epochs "
