@@ -9,6 +9,7 @@ from torch import nn
 
 from asr_fx.passes import trace
 from asr_fx.passes.attention_patterns import find_channel_attention
+from conftest import rel_err, train_step
 
 
 class ECA(nn.Module):
@@ -213,3 +214,89 @@ def test_no_site_error_says_what_the_rule_looked_for(rule, looked_for):
 def test_unknown_rule_names_the_rules():
     with pytest.raises(ValueError, match="norm-act"):
         asr_fx.find_sites(torchvision.models.resnet18(), "vgg-ish")
+
+
+# --- convert_existing ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_mobilenet():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    calibration = torch.randn(4, 3, 32, 32)
+    gm = asr_fx.instrument(model, convert_existing=True, example_inputs=(calibration,))
+    return model, gm, calibration
+
+
+def test_convert_existing_makes_se_input_independent(converted_mobilenet):
+    model, gm, _ = converted_mobilenet
+    se_paths = [n for n, m in model.named_modules() if type(m).__name__ == "SqueezeExcitation"]
+    keys = [p.replace(".", "_") for p in se_paths]
+    assert set(keys) <= set(gm.asr.keys())
+    assert not any(type(m).__name__ == "SqueezeExcitation" for m in gm.modules())
+    assert find_channel_attention(trace(gm)) == []  # no input-dependent gate left
+    # the same trained network: the SE's own weights, under the block's attention
+    block = gm.asr[keys[0]]
+    assert torch.equal(block.attention.fc1.weight, model.get_submodule(se_paths[0]).fc1.weight)
+    assert block.activation == "hardsigmoid"
+    seen: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    hooks = [gm.asr[k].attention.register_forward_hook(lambda m, i, o, k=k: seen[k].append(o.detach().clone()))
+             for k in keys]
+    gm.eval()
+    with torch.no_grad():
+        gm(torch.randn(1, 3, 32, 32))
+        gm(torch.rand(1, 3, 32, 32) * 5 + 2)
+    for h in hooks:
+        h.remove()
+    for k in keys:
+        assert torch.equal(seen[k][0], seen[k][1]), k
+
+
+def test_convert_existing_psi_starts_at_the_pooled_mean(converted_mobilenet):
+    model, gm, calibration = converted_mobilenet
+    feats: list[torch.Tensor] = []
+    se = model.get_submodule("features.1.block.1")
+    h = se.avgpool.register_forward_hook(lambda m, i, o: feats.append(o))
+    with torch.no_grad():
+        model(calibration)
+    h.remove()
+    assert torch.allclose(gm.asr["features_1_block_1"].psi, feats[0].mean(0, keepdim=True))
+    assert asr_fx.get_config(gm)["convert_existing"] is True
+
+
+def test_convert_existing_fuses_away_the_se_blocks(converted_mobilenet, tmp_path):
+    import onnx
+
+    _, gm, _ = converted_mobilenet
+    train_step(gm, torch.randn(2, 3, 32, 32))
+    gm.eval()
+    x = torch.randn(1, 3, 32, 32)
+    fused = asr_fx.fuse(gm, example_inputs=(x,))
+    with torch.no_grad():
+        assert rel_err(gm(x), fused(x)) <= 1e-5
+    asr_fx.export_onnx(fused, tmp_path / "m.onnx", x, reference=gm)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def reaches_mul(node, depth=6):
+        if depth == 0:
+            return False
+        return any(n.op_type == "Mul" or reaches_mul(n, depth - 1) for out in node.output for n in consumers.get(out, []))
+
+    pools = [n for n in graph.node if n.op_type in ("GlobalAveragePool", "ReduceMean")]
+    assert len(pools) == 1  # the classifier's
+    assert not any(reaches_mul(p) for p in pools)
+
+
+def test_convert_existing_on_hand_written_eca():
+    model = ECANet().eval()
+    gm = asr_fx.instrument(model, sites=["bn"], convert_existing=True)
+    assert set(gm.asr.keys()) == {"bn", "eca"}
+    assert gm.asr["eca"].attention.conv is not None and tuple(gm.asr["eca"].psi.shape) == (1, 16, 1, 1)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        out = gm(x)
+    assert out.shape == (2, 4)
