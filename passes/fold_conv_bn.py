@@ -4,7 +4,8 @@ Equivalence: exact in eval mode (BN then uses its running statistics):
 ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
 
 Refuses (leaves both): BN in training mode or without running statistics, a conv whose output has
-other users, a conv or BN called at more than one place, transposed convs, and shape mismatches.
+other users, a conv or BN called at more than one place, a conv sharing a parameter with another
+module or call (tied weights would be untied), transposed convs, and shape mismatches.
 Modifies ``gm`` in place and returns it.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from ._fold_rules import TensorUsage
 from ._patterns import module_of
 
 
@@ -38,6 +40,7 @@ def _fused_conv(conv: _ConvNd, bn: _BatchNorm) -> _ConvNd:
 def fold_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
     """Fold every eval-mode ``BatchNorm`` that directly follows a conv into that conv."""
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    usage = TensorUsage(gm)
     for node in list(gm.graph.nodes):
         bn = module_of(gm, node)
         if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None:
@@ -49,6 +52,8 @@ def fold_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
         if not isinstance(conv, _ConvNd) or isinstance(conv, _ConvTransposeNd):
             continue
         if calls[str(conv_node.target)] > 1 or calls[str(node.target)] > 1 or conv.out_channels != bn.num_features:
+            continue
+        if usage.calls[id(conv)] > 1 or usage.calls[id(bn)] > 1 or any(usage.count[id(p)] > 1 for p in conv.parameters()):
             continue
         gm.set_submodule(str(conv_node.target), _fused_conv(conv, bn))
         node.replace_all_uses_with(conv_node)

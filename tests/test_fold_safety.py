@@ -317,3 +317,19 @@ def test_fold_bn_runs_last_and_gives_the_vanilla_deploy_structure():
     fused, report, err = _fuse(model, torch.randn(2, 3, 8, 8), fold_bn=True, strict=True)
     assert err <= FUSE_RTOL and _muls(fused) == 0
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+
+
+def test_fold_bn_leaves_tied_convs_tied():
+    class TiedBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+            self.b.weight = self.a.weight
+            self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn_a(self.a(x)) + self.bn_b(self.b(x))
+
+    model = _randomize_bn(TiedBN())
+    fused, _, err = _fuse(model, torch.randn(2, 3, 4, 4), fold_bn=True)
+    assert err <= FUSE_RTOL and fused.a.weight is fused.b.weight and n_params(fused) == n_params(model)
