@@ -164,6 +164,61 @@ def values_over_checkpoints(runs: Sequence[StripeStats], site: int | str = 0) ->
     return torch.stack(values)
 
 
+class PooledAttention(nn.Module):
+    """``x * act(F(mean of x over the dims after the channel one))``: an attention network of the
+    registry fed by the pooled input, as the original SE/ECA/IE are, instead of by psi."""
+
+    def __init__(self, attention: nn.Module, activation: str, channel_pos: int) -> None:
+        super().__init__()
+        self.attention, self.activation, self.channel_pos = attention, activation, channel_pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from asr_fx.asr import ACTIVATIONS
+
+        pooled = x.mean(tuple(range(self.channel_pos + 1, 0)), keepdim=True)
+        return x * ACTIVATIONS[self.activation](self.attention(pooled))
+
+
+def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs: Any) -> fx.GraphModule:
+    """``model`` with input-dependent attention at the sites :func:`asr_fx.instrument` would choose:
+    the plain SE/ECA/... baseline of the paper (``instrument`` without ASR), to train and then
+    measure with :func:`collect` or freeze with :func:`freeze_attention`.
+
+    Takes the arguments of :func:`asr_fx.instrument`. Refuses attention networks that do not take
+    a batch of pooled descriptors (psi shape other than ``(1, C, 1, ...)``, or a network that
+    reshapes to one descriptor) and sites without a dimension to pool (channels last).
+    """
+    from asr_fx.api import instrument
+    from asr_fx.asr import ASR
+
+    gm = instrument(model, attention, **instrument_kwargs)
+    for key, block in list(gm.asr.items()):
+        blocks = list(block) if isinstance(block, nn.Sequential) else [block]
+        plain = []
+        for asr in blocks:
+            assert isinstance(asr, ASR)
+            shape = tuple(asr.attention.psi_shape)
+            if asr.channel_pos == -1 or shape[0] != 1 or any(d != 1 for d in shape[2:]):
+                raise ASRError(f"site {key}: attention {attention!r} with psi shape {shape} at channel dim "
+                               f"{asr.channel_pos} has no plain pooled form; use an SE-like attention on NCHW sites")
+            try:
+                out = asr.attention(torch.zeros((2,) + shape[1:]))
+            except RuntimeError as exc:
+                out, why = None, str(exc).splitlines()[0]
+            else:
+                why = f"output shape {tuple(out.shape)}"
+            if out is None or out.shape[0] != 2 or out[0].numel() != asr.channels:
+                raise ASRError(f"site {key}: attention {attention!r} handles one pooled descriptor, not a batch "
+                               f"({why}); use one that does, such as 'se'")
+            plain.append(PooledAttention(asr.attention, asr.activation, asr.channel_pos))
+        gm.asr[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
+    from asr_fx.api import CONFIG_KEY
+
+    gm.meta.pop(CONFIG_KEY, None)  # not ASR: asr_fx.save must not record it as such
+    gm.__dict__.pop("asr_fx_config", None)
+    return gm
+
+
 def find_attention(gm: fx.GraphModule) -> list[Any]:
     """The input-dependent channel-attention sites of a traced model (``ChannelAttention`` records)."""
     from asr_fx.passes.attention_patterns import find_channel_attention
@@ -395,6 +450,6 @@ def freeze_report(frozen: nn.Module) -> FreezeReport | None:
 
 
 __all__ = [
-    "FROZEN_PREFIX", "FreezeReport", "FrozenSite", "SiteStats", "StripeStats", "collect", "find_attention",
-    "freeze_attention", "freeze_report", "output_change", "values_over_checkpoints",
+    "FROZEN_PREFIX", "FreezeReport", "FrozenSite", "PooledAttention", "SiteStats", "StripeStats", "collect", "find_attention",
+    "freeze_attention", "freeze_report", "output_change", "plain_attention", "values_over_checkpoints",
 ]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import FUSE_RTOL, n_params, rel_err
+from conftest import FUSE_RTOL, n_params, rel_err, train_step
 from torch import nn
 
 import asr_fx
@@ -251,6 +251,21 @@ def test_an_attention_module_called_twice_gives_two_sites_and_two_constants():
     with torch.no_grad():
         assert rel_err(frozen(x), fused(x)) <= FUSE_RTOL
     assert n_params(fused) == n_params(model) - n_params(model.se)
+
+
+def test_plain_attention_puts_input_dependent_se_at_the_asr_sites():
+    model = stripe.plain_attention(TinyNet(attention=None), "se")
+    assert asr_fx.get_config(model) is None  # not an ASR model: save() refuses it
+    train_step(model, make_batches((8,))[0])
+    stats = stripe.collect(model, make_batches((5, 3)))
+    assert [(s.site, s.channels) for s in stats] == [("asr.b1_bn2", 8), ("asr.b2_bn2", 12)]
+    assert all((s.std > 0).all() for s in stats)
+    fused = asr_fx.fuse(stripe.freeze_attention(model, make_batches((5,))), strict=True)
+    assert n_params(fused) == n_params(TinyNet(attention=None))
+    with pytest.raises(ASRError, match="one pooled descriptor, not a batch"):
+        stripe.plain_attention(TinyNet(attention=None), "eca")
+    with pytest.raises(ASRError, match="no plain pooled form"):
+        stripe.plain_attention(TinyNet(attention=None), "srm")
 
 
 def test_a_model_without_attention_is_refused_with_the_pattern_named():
