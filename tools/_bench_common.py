@@ -1,0 +1,177 @@
+"""Helpers shared by the benchmark tools (not shipped): interleaved timing, medians, tables, SE.
+
+Timing discipline: every variant is timed in the same loop, in a shuffled order each round, so a
+noisy neighbour slows all variants alike; a variant's ratio to vanilla is the median over rounds of
+(its time / vanilla's time in the same round), with the 25th-75th percentile range as the spread.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tabulate import tabulate
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def set_threads(n: int) -> None:
+    """Pin torch to ``n`` intra-op threads (the machine is shared; 1 keeps timings comparable)."""
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def machine() -> str:
+    """One line: CPU model, cores, torch/onnxruntime versions, threads, load average, UTC time."""
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:  # pragma: no cover
+        ort = "-"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{cpu}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}, onnxruntime {ort}; "
+            f"{torch.get_num_threads()} torch thread(s); load average {load} (shared machine); {now}")
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    *,
+    warmup: int = 1,
+    min_seconds: float = 0.0,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Seconds per call of every function, ``rounds`` samples each, variants shuffled within a round.
+
+    One sample is the mean over as many back-to-back calls as fit in ``min_seconds`` (at least one).
+    """
+    rng = random.Random(seed)
+    repeat = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        repeat[name] = max(1, int(min_seconds / max(once, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            fn, n = fns[name], repeat[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return samples
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def ratio_stats(samples: Sequence[float], baseline: Sequence[float]) -> tuple[float, float, float]:
+    """Median and 25th/75th percentiles of the per-round ratios ``samples[i] / baseline[i]``."""
+    ratios = [s / b for s, b in zip(samples, baseline)]
+    return statistics.median(ratios), quantile(ratios, 0.25), quantile(ratios, 0.75)
+
+
+def fmt_ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.2f}" if ms < 10 else f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+
+
+def fmt_ratio(stats: tuple[float, float, float]) -> str:
+    med, lo, hi = stats
+    return f"{med:.3f} [{lo:.3f}-{hi:.3f}]"
+
+
+def spread_pct(samples: Sequence[float]) -> str:
+    """Half the interquartile range over the median, in percent: the run-to-run noise of one variant."""
+    med = statistics.median(samples)
+    return f"±{50 * (quantile(samples, 0.75) - quantile(samples, 0.25)) / med:.1f}%"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    return tabulate(rows, headers="keys", tablefmt="github", disable_numparse=True)
+
+
+def write_results(name: str, title: str, settings: Sequence[str], body: str) -> Path:
+    """Write ``tools/results/<name>`` (markdown): title, settings as a list, then the tables."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    lines = [f"# {title}", "", *(f"- {s}" for s in settings), "", body.rstrip(), ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class InputSE(nn.Module):
+    """Input-dependent Squeeze-and-Excitation: ``x * sigmoid(fc2(relu(fc1(GAP(x)))))``.
+
+    The same attention network as asr-fx's ``SqueezeExcite`` (hidden ``max(C // 16, 8)``, capped at
+    ``C``), fed the pooled input instead of ``psi``: the paper's Table 1 "SE" setting. Pools over every
+    dimension but the batch and the channel (``channel_pos``: -3 for NCHW, -1 for tokens-last).
+    """
+
+    def __init__(self, channels: int, channel_pos: int = -3, reduction: int = 16, min_hidden: int = 8) -> None:
+        super().__init__()
+        if channel_pos not in (-3, -1):
+            raise ValueError(f"InputSE handles NCHW (channel_pos=-3) and (N, L, C) tokens (-1), not {channel_pos}")
+        hidden = min(channels, max(channels // reduction, min_hidden))
+        self.channel_pos = channel_pos
+        self.pool_dims = (-2, -1) if channel_pos == -3 else (-2,)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(self.pool_dims, keepdim=True).movedim(self.channel_pos, -1)
+        v = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+        return x * v.movedim(-1, self.channel_pos)
+
+
+def with_se(model: nn.Module, sites: Sequence[Any]) -> fx.GraphModule:
+    """``model`` traced, with an input-dependent :class:`InputSE` after each of the ASR sites (as ``se.<key>``)."""
+    import copy
+
+    from asr_fx.passes import insert_asr, trace
+
+    gm = trace(copy.deepcopy(model))
+    return insert_asr(gm, sites, lambda site: InputSE(site.channels, site.channel_pos), container="se")
+
+
+def sites_of(instrumented: nn.Module) -> list[Any]:
+    """The :class:`asr_fx.Site` list ``instrument`` recorded on a model."""
+    import asr_fx
+
+    return [asr_fx.Site(**s) for s in asr_fx.get_config(instrumented)["sites"]]

@@ -1,0 +1,231 @@
+"""Inference cost of ASR: vanilla vs vanilla+SE vs ASR(SE) unfused vs ASR(SE) fused.
+
+For each model, in torch eager and in onnxruntime (graph optimizations off and on), at batch 1 and
+batch 32: median latency of every variant and its ratio to vanilla (median of per-round ratios,
+[25th-75th percentile]). All variants and backends of one (model, batch) are timed in one
+interleaved loop. Also checks, per model, that the fused model's ONNX op multiset and parameter
+count equal the vanilla ones, and that onnxruntime runs the fused model within 1e-4 of the
+instrumented one in torch.
+
+    OMP_NUM_THREADS=1 python tools/bench_inference.py            # all models, writes tools/results/bench_inference.md
+    python tools/bench_inference.py --models resnet164 --rounds 5 --no-write
+
+"vanilla+SE" is the input-dependent SE of the paper's Table 1, after the same sites as ASR, with
+the same attention network (``tools/_bench_common.py: InputSE``). ASR's psi and attention weights
+are randomised (as after training) so that fusion folds non-trivial values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from _bench_common import (
+    fmt_ms,
+    fmt_ratio,
+    machine,
+    n_params,
+    ratio_stats,
+    set_threads,
+    sites_of,
+    spread_pct,
+    table,
+    time_interleaved,
+    with_se,
+    write_results,
+)
+
+import asr_fx
+import asr_fx.api
+from asr_fx.models import resnet164
+
+# name: (factory, input CHW, preferred placement rule, instrument kwargs)
+MODELS = {
+    "resnet50": (lambda: torchvision.models.resnet50(), (3, 64, 64), "auto", {}),
+    "resnet164": (resnet164, (3, 32, 32), "auto", {}),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), (3, 64, 64), "norm-act", {}),
+    "vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), (3, 32, 32), "transformer",
+                 {"preset": "transformer"}),
+}
+VARIANTS = ("vanilla", "vanilla+SE", "ASR(SE) unfused", "ASR(SE) fused")
+BACKENDS = ("torch", "ort-noopt", "ort-opt")
+
+
+def randomise_asr(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move psi and the attention weights off their init (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("asr."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def build_variants(name: str, notes: list[str]) -> tuple[dict[str, torch.nn.Module], dict]:
+    factory, chw, rule, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    vanilla = factory().eval()
+    x1 = torch.randn(1, *chw)
+    if rule not in asr_fx.api.RULES and rule not in asr_fx.api.RULE_ALIASES:
+        notes.append(f"{name}: placement rule `{rule}` is not in asr_fx at run time; used rule `auto`")
+        rule = "auto"
+    try:
+        asr = asr_fx.instrument(vanilla, rule=rule, example_inputs=[x1], **kwargs)
+    except TypeError:  # an instrument without preset=
+        asr = asr_fx.instrument(vanilla, rule=rule, example_inputs=[x1])
+        notes.append(f"{name}: instrument() took no {sorted(kwargs)}; used defaults")
+    randomise_asr(asr)
+    asr.eval()
+    sites = sites_of(asr)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = asr_fx.fuse(asr)
+    fuse_s = time.perf_counter() - start
+    report = asr_fx.fusion_report(fused)
+    se = with_se(vanilla, sites).eval()
+    info = {
+        "sites": len(sites),
+        "rules": ",".join(sorted({s.rule for s in sites})),
+        "unfolded": len(report.unfolded) if report is not None else "?",
+        "fuse_s": fuse_s,
+        "chw": chw,
+    }
+    variants = {"vanilla": vanilla, "vanilla+SE": se, "ASR(SE) unfused": asr, "ASR(SE) fused": fused}
+    with torch.no_grad():
+        ref = asr(x1)
+        info["torch_fuse_rel_err"] = ((fused(x1) - ref).abs().max() / ref.abs().max()).item()
+    return variants, info
+
+
+def export_all(name: str, variants: dict, info: dict, folder: Path, batches: tuple[int, ...]) -> dict[tuple[str, int], str]:
+    """ONNX files per (variant, batch): one dynamic-batch export per variant, per-batch exports if that fails."""
+    chw = info["chw"]
+    x1 = torch.randn(1, *chw)
+    paths: dict[tuple[str, int], str] = {}
+    for variant, model in variants.items():
+        ref = variants["ASR(SE) unfused"] if variant == "ASR(SE) fused" else model
+        path = folder / f"{name}_{variant.replace(' ', '_').replace('+', '_').replace('(', '').replace(')', '')}.onnx"
+        try:
+            report = asr_fx.export_onnx(model, path, x1, reference=ref, dynamic_batch=True)
+            paths.update({(variant, b): str(path) for b in batches})
+        except asr_fx.ASRError:
+            for b in batches:
+                p = path.with_name(f"{path.stem}_b{b}.onnx")
+                report = asr_fx.export_onnx(model, p, torch.randn(b, *chw), reference=ref)
+                paths[(variant, b)] = str(p)
+            info.setdefault("notes", []).append(f"{variant}: fixed-batch exports")
+        info[f"ops:{variant}"] = report.op_counts
+        info[f"params:{variant}"] = n_params(model)
+        if variant == "ASR(SE) fused":
+            info["ort_rel_err"] = max(o.max_rel for o in report.outputs)
+    return paths
+
+
+def ort_session(path: str, optimize: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def bench_model(name: str, batches: tuple[int, ...], rounds: dict[int, int], notes: list[str]) -> tuple[list, dict]:
+    variants, info = build_variants(name, notes)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        paths = export_all(name, variants, info, Path(tmp), batches)
+        info["export_s"] = time.perf_counter() - start
+        for batch in batches:
+            x = torch.randn(batch, *info["chw"])
+            feed = x.numpy()
+            fns = {}
+            for variant, model in variants.items():
+                fns[(variant, "torch")] = (lambda m=model: m(x))
+                for backend, optimize in (("ort-noopt", False), ("ort-opt", True)):
+                    session = ort_session(paths[(variant, batch)], optimize)
+                    input_name = session.get_inputs()[0].name
+                    fns[(variant, backend)] = (lambda s=session, n=input_name: s.run(None, {n: feed}))
+            with torch.inference_mode():
+                samples = time_interleaved(fns, rounds[batch], warmup=2, min_seconds=0.1 if batch == 1 else 0.0)
+            for variant in VARIANTS:
+                row = {"model": name, "batch": batch, "variant": variant, "params": f"{n_params(variants[variant]):,}"}
+                for backend in BACKENDS:
+                    s, base = samples[(variant, backend)], samples[("vanilla", backend)]
+                    row[f"{backend} ms"] = f"{fmt_ms(sorted(s)[len(s) // 2])} {spread_pct(s)}"
+                    row[f"{backend} / vanilla"] = fmt_ratio(ratio_stats(s, base)) if variant != "vanilla" else "1"
+                rows.append(row)
+            print(table(rows[-len(VARIANTS):]), flush=True)
+    return rows, info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=15, help="timing rounds at batch 1 (batch 32: a third)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write tools/results/")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    rounds = {b: args.rounds if b == 1 else max(3, args.rounds // 3) for b in args.batches}
+    batches = tuple(args.batches)
+    notes: list[str] = []
+    all_rows, checks = [], []
+    start = time.perf_counter()
+    for name in args.models:
+        print(f"== {name}", flush=True)
+        rows, info = bench_model(name, batches, rounds, notes)
+        all_rows += rows
+        ops_equal = info["ops:vanilla"] == info["ops:ASR(SE) fused"]
+        checks.append({
+            "model": name,
+            "input": "x".join(map(str, info["chw"])),
+            "sites (rule)": f"{info['sites']} ({info['rules']})",
+            "unfolded": info["unfolded"],
+            "fused params == vanilla": info["params:ASR(SE) fused"] == info["params:vanilla"],
+            "ONNX ops fused == vanilla": ops_equal,
+            "ONNX ops SE != vanilla": info["ops:vanilla+SE"] != info["ops:vanilla"],
+            "fuse rel err (torch)": f"{info['torch_fuse_rel_err']:.1e}",
+            "ORT rel err (fused vs ASR)": f"{info['ort_rel_err']:.1e}",
+            "fuse s": f"{info['fuse_s']:.2f}",
+            "4 exports+verify s": f"{info['export_s']:.1f}",
+        })
+        if not ops_equal:
+            va, fu = info["ops:vanilla"], info["ops:ASR(SE) fused"]
+            diff = {k: (va.get(k, 0), fu.get(k, 0)) for k in sorted(set(va) | set(fu)) if va.get(k, 0) != fu.get(k, 0)}
+            notes.append(f"{name}: ONNX op counts differ (vanilla, fused): {diff}")
+        notes += [f"{name}: {n}" for n in info.get("notes", [])]
+    elapsed = time.perf_counter() - start
+    settings = [
+        f"machine: {machine()}",
+        f"torch eager under inference_mode; onnxruntime CPUExecutionProvider, graph optimizations off "
+        f"(ORT_DISABLE_ALL) and on (ORT_ENABLE_ALL), intra-op threads = {args.threads}",
+        f"batches {list(batches)}; rounds per batch {rounds}; variants and backends interleaved in shuffled order "
+        "each round; a batch-1 sample is the mean of the calls that fit in 0.1 s",
+        "ms: median latency ± half the interquartile range over the median; ratio: median of per-round ratios to "
+        "vanilla on the same backend [25th-75th percentile]",
+        f"random weights (no download); whole run {elapsed / 60:.1f} min",
+        "command: `OMP_NUM_THREADS=1 python tools/bench_inference.py`",
+    ]
+    body = "## Latency\n\n" + table(all_rows) + "\n\n## Structure checks\n\n" + table(checks) + "\n"
+    if notes:
+        body += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    print("\n".join(settings))
+    print(body)
+    if not args.no_write:
+        print(f"wrote {write_results('bench_inference.md', 'bench_inference: latency of vanilla, SE, ASR(SE) unfused and fused', settings, body)}")
+
+
+if __name__ == "__main__":
+    main()

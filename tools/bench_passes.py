@@ -1,0 +1,177 @@
+"""Wall time of the asr-fx passes: trace, instrument, fuse, export, verify; and how it grows with graph size.
+
+Models: torchvision ResNet-18/50/101/152 (random weights, 1x3x64x64 input) and a synthetic chain of
+N residual blocks (``x + BN(conv3x3(x))`` then ReLU; 8 channels, 8x8 input) for N = 50 .. 1600.
+For the chain, each pass's time is fitted against the number of graph nodes: time per node (least
+squares slope), and the growth exponent ``k`` in ``t ~ nodes^k`` between consecutive sizes and over
+the largest sizes (linear: ``k ~ 1``; a pass with ``k >= 1.3`` on the largest sizes is flagged).
+
+    OMP_NUM_THREADS=1 python tools/bench_passes.py           # writes tools/results/bench_passes.md
+    python tools/bench_passes.py --chain 50 100 200 --no-resnets --no-write
+
+- trace: ``asr_fx.passes.trace`` (torch.fx symbolic trace with asr-fx's leaf rules);
+- instrument: ``asr_fx.instrument`` (deep copy, trace, locate, insert);
+- fuse: ``asr_fx.fuse`` of the instrumented model in eval mode (deep copy, trace, constant-fold,
+  fold, cleanup);
+- export / verify: ``asr_fx.export_onnx`` of the fused model (torch.onnx dynamo exporter + checker;
+  then onnxruntime vs the instrumented model in torch). Medians of ``--repeats`` runs (export: one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from _bench_common import machine, set_threads, table, write_results
+from torch import nn
+
+import asr_fx
+from asr_fx.passes import trace
+
+PASSES = ("trace", "instrument", "fuse", "export", "verify")
+
+
+class ChainBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(x + self.bn(self.conv(x)))
+
+
+class Chain(nn.Module):
+    """A stem conv, ``n`` residual blocks, global pooling and a linear head."""
+
+    def __init__(self, n: int, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(*(ChainBlock(channels) for _ in range(n)))
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def timed(fn, repeats: int):
+    """(median seconds, last result) of ``repeats`` calls."""
+    seconds, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), out
+
+
+def measure(model: nn.Module, x: torch.Tensor, repeats: int, export: bool, folder: Path) -> dict:
+    model.eval()
+    row: dict = {}
+    row["trace"], _ = timed(lambda: trace(model), repeats)
+    row["instrument"], asr = timed(lambda: asr_fx.instrument(model), repeats)
+    asr.eval()
+    with torch.no_grad():  # move psi off its init so the folds are not trivial
+        for name, p in asr.named_parameters():
+            if name.startswith("asr."):
+                p.add_(torch.randn_like(p) * 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row["fuse"], fused = timed(lambda: asr_fx.fuse(asr, strict=True), repeats)
+    row["nodes"] = len(asr.graph.nodes)
+    row["sites"] = len(asr_fx.get_config(asr)["sites"])
+    if export:
+        report = asr_fx.export_onnx(fused, folder / "fused.onnx", x, reference=asr)
+        row["export"], row["verify"] = report.seconds["export"], report.seconds["verify"]
+    return row
+
+
+def growth(ns: list[int], ts: list[float]) -> list[float]:
+    """Exponents ``log(t2/t1) / log(n2/n1)`` between consecutive sizes."""
+    return [math.log(t2 / t1) / math.log(n2 / n1) for n1, n2, t1, t2 in zip(ns, ns[1:], ts, ts[1:]) if t1 > 0 and t2 > 0]
+
+
+def slope(ns: list[int], ts: list[float]) -> float:
+    mean_n, mean_t = statistics.fmean(ns), statistics.fmean(ts)
+    return sum((n - mean_n) * (t - mean_t) for n, t in zip(ns, ts)) / sum((n - mean_n) ** 2 for n in ns)
+
+
+def fmt_s(value) -> str:
+    return "-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resnets", nargs="*", default=["resnet18", "resnet50", "resnet101", "resnet152"])
+    parser.add_argument("--no-resnets", action="store_true")
+    parser.add_argument("--chain", nargs="*", type=int, default=[50, 100, 200, 400, 800, 1600])
+    parser.add_argument("--export-max", type=int, default=200,
+                        help="export+verify the chain only up to this N (torch's exporter takes minutes beyond)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    resnet_rows, chain_rows, notes = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in [] if args.no_resnets else args.resnets:
+            model = getattr(torchvision.models, name)()
+            row = measure(model, torch.randn(1, 3, 64, 64), args.repeats, True, folder)
+            resnet_rows.append({"model": name, "nodes": row["nodes"], "sites": row["sites"],
+                                **{p: fmt_s(row.get(p)) for p in PASSES},
+                                "instrument+fuse": fmt_s(row["instrument"] + row["fuse"]),
+                                "export+verify": fmt_s(row["export"] + row["verify"])})
+            print(table(resnet_rows[-1:]), flush=True)
+        raw = []
+        for n in args.chain:
+            row = measure(Chain(n), torch.randn(1, 3, 8, 8), args.repeats if n <= 400 else 1, n <= args.export_max, folder)
+            raw.append(row)
+            chain_rows.append({"N blocks": n, "nodes": row["nodes"], "sites": row["sites"],
+                               **{p: fmt_s(row.get(p)) for p in PASSES},
+                               **{f"{p} us/node": f"{1e6 * row[p] / row['nodes']:.0f}" for p in PASSES if p in row}})
+            print(table(chain_rows[-1:]), flush=True)
+    fits = []
+    for p in PASSES:
+        pts = [(r["nodes"], r[p]) for r in raw if p in r]
+        if len(pts) < 2:
+            continue
+        ns, ts = [n for n, _ in pts], [t for _, t in pts]
+        ks = growth(ns, ts)
+        k_large = ks[-1] if len(ks) < 2 else math.log(ts[-1] / ts[-3]) / math.log(ns[-1] / ns[-3])
+        fits.append({"pass": p, "sizes (nodes)": f"{ns[0]}..{ns[-1]}", "slope us/node": f"{1e6 * slope(ns, ts):.0f}",
+                     "exponent between sizes": " ".join(f"{k:.2f}" for k in ks),
+                     "exponent, largest sizes": f"{k_large:.2f}", "linear": "yes" if k_large < 1.3 else "NO"})
+        if k_large >= 1.3:
+            notes.append(f"`{p}` grows superlinearly on the chain (t ~ nodes^{k_large:.2f} at the largest sizes)")
+    settings = [
+        f"machine: {machine()}",
+        f"ResNets: torchvision, random weights, input 1x3x64x64; chain: N residual blocks of 8 channels, input "
+        f"1x3x8x8; trace/instrument/fuse: median of {args.repeats} runs (N > 400: one run); export and verify: one "
+        f"run (chain: N <= {args.export_max})",
+        "nodes: nodes of the instrumented graph; instrument and fuse include the deep copy and trace they do",
+        "command: `OMP_NUM_THREADS=1 python tools/bench_passes.py`",
+    ]
+    body = ""
+    if resnet_rows:
+        body += "## ResNets (seconds)\n\n" + table(resnet_rows) + "\n\n"
+    body += "## Chain of N residual blocks (seconds)\n\n" + table(chain_rows) + "\n\n"
+    body += "## Growth with node count (chain)\n\n" + table(fits) + "\n"
+    if notes:
+        body += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    print("\n".join(settings))
+    print(body)
+    if not args.no_write:
+        print(f"wrote {write_results('bench_passes.md', 'bench_passes: wall time of the asr-fx passes', settings, body)}")
+
+
+if __name__ == "__main__":
+    main()
