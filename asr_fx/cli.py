@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = sub.add_parser("fuse", help="fuse a checkpoint, export ONNX and verify it",
                           description="Load CKPT, fold every ASR block into its layer, export ONNX to OUT and verify "
                           "it in onnxruntime against the unfused model. OUT is written (atomically: a temporary file "
-                          "beside it, then a rename) only when verification passes. " + CHECKPOINT_HELP, epilog=EPILOG)
-    fuse.add_argument("checkpoint", type=Path, help="the checkpoint (see below)")
-    fuse.add_argument("-o", "--output", type=Path, required=True, help="ONNX file to write")
+                          "beside it, then a rename) only when verification passes.", epilog=EPILOG)
+    fuse.add_argument("checkpoint", type=Path, metavar="CKPT", help="the checkpoint (formats: see below)")
+    fuse.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="ONNX file to write")
     fuse.add_argument("--dynamic-batch", action="store_true",
                       help="export with a dynamic batch dimension (verified at batch 1 and 7 too)")
     fuse.add_argument("--strict", action="store_true", help="fail (exit 1) if an ASR site cannot be folded, or if the "
@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-check an existing ONNX export against its checkpoint",
                             description="Run ONNX in onnxruntime and compare it with the model in CKPT (as trained, "
                             "in torch); report errors, op counts and latency against the vanilla and instrumented "
-                            "models. " + CHECKPOINT_HELP, epilog=EPILOG)
-    verify.add_argument("onnx", type=Path, help="the ONNX file to check")
+                            "models.", epilog=EPILOG)
+    verify.add_argument("onnx", type=Path, metavar="OUT.onnx", help="the ONNX file to check")
     verify.add_argument("--against", type=Path, required=True, metavar="CKPT", help="the checkpoint it came from")
     verify.add_argument("--strict", action="store_true", help="fail (exit 1) if the op multiset differs from vanilla's")
     verify.add_argument("--no-compare", action="store_true", help="skip the vanilla/instrumented comparison")
@@ -313,7 +313,8 @@ def run_fuse(args: argparse.Namespace) -> int:
     stages.start("export", f"{out}" + (" (and the vanilla and instrumented models, for comparison)" if compare else ""))
     with tempfile.TemporaryDirectory(prefix="asr-fx-fuse-") as workdir:
         if compare:
-            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir, args.opset)
+            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir, args.opset,
+                                            args.dynamic_batch)
         vanilla_ops = summary.models["vanilla"].op_counts if "vanilla" in summary.models else None
         summary.models.setdefault("fused", ModelRow())
         summary.models["fused"].params = n_params["fused"]

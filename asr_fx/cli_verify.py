@@ -120,10 +120,11 @@ class VerificationSummary:
         return "\n\n".join(parts)
 
 
-def _export_for_comparison(model: nn.Module, path: str, x: torch.Tensor, opset: int | None) -> ModelRow:
+def _export_for_comparison(model: nn.Module, path: str, x: torch.Tensor, opset: int | None,
+                           dynamic_batch: bool = False) -> ModelRow:
     row = ModelRow(params=sum(p.numel() for p in model.parameters()))
     try:
-        export_onnx(model, path, x, verify=False, opset=opset)
+        export_onnx(model, path, x, verify=False, opset=opset, dynamic_batch=dynamic_batch)
         row.op_counts = onnx_op_counts(path)
     except ASRError as exc:
         row.note = f"export failed: {str(exc).splitlines()[0][:80]}"
@@ -131,14 +132,14 @@ def _export_for_comparison(model: nn.Module, path: str, x: torch.Tensor, opset: 
 
 
 def compare_models(models: dict[str, nn.Module | None], x: torch.Tensor, workdir: str,
-                   opset: int | None = None) -> dict[str, ModelRow]:
+                   opset: int | None = None, dynamic_batch: bool = False) -> dict[str, ModelRow]:
     """Export each model (``None``: unknown, reported as such) into ``workdir`` for op counts."""
     rows = {}
     for name, model in models.items():
         if model is None:
             rows[name] = ModelRow(note="not known for this checkpoint")
         else:
-            rows[name] = _export_for_comparison(model, os.path.join(workdir, f"{name}.onnx"), x, opset)
+            rows[name] = _export_for_comparison(model, os.path.join(workdir, f"{name}.onnx"), x, opset, dynamic_batch)
     return rows
 
 
@@ -214,7 +215,8 @@ def run_verify(args: argparse.Namespace) -> int:
     stages.start("export", "vanilla and instrumented models, for comparison" if not args.no_compare else "skipped")
     with tempfile.TemporaryDirectory(prefix="asr-fx-verify-") as workdir:
         if not args.no_compare:
-            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir)
+            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir,
+                                            dynamic_batch=dynamic)
         stages.start("verify", f"{onnx_path} in onnxruntime")
         report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
         with torch.no_grad():
