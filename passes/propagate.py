@@ -248,6 +248,30 @@ def _occurrences(user: fx.Node, node: fx.Node) -> int:
     return sum(n is node for n in seen)
 
 
+def _through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: State) -> State | str:
+    """The scale on a channel ``cat`` of the scaled ``piece`` with unscaled others: ones elsewhere."""
+    from .fold import _cat_pieces
+
+    v, pos = state
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if pos is None:
+        shape = _shape(cat)
+        pos = dim if dim < 0 else (dim - len(shape) if shape is not None else None)
+        if pos is None:
+            return "the scaled value flows into a cat whose rank is unknown; pass example_inputs to fuse"
+    found = _cat_pieces(gm, cat, pos)
+    if not isinstance(found, tuple):
+        return f"the scaled value flows into `{cat.name}`, {found or 'which does not commute with a scale'}"
+    pieces, sizes = found
+    if sizes is None:
+        return f"the scaled value flows into `{cat.name}`, a cat of pieces of unknown size"
+    parts = [(v if v.dim() else v.expand(n)) if p is piece else torch.ones(n, dtype=v.dtype)
+             for p, n in zip(pieces, sizes)]
+    if v.dim() and v.numel() != sizes[pieces.index(piece)]:
+        return f"the scale does not match `{piece.name}`'s {sizes[pieces.index(piece)]} channels"
+    return torch.cat(parts), pos
+
+
 def _plan_forward(gm: fx.GraphModule, root: fx.Node, state: State, usage: TensorUsage, budget: int = 256):
     """Every layer that must take the scale on ``root``'s value, with its 1-D scale; or the reason."""
     plan: list[tuple[Target, torch.Tensor]] = []
@@ -264,6 +288,12 @@ def _plan_forward(gm: fx.GraphModule, root: fx.Node, state: State, usage: Tensor
                 continue
             if user.op == "output":
                 return "the scaled value is a model output", False
+            if user.op == "call_function" and user.target in (torch.cat, torch.concat) and _occurrences(user, node) == 1:
+                moved = _through_cat(gm, user, node, st)
+                if isinstance(moved, str):
+                    return moved, False
+                stack.append((user, moved))
+                continue
             if not user.args or user.args[0] is not node or _occurrences(user, node) > 1:
                 return f"the scaled value flows into `{_name(user)}`, which does not commute with a scale", False
             target = module_input_target(gm, user)

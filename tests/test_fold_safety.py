@@ -333,3 +333,28 @@ def test_fold_bn_leaves_tied_convs_tied():
     model = _randomize_bn(TiedBN())
     fused, _, err = _fuse(model, torch.randn(2, 3, 4, 4), fold_bn=True)
     assert err <= FUSE_RTOL and fused.a.weight is fused.b.weight and n_params(fused) == n_params(model)
+
+
+class DenseLike(nn.Module):
+    """DenseNet-style: a scaled value is concatenated with the block input and goes into BN -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(7)
+        self.conv2 = nn.Conv2d(7, 5, 1)
+        self.register_buffer("scale", torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        y = self.conv1(x)
+        features = torch.cat([x, y * self.scale], 1)
+        return self.conv2(F.relu(self.bn(features))), y.sum()
+
+
+def test_scale_through_a_concat_goes_into_the_next_bn():
+    model, x = _randomize_bn(DenseLike()), torch.randn(2, 3, 5, 5)
+    fused, report, err = _fuse(model, x)
+    assert err <= FUSE_RTOL and "example_inputs" in report.records[0].reason  # the input's rank and channels
+    fused, report, err = _fuse(model, x, example_inputs=(x,))
+    assert err <= FUSE_RTOL and _muls(fused) == 0
+    assert report.records[0].where == "next-bn" and report.records[0].into == "bn"
