@@ -128,8 +128,11 @@ def test_leaf_modules_is_the_way_out():
 
 
 def test_no_site_is_a_clear_error():
+    # rule="residual": since the placement issue, rule="auto" also places sites in plain conv stacks
     with pytest.raises(asr_fx.NoSitesError, match="sites="):
-        asr_fx.instrument(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+        asr_fx.instrument(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), rule="residual")
+    with pytest.raises(asr_fx.NoSitesError, match="sites="):
+        asr_fx.instrument(nn.Sequential(nn.Flatten(), nn.ReLU()))
 
 
 class _SharedBN(nn.Module):
