@@ -1,7 +1,9 @@
 """How many constant multiplies `asr_fx.fuse` removes from models that were never instrumented
 (ConvNeXt's and Swin's layer scale, if any), and how long instrument + fuse take on ResNet-152.
 
-Random weights, eval mode, CPU. Prints a Markdown table and writes it to tools/results/fold_counts.md.
+Random weights, eval mode, CPU. Times are wall-clock and CPU seconds of this process (the CPU time
+is what the machine's load does not inflate). Prints a Markdown table and writes it to
+tools/results/fold_counts.md.
 
     OMP_NUM_THREADS=1 python tools/count_folds.py
 """
@@ -63,16 +65,17 @@ def measure_uninstrumented(name: str, shape: tuple[int, ...]) -> list[str]:
 def measure_resnet152() -> list[str]:
     torch.manual_seed(0)
     model = torchvision.models.resnet152().eval()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     asr = asr_fx.instrument(model)
-    mid = time.perf_counter()
+    mid, cpu_mid = time.perf_counter(), time.process_time()
     fused = asr_fx.fuse(asr.eval(), strict=True)
-    end = time.perf_counter()
+    end, cpu_end = time.perf_counter(), time.process_time()
     report = asr_fx.fusion_report(fused)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         err = _err(asr(x), fused(x))
-    return [f"{mid - start:.2f}", f"{end - mid:.2f}", f"{end - start:.2f}", str(report.muls_removed),
+    return [f"{mid - start:.2f} ({cpu_mid - cpu_start:.2f})", f"{end - mid:.2f} ({cpu_end - cpu_mid:.2f})",
+            f"{end - start:.2f} ({cpu_end - cpu_start:.2f})", str(report.muls_removed),
             f"{_n_params(fused) == _n_params(model)}", f"{err:.1e}"]
 
 
@@ -85,7 +88,7 @@ def main() -> None:
         lines.append("| " + " | ".join(measure_uninstrumented(name, shape)) + " |")
     lines += [
         "",
-        "| ResNet-152 | instrument s | fuse s | total s | sites folded | fused params == vanilla | max rel err |",
+        "| ResNet-152 | instrument s (CPU s) | fuse s (CPU s) | total s (CPU s) | sites folded | fused params == vanilla | max rel err |",
         "|---|---|---|---|---|---|---|",
         "| resnet152 | " + " | ".join(measure_resnet152()) + " |",
     ]
