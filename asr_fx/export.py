@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -106,9 +108,34 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None, dynamic
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1)
         kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, path, **kwargs)
+    # the exporter prints graph dumps and log lines on failure: keep the terminal to our one-line error
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "torch.fx")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, args, path, **kwargs)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _exporter_message(exc: BaseException) -> str:
+    """``Type: first line`` of the exporter's error, and of its root cause when that says more."""
+    def first(e: BaseException) -> str:
+        line = next((ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()), "")
+        return f"{type(e).__name__}: {line}".rstrip(": ")
+
+    root = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return first(exc) if root is exc else f"{first(exc)}; cause: {first(root)}"
 
 
 def run_onnxruntime(path: str, inputs: Sequence[torch.Tensor], providers: Sequence[str] | None = None):
@@ -219,11 +246,11 @@ def export_onnx(
         try:
             _export(model, args, tmp, opset, dynamic_batch)
         except Exception as exc:  # noqa: BLE001
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
             raise ExportError(
-                f"torch.onnx.export failed: {type(exc).__name__}: {first}. "
-                "Try another --opset, a fixed batch (no --dynamic-batch), --fold-bn off, or fuse with --strict to "
-                "see which site stayed unfolded; -v prints the exporter's full message"
+                f"torch.onnx.export failed: {_exporter_message(exc)}. "
+                "Try another --opset, a fixed batch (no --dynamic-batch), or rewriting data-dependent Python control "
+                "flow (torch.export cannot follow it); fuse with --strict to see which site stayed unfolded; "
+                "-v prints the exporter's full message"
             ) from exc
         report.seconds["export"] = time.perf_counter() - start
         onnx.checker.check_model(tmp)

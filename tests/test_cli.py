@@ -271,6 +271,16 @@ def test_exporter_failure_gives_its_message_and_what_to_try(files, work, capsys,
     assert os.listdir(work) == []
 
 
+def test_leaf_modules_gets_past_tracing_and_the_real_exporter_failure_is_one_line(work, capsys):
+    model = asr_fx.instrument(Untraceable(), sites=["bn"], leaf_modules=["gate"]).eval()
+    torch.save(model.state_dict(), work / "u.pt")
+    err = _fails(capsys, ["fuse", str(work / "u.pt"), "-o", str(work / "u.onnx"), "--model", "test_cli:Untraceable",
+                          "--input-shape", "1,3,8,8", "--leaf-modules", "gate", "--no-compare"])
+    assert "torch.onnx.export failed" in err and "data-dependent" in err and "Try another --opset" in err
+    assert "\x1b[" not in err  # no terminal colour codes from the exporter
+    assert os.listdir(work) == ["u.pt"]
+
+
 def test_pickled_module_needs_trust(trained, work, capsys):
     torch.save(trained, work / "whole.pt")
     err = _fails(capsys, ["fuse", str(work / "whole.pt"), "-o", str(work / "o.onnx")])
