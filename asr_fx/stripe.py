@@ -312,6 +312,8 @@ class FrozenSite:
     ignored_std_mean: float
     ignored_std_max: float
     std_ratio: float
+    output_change: dict[str, float] = field(default_factory=dict)
+    """the model's output change with only this site frozen (``per_site=True``)"""
 
 
 @dataclass
@@ -328,9 +330,11 @@ class FreezeReport:
     data: str = "held-out"
 
     def table(self, tablefmt: str = "github") -> str:
+        per_site = any(s.output_change for s in self.sites)
         rows = [(s.site, s.channels, f"{s.ignored_std_mean:.3g}", f"{s.ignored_std_max:.3g}", f"{s.std_ratio:.3g}")
-                for s in self.sites]
-        text = tabulate(rows, headers=["site", "C", "ignored std (mean)", "ignored std (max)", "std ratio"],
+                + ((f"{s.output_change['rel']:.3g}",) if per_site else ()) for s in self.sites]
+        headers = ["site", "C", "ignored std (mean)", "ignored std (max)", "std ratio"]
+        text = tabulate(rows, headers=headers + (["output change (rel), this site alone"] if per_site else []),
                         tablefmt=tablefmt)
         if self.output_change:
             change = ", ".join(f"{k} {v:.4g}" for k, v in self.output_change.items())
@@ -387,33 +391,12 @@ def output_change(reference: nn.Module, changed: nn.Module, batches: Batches) ->
     return change
 
 
-def freeze_attention(
-    model: nn.Module,
-    batches: Batches,
-    *,
-    held_out: Batches | None = None,
-    stats: StripeStats | None = None,
-    leaf_modules: Any = None,
-) -> fx.GraphModule:
-    """Replace every input-dependent channel attention by the mean value ``v`` it produced on ``batches``.
-
-    ``x * act(F(pool(x)))`` becomes ``x * v``, ``v`` a constant buffer shaped to broadcast along the
-    channel dimension (``_folded_stripe_<site>``); the pooling and the attention network go away.
-    Then :func:`asr_fx.fuse` folds ``v`` into the conv/norm/linear layer that produced ``x``, or
-    reports the site where it cannot (e.g. after an activation, as in MobileNetV3).
-
-    Equivalence: none by design. The frozen model computes what ``model`` computes with each
-    attention's output replaced by its data mean; the std that ignores is in the report, and the
-    output change on ``held_out`` (default: ``batches``) too. ``model`` is not changed; the result
-    is a GraphModule in eval mode, its :class:`FreezeReport` in ``freeze_report(result)``.
-    ``stats``: a :func:`collect` result on the same model to reuse instead of running ``batches``.
-    """
-    batches = list(batches) if stats is None or held_out is None else batches
-    stats = stats if stats is not None else collect(model, batches, leaf_modules=leaf_modules)
+def _freeze(model: nn.Module, sites: Sequence[SiteStats], leaf_modules: Any) -> tuple[fx.GraphModule, list[FrozenSite]]:
+    """A traced copy of ``model`` with each site's gate replaced by a buffer holding its mean ``v``."""
     gm = trace(copy.deepcopy(model), leaf_modules)
     nodes = {n.name: n for n in gm.graph.nodes}
     frozen: list[FrozenSite] = []
-    for site in stats:
+    for site in sites:
         mul = nodes.get(site.mul)
         if mul is None:
             raise ASRError(f"the statistics name multiply `{site.mul}`, which is not in this model's graph; "
@@ -425,9 +408,7 @@ def freeze_attention(
         gm.register_buffer(buffer, site.mean.reshape(_broadcast_shape(site)).clone())
         with gm.graph.inserting_before(mul):
             constant = gm.graph.get_attr(buffer)
-        args = list(mul.args)
-        args[index] = constant
-        mul.args = tuple(args)
+        mul.args = tuple(constant if i == index else a for i, a in enumerate(mul.args))
         std = site.std
         frozen.append(FrozenSite(site=site.site, mul=site.mul, buffer=buffer, channels=site.channels,
                                  ignored_std_mean=float(std.mean()), ignored_std_max=float(std.max()),
@@ -436,9 +417,42 @@ def freeze_attention(
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
-    gm.eval()
+    return gm.eval(), frozen
+
+
+def freeze_attention(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    held_out: Batches | None = None,
+    stats: StripeStats | None = None,
+    per_site: bool = False,
+    leaf_modules: Any = None,
+) -> fx.GraphModule:
+    """Replace every input-dependent channel attention by the mean value ``v`` it produced on ``batches``.
+
+    ``x * act(F(pool(x)))`` becomes ``x * v``, ``v`` a constant buffer shaped to broadcast along the
+    channel dimension (``_folded_stripe_<site>``); the pooling and the attention network go away.
+    Then :func:`asr_fx.fuse` folds ``v`` into the conv/norm/linear layer that produced ``x``, or
+    reports the site where it cannot (e.g. after an activation, as in MobileNetV3).
+
+    Equivalence: none by design. The frozen model computes what ``model`` computes with each
+    attention's output replaced by its data mean; the std that ignores is in the report, and the
+    output change on ``held_out`` (default: ``batches``) too; ``per_site=True`` also measures the
+    change with each site frozen alone (one more pass over the data per site). ``model`` is not
+    changed; the result is a GraphModule in eval mode, its :class:`FreezeReport` in
+    ``freeze_report(result)``. ``stats``: a :func:`collect` result on the same model to reuse.
+    """
+    batches = list(batches) if stats is None or held_out is None else batches
+    stats = stats if stats is not None else collect(model, batches, leaf_modules=leaf_modules)
+    data = list(held_out) if held_out is not None else batches
+    gm, frozen = _freeze(model, list(stats), leaf_modules)
+    if per_site:
+        for site, record in zip(stats, frozen):
+            alone, _ = _freeze(model, [site], leaf_modules)
+            record.output_change = output_change(model, alone, data)
     report = FreezeReport(frozen, data="held-out" if held_out is not None else "calibration")
-    report.output_change = output_change(model, gm, held_out if held_out is not None else batches)
+    report.output_change = output_change(model, gm, data)
     gm.meta[FREEZE_KEY] = report
     return gm
 

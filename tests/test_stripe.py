@@ -360,3 +360,15 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
     assert code == 2 and "no attention site 'nowhere'" in capsys.readouterr().err
     code = cli.main(["stripe", str(tmp_path / "e0.pt"), "--data", "random", "-o", str(out)])
     assert code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_per_site_output_change_freezes_one_site_at_a_time(se_model):
+    calibration, held_out = make_batches((6, 6)), make_batches((5,), seed=1)
+    stats = stripe.collect(se_model, calibration)
+    frozen = stripe.freeze_attention(se_model, calibration, held_out=held_out, stats=stats, per_site=True)
+    report = stripe.freeze_report(frozen)
+    for record, site in zip(report.sites, stats):
+        alone = stripe.freeze_attention(se_model, calibration, held_out=held_out, stats=stripe.StripeStats([site]))
+        assert record.output_change["max_abs"] == pytest.approx(stripe.freeze_report(alone).output_change["max_abs"])
+        assert record.output_change["rel"] > 0
+    assert "this site alone" in report.table()

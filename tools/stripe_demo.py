@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. freeze the trained attention (calibrated on training images), fuse, measure
     calibration = batches(x_train[:1000], y_train[:1000], 250)
-    frozen = stripe.freeze_attention(se_model, calibration, held_out=held_out)
+    frozen = stripe.freeze_attention(se_model, calibration, held_out=held_out, per_site=True)
     fused_frozen = asr_fx.fuse(frozen, strict=True)
     frozen_acc = accuracy(fused_frozen, x_test, y_test)
     fusion = asr_fx.fusion_report(fused_frozen)
@@ -250,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         f"the logits on the held-out images by at most {change['max_abs']:.4g} ({100 * change['rel']:.2f}% of "
         f"max|logit|); top-1 agreement with the SE-ResNet {100 * change['argmax_agreement']:.2f}%. "
         f"Fusion folded {len(fusion.folded)} of {len(fusion.records)} frozen sites "
-        f"({', '.join(f'{k}: {v}' for k, v in fusion.summary().items())}).",
+        f"({', '.join(f'{k}: {v}' for k, v in fusion.summary().items())}). Per site (std measured on the "
+        "training images; output change on the held-out images, relative to max|logit|, with that site frozen "
+        "alone):",
+        "",
+        freeze.table().split("\n\noutput change")[0],
         "",
         "Figures: " + ", ".join(f"`{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}`" for p in figures),
         "",
