@@ -221,7 +221,12 @@ def run_verify(args: argparse.Namespace) -> int:
         report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
         with torch.no_grad():
             expected = _flatten(model(x))
-        actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
+        try:
+            actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long; keep the first line
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise ASRError(f"onnxruntime cannot run {str(onnx_path)!r} on an input of shape {list(shape)} "
+                           f"(its input is {dims}): {first}; pass --input-shape to match") from exc
         report.outputs = compare(expected, actual, args.rtol, args.atol)
         if dynamic:
             from asr_fx.export import _verify_at_batch

@@ -140,6 +140,17 @@ def test_verify_against_another_checkpoint_fails_with_exit_1(exported, trained, 
     assert "disagrees with" in capsys.readouterr().err
 
 
+def test_verify_refuses_a_file_that_is_not_onnx_or_does_not_fit(files, exported, work, capsys):
+    (work / "junk.onnx").write_bytes(b"not a protobuf at all" * 10)
+    err = _fails(capsys, ["verify", str(work / "junk.onnx"), "--against", str(files / "asrfx.pt")])
+    assert "is not a readable ONNX model" in err
+    err = _fails(capsys, ["verify", str(work / "missing.onnx"), "--against", str(files / "asrfx.pt")])
+    assert "does not exist" in err
+    err = _fails(capsys, ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--input-shape", "2,3,32,32",
+                          "--no-compare"])
+    assert "onnxruntime cannot run" in err and "[2, 3, 32, 32]" in err
+
+
 def test_dynamic_batch_runs_at_batch_1_and_7_with_the_same_per_sample_results(files, trained, work, capsys):
     out = work / "dyn.onnx"
     assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(out), "--dynamic-batch", "--no-compare", "-q"]) == 0
