@@ -60,6 +60,15 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
     return gm.get_submodule(str(node.target))(*args, **kwargs)
 
 
+def _feeds_mul(node: fx.Node) -> bool:
+    """``node`` is a multiply, or ``c.expand_as(x)`` feeding one (``x * c.expand_as(x)``, as SE code writes it)."""
+    from ._patterns import is_mul
+
+    if is_mul(node):
+        return True
+    return node.op == "call_method" and node.target == "expand_as" and any(is_mul(u) for u in node.users)
+
+
 def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphModule:
     """Replace each maximal parameter-only tensor subgraph by a ``get_attr`` of a new buffer.
 
@@ -69,8 +78,6 @@ def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphM
     and the exported op set stay the vanilla model's. The buffer is named ``_folded_<node name>``.
     Modifies ``gm`` in place and returns it; dead nodes are left for :func:`eliminate_dead_code`.
     """
-    from ._patterns import is_mul
-
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -90,7 +97,7 @@ def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphM
                 continue
             if all(constant[user] for user in node.users):
                 continue
-            if scales_only and not any(is_mul(user) for user in node.users if not constant[user]):
+            if scales_only and not any(_feeds_mul(user) for user in node.users if not constant[user]):
                 continue
             name = FOLDED_PREFIX + node.name
             gm.register_buffer(name, env[node].detach().clone())

@@ -71,9 +71,12 @@ def site_of(node: fx.Node) -> str:
 
 
 def constant_operand(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
-    """``(x, c)`` for a ``mul`` of a graph value by a ``get_attr`` tensor, else ``None``."""
+    """``(x, c)`` for a ``mul`` of a graph value by a ``get_attr`` tensor (or by ``c.expand_as(x)``,
+    which broadcasting makes the same), else ``None``."""
     a, b = mul.args
     for x, c in ((a, b), (b, a)):
+        if isinstance(c, fx.Node) and c.op == "call_method" and c.target == "expand_as" and c.args[1] is x:
+            c = c.args[0]
         if isinstance(c, fx.Node) and c.op == "get_attr" and isinstance(x, fx.Node) and x.op != "get_attr":
             value = fetch_attr(gm, str(c.target))
             if isinstance(value, torch.Tensor):
@@ -101,10 +104,15 @@ def _computed(mul: fx.Node, x: fx.Node) -> bool:
     """Whether the scale was computed from parameters (folded by :func:`fold_constants`), as an
     attention value is, rather than being a parameter itself (a layer scale)."""
     c = mul.args[1] if mul.args[0] is x else mul.args[0]
+    if isinstance(c, fx.Node) and c.target == "expand_as":
+        c = c.args[0]
     return isinstance(c, fx.Node) and str(c.target).startswith(FOLDED_PREFIX)
 
 
 def _is_shape_query(node: fx.Node) -> bool:
+    """A use that reads only a value's shape: ``x.size()``, ``x.shape``, ``c.expand_as(x)`` of a constant."""
+    if node.op == "call_method" and node.target == "expand_as":
+        return isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
     return node.op == "call_method" and node.target in _SHAPE_QUERIES or \
         node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype")
 

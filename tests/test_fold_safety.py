@@ -50,10 +50,10 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
 class ASRBatchNorm2d(nn.Module):
     """BN whose output is multiplied by sigmoid(attention_net(learnable_vector)), written by hand."""
 
-    def __init__(self, planes: int, asr: bool = True, reduction: int = 4) -> None:
+    def __init__(self, planes: int, asr: bool = True, reduction: int = 4, expand: bool = False) -> None:
         super().__init__()
         self.bn = nn.BatchNorm2d(planes)
-        self.asr = asr
+        self.asr, self.expand = asr, expand
         if asr:
             self.learnable_vector = nn.Parameter(torch.randn(1, planes, 1, 1))
             self.attention_net = nn.Sequential(
@@ -65,7 +65,7 @@ class ASRBatchNorm2d(nn.Module):
             return out
         b, c = self.learnable_vector.size(0), self.learnable_vector.size(1)
         attention = torch.sigmoid(self.attention_net(self.learnable_vector)).view(b, c, 1, 1)
-        return out * attention
+        return out * attention.expand_as(out) if self.expand else out * attention
 
 
 class HandWrittenNet(nn.Module):
@@ -76,7 +76,7 @@ class HandWrittenNet(nn.Module):
         self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
         self.bn1 = ASRBatchNorm2d(8, asr)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = ASRBatchNorm2d(8, asr)
+        self.bn2 = ASRBatchNorm2d(8, asr, expand=True)
         self.fc = nn.Linear(8, 5)
 
     def forward(self, x):
