@@ -18,6 +18,7 @@ networks of more than ``MAX_NETWORK_NODES`` nodes.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,7 +65,8 @@ class ChannelAttention:
     dimension and its position counted from the right (``-3`` for NCHW); ``channels`` is ``0`` where
     it cannot be told without shapes (pass them via shape propagation). ``activation``:
     ``"sigmoid"`` or ``"hardsigmoid"``. ``spatial_dims``: how many trailing dimensions the pooling
-    reduces.
+    reduces. ``shape_queries``: nodes the network reads that are computed from ``x``'s shape only
+    (``b, c = x.size()[:2]`` for ``y.view(b, c)``).
     """
 
     mul: str
@@ -78,6 +80,7 @@ class ChannelAttention:
     pools: tuple[str, ...] = ()
     network: tuple[str, ...] = field(default_factory=tuple)
     spatial_dims: int = 2
+    shape_queries: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +135,21 @@ def _gate_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
+_SHAPE_ARITHMETIC = (operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, getattr)
+
+
+def is_shape_of(node: fx.Node, feature: fx.Node) -> bool:
+    """Whether ``node`` is computed from ``feature``'s shape only (``x.size()``, ``x.shape[1] // 2``, ...)."""
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return node.args[0] is feature or is_shape_of(node.args[0], feature)  # type: ignore[arg-type]
+    if node.op == "call_function" and node.target in _SHAPE_ARITHMETIC:
+        if node.target is getattr:
+            return node.args[0] is feature and node.args[1] == "shape"
+        inputs = node.all_input_nodes
+        return bool(inputs) and all(is_shape_of(n, feature) for n in inputs)
+    return False
+
+
 def _is_view(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
         node.op == "call_function" and node.target in _VIEW_FUNCTIONS
@@ -153,17 +171,21 @@ def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx
             return node, activation
         if not _is_view(node) or not isinstance(node.args[0], fx.Node):
             return None
-        extra = [n for n in node.all_input_nodes[1:] if n is not feature]  # expand_as(x) reads x: fine
+        # expand_as(x) and view(b, c, 1, 1) with b, c = x.size() read x's shape only: fine
+        extra = [n for n in node.all_input_nodes[1:] if n is not feature and not is_shape_of(n, feature)]
         if extra:
             return None
         node = node.args[0]
     return None
 
 
-def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
-    """The nodes between the global pooling(s) of ``feature`` and ``gate``; ``None`` if it is not that."""
+def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node
+             ) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
+    """``(pools, network, shape queries)``: the nodes between the global pooling(s) of ``feature`` and
+    ``gate``, and the queries of ``feature``'s shape they read; ``None`` if it is not that."""
     pools: list[fx.Node] = []
     inner: list[fx.Node] = []
+    shapes: list[fx.Node] = []
     stack, seen = list(gate.all_input_nodes), set()
     while stack:
         node = stack.pop()
@@ -175,6 +197,10 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node) -> tuple[list[
             continue
         if pooled_dims(gm, node) is not None and _skip_identity(gm, node.args[0]) is feature:
             pools.append(node)
+            continue
+        if is_shape_of(node, feature):
+            shapes.append(node)
+            stack.extend(n for n in node.all_input_nodes if n is not feature)
             continue
         if node.op in ("placeholder", "output") or node is feature:
             return None
@@ -194,7 +220,8 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node) -> tuple[list[
     if not has_parameters:
         return None
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return sorted(pools, key=order.__getitem__), sorted(inner, key=order.__getitem__)
+    return (sorted(pools, key=order.__getitem__), sorted(inner, key=order.__getitem__),
+            sorted(shapes, key=order.__getitem__))
 
 
 def _module_path(node: fx.Node) -> str:
@@ -258,7 +285,7 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
             net = _network(gm, gate, feature)
             if net is None:
                 continue
-            pools, inner = net
+            pools, inner, shapes = net
             spatial = pooled_dims(gm, pools[0]) or 2
             channel_pos = -(spatial + 1)
             module = _module_path(mul) or _common_module(inner)
@@ -266,7 +293,7 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
                 mul=mul.name, gate=gate.name, pool=pools[0].name, feature=feature.name, module=module,
                 channels=_channels(gm, feature, inner, channel_pos), channel_pos=channel_pos,
                 activation=activation, pools=tuple(p.name for p in pools),
-                network=tuple(n.name for n in inner), spatial_dims=spatial,
+                network=tuple(n.name for n in inner), spatial_dims=spatial, shape_queries=tuple(n.name for n in shapes),
             ))
             break
     return found

@@ -54,9 +54,12 @@ def attention_network(gm: fx.GraphModule, att: ChannelAttention, psi_shape: tupl
     nodes = {n.name: n for n in gm.graph.nodes}
     graph = fx.Graph()
     psi = graph.placeholder("psi")
+    # the pooled value becomes psi; queries of x's shape become queries of psi's (batch 1, C channels)
     env: dict[fx.Node, fx.Node] = {nodes[p]: psi for p in att.pools}
+    env[nodes[att.feature]] = psi
     owners: dict[str, object] = {}
-    for name in att.network:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for name in sorted((*att.shape_queries, *att.network), key=lambda n: order[nodes[n]]):
         node = nodes[name]
         copy = graph.node_copy(node, lambda n: env[n])
         if node.op in ("call_module", "get_attr"):
@@ -154,7 +157,8 @@ def convert_existing_attention(
 def _erase_unused(gm: fx.GraphModule, att: ChannelAttention) -> None:
     """Erase the old attention's nodes (multiply, gate-side views, gate, network, pools) once unused."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    doomed = {nodes[att.mul], nodes[att.gate], *(nodes[n] for n in att.network), *(nodes[p] for p in att.pools)}
+    doomed = {nodes[att.mul], nodes[att.gate], *(nodes[n] for n in att.network), *(nodes[p] for p in att.pools),
+              *(nodes[n] for n in att.shape_queries)}
     node = next(a for a in nodes[att.mul].all_input_nodes if a.name != att.feature)
     while node is not nodes[att.gate] and node.args and isinstance(node.args[0], fx.Node):
         doomed.add(node)

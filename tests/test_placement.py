@@ -300,3 +300,37 @@ def test_convert_existing_on_hand_written_eca():
     with torch.no_grad():
         out = gm(x)
     assert out.shape == (2, 4)
+
+
+class ClassicSE(nn.Module):
+    """The SE most code bases write: sizes read from x, a Linear MLP, view back, expand_as."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
+                                nn.Linear(channels // reduction, channels), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+def test_classic_se_with_sizes_from_x_is_found_and_converted():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), ClassicSE(8), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(2, 3, 6, 6))
+    model.eval()
+    found = find_channel_attention(trace(model))
+    assert [(a.module, a.channels, a.activation) for a in found] == [("2", 8, "sigmoid")]
+    assert found[0].shape_queries
+    gm = asr_fx.instrument(model, sites=["1"], convert_existing=True)
+    x1, x2 = torch.randn(3, 3, 6, 6), torch.randn(3, 3, 6, 6)
+    with torch.no_grad():
+        assert gm(x1).shape == (3, 2)
+        v = gm.asr["2"].attention_value()
+        assert torch.equal(v, gm.asr["2"].attention_value()) and v.shape == (8, 1, 1)
+    fused = asr_fx.fuse(gm, example_inputs=(x2,))
+    with torch.no_grad():
+        assert rel_err(gm(x2), fused(x2)) <= 1e-5
