@@ -46,10 +46,17 @@ def _writes_into_a_live_value(gm: fx.GraphModule, node: fx.Node) -> bool:
     return is_inplace(gm, node) and isinstance(target, fx.Node) and len(target.users) > 1
 
 
+def drop_dead_nodes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Only the node part of :func:`eliminate_dead_code` (no recompile): unused values, e.g. the
+    attention networks after constant folding, or a scale whose result nothing reads."""
+    gm.graph.eliminate_dead_code(lambda n: n.is_impure() or _writes_into_a_live_value(gm, n))
+    return gm
+
+
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
     """Remove dead nodes (keeping in-place writes into values that are read elsewhere), unused
     submodules and unused parameters and buffers."""
-    gm.graph.eliminate_dead_code(lambda n: n.is_impure() or _writes_into_a_live_value(gm, n))
+    drop_dead_nodes(gm)
     gm.delete_all_unused_submodules()
     remove_unused_state(gm)
     gm.graph.lint()

@@ -34,7 +34,8 @@ from ._fold_rules import Target, TensorUsage, scale_outputs
 from ._patterns import channel_info, is_add, is_mul
 from .constant_fold import FOLDED_PREFIX, fetch_attr
 from .fold_functional import output_target
-from .propagate import _SHAPE_QUERIES, State, _is_reshape, _permuted, _shape, is_inplace, map_through, match
+from .propagate import (_SHAPE_QUERIES, State, _constant_mul_input, _is_reshape, _permuted, _shape, is_inplace,
+                        map_through, match)
 
 _CAT = (torch.cat, torch.concat, torch.concatenate)
 
@@ -194,8 +195,11 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: Tensor
     if target is not None:
         vec = match(target, state, usage)
         return vec if isinstance(vec, str) else [(target, vec)]
-    if is_add(node):
-        inputs: list[tuple[fx.Node, State]] = [(a, state) for a in node.args]  # type: ignore[misc]
+    scaled = _constant_mul_input(gm, node)
+    if scaled is not None:  # a constant mul left in place (another site) commutes with this scale
+        inputs: list[tuple[fx.Node, State]] = [(scaled, state)]
+    elif is_add(node):
+        inputs = [(a, state) for a in node.args]  # type: ignore[misc]
     else:
         cat = _cat_pieces(gm, node, state[1])
         if isinstance(cat, str):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch.fx as fx
 
 from ._fold_rules import TensorUsage
-from .cleanup import eliminate_dead_code
+from .cleanup import drop_dead_nodes, eliminate_dead_code
 from .constant_fold import fold_constants
 from .fold import FoldRecord, fold_scales
 from .fold_conv_bn import fold_conv_bn
@@ -31,6 +31,7 @@ def fuse_pipeline(
     fold_constants(gm)
     if check is not None:
         check(gm)
+    drop_dead_nodes(gm)
     usage = TensorUsage(gm)
     gm, records = fold_scales(gm, usage)
     propagate_scales(gm, records, usage)

@@ -242,6 +242,16 @@ def module_input_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
                   refuse=lambda s: input_refusal(module, s))
 
 
+def _constant_mul_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The graph operand of a ``mul`` by a constant (which commutes with any other scale), else ``None``."""
+    from .fold import constant_operand
+
+    if not is_mul(node):
+        return None
+    found = constant_operand(gm, node)
+    return found[0] if found is not None else None
+
+
 def _occurrences(user: fx.Node, node: fx.Node) -> int:
     seen: list[fx.Node] = []
     fx.node.map_arg((user.args, user.kwargs), lambda n: seen.append(n) or n)
@@ -293,6 +303,9 @@ def _plan_forward(gm: fx.GraphModule, root: fx.Node, state: State, usage: Tensor
                 if isinstance(moved, str):
                     return moved, False
                 stack.append((user, moved))
+                continue
+            if _constant_mul_input(gm, user) is node and _occurrences(user, node) == 1:
+                stack.append((user, st))  # another constant scale commutes with this one
                 continue
             if not user.args or user.args[0] is not node or _occurrences(user, node) > 1:
                 return f"the scaled value flows into `{_name(user)}`, which does not commute with a scale", False
