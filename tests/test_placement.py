@@ -334,3 +334,42 @@ def test_classic_se_with_sizes_from_x_is_found_and_converted():
     fused = asr_fx.fuse(gm, example_inputs=(x2,))
     with torch.no_grad():
         assert rel_err(gm(x2), fused(x2)) <= 1e-5
+
+
+class TimmStyleECA(nn.Module):
+    """timm's EcaModule: mean without keepdim, view with x.shape[0], 1-D conv, gate, view back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)
+        y = self.gate(self.conv(y)).view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
+
+
+class EffectiveSE(nn.Module):
+    """timm's EffectiveSEModule: mean with keepdim, one 1x1 conv, hard sigmoid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+@pytest.mark.parametrize(("block", "activation"), [(TimmStyleECA(), "sigmoid"), (EffectiveSE(8), "hardsigmoid")])
+def test_timm_style_attention_is_found_and_converted(block, activation):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), block, nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).eval()
+    found = find_channel_attention(trace(model))
+    assert [(a.module, a.channels, a.channel_pos, a.activation) for a in found] == [("2", 8, -3, activation)]
+    gm = asr_fx.instrument(model, sites=["1"], convert_existing=True)
+    assert find_channel_attention(trace(gm)) == []
+    x = torch.randn(2, 3, 6, 6)
+    fused = asr_fx.fuse(gm, example_inputs=(x,))
+    with torch.no_grad():
+        assert rel_err(gm(x), fused(x)) <= 1e-5
