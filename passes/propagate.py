@@ -10,6 +10,9 @@ scaled (:func:`asr_fx.passes._fold_rules.scale_inputs`; an eval BN takes ``mean/
 a layer: if one is not (an add, a model output, GELU, sigmoid, a negative scale through ReLU ...),
 nothing changes and the reason is reported.
 
+The scale also goes through a ``cat`` along its channel dimension (the other pieces get a scale
+of 1) and through another constant ``mul`` (scales commute).
+
 Refuses too: a next layer called at more than one place or sharing a parameter, an in-place op in
 the way while the unscaled value has other users, and reshapes whose shapes are unknown (pass
 ``example_inputs`` to :func:`asr_fx.fuse`). Modifies ``gm`` in place.
@@ -91,6 +94,9 @@ def _unary_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | str | No
         module = gm.get_submodule(str(node.target))
         if getattr(module, "return_indices", False):
             return f"`{node.target}` returns indices"
+        if module.training and isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                                     nn.AlphaDropout)):
+            return f"`{node.target}` is a dropout in training mode"
         if isinstance(module, nn.ReLU6) or type(module) is nn.Hardtanh:
             lo, hi = getattr(module, "min_val", 0.0), getattr(module, "max_val", 6.0)
             return (_POSITIVE, 0) if lo == 0 and math.isinf(hi) else (_UNIT, 0)
@@ -101,8 +107,9 @@ def _unary_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | str | No
             return (_LINEAR, 0) if training is False else f"`{_name(node)}` is in training mode"
         if node.target in (torch.clamp, torch.clip):
             return _clamp_kind(node)
-        if node.kwargs.get("return_indices") or node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d) and \
-                len(node.args) > 6 and node.args[6]:
+        indices_at = 6 if node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d) else 2
+        if "max_pool" in _name(node) and (node.kwargs.get("return_indices")
+                                          or len(node.args) > indices_at and node.args[indices_at]):
             return f"`{_name(node)}` returns indices"
         return _FUNCTIONS.get(node.target)
     if node.op == "call_method":

@@ -358,3 +358,27 @@ def test_scale_through_a_concat_goes_into_the_next_bn():
     fused, report, err = _fuse(model, x, example_inputs=(x,))
     assert err <= FUSE_RTOL and _muls(fused) == 0
     assert report.records[0].where == "next-bn" and report.records[0].into == "bn"
+
+
+class FunctionalChain(nn.Module):
+    """A scale after an add goes through functional ops into a functional conv and linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.w, self.b = nn.Parameter(torch.randn(6, 2, 1, 1)), nn.Parameter(torch.randn(6))
+        self.lin_w = nn.Parameter(torch.randn(3, 4 * 2 * 2))
+        self.register_buffer("scale", torch.rand(1, 4, 1, 1) + 0.2)
+
+    def forward(self, x):
+        y = (self.conv(x) + x) * self.scale
+        y = F.dropout(F.max_pool2d(F.relu(y), 2), 0.5, training=False).contiguous()
+        a = F.conv2d(F.avg_pool2d(y, 1), self.w, self.b, groups=2)
+        return a, F.linear(torch.flatten(y, 1), self.lin_w)
+
+
+def test_functional_ops_and_functional_next_layers():
+    x = torch.randn(2, 4, 4, 4)
+    fused, report, err = _fuse(FunctionalChain(), x, example_inputs=(x,))
+    assert err <= FUSE_RTOL and _muls(fused) == 0
+    assert report.records[0].where == "next-conv+next-linear"
