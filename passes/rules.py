@@ -127,9 +127,10 @@ def _transformer_site(gm: fx.GraphModule, block: ResidualBlock) -> Site | None:
     producer = block.producer
     if mha_of(gm, producer) is not None or window_attention_of(gm, producer) is not None:
         return site_at(gm, producer, "transformer")
-    if isinstance(module_of(gm, producer), nn.Linear) and not any(
-        isinstance(module_of(gm, n), _ConvNd) for n in block.nodes
-    ):
+    conv_free = not any(isinstance(module_of(gm, n), _ConvNd) for n in block.nodes)
+    tokens = any(isinstance(module_of(gm, n), nn.Linear) or window_attention_of(gm, n) is not None for n in block.nodes)
+    # pre-norm blocks end in the MLP's linear; post-norm blocks (Swin V2) in a LayerNorm after attention or MLP
+    if conv_free and tokens and isinstance(module_of(gm, producer), (nn.Linear, *NORM_MODULES)):
         return site_at(gm, producer, "transformer")
     return None
 
@@ -152,8 +153,8 @@ def _is_inverted_residual(gm: fx.GraphModule, block: ResidualBlock) -> bool:
 def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
     """The ``auto`` rule: the paper's placement per block, read from the graph's structure.
 
-    - a residual block whose branch ends in attention, or in a linear layer with no conv in the
-      branch: ``transformer`` (ViT, Swin, MaxViT attention);
+    - a residual block whose branch ends in attention, or in a linear or norm layer of a conv-free
+      branch of linear layers: ``transformer`` (ViT, Swin, Swin V2's post-norm, MaxViT attention);
     - a residual block with a depthwise conv and norm -> activation pairs (MobileNetV2/V3,
       EfficientNet, MNASNet, MaxViT's MBConv): ``norm-act`` inside the branch;
     - any other residual block: ``residual`` (ResNet, ResNeXt, Wide ResNet, RegNet, ConvNeXt);

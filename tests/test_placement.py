@@ -174,6 +174,13 @@ def test_auto_swin_uses_the_mlp_sites_and_transformer_lists_attention_as_unfolda
         asr_fx.instrument(model, rule="transformer")
 
 
+def test_auto_swin_v2_post_norm_sites_are_the_norms_after_attention_and_mlp():
+    model = torchvision.models.swin_v2_t()
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ == "SwinTransformerBlockV2"]
+    sites = _auto(model)
+    assert [(s.module, s.rule) for s in sites] == [(f"{b}.{n}", "transformer") for b in blocks for n in ("norm1", "norm2")]
+
+
 def test_auto_densenet_puts_asr_between_every_bn_and_relu():
     model = torchvision.models.densenet121()
     sites = _auto(model)

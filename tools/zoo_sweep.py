@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gc
+import json
 import math
 import sys
 import tempfile
@@ -246,14 +248,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", help="model names (default: every classification model)")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the verified input (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"markdown file (default {RESULTS})")
+    parser.add_argument("--update", action="store_true",
+                        help="rerun only the named models and replace their rows in the saved results (OUT.json)")
     args = parser.parse_args(argv)
-    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    every = torchvision.models.list_models(module=torchvision.models)
+    names = args.models or every
+    saved = args.out.with_suffix(".json")
     rows: list[Row] = []
+    if args.update and saved.exists():
+        rows = [Row(**r) for r in json.loads(saved.read_text()) if r["model"] not in names]
+    total = len(every) if args.update else len(names)
     for name in progress(names, "zoo"):
         row = sweep_model(name, batch=args.batch)
         rows.append(row)
+        rows.sort(key=lambda r: every.index(r.model) if r.model in every else len(every))
         print(f"{name:24s} {row.status[:150]} ({row.seconds:.0f}s)", flush=True)
-        write_markdown(rows, args.out, len(names), args.batch)
+        write_markdown(rows, args.out, total, args.batch)
+        saved.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     print(table(rows, fmt="simple"))
     print(f"\n{sum(r.ok for r in rows)} of {len(rows)} ok; wrote {args.out}")
     return 0 if all(r.ok or r.status.startswith("skipped") for r in rows) else 1
