@@ -201,8 +201,9 @@ def test_fuse_does_not_change_its_input():
 class AfterAdd(nn.Module):
     """A scale after a residual add, then ReLU, pooling, flatten and a linear head."""
 
-    def __init__(self, negative: bool = False, act: str = "relu") -> None:
+    def __init__(self, negative: bool = False, act: str = "relu", view: bool = False) -> None:
         super().__init__()
+        self.view = view
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "leaky": nn.LeakyReLU(0.1), "relu6": nn.ReLU6()}[act]
         self.pool = nn.MaxPool2d(2)
@@ -213,12 +214,13 @@ class AfterAdd(nn.Module):
     def forward(self, x):
         y = F.relu(self.conv(x)) + x
         y = self.pool(self.act(y * self.scale))
-        return self.fc(torch.flatten(y, 1))
+        return self.fc(y.view(y.size(0), -1) if self.view else torch.flatten(y, 1))
 
 
-def test_scale_after_an_add_goes_through_relu_pool_and_flatten_into_the_linear():
+@pytest.mark.parametrize("view", [False, True], ids=["flatten", "view"])
+def test_scale_after_an_add_goes_through_relu_pool_and_flatten_into_the_linear(view):
     x = torch.randn(2, 4, 4, 4)
-    fused, report, err = _fuse(AfterAdd(), x, example_inputs=(x,))
+    fused, report, err = _fuse(AfterAdd(view=view), x, example_inputs=(x,))
     assert err <= FUSE_RTOL and report.records[0].where == "next-linear" and _muls(fused) == 0
 
 
