@@ -380,3 +380,35 @@ def test_timm_style_attention_is_found_and_converted(block, activation):
     fused = asr_fx.fuse(gm, example_inputs=(x,))
     with torch.no_grad():
         assert rel_err(gm(x), fused(x)) <= 1e-5
+
+
+# --- asr-fx inspect ------------------------------------------------------------------------------
+
+
+def test_inspect_factory_prints_every_site(capsys):
+    from asr_fx.cli import main
+
+    assert main(["inspect", "torchvision.models:shufflenet_v2_x0_5"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("node"))
+    for column in ("module", "rule", "channel dim", "channels", "folds into", "can fold"):
+        assert column in header
+    assert "19 site(s) with rule 'auto'" in out
+    row = next(line for line in out.splitlines() if line.startswith("stage2_0_branch2_6 "))
+    assert row.split() == ["stage2_0_branch2_6", "stage2.0.branch2.6", "branch", "-3", "24", "stage2.0.branch2.6",
+                           "yes"]
+
+
+def test_inspect_checkpoint_and_json(tmp_path, capsys):
+    import json
+
+    from asr_fx.cli import main
+
+    model = asr_fx.build("torchvision.models:resnet18", num_classes=10)
+    asr_fx.save(asr_fx.instrument(model), tmp_path / "ckpt.pt", input_shape=[1, 3, 32, 32])
+    assert main(["inspect", str(tmp_path / "ckpt.pt"), "--json"]) == 0
+    sites = json.loads(capsys.readouterr().out)["sites"]
+    assert [s["module"] for s in sites] == [f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)]
+    assert main(["inspect", "torchvision.models:resnet18", "--rule", "branch"]) == 0
+    assert "no site with rule 'branch': it looks for concatenations" in capsys.readouterr().out
+    assert main(["inspect", "torchvision.models:resnet18", "--rule", "nope"]) == 2
