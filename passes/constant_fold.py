@@ -61,12 +61,14 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
 
 
 def _feeds_mul(node: fx.Node) -> bool:
-    """``node`` is a multiply, or ``c.expand_as(x)`` feeding one (``x * c.expand_as(x)``, as SE code writes it)."""
+    """``node`` is a multiply, or ``c.expand_as(x)`` / ``c.type_as(x)`` / ``c.to(x.dtype)`` feeding one
+    (``x * c.expand_as(x)``, as SE code writes it)."""
     from ._patterns import is_mul
 
     if is_mul(node):
         return True
-    return node.op == "call_method" and node.target == "expand_as" and any(is_mul(u) for u in node.users)
+    return node.op == "call_method" and node.target in ("expand_as", "type_as", "to") and \
+        any(is_mul(u) for u in node.users)
 
 
 def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphModule:

@@ -71,13 +71,36 @@ def site_of(node: fx.Node) -> str:
     return path[0] if isinstance(path, tuple) else str(path)
 
 
+_ADAPTERS = ("expand_as", "type_as", "to")
+
+
+def _reads_only_meta_of(arg: object, x: fx.Node) -> bool:
+    """``arg`` is ``x`` itself, ``x.dtype``/``x.device``/``x.shape``, or a literal."""
+    if not isinstance(arg, fx.Node):
+        return True
+    return arg is x or (arg.op == "call_function" and arg.target is getattr and arg.args[0] is x
+                        and arg.args[1] in ("dtype", "device", "shape"))
+
+
+def adapted_constant(node: object, x: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` ``c`` when ``node`` is ``c.expand_as(x)``, ``c.type_as(x)`` or ``c.to(x.dtype)``:
+    in ``x * node`` these only adapt ``c`` to ``x`` (broadcasting and the layer's dtype do the same)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in _ADAPTERS):
+        return None
+    c = node.args[0]
+    if not (isinstance(c, fx.Node) and c.op == "get_attr"):
+        return None
+    rest = [*node.args[1:], *node.kwargs.values()]
+    return c if all(_reads_only_meta_of(a, x) for a in rest) else None
+
+
 def constant_operand(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
     """``(x, c)`` for a ``mul`` of a graph value by a ``get_attr`` tensor (or by ``c.expand_as(x)``,
-    which broadcasting makes the same), else ``None``."""
+    ``c.type_as(x)``, ``c.to(x.dtype)``), else ``None``."""
     a, b = mul.args
     for x, c in ((a, b), (b, a)):
-        if isinstance(c, fx.Node) and c.op == "call_method" and c.target == "expand_as" and c.args[1] is x:
-            c = c.args[0]
+        if isinstance(x, fx.Node):
+            c = adapted_constant(c, x) or c
         if isinstance(c, fx.Node) and c.op == "get_attr" and isinstance(x, fx.Node) and x.op != "get_attr":
             value = fetch_attr(gm, str(c.target))
             if isinstance(value, torch.Tensor):
@@ -105,17 +128,17 @@ def _computed(mul: fx.Node, x: fx.Node) -> bool:
     """Whether the scale was computed from parameters (folded by :func:`fold_constants`), as an
     attention value is, rather than being a parameter itself (a layer scale)."""
     c = mul.args[1] if mul.args[0] is x else mul.args[0]
-    if isinstance(c, fx.Node) and c.target == "expand_as":
-        c = c.args[0]
+    c = adapted_constant(c, x) or c
     return isinstance(c, fx.Node) and str(c.target).startswith(FOLDED_PREFIX)
 
 
 def _is_shape_query(node: fx.Node) -> bool:
-    """A use that reads only a value's shape: ``x.size()``, ``x.shape``, ``c.expand_as(x)`` of a constant."""
-    if node.op == "call_method" and node.target == "expand_as":
+    """A use that reads only a value's shape or dtype: ``x.size()``, ``x.shape``, ``x.dtype``,
+    ``c.expand_as(x)`` / ``c.type_as(x)`` of a constant."""
+    if node.op == "call_method" and node.target in _ADAPTERS:
         return isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"
     return node.op == "call_method" and node.target in _SHAPE_QUERIES or \
-        node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype")
+        node.op == "call_function" and node.target is getattr and node.args[1] in ("shape", "dtype", "device")
 
 
 def _other_users(node: fx.Node, user: fx.Node) -> list[fx.Node]:

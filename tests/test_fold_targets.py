@@ -62,6 +62,12 @@ class Scaled(nn.Module):
             return torch.mul(s, y)
         if self.spelling == "method":
             return y.mul(s)
+        if self.spelling == "expand_as":
+            return y * s.expand_as(y)
+        if self.spelling == "type_as":
+            return s.type_as(y) * y
+        if self.spelling == "to-dtype":
+            return y * s.to(y.dtype)
         if self.spelling == "mul_":
             y.mul_(s)
             return y
@@ -69,7 +75,8 @@ class Scaled(nn.Module):
         return y
 
 
-SPELLINGS = ["op", "op-reversed", "torch.mul", "torch.mul-reversed", "method", "mul_", "imul"]
+SPELLINGS = ["op", "op-reversed", "torch.mul", "torch.mul-reversed", "method", "mul_", "imul", "expand_as", "type_as",
+             "to-dtype"]
 
 
 @pytest.mark.parametrize("spelling", SPELLINGS)
