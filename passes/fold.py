@@ -4,7 +4,7 @@ Equivalence: ``layer'(x) == layer(x) * c`` for every input, by the formulas of
 :mod:`asr_fx.passes._fold_rules` (the paper's Appendix A), up to float rounding.
 
 Matches ``operator.mul``/``imul``, ``torch.mul``, ``Tensor.mul``/``mul_`` in either operand order,
-where ``c`` is a ``get_attr`` tensor (a parameter such as a layer scale, or what
+where ``c`` is a ``get_attr`` tensor (possibly through ``expand_as(x)``/``type_as(x)``/``to(x.dtype)``) (a parameter such as a layer scale, or what
 :func:`fold_constants` made of ``act(F(psi))``) that is one value, or varies along one dimension
 (``(1,C,1,1)``, ``(C,1,1)``, ``(C,)``, ``(1,1,C)``, ...). The layer is a call of a conv /
 conv-transpose (any groups), BN / SyncBN, GN, IN, LN or linear module, ``getitem(mha(...), 0)`` of
@@ -19,6 +19,11 @@ way with other users (folding would change them), a module called at more than o
 parameters shared with another module or call (tied weights), an in-place ``mul_`` of a value that
 something reads before it, scales that vary along more than one dimension or not along the layer's
 channels, scales that broadcast the value to a larger shape, and layers without a rule.
+
+Shapes: with recorded shapes (``example_inputs`` to :func:`asr_fx.fuse`) every broadcast is
+checked. Without them, a scale with a leading batch dimension (``(1,C,1,1)``, ``(1,1,C)``) is taken
+to match a batched layer output, as it does in a model run on batches; rank-dependent layers
+(BatchNorm1d, GroupNorm, reshapes) need the shapes and are refused without them.
 """
 
 from __future__ import annotations
