@@ -144,8 +144,8 @@ class Program(nn.Module):
 
 
 def check_fuse_is_equivalent(program: dict) -> None:
-    model = Program(program).double().eval()
-    x = torch.randn(2, program["channels"][0], 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    model = Program(program).eval()  # fp32, where DESIGN.md's tolerance is defined
+    x = torch.randn(2, program["channels"][0], 4, 4, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         refs = model(x)
     with warnings.catch_warnings():
