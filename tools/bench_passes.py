@@ -123,6 +123,7 @@ def main() -> None:
     resnet_rows, chain_rows, notes = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        measure(Chain(4), torch.randn(1, 3, 8, 8), 1, True, folder)  # warm-up: imports and first-call costs
         for name in [] if args.no_resnets else args.resnets:
             model = getattr(torchvision.models, name)()
             row = measure(model, torch.randn(1, 3, 64, 64), args.repeats, True, folder)
