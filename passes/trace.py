@@ -62,6 +62,29 @@ class ASRTracer(fx.Tracer):
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """Parameters become ``get_attr`` proxies through a name map built once per root.
+
+        torch.fx's default scans every parameter of the model on each access, which makes tracing
+        quadratic in depth for models that read parameters in ``forward`` (as ASR's ``psi`` is).
+        """
+        if isinstance(attr_val, nn.Parameter):
+            names = self._parameter_names()
+            name = names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _parameter_names(self) -> dict[int, str]:
+        if getattr(self, "_names_root", None) is not self.root:
+            self._names_root = self.root
+            self._names: dict[int, str] = {}
+            for name, p in self.root.named_parameters():
+                self._names.setdefault(id(p), name)
+        return self._names
+
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))
         result = super().call_module(m, forward, args, kwargs)
