@@ -412,3 +412,23 @@ def test_inspect_checkpoint_and_json(tmp_path, capsys):
     assert main(["inspect", "torchvision.models:resnet18", "--rule", "branch"]) == 0
     assert "no site with rule 'branch': it looks for concatenations" in capsys.readouterr().out
     assert main(["inspect", "torchvision.models:resnet18", "--rule", "nope"]) == 2
+
+
+class SEBasicBlock(nn.Module):
+    """A residual block whose branch ends in an SE block (SE-ResNet): bn2 -> SE -> add."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.se = ClassicSE(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.se(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))))
+
+
+def test_residual_site_is_the_last_norm_behind_an_se_block():
+    model = nn.Sequential(SEBasicBlock(), SEBasicBlock())
+    sites = asr_fx.find_sites(model)
+    assert [(s.module, s.rule) for s in sites] == [("0.bn2", "residual"), ("1.bn2", "residual"),
+                                                   ("0.se", "existing"), ("1.se", "existing")]
