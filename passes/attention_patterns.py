@@ -110,6 +110,8 @@ def pooled_dims(gm: fx.GraphModule, node: fx.Node) -> int | None:
         dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
         if not dims or not all(isinstance(d, int) for d in dims):
             return None
+        if any(0 <= d < 2 for d in dims):
+            return None  # the batch or the channel dimension: not a spatial pooling
         rank = output_rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         if rank is not None:
             dims = [d - rank if d >= 0 else d for d in dims]

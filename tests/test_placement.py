@@ -432,3 +432,16 @@ def test_residual_site_is_the_last_norm_behind_an_se_block():
     sites = asr_fx.find_sites(model)
     assert [(s.module, s.rule) for s in sites] == [("0.bn2", "residual"), ("1.bn2", "residual"),
                                                    ("0.se", "existing"), ("1.se", "existing")]
+
+
+def test_spatial_attention_and_channel_means_are_not_channel_attention():
+    class SpatialGate(nn.Module):  # CBAM's spatial gate: pooled over channels, not over space
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.sigmoid(self.conv(x.mean(1, keepdim=True)))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SpatialGate())
+    assert find_channel_attention(trace(model)) == []
