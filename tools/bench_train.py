@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64, help="input height and width")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--memory-batch", type=int, default=32,
+                        help="also measure peak step memory at this batch (activations weigh more); 0: skip")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -138,6 +140,17 @@ def main() -> None:
             "peak step MB": f"{peak / 2**20:.1f}",
             "peak / vanilla": f"{peak / max(peaks['vanilla']):.3f}",
         })
+    if args.memory_batch:
+        xb = torch.randn(args.memory_batch, 3, args.size, args.size)
+        yb = torch.randint(0, 10, (args.memory_batch,))
+        big = {}
+        for name, m in models.items():
+            step = make_step(m, xb, yb)
+            step()
+            big[name] = max(peak_step_bytes(step) for _ in range(2))
+        for row, name in zip(rows, models):
+            row[f"peak MB, batch {args.memory_batch}"] = f"{big[name] / 2**20:.1f}"
+            row[f"/ vanilla, batch {args.memory_batch}"] = f"{big[name] / big['vanilla']:.3f}"
     settings = [
         f"machine: {machine()}",
         f"torchvision ResNet-50 (10 classes, random init), batch {args.batch} of {args.size}x{args.size}, "
@@ -146,7 +159,8 @@ def main() -> None:
         f"{args.rounds} interleaved rounds of one step per variant (shuffled order); step ms: median ± half the "
         "IQR over the median; ratio: median of per-round ratios [25th-75th percentile]",
         "peak step MB: the highest total of live CPU allocations during one step above the level at its start "
-        "(torch profiler memory events; max of 2 steps)",
+        "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
+        "and the tensors x * v saves for backward",
         "command: `OMP_NUM_THREADS=1 python tools/bench_train.py`",
     ]
     body = table(rows)
