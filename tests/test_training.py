@@ -5,7 +5,8 @@ DDP (2 gloo processes on CPU), torch.compile, autocast (bfloat16 on CPU), state_
 group, and ``v`` computed once per forward per site (not per sample).
 
 ``torch.compile`` with the default inductor backend takes ~65 s per graph on this 2-core machine
-(a C++ compile of every kernel), so the default test uses ``backend="aot_eager"`` (the same
+with a cold cache (a C++ compile of every kernel; ~130 s for the test's eval and train graphs, ~11 s
+once the inductor cache in /tmp is warm), so the default test uses ``backend="aot_eager"`` (the same
 Dynamo capture and AOTAutograd forward/backward split, without code generation) and the inductor
 test is behind ``@pytest.mark.slow``.
 """
