@@ -5,7 +5,9 @@ Variants, all with the attention at the same sites (the last BN of every bottlen
 - ASR(SE) via ``asr_fx.instrument`` (a traced GraphModule with ``asr.<site>`` blocks);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
-- SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline).
+- SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline);
+- what-if: the hand-written block computed as BN with affine ``gamma * v, beta * v`` (the same function;
+  shows what a training-time fold into BN would save: the activation ``x * v`` keeps for backward).
 
 A training step is forward + cross-entropy + backward + SGD(momentum) step on a fixed random batch.
 Step times are interleaved (all variants once per round, shuffled); the ratio is the median of the
@@ -59,14 +61,26 @@ class ASRBatchNorm2d(nn.BatchNorm2d):
         return out * torch.sigmoid(self.fc2(F.relu(self.fc1(self.psi))))
 
 
-def hand_written(vanilla: nn.Module) -> nn.Module:
+class ASRBatchNorm2dAffine(ASRBatchNorm2d):
+    """The same function, computed as BN with affine ``gamma * v, beta * v`` (Eq. 7 holds in training too):
+    no ``x * v`` product, so no extra activation is kept for backward. A what-if, not what asr-fx does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.sigmoid(self.fc2(F.relu(self.fc1(self.psi)))).reshape(-1)
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight * v, self.bias * v,
+                            self.training, self.momentum, self.eps)
+
+
+def hand_written(vanilla: nn.Module, cls: type = ASRBatchNorm2d) -> nn.Module:
     import copy
 
     model = copy.deepcopy(vanilla)
     for block in model.modules():
         if isinstance(block, Bottleneck):
             old = block.bn3
-            new = ASRBatchNorm2d(old.num_features)
+            new = cls(old.num_features)
             new.load_state_dict(old.state_dict(), strict=False)
             block.bn3 = new
     return model
@@ -121,6 +135,7 @@ def main() -> None:
         "ASR(SE) asr_fx.instrument": instrumented,
         "ASR(SE) hand-written ASRBatchNorm2d": hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
+        "what-if: hand-written, v folded into BN affine": hand_written(vanilla, ASRBatchNorm2dAffine),
     }
     x = torch.randn(args.batch, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch,))
