@@ -101,32 +101,29 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--depth", type=int, default=14, help="CIFAR ResNet depth, 6n+2 (basic blocks)")
-    parser.add_argument("--size", type=int, default=16, help="upsampled image size")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    set_threads(args.threads)
+def run_regime(args: argparse.Namespace, train_limit: int) -> tuple[str, str]:
+    """Train every variant on every seed; returns (a settings line, the markdown table and verdict)."""
     x_train, y_train, x_test, y_test = load_digits(args.size)
+    if train_limit:  # a stratified subset of the training split: a harder, less saturated regime
+        from sklearn.model_selection import train_test_split
+
+        keep, _ = train_test_split(torch.arange(len(y_train)).numpy(), train_size=train_limit, random_state=0,
+                                   stratify=y_train.numpy())
+        x_train, y_train = x_train[keep], y_train[keep]
+    epochs = args.subset_epochs if train_limit else args.epochs
     acc: dict[str, list[float]] = {v: [] for v in VARIANTS}
     fused_acc: dict[str, list[float]] = {v: [] for v in VARIANTS}
     same_pred: dict[str, int] = {v: 0 for v in VARIANTS}
     max_logit_err: dict[str, float] = {v: 0.0 for v in VARIANTS}
     params: dict[str, tuple[int, int | None]] = {}
     seconds: dict[str, float] = {v: 0.0 for v in VARIANTS}
-    start_all = time.perf_counter()
+    start = time.perf_counter()
     for seed in range(args.seeds):
         for variant in VARIANTS:  # interleaved: every variant trains under the same machine load per seed
             model = build(variant, args.depth, seed)
-            start = time.perf_counter()
-            train(model, x_train, y_train, args.epochs, args.batch, args.lr, seed)
-            seconds[variant] += time.perf_counter() - start
+            t0 = time.perf_counter()
+            train(model, x_train, y_train, epochs, args.batch, args.lr, seed)
+            seconds[variant] += time.perf_counter() - t0
             out = logits(model, x_test)
             acc[variant].append((out.argmax(1) == y_test).float().mean().item())
             fused_params = None
@@ -139,7 +136,7 @@ def main() -> None:
                 max_logit_err[variant] = max(max_logit_err[variant], err)
                 fused_params = n_params(fused)
             params[variant] = (n_params(model), fused_params)
-            print(f"seed {seed} {variant:11s} test acc {acc[variant][-1]:.4f}"
+            print(f"[{len(y_train)} train] seed {seed} {variant:11s} test acc {acc[variant][-1]:.4f}"
                   + (f"  fused {fused_acc[variant][-1]:.4f}" if fused_acc[variant] else ""), flush=True)
     n_test = len(y_test)
     rows = []
@@ -163,23 +160,50 @@ def main() -> None:
 
     diffs = {v: (statistics.fmean(acc[v]) - statistics.fmean(acc["vanilla"]), stderr_of_difference(acc[v], acc["vanilla"]))
              for v in VARIANTS[1:]}
-    settings = [
-        f"machine: {machine()}",
-        f"scikit-learn digits: {len(y_train)} train / {n_test} test images (stratified split, random_state=0), "
-        f"8x8 upsampled to {args.size}x{args.size}; CIFAR ResNet-{args.depth} (basic blocks)",
-        f"SGD nesterov momentum 0.9, one-cycle lr {args.lr}, weight decay 5e-4 (none on asr_fx.asr_parameters), "
-        f"batch {args.batch}, {args.epochs} epochs, one-pixel random shifts; seeds 0..{args.seeds - 1}",
-        f"whole run {(time.perf_counter() - start_all) / 60:.1f} min; "
-        "command: `OMP_NUM_THREADS=1 python tools/digits_train.py`",
-    ]
+    minutes = (time.perf_counter() - start) / 60
+    setting = f"{len(y_train)} train / {n_test} test images, {epochs} epochs: {minutes:.1f} min"
     exact = all(same_pred[v] == n_test * args.seeds for v in VARIANTS if v.startswith("ASR"))
     fused_verdict = ("Every fused model made exactly the instrumented model's predictions." if exact else
                      "Some fused model's predictions DIFFER from the instrumented model's (see the table).")
     verdict = "; ".join(f"{v} {100 * d:+.2f} ± {100 * se:.2f} pts" for v, (d, se) in diffs.items())
-    body = table(rows) + (
+    text = table(rows) + (
         f"\n\nMean accuracy minus vanilla's, ± the standard error of that difference over {args.seeds} seeds: "
         f"{verdict}. One test image is {100 / n_test:.2f} pts. A difference within about two standard errors is "
         "not evidence of an effect. " + fused_verdict + "\n")
+    return setting, text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--depth", type=int, default=14, help="CIFAR ResNet depth, 6n+2 (basic blocks)")
+    parser.add_argument("--size", type=int, default=16, help="upsampled image size")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-limits", nargs="+", type=int, default=[0, 300],
+                        help="training images per regime; 0: the whole 80%% split")
+    parser.add_argument("--subset-epochs", type=int, default=30, help="epochs of the subset regimes")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    start_all = time.perf_counter()
+    body, timings = "", []
+    for limit in args.train_limits:
+        setting, text = run_regime(args, limit)
+        timings.append(setting)
+        title = "whole training split" if not limit else f"{limit} training images (a stratified subset)"
+        body += f"## {title}\n\n{text}\n"
+    settings = [
+        f"machine: {machine()}",
+        "scikit-learn digits: 1,797 8x8 images, 80/20 stratified split (random_state=0), "
+        f"upsampled to {args.size}x{args.size}; CIFAR ResNet-{args.depth} (basic blocks)",
+        f"SGD nesterov momentum 0.9, one-cycle lr {args.lr}, weight decay 5e-4 (none on asr_fx.asr_parameters), "
+        f"batch {args.batch}, one-pixel random shifts; seeds 0..{args.seeds - 1}",
+        f"regimes: {'; '.join(timings)}; whole run {(time.perf_counter() - start_all) / 60:.1f} min",
+        "command: `OMP_NUM_THREADS=1 python tools/digits_train.py`",
+    ]
     print("\n".join(settings))
     print(body)
     if not args.no_write:
