@@ -13,7 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
-from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
 from asr_fx.passes.attention_patterns import find_channel_attention
 from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
@@ -42,13 +42,31 @@ RULE_ALIASES = {"norm_act": "norm-act", "resnet": "residual", "vit": "transforme
 SiteSelector = Sequence[str] | Callable[[Site], bool] | None
 
 
-def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+def as_input_tuple(example_inputs: ExampleInputs | None) -> tuple[torch.Tensor, ...] | None:
+    """``example_inputs`` as a tuple of positional inputs: a bare tensor is one input."""
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> None:
     """Record every node's output shape (``node.meta['tensor_meta']``) without touching BN statistics."""
+    inputs = as_input_tuple(example_inputs)
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(gm).propagate(*inputs)
+    except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
+        shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ASRError(f"example_inputs of shape(s) {shapes} do not fit the model: {first}. "
+                       "Pass inputs the model's forward accepts, e.g. (torch.randn(1, 3, 224, 224),)") from None
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -80,7 +98,7 @@ def _select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: S
     else:
         name = RULE_ALIASES.get(rule, rule)
         if name not in RULES:
-            raise ValueError(f"unknown rule {rule!r}; choose one of {sorted(set(RULES) | set(RULE_ALIASES))}")
+            raise InvalidOptionError(f"unknown rule {rule!r}; choose one of {sorted(set(RULES) | set(RULE_ALIASES))}")
         chosen = RULES[name](gm)
     if exclude is not None:
         chosen = [s for s in chosen if not _matches(s, exclude)]
@@ -161,7 +179,8 @@ def instrument(
     """
     activation, psi_init, _ = resolve_preset(preset, activation, psi_init)
     if delta < 1:
-        raise ValueError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
+        raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
+    example_inputs = as_input_tuple(example_inputs)
     gm = trace(copy.deepcopy(model), leaf_modules)
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
@@ -210,8 +229,23 @@ def instrument(
         "input_shape": list(example_inputs[0].shape) if example_inputs else None,
     }
     set_config(gm, config)
+    _place_like(gm, model)
     gm.train(model.training)
     return gm
+
+
+def _place_like(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Put the new ASR state on the model's device, and ASR blocks in its floating dtype."""
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    if ref is None:
+        return
+    if ref.device.type != "cpu":
+        gm.to(ref.device)
+    blocks = getattr(gm, "asr", None)
+    if isinstance(blocks, nn.Module) and ref.is_floating_point() and ref.dtype != torch.float32:
+        blocks.to(ref.dtype)
 
 
 def set_config(gm: nn.Module, config: dict[str, Any]) -> None:

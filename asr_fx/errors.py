@@ -29,3 +29,7 @@ class VerificationError(ASRError):
 
 class CheckpointError(ASRError):
     """A checkpoint could not be read or does not fit the model."""
+
+
+class InvalidOptionError(ASRError, ValueError):
+    """An option has a value asr-fx does not know (an unknown rule, delta < 1, ...)."""
