@@ -11,7 +11,7 @@ from asr_fx.export import ExportReport, export_onnx, onnx_op_counts
 from asr_fx.errors import ASRError, CheckpointError, FusionError, NoSitesError, TraceError, VerificationError
 from asr_fx.passes import Site
 from asr_fx.report import FusionReport
-from asr_fx.stripe import freeze_attention
+from asr_fx.freeze import freeze_attention
 from asr_fx import testing  # asr_fx.testing.assert_fusion_equivalent, for users' CI
 
 __version__ = "0.1.0"

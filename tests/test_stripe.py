@@ -14,6 +14,7 @@ from conftest import FUSE_RTOL, n_params, rel_err, train_step
 from torch import nn
 
 import asr_fx
+from asr_fx import freeze as freezing
 from asr_fx import stripe
 from asr_fx.errors import ASRError, NoSitesError
 
@@ -141,8 +142,8 @@ def test_freezing_constant_attention_changes_nothing():
     with torch.no_grad():
         for block in (model.b1, model.b2):
             block.att.fc2.weight.zero_()
-    frozen = stripe.freeze_attention(model, make_batches((6,)), held_out=make_batches((4,), seed=3))
-    report = stripe.freeze_report(frozen)
+    frozen = freezing.freeze_attention(model, make_batches((6,)), held_out=make_batches((4,), seed=3))
+    report = freezing.freeze_report(frozen)
     assert all(s.ignored_std_max <= 1e-7 for s in report.sites) and len(report.sites) == 2
     assert report.output_change["rel"] <= FUSE_RTOL and report.output_change["argmax_agreement"] == 1.0
 
@@ -169,7 +170,7 @@ def _replaced_by_mean(model: nn.Module, stats: stripe.StripeStats) -> nn.Module:
 @pytest.fixture(scope="module")
 def frozen_and_fused(se_model):
     calibration, held_out = make_batches((6, 6)), make_batches((5,), seed=1)
-    frozen = stripe.freeze_attention(se_model, calibration, held_out=held_out)
+    frozen = freezing.freeze_attention(se_model, calibration, held_out=held_out)
     return frozen, asr_fx.fuse(frozen, strict=True), stripe.collect(se_model, calibration)
 
 
@@ -181,7 +182,7 @@ def test_freeze_replaces_attention_by_its_mean(se_model, frozen_and_fused):
         assert rel_err(reference(x), frozen(x)) <= FUSE_RTOL
     assert not any(isinstance(m, (SE, nn.AdaptiveAvgPool2d)) for m in frozen.modules())
     assert not any(n.target is torch.sigmoid for n in frozen.graph.nodes)
-    report = stripe.freeze_report(frozen)
+    report = freezing.freeze_report(frozen)
     assert [s.site for s in report.sites] == ["b1.att", "b2.att"] and report.data == "held-out"
     for site, s in zip(report.sites, stats):
         assert site.ignored_std_mean == pytest.approx(float(s.std.mean()))
@@ -208,7 +209,7 @@ def test_freeze_then_fuse_matches_frozen_with_the_vanilla_parameter_count(frozen
 
 def test_freeze_does_not_change_the_model(se_model):
     before = {k: v.clone() for k, v in se_model.state_dict().items()}
-    stripe.freeze_attention(se_model, make_batches((4,)))
+    freezing.freeze_attention(se_model, make_batches((4,)))
     assert all(torch.equal(before[k], v) for k, v in se_model.state_dict().items())
     assert isinstance(se_model.b1.att, SE)
 
@@ -217,7 +218,7 @@ def test_eca_with_an_expanded_gate_freezes_and_fuses():
     model = tiny_net("eca")
     stats = stripe.collect(model, make_batches((4, 4)))
     assert [s.channels for s in stats] == [8, 12]
-    frozen = stripe.freeze_attention(model, make_batches((4, 4)), stats=stats)
+    frozen = freezing.freeze_attention(model, make_batches((4, 4)), stats=stats)
     fused = asr_fx.fuse(frozen, strict=True)
     x = make_batches((3,), seed=5)[0]
     with torch.no_grad():
@@ -244,8 +245,8 @@ def test_an_attention_module_called_twice_gives_two_sites_and_two_constants():
     model = SharedSE().eval()
     stats = stripe.collect(model, make_batches((4,)))
     assert [s.site for s in stats] == ["se", "se#2"]
-    frozen = stripe.freeze_attention(model, make_batches((4,)), stats=stats)
-    assert len({s.buffer for s in stripe.freeze_report(frozen).sites}) == 2
+    frozen = freezing.freeze_attention(model, make_batches((4,)), stats=stats)
+    assert len({s.buffer for s in freezing.freeze_report(frozen).sites}) == 2
     fused = asr_fx.fuse(frozen, strict=True)
     x = make_batches((3,), seed=4)[0]
     with torch.no_grad():
@@ -260,7 +261,7 @@ def test_plain_attention_puts_input_dependent_se_at_the_asr_sites():
     stats = stripe.collect(model, make_batches((5, 3)))
     assert [(s.site, s.channels) for s in stats] == [("asr.b1_bn2", 8), ("asr.b2_bn2", 12)]
     assert all((s.std > 0).all() for s in stats)
-    fused = asr_fx.fuse(stripe.freeze_attention(model, make_batches((5,))), strict=True)
+    fused = asr_fx.fuse(freezing.freeze_attention(model, make_batches((5,))), strict=True)
     assert n_params(fused) == n_params(TinyNet(attention=None))
     with pytest.raises(ASRError, match="one pooled descriptor, not a batch"):
         stripe.plain_attention(TinyNet(attention=None), "eca")
@@ -289,7 +290,7 @@ def test_torchvision_squeeze_excitation_is_collected_and_frozen(name):
     assert all(s.values.shape == (4, s.channels) for s in stats)
     if name != "mobilenet_v3_small":
         return  # one freeze through fuse is enough: the others take the same path
-    frozen = stripe.freeze_attention(model, batches, stats=stats, held_out=batches[:1])
+    frozen = freezing.freeze_attention(model, batches, stats=stats, held_out=batches[:1])
     assert not any(isinstance(m, torchvision.ops.SqueezeExcitation) for m in frozen.modules())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -365,10 +366,20 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
 def test_per_site_output_change_freezes_one_site_at_a_time(se_model):
     calibration, held_out = make_batches((6, 6)), make_batches((5,), seed=1)
     stats = stripe.collect(se_model, calibration)
-    frozen = stripe.freeze_attention(se_model, calibration, held_out=held_out, stats=stats, per_site=True)
-    report = stripe.freeze_report(frozen)
+    frozen = freezing.freeze_attention(se_model, calibration, held_out=held_out, stats=stats, per_site=True)
+    report = freezing.freeze_report(frozen)
     for record, site in zip(report.sites, stats):
-        alone = stripe.freeze_attention(se_model, calibration, held_out=held_out, stats=stripe.StripeStats([site]))
-        assert record.output_change["max_abs"] == pytest.approx(stripe.freeze_report(alone).output_change["max_abs"])
+        alone = freezing.freeze_attention(se_model, calibration, held_out=held_out, stats=stripe.StripeStats([site]))
+        assert record.output_change["max_abs"] == pytest.approx(freezing.freeze_report(alone).output_change["max_abs"])
         assert record.output_change["rel"] > 0
     assert "this site alone" in report.table()
+
+
+def test_frozen_constants_follow_the_models_dtype():
+    model = TinyNet().double().eval()
+    batches = [x.double() for x in make_batches((4,))]
+    frozen = freezing.freeze_attention(model, batches)
+    buffers = [getattr(frozen, s.buffer) for s in freezing.freeze_report(frozen).sites]
+    assert buffers and all(b.dtype == torch.float64 for b in buffers)
+    fused = asr_fx.fuse(frozen, strict=True)
+    assert {p.dtype for p in fused.parameters()} == {torch.float64}

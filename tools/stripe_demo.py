@@ -29,6 +29,7 @@ from tabulate import tabulate
 from torch import nn
 
 import asr_fx
+from asr_fx import freeze as freezing
 from asr_fx import plot, stripe
 from asr_fx.progress import progress
 
@@ -191,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. freeze the trained attention (calibrated on training images), fuse, measure
     calibration = batches(x_train[:1000], y_train[:1000], 250)
-    frozen = stripe.freeze_attention(se_model, calibration, held_out=held_out, per_site=True)
+    frozen = freezing.freeze_attention(se_model, calibration, held_out=held_out, per_site=True)
     fused_frozen = asr_fx.fuse(frozen, strict=True)
     frozen_acc = accuracy(fused_frozen, x_test, y_test)
     fusion = asr_fx.fusion_report(fused_frozen)
-    freeze = stripe.freeze_report(frozen)
+    freeze = freezing.freeze_report(frozen)
 
     # 4. ASR(SE) from scratch on the vanilla ResNet, same recipe
     torch.manual_seed(args.seed)
