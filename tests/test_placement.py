@@ -9,7 +9,7 @@ from torch import nn
 
 from asr_fx.passes import trace
 from asr_fx.passes.attention_patterns import find_channel_attention
-from conftest import rel_err, train_step
+from conftest import perturb_asr, rel_err, train_step
 
 
 class ECA(nn.Module):
@@ -445,3 +445,20 @@ def test_spatial_attention_and_channel_means_are_not_channel_attention():
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), SpatialGate())
     assert find_channel_attention(trace(model)) == []
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "regnet_y_400mf"])
+def test_convert_existing_fuses_se_away_in_other_families(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = asr_fx.instrument(model, convert_existing=True, example_inputs=(x,))
+    perturb_asr(gm)  # psi and the converted networks' weights move away from the trained values
+    gm.eval()
+    fused = asr_fx.fuse(gm, example_inputs=(x,))
+    with torch.no_grad():
+        assert rel_err(gm(x), fused(x)) <= 1e-5
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("AdaptiveAvgPool2d") == 1  # the classifier's; every SE pooling is gone
+    assert "Sigmoid" not in kinds and find_channel_attention(fused) == []
+    assert asr_fx.fusion_report(fused).unfolded == []
