@@ -53,9 +53,32 @@ def import_factory(spec: str) -> Any:
     return obj
 
 
+def _check_factory_kwargs(factory: str, fn: Any, kwargs: dict[str, Any]) -> None:
+    """Refuse keyword arguments ``fn`` does not take, naming the factory, the keyword and the way out."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: let the call say
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        params = [n for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        wrong = [k for k in kwargs if k not in signature.parameters]
+        near = {k: difflib.get_close_matches(k, params, n=1) for k in wrong}
+        hints = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in near.items() if m)
+        raise CheckpointError(
+            f"factory {factory!r} does not accept the keyword arguments {kwargs}: {exc}{hints}; it takes "
+            f"({', '.join(params)}): fix --factory-args (factory_kwargs=)"
+        ) from None
+
+
 def build(factory: str, **kwargs: Any) -> nn.Module:
     """Build a model from ``"package.module:function"`` and remember how, so :func:`save` can record it."""
-    model = import_factory(factory)(**kwargs)
+    fn = import_factory(factory)
+    _check_factory_kwargs(factory, fn, kwargs)
+    model = fn(**kwargs)
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"factory {factory!r} returned {type(model).__name__}, not an nn.Module")
     model._asr_fx_factory = {"factory": factory, "kwargs": kwargs}
@@ -84,6 +107,48 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
+def _check_saveable_attention(attention: Any) -> None:
+    """A checkpoint records the attention network by name or import path; refuse one that cannot be imported back."""
+    way_out = ("register it under a name (asr_fx.attention.register('name', Factory) in the code that loads the "
+               "checkpoint too) or define it in an importable module (then it is saved as 'package.module:Factory')")
+    if attention is None:
+        raise CheckpointError("cannot save: the attention network was given as a lambda, a local class or another "
+                              f"object with no import path; {way_out}")
+    if isinstance(attention, str) and attention.split(":", 1)[0] == "__main__":
+        raise CheckpointError(f"cannot save: the attention network {attention!r} is defined in the script being run "
+                              f"(__main__), which asr_fx.load and the asr-fx CLI cannot import; {way_out}")
+
+
+def _check_output_path(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"cannot save to {str(path)!r}: it is a folder; name the checkpoint file")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+
+
+def resolve_attention(attention: Any) -> Any:
+    """A registered name as it is; ``"package.module:Factory"`` imported; refuses an unknown name with the way out."""
+    from asr_fx.attention import names
+
+    if not isinstance(attention, str):
+        return attention
+    if ":" in attention:
+        if attention.split(":", 1)[0] == "__main__":
+            raise CheckpointError(f"the attention network {attention!r} was defined in the training script "
+                                  "(__main__) and cannot be imported: move it into a module and pass --attention "
+                                  "package.module:Factory")
+        return import_factory(attention)
+    if attention.lower() not in names():
+        raise CheckpointError(
+            f"the checkpoint's attention {attention!r} is not registered here (registered: {', '.join(names())}); "
+            "it was registered by the code that trained the model: pass its import path, --attention "
+            "package.module:Factory (attention_kwargs with --attention-args), or in Python call "
+            f"asr_fx.attention.register({attention!r}, Factory) before loading"
+        )
+    return attention
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -109,8 +174,8 @@ def save(
             "asr_fx.save needs to know how to rebuild the model: pass factory='package.module:function' "
             "(and factory_kwargs=), or build the model with asr_fx.build(...)"
         )
-    if config.get("attention") is None:
-        raise CheckpointError("the attention network was given as an object with no import path; register it by name")
+    _check_saveable_attention(config.get("attention"))
+    _check_output_path(path)
     kwargs = factory_kwargs if factory_kwargs is not None else (recorded.get("kwargs") or {})
     shape = list(input_shape) if input_shape is not None else config.get("input_shape")
     asr = {k: v for k, v in config.items() if k not in ("factory", "input_shape")}
@@ -178,7 +243,7 @@ def instrument_from_config(model: nn.Module, config: dict[str, Any], input_shape
     example = (torch.zeros(input_shape),) if input_shape else None
     return instrument(
         model,
-        attention=config["attention"] if ":" not in str(config["attention"]) else import_factory(config["attention"]),
+        attention=resolve_attention(config["attention"]),
         rule=config.get("rule", "auto"),
         sites=[s["node"] for s in config["sites"]] if config.get("sites") else None,
         delta=config.get("delta", 1),
@@ -192,12 +257,19 @@ def instrument_from_config(model: nn.Module, config: dict[str, Any], input_shape
     )
 
 
-def _from_asr_fx(ckpt: dict[str, Any], path: str | os.PathLike, leaf_modules: Any = None) -> nn.Module:
-    """The instrumented model an asr-fx checkpoint describes, weights loaded (strict)."""
+def _from_asr_fx(ckpt: dict[str, Any], path: str | os.PathLike, leaf_modules: Any = None,
+                 attention: str | None = None, attention_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """The instrumented model an asr-fx checkpoint describes, weights loaded (strict). ``attention``
+    (a name or ``"package.module:Factory"``) and ``attention_kwargs`` replace the recorded ones."""
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads {VERSION}")
     model = build(ckpt["factory"], **ckpt.get("factory_kwargs", {}))
-    instrumented = instrument_from_config(model, ckpt["asr"], ckpt.get("input_shape"), leaf_modules)
+    asr = dict(ckpt["asr"])
+    if attention is not None:
+        asr["attention"] = attention
+    if attention_kwargs is not None:
+        asr["attention_kwargs"] = attention_kwargs
+    instrumented = instrument_from_config(model, asr, ckpt.get("input_shape"), leaf_modules)
     check_finite_asr(ckpt["state_dict"])
     check_keys(instrumented, ckpt["state_dict"], hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?")
     instrumented.load_state_dict(ckpt["state_dict"])
@@ -289,7 +361,8 @@ def load_checkpoint(
 
     raw = read_checkpoint(path, trust=trust)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        model = _from_asr_fx(raw, path, leaf_modules)
+        options = asr_options or {}
+        model = _from_asr_fx(raw, path, leaf_modules, options.get("attention"), options.get("attention_kwargs"))
         vanilla = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
         return LoadedCheckpoint(model, vanilla, "asr-fx", input_shape or raw.get("input_shape"))
     weights, kind = find_state_dict(raw, repr(str(path)))
@@ -318,6 +391,8 @@ def load_checkpoint(
             options["sites"] = sites
         options.setdefault("delta", delta)
         options = {k: v for k, v in options.items() if v is not None}
+        if "attention" in options:
+            options["attention"] = resolve_attention(options["attention"])
         example = (_runs_on(base, shape),) if shape else None
         model = instrument(copy.deepcopy(base), example_inputs=example, leaf_modules=leaf_modules, **options)
         hint += ", and the ASR options it was trained with (--attention, --attention-args, --delta, --sites)"

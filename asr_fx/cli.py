@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import traceback
@@ -30,10 +31,27 @@ CHECKPOINT_HELP = (
 )
 
 
+class UsageError(Exception):
+    """argparse found a usage error (raised instead of exiting, so that main() can report it)."""
+
+    def __init__(self, prog: str, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.prog, self.usage = prog, usage
+
+
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse exits 2 on usage errors; keep it one line
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message: str) -> None:  # argparse exits 2 on usage errors; main() keeps it one line
+        raise UsageError(self.prog, self.format_usage(), message)
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a tolerance must be a finite number >= 0")
+    return value
 
 
 def _shape(text: str) -> list[int]:
@@ -67,9 +85,11 @@ def _device(text: str) -> str:
 
 
 def _add_verify_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance on max|ref| (default 1e-4)")
-    p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--rtol", type=_non_negative, default=1e-4, help="relative tolerance on max|ref| (default 1e-4)")
+    p.add_argument("--atol", type=_non_negative, default=0.0, help="absolute tolerance (default 0)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the exporter's); torch's exporter writes 18 and newer, older ones only "
+                   "where it can convert the model down: exit 2 when it cannot")
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON report instead of tables")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks on errors")
@@ -87,9 +107,12 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
                    help="example input shape, e.g. 1,3,224,224 (default: from the checkpoint or the model)")
     g.add_argument("--device", type=_device, default="cpu", help="run torch on cpu (default) or cuda[:N]")
     g.add_argument("--leaf-modules", type=_names, default=None, metavar="NAMES",
-                   help="comma-separated module names torch.fx keeps as opaque calls (for untraceable modules)")
+                   help="comma-separated module paths (e.g. layer1.0.gate) torch.fx keeps as opaque calls, for "
+                   "untraceable modules; a name that matches no module is an error")
     a = p.add_argument_group("ASR options of a state_dict with asr.* keys (as passed to asr_fx.instrument)")
-    a.add_argument("--attention", default=None, help="attention network name (default se)")
+    a.add_argument("--attention", default=None, metavar="NAME|PKG.MODULE:FACTORY",
+                   help="attention network: a registered name (default se) or an import path of its factory; "
+                   "replaces the one an asr-fx checkpoint names (for a custom attention it registered by name)")
     a.add_argument("--attention-args", type=_json_object, default=None, metavar="JSON",
                    help="attention_kwargs as a JSON object")
     a.add_argument("--rule", default=None, help="placement rule (default: the sites named by the asr.* keys)")
@@ -101,18 +124,20 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="asr-fx", description="Attention-alike structural re-parameterization (ASR) with torch.fx.",
                      epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="instrument a built-in ResNet, train a few steps, fuse, export, verify",
                           description="Instrument the built-in CIFAR ResNet-164 with ASR(SE), train a few steps on "
                           "synthetic data, fuse, export ONNX and verify it in onnxruntime. No download, no GPU.",
                           epilog=EPILOG)
-    demo.add_argument("--depth", type=int, default=164, help="CIFAR ResNet depth, 9n+2 (default 164)")
+    demo.add_argument("--depth", type=_demo_depth, default=164,
+                      help="CIFAR ResNet depth, 9n+2 with n >= 1: 11, 20, ..., 164 (default 164)")
     demo.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
     demo.add_argument("--batch", type=int, default=16, help="batch size (default 16)")
     demo.add_argument("--attention", default="se", help="attention network (default se)")
     demo.add_argument("-o", "--out", type=Path, default=Path("asr-fx-demo"),
-                      help="folder for the checkpoint and ONNX files (default ./asr-fx-demo)")
+                      help="folder for the checkpoint and ONNX files (default ./asr-fx-demo); its parent must exist")
     demo.add_argument("--seed", type=int, default=0)
     _add_verify_options(demo)
 
@@ -125,9 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--dynamic-batch", action="store_true",
                       help="export with a dynamic batch dimension (verified at batch 1 and 7 too)")
     fuse.add_argument("--strict", action="store_true", help="fail (exit 1) if an ASR site cannot be folded, or if the "
-                      "fused model's parameter count or ONNX op multiset differs from the vanilla model's")
+                      "fused model's parameter count or ONNX op multiset differs from the vanilla model's (with "
+                      "--fold-bn: the vanilla model with BN folded too). --strict always exports the vanilla model "
+                      "for its op multiset, also with --no-compare or --no-verify")
     fuse.add_argument("--fold-bn", action="store_true", help="also fold BatchNorm into the conv before it")
-    fuse.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check and the comparison")
+    fuse.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check and the comparison "
+                      "(--strict's checks still run)")
     fuse.add_argument("--no-compare", action="store_true",
                       help="skip exporting the vanilla and instrumented models for op counts and latency")
     fuse.add_argument("--runs", type=int, default=20, help="onnxruntime runs per latency median (default 20)")
@@ -140,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "models.", epilog=EPILOG)
     verify.add_argument("onnx", type=Path, metavar="OUT.onnx", help="the ONNX file to check")
     verify.add_argument("--against", type=Path, required=True, metavar="CKPT", help="the checkpoint it came from")
-    verify.add_argument("--strict", action="store_true", help="fail (exit 1) if the op multiset differs from vanilla's")
+    verify.add_argument("--strict", action="store_true", help="fail (exit 1) if the op multiset differs from vanilla's "
+                        "(the vanilla model is exported for it also with --no-compare)")
     verify.add_argument("--no-compare", action="store_true", help="skip the vanilla/instrumented comparison")
     verify.add_argument("--runs", type=int, default=20, help="onnxruntime runs per latency median (default 20)")
     _add_checkpoint_options(verify)
@@ -152,6 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     for register in _extra_commands():
         register(sub)
     return parser
+
+
+def _version() -> str:
+    from asr_fx import __version__
+
+    return __version__
+
+
+def _demo_depth(text: str) -> int:
+    try:
+        depth = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if depth < 11 or (depth - 2) % 9:
+        near = max(11, 9 * round((depth - 2) / 9) + 2)
+        raise argparse.ArgumentTypeError(f"{depth}: the bottleneck CIFAR ResNet has depth 9n+2 with n >= 1 "
+                                         f"(11, 20, ..., 164); e.g. --depth {near}")
+    return depth
 
 
 def _extra_commands():
@@ -236,6 +283,31 @@ def _usage(message: str) -> Exception:
     return ASRError(message)
 
 
+def check_opset_option(args: argparse.Namespace) -> None:
+    """Refuse an ``--opset`` no exporter writes, before any work (one older than 18 is tried: torch's
+    exporter converts down when it can, and :func:`asr_fx.export.check_opset` refuses the file when not)."""
+    import onnx
+
+    if args.opset is not None and not 7 <= args.opset <= onnx.defs.onnx_opset_version():
+        raise _usage(f"--opset {args.opset}: ONNX opsets go from 7 to {onnx.defs.onnx_opset_version()} (the installed "
+                     "onnx's newest); torch's exporter writes 18 and newer, older ones where it can convert the model")
+
+
+def check_leaf_modules(model: Any, names: Sequence[str] | None) -> None:
+    """Refuse ``--leaf-modules`` names that are not module paths of ``model``."""
+    import difflib
+
+    if not names:
+        return
+    paths = [n for n, _ in model.named_modules() if n]
+    unknown = [n for n in names if n not in paths]
+    if unknown:
+        hints = "".join(f"; {n!r}: did you mean {m[0]!r}?" for n in unknown
+                        if (m := difflib.get_close_matches(n, paths, n=1)))
+        raise _usage(f"--leaf-modules: {', '.join(repr(n) for n in unknown)} match(es) no module of the model "
+                     f"(give module paths as named by model.named_modules(), such as {paths[0]!r}){hints}")
+
+
 def prepare_model(args: argparse.Namespace, loaded: Any, shape: Sequence[int]):
     """Move the model to ``--device``, check it traces and runs on an input of ``shape``; ``(model, x)``."""
     import torch
@@ -246,6 +318,7 @@ def prepare_model(args: argparse.Namespace, loaded: Any, shape: Sequence[int]):
     model = loaded.model.to(device).eval()
     if loaded.vanilla is not None:
         loaded.vanilla.to(device)
+    check_leaf_modules(model, args.leaf_modules)
     trace(model, args.leaf_modules)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
     try:
@@ -263,11 +336,14 @@ def finish(args: argparse.Namespace, summary: Any) -> None:
     if args.json:
         print(json.dumps({"ok": True, "exit_code": EXIT_OK, **summary.to_dict()}, indent=2))
         return
-    _say(args, "\n" + summary.tables())
+    tables = summary.tables()
+    if tables:
+        _say(args, "\n" + tables + "\n")
     if summary.command == "fuse":
-        _say(args, f"\nwrote {summary.output}")
+        verified = summary.export is not None and summary.export.verified
+        _say(args, f"wrote {summary.output}" + ("" if verified else " (not verified: --no-verify)"))
     else:
-        _say(args, f"\n{summary.output} agrees with {summary.checkpoint}")
+        _say(args, f"{summary.output} agrees with {summary.checkpoint}")
 
 
 def run_fuse(args: argparse.Namespace) -> int:
@@ -278,14 +354,18 @@ def run_fuse(args: argparse.Namespace) -> int:
     from asr_fx.errors import ASRError, FusionError
 
     out: Path = args.output
+    if out.is_dir():
+        raise ASRError(f"the output {str(out)!r} is a folder: name the .onnx file to write, e.g. -o {out / 'model.onnx'}")
     if out.suffix.lower() != ".onnx":
         raise ASRError(f"the output {str(out)!r} should end in .onnx")
     if out.resolve() == args.checkpoint.resolve():
         raise ASRError(f"refusing to write the ONNX model over the input checkpoint {str(args.checkpoint)!r}")
     if not out.parent.is_dir():
-        raise ASRError(f"the output folder {str(out.parent)!r} does not exist")
+        raise ASRError(f"the output folder {str(out.parent)!r} (of -o {str(out)!r}) does not exist: create it first")
+    check_opset_option(args)
     _torch_device(args.device)
-    summary = VerificationSummary("fuse", str(args.checkpoint), output=str(out), device=args.device)
+    summary = VerificationSummary("fuse", str(args.checkpoint), output=str(out), device=args.device,
+                                  rtol=args.rtol, atol=args.atol)
     args.summary = summary
     stages = Stages(args, ("load", "trace", "fuse", "export", "verify"))
     stages.start("load", str(args.checkpoint))
@@ -304,24 +384,38 @@ def run_fuse(args: argparse.Namespace) -> int:
     fusion = asr_fx.fusion_report(fused)
     summary.fusion = fusion.to_dict() if fusion else None
     _say(args, f"        folded {len(fusion.folded) if fusion else 0} scale(s): {fusion.summary() if fusion else {}}")
+    vanilla = loaded.vanilla
+    if args.fold_bn and vanilla is not None:  # compare like with like: the vanilla model with BN folded too
+        vanilla = asr_fx.fuse(vanilla.eval(), fold_bn=True, example_inputs=(x,), leaf_modules=args.leaf_modules)
     n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in
-                (("vanilla", loaded.vanilla), ("instrumented", model), ("fused", fused)) if m is not None}
-    if args.strict and not args.fold_bn and "vanilla" in n_params and n_params["fused"] != n_params["vanilla"]:
-        raise FusionError(f"--strict: the fused model has {n_params['fused']:,} parameters, the vanilla model "
-                          f"{n_params['vanilla']:,}")
+                (("vanilla", vanilla), ("instrumented", model), ("fused", fused)) if m is not None}
+    if args.strict and vanilla is None:
+        summary.notes.append("--strict: no vanilla model is known for this checkpoint, so only the folding of "
+                             "every site was checked (pass --model to compare parameters and ops)")
+        _say(args, f"        {summary.notes[-1]}")
+    if args.strict and "vanilla" in n_params and n_params["fused"] != n_params["vanilla"]:
+        raise FusionError(f"--strict: the fused model has {n_params['fused']:,} parameters, the vanilla model"
+                          f"{' (BN folded)' if args.fold_bn else ''} {n_params['vanilla']:,}")
     compare = not (args.no_verify or args.no_compare)
     stages.start("export", f"{out}" + (" (and the vanilla and instrumented models, for comparison)" if compare else ""))
     with tempfile.TemporaryDirectory(prefix="asr-fx-fuse-") as workdir:
         if compare:
-            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir, args.opset,
+            summary.models = compare_models({"vanilla": vanilla, "instrumented": model}, x, workdir, args.opset,
                                             args.dynamic_batch)
+        elif args.strict and vanilla is not None:  # --strict's op check needs the vanilla model's ops
+            summary.models = compare_models({"vanilla": vanilla}, x, workdir, args.opset, args.dynamic_batch)
+        if args.strict and "vanilla" in summary.models and summary.models["vanilla"].op_counts is None:
+            raise FusionError(f"--strict: the vanilla model did not export, so its ONNX ops cannot be compared "
+                              f"({summary.models['vanilla'].note})")
+        if args.fold_bn and "vanilla" in summary.models:
+            summary.models["vanilla"].note = ("BN folded too (--fold-bn); " + summary.models["vanilla"].note).strip("; ")
         vanilla_ops = summary.models["vanilla"].op_counts if "vanilla" in summary.models else None
         summary.models.setdefault("fused", ModelRow())
         summary.models["fused"].params = n_params["fused"]
         report = asr_fx.export_onnx(
             fused, out, x, reference=model, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
             opset=args.opset, dynamic_batch=args.dynamic_batch,
-            expected_op_counts=vanilla_ops if args.strict and not args.fold_bn else None,
+            expected_op_counts=vanilla_ops if args.strict else None,
             on_verify=lambda: stages.start("verify", "in onnxruntime against the unfused model in torch"))
         summary.export = report
         summary.models["fused"].op_counts = report.op_counts
@@ -338,31 +432,77 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
-def _report_error(args: argparse.Namespace, exc: BaseException, code: int, label: str) -> int:
+def _report_error(args: argparse.Namespace, exc: BaseException, code: int, label: str,
+                  cause: BaseException | None = None) -> int:
     if getattr(args, "verbose", False):
-        traceback.print_exc()
+        if cause is not None:
+            traceback.print_exception(cause)
+        else:
+            traceback.print_exc()
     message = str(exc) if code == EXIT_VERIFY else _one_line(exc)
     print(f"asr-fx: {label}: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         summary = getattr(args, "summary", None)
         payload = summary.to_dict() if summary is not None else {}
+        for tolerance in ("rtol", "atol"):
+            if payload.get(tolerance) is None:
+                payload[tolerance] = getattr(args, tolerance, None)
         print(json.dumps({"ok": False, "exit_code": code, "error": _one_line(exc), **payload}, indent=2))
     return code
 
 
+def _usage_error(argv: Sequence[str], exc: UsageError) -> int:
+    """argparse's usage error: usage and one error line on stderr; with --json also the JSON error object."""
+    sys.stderr.write(exc.usage)
+    print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+    if "--json" in argv:
+        def given(option: str, default: float) -> Any:
+            for i, arg in enumerate(argv):
+                value = arg.split("=", 1)[1] if arg.startswith(option + "=") else (
+                    argv[i + 1] if arg == option and i + 1 < len(argv) else None)
+                if value is not None:
+                    try:
+                        return float(value)
+                    except ValueError:
+                        return value
+            return default
+
+        print(json.dumps({"ok": False, "exit_code": EXIT_USAGE, "error": f"{exc.prog}: {exc}",
+                          "rtol": given("--rtol", 1e-4), "atol": given("--atol", 0.0)}, indent=2))
+    return EXIT_USAGE
+
+
+_TRACE_HINT = re.compile(r"pass leaf_modules=\[(?P<quoted>'(?P<name>[^']*)')\] \(or its class (?P<cls>\w+)\)")
+
+
+def _cli_trace_message(exc: BaseException) -> str:
+    """A TraceError's way out in the CLI's words: ``--leaf-modules NAME`` rather than ``leaf_modules=[...]``."""
+    return _TRACE_HINT.sub(lambda m: f"pass --leaf-modules {m['name']} (leaf_modules=[{m['quoted']}] or "
+                                     f"[{m['cls']}] in Python)", str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``asr-fx`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (0, 1 or 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    from asr_fx.errors import ASRError, FusionError, VerificationError
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _usage_error(argv, exc)
+    from asr_fx.errors import ASRError, FusionError, TraceError, VerificationError
 
     try:
         return args.func(args)
+    except UsageError as exc:
+        return _usage_error(argv, exc)
+    except TraceError as exc:
+        return _report_error(args, TraceError(_cli_trace_message(exc)), EXIT_USAGE, "error", cause=exc)
     except (VerificationError, FusionError) as exc:
         summary = getattr(args, "summary", None)
         if summary is not None and getattr(exc, "report", None) is not None and summary.export is None:
             summary.export = exc.report
         return _report_error(args, exc, EXIT_VERIFY, "verification failed")
-    except (ASRError, OSError) as exc:
+    except (ASRError, OSError, ValueError) as exc:  # ValueError: the library's refusal of an option value
         return _report_error(args, exc, EXIT_USAGE, "error")
     except Exception as exc:  # noqa: BLE001 - no raw traceback unless -v
         return _report_error(args, RuntimeError(f"unexpected {type(exc).__name__}: {_one_line(exc)} "

@@ -20,7 +20,7 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx.errors import ASRError, VerificationError
-from asr_fx.export import ExportReport, export_onnx, onnx_op_counts, onnxruntime_latency_ms, op_count_diff
+from asr_fx.export import ExportReport, export_onnx, fp32_matmul_precision, onnx_op_counts, onnxruntime_latency_ms, op_count_diff
 
 MODEL_ROWS = ("vanilla", "instrumented", "fused")
 
@@ -54,6 +54,8 @@ class VerificationSummary:
     fusion: dict | None = None
     models: dict[str, ModelRow] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    rtol: float | None = None
+    atol: float | None = None
 
     def ratio(self, name: str) -> float | None:
         base, row = self.models.get("vanilla"), self.models.get(name)
@@ -81,8 +83,8 @@ class VerificationSummary:
             "provider": export["provider"] if export else None,
             "verified": bool(export and export["verified"]),
             "outputs": export["outputs"] if export else [],
-            "rtol": export["rtol"] if export else None,
-            "atol": export["atol"] if export else None,
+            "rtol": export["rtol"] if export else self.rtol,
+            "atol": export["atol"] if export else self.atol,
             "fusion": self.fusion,
             "models": {
                 name: {"params": row.params, "op_counts": row.op_counts, "total_ops": row.total_ops,
@@ -194,8 +196,10 @@ def run_verify(args: argparse.Namespace) -> int:
     onnx_path: Path = args.onnx
     if not onnx_path.is_file():
         raise ASRError(f"ONNX file {str(onnx_path)!r} does not exist")
-    summary = VerificationSummary("verify", str(args.against), output=str(onnx_path), device=args.device)
+    summary = VerificationSummary("verify", str(args.against), output=str(onnx_path), device=args.device,
+                                  rtol=args.rtol, atol=args.atol)
     args.summary = summary
+    cli.check_opset_option(args)
     stages = cli.Stages(args, ("load", "trace", "export", "verify"))
     dims, _ = onnx_input_shape(onnx_path)
     stages.start("load", f"{args.against}")
@@ -217,9 +221,11 @@ def run_verify(args: argparse.Namespace) -> int:
         if not args.no_compare:
             summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir,
                                             dynamic_batch=dynamic)
+        elif args.strict:  # --strict's op check needs the vanilla model's ops even without the comparison
+            summary.models = compare_models({"vanilla": loaded.vanilla}, x, workdir, dynamic_batch=dynamic)
         stages.start("verify", f"{onnx_path} in onnxruntime")
         report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
-        with torch.no_grad():
+        with torch.no_grad(), fp32_matmul_precision():
             expected = _flatten(model(x))
         try:
             actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
@@ -236,8 +242,9 @@ def run_verify(args: argparse.Namespace) -> int:
         report.verified = True
         report.op_counts = onnx_op_counts(onnx_path)
         summary.export = report
-        if not args.no_compare:
+        if summary.models:
             summary.models["fused"] = ModelRow(op_counts=report.op_counts, note="the file verified")
+        if not args.no_compare:
             measure_latency(summary.models, {"vanilla": f"{workdir}/vanilla.onnx",
                                              "instrumented": f"{workdir}/instrumented.onnx", "fused": str(onnx_path)},
                             x.cpu(), runs=args.runs)
@@ -245,6 +252,11 @@ def run_verify(args: argparse.Namespace) -> int:
         raise VerificationError(f"{onnx_path} disagrees with {args.against} beyond atol={args.atol:g} + "
                                 f"rtol={args.rtol:g} * max|ref|:\n{report.table()}", report)
     same = summary.same_as_vanilla()
+    if args.strict and same["op_counts"] is None:
+        vanilla_row = summary.models.get("vanilla")
+        why = vanilla_row.note if vanilla_row is not None and vanilla_row.note else "no vanilla model"
+        raise ASRError(f"--strict: cannot compare the op multiset with the vanilla model's ({why}); "
+                       "pass --model and --factory-args for a checkpoint that does not name its factory")
     if args.strict and same["op_counts"] is False:
         raise VerificationError("--strict: the ONNX op multiset differs from the vanilla model's: "
                                 f"{op_count_diff(summary.models['vanilla'].op_counts, report.op_counts)}", report)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
 import asr_fx
-from asr_fx.cli import EXIT_OK, EXIT_VERIFY, _say
+from asr_fx.cli import EXIT_OK, EXIT_VERIFY, _say, check_opset_option
+from asr_fx.errors import ASRError
 
 
 def _synthetic_batches(n: int, batch: int, seed: int):
@@ -42,9 +46,30 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _check_out(out: Path) -> None:
+    """``-o`` must be a folder (existing, or new in an existing parent): refused before any work."""
+    if out.exists() and not out.is_dir():
+        raise ASRError(f"demo -o {str(out)!r}: that is a file, not a folder; name a folder for the demo's files")
+    if not out.parent.is_dir():
+        raise ASRError(f"demo -o {str(out)!r}: its parent folder {str(out.parent)!r} does not exist; create it first")
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    """``asr-fx demo``; the folder ``-o`` is removed again if the demo created it and fails before writing."""
+    _check_out(args.out)
+    check_opset_option(args)
+    created = not args.out.exists()
+    args.out.mkdir(exist_ok=True)
+    try:
+        return _demo(args)
+    except BaseException:
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
+        raise
+
+
+def _demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
     factory, kwargs = "asr_fx.models:cifar_resnet", {"depth": args.depth, "num_classes": 10}
     vanilla = asr_fx.build(factory, **kwargs)
     model = asr_fx.instrument(vanilla, attention=args.attention, example_inputs=(torch.zeros(1, 3, 32, 32),))
@@ -75,12 +100,9 @@ def run_demo(args: argparse.Namespace) -> int:
     torch_err = ((ref - out).abs().max() / ref.abs().max()).item()
 
     vanilla_report = asr_fx.export_onnx(vanilla.eval(), args.out / "vanilla.onnx", x, opset=args.opset)
-    try:
-        report = asr_fx.export_onnx(fused, args.out / "asr_fused.onnx", x, reference=model,
-                                    rtol=args.rtol, atol=args.atol, opset=args.opset)
-    except asr_fx.VerificationError as exc:
-        print(f"asr-fx: verification failed: {exc}")
-        return EXIT_VERIFY
+    # a VerificationError goes to main(), which reports it on stderr (and as JSON with --json), exit 1
+    report = asr_fx.export_onnx(fused, args.out / "asr_fused.onnx", x, reference=model,
+                                rtol=args.rtol, atol=args.atol, opset=args.opset)
     same_ops = report.op_counts == vanilla_report.op_counts
     rows = [
         ("sites (one per residual block)", len(sites)),
@@ -94,7 +116,16 @@ def run_demo(args: argparse.Namespace) -> int:
         ("ONNX op multiset == vanilla's", same_ops),
         ("files", f"{ckpt}, {args.out / 'asr_fused.onnx'}"),
     ]
+    ok = same_ops and _params(fused) == _params(vanilla) and torch_err <= 1e-5
+    code = EXIT_OK if ok else EXIT_VERIFY
+    if args.json:
+        print(json.dumps({"ok": ok, "exit_code": code, "command": "demo", "depth": args.depth,
+                          "attention": args.attention, "rtol": args.rtol, "atol": args.atol,
+                          "report": {name: value for name, value in rows}, "export": report.to_dict()}, indent=2))
+        return code
     _say(args, "\n" + tabulate(rows, tablefmt="simple"))
     _say(args, f"\nnext: asr-fx fuse {ckpt} -o {args.out / 'from_ckpt.onnx'}")
-    ok = same_ops and _params(fused) == _params(vanilla) and torch_err <= 1e-5
-    return EXIT_OK if ok else EXIT_VERIFY
+    if not ok:
+        print("asr-fx: demo failed: the fused model differs from the vanilla one (parameters, ONNX ops) or from "
+              "the instrumented one in torch beyond 1e-5; see the table above", file=sys.stderr)
+    return code

@@ -35,6 +35,8 @@ class ExportError(ASRError):
 
 @dataclass
 class OutputError:
+    """One output's agreement: max abs error, that over max|reference|, and whether it is in tolerance."""
+
     name: str
     max_abs: float
     max_rel: float
@@ -60,10 +62,13 @@ class ExportReport:
         return all(o.ok for o in self.outputs)
 
     def table(self) -> str:
+        """Per output: max abs and relative error and ok/FAILED against ``rtol``, as a text table."""
         rows = [(o.name, f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", "ok" if o.ok else "FAILED") for o in self.outputs]
         return tabulate(rows, headers=["output", "max abs err", "max rel err", f"rtol {self.rtol:g}"])
 
     def to_dict(self) -> dict:
+        """The report as plain JSON-ready types: path, provider, verified/ok, tolerances, per-output
+        errors, ONNX op counts, parameter count and seconds per stage."""
         return {
             "path": self.path,
             "provider": self.provider,
@@ -85,6 +90,45 @@ def onnx_op_counts(model: str | os.PathLike | onnx.ModelProto) -> dict[str, int]
     for function in proto.functions:
         counts.update(node.op_type for node in function.node)
     return dict(sorted(counts.items()))
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision():
+    """Turn TF32 off (``torch.backends.cuda.matmul.allow_tf32`` and ``torch.backends.cudnn.allow_tf32``)
+    for the block and restore both flags afterwards: with TF32, CUDA fp32 matmuls and convolutions
+    err by ~1e-4 relative, as much as the tolerance verification checks against."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch suggests its fp32_precision API instead
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+            torch.backends.cudnn.allow_tf32 = cudnn
+
+
+#: the oldest opset torch's dynamo ONNX exporter writes natively; it converts to an older one when
+#: onnx's version converter can, and otherwise silently keeps this one
+MIN_OPSET = 18
+
+
+def check_opset(path: str | os.PathLike, opset: int | None) -> None:
+    """Raise :class:`ExportError` when the ONNX file at ``path`` is not of the requested default-domain opset."""
+    if opset is None:
+        return
+    proto = onnx.load(str(path), load_external_data=False)
+    written = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise ExportError(
+            f"asked for ONNX opset {opset}, but torch's exporter wrote opset {written}: it supports opsets "
+            f"{MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the installed onnx's newest), and older ones only "
+            f"where onnx's version converter can convert the model, which it could not here; pass an --opset "
+            f"(opset=) in that range, or leave it out for the exporter's default"
+        )
 
 
 def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -178,7 +222,7 @@ def _verify_at_batch(path: str, reference: nn.Module, args: tuple, batch: int, r
     """Run the (dynamic-batch) ONNX file on random inputs of ``batch`` samples and compare with torch."""
     g = torch.Generator().manual_seed(batch)
     inputs = tuple(torch.randn((batch, *a.shape[1:]), generator=g).to(a.device, a.dtype) for a in args)
-    with torch.no_grad():
+    with torch.no_grad(), fp32_matmul_precision():
         expected = _flatten(reference.eval()(*inputs))
     actual, _ = run_onnxruntime(path, inputs, providers)
     errors = compare(expected, actual, rtol, atol)
@@ -229,14 +273,30 @@ def export_onnx(
     on ``example_inputs``, and with ``dynamic_batch`` also on random inputs of each batch size in
     ``verify_batches`` (default 1 and 7). Raises :class:`VerificationError` (with ``.report``) when
     they disagree beyond ``atol + rtol * max|reference|``, or when ``expected_op_counts`` is given
-    and the ONNX op multiset differs from it; then nothing is written at ``path``.
+    and the ONNX op multiset differs from it; then nothing is written at ``path``. Raises
+    :class:`ExportError` when ``opset`` is given and the exporter wrote another one (it supports
+    ``MIN_OPSET`` and newer). The reference runs with TF32 off (:func:`fp32_matmul_precision`).
+    ``model``'s and ``reference``'s train/eval modes are restored afterwards.
     """
     path = Path(path)
     if path.suffix.lower() != ".onnx":
         raise ASRError(f"the output {str(path)!r} should end in .onnx")
-    if not path.parent.exists():
+    if path.is_dir():
+        raise ASRError(f"the output {str(path)!r} is a folder: name the .onnx file to write")
+    if not path.parent.is_dir():
         raise ASRError(f"the output folder {str(path.parent)!r} does not exist")
     args = _as_tuple(example_inputs)
+    modes = {m: m.training for owner in (model, reference) if owner is not None for m in owner.modules()}
+    try:
+        return _export_verified(model, path, args, verify, reference, rtol, atol, opset, dynamic_batch, providers,
+                                verify_batches, expected_op_counts, on_verify)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def _export_verified(model, path, args, verify, reference, rtol, atol, opset, dynamic_batch, providers,
+                     verify_batches, expected_op_counts, on_verify) -> ExportReport:
     model = model.eval()
     report = ExportReport(str(path), rtol=rtol, atol=atol, param_count=sum(p.numel() for p in model.parameters()))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.onnx", dir=path.parent)
@@ -253,13 +313,14 @@ def export_onnx(
                 "-v prints the exporter's full message"
             ) from exc
         report.seconds["export"] = time.perf_counter() - start
+        check_opset(tmp, opset)
         onnx.checker.check_model(tmp)
         report.op_counts = onnx_op_counts(tmp)
         if verify:
             if on_verify is not None:
                 on_verify()
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), fp32_matmul_precision():
                 expected = _flatten((reference or model).eval()(*args))
             actual, report.provider = run_onnxruntime(tmp, args, providers)
             report.outputs = compare(expected, actual, rtol, atol)

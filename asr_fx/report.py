@@ -34,15 +34,21 @@ class FusionReport:
         return dict(Counter(r.where for r in self.records))
 
     def unfolded_message(self) -> str:
+        """The error text of ``fuse(strict=True)``: how many ASR sites stayed a ``mul``, then one line
+        per site naming the producer it follows and why it could not fold."""
         lines = [f"{len(self.unfolded)} ASR site(s) could not be folded and stay as a constant Mul:"]
         lines += [f"  {r.site or r.mul} after `{r.target}`: {r.reason}" for r in self.unfolded]
         return "\n".join(lines)
 
     def table(self) -> str:
+        """Every record as a text table: site, mul node, producer, where it folded, into which
+        layer(s), and the reason (why it folded there, or why not)."""
         rows = [(r.site or "-", r.mul, r.target, r.where, getattr(r, "into", ""), r.reason) for r in self.records]
         return tabulate(rows, headers=["site", "mul", "producer", "folded into", "layer(s)", "reason"])
 
     def to_dict(self) -> dict:
+        """JSON-ready: counts of folded and unfolded scales and, per record, site, mul, producer,
+        where/into and reason (what ``asr-fx fuse --json`` prints under ``fusion``)."""
         return {
             "folded": len(self.folded),
             "unfolded": len(self.unfolded),

@@ -25,6 +25,7 @@ from torch import nn
 
 from asr_fx.api import asr_parameters, fuse, fusion_report
 from asr_fx.errors import ASRError, FusionError, VerificationError
+from asr_fx.export import fp32_matmul_precision
 
 #: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch
 FUSE_RTOL = 1e-5
@@ -100,12 +101,15 @@ def assert_fusion_equivalent(
       within ``onnx_rtol`` (default 1e-4); with ``vanilla`` given, its op multiset equals the
       vanilla model's.
 
-    ``model``'s train/eval mode is restored afterwards.
+    ``model``'s train/eval mode is restored afterwards. The checks run with TF32 off (CUDA's
+    TF32 matmuls err by ~1e-4, more than ``rtol``); the flags are restored afterwards.
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this function's
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     modes = {m: m.training for m in model.modules()}
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    precision = fp32_matmul_precision()
+    precision.__enter__()
     try:
         model.eval()
         try:
@@ -131,6 +135,7 @@ def assert_fusion_equivalent(
             _check_onnx(model, fused, inputs, onnx_rtol, opset, vanilla)
         return fused
     finally:
+        precision.__exit__(None, None, None)
         for module, mode in modes.items():
             module.training = mode
 

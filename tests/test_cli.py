@@ -333,3 +333,244 @@ def test_console_script_and_usage_error_exit_2():
     command = [exe] if exe else [sys.executable, "-m", "asr_fx.cli"]
     proc = subprocess.run([*command, "fuse", "x.pt"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "required: -o/--output" in proc.stderr
+
+
+# --- QA fixes: verification precision, strict, opset, demo, paths, custom attention, user errors --------
+
+
+class _FlagRecorder(nn.Module):
+    """A reference whose forward records the TF32 flags it runs under."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x):
+        self.seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return self.model(x)
+
+
+@pytest.fixture()
+def tf32_on():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_export_verifies_without_tf32_restores_the_flags_and_training_modes(trained, work, tf32_on):
+    """CPU only here: the flags are checked, the effect on a GPU run is not."""
+    model, reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), _FlagRecorder(nn.Identity())
+    model.train()
+    reference.model = model
+    reference.train()
+    asr_fx.export_onnx(model, work / "m.onnx", torch.randn(1, 3, 8, 8), reference=reference)
+    assert reference.seen and all(seen == (False, False) for seen in reference.seen)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    assert model.training and reference.training and all(m.training for m in model.modules())
+
+
+def test_export_restores_eval_mode_too(work):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model.eval()
+    model[1].train()  # a mixed state comes back as it was
+    asr_fx.export_onnx(model, work / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert not model.training and not model[0].training and model[1].training
+
+
+def test_opset_the_exporter_does_not_write_is_refused(trained, work):
+    """torch's exporter writes opset 18 for this model when asked for 13 (it cannot convert it down)."""
+    with pytest.raises(asr_fx.ASRError, match=r"asked for ONNX opset 13.*wrote opset 18.*supports opsets 18 to"):
+        asr_fx.export_onnx(trained, work / "m.onnx", torch.randn(1, 3, 32, 32), opset=13)
+    assert os.listdir(work) == []
+
+
+def test_cli_opset_13_exits_2_and_an_impossible_one_before_any_work(files, work, capsys):
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--opset", "13", "--no-compare"])
+    assert "asked for ONNX opset 13" in err and "supports opsets 18 to" in err
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--opset", "99"])
+    assert "--opset 99" in err
+    assert os.listdir(work) == []
+
+
+def test_strict_with_no_compare_still_checks_ops_against_vanilla(files, work, capsys):
+    argv = ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--strict", "--no-compare", "--json"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["models"]["vanilla"]["op_counts"] is not None
+    assert payload["same_as_vanilla"] == {"op_counts": True, "params": True}
+
+
+def test_strict_with_no_verify_still_checks_ops(files, work, capsys, monkeypatch):
+    from asr_fx import cli_verify
+
+    real = cli_verify._export_for_comparison
+
+    def vanilla_with_an_extra_op(*args, **kwargs):
+        row = real(*args, **kwargs)
+        row.op_counts = {**row.op_counts, "Mul": row.op_counts.get("Mul", 0) + 1}
+        return row
+
+    monkeypatch.setattr(cli_verify, "_export_for_comparison", vanilla_with_an_extra_op)
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--strict", "--no-verify"],
+                 code=1).strip()
+    assert "op multiset differs" in err and "Mul" in err
+    assert os.listdir(work) == []
+
+
+def test_strict_with_fold_bn_compares_with_the_vanilla_model_with_bn_folded(files, work, capsys):
+    argv = ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--strict", "--fold-bn", "--json",
+            "--runs", "1"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["same_as_vanilla"] == {"op_counts": True, "params": True}
+    assert "BN folded" in payload["models"]["vanilla"]["note"]
+    assert "BatchNormalization" not in payload["models"]["fused"]["op_counts"]
+
+
+def test_verify_strict_with_no_compare_still_checks_ops(files, exported, capsys):
+    argv = ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--strict", "--no-compare", "--json"]
+    assert cli.main(argv) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["same_as_vanilla"]["op_counts"] is True
+
+
+DEMO = ["demo", "--depth", "11", "--steps", "1", "--batch", "2"]
+
+
+def test_demo_json_prints_the_report(work, capsys):
+    assert cli.main([*DEMO, "-o", str(work / "d"), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["ok"] is True and payload["command"] == "demo"
+    assert payload["report"]["ONNX op multiset == vanilla's"] is True and payload["export"]["verified"]
+
+
+def test_demo_verification_failure_goes_to_stderr(work, capsys, monkeypatch):
+    from asr_fx import export
+
+    monkeypatch.setattr(export, "compare", lambda *a, **k: [export.OutputError("output0", 1.0, 1.0, False)])
+    assert cli.main([*DEMO, "-o", str(work / "d")]) == 1
+    captured = capsys.readouterr()
+    assert "verification failed" in captured.err and "verification failed" not in captured.out
+
+
+def test_demo_failing_before_writing_leaves_no_folder(work, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise asr_fx.ASRError("no sites today")
+
+    monkeypatch.setattr(asr_fx, "instrument", broken)
+    err = _fails(capsys, [*DEMO, "-o", str(work / "d")])
+    assert "no sites today" in err and os.listdir(work) == []
+
+
+@pytest.mark.parametrize("depth", ["12", "2", "x"])
+def test_demo_depth_must_be_9n_plus_2(depth, capsys):
+    assert cli.main(["demo", "--depth", depth]) == 2
+    err = capsys.readouterr().err
+    assert "--depth" in err and "Traceback" not in err and "unexpected" not in err
+
+
+def test_output_paths_are_checked_before_any_work(files, work, capsys):
+    (work / "folder.onnx").mkdir()
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "folder.onnx")])
+    assert "is a folder" in err and "folder.onnx" in err
+    (work / "afile").write_text("x")
+    err = _fails(capsys, [*DEMO, "-o", str(work / "afile")])
+    assert "is a file" in err and "afile" in err
+    err = _fails(capsys, [*DEMO, "-o", str(work / "missing" / "d")])
+    assert "does not exist" in err and "missing" in err
+    assert sorted(os.listdir(work)) == ["afile", "folder.onnx"]
+
+
+def test_factory_args_with_a_wrong_keyword_names_factory_and_keyword(trained, work, capsys):
+    torch.save(trained.state_dict(), work / "sd.pt")
+    err = _fails(capsys, ["fuse", str(work / "sd.pt"), "-o", str(work / "o.onnx"), "--model", FACTORY,
+                          "--factory-args", '{"dept": 11}'])
+    assert FACTORY in err and "'dept'" in err and "did you mean 'depth'" in err and "--factory-args" in err
+    assert "unexpected" not in err.split(":", 2)[1]  # not the "unexpected TypeError" catch-all
+    assert os.listdir(work) == ["sd.pt"]
+
+
+@pytest.mark.parametrize("option", [["--rtol", "-1"], ["--atol", "-1"], ["--rtol", "nan"]])
+def test_negative_tolerances_are_usage_errors(files, work, option, capsys):
+    assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), *option]) == 2
+    err = capsys.readouterr().err
+    assert "tolerance must be a finite number >= 0" in err and os.listdir(work) == []
+
+
+@pytest.mark.parametrize("option, words", [(["--rule", "residul"], "residul"), (["--activation", "swish"], "swish")])
+def test_value_errors_of_the_library_are_usage_errors(trained, work, capsys, option, words):
+    torch.save(trained.state_dict(), work / "sd.pt")
+    err = _fails(capsys, ["fuse", str(work / "sd.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS, *option])
+    assert words in err and "unexpected" not in err
+    assert os.listdir(work) == ["sd.pt"]
+
+
+def test_json_usage_error_is_a_json_object(capsys):
+    assert cli.main(["fuse", "x.pt", "--json", "--rtol", "1e-3"]) == 2
+    captured = capsys.readouterr()
+    payload = json.loads(captured.out)
+    assert payload["ok"] is False and payload["exit_code"] == 2 and "-o/--output" in payload["error"]
+    assert payload["rtol"] == 1e-3 and payload["atol"] == 0.0
+    assert "required: -o/--output" in captured.err
+
+
+def test_json_error_reports_the_tolerances_given(work, capsys):
+    argv = ["fuse", str(work / "missing.pt"), "-o", str(work / "o.onnx"), "--json", "--rtol", "2e-4", "--atol", "1e-6"]
+    assert cli.main(argv) == 2
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["rtol"] == 2e-4 and payload["atol"] == 1e-6
+
+
+def test_no_verify_says_the_file_is_unverified(files, work, capsys):
+    assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert "" not in out.splitlines()
+    assert out.splitlines()[-1] == f"wrote {work / 'o.onnx'} (not verified: --no-verify)"
+
+
+def test_trace_error_names_the_leaf_modules_option(work, capsys):
+    model = asr_fx.instrument(Untraceable(), sites=["bn"], leaf_modules=["gate"]).eval()
+    torch.save(model.state_dict(), work / "u.pt")
+    err = _fails(capsys, ["fuse", str(work / "u.pt"), "-o", str(work / "u.onnx"), "--model", "test_cli:Untraceable",
+                          "--input-shape", "1,3,8,8"])
+    assert "pass --leaf-modules gate" in err and "leaf_modules=['gate']" in err
+
+
+def test_leaf_modules_that_match_no_module_are_an_error(files, work, capsys):
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--leaf-modules", "fc,lyer2"])
+    assert "'lyer2'" in err and "did you mean 'layer2'" in err and "'fc'" not in err
+    assert os.listdir(work) == []
+
+
+def test_checkpoint_with_a_registered_only_attention_says_how_to_import_it(work, capsys):
+    from asr_fx import attention
+
+    attention.register("my_se", attention.SqueezeExcite)
+    try:
+        model = asr_fx.instrument(asr_fx.build(FACTORY, **SMALL), attention="my_se",
+                                  example_inputs=(torch.zeros(1, 3, 32, 32),))
+        asr_fx.save(model.eval(), work / "c.pt")
+    finally:
+        attention.unregister("my_se")
+    err = _fails(capsys, ["fuse", str(work / "c.pt"), "-o", str(work / "o.onnx"), "--no-compare"])
+    assert "'my_se' is not registered" in err and "--attention package.module:Factory" in err
+    assert os.listdir(work) == ["c.pt"]
+    argv = ["fuse", str(work / "c.pt"), "-o", str(work / "o.onnx"), "--no-compare", "-q",
+            "--attention", "asr_fx.attention.se:SqueezeExcite"]
+    assert cli.main(argv) == 0 and (work / "o.onnx").is_file()
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"asr-fx {asr_fx.__version__}"
+
+
+def test_reports_have_docstrings():
+    from asr_fx.export import ExportReport
+    from asr_fx.report import FusionReport
+
+    for method in (FusionReport.table, FusionReport.to_dict, FusionReport.unfolded_message, ExportReport.table,
+                   ExportReport.to_dict):
+        assert method.__doc__ and len(method.__doc__.split()) > 5, method

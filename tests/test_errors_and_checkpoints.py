@@ -169,3 +169,39 @@ def test_bare_passes_is_not_importable(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import asr_fx.passes as p; print(p.fuse_pipeline.__name__)"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.stdout.strip() == "fuse_pipeline"
+
+
+# --- saving: paths and custom attention networks that cannot be imported back -------------------------
+
+
+def _small_instrumented(attention):
+    return asr_fx.instrument(asr_fx.build("asr_fx.models:cifar_resnet", **SMALL), attention=attention,
+                             example_inputs=(torch.zeros(1, 3, 32, 32),))
+
+
+def test_save_refuses_an_attention_defined_in_main(tmp_path):
+    from asr_fx.attention import SqueezeExcite
+
+    script_attention = type("ScriptSE", (SqueezeExcite,), {"__module__": "__main__"})
+    model = _small_instrumented(script_attention)
+    with pytest.raises(asr_fx.CheckpointError, match=r"__main__.*register it under a name.*importable module"):
+        asr_fx.save(model, tmp_path / "c.pt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_refuses_a_lambda_attention(tmp_path):
+    from asr_fx.attention import SqueezeExcite
+
+    model = _small_instrumented(lambda channels, **kw: SqueezeExcite(channels, **kw))
+    with pytest.raises(asr_fx.CheckpointError, match=r"lambda.*register it under a name.*importable module"):
+        asr_fx.save(model, tmp_path / "c.pt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_to_a_folder_or_a_missing_folder_names_the_path(checkpoint, tmp_path):
+    model, _ = checkpoint
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(asr_fx.CheckpointError, match=r"adir'.*is a folder"):
+        asr_fx.save(model, tmp_path / "adir")
+    with pytest.raises(asr_fx.CheckpointError, match=r"the folder '.*nope' does not exist"):
+        asr_fx.save(model, tmp_path / "nope" / "c.pt")

@@ -88,3 +88,26 @@ def test_a_fusion_that_mutates_the_model_fails(monkeypatch):
     monkeypatch.setattr(asr_fx.testing, "fuse", mutating_fuse)
     with pytest.raises(AssertionError, match="changed the model it was given: \\['fc.bias'\\]"):
         assert_fusion_equivalent(copy.deepcopy(model).eval(), torch.randn(1, 3, 32, 32))
+
+
+def test_checks_run_without_tf32_and_restore_the_flags(monkeypatch):
+    """TF32 would make CUDA fp32 errors ~1e-4; CPU only here, so the flags are checked, not a GPU run."""
+    import asr_fx.testing as testing
+
+    seen = []
+    real_fuse = testing.fuse
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real_fuse(*args, **kwargs)
+
+    monkeypatch.setattr(testing, "fuse", spy)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        model = asr_fx.instrument(asr_fx.models.cifar_resnet(11), example_inputs=(torch.zeros(1, 3, 32, 32),))
+        testing.assert_fusion_equivalent(model, torch.randn(1, 3, 32, 32))
+        assert seen == [(False, False)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
