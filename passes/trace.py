@@ -129,9 +129,65 @@ def trace(
         raise TraceError(
             f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}."
         ) from exc
+    bind_training_flags(graph, model.training)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     for attr in ("_asr_fx_factory",):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
     return gm
+
+
+def _training_arguments() -> dict[Callable[..., Any], tuple[int, str]]:
+    """Functions that take the module's ``training`` flag: (positional index, keyword) of the flag."""
+    F = torch.nn.functional
+    table: dict[Callable[..., Any], tuple[int, str]] = {
+        F.dropout: (2, "training"),
+        F.dropout1d: (2, "training"),
+        F.dropout2d: (2, "training"),
+        F.dropout3d: (2, "training"),
+        F.alpha_dropout: (2, "training"),
+        F.feature_alpha_dropout: (2, "training"),
+    }
+    try:  # torchvision's stochastic depth is wrapped for torch.fx: a call_function node
+        from torchvision.ops.stochastic_depth import stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is optional
+        pass
+    else:
+        table[stochastic_depth] = (3, "training")
+    return table
+
+
+def bind_training_flags(graph: fx.Graph, traced_training: bool) -> fx.Graph:
+    """Re-attach ``self.training`` to dropout-like calls whose flag tracing froze into a constant.
+
+    ``F.dropout(x, p, self.training)`` and torchvision's ``stochastic_depth(x, p, mode,
+    self.training)`` trace to calls with a literal ``True``/``False``, so a model traced in train
+    mode would keep dropping in eval mode. Each such literal equal to the model's mode at trace time
+    becomes a read of the GraphModule's own ``training`` flag, which ``train()``/``eval()`` set.
+    Equivalence: exact in the mode the model was traced in; the other mode now behaves as the
+    original module does. Calls that pass a fixed flag different from the model's mode are kept.
+    """
+    table = _training_arguments()
+    flag: fx.Node | None = None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in table:
+            continue
+        index, keyword = table[node.target]
+        if keyword in node.kwargs:
+            value, where = node.kwargs[keyword], keyword
+        elif len(node.args) > index:
+            value, where = node.args[index], index
+        else:
+            continue
+        if not isinstance(value, bool) or value != traced_training:
+            continue
+        if flag is None:
+            first = next(n for n in graph.nodes if n.op != "placeholder")
+            with graph.inserting_before(first):
+                flag = graph.get_attr("training")
+        if isinstance(where, str):
+            node.kwargs = {**node.kwargs, where: flag}
+        else:
+            node.args = node.args[:where] + (flag,) + node.args[where + 1:]
+    return graph
