@@ -445,7 +445,7 @@ def _report_error(args: argparse.Namespace, exc: BaseException, code: int, label
         summary = getattr(args, "summary", None)
         payload = summary.to_dict() if summary is not None else {}
         for tolerance in ("rtol", "atol"):
-            if payload.get(tolerance) is None:
+            if payload.get(tolerance) is None and hasattr(args, tolerance):
                 payload[tolerance] = getattr(args, tolerance, None)
         print(json.dumps({"ok": False, "exit_code": code, "error": _one_line(exc), **payload}, indent=2))
     return code
@@ -467,8 +467,10 @@ def _usage_error(argv: Sequence[str], exc: UsageError) -> int:
                         return value
             return default
 
-        print(json.dumps({"ok": False, "exit_code": EXIT_USAGE, "error": f"{exc.prog}: {exc}",
-                          "rtol": given("--rtol", 1e-4), "atol": given("--atol", 0.0)}, indent=2))
+        payload: dict[str, Any] = {"ok": False, "exit_code": EXIT_USAGE, "error": f"{exc.prog}: {exc}"}
+        if any(command in argv for command in ("demo", "fuse", "verify")):  # the commands with tolerances
+            payload.update(rtol=given("--rtol", 1e-4), atol=given("--atol", 0.0))
+        print(json.dumps(payload, indent=2))
     return EXIT_USAGE
 
 

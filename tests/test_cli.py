@@ -428,6 +428,7 @@ def test_strict_with_fold_bn_compares_with_the_vanilla_model_with_bn_folded(file
     assert "BatchNormalization" not in payload["models"]["fused"]["op_counts"]
 
 
+@pytest.mark.slow  # the same vanilla export as fuse's test above, through `verify`
 def test_verify_strict_with_no_compare_still_checks_ops(files, exported, capsys):
     argv = ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--strict", "--no-compare", "--json"]
     assert cli.main(argv) == 0
