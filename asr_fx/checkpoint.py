@@ -141,8 +141,8 @@ def resolve_attention(attention: Any) -> Any:
         return import_factory(attention)
     if attention.lower() not in names():
         raise CheckpointError(
-            f"the checkpoint's attention {attention!r} is not registered here (registered: {', '.join(names())}); "
-            "it was registered by the code that trained the model: pass its import path, --attention "
+            f"the attention network {attention!r} is not registered here (registered: {', '.join(names())}); "
+            "a custom one was registered by the code that trained the model: pass its import path, --attention "
             "package.module:Factory (attention_kwargs with --attention-args), or in Python call "
             f"asr_fx.attention.register({attention!r}, Factory) before loading"
         )

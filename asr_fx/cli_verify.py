@@ -20,7 +20,14 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx.errors import ASRError, VerificationError
-from asr_fx.export import ExportReport, export_onnx, fp32_matmul_precision, onnx_op_counts, onnxruntime_latency_ms, op_count_diff
+from asr_fx.export import (
+    ExportReport,
+    export_onnx,
+    fp32_matmul_precision,
+    onnx_op_counts,
+    onnxruntime_latency_ms,
+    op_count_diff,
+)
 
 MODEL_ROWS = ("vanilla", "instrumented", "fused")
 

@@ -92,7 +92,7 @@ def test_a_fusion_that_mutates_the_model_fails(monkeypatch):
 
 def test_checks_run_without_tf32_and_restore_the_flags(monkeypatch):
     """TF32 would make CUDA fp32 errors ~1e-4; CPU only here, so the flags are checked, not a GPU run."""
-    import asr_fx.testing as testing
+    from asr_fx import testing
 
     seen = []
     real_fuse = testing.fuse
