@@ -286,7 +286,7 @@ def fuse(
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
     """
     work = copy.deepcopy(model).eval()
-    gm = trace(work, leaf_modules)
+    gm = trace(work, leaf_modules, bind_training=False)  # the fused graph is for inference
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
     gm, records = fuse_pipeline(gm, fold_bn=fold_bn, check=_check_finite)

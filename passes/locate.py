@@ -149,9 +149,14 @@ def site_at(gm: fx.GraphModule, node: fx.Node, rule: str) -> Site | None:
     return None
 
 
+_DROPOUT_FUNCTIONS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
+
+
 def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Stochastic depth or functional dropout: the identity at inference."""
     module = module_of(gm, node)
-    return type(module).__name__ == "StochasticDepth" or _function_name(node) == "stochastic_depth"
+    return (type(module).__name__ == "StochasticDepth" or _function_name(node) == "stochastic_depth"
+            or node.op == "call_function" and _function_name(node) in _DROPOUT_FUNCTIONS)
 
 
 def _is_permute(node: fx.Node) -> bool:
@@ -196,6 +201,7 @@ def _bfs_meet(a: fx.Node, b: fx.Node, limit: int = 10_000) -> tuple[int, int, fx
     """Path lengths from ``a`` and ``b`` back to their nearest common ancestor, and that ancestor.
 
     Breadth-first from both sides at once, so the cost is the size of the block, not of the graph.
+    Only data flows count: parameters, buffers and flags (``get_attr``) are no common ancestor.
     """
     dist: tuple[dict[fx.Node, int], dict[fx.Node, int]] = ({a: 0}, {b: 0})
     frontier: tuple[list[fx.Node], list[fx.Node]] = ([a], [b])
@@ -211,7 +217,7 @@ def _bfs_meet(a: fx.Node, b: fx.Node, limit: int = 10_000) -> tuple[int, int, fx
         nxt: list[fx.Node] = []
         for n in frontier[side]:
             for p in n.all_input_nodes:
-                if p not in dist[side]:
+                if p not in dist[side] and p.op != "get_attr":
                     dist[side][p] = dist[side][n] + 1
                     nxt.append(p)
         frontier = (nxt, frontier[1]) if side == 0 else (frontier[0], nxt)

@@ -106,8 +106,12 @@ def trace(
     leaf_modules: LeafSpec = None,
     inline: tuple[type, ...] = (),
     concrete_args: dict[str, Any] | None = None,
+    bind_training: bool = True,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a ``GraphModule`` whose submodules keep their names.
+
+    ``bind_training``: dropout-like calls follow the GraphModule's ``train()``/``eval()`` (see
+    :func:`bind_training_flags`); ``False`` keeps the flags tracing saw, for inference-only graphs.
 
     Raises :class:`asr_fx.errors.TraceError` naming the module and the Python line where tracing
     failed.
@@ -129,7 +133,8 @@ def trace(
         raise TraceError(
             f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}."
         ) from exc
-    bind_training_flags(graph, model.training)
+    if bind_training:
+        bind_training_flags(graph, model.training)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     for attr in ("_asr_fx_factory",):
