@@ -245,7 +245,7 @@ def instrument_from_config(model: nn.Module, config: dict[str, Any], input_shape
         model,
         attention=resolve_attention(config["attention"]),
         rule=config.get("rule", "auto"),
-        sites=[s["node"] for s in config["sites"]] if config.get("sites") else None,
+        sites=[s["node"] for s in config["sites"]] if config.get("sites") is not None else None,
         delta=config.get("delta", 1),
         activation=config.get("activation", "sigmoid"),
         psi_init=tuple(psi_init) if isinstance(psi_init, list) else psi_init,
@@ -254,6 +254,7 @@ def instrument_from_config(model: nn.Module, config: dict[str, Any], input_shape
         example_inputs=example,
         leaf_modules=leaf_modules,
         preset=config.get("preset"),
+        convert_existing=config.get("convert_existing", False),
     )
 
 

@@ -205,3 +205,15 @@ def test_save_to_a_folder_or_a_missing_folder_names_the_path(checkpoint, tmp_pat
         asr_fx.save(model, tmp_path / "adir")
     with pytest.raises(asr_fx.CheckpointError, match=r"the folder '.*nope' does not exist"):
         asr_fx.save(model, tmp_path / "nope" / "c.pt")
+
+
+def test_a_model_with_converted_attention_round_trips_through_a_checkpoint(tmp_path):
+    vanilla = asr_fx.build("torchvision.models:mobilenet_v3_small", num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    model = asr_fx.instrument(vanilla.eval(), convert_existing=True, example_inputs=(x,)).eval()
+    perturb_asr(model)
+    asr_fx.save(model, tmp_path / "mnv3.pt")
+    loaded = asr_fx.load(tmp_path / "mnv3.pt")
+    assert asr_fx.get_config(loaded)["convert_existing"] is True
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
