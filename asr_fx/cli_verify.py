@@ -25,7 +25,6 @@ from asr_fx.export import (
     export_onnx,
     fp32_matmul_precision,
     onnx_op_counts,
-    onnxruntime_latency_ms,
     op_count_diff,
 )
 
@@ -197,7 +196,7 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[list[int | str], str]:
 
 def run_verify(args: argparse.Namespace) -> int:
     """``asr-fx verify OUT.onnx --against CKPT``: re-check an existing export against its checkpoint."""
-    from asr_fx import cli
+    from asr_fx import cli, cli_fuse
     from asr_fx.export import _flatten, compare, run_onnxruntime
 
     onnx_path: Path = args.onnx
@@ -206,11 +205,11 @@ def run_verify(args: argparse.Namespace) -> int:
     summary = VerificationSummary("verify", str(args.against), output=str(onnx_path), device=args.device,
                                   rtol=args.rtol, atol=args.atol)
     args.summary = summary
-    cli.check_opset_option(args)
-    stages = cli.Stages(args, ("load", "trace", "export", "verify"))
+    cli_fuse.check_opset_option(args)
+    stages = cli_fuse.Stages(args, ("load", "trace", "export", "verify"))
     dims, _ = onnx_input_shape(onnx_path)
     stages.start("load", f"{args.against}")
-    loaded = cli.load_from_args(args, args.against)
+    loaded = cli_fuse.load_from_args(args, args.against)
     summary.checkpoint_format, summary.notes = loaded.kind, loaded.notes
     dynamic = bool(dims) and not isinstance(dims[0], int)
     static = [d for d in dims if isinstance(d, int)] if not dynamic else None
@@ -221,7 +220,7 @@ def run_verify(args: argparse.Namespace) -> int:
         raise ASRError("no input shape: the ONNX input, the checkpoint and the model do not give one; "
                        "pass --input-shape, e.g. 1,3,224,224")
     stages.start("trace", f"input {list(shape)}")
-    model, x = cli.prepare_model(args, loaded, shape)
+    model, x = cli_fuse.prepare_model(args, loaded, shape)
     summary.input_shape = list(shape)
     stages.start("export", "vanilla and instrumented models, for comparison" if not args.no_compare else "skipped")
     with tempfile.TemporaryDirectory(prefix="asr-fx-verify-") as workdir:
@@ -268,5 +267,5 @@ def run_verify(args: argparse.Namespace) -> int:
         raise VerificationError("--strict: the ONNX op multiset differs from the vanilla model's: "
                                 f"{op_count_diff(summary.models['vanilla'].op_counts, report.op_counts)}", report)
     stages.stop()
-    cli.finish(args, summary)
+    cli_fuse.finish(args, summary)
     return cli.EXIT_OK

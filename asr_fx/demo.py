@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import asr_fx
-from asr_fx.cli import EXIT_OK, EXIT_VERIFY, _say, check_opset_option
+from asr_fx.cli import EXIT_OK, EXIT_VERIFY, _say
+from asr_fx.cli_fuse import check_opset_option
 from asr_fx.errors import ASRError
 
 
