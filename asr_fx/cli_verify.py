@@ -197,7 +197,7 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[list[int | str], str]:
 def run_verify(args: argparse.Namespace) -> int:
     """``asr-fx verify OUT.onnx --against CKPT``: re-check an existing export against its checkpoint."""
     from asr_fx import cli, cli_fuse
-    from asr_fx.export import _flatten, compare, run_onnxruntime
+    from asr_fx.export import compare, flatten_outputs, run_onnxruntime
 
     onnx_path: Path = args.onnx
     if not onnx_path.is_file():
@@ -232,7 +232,7 @@ def run_verify(args: argparse.Namespace) -> int:
         stages.start("verify", f"{onnx_path} in onnxruntime")
         report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
         with torch.no_grad(), fp32_matmul_precision():
-            expected = _flatten(model(x))
+            expected = flatten_outputs(model(x))
         try:
             actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long; keep the first line

@@ -135,13 +135,14 @@ def _as_tuple(inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tens
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _flatten(out: object) -> list[torch.Tensor]:
+def flatten_outputs(out: object) -> list[torch.Tensor]:
+    """Every tensor in a model output (a tensor, or nested tuples/lists/dicts of them), in order."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
+        return [t for o in out for t in flatten_outputs(o)]
     if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
+        return [t for v in out.values() for t in flatten_outputs(v)]
     return []
 
 
@@ -223,7 +224,7 @@ def _verify_at_batch(path: str, reference: nn.Module, args: tuple, batch: int, r
     g = torch.Generator().manual_seed(batch)
     inputs = tuple(torch.randn((batch, *a.shape[1:]), generator=g).to(a.device, a.dtype) for a in args)
     with torch.no_grad(), fp32_matmul_precision():
-        expected = _flatten(reference.eval()(*inputs))
+        expected = flatten_outputs(reference.eval()(*inputs))
     actual, _ = run_onnxruntime(path, inputs, providers)
     errors = compare(expected, actual, rtol, atol)
     for e in errors:
@@ -321,7 +322,7 @@ def _export_verified(model, path, args, verify, reference, rtol, atol, opset, dy
                 on_verify()
             start = time.perf_counter()
             with torch.no_grad(), fp32_matmul_precision():
-                expected = _flatten((reference or model).eval()(*args))
+                expected = flatten_outputs((reference or model).eval()(*args))
             actual, report.provider = run_onnxruntime(tmp, args, providers)
             report.outputs = compare(expected, actual, rtol, atol)
             if dynamic_batch:

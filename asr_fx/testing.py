@@ -25,21 +25,11 @@ from torch import nn
 
 from asr_fx.api import asr_parameters, fuse, fusion_report
 from asr_fx.errors import ASRError, FusionError, VerificationError
-from asr_fx.export import fp32_matmul_precision
+from asr_fx.export import flatten_outputs, fp32_matmul_precision
 
 #: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch
 FUSE_RTOL = 1e-5
 ONNX_RTOL = 1e-4
-
-
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
-    return []
 
 
 def _n_params(model: nn.Module) -> int:
@@ -122,7 +112,7 @@ def assert_fusion_equivalent(
         if changed:
             raise AssertionError(f"fuse(model) changed the model it was given: {changed[:5]}")
         with torch.no_grad():
-            reference, actual = _flatten(model(*inputs)), _flatten(fused(*inputs))
+            reference, actual = flatten_outputs(model(*inputs)), flatten_outputs(fused(*inputs))
         problems = _output_problems(reference, actual, rtol, atol)
         if problems:
             report = fusion_report(fused)

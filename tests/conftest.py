@@ -38,3 +38,16 @@ def perturb_asr(model: nn.Module, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if name.startswith("asr."):
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+class SharedBN(nn.Module):
+    """One BatchNorm called at two places: an ASR site after its second call cannot fold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv2(self.bn(self.conv1(x))))

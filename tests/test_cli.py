@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import perturb_asr
+from conftest import SharedBN, perturb_asr  # SharedBN: the CLI imports it as `test_cli:SharedBN`
 from torch import nn
 
 import asr_fx
@@ -24,17 +24,6 @@ MODEL_ARGS = ["--model", FACTORY, "--factory-args", json.dumps(SMALL), "--input-
 
 
 # factories the CLI imports as `test_cli:...` (pytest puts tests/ on sys.path)
-class SharedBN(nn.Module):
-    """One BatchNorm called twice: an ASR site after its second call cannot fold."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn(self.conv2(self.bn(self.conv1(x))))
 
 
 class _Gate(nn.Module):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import perturb_asr
+from conftest import SharedBN, perturb_asr
 from torch import nn
 
 import asr_fx
@@ -135,21 +135,10 @@ def test_no_site_is_a_clear_error():
         asr_fx.instrument(nn.Sequential(nn.Flatten(), nn.ReLU()))
 
 
-class _SharedBN(nn.Module):
-    """One BatchNorm called at two places."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn(self.conv2(self.bn(self.conv1(x))))
 
 
 def test_unfolded_site_warns_by_default_and_raises_when_strict():
-    model = asr_fx.instrument(_SharedBN(), sites=["bn_1"]).eval()
+    model = asr_fx.instrument(SharedBN(), sites=["bn_1"]).eval()
     assert list(model.asr.keys()) == ["bn_1"]
     perturb_asr(model)
     x = torch.randn(2, 3, 8, 8)

@@ -7,8 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import perturb_asr
-from torch import nn
+from conftest import SharedBN, perturb_asr
 
 import asr_fx
 from asr_fx.models import cifar_resnet, resnet164
@@ -36,19 +35,10 @@ def test_builtin_resnet164_fuses_equivalently():
     assert_fusion_equivalent(model.eval(), torch.randn(2, 3, 32, 32))
 
 
-class _SharedBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        return self.bn(self.conv2(self.bn(self.conv1(x))))
 
 
 def test_an_unfolded_site_fails_with_the_site_named():
-    model = asr_fx.instrument(_SharedBN(), sites=["bn_1"]).eval()
+    model = asr_fx.instrument(SharedBN(), sites=["bn_1"]).eval()
     perturb_asr(model)
     with pytest.raises(AssertionError, match=r"left ASR sites unfolded(.|\n)*asr\.bn_1"):
         assert_fusion_equivalent(model, torch.randn(1, 3, 8, 8))
