@@ -117,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--memory-batch", type=int, default=32,
                         help="also measure peak step memory at this batch (activations weigh more); 0: skip")
     parser.add_argument("--threads", type=int, default=1)
