@@ -18,7 +18,6 @@ are randomised (as after training) so that fusion folds non-trivial values.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 import warnings
