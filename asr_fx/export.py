@@ -151,6 +151,8 @@ def _export(model: nn.Module, args: tuple, path: str, opset: int | None, dynamic
     if opset is not None:
         kwargs["opset_version"] = opset
     if dynamic_batch:
+        # torch.export specializes a dimension of size 1; trace with two samples so batch stays symbolic
+        args = tuple(a.expand(2, *a.shape[1:]).contiguous() if a.dim() and a.shape[0] == 1 else a for a in args)
         batch = torch.export.Dim("batch", min=1)
         kwargs["dynamic_shapes"] = tuple({0: batch} for _ in args)
     # the exporter prints graph dumps and log lines on failure: keep the terminal to our one-line error
