@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
+from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
 from asr_fx.passes.attention_patterns import find_channel_attention
 from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
@@ -151,6 +152,7 @@ def instrument(
     leaf_modules: Any = None,
     preset: str | None = None,
     convert_existing: bool = False,
+    norm_fused: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
 
@@ -176,7 +178,14 @@ def instrument(
             found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
             ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
             at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
+        norm_fused: train cheaper at BatchNorm sites: a block right after an affine ``nn.BatchNorm``
+            computes that BN with affine ``weight * v, bias * v`` (:class:`asr_fx.asr.NormFusedASR`,
+            the same function; BN's output is not kept for backward). Needs ``delta=1``; other sites keep
+            ``x * v``. State_dict keys and :func:`fuse`'s result are those of the ordinary form.
     """
+    if norm_fused and delta != 1:
+        raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
+                                 f"delta={delta}; drop norm_fused or use delta=1")
     activation, psi_init, _ = resolve_preset(preset, activation, psi_init)
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
@@ -214,6 +223,8 @@ def instrument(
         existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
         convert_existing_attention(gm, existing, psi_init=psi_init if isinstance(psi_init, (int, float)) else 0.1,
                                    psi_values=psi_values, learnable_psi=learnable_psi)
+    if norm_fused:
+        into_norm_fused(gm)
     config = {
         "attention": _attention_name(attention),
         "attention_kwargs": kwargs,
@@ -224,6 +235,7 @@ def instrument(
         "learnable_psi": learnable_psi,
         "preset": preset,
         "convert_existing": convert_existing,
+        "norm_fused": norm_fused,
         "sites": [s.to_dict() for s in chosen],
         "factory": getattr(model, "_asr_fx_factory", None),
         "input_shape": list(example_inputs[0].shape) if example_inputs else None,
@@ -286,6 +298,8 @@ def fuse(
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
     """
     work = copy.deepcopy(model).eval()
+    for graph_module in [m for m in work.modules() if isinstance(m, fx.GraphModule)]:
+        out_of_norm_fused(graph_module)  # norm_fused blocks back to BN(x) with v in BN's affine, then as usual
     gm = trace(work, leaf_modules, bind_training=False)  # the fused graph is for inference
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)

@@ -127,6 +127,61 @@ class ASR(nn.Module):
         return f"channels={self.channels}, channel_pos={self.channel_pos}, activation={self.activation!r}"
 
 
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def is_affine_batch_norm(module: Any) -> bool:
+    """``module`` is a plain affine ``nn.BatchNorm1d/2d/3d`` (not a subclass with its own forward)."""
+    return type(module) in NORM_TYPES and module.affine and module.weight is not None and module.bias is not None
+
+
+def batch_norm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """What ``norm(x)`` computes, with ``weight``/``bias`` in place of ``norm``'s own affine parameters.
+
+    Follows ``nn.BatchNorm``'s forward exactly: batch statistics in training (and always without
+    running stats), ``num_batches_tracked`` counted, ``momentum=None`` as a cumulative average.
+    """
+    norm._check_input_dim(x)
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    use_batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    keep_stats = not norm.training or norm.track_running_stats
+    return F.batch_norm(x, norm.running_mean if keep_stats else None, norm.running_var if keep_stats else None,
+                        weight, bias, use_batch_stats, factor, norm.eps)
+
+
+class NormFusedASR(ASR):
+    """An ASR block computed inside the BatchNorm before it: ``BN(x)`` with affine ``weight * v, bias * v``.
+
+    The same function as ``ASR()(bn(x))`` (``(x_hat * w + b) * v = x_hat * (w v) + b v``) in training
+    and in eval, but no ``BN(x)`` activation is kept for the backward of ``* v``. The graph calls it
+    as ``block(x, bn)``: ``bn`` is the BatchNorm module itself, read by the graph from its original
+    path (``norm_path``), so it stays there with its state_dict keys and is not a submodule of this block.
+    """
+
+    def __init__(self, channels: int, attention: nn.Module, norm_path: str, **kwargs: Any) -> None:
+        super().__init__(channels, attention, **kwargs)
+        self.norm_path = norm_path
+
+    @classmethod
+    def from_block(cls, block: ASR, norm_path: str) -> NormFusedASR:
+        """The norm-fused form of ``block``: the same attention network and the same psi tensor."""
+        fused = cls(block.channels, block.attention, norm_path, channel_pos=block.channel_pos,
+                    activation=block.activation, learnable_psi=isinstance(block.psi, nn.Parameter))
+        fused.psi = block.psi
+        return fused
+
+    def forward(self, x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:  # type: ignore[override]
+        v = self.attention_value().reshape(-1)
+        return batch_norm_forward(norm, x, norm.weight * v, norm.bias * v)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, norm={self.norm_path!r}"
+
+
 def check_attention_output(net: nn.Module, channels: int) -> None:
     """Run ``net`` once on a zero psi (eval mode, no grad) and refuse it unless it returns ``channels`` values."""
     mode = net.training

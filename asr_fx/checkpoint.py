@@ -255,6 +255,7 @@ def instrument_from_config(model: nn.Module, config: dict[str, Any], input_shape
         leaf_modules=leaf_modules,
         preset=config.get("preset"),
         convert_existing=config.get("convert_existing", False),
+        norm_fused=config.get("norm_fused", False),
     )
 
 

@@ -1,0 +1,99 @@
+"""The norm-fused training form of ASR blocks at BatchNorm sites, and its undoing before fusion.
+
+``into_norm_fused``: ``bn(x) -> asr.k(.)`` becomes ``asr.k(x, bn)`` where ``asr.k`` is a
+:class:`~asr_fx.asr.NormFusedASR` computing BatchNorm with affine ``weight * v, bias * v``.
+``out_of_norm_fused``: the inverse at fusion time, with ``v`` folded into a copy of the BN's affine
+parameters, so the rest of :func:`asr_fx.fuse` sees a vanilla BN call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from asr_fx.asr import ASR, NormFusedASR, is_affine_batch_norm
+from asr_fx.errors import ASRError
+
+
+def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def into_norm_fused(gm: fx.GraphModule, container: str = "asr") -> list[str]:
+    """Turn every ASR block that directly follows an affine BatchNorm into its norm-fused form.
+
+    Equivalence: ``asr.k(bn(x)) == asr.k'(x, bn)`` in training and eval (running statistics updated
+    the same way); psi and the attention network are the same tensors, so state_dict keys do not change.
+    Refuses (leaves as ordinary ``x * v`` blocks): blocks whose input is not a single-argument call of
+    a plain affine ``nn.BatchNorm1d/2d/3d``, BNs called more than once or used by anything else, and
+    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place; returns the converted block names.
+    """
+    calls = _module_calls(gm)
+    converted = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not str(node.target).startswith(f"{container}."):
+            continue
+        block = gm.get_submodule(node.target)
+        if type(block) is not ASR or len(node.args) != 1 or node.kwargs:
+            continue
+        norm_node = node.args[0]
+        if not isinstance(norm_node, fx.Node) or norm_node.op != "call_module" or len(norm_node.users) != 1:
+            continue
+        if len(norm_node.args) != 1 or norm_node.kwargs or calls.get(norm_node.target) != 1:
+            continue
+        if not is_affine_batch_norm(gm.get_submodule(norm_node.target)):
+            continue
+        key = str(node.target)[len(container) + 1:]
+        getattr(gm, container)[key] = NormFusedASR.from_block(block, str(norm_node.target))
+        with gm.graph.inserting_before(node):
+            norm_ref = gm.graph.get_attr(norm_node.target)
+        node.args = (norm_node.args[0], norm_ref)
+        gm.graph.erase_node(norm_node)
+        converted.append(str(node.target))
+    gm.graph.lint()
+    gm.recompile()
+    return converted
+
+
+def out_of_norm_fused(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace every ``block(x, bn)`` call of a :class:`NormFusedASR` by ``bn(x)`` with ``v`` folded into ``bn``.
+
+    Equivalence: ``bn(x)`` afterwards equals ``block(x, bn)`` before (``bn`` gets new Parameters
+    ``weight * v`` and ``bias * v``; the old tensors are not written, but ``bn`` itself is changed:
+    meant for the private copy :func:`asr_fx.fuse` works on). The block is removed.
+    Refuses a non-finite ``v`` (broken psi or attention weights) with :class:`ASRError`.
+    Modifies ``gm`` in place and returns it.
+    """
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        block = gm.get_submodule(node.target)
+        if not isinstance(block, NormFusedASR):
+            continue
+        x, norm_ref = node.args
+        norm = gm.get_submodule(norm_ref.target)
+        with torch.no_grad():
+            v = block.attention_value().reshape(-1).to(norm.weight.dtype)
+        if not torch.isfinite(v).all():
+            raise ASRError(f"the attention value at site `{node.target}` is not finite (NaN/Inf): the checkpoint's "
+                           "psi or attention weights are broken; retrain or restore them before fusing")
+        norm.weight = nn.Parameter(norm.weight.detach() * v, requires_grad=norm.weight.requires_grad)
+        norm.bias = nn.Parameter(norm.bias.detach() * v, requires_grad=norm.bias.requires_grad)
+        block_path = str(node.target)
+        node.target, node.args = norm_ref.target, (x,)
+        gm.graph.erase_node(norm_ref)
+        gm.delete_submodule(block_path)
+        container = block_path.rpartition(".")[0]
+        if container and not len(gm.get_submodule(container)._modules):
+            gm.delete_submodule(container)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
