@@ -3,6 +3,8 @@
 Variants, all with the attention at the same sites (the last BN of every bottleneck):
 - vanilla: torchvision ResNet-50;
 - ASR(SE) via ``asr_fx.instrument`` (a traced GraphModule with ``asr.<site>`` blocks);
+- ASR(SE) via ``asr_fx.instrument(..., norm_fused=True)``: each block computes its BN with affine
+  ``gamma * v, beta * v`` (the same function, no ``x * v`` activation kept for backward);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
 - SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline);
@@ -130,9 +132,12 @@ def main() -> None:
     instrumented = asr_fx.instrument(vanilla)
     instrument_s = time.perf_counter() - start
     sites = sites_of(instrumented)
+    norm_fused = asr_fx.instrument(vanilla, norm_fused=True)
+    norm_fused.load_state_dict(instrumented.state_dict())
     models = {
         "vanilla": vanilla,
         "ASR(SE) asr_fx.instrument": instrumented,
+        "ASR(SE) asr_fx.instrument(norm_fused=True)": norm_fused,
         "ASR(SE) hand-written ASRBatchNorm2d": hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
         "what-if: hand-written, v folded into BN affine": hand_written(vanilla, ASRBatchNorm2dAffine),
