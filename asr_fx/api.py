@@ -298,13 +298,14 @@ def fuse(
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
     """
     work = copy.deepcopy(model).eval()
+    norm_fused_records = []  # norm_fused blocks go back to BN(x) with v in BN's affine, then fuse as usual
     for graph_module in [m for m in work.modules() if isinstance(m, fx.GraphModule)]:
-        out_of_norm_fused(graph_module)  # norm_fused blocks back to BN(x) with v in BN's affine, then as usual
+        norm_fused_records += out_of_norm_fused(graph_module)
     gm = trace(work, leaf_modules, bind_training=False)  # the fused graph is for inference
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
     gm, records = fuse_pipeline(gm, fold_bn=fold_bn, check=_check_finite)
-    report = FusionReport(records)
+    report = FusionReport(norm_fused_records + records)
     gm.meta["asr_fx.fusion"] = report
     if report.unfolded:
         message = report.unfolded_message()

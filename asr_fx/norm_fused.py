@@ -14,6 +14,7 @@ from torch import nn
 
 from asr_fx.asr import ASR, NormFusedASR, is_affine_batch_norm
 from asr_fx.errors import ASRError
+from asr_fx.passes.fold import FoldRecord
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
@@ -60,16 +61,16 @@ def into_norm_fused(gm: fx.GraphModule, container: str = "asr") -> list[str]:
     return converted
 
 
-def out_of_norm_fused(gm: fx.GraphModule) -> fx.GraphModule:
+def out_of_norm_fused(gm: fx.GraphModule) -> list[FoldRecord]:
     """Replace every ``block(x, bn)`` call of a :class:`NormFusedASR` by ``bn(x)`` with ``v`` folded into ``bn``.
 
     Equivalence: ``bn(x)`` afterwards equals ``block(x, bn)`` before (``bn`` gets new Parameters
     ``weight * v`` and ``bias * v``; the old tensors are not written, but ``bn`` itself is changed:
     meant for the private copy :func:`asr_fx.fuse` works on). The block is removed.
     Refuses a non-finite ``v`` (broken psi or attention weights) with :class:`ASRError`.
-    Modifies ``gm`` in place and returns it.
+    Modifies ``gm`` in place; returns one record per block (``where="bn"``, as the ordinary form's fold).
     """
-    changed = False
+    records = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
@@ -86,14 +87,15 @@ def out_of_norm_fused(gm: fx.GraphModule) -> fx.GraphModule:
         norm.weight = nn.Parameter(norm.weight.detach() * v, requires_grad=norm.weight.requires_grad)
         norm.bias = nn.Parameter(norm.bias.detach() * v, requires_grad=norm.bias.requires_grad)
         block_path = str(node.target)
+        records.append(FoldRecord(mul=node.name, site=block_path, target=str(norm_ref.target), where="bn",
+                                  reason="norm_fused block", from_attention=True, into=str(norm_ref.target)))
         node.target, node.args = norm_ref.target, (x,)
         gm.graph.erase_node(norm_ref)
         gm.delete_submodule(block_path)
         container = block_path.rpartition(".")[0]
         if container and not len(gm.get_submodule(container)._modules):
             gm.delete_submodule(container)
-        changed = True
-    if changed:
+    if records:
         gm.graph.lint()
         gm.recompile()
-    return gm
+    return records

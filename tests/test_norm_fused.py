@@ -147,6 +147,18 @@ def test_fuse_gives_what_it_gives_for_the_ordinary_form(fused_pair):
     assert n_params(fused) == n_params(vanilla) == n_params(fused_ordinary)
     assert not hasattr(fused, "asr") and not any(isinstance(m, ASR) for m in fused.modules())
     assert isinstance(fused_form.asr["layer1_0_bn3"], NormFusedASR)  # fuse left its input alone
+    assert torch.equal(fused_form.get_submodule("layer1.0.bn3").weight, ordinary.get_submodule("layer1.0.bn3").weight)
+    report, ordinary_report = asr_fx.fusion_report(fused), asr_fx.fusion_report(fused_ordinary)
+    assert report.summary() == ordinary_report.summary() == {"bn": len(blocks(fused_form))}
+    assert [(r.site, r.into) for r in report.records] == [(r.site, r.into) for r in ordinary_report.records]
+
+
+def test_fuse_with_fold_bn_matches(fused_pair):
+    vanilla, _, fused_form, _, _ = fused_pair
+    fused = asr_fx.fuse(fused_form, strict=True, fold_bn=True)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        assert rel_err(fused_form(X), fused(X)) <= FUSE_RTOL
 
 
 def test_fused_onnx_op_multiset_equals_vanilla(fused_pair, tmp_path):
