@@ -154,7 +154,7 @@ def test_fuse_gives_what_it_gives_for_the_ordinary_form(fused_pair):
 
 
 def test_fuse_with_fold_bn_matches(fused_pair):
-    vanilla, _, fused_form, _, _ = fused_pair
+    _, _, fused_form, _, _ = fused_pair
     fused = asr_fx.fuse(fused_form, strict=True, fold_bn=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     with torch.no_grad():
