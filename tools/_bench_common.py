@@ -132,6 +132,16 @@ def write_results(name: str, title: str, settings: Sequence[str], body: str) -> 
     return path
 
 
+def report(name: str, title: str, settings: Sequence[str], body: str, notes: Sequence[str], write: bool) -> None:
+    """Print the settings and tables (with a Notes list) and, when ``write``, save them with :func:`write_results`."""
+    if notes:
+        body += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    print("\n".join(settings))
+    print(body)
+    if write:
+        print(f"wrote {write_results(name, title, settings, body)}")
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -31,13 +31,13 @@ from _bench_common import (
     machine,
     n_params,
     ratio_stats,
+    report,
     set_threads,
     sites_of,
     spread_pct,
     table,
     time_interleaved,
     with_se,
-    write_results,
 )
 
 import asr_fx
@@ -226,12 +226,7 @@ def main() -> None:
         "command: `OMP_NUM_THREADS=1 python tools/bench_inference.py`",
     ]
     body = "## Latency\n\n" + table(all_rows) + "\n\n## Structure checks\n\n" + table(checks) + "\n"
-    if notes:
-        body += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    print("\n".join(settings))
-    print(body)
-    if not args.no_write:
-        print(f"wrote {write_results('bench_inference.md', 'bench_inference: latency of vanilla, SE, ASR(SE) unfused and fused', settings, body)}")
+    report("bench_inference.md", "bench_inference: latency of vanilla, SE, ASR(SE) unfused and fused", settings, body, notes, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from _bench_common import machine, set_threads, table, write_results
+from _bench_common import machine, report, set_threads, table
 from torch import nn
 
 import asr_fx
@@ -170,12 +170,7 @@ def main() -> None:
         body += "## ResNets (seconds)\n\n" + table(resnet_rows) + "\n\n"
     body += "## Chain of N residual blocks (seconds)\n\n" + table(chain_rows) + "\n\n"
     body += "## Growth with node count (chain)\n\n" + table(fits) + "\n"
-    if notes:
-        body += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-    print("\n".join(settings))
-    print(body)
-    if not args.no_write:
-        print(f"wrote {write_results('bench_passes.md', 'bench_passes: wall time of the asr-fx passes', settings, body)}")
+    report("bench_passes.md", "bench_passes: wall time of the asr-fx passes", settings, body, notes, write=not args.no_write)
 
 
 if __name__ == "__main__":
