@@ -31,6 +31,20 @@ def train_step(model: nn.Module, x: torch.Tensor, lr: float = 0.01) -> None:
     opt.step()
 
 
+def fuse_and_check(model: nn.Module, x: torch.Tensor, vanilla: nn.Module | None = None) -> nn.Module:
+    """Eval mode, ``asr_fx.fuse(strict=True)``, and DESIGN.md's equivalence on ``x``; with ``vanilla``
+    also its exact parameter count. Returns the fused model."""
+    import asr_fx
+
+    model.eval()
+    fused = asr_fx.fuse(model, strict=True)
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
+    if vanilla is not None:
+        assert n_params(fused) == n_params(vanilla)
+    return fused
+
+
 def perturb_asr(model: nn.Module, seed: int = 0) -> None:
     """Move psi and attention weights away from their init so v differs per channel."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FUSE_RTOL, ORT_RTOL, n_params, perturb_asr, rel_err, train_step
+from conftest import FUSE_RTOL, ORT_RTOL, fuse_and_check, n_params, perturb_asr, rel_err, train_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -99,12 +99,7 @@ def test_a_user_attention_works_end_to_end(by):
         train_step(model, torch.randn(X))
         after = _asr_state(model)
         assert all(not torch.equal(before[k], after[k]) for k in before)
-        model.eval()
-        fused = asr_fx.fuse(model, strict=True)
-        x = torch.randn(X)
-        with torch.no_grad():
-            assert rel_err(model(x), fused(x)) <= FUSE_RTOL
-        assert n_params(fused) == n_params(vanilla)
+        fuse_and_check(model, torch.randn(X), vanilla)
         name = asr_fx.get_config(model)["attention"]
         assert name == ("test_channel_gate" if by == "name" else f"{__name__}:ChannelGate")
     finally:
@@ -260,12 +255,7 @@ def test_delta_three_stacks_blocks_and_fuses_to_the_vanilla_count():
         assert isinstance(stack, nn.Sequential) and len(stack) == 3 and all(isinstance(b, ASR) for b in stack)
     train_step(model, torch.randn(X))
     perturb_asr(model)
-    model.eval()
-    fused = asr_fx.fuse(model, strict=True)
-    x = torch.randn(X)
-    with torch.no_grad():
-        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
-    assert n_params(fused) == n_params(vanilla)
+    fused = fuse_and_check(model, torch.randn(X), vanilla)
     _assert_every_site_folded_into_bn(fused, 3 * len(sites))
     with pytest.raises(ValueError, match="delta"):
         asr_fx.instrument(vanilla, delta=0)
@@ -403,12 +393,7 @@ def test_asr_plus_the_models_own_se_keeps_it_and_fuses(name):
     assert [s["module"] for s in asr_fx.get_config(model)["sites"]] == sites
     train_step(model, torch.randn(X))
     perturb_asr(model)
-    model.eval()
-    fused = asr_fx.fuse(model, strict=True)
-    x = torch.randn(X)
-    with torch.no_grad():
-        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
-    assert n_params(fused) == n_params(vanilla)
+    fused = fuse_and_check(model, torch.randn(X), vanilla)
     modules = dict(fused.named_modules())
     assert all(f"blocks.{i}.se.fc{j}" in modules for i in (0, 1) for j in (1, 2))  # its own SE stays
     assert not any(n.startswith("asr") for n in modules)
