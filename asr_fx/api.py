@@ -152,7 +152,7 @@ def instrument(
     leaf_modules: Any = None,
     preset: str | None = None,
     convert_existing: bool = False,
-    norm_fused: bool = False,
+    norm_fused: bool | None = None,
 ) -> fx.GraphModule:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
 
@@ -178,11 +178,15 @@ def instrument(
             found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
             ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
             at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
-        norm_fused: train cheaper at BatchNorm sites: a block right after an affine ``nn.BatchNorm``
-            computes that BN with affine ``weight * v, bias * v`` (:class:`asr_fx.asr.NormFusedASR`,
-            the same function; BN's output is not kept for backward). Needs ``delta=1``; other sites keep
-            ``x * v``. State_dict keys and :func:`fuse`'s result are those of the ordinary form.
+        norm_fused: the training form at BatchNorm sites. ``True``: a block right after an affine
+            ``nn.BatchNorm`` computes that BN with affine ``weight * v, bias * v``
+            (:class:`asr_fx.asr.NormFusedASR`: the same function, but BN's output is not kept for the
+            backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
+            ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
+            ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
     """
+    if norm_fused is None:
+        norm_fused = delta == 1
     if norm_fused and delta != 1:
         raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
                                  f"delta={delta}; drop norm_fused or use delta=1")

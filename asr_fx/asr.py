@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -135,6 +136,13 @@ def is_affine_batch_norm(module: Any) -> bool:
     return type(module) in NORM_TYPES and module.affine and module.weight is not None and module.bias is not None
 
 
+def computes_like_batch_norm(norm: Any) -> bool:
+    """``norm(x)`` may be computed by :func:`batch_norm_forward` with other affine parameters: a plain
+    affine BatchNorm without forward hooks of its own (a hooked or converted norm, such as the
+    ``nn.SyncBatchNorm`` that ``convert_sync_batchnorm`` puts in its place, must be called itself)."""
+    return is_affine_batch_norm(norm) and not norm._forward_hooks and not norm._forward_pre_hooks
+
+
 def batch_norm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor) -> torch.Tensor:
     """What ``norm(x)`` computes, with ``weight``/``bias`` in place of ``norm``'s own affine parameters.
@@ -160,6 +168,10 @@ class NormFusedASR(ASR):
     and in eval, but no ``BN(x)`` activation is kept for the backward of ``* v``. The graph calls it
     as ``block(x, bn)``: ``bn`` is the BatchNorm module itself, read by the graph from its original
     path (``norm_path``), so it stays there with its state_dict keys and is not a submodule of this block.
+    A ``bn`` that is no longer a plain BatchNorm (converted to ``nn.SyncBatchNorm``, say) or has forward
+    hooks is called as it is, then multiplied by ``v``: the ordinary form, so nothing is skipped.
+    ``torch.fx`` tracing (``symbolic_trace``, or :func:`asr_fx.fuse` on a copy) also records the
+    ordinary form, so a traced graph holds ``bn`` then ``x * v`` whichever form trained.
     """
 
     def __init__(self, channels: int, attention: nn.Module, norm_path: str, **kwargs: Any) -> None:
@@ -175,7 +187,10 @@ class NormFusedASR(ASR):
         return fused
 
     def forward(self, x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:  # type: ignore[override]
-        v = self.attention_value().reshape(-1)
+        v = self.attention_value()
+        if isinstance(x, torch.fx.Proxy) or not computes_like_batch_norm(norm):
+            return norm(x) * v  # the ordinary form: traced, or the norm was replaced (SyncBatchNorm) or is hooked
+        v = v.reshape(-1)
         return batch_norm_forward(norm, x, norm.weight * v, norm.bias * v)
 
     def extra_repr(self) -> str:

@@ -189,7 +189,7 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     from asr_fx.api import instrument
     from asr_fx.asr import ASR
 
-    gm = instrument(model, attention, **instrument_kwargs)
+    gm = instrument(model, attention, **{**instrument_kwargs, "norm_fused": False})  # blocks are replaced below
     for key, block in list(gm.asr.items()):
         blocks = list(block) if isinstance(block, nn.Sequential) else [block]
         plain = []

@@ -1,8 +1,9 @@
-"""instrument(norm_fused=True): ASR blocks at BatchNorm sites computed as BN with affine ``w * v, b * v``."""
+"""instrument's default norm-fused form: ASR blocks at BatchNorm sites computed as BN with affine ``w * v, b * v``."""
 
 from __future__ import annotations
 
 import copy
+import operator
 import pickle
 
 import pytest
@@ -24,9 +25,9 @@ def models():
     """(vanilla, ordinary instrumented, norm-fused instrumented) with the same weights, all in train mode."""
     torch.manual_seed(0)
     vanilla = cifar_resnet(depth=11)
-    ordinary = asr_fx.instrument(vanilla)
+    ordinary = asr_fx.instrument(vanilla, norm_fused=False)
     perturb_asr(ordinary)
-    fused_form = asr_fx.instrument(vanilla, norm_fused=True)
+    fused_form = asr_fx.instrument(vanilla)  # the default
     fused_form.load_state_dict(ordinary.state_dict())
     return vanilla, ordinary, fused_form
 
@@ -87,7 +88,7 @@ def test_eval_mode_matches_ordinary_form(models):
 def test_batch_norm_options_follow_nn_batchnorm(bn_kwargs):
     torch.manual_seed(0)
     vanilla = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, **bn_kwargs), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    ordinary = asr_fx.instrument(vanilla, sites=["1"])
+    ordinary = asr_fx.instrument(vanilla, sites=["1"], norm_fused=False)
     perturb_asr(ordinary)
     fused_form = asr_fx.instrument(vanilla, sites=["1"], norm_fused=True)
     fused_form.load_state_dict(ordinary.state_dict())
@@ -183,3 +184,50 @@ def test_save_load_round_trip_keeps_norm_fused(tmp_path):
 def test_norm_fused_with_delta_above_one_is_refused_with_the_way_out():
     with pytest.raises(InvalidOptionError, match="delta=1"):
         asr_fx.instrument(cifar_resnet(depth=11), delta=2, norm_fused=True)
+
+
+def test_default_is_norm_fused_with_one_block_per_site_and_ordinary_with_more():
+    model = asr_fx.instrument(cifar_resnet(depth=11), delta=2)
+    assert asr_fx.get_config(model)["norm_fused"] is False
+    assert all(type(b) is ASR for b in blocks(model)) and len(blocks(model)) == 2 * len(model.asr)
+
+
+def loss_and_grads(model, x):
+    loss_of(model(x)).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_a_hooked_batch_norm_is_called_so_its_hooks_fire(models):
+    _, ordinary, fused_form = fresh(models)
+    seen = []
+    fused_form.get_submodule("layer1.0.bn3").register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert rel_err(ordinary(X), fused_form(X)) <= 1e-5  # train mode: batch statistics and running stats
+    assert len(seen) == 1
+    reference = loss_and_grads(ordinary, X)
+    for key, grad in loss_and_grads(fused_form, X).items():
+        assert torch.allclose(grad, reference[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_norm_converted_to_sync_batch_norm_is_called_itself(models, monkeypatch):
+    _, ordinary, fused_form = fresh(models)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(fused_form).eval()  # eval: no process group needed
+    calls = []
+    forward = nn.SyncBatchNorm.forward
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", lambda self, x: calls.append(self) or forward(self, x))
+    with torch.no_grad():
+        assert rel_err(ordinary.eval()(X), synced(X)) <= 1e-5
+    converted = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert synced.get_submodule("layer1.0.bn3") in converted and len(calls) == len(converted)
+
+
+def test_torch_fx_tracing_records_the_ordinary_form(models):
+    _, ordinary, fused_form = fresh(models)
+    traced = torch.fx.symbolic_trace(fused_form)
+    called = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert "layer1.0.bn3" in called  # BN is called itself, then scaled by v
+    muls = [n for n in traced.graph.nodes if n.target in (torch.mul, operator.mul)]
+    assert len(muls) == len(blocks(fused_form))
+    with torch.no_grad():
+        assert rel_err(ordinary.eval()(X), traced.eval()(X)) <= 1e-6
