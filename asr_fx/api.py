@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
+from asr_fx.asr import ASR, PsiInit, compute_attention_values_first_in, make_site_block, resolve_preset
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
@@ -245,6 +245,7 @@ def instrument(
         "input_shape": list(example_inputs[0].shape) if example_inputs else None,
     }
     set_config(gm, config)
+    compute_attention_values_first_in(gm)
     _place_like(gm, model)
     gm.train(model.training)
     return gm

@@ -302,3 +302,28 @@ def test_eval_without_fusing_computes_v_once_per_forward_per_site(model):
         h.remove()
     assert len(calls) == len(_asr_blocks(model)) == 3  # one call per site, not one per sample
     assert all(shape[0] == 1 for shape in calls)  # the attention network sees psi, not the batch
+
+
+# --------------------------------------------------------------------------- attention values first
+
+
+@pytest.mark.parametrize("norm_fused", [True, False])
+def test_attention_gradients_come_after_every_other_gradient(x, norm_fused):
+    """v is computed before the first layer, so its backward runs last, after the activations are freed."""
+    model = asr_fx.instrument(_small_vanilla(), norm_fused=norm_fused).train()
+    order: list[str] = []
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+    _loss(model(x)).backward()
+    asr_names = {n for n, _ in model.named_parameters() if n.startswith("asr.")}
+    assert sorted(order) == sorted(n for n, _ in model.named_parameters())
+    first_asr = min(i for i, n in enumerate(order) if n in asr_names)
+    assert set(order[first_asr:]) == asr_names, order
+
+
+def test_values_computed_first_are_dropped_when_the_forward_fails(model):
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 32, 32))  # 5 channels: the first conv refuses it
+    assert all(b._value_computed_first is None for b in _asr_blocks(model))
+    traced = torch.fx.symbolic_trace(model)  # traces psi -> v, not a value left behind
+    assert any(n.op == "get_attr" and str(n.target).endswith(".psi") for n in traced.graph.nodes)

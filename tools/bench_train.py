@@ -2,14 +2,12 @@
 
 Variants, all with the attention at the same sites (the last BN of every bottleneck):
 - vanilla: torchvision ResNet-50;
-- ASR(SE) via ``asr_fx.instrument`` (a traced GraphModule with ``asr.<site>`` blocks);
-- ASR(SE) via ``asr_fx.instrument(..., norm_fused=True)``: each block computes its BN with affine
-  ``gamma * v, beta * v`` (the same function, no ``x * v`` activation kept for backward);
+- ASR(SE) via ``asr_fx.instrument`` (the default: each block at a BN site computes that BN with
+  affine ``gamma * v, beta * v``, the same function, so no ``x * v`` activation is kept for backward);
+- ASR(SE) via ``asr_fx.instrument(..., norm_fused=False)`` (every block is ``x * v``);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
-- SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline);
-- what-if: the hand-written block computed as BN with affine ``gamma * v, beta * v`` (the same function;
-  shows what a training-time fold into BN would save: the activation ``x * v`` keeps for backward).
+- SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline).
 
 A training step is forward + cross-entropy + backward + SGD(momentum) step on a fixed random batch.
 Step times are interleaved (all variants once per round, shuffled); the ratio is the median of the
@@ -17,12 +15,20 @@ per-round ratios to vanilla [25th-75th percentile]. Peak memory is the highest t
 allocations live during one step, over what was allocated before it (activations, gradients,
 temporaries; parameters and optimizer state excluded), from the torch profiler's memory events.
 
-    OMP_NUM_THREADS=1 python tools/bench_train.py        # writes tools/results/bench_train.md
+The main table is ResNet-50's own input size (224x224) at batch 8; the sweep repeats vanilla, the
+default instrument and the hand-written module at other sizes and batches, down to 64x64 at batch 8,
+where the gradients of the attention parameters (SE adds 10.8% parameters) weigh most, with one more
+variant: the default instrument with each ``v`` computed at its site instead of all before the first
+layer (an ablation of :func:`asr_fx.asr.compute_attention_values_first`).
+
+    OMP_NUM_THREADS=1 python tools/bench_train.py        # writes tools/results/bench_train.md (about 6 min)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import time
 
 import torch
@@ -63,49 +69,45 @@ class ASRBatchNorm2d(nn.BatchNorm2d):
         return out * torch.sigmoid(self.fc2(F.relu(self.fc1(self.psi))))
 
 
-class ASRBatchNorm2dAffine(ASRBatchNorm2d):
-    """The same function, computed as BN with affine ``gamma * v, beta * v`` (Eq. 7 holds in training too):
-    no ``x * v`` product, so no extra activation is kept for backward. A what-if, not what asr-fx does."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = torch.sigmoid(self.fc2(F.relu(self.fc1(self.psi)))).reshape(-1)
-        if self.training:
-            self.num_batches_tracked.add_(1)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight * v, self.bias * v,
-                            self.training, self.momentum, self.eps)
-
-
-def hand_written(vanilla: nn.Module, cls: type = ASRBatchNorm2d) -> nn.Module:
-    import copy
-
+def hand_written(vanilla: nn.Module) -> nn.Module:
     model = copy.deepcopy(vanilla)
     for block in model.modules():
         if isinstance(block, Bottleneck):
             old = block.bn3
-            new = cls(old.num_features)
+            new = ASRBatchNorm2d(old.num_features)
             new.load_state_dict(old.state_dict(), strict=False)
             block.bn3 = new
     return model
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+class TrainStep:
+    """One training step of ``model`` on ``(x, y)``: zero the gradients (set to None), forward,
+    cross-entropy, backward, SGD(momentum) step."""
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.model, self.x, self.y = model.train(), x, y
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
-    return step
+    def __call__(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.update()
+
+    def update(self) -> None:
+        F.cross_entropy(self.model(self.x), self.y).backward()
+        self.opt.step()
 
 
-def peak_step_bytes(step) -> int:
-    """Peak of live CPU allocations during one ``step()``, relative to its start (torch profiler)."""
+def peak_step_bytes(step: TrainStep) -> int:
+    """Peak of live CPU allocations during one step, over the level at its start (torch profiler).
+
+    The old gradients are dropped before profiling starts: the profiler knows the sizes of blocks
+    allocated under an earlier profile, so freeing them inside this one would lower the count.
+    """
     from torch.profiler import ProfilerActivity, profile
 
+    step.opt.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+        step.update()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     live = peak = 0
@@ -115,16 +117,50 @@ def peak_step_bytes(step) -> int:
     return peak
 
 
+def values_at_the_sites(instrumented: nn.Module) -> nn.Module:
+    """A copy of ``instrumented`` without the hooks that compute every ``v`` before the first layer."""
+
+    model = copy.deepcopy(instrumented)
+    model._forward_pre_hooks.clear()
+    model._forward_hooks.clear()
+    return model
+
+
+def measure(models: dict[str, nn.Module], batch: int, size: int, rounds: int) -> tuple[dict, dict]:
+    """Step seconds (``rounds`` interleaved samples each) and peak step bytes (max of 2 steps) per variant."""
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    steps = {name: TrainStep(m, x, y) for name, m in models.items()}
+    for step in steps.values():  # optimizer state exists before anything is measured
+        step()
+    peaks = {name: max(peak_step_bytes(step) for _ in range(2)) for name, step in steps.items()}
+    times = time_interleaved(steps, rounds, warmup=1) if rounds else {}
+    return times, peaks
+
+
+def step_ratio(times: dict, name: str) -> str:
+    return fmt_ratio(ratio_stats(times[name], times["vanilla"])) if name != "vanilla" else "1"
+
+
+def parse_sweep(text: str) -> list[tuple[int, int]]:
+    """``"64x8,64x32"`` -> ``[(64, 8), (64, 32)]`` (input size x batch)."""
+    try:
+        return [(int(s), int(b)) for s, b in (item.split("x") for item in text.split(",") if item)]
+    except ValueError:
+        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--memory-batch", type=int, default=32,
-                        help="also measure peak step memory at this batch (activations weigh more); 0: skip")
+    parser.add_argument("--size", type=int, default=224, help="input height and width")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' skips it")
+    parser.add_argument("--sweep-rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    sweep = parse_sweep(args.sweep)
     set_threads(args.threads)
     torch.manual_seed(0)
     vanilla = torchvision.models.resnet50(num_classes=10)
@@ -132,58 +168,55 @@ def main() -> None:
     instrumented = asr_fx.instrument(vanilla)
     instrument_s = time.perf_counter() - start
     sites = sites_of(instrumented)
-    norm_fused = asr_fx.instrument(vanilla, norm_fused=True)
-    norm_fused.load_state_dict(instrumented.state_dict())
+    ordinary = asr_fx.instrument(vanilla, norm_fused=False)
+    ordinary.load_state_dict(instrumented.state_dict())
+    default, hand = "ASR(SE) asr_fx.instrument (default)", "ASR(SE) hand-written ASRBatchNorm2d"
     models = {
         "vanilla": vanilla,
-        "ASR(SE) asr_fx.instrument": instrumented,
-        "ASR(SE) asr_fx.instrument(norm_fused=True)": norm_fused,
-        "ASR(SE) hand-written ASRBatchNorm2d": hand_written(vanilla),
+        default: instrumented,
+        "ASR(SE) asr_fx.instrument(norm_fused=False)": ordinary,
+        hand: hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
-        "what-if: hand-written, v folded into BN affine": hand_written(vanilla, ASRBatchNorm2dAffine),
     }
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch,))
-    steps = {name: make_step(m, x, y) for name, m in models.items()}
-    for step in steps.values():  # optimizer state exists before anything is measured
-        step()
-    peaks = {name: [peak_step_bytes(step) for _ in range(2)] for name, step in steps.items()}
-    times = time_interleaved(steps, args.rounds, warmup=1)
-    rows = []
-    for name in models:
-        peak = max(peaks[name])
-        rows.append({
-            "variant": name,
-            "params": f"{n_params(models[name]):,}",
-            "step ms": f"{fmt_ms(sorted(times[name])[len(times[name]) // 2])} {spread_pct(times[name])}",
-            "step / vanilla": fmt_ratio(ratio_stats(times[name], times["vanilla"])) if name != "vanilla" else "1",
-            "peak step MB": f"{peak / 2**20:.1f}",
-            "peak / vanilla": f"{peak / max(peaks['vanilla']):.3f}",
-        })
-    if args.memory_batch:
-        xb = torch.randn(args.memory_batch, 3, args.size, args.size)
-        yb = torch.randint(0, 10, (args.memory_batch,))
-        big = {}
-        for name, m in models.items():
-            step = make_step(m, xb, yb)
-            step()
-            big[name] = max(peak_step_bytes(step) for _ in range(2))
-        for row, name in zip(rows, models):
-            row[f"peak MB, batch {args.memory_batch}"] = f"{big[name] / 2**20:.1f}"
-            row[f"/ vanilla, batch {args.memory_batch}"] = f"{big[name] / big['vanilla']:.3f}"
+    times, peaks = measure(models, args.batch, args.size, args.rounds)
+    rows = [{
+        "variant": name,
+        "params": f"{n_params(model):,}",
+        "step ms": f"{fmt_ms(statistics.median(times[name]))} {spread_pct(times[name])}",
+        "step / vanilla": step_ratio(times, name),
+        "peak step MB": f"{peaks[name] / 2**20:.1f}",
+        "peak / vanilla": f"{peaks[name] / peaks['vanilla']:.3f}",
+    } for name, model in models.items()]
+    extra_grad_bytes = 4 * (n_params(instrumented) - n_params(vanilla))
+    at_sites = "instrument, v at the sites"
+    models_at_sites = {at_sites: values_at_the_sites(instrumented)}
+    sweep_rows = []
+    for size, batch in sweep:
+        few = {**{name: models[name] for name in ("vanilla", default, hand)}, **models_at_sites}
+        s_times, s_peaks = measure(few, batch, size, args.sweep_rounds)
+        row = {"input": f"{batch}x3x{size}x{size}", "vanilla step ms": fmt_ms(statistics.median(s_times["vanilla"])),
+               "vanilla peak MB": f"{s_peaks['vanilla'] / 2**20:.1f}"}
+        for label, name in (("instrument", default), (at_sites, at_sites), ("hand-written", hand)):
+            row[f"{label}: step / vanilla"] = step_ratio(s_times, name)
+            row[f"{label}: peak / vanilla"] = f"{s_peaks[name] / s_peaks['vanilla']:.3f}"
+        sweep_rows.append(row)
     settings = [
         f"machine: {machine()}",
         f"torchvision ResNet-50 (10 classes, random init), batch {args.batch} of {args.size}x{args.size}, "
         f"SGD momentum 0.9, weight decay 1e-4; {len(sites)} sites (last BN of each bottleneck); "
         f"instrument took {instrument_s:.2f} s",
-        f"{args.rounds} interleaved rounds of one step per variant (shuffled order); step ms: median ± half the "
-        "IQR over the median; ratio: median of per-round ratios [25th-75th percentile]",
+        f"{args.rounds} interleaved rounds of one step per variant (shuffled order; the sweep: {args.sweep_rounds}); "
+        "step ms: median ± half the IQR over the median; ratio: median of per-round ratios [25th-75th percentile]",
         "peak step MB: the highest total of live CPU allocations during one step above the level at its start "
         "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
-        "and the tensors x * v saves for backward",
-        "command: `OMP_NUM_THREADS=1 python tools/bench_train.py`",
+        f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
+        "and whatever x * v saves for backward",
+        "sweep, 'instrument, v at the sites': the default instrument with its two forward hooks removed, so each "
+        "block computes v where it is called and the attention backward runs right after the site's "
+        "(what instrument did before it computed all v first)",
+        f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads}`",
     ]
-    body = table(rows)
+    body = table(rows) + ("\n\nSweep:\n\n" + table(sweep_rows) if sweep_rows else "")
     print("\n".join(settings))
     print(body)
     if not args.no_write:
