@@ -13,6 +13,7 @@ test is behind ``@pytest.mark.slow``.
 
 from __future__ import annotations
 
+import copy
 import io
 import socket
 
@@ -116,30 +117,36 @@ def test_ddp_two_gloo_processes_synchronise_psi_and_its_gradients(tmp_path):
 # --------------------------------------------------------------------------- torch.compile
 
 
-def _check_compiled(model: nn.Module, x: torch.Tensor, backend: str) -> None:
+def _check_compiled(model: nn.Module, x: torch.Tensor, backend: str, dtype: torch.dtype, rtol: float) -> None:
+    """Compiled and eager agree in eval (no grad) and on every parameter's gradient in training."""
+    model.to(dtype)
+    x = x.to(dtype)
+    eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend)
-    model.eval()
+    model.eval(), eager.eval()
     with torch.no_grad():
-        assert rel_err(model(x), compiled(x)) <= 1e-5
-    model.train()
-    eager = _instrumented()
-    eager.train()
+        assert rel_err(eager(x), compiled(x)) <= rtol
+    model.train(), eager.train()
     _loss(compiled(x)).backward()
     _loss(eager(x)).backward()
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-        if name.endswith(".psi"):
-            assert p.grad is not None and rel_err(q.grad, p.grad) <= 1e-4, name
+        assert p.grad is not None and rel_err(q.grad, p.grad) <= rtol, name
 
 
-def test_torch_compile_aot_eager_matches_eager_forward_and_psi_gradients(model, x):
+def test_torch_compile_aot_eager_matches_eager_forward_and_gradients(model, x):
     torch._dynamo.reset()
-    _check_compiled(model, x, "aot_eager")
+    _check_compiled(model, x, "aot_eager", torch.float32, 1e-4)
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor_matches_eager_forward_and_psi_gradients(model, x):
+def test_torch_compile_inductor_matches_eager_forward_and_gradients(model, x):
+    """In float64: in float32, inductor's decomposed training BatchNorm loses accuracy on this model
+    state (gradients of layer3 up to 7% off eager's, which is within 2e-6 of float64). The fused model,
+    the plain architecture with v in its BN affine, shows the same 7% with inductor's decompositions
+    (backend "aot_eager_decomp_partition"; without the BN-training decomposition: 2e-6), so it is that
+    decomposition's float32 rounding, not ASR; float64 checks that compile changes nothing else."""
     torch._dynamo.reset()
-    _check_compiled(model, x, "inductor")
+    _check_compiled(model, x, "inductor", torch.float64, 1e-9)
 
 
 # --------------------------------------------------------------------------- autocast, dtype
