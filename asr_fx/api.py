@@ -12,9 +12,10 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from asr_fx.asr import ASR, PsiInit, compute_attention_values_first_in, make_site_block, resolve_preset
+from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
+from asr_fx.values_first import insert_values_first, remove_values_first
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
 from asr_fx.passes.attention_patterns import find_channel_attention
 from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
@@ -229,6 +230,7 @@ def instrument(
                                    psi_values=psi_values, learnable_psi=learnable_psi)
     if norm_fused:
         into_norm_fused(gm)
+    insert_values_first(gm)
     config = {
         "attention": _attention_name(attention),
         "attention_kwargs": kwargs,
@@ -245,7 +247,6 @@ def instrument(
         "input_shape": list(example_inputs[0].shape) if example_inputs else None,
     }
     set_config(gm, config)
-    compute_attention_values_first_in(gm)
     _place_like(gm, model)
     gm.train(model.training)
     return gm
@@ -305,6 +306,7 @@ def fuse(
     work = copy.deepcopy(model).eval()
     norm_fused_records = []  # norm_fused blocks go back to BN(x) with v in BN's affine, then fuse as usual
     for graph_module in [m for m in work.modules() if isinstance(m, fx.GraphModule)]:
+        remove_values_first(graph_module)
         norm_fused_records += out_of_norm_fused(graph_module)
     gm = trace(work, leaf_modules, bind_training=False)  # the fused graph is for inference
     if example_inputs is not None:

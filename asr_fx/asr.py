@@ -121,49 +121,13 @@ class ASR(nn.Module):
         v = ACTIVATIONS[self.activation](self.attention(self.psi))
         return v.reshape(self.broadcast_shape)
 
-    def value_for_this_call(self, x: Any) -> torch.Tensor:
-        """The ``v`` :func:`compute_attention_values_first` computed for this forward, else a new one
-        (always a new one when ``x`` is a ``torch.fx`` proxy: a traced graph computes ``v`` from psi)."""
-        v = getattr(self, "_value_computed_first", None)
-        if v is None or isinstance(x, torch.fx.Proxy):
-            return self.attention_value()
-        self._value_computed_first = None  # used once: a later call computes its own
-        return v
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.value_for_this_call(x)
+    def forward(self, x: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        """``x * v``; ``v`` is :meth:`attention_value` unless the graph computed it first and passes it
+        (:mod:`asr_fx.values_first`)."""
+        return x * (self.attention_value() if v is None else v)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, channel_pos={self.channel_pos}, activation={self.activation!r}"
-
-
-def _asr_blocks(model: nn.Module) -> list[ASR]:
-    container = getattr(model, "asr", None)
-    return [m for m in container.modules() if isinstance(m, ASR)] if isinstance(container, nn.Module) else []
-
-
-def compute_attention_values_first(model: nn.Module, args: Any) -> None:
-    """Forward pre-hook of an instrumented model: compute every block's ``v`` before the model's first layer.
-
-    The same values as computing them at the sites, but autograd runs a node's backward in reverse
-    order of creation when it can, so the attention networks' backward (and their parameters'
-    gradients) now comes after the rest of the backward, when the activations are freed: the
-    gradients of the attention parameters no longer add to the step's peak memory.
-    """
-    for block in _asr_blocks(model):
-        block._value_computed_first = block.attention_value()
-
-
-def forget_attention_values(model: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook paired with :func:`compute_attention_values_first`: drop values no site used."""
-    for block in _asr_blocks(model):
-        block._value_computed_first = None
-
-
-def compute_attention_values_first_in(model: nn.Module) -> None:
-    """Register :func:`compute_attention_values_first` and :func:`forget_attention_values` on ``model``."""
-    model.register_forward_pre_hook(compute_attention_values_first)
-    model.register_forward_hook(forget_attention_values, always_call=True)
 
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -224,8 +188,9 @@ class NormFusedASR(ASR):
         fused.psi = block.psi
         return fused
 
-    def forward(self, x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:  # type: ignore[override]
-        v = self.value_for_this_call(x)
+    def forward(self, x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm,  # type: ignore[override]
+                v: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.attention_value() if v is None else v
         if isinstance(x, torch.fx.Proxy) or not computes_like_batch_norm(norm):
             return norm(x) * v  # the ordinary form: traced, or the norm was replaced (SyncBatchNorm) or is hooked
         v = v.reshape(-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import socket
 
 import pytest
@@ -314,23 +315,46 @@ def test_eval_without_fusing_computes_v_once_per_forward_per_site(model):
 # --------------------------------------------------------------------------- attention values first
 
 
+def _gradient_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    order: list[str] = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+             for name, p in model.named_parameters()]
+    _loss(model(x)).backward()
+    for hook in hooks:
+        hook.remove()
+    return order
+
+
+def _attention_gradients_come_last(order: list[str]) -> bool:
+    first_asr = min(i for i, n in enumerate(order) if n.startswith("asr."))
+    return all(n.startswith("asr.") for n in order[first_asr:])
+
+
 @pytest.mark.parametrize("norm_fused", [True, False])
 def test_attention_gradients_come_after_every_other_gradient(x, norm_fused):
     """v is computed before the first layer, so its backward runs last, after the activations are freed."""
     model = asr_fx.instrument(_small_vanilla(), norm_fused=norm_fused).train()
-    order: list[str] = []
-    for name, p in model.named_parameters():
-        p.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
-    _loss(model(x)).backward()
-    asr_names = {n for n, _ in model.named_parameters() if n.startswith("asr.")}
+    order = _gradient_order(model, x)
     assert sorted(order) == sorted(n for n, _ in model.named_parameters())
-    first_asr = min(i for i, n in enumerate(order) if n in asr_names)
-    assert set(order[first_asr:]) == asr_names, order
+    assert _attention_gradients_come_last(order), order
 
 
-def test_values_computed_first_are_dropped_when_the_forward_fails(model):
-    with pytest.raises(RuntimeError):
-        model(torch.randn(2, 5, 32, 32))  # 5 channels: the first conv refuses it
-    assert all(b._value_computed_first is None for b in _asr_blocks(model))
-    traced = torch.fx.symbolic_trace(model)  # traces psi -> v, not a value left behind
-    assert any(n.op == "get_attr" and str(n.target).endswith(".psi") for n in traced.graph.nodes)
+def test_values_first_survive_deepcopy_and_pickle_and_can_be_removed(model, x):
+    from asr_fx.values_first import remove_values_first
+
+    model.train()
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert _attention_gradients_come_last(_gradient_order(copied, x))
+    at_sites, reference = copy.deepcopy(model), copy.deepcopy(model)
+    assert remove_values_first(at_sites) == len(_asr_blocks(model)) == 3
+    assert remove_values_first(pickle.loads(pickle.dumps(model))) == 3  # unpickling re-traces the code
+    with torch.no_grad():
+        assert torch.equal(at_sites.eval()(x), reference.eval()(x))  # the same function either way
+    assert not _attention_gradients_come_last(_gradient_order(at_sites.train(), x))
+
+
+def test_a_block_called_on_its_own_computes_its_value(model):
+    block = model.asr["layer1_0_bn3"]
+    h = torch.randn(2, 64, 8, 8)
+    assert torch.equal(block(h, model.get_submodule("layer1.0.bn3")),
+                       block(h, model.get_submodule("layer1.0.bn3"), block.attention_value()))
