@@ -6,7 +6,8 @@
 from asr_fx import attention, stripe
 from asr_fx.api import asr_parameters, find_sites, fuse, fusion_report, get_config, instrument
 from asr_fx.asr import ASR, NormFusedASR
-from asr_fx.checkpoint import build, load, save
+from asr_fx.checkpoint import load, save
+from asr_fx.factory import build
 from asr_fx.export import ExportReport, export_onnx, onnx_op_counts
 from asr_fx.errors import ASRError, CheckpointError, FusionError, NoSitesError, TraceError, VerificationError
 from asr_fx.passes import Site

@@ -45,11 +45,11 @@ def register(subparsers: Any) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from asr_fx import checkpoint
+    from asr_fx import checkpoint, factory
 
     kwargs = args.factory_args or {}
     if not Path(args.model).exists() and ":" in args.model:
-        return checkpoint.build(args.model, **kwargs).eval()
+        return factory.build(args.model, **kwargs).eval()
     return checkpoint.load_checkpoint(Path(args.model), factory=args.factory, factory_kwargs=kwargs,
                                       trust=args.trust_checkpoint).model.eval()
 

@@ -59,11 +59,11 @@ def register(subparsers: Any) -> None:
 
 def load_model(spec: str | Path, args: argparse.Namespace) -> nn.Module:
     """A model from ``PKG.MODULE:FACTORY`` (random weights) or any checkpoint ``asr-fx fuse`` reads."""
-    from asr_fx import checkpoint
+    from asr_fx import checkpoint, factory
 
     kwargs = args.factory_args or {}
     if not Path(spec).exists() and ":" in str(spec):
-        return checkpoint.build(str(spec), **kwargs).eval()
+        return factory.build(str(spec), **kwargs).eval()
     loaded = checkpoint.load_checkpoint(spec, factory=args.factory, factory_kwargs=kwargs, trust=args.trust_checkpoint)
     return loaded.model.eval()
 
