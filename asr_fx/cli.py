@@ -94,6 +94,28 @@ def _add_verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks on errors")
 
 
+def _add_model_source_options(p: argparse.ArgumentParser, model_help: str) -> None:
+    """``--model`` (as ``args.factory``), ``--factory-args`` and ``--trust-checkpoint``: how
+    :func:`_load_model_source` builds or loads a MODEL argument (``inspect``, ``stripe``)."""
+    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MODULE:FACTORY", help=model_help)
+    p.add_argument("--factory-args", type=_json_object, default=None, metavar="JSON",
+                   help="keyword arguments of the factory as a JSON object, e.g. '{\"num_classes\": 10}'")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow pickled Python objects (whole modules); they can run code when loaded")
+
+
+def _load_model_source(spec: str | Path, args: argparse.Namespace) -> Any:
+    """The model (eval mode) a MODEL argument names: ``PKG.MODULE:FACTORY`` (random weights) or any
+    checkpoint ``asr-fx fuse`` reads, with the options of :func:`_add_model_source_options`."""
+    from asr_fx import checkpoint, factory
+
+    kwargs = args.factory_args or {}
+    if not Path(spec).exists() and ":" in str(spec):
+        return factory.build(str(spec), **kwargs).eval()
+    return checkpoint.load_checkpoint(Path(spec), factory=args.factory, factory_kwargs=kwargs,
+                                      trust=args.trust_checkpoint).model.eval()
+
+
 def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoint", CHECKPOINT_HELP)
     g.add_argument("--model", metavar="PKG.MODULE:FACTORY", default=None,

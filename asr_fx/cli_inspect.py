@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 
 def register(subparsers: Any) -> None:
     """Add the ``inspect`` subcommand."""
-    from asr_fx.cli import EPILOG, _json_object, _shape
+    from asr_fx.cli import EPILOG, _add_model_source_options, _shape
 
     p = subparsers.add_parser(
         "inspect", help="list the ASR sites of a model: node, module, rule, channels, fold target",
@@ -31,27 +30,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--input-shape", type=_shape, default=None,
                    help="example input shape, e.g. 1,3,224,224: lets layers whose channel dimension depends on the "
                    "input rank (BatchNorm1d, GroupNorm) take a site")
-    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MODULE:FACTORY",
-                   help="builds the model a state_dict checkpoint is loaded into")
-    p.add_argument("--factory-args", type=_json_object, default=None, metavar="JSON",
-                   help="keyword arguments of the factory as a JSON object, e.g. '{\"num_classes\": 10}'")
+    _add_model_source_options(p, "builds the model a state_dict checkpoint is loaded into")
     p.add_argument("--leaf", nargs="+", default=None, metavar="MODULE",
                    help="module names torch.fx keeps as opaque calls (for untraceable modules)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow pickled Python objects (whole modules); they can run code when loaded")
     p.add_argument("--json", action="store_true", help="print the sites as JSON instead of a table")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks on errors")
     p.set_defaults(func=run)
-
-
-def _load(args: argparse.Namespace):
-    from asr_fx import checkpoint, factory
-
-    kwargs = args.factory_args or {}
-    if not Path(args.model).exists() and ":" in args.model:
-        return factory.build(args.model, **kwargs).eval()
-    return checkpoint.load_checkpoint(Path(args.model), factory=args.factory, factory_kwargs=kwargs,
-                                      trust=args.trust_checkpoint).model.eval()
 
 
 def site_rows(sites: list[dict[str, Any]]) -> list[list[Any]]:
@@ -68,8 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     import asr_fx
+    from asr_fx.cli import _load_model_source
 
-    model = _load(args)
+    model = _load_model_source(args.model, args)
     config = asr_fx.get_config(model)
     if config and config.get("sites"):
         sites = list(config["sites"])

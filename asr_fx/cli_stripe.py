@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 DATA_HELP = ("'random' (Gaussian inputs of --input-shape), 'digits' (scikit-learn's 8x8 digits, resized to the "
              "H,W of --input-shape, channels repeated), or a .pt file holding a tensor of inputs, an (inputs, "
@@ -26,7 +25,7 @@ DATA_HELP = ("'random' (Gaussian inputs of --input-shape), 'digits' (scikit-lear
 
 def register(subparsers: Any) -> None:
     """Add the ``stripe`` subcommand."""
-    from asr_fx.cli import EPILOG, _json_object, _shape
+    from asr_fx.cli import EPILOG, _add_model_source_options, _shape
 
     p = subparsers.add_parser(
         "stripe", help="measure and draw the Stripe Observation of a model's channel attention",
@@ -37,12 +36,7 @@ def register(subparsers: Any) -> None:
                    "checkpoint: asr_fx.save's, or a training checkpoint / state_dict with --model")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("-o", "--out", type=Path, required=True, help="folder for the PNGs and summary.md")
-    p.add_argument("--model", dest="factory", default=None, metavar="PKG.MODULE:FACTORY",
-                   help="builds the model a state_dict checkpoint (MODEL or --checkpoints) is loaded into")
-    p.add_argument("--factory-args", type=_json_object, default=None, metavar="JSON",
-                   help="keyword arguments of the factory as a JSON object, e.g. '{\"num_classes\": 10}'")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow pickled Python objects (whole modules); they can run code when loaded")
+    _add_model_source_options(p, "builds the model a state_dict checkpoint (MODEL or --checkpoints) is loaded into")
     p.add_argument("--checkpoints", type=Path, nargs="+", default=None, metavar="CKPT",
                    help="checkpoints of one training run, in order, for the change over epochs (Fig. 1c)")
     p.add_argument("--input-shape", type=_shape, default=None,
@@ -55,17 +49,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks on errors")
     p.set_defaults(func=run)
-
-
-def load_model(spec: str | Path, args: argparse.Namespace) -> nn.Module:
-    """A model from ``PKG.MODULE:FACTORY`` (random weights) or any checkpoint ``asr-fx fuse`` reads."""
-    from asr_fx import checkpoint, factory
-
-    kwargs = args.factory_args or {}
-    if not Path(spec).exists() and ":" in str(spec):
-        return factory.build(str(spec), **kwargs).eval()
-    loaded = checkpoint.load_checkpoint(spec, factory=args.factory, factory_kwargs=kwargs, trust=args.trust_checkpoint)
-    return loaded.model.eval()
 
 
 def load_data(args: argparse.Namespace) -> list[torch.Tensor]:
@@ -116,10 +99,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from asr_fx import plot, stripe
-    from asr_fx.cli import EXIT_OK, _say
+    from asr_fx.cli import EXIT_OK, _load_model_source, _say
     from asr_fx.progress import progress
 
-    model = load_model(args.model, args)
+    model = _load_model_source(args.model, args)
     data = load_data(args)
     show = not (args.quiet or args.json)
     stats = stripe.collect(model, progress(data, "collect", enabled=None if show else False),
@@ -129,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     over_epochs = None
     if args.checkpoints:
         tracked = [torch.cat(data)[:64]]
-        runs = [stripe.collect(load_model(path, args), tracked)
+        runs = [stripe.collect(_load_model_source(path, args), tracked)
                 for path in progress(args.checkpoints, "checkpoints", enabled=None if show else False)]
         over_epochs = stripe.values_over_checkpoints(runs, site)
     args.out.mkdir(parents=True, exist_ok=True)

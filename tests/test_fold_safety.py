@@ -129,13 +129,8 @@ class SharedConv(nn.Module):
 def test_shared_module_asr_after_one_call_only(head):
     model = asr_fx.instrument(SharedConv(head), sites=["conv_1"]).eval()
     perturb_asr(model)
-    x = torch.randn(2, 6, 8, 8)
-    with torch.no_grad():
-        refs = model(x)
-    fused, report, _ = _fuse(model, x)
-    with torch.no_grad():
-        outs = fused(x)
-    assert all(rel_err(r, o) <= FUSE_RTOL for r, o in zip(refs, outs))
+    fused, report, err = _fuse(model, torch.randn(2, 6, 8, 8))
+    assert err <= FUSE_RTOL  # the largest relative error over the outputs
     [record] = report.records
     if head:
         assert record.where == "next-conv" and record.into == "head" and "called at 2 places" in record.reason
@@ -264,12 +259,8 @@ class IntoNext(nn.Module):
 def test_scale_after_a_concat_with_other_users_goes_into_the_next_layer(kind):
     x = torch.randn(2, 2, 5, 5)
     model = IntoNext(kind).eval()
-    with torch.no_grad():
-        refs = model(x)
-    fused, report, _ = _fuse(model, x)
-    with torch.no_grad():
-        outs = fused(x)
-    assert all(rel_err(r, o) <= FUSE_RTOL for r, o in zip(refs, outs))
+    fused, report, err = _fuse(model, x)
+    assert err <= FUSE_RTOL  # the largest relative error over the outputs
     assert report.records[0].where == ("next-bn" if kind == "bn" else "next-conv")
 
 

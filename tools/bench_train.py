@@ -40,13 +40,13 @@ from _bench_common import (
     machine,
     n_params,
     ratio_stats,
+    report,
     set_threads,
     sites_of,
     spread_pct,
     table,
     time_interleaved,
     with_se,
-    write_results,
 )
 from torch import nn
 from torchvision.models.resnet import Bottleneck
@@ -216,10 +216,7 @@ def main() -> None:
         f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads}`",
     ]
     body = table(rows) + ("\n\nSweep:\n\n" + table(sweep_rows) if sweep_rows else "")
-    print("\n".join(settings))
-    print(body)
-    if not args.no_write:
-        print(f"wrote {write_results('bench_train.md', 'bench_train: ResNet-50 training step', settings, body)}")
+    report("bench_train.md", "bench_train: ResNet-50 training step", settings, body, [], write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _bench_common import machine, n_params, set_threads, sites_of, table, with_se, write_results
+from _bench_common import machine, n_params, report, set_threads, sites_of, table, with_se
 from torch import nn
 
 import asr_fx
@@ -204,10 +204,8 @@ def main() -> None:
         f"regimes: {'; '.join(timings)}; whole run {(time.perf_counter() - start_all) / 60:.1f} min",
         "command: `OMP_NUM_THREADS=1 python tools/digits_train.py`",
     ]
-    print("\n".join(settings))
-    print(body)
-    if not args.no_write:
-        print(f"wrote {write_results('digits.md', 'digits_train: vanilla, SE, ASR(SE), ASR(SE)+SE on digits', settings, body)}")
+    report("digits.md", "digits_train: vanilla, SE, ASR(SE), ASR(SE)+SE on digits", settings, body, [],
+           write=not args.no_write)
 
 
 if __name__ == "__main__":
