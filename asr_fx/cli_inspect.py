@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(model).__name__}, {origin}\n")
     print(tabulate(site_rows(sites), headers=HEADERS, disable_numparse=True))
     if not any(s["rule"] != "existing" for s in sites):
-        from asr_fx.api import RULE_ALIASES
-        from asr_fx.passes.rules import LOOKS_FOR
+        from asr_fx.passes.placement import placement_rule
 
-        looked = LOOKS_FOR.get(RULE_ALIASES.get(args.rule, args.rule), "the given sites")
+        rule = placement_rule(args.rule)
+        looked = rule.looks_for if rule is not None else "the given sites"
         print(f"\nno site with rule {args.rule!r}: it looks for {looked}. Try another --rule.")
     return 0

@@ -7,14 +7,21 @@ from dataclasses import dataclass, field
 
 from tabulate import tabulate
 
-from asr_fx.passes.fold import FoldRecord
+from asr_fx.passes.infra import latest_by
+from asr_fx.passes.records import FoldRecord
 
 
 @dataclass
 class FusionReport:
-    """One :class:`~asr_fx.passes.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw."""
+    """One :class:`~asr_fx.passes.records.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw."""
 
     records: list[FoldRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_pass_records(cls, records: list[FoldRecord]) -> FusionReport:
+        """The report of one fusion run: the newest record per constant ``mul`` (a later pass, such as
+        propagation, emits a new record for a ``mul`` an earlier pass left), in first-seen order."""
+        return cls(latest_by(records, lambda r: (r.mul, r.site, r.target)))
 
     @property
     def folded(self) -> list[FoldRecord]:

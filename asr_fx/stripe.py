@@ -188,10 +188,10 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     """
     from asr_fx.api import instrument
     from asr_fx.asr import ASR
-    from asr_fx.values_first import remove_values_first
+    from asr_fx.passes.hoist_attention_values import unhoist_attention_values
 
     gm = instrument(model, attention, **{**instrument_kwargs, "norm_fused": False})  # blocks are replaced below
-    remove_values_first(gm)  # a plain attention block takes x only
+    unhoist_attention_values(gm)  # a plain attention block takes x only
     for key, block in list(gm.asr.items()):
         blocks = list(block) if isinstance(block, nn.Sequential) else [block]
         plain = []

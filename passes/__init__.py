@@ -1,10 +1,9 @@
-"""Graph passes of asr-fx, each ``GraphModule -> GraphModule`` (or a report).
+"""Graph passes of asr-fx. Installed as ``asr_fx.passes``; import it under that name only.
 
-Installed as ``asr_fx.passes``; import it under that name only.
-
-Pipeline used by :func:`asr_fx.fuse`::
-
-    trace -> fold_constants -> fold_scales -> propagate_scales -> fold_conv_bn -> cleanup
+Layout: the scale-algebra core (:mod:`.op_tables`, :mod:`.graph_queries`, :mod:`.scale_algebra`,
+:mod:`.fold_targets`, :mod:`.functional_fold_targets`, :mod:`.fold_plan`), the pass contract and
+runner (:mod:`.infra`), the passes, and the declared fusion pipeline (:mod:`.pipeline`). The README's
+"How the code is laid out" lists every module and both pipelines.
 """
 
 if __name__ == "passes":  # pragma: no cover - guards a mis-configured sys.path
@@ -14,19 +13,28 @@ from .attention_patterns import ChannelAttention, find_channel_attention
 from .cleanup import eliminate_dead_code
 from .constant_fold import fold_constants
 from .convert_existing import convert_existing_attention
-from .fold import FoldRecord, fold_scales
+from .fold import fold_scales
 from .fold_conv_bn import fold_conv_bn
+from .infra import PassContext, PassResult, Pipeline
 from .insert import insert_asr
 from .locate import Site, find_residual_sites
-from .pipeline import fuse_pipeline
+from .pipeline import FUSE_PIPELINE, fuse_pipeline
+from .placement import (PLACEMENT_RULES, PlacementRule, find_auto_sites, find_branch_sites, find_norm_act_sites,
+                        find_transformer_sites)
 from .propagate import propagate_scales
-from .rules import find_auto_sites, find_branch_sites, find_norm_act_sites, find_transformer_sites
+from .records import FoldRecord
 from .trace import ASRTracer, trace
 
 __all__ = [
     "ASRTracer",
     "ChannelAttention",
+    "FUSE_PIPELINE",
     "FoldRecord",
+    "PLACEMENT_RULES",
+    "PassContext",
+    "PassResult",
+    "Pipeline",
+    "PlacementRule",
     "Site",
     "convert_existing_attention",
     "eliminate_dead_code",

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._patterns import IDENTITY_MODULES, channel_info, is_mul, module_of, output_rank
+from .graph_queries import channel_info, is_mul, module_of, output_rank, skip_identity
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32
@@ -158,12 +158,6 @@ def _is_view(node: fx.Node) -> bool:
     )
 
 
-def _skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    while isinstance(module_of(gm, node), IDENTITY_MODULES) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx.Node, str] | None:
     """Walk from a multiply operand back through view/expand steps to a sigmoid-like node."""
     node = operand
@@ -197,7 +191,7 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node
         if node.op == "get_attr":
             inner.append(node)
             continue
-        if pooled_dims(gm, node) is not None and _skip_identity(gm, node.args[0]) is feature:
+        if pooled_dims(gm, node) is not None and skip_identity(gm, node.args[0]) is feature:
             pools.append(node)
             continue
         if is_shape_of(node, feature):
@@ -279,7 +273,7 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
         if not is_mul(mul) or not all(isinstance(a, fx.Node) for a in mul.args):
             continue
         for gate_side, feature in ((mul.args[1], mul.args[0]), (mul.args[0], mul.args[1])):
-            feature = _skip_identity(gm, feature)
+            feature = skip_identity(gm, feature)
             hit = _gate_of(gm, gate_side, feature)
             if hit is None:
                 continue

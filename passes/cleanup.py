@@ -1,4 +1,4 @@
-"""Pass 8 (housekeeping): drop dead nodes, then the submodules, parameters and buffers that no
+"""Cleanup pass (housekeeping): drop dead nodes, then the submodules, parameters and buffers that no
 node uses any more (a folded layer scale, the attention networks whose value became a constant).
 
 Equivalence: exact (only unreachable code and state are removed). Linear in the size of the
@@ -8,6 +8,8 @@ graph and the module tree. Modifies ``gm`` in place and returns it.
 from __future__ import annotations
 
 import torch.fx as fx
+
+from .graph_queries import is_inplace
 
 
 def _used_state(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
@@ -40,8 +42,6 @@ def remove_unused_state(gm: fx.GraphModule) -> fx.GraphModule:
 def _writes_into_a_live_value(gm: fx.GraphModule, node: fx.Node) -> bool:
     """An unused in-place op (``y.mul_(c)``, ``relu(y, inplace=True)``) still matters when something
     else reads ``y``; torch.fx's own dead-code elimination would drop it."""
-    from .propagate import is_inplace
-
     target = node.args[0] if node.args else None
     return is_inplace(gm, node) and isinstance(target, fx.Node) and len(target.users) > 1
 

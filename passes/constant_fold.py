@@ -1,4 +1,4 @@
-"""Pass 4, constant folding: every value computed only from parameters, buffers and literals
+"""Constant-folding pass: every value computed only from parameters, buffers and literals
 becomes one buffer.
 
 Equivalence: exact in eval mode (the folded subgraph is evaluated once with the module's current
@@ -17,30 +17,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-_RANDOM_FUNCTIONS = {
-    torch.rand, torch.randn, torch.randint, torch.randperm, torch.rand_like, torch.randn_like,
-    torch.randint_like, torch.bernoulli, torch.normal, torch.multinomial, torch.dropout,
-    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
-    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout,
-}
-_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "cauchy_"}
+from .graph_queries import fetch_attr, is_mul
+from .op_tables import ADAPTER_METHODS, RANDOM_FUNCTIONS, RANDOM_METHODS
 
 FOLDED_PREFIX = "_folded_"
 
 
-def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    """``gm.a.b.c`` for target ``"a.b.c"``."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _is_constant_op(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target not in _RANDOM_FUNCTIONS
+        return node.target not in RANDOM_FUNCTIONS
     if node.op == "call_method":
-        return node.target not in _RANDOM_METHODS
+        return node.target not in RANDOM_METHODS
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         return not module.training
@@ -63,11 +50,9 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
 def _feeds_mul(node: fx.Node) -> bool:
     """``node`` is a multiply, or ``c.expand_as(x)`` / ``c.type_as(x)`` / ``c.to(x.dtype)`` feeding one
     (``x * c.expand_as(x)``, as SE code writes it)."""
-    from ._patterns import is_mul
-
     if is_mul(node):
         return True
-    return node.op == "call_method" and node.target in ("expand_as", "type_as", "to") and \
+    return node.op == "call_method" and node.target in ADAPTER_METHODS and \
         any(is_mul(u) for u in node.users)
 
 
@@ -112,4 +97,4 @@ def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphM
     return gm
 
 
-__all__ = ["FOLDED_PREFIX", "fetch_attr", "fold_constants"]
+__all__ = ["FOLDED_PREFIX", "fold_constants"]

@@ -2,7 +2,7 @@
 
 For each :class:`ChannelAttention` (found by :func:`find_channel_attention`) the attention network
 ``F`` (the nodes between the pooling and the gate, with the very modules and parameters the model
-trained) is moved into an :class:`asr_fx.asr.ASR` block registered at ``asr.<key>``, where ``key``
+trained) is moved into an :class:`~asr_fx.passes.asr_blocks.ASR` block registered at ``asr.<key>``, where ``key``
 is the attention module's path with dots as underscores (``features.1.block.1`` ->
 ``features_1_block_1``); inside the block ``F`` keeps its local names (``attention.fc1``, ...).
 The block is fed by a learnable ``psi`` of the pooled tensor's shape with batch 1, and applies the
@@ -29,8 +29,11 @@ from torch import nn
 
 from asr_fx.errors import ASRError
 
-from ._patterns import module_of, qualified_key
-from .attention_patterns import ChannelAttention, pooled_dims
+from .asr_blocks import ASR
+from .attention_patterns import ChannelAttention, find_channel_attention, pooled_dims
+from .graph_queries import fetch_attr, module_of, qualified_key
+from .locate import Site
+from .modes import preserved_training_modes
 
 
 def _psi_shape(gm: fx.GraphModule, att: ChannelAttention, pool: fx.Node) -> tuple[int, ...]:
@@ -65,7 +68,7 @@ def attention_network(gm: fx.GraphModule, att: ChannelAttention, psi_shape: tupl
         if node.op in ("call_module", "get_attr"):
             local = _local(str(node.target), att.module)
             owners[local] = gm.get_submodule(str(node.target)) if node.op == "call_module" else \
-                _fetch(gm, str(node.target))
+                fetch_attr(gm, str(node.target))
             copy.target = local
         env[node] = copy
     gate = nodes[att.gate]
@@ -73,13 +76,6 @@ def attention_network(gm: fx.GraphModule, att: ChannelAttention, psi_shape: tupl
     net = fx.GraphModule(owners, graph, "AttentionNetwork")
     net.psi_shape = psi_shape
     return net
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> object:
-    owner = gm
-    for part in target.split("."):
-        owner = getattr(owner, part)
-    return owner
 
 
 def pooled_means(gm: fx.GraphModule, attentions: Sequence[ChannelAttention],
@@ -95,14 +91,8 @@ def pooled_means(gm: fx.GraphModule, attentions: Sequence[ChannelAttention],
                 seen[n.name] = out.detach().mean(0, keepdim=True)
             return out
 
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            Recorder(gm).run(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with preserved_training_modes(gm), torch.no_grad():
+        Recorder(gm.eval()).run(*example_inputs)
     return seen
 
 
@@ -120,8 +110,6 @@ def convert_existing_attention(
     ``psi_values`` (``{pool node name: tensor}``, e.g. from :func:`pooled_means`) sets ``psi``;
     attentions without one start at the constant ``psi_init``.
     """
-    from asr_fx.asr import ASR
-
     if not hasattr(gm, container):
         gm.add_module(container, nn.ModuleDict())
     blocks = getattr(gm, container)
@@ -173,13 +161,10 @@ def _erase_unused(gm: fx.GraphModule, att: ChannelAttention) -> None:
                 changed = True
 
 
-def existing_attention_sites(gm: fx.GraphModule) -> list:
+def existing_attention_sites(gm: fx.GraphModule) -> list[Site]:
     """The model's own channel attention as :class:`Site` records (``rule="existing"``, ``node`` = the
     multiply), for listings: after conversion ``x * v`` folds forward into the layer that reads ``x``
     (its input channels) or back into the layer that produced ``x``."""
-    from .attention_patterns import find_channel_attention
-    from .locate import Site
-
     nodes = {n.name: n for n in gm.graph.nodes}
     out = []
     for att in find_channel_attention(gm):

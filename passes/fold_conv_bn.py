@@ -1,4 +1,4 @@
-"""Pass 7, conv-BN folding (standard structural re-parameterization): ``bn(conv(x)) -> conv'(x)``.
+"""Conv-BN folding pass (standard structural re-parameterization): ``bn(conv(x)) -> conv'(x)``.
 
 Equivalence: exact in eval mode (BN then uses its running statistics):
 ``W' = W * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ._fold_rules import TensorUsage
-from ._patterns import module_of
+from .fold_targets import TensorUsage
+from .graph_queries import module_of
 
 
 def _fused_conv(conv: _ConvNd, bn: _BatchNorm) -> _ConvNd:

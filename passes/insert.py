@@ -1,10 +1,10 @@
-"""Pass 3, insert: put a module at each site, as ``x -> block(x)`` right after the site's node.
+"""Insert pass: put a module at each site, as ``x -> block(x)`` right after the site's node.
 
 Equivalence: none by design (this is the training-time change); the graph is otherwise untouched.
-Each block is registered as ``<container>.<site.key>`` (e.g. ``asr.layer1_0_bn3``), so submodule
+Each block is registered as ``<container>.<site.node>`` (e.g. ``asr.layer1_0_bn3``), so submodule
 and state_dict names are derived from the site and stable across runs.
 
-Refuses: a site naming a node that is not in the graph, and two sites with the same key.
+Refuses: a site naming a node that is not in the graph, and two sites at the same node.
 Modifies ``gm`` in place and returns it.
 """
 
@@ -34,12 +34,12 @@ def insert_asr(
     for site in sites:
         if site.node not in nodes:
             raise KeyError(f"site node {site.node!r} is not in the graph")
-        if site.key in blocks:
-            raise ValueError(f"two sites share the key {site.key!r}; each site takes one block")
-        blocks[site.key] = make_block(site)
+        if site.node in blocks:
+            raise ValueError(f"two sites share the node {site.node!r}; each site takes one block")
+        blocks[site.node] = make_block(site)
         node = nodes[site.node]
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(f"{container}.{site.key}", (node,))
+            new = gm.graph.call_module(f"{container}.{site.node}", (node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
     gm.graph.lint()
     gm.recompile()

@@ -1,9 +1,10 @@
-"""Pass 2, locate: find where ASR goes. Returns a report (a list of :class:`Site`); changes nothing.
+"""Locate: find where ASR goes. Returns a report (a list of :class:`Site`); changes nothing.
 
 This module holds the site record, what may be a site (:func:`site_at`), the walk from a branch's
 end back to the layer that can take the scale (:func:`branch_producer`), and the paper's ResNet
 rule (Appendix B.2): after the last normalization of each residual branch, before the residual add.
-The other rules (norm-act, branch, transformer, auto) are in :mod:`asr_fx.passes.rules`.
+The other rules (norm-act, branch, transformer, auto) and the registry of all rules are in
+:mod:`asr_fx.passes.placement`.
 
 A residual add is an ``add`` of two values whose nearest common ancestor is reached by one input
 through more nodes than the other; the longer path is the residual branch, the shorter one the
@@ -16,21 +17,17 @@ multiply by a parameter (ConvNeXt), a permute, and an existing channel attention
 from __future__ import annotations
 
 import operator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from ._patterns import IDENTITY_MODULES, NORM_MODULES, channel_info, is_add, is_mul, module_of
-
-ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh,
-                      nn.SELU, nn.CELU, nn.PReLU)
-ACTIVATION_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu,
-                        F.elu, F.mish, F.hardtanh, F.selu, F.celu)
-ACTIVATION_METHODS = ("relu", "relu_")
+from .attention_patterns import find_channel_attention
+from .graph_queries import channel_info, is_add, is_mul, module_of, skip_identity
+from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
+                        IDENTITY_MODULES, NORM_MODULES)
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -40,13 +37,6 @@ def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in ACTIVATION_FUNCTIONS
     return node.op == "call_method" and node.target in ACTIVATION_METHODS
-
-
-def skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Walk back over modules that are the identity at inference (dropout, identity)."""
-    while isinstance(module_of(gm, node), IDENTITY_MODULES) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def norm_before_activation(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -61,8 +51,9 @@ def norm_before_activation(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 class Site:
     """One place where ``x * v`` goes, right after graph node ``node``.
 
-    ``module``: the module path of the layer that produced ``x`` (empty for a functional op);
-    ``key``: the stable name of the ASR block (``asr.<key>``); ``channels`` and ``channel_pos``
+    ``node`` also names the ASR block (``asr.<node>``): torch.fx derives it from the module path
+    (``layer1.0.bn3`` -> ``layer1_0_bn3``; a second call of it -> ``layer1_0_bn3_1``), so it is stable.
+    ``module``: the module path of the layer that produced ``x`` (empty for a functional op); ``channels`` and ``channel_pos``
     (counted from the right) describe the scale's broadcast; ``fold_target``: the layer the scale
     folds into; ``foldable``/``reason``: whether that is expected to work.
     """
@@ -76,14 +67,13 @@ class Site:
     foldable: bool = True
     reason: str = ""
 
-    @property
-    def key(self) -> str:
-        """The block's name: the node name, which torch.fx derives from the module path
-        (``layer1.0.bn3`` -> ``layer1_0_bn3``; a second call of it -> ``layer1_0_bn3_1``)."""
-        return self.node
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Site:
+        """A site from :meth:`to_dict`'s dict; keys it does not know (an old ``key``) are ignored."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 def _site(node: fx.Node, rule: str, info: Any) -> Site:
@@ -149,14 +139,11 @@ def site_at(gm: fx.GraphModule, node: fx.Node, rule: str) -> Site | None:
     return None
 
 
-_DROPOUT_FUNCTIONS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
-
-
 def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Stochastic depth or functional dropout: the identity at inference."""
     module = module_of(gm, node)
     return (type(module).__name__ == "StochasticDepth" or _function_name(node) == "stochastic_depth"
-            or node.op == "call_function" and _function_name(node) in _DROPOUT_FUNCTIONS)
+            or node.op == "call_function" and _function_name(node) in DROPOUT_FUNCTION_NAMES)
 
 
 def _is_permute(node: fx.Node) -> bool:
@@ -291,8 +278,6 @@ def residual_site(gm: fx.GraphModule, block: ResidualBlock, rule: str = "residua
 
 def attention_features(gm: fx.GraphModule) -> dict[str, str]:
     """Existing channel attention of ``gm`` as ``{multiply node: scaled tensor node}``."""
-    from .attention_patterns import find_channel_attention
-
     return {a.mul: a.feature for a in find_channel_attention(gm)}
 
 

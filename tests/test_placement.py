@@ -159,7 +159,7 @@ def test_auto_vit_sites_after_attention_and_mlp_fold_into_out_proj_and_mlp():
     assert {(s.rule, s.channel_pos, s.channels, s.foldable) for s in sites} == {("transformer", -1, 768, True)}
     gm = asr_fx.instrument(model)
     assert asr_fx.get_config(gm)["preset"] == "transformer"
-    assert gm.asr[sites[0].key].activation == "tanh"
+    assert gm.asr[sites[0].node].activation == "tanh"
 
 
 def test_auto_swin_uses_the_mlp_sites_and_transformer_lists_attention_as_unfoldable():

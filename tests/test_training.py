@@ -340,7 +340,7 @@ def test_attention_gradients_come_after_every_other_gradient(x, norm_fused):
 
 
 def test_values_first_survive_deepcopy_and_pickle_and_can_be_removed(model, x):
-    from asr_fx.values_first import remove_values_first
+    from asr_fx.passes.hoist_attention_values import unhoist_attention_values as remove_values_first
 
     model.train()
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):

@@ -44,7 +44,7 @@ from _bench_common import (
 )
 
 import asr_fx
-import asr_fx.api
+import asr_fx.passes.placement
 from asr_fx.models import resnet164
 
 def _random_head(vit: torch.nn.Module) -> torch.nn.Module:
@@ -80,7 +80,7 @@ def build_variants(name: str, notes: list[str]) -> tuple[dict[str, torch.nn.Modu
     torch.manual_seed(0)
     vanilla = factory().eval()
     x1 = torch.randn(1, *chw)
-    if rule not in asr_fx.api.RULES and rule not in asr_fx.api.RULE_ALIASES:
+    if asr_fx.passes.placement.placement_rule(rule) is None:
         notes.append(f"{name}: placement rule `{rule}` is not in asr_fx at run time; used rule `auto`")
         rule = "auto"
     try:

@@ -52,7 +52,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import asr_fx
-from asr_fx.values_first import remove_values_first
+from asr_fx.passes.hoist_attention_values import unhoist_attention_values as remove_values_first
 
 
 class ASRBatchNorm2d(nn.BatchNorm2d):

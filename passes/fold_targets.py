@@ -1,4 +1,5 @@
-"""Per-layer folding formulas (the paper's Appendix A).
+"""Fold targets: the layers a per-channel scale can go into, with the paper's formulas (Appendix A),
+and the table of which tensors are used where (a fold may only replace an unshared tensor).
 
 Output side, ``layer(x) * v == layer'(x)``: :func:`scale_outputs` (conv, conv-transpose, BN, GN,
 IN, LN, linear, multi-head attention's output projection).
@@ -12,15 +13,16 @@ check beforehand that no other call or module uses them.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
-NORMS = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)
+from .graph_queries import fetch_attr
+from .op_tables import NORM_MODULES
 
 
 def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -115,7 +117,7 @@ def scale_outputs(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], None
         return "conv", lambda v: _scale_conv_out(module, v), own
     if isinstance(module, nn.Linear):
         return "linear", lambda v: _scale_linear_out(module, v), own
-    if isinstance(module, NORMS):
+    if isinstance(module, NORM_MODULES):
         return ("bn" if isinstance(module, _BatchNorm) else "norm"), lambda v: _scale_norm_out(module, v), own
     if isinstance(module, nn.MultiheadAttention):
         proj = module.out_proj
@@ -209,10 +211,6 @@ class TensorUsage:
     """
 
     def __init__(self, gm: torch.fx.GraphModule) -> None:
-        from collections import Counter
-
-        from .constant_fold import fetch_attr
-
         self.count: Counter[int] = Counter()
         self.calls: Counter[int] = Counter()
         self._alive: list[object] = []

@@ -1,8 +1,10 @@
-"""The norm-fused training form of ASR blocks at BatchNorm sites, and its undoing before fusion.
+"""The BN-affine training form of ASR blocks at BatchNorm sites (a pass pair), called ``norm_fused``
+in the public API: a *training* form, not a fused model.
 
-``into_norm_fused``: ``bn(x) -> asr.k(.)`` becomes ``asr.k(x, bn)`` where ``asr.k`` is a
-:class:`~asr_fx.asr.NormFusedASR` computing BatchNorm with affine ``weight * v, bias * v``.
-``out_of_norm_fused``: the inverse at fusion time, with ``v`` folded into a copy of the BN's affine
+:func:`to_bn_affine_form`: ``bn(x) -> asr.k(.)`` becomes ``asr.k(x, bn)`` where ``asr.k`` is a
+:class:`~asr_fx.passes.asr_blocks.NormFusedASR` computing BatchNorm with affine ``weight * v, bias * v``
+(no ``bn(x)`` activation is kept for the backward of ``* v``).
+:func:`from_bn_affine_form`: the inverse at fusion time, with ``v`` folded into the BN's affine
 parameters, so the rest of :func:`asr_fx.fuse` sees a vanilla BN call.
 """
 
@@ -12,9 +14,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.asr import ASR, NormFusedASR, is_affine_batch_norm
-from asr_fx.errors import ASRError
-from asr_fx.passes.fold import FoldRecord
+from .asr_blocks import ASR, NormFusedASR, is_affine_batch_norm
+from .check_finite import require_finite
+from .infra import PassResult
+from .records import FoldRecord
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
@@ -25,14 +28,14 @@ def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
     return calls
 
 
-def into_norm_fused(gm: fx.GraphModule, container: str = "asr") -> list[str]:
+def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
     """Turn every ASR block that directly follows an affine BatchNorm into its norm-fused form.
 
     Equivalence: ``asr.k(bn(x)) == asr.k'(x, bn)`` in training and eval (running statistics updated
     the same way); psi and the attention network are the same tensors, so state_dict keys do not change.
     Refuses (leaves as ordinary ``x * v`` blocks): blocks whose input is not a single-argument call of
     a plain affine ``nn.BatchNorm1d/2d/3d``, BNs called more than once or used by anything else, and
-    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place; returns the converted block names.
+    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place; changed when a block was converted.
     """
     calls = _module_calls(gm)
     converted = []
@@ -58,17 +61,17 @@ def into_norm_fused(gm: fx.GraphModule, container: str = "asr") -> list[str]:
         converted.append(str(node.target))
     gm.graph.lint()
     gm.recompile()
-    return converted
+    return PassResult(gm, bool(converted))
 
 
-def out_of_norm_fused(gm: fx.GraphModule) -> list[FoldRecord]:
+def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
     """Replace every ``block(x, bn)`` call of a :class:`NormFusedASR` by ``bn(x)`` with ``v`` folded into ``bn``.
 
     Equivalence: ``bn(x)`` afterwards equals ``block(x, bn)`` before (``bn`` gets new Parameters
     ``weight * v`` and ``bias * v``; the old tensors are not written, but ``bn`` itself is changed:
     meant for the private copy :func:`asr_fx.fuse` works on). The block is removed.
-    Refuses a non-finite ``v`` (broken psi or attention weights) with :class:`ASRError`.
-    Modifies ``gm`` in place; returns one record per block (``where="bn"``, as the ordinary form's fold).
+    Refuses a non-finite ``v`` (broken psi or attention weights) with :class:`~asr_fx.errors.ASRError`.
+    Modifies ``gm`` in place; records one :class:`FoldRecord` per block (``where="bn"``, as the ordinary form's fold).
     """
     records = []
     for node in list(gm.graph.nodes):
@@ -81,9 +84,7 @@ def out_of_norm_fused(gm: fx.GraphModule) -> list[FoldRecord]:
         norm = gm.get_submodule(norm_ref.target)
         with torch.no_grad():
             v = block.attention_value().reshape(-1).to(norm.weight.dtype)
-        if not torch.isfinite(v).all():
-            raise ASRError(f"the attention value at site `{node.target}` is not finite (NaN/Inf): the checkpoint's "
-                           "psi or attention weights are broken; retrain or restore them before fusing")
+        require_finite(v, str(node.target))
         norm.weight = nn.Parameter(norm.weight.detach() * v, requires_grad=norm.weight.requires_grad)
         norm.bias = nn.Parameter(norm.bias.detach() * v, requires_grad=norm.bias.requires_grad)
         block_path = str(node.target)
@@ -98,4 +99,4 @@ def out_of_norm_fused(gm: fx.GraphModule) -> list[FoldRecord]:
     if records:
         gm.graph.lint()
         gm.recompile()
-    return records
+    return PassResult(gm, bool(records), tuple(records))

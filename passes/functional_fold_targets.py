@@ -3,7 +3,7 @@
 
 A functional call can take a scale when its weight (and bias) are ``get_attr`` tensors, i.e.
 parameters or buffers of the model; the folded values replace those attributes, so the same
-formulas as for the modules hold (:mod:`asr_fx.passes._fold_rules`). A norm called without a
+formulas as for the modules hold (:mod:`asr_fx.passes.fold_targets`). A norm called without a
 weight gets one as a new buffer. Weights computed in the graph (not attributes) are refused: the
 caller finds no target and reports the site.
 """
@@ -16,12 +16,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ._fold_rules import Target, conv_weight_in_scaled, conv_weight_out_scaled, replace_tensor
-from .constant_fold import fetch_attr
-
-CONV = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
-CONV_TRANSPOSE = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
-NORM_WEIGHT_INDEX = {F.batch_norm: 3, F.instance_norm: 3, F.group_norm: 2, F.layer_norm: 2}
+from .fold_targets import Target, conv_weight_in_scaled, conv_weight_out_scaled, replace_tensor
+from .graph_queries import fetch_attr, output_rank
+from .op_tables import CONV_FUNCTIONS as CONV
+from .op_tables import CONV_TRANSPOSE_FUNCTIONS as CONV_TRANSPOSE
+from .op_tables import NORM_FUNCTION_WEIGHT_INDEX as NORM_WEIGHT_INDEX
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -49,11 +48,6 @@ def _attr(gm: fx.GraphModule, arg: Any) -> tuple[torch.nn.Module, str, torch.Ten
     if not isinstance(value, torch.Tensor):
         return None
     return (gm.get_submodule(owner_path) if owner_path else gm), name, value
-
-
-def _rank(node: fx.Node) -> int | None:
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    return len(shape) if shape is not None else None
 
 
 def _setter(gm: fx.GraphModule, node: fx.Node, index: int, name: str, found, fresh: torch.Tensor) -> None:
@@ -113,7 +107,7 @@ def output_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
                 channels = _attr(gm, _arg(node, 1, "running_mean"))[2].numel()
             else:
                 return None
-            rank = _rank(node)
+            rank = output_rank(node)
             position = 1 - rank if rank is not None else None
 
         def apply_norm(v: torch.Tensor) -> None:

@@ -1,4 +1,5 @@
-"""Placement rules beyond ``residual``: ``norm-act``, ``branch``, ``transformer`` and ``auto``.
+"""Placement rules: the registry of every rule (:data:`PLACEMENT_RULES`), and the rules beyond
+``residual``: ``norm-act``, ``branch``, ``transformer`` and ``auto``.
 
 Each rule is a report pass ``GraphModule -> list[Site]`` (graph order); none changes the graph.
 The paper's placements (Appendix B.2):
@@ -20,39 +21,29 @@ Layers inside an existing channel attention's network (an SE block's ``fc1 -> Re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from ._patterns import NORM_MODULES, module_of
 from .attention_patterns import find_channel_attention
+from .graph_queries import module_of, skip_identity
 from .locate import (
     ResidualBlock,
     Site,
+    find_residual_sites,
     is_activation,
     mha_of,
     norm_before_activation,
     residual_blocks,
     residual_site,
     site_at,
-    skip_identity,
     window_attention_of,
 )
-
-#: what each rule looks for, as the "no site found" error says it
-LOOKS_FOR: dict[str, str] = {
-    "residual": "residual adds whose longer branch ends (past dropout, stochastic depth, layer scale, permutes and "
-    "existing channel attention) in a conv/norm/linear layer, a norm before an activation, or a multi-head attention",
-    "norm-act": "norm layers (BatchNorm/GroupNorm/InstanceNorm/LayerNorm), or convs without a norm, whose output goes "
-    "into an activation (ReLU, ReLU6, Hardswish, SiLU, GELU, ...)",
-    "branch": "concatenations (torch.cat) whose inputs end in a norm layer, maybe followed by an activation",
-    "transformer": "residual adds whose branch ends in nn.MultiheadAttention, Swin window attention, or the last "
-    "linear layer of a conv-free MLP",
-}
-LOOKS_FOR["auto"] = "any of: " + "; ".join(f"{k}: {v}" for k, v in LOOKS_FOR.items())
+from .op_tables import NORM_MODULES
 
 
 def _attention_network_nodes(gm: fx.GraphModule) -> set[str]:
@@ -188,4 +179,55 @@ def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
     return _in_graph_order(gm, sites)
 
 
-__all__ = ["LOOKS_FOR", "find_auto_sites", "find_branch_sites", "find_norm_act_sites", "find_transformer_sites"]
+@dataclass(frozen=True)
+class PlacementRule:
+    """One placement rule: its ``name``, other names it answers to (``aliases``), the ``find``
+    function ``GraphModule -> list[Site]``, and what it ``looks_for`` (as "no site found" says it)."""
+
+    name: str
+    find: Callable[[fx.GraphModule], list[Site]]
+    looks_for: str
+    aliases: tuple[str, ...] = ()
+
+
+_RESIDUAL = PlacementRule(
+    "residual", find_residual_sites,
+    "residual adds whose longer branch ends (past dropout, stochastic depth, layer scale, permutes and existing "
+    "channel attention) in a conv/norm/linear layer, a norm before an activation, or a multi-head attention",
+    aliases=("resnet",))
+_NORM_ACT = PlacementRule(
+    "norm-act", find_norm_act_sites,
+    "norm layers (BatchNorm/GroupNorm/InstanceNorm/LayerNorm), or convs without a norm, whose output goes into an "
+    "activation (ReLU, ReLU6, Hardswish, SiLU, GELU, ...)",
+    aliases=("norm_act",))
+_BRANCH = PlacementRule(
+    "branch", find_branch_sites,
+    "concatenations (torch.cat) whose inputs end in a norm layer, maybe followed by an activation",
+    aliases=("shufflenet",))
+_TRANSFORMER = PlacementRule(
+    "transformer", find_transformer_sites,
+    "residual adds whose branch ends in nn.MultiheadAttention, Swin window attention, or the last linear layer of a "
+    "conv-free MLP",
+    aliases=("vit",))
+_AUTO = PlacementRule(
+    "auto", find_auto_sites,
+    "any of: " + "; ".join(f"{r.name}: {r.looks_for}" for r in (_RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER)))
+
+#: every placement rule by name (the one registry: ``instrument``, ``find_sites`` and the CLI read it)
+PLACEMENT_RULES: dict[str, PlacementRule] = {r.name: r for r in (_AUTO, _RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER)}
+#: other names of the rules: ``{alias: rule name}``
+RULE_ALIASES: dict[str, str] = {alias: r.name for r in PLACEMENT_RULES.values() for alias in r.aliases}
+
+
+def placement_rule(name: str) -> PlacementRule | None:
+    """The rule called ``name`` (or one of its aliases), else ``None``."""
+    return PLACEMENT_RULES.get(RULE_ALIASES.get(name, name))
+
+
+def rule_names() -> list[str]:
+    """Every name a rule answers to, sorted (for "choose one of" messages)."""
+    return sorted({*PLACEMENT_RULES, *RULE_ALIASES})
+
+
+__all__ = ["PLACEMENT_RULES", "PlacementRule", "RULE_ALIASES", "find_auto_sites", "find_branch_sites",
+           "find_norm_act_sites", "find_transformer_sites", "placement_rule", "rule_names"]

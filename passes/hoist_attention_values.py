@@ -1,4 +1,5 @@
-"""Compute every ASR block's ``v`` before the model's first layer and pass it to the block.
+"""Hoist the attention values (a pass pair): every ASR block's ``v`` is computed before the model's
+first layer and passed to the block; :func:`unhoist_attention_values` undoes it before fusion.
 
 Autograd runs a backward node in reverse order of creation where it can. A ``v`` computed at its
 site has its backward (the attention network's, which makes its parameters' gradients) run right
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from asr_fx.asr import ASR, NormFusedASR
+from .asr_blocks import ASR, NormFusedASR
 
 
 def _takes_value_first(gm: fx.GraphModule, node: fx.Node, container: str) -> bool:
@@ -23,7 +24,7 @@ def _takes_value_first(gm: fx.GraphModule, node: fx.Node, container: str) -> boo
         and isinstance(gm.get_submodule(node.target), ASR)
 
 
-def insert_values_first(gm: fx.GraphModule, container: str = "asr") -> int:
+def hoist_attention_values(gm: fx.GraphModule, container: str = "asr") -> int:
     """For every call of a single ASR block under ``container``, compute its ``v`` after the graph's
     inputs and pass it as the call's last argument; returns the number of calls changed.
 
@@ -60,8 +61,8 @@ def _erase_unused(node: fx.Node) -> None:
         _erase_unused(arg)
 
 
-def remove_values_first(gm: fx.GraphModule, container: str = "asr") -> int:
-    """Undo :func:`insert_values_first`: each block computes its ``v`` at its site again, and the
+def unhoist_attention_values(gm: fx.GraphModule, container: str = "asr") -> int:
+    """Undo :func:`hoist_attention_values`: each block computes its ``v`` at its site again, and the
     computation passed in is erased. Also takes the form a pickled or deep-copied GraphModule gets
     (torch.fx re-traces its code, so ``attention_value()`` shows up as the ops it runs). Returns the
     number of calls changed. The same function; modifies ``gm`` in place."""

@@ -1,0 +1,328 @@
+"""``instrument`` and ``find_sites``: trace a model, choose the ASR sites, put a block at each.
+
+``instrument`` runs :data:`INSTRUMENT_PIPELINE`, a declared list of passes (``(module, context) ->
+PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on the result.
+The placement rules come from the one registry :data:`asr_fx.passes.placement.PLACEMENT_RULES`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from asr_fx.asr import PsiInit, make_site_block, resolve_preset
+from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
+from asr_fx.passes import Site, insert_asr, trace
+from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
+from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
+from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
+from asr_fx.passes.hoist_attention_values import hoist_attention_values
+from asr_fx.passes.infra import PassContext, PassResult, Pipeline
+from asr_fx.passes.locate import site_at
+from asr_fx.passes.pipeline import record_example_shapes
+from asr_fx.passes.placement import PLACEMENT_RULES, placement_rule, rule_names
+from asr_fx.passes.shapes import as_input_tuple, record_shapes
+
+CONFIG_KEY = "asr_fx"
+
+SiteSelector = Sequence[str] | Callable[[Site], bool] | None
+
+
+def _candidate_sites(gm: fx.GraphModule) -> list[Site]:
+    """Every node a scale could follow: calls of conv/norm/linear modules, multi-head attention outputs."""
+    return [s for s in (site_at(gm, node, "explicit") for node in gm.graph.nodes) if s is not None]
+
+
+def _matches(site: Site, selector: Sequence[str] | Callable[[Site], bool]) -> bool:
+    if callable(selector):
+        return bool(selector(site))
+    return site.node in selector or site.module in selector
+
+
+def select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: SiteSelector) -> list[Site]:
+    """The sites named by ``sites`` (names or a predicate), else those of placement rule ``rule``; less ``exclude``."""
+    if sites is not None:
+        candidates = _candidate_sites(gm)
+        chosen = [s for s in candidates if _matches(s, sites)]
+        if not callable(sites):
+            known = {n for s in candidates for n in (s.node, s.module)}
+            missing = [name for name in sites if name not in known]
+            if missing:
+                raise ASRError(
+                    f"sites={missing} name no conv/norm/linear call in the traced graph; "
+                    f"candidates include {[s.module or s.node for s in candidates[:8]]}"
+                )
+    else:
+        found = placement_rule(rule)
+        if found is None:
+            raise InvalidOptionError(f"unknown rule {rule!r}; choose one of {rule_names()}")
+        chosen = found.find(gm)
+    if exclude is not None:
+        chosen = [s for s in chosen if not _matches(s, exclude)]
+    return chosen
+
+
+def find_sites(
+    model: nn.Module,
+    rule: str = "auto",
+    *,
+    sites: SiteSelector = None,
+    exclude: SiteSelector = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    leaf_modules: Any = None,
+    existing: bool = True,
+) -> list[Site]:
+    """The ASR sites ``instrument`` would use, as a list of :class:`Site` (nothing is changed).
+
+    With ``existing=True`` (default) the model's own channel attention blocks follow, with
+    ``rule="existing"`` and ``node`` = their multiply: ``instrument(..., convert_existing=True)``
+    turns those into ASR form.
+    """
+    gm = trace(copy.deepcopy(model), leaf_modules)
+    if example_inputs is not None:
+        record_shapes(gm, example_inputs)
+    chosen = select_sites(gm, rule, sites, exclude)
+    return chosen + (existing_attention_sites(gm) if existing else [])
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """The settings every block of one ``instrument`` call gets, after presets are applied."""
+
+    activation: str
+    psi_init: PsiInit
+    preset: str | None
+
+
+def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSettings:
+    """``activation``/``psi_init``/``preset`` after the preset; with no preset and only ``transformer``-rule
+    sites, the paper's ViT setting (the ``transformer`` preset) unless activation/psi_init were set."""
+    preset = options["preset"]
+    activation, psi_init, _ = resolve_preset(preset, options["activation"], options["psi_init"])
+    if preset is None and sites and all(s.rule == "transformer" for s in sites) and \
+            (activation, psi_init) == ("sigmoid", 0.1):
+        preset = "transformer"
+        activation, psi_init, _ = resolve_preset(preset, activation, psi_init)
+    return BlockSettings(activation, psi_init, preset)
+
+
+@dataclass(frozen=True)
+class PooledMeans:
+    """The batch mean of each existing attention's pooled value on ``example_inputs`` (psi's start)."""
+
+    values: dict[str, torch.Tensor]
+
+
+def trace_model(module: nn.Module, context: PassContext) -> PassResult:
+    """Trace the (copied) model with asr-fx's leaf rules (:func:`asr_fx.passes.trace`)."""
+    return PassResult(trace(module, context.options["leaf_modules"]), True)
+
+
+def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """Report pass: the sites (``sites=``/``rule=``, less ``exclude=``) and, with ``convert_existing``, the
+    model's own channel attention. Refuses no site at all, and sites that could not fold after training."""
+    o = context.options
+    chosen = select_sites(gm, o["rule"], o["sites"], o["exclude"])
+    existing = find_channel_attention(gm) if o["convert_existing"] else []
+    if not chosen and not existing:
+        found = placement_rule(o["rule"])
+        looked = (found.looks_for if found else "the sites named by sites=") if o["sites"] is None else \
+            "the sites named by sites=, less exclude="
+        raise NoSitesError(
+            f"no ASR site found in {o['model_name']} with rule={o['rule']!r}: looked for {looked}. "
+            f"Pass sites=[module names] or another rule (one of {sorted(PLACEMENT_RULES)})."
+        )
+    unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
+    if unfoldable:
+        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
+                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
+    return PassResult(gm, False, (*chosen, *existing))
+
+
+def measure_existing_attention(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """With ``example_inputs``: the pooled means that start each converted attention's psi (:func:`pooled_means`)."""
+    existing, inputs = context.records_of(ChannelAttention), context.options["example_inputs"]
+    if not existing or inputs is None:
+        return PassResult(gm, False)
+    return PassResult(gm, False, (PooledMeans(pooled_means(gm, existing, inputs)),))
+
+
+def insert_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """One ASR block (or ``delta`` of them) after each chosen site (:func:`asr_fx.passes.insert_asr`)."""
+    o, sites = context.options, context.records_of(Site)
+    settings = block_settings(o, sites)
+
+    def make_block(site: Site) -> nn.Module:
+        return make_site_block(site.channels, site.channel_pos, o["attention"], delta=o["delta"],
+                               activation=settings.activation, psi_init=settings.psi_init,
+                               learnable_psi=o["learnable_psi"], attention_kwargs=o["attention_kwargs"],
+                               preset=settings.preset)
+
+    return PassResult(insert_asr(gm, sites, make_block), bool(sites))
+
+
+def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """With ``convert_existing``: each channel attention becomes an ASR block (:func:`convert_existing_attention`)."""
+    o = context.options
+    if not context.records_of(ChannelAttention):
+        return PassResult(gm, False)
+    psi_init = block_settings(o, context.records_of(Site)).psi_init
+    means = context.records_of(PooledMeans)
+    existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
+    keys = convert_existing_attention(gm, existing, psi_init=psi_init if isinstance(psi_init, (int, float)) else 0.1,
+                                      psi_values=means[0].values if means else None, learnable_psi=o["learnable_psi"])
+    return PassResult(gm, bool(keys))
+
+
+def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """With ``norm_fused``: blocks right after an affine BatchNorm take the BN-affine training form."""
+    return to_bn_affine_form(gm) if context.options["norm_fused"] else PassResult(gm, False)
+
+
+def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """Every block's ``v`` is computed at the top of the graph (:func:`hoist_attention_values`)."""
+    return PassResult(gm, hoist_attention_values(gm) > 0)
+
+
+#: what :func:`instrument` runs, in order, on a copy of the model
+INSTRUMENT_PIPELINE = Pipeline("instrument", (
+    trace_model,
+    record_example_shapes,
+    choose_sites,
+    measure_existing_attention,
+    insert_blocks,
+    convert_existing_blocks,
+    into_bn_affine_form,
+    hoist_values,
+))
+
+
+def instrument(
+    model: nn.Module,
+    attention: str | Callable[..., nn.Module] = "se",
+    rule: str = "auto",
+    *,
+    sites: SiteSelector = None,
+    exclude: SiteSelector = None,
+    delta: int = 1,
+    activation: str = "sigmoid",
+    psi_init: PsiInit = 0.1,
+    learnable_psi: bool = True,
+    attention_kwargs: dict[str, Any] | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    leaf_modules: Any = None,
+    preset: str | None = None,
+    convert_existing: bool = False,
+    norm_fused: bool | None = None,
+) -> fx.GraphModule:
+    """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
+
+    ``model`` is not modified (the result holds copies of its modules, under the same names).
+    Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``); with ``delta > 1`` each site
+    holds an ``nn.Sequential`` of ``delta`` blocks (the paper's Table 7).
+
+    Args:
+        attention: a registered name (``asr_fx.attention.names()``) or a factory ``f(channels, **kw)``.
+        rule: placement rule; ``"auto"`` picks the paper's placement (see
+            :data:`asr_fx.passes.placement.PLACEMENT_RULES`).
+        sites / exclude: node or module names, or a predicate on :class:`Site`, to choose sites.
+        example_inputs: optional; shapes let layers whose channel dimension depends on the input
+            rank (BatchNorm1d, GroupNorm, ...) take a site.
+        leaf_modules: module names or classes that torch.fx keeps as opaque calls.
+        delta / activation / psi_init / learnable_psi: ASR blocks per site (Table 7), ``"sigmoid"``,
+            ``"tanh"`` or ``"hardsigmoid"``, psi's start (a number or ``("normal", std)``), and
+            ``False`` to keep psi fixed (Table 8).
+        preset: a named setting of :data:`asr_fx.asr.PRESETS`; ``"transformer"`` is the paper's ViT
+            setting (tanh, psi and the attention layers' parameters initialised to 1e-3). With no
+            preset, defaults for activation/psi_init and only ``transformer``-rule sites (ViT, Swin),
+            the transformer preset is used (recorded in the config); ``preset="cnn"`` keeps sigmoid.
+        convert_existing: also turn each existing channel attention (SE/ECA-like ``x * gate(pool(x))``,
+            found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
+            ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
+            at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
+        norm_fused: the BN-affine *training form* at BatchNorm sites (not a fused model; the name is
+            kept for compatibility). ``True``: a block right after an affine
+            ``nn.BatchNorm`` computes that BN with affine ``weight * v, bias * v``
+            (:class:`asr_fx.asr.NormFusedASR`: the same function, but BN's output is not kept for the
+            backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
+            ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
+            ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
+    """
+    if norm_fused is None:
+        norm_fused = delta == 1
+    if norm_fused and delta != 1:
+        raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
+                                 f"delta={delta}; drop norm_fused or use delta=1")
+    resolve_preset(preset, activation, psi_init)  # refuses a preset that contradicts activation/psi_init
+    if delta < 1:
+        raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
+    example_inputs = as_input_tuple(example_inputs)
+    options = dict(model_name=type(model).__name__, attention=attention, rule=rule, sites=sites, exclude=exclude,
+                   delta=delta, activation=activation, psi_init=psi_init, learnable_psi=learnable_psi,
+                   attention_kwargs=dict(attention_kwargs or {}), example_inputs=example_inputs,
+                   leaf_modules=leaf_modules, preset=preset, convert_existing=convert_existing, norm_fused=norm_fused)
+    gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **options)
+    chosen = [r for r in records if isinstance(r, Site)]
+    settings = block_settings(options, chosen)
+    config = {
+        "attention": attention_name(attention),
+        "attention_kwargs": options["attention_kwargs"],
+        "rule": rule,
+        "delta": delta,
+        "activation": settings.activation,
+        "psi_init": list(settings.psi_init) if isinstance(settings.psi_init, tuple) else settings.psi_init,
+        "learnable_psi": learnable_psi,
+        "preset": settings.preset,
+        "convert_existing": convert_existing,
+        "norm_fused": norm_fused,
+        "sites": [s.to_dict() for s in chosen],
+        "factory": getattr(model, "_asr_fx_factory", None),
+        "input_shape": list(example_inputs[0].shape) if example_inputs else None,
+    }
+    set_config(gm, config)
+    place_like(gm, model)
+    gm.train(model.training)
+    return gm  # type: ignore[return-value]
+
+
+def set_config(gm: nn.Module, config: dict[str, Any]) -> None:
+    """Record the ASR config on a module (kept across ``copy.deepcopy`` and pickling)."""
+    if isinstance(gm, fx.GraphModule):
+        gm.meta[CONFIG_KEY] = config
+    gm.asr_fx_config = config
+
+
+def get_config(model: nn.Module) -> dict[str, Any] | None:
+    """The config :func:`instrument` recorded on ``model``, or ``None``."""
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and CONFIG_KEY in meta:
+        return meta[CONFIG_KEY]
+    return getattr(model, "asr_fx_config", None)
+
+
+def attention_name(attention: Any) -> Any:
+    """How the config names an attention: its registry name, or ``module:qualname`` of a factory."""
+    if isinstance(attention, str):
+        return attention
+    module, qualname = getattr(attention, "__module__", None), getattr(attention, "__qualname__", None)
+    return f"{module}:{qualname}" if module and qualname and "<" not in qualname else None
+
+
+def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Put the new ASR state on the model's device, and ASR blocks in its floating dtype."""
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    if ref is None:
+        return
+    if ref.device.type != "cpu":
+        gm.to(ref.device)
+    blocks = getattr(gm, "asr", None)
+    if isinstance(blocks, nn.Module) and ref.is_floating_point() and ref.dtype != torch.float32:
+        blocks.to(ref.dtype)
