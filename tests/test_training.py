@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 import asr_fx
 from asr_fx.models import cifar_resnet
+from asr_fx.passes.hoist_attention_values import unhoist_attention_values
 
 SHAPE = (4, 3, 32, 32)
 
@@ -339,15 +340,13 @@ def test_attention_gradients_come_after_every_other_gradient(x, norm_fused):
     assert _attention_gradients_come_last(order), order
 
 
-def test_values_first_survive_deepcopy_and_pickle_and_can_be_removed(model, x):
-    from asr_fx.passes.hoist_attention_values import unhoist_attention_values as remove_values_first
-
+def test_hoisted_values_survive_deepcopy_and_pickle_and_can_be_removed(model, x):
     model.train()
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert _attention_gradients_come_last(_gradient_order(copied, x))
     at_sites, reference = copy.deepcopy(model), copy.deepcopy(model)
-    assert remove_values_first(at_sites) == len(_asr_blocks(model)) == 3
-    assert remove_values_first(pickle.loads(pickle.dumps(model))) == 3  # unpickling re-traces the code
+    assert unhoist_attention_values(at_sites) == len(_asr_blocks(model)) == 3
+    assert unhoist_attention_values(pickle.loads(pickle.dumps(model))) == 3  # unpickling re-traces the code
     with torch.no_grad():
         assert torch.equal(at_sites.eval()(x), reference.eval()(x))  # the same function either way
     assert not _attention_gradients_come_last(_gradient_order(at_sites.train(), x))
