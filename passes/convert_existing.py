@@ -31,13 +31,13 @@ from asr_fx.errors import ASRError
 
 from .asr_blocks import ASR
 from .attention_patterns import ChannelAttention, find_channel_attention, pooled_dims
-from .graph_queries import fetch_attr, module_of, qualified_key
+from .graph_queries import fetch_attr, module_of, output_shape, qualified_key
 from .locate import Site
 from .modes import preserved_training_modes
 
 
 def _psi_shape(gm: fx.GraphModule, att: ChannelAttention, pool: fx.Node) -> tuple[int, ...]:
-    shape = getattr(pool.meta.get("tensor_meta"), "shape", None)
+    shape = output_shape(pool)
     if shape is not None:
         return (1, *shape[1:])
     if att.channels <= 0:

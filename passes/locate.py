@@ -20,14 +20,13 @@ import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from .attention_patterns import find_channel_attention
 from .graph_queries import channel_info, is_add, is_mul, module_of, skip_identity
 from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
-                        IDENTITY_MODULES, NORM_MODULES)
+                        IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -147,7 +146,8 @@ def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_permute(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in (torch.permute, "permute", torch.transpose, "transpose", "contiguous")
+    return node.op in ("call_function", "call_method") and node.target in (*PERMUTE_TARGETS, *TRANSPOSE_TARGETS,
+                                                                          "contiguous")
 
 
 def _is_layer_scale(node: fx.Node) -> fx.Node | None:

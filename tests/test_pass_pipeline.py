@@ -23,7 +23,6 @@ from asr_fx.passes import FUSE_PIPELINE, PassResult, Pipeline, Site, trace
 from asr_fx.passes.fold import fold_scales
 from asr_fx.passes.placement import PLACEMENT_RULES, RULE_ALIASES, placement_rule
 from asr_fx.passes.propagate import propagate_scales
-from asr_fx.passes.records import FoldRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
