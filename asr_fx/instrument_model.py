@@ -25,9 +25,8 @@ from asr_fx.passes.convert_existing import convert_existing_attention, existing_
 from asr_fx.passes.hoist_attention_values import hoist_attention_values
 from asr_fx.passes.infra import PassContext, PassResult, Pipeline
 from asr_fx.passes.locate import site_at
-from asr_fx.passes.pipeline import record_example_shapes
 from asr_fx.passes.placement import PLACEMENT_RULES, placement_rule, rule_names
-from asr_fx.passes.shapes import as_input_tuple, record_shapes
+from asr_fx.passes.shapes import as_input_tuple, record_example_shapes, record_shapes
 
 CONFIG_KEY = "asr_fx"
 

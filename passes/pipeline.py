@@ -23,7 +23,7 @@ from .hoist_attention_values import unhoist_attention_values
 from .infra import PassContext, PassResult, Pipeline, graph_modules
 from .propagate import propagate_scales
 from .records import FoldRecord
-from .shapes import record_shapes
+from .shapes import record_example_shapes
 from .trace import trace
 
 
@@ -41,14 +41,6 @@ def leave_bn_affine_form(module: nn.Module, context: PassContext) -> PassResult:
 def trace_for_inference(module: nn.Module, context: PassContext) -> PassResult:
     """Trace with ASR blocks inlined and training flags as they are (the fused graph is for inference)."""
     return PassResult(trace(module, context.options.get("leaf_modules"), bind_training=False), True)
-
-
-def record_example_shapes(module: fx.GraphModule, context: PassContext) -> PassResult:
-    """Record node shapes from ``example_inputs`` when given (:func:`record_shapes`)."""
-    example_inputs = context.options.get("example_inputs")
-    if example_inputs is None:
-        return PassResult(module, False)
-    return PassResult(record_shapes(module, example_inputs), False)
 
 
 def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult:

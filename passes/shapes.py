@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.errors import ASRError
 
+from .infra import PassContext, PassResult
 from .modes import preserved_training_modes
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
@@ -44,3 +45,11 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
         raise ASRError(f"example_inputs of shape(s) {shapes} do not fit the model: {first}. "
                        "Pass inputs the model's forward accepts, e.g. (torch.randn(1, 3, 224, 224),)") from None
     return gm
+
+
+def record_example_shapes(module: fx.GraphModule, context: PassContext) -> PassResult:
+    """Record node shapes from ``example_inputs`` when given (:func:`record_shapes`)."""
+    example_inputs = context.options.get("example_inputs")
+    if example_inputs is None:
+        return PassResult(module, False)
+    return PassResult(record_shapes(module, example_inputs), False)
