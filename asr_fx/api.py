@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
+from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.values_first import insert_values_first, remove_values_first
@@ -29,7 +30,6 @@ from asr_fx.passes.rules import (
 )
 from asr_fx.report import FusionReport
 
-CONFIG_KEY = "asr_fx"
 
 #: placement rules by name: each maps a traced graph to its sites
 RULES: dict[str, Callable[[fx.GraphModule], list[Site]]] = {
@@ -231,21 +231,21 @@ def instrument(
     if norm_fused:
         into_norm_fused(gm)
     insert_values_first(gm)
-    config = {
-        "attention": _attention_name(attention),
-        "attention_kwargs": kwargs,
-        "rule": rule,
-        "delta": delta,
-        "activation": activation,
-        "psi_init": list(psi_init) if isinstance(psi_init, tuple) else psi_init,
-        "learnable_psi": learnable_psi,
-        "preset": preset,
-        "convert_existing": convert_existing,
-        "norm_fused": norm_fused,
-        "sites": [s.to_dict() for s in chosen],
-        "factory": getattr(model, "_asr_fx_factory", None),
-        "input_shape": list(example_inputs[0].shape) if example_inputs else None,
-    }
+    config = ASRConfig(
+        attention=_attention_name(attention),
+        attention_kwargs=kwargs,
+        rule=rule,
+        delta=delta,
+        activation=activation,
+        psi_init=list(psi_init) if isinstance(psi_init, tuple) else psi_init,
+        learnable_psi=learnable_psi,
+        preset=preset,
+        convert_existing=convert_existing,
+        norm_fused=norm_fused,
+        sites=[s.to_dict() for s in chosen],
+        factory=getattr(model, "_asr_fx_factory", None),
+        input_shape=list(example_inputs[0].shape) if example_inputs else None,
+    )
     set_config(gm, config)
     _place_like(gm, model)
     gm.train(model.training)
@@ -264,21 +264,6 @@ def _place_like(gm: fx.GraphModule, model: nn.Module) -> None:
     blocks = getattr(gm, "asr", None)
     if isinstance(blocks, nn.Module) and ref.is_floating_point() and ref.dtype != torch.float32:
         blocks.to(ref.dtype)
-
-
-def set_config(gm: nn.Module, config: dict[str, Any]) -> None:
-    """Record the ASR config on a module (kept across ``copy.deepcopy`` and pickling)."""
-    if isinstance(gm, fx.GraphModule):
-        gm.meta[CONFIG_KEY] = config
-    gm.asr_fx_config = config
-
-
-def get_config(model: nn.Module) -> dict[str, Any] | None:
-    """The config :func:`instrument` recorded on ``model``, or ``None``."""
-    meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and CONFIG_KEY in meta:
-        return meta[CONFIG_KEY]
-    return getattr(model, "asr_fx_config", None)
 
 
 def _is_asr_module(module: nn.Module) -> bool:

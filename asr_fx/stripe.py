@@ -28,6 +28,7 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from asr_fx.config import set_config
 from asr_fx.errors import ASRError, NoSitesError
 from asr_fx.passes import trace
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
@@ -212,10 +213,7 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
                                f"({why}); use one that does, such as 'se'")
             plain.append(PooledAttention(asr.attention, asr.activation, asr.channel_pos))
         gm.asr[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
-    from asr_fx.api import CONFIG_KEY
-
-    gm.meta.pop(CONFIG_KEY, None)  # not ASR: asr_fx.save must not record it as such
-    gm.__dict__.pop("asr_fx_config", None)
+    set_config(gm, None)  # not ASR: asr_fx.save must not record it as such
     return gm
 
 

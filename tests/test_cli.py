@@ -436,9 +436,9 @@ def test_demo_json_prints_the_report(work, capsys):
 
 
 def test_demo_verification_failure_goes_to_stderr(work, capsys, monkeypatch):
-    from asr_fx import export
+    from asr_fx import verify
 
-    monkeypatch.setattr(export, "compare", lambda *a, **k: [export.OutputError("output0", 1.0, 1.0, False)])
+    monkeypatch.setattr(verify, "compare", lambda *a, **k: [verify.OutputError("output0", 1.0, 1.0, False)])
     assert cli.main([*DEMO, "-o", str(work / "d")]) == 1
     captured = capsys.readouterr()
     assert "verification failed" in captured.err and "verification failed" not in captured.out
