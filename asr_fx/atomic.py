@@ -85,8 +85,8 @@ def _is_stale(folder: Path, now: float) -> bool:
         return False
     if age > STALE_SECONDS:
         return True
-    parts = folder.name.lstrip(".").split("-")  # asr-fx-[tmp-]<pid>-...
-    pid = next((int(p) for p in parts[2:4] if p.isdigit()), None)
+    parts = folder.name.lstrip(".").split("-")  # asr-fx-<pid>-<name>-XXXX (older asr-fx: asr-fx-<name>-XXXX)
+    pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
     return pid is not None and pid != os.getpid() and not _pid_alive(pid)
 
 
