@@ -2,8 +2,8 @@
 the CLI and the stripe tools read and write.
 
 It lives on the instrumented module as ``module.asr_fx_config`` (kept across ``copy.deepcopy`` and
-pickling). Models pickled by older asr-fx versions also kept a plain dict there or in
-``gm.meta["asr_fx"]``; :func:`asr_config` reads all three.
+pickling, see :func:`set_config`). Models pickled by older asr-fx versions kept a plain dict there
+and a copy in ``gm.meta["asr_fx"]``; :func:`asr_config` reads either.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from asr_fx.errors import CheckpointError
 
@@ -22,6 +23,8 @@ VERSION = 1
 #: where models of earlier asr-fx versions also kept the config: ``gm.meta[META_KEY]``
 META_KEY = "asr_fx"
 ATTRIBUTE = "asr_fx_config"
+#: torch.fx's ``GraphModule.meta`` entry naming the attributes its ``copy.deepcopy`` keeps
+PRESERVED = _USER_PRESERVED_ATTRIBUTES_KEY
 
 
 @dataclass
@@ -93,21 +96,29 @@ class ASRConfig:
 
 
 def set_config(module: nn.Module, config: ASRConfig | dict[str, Any] | None) -> None:
-    """Record ``config`` on ``module`` (None removes it, from the old places too)."""
-    meta = getattr(module, "meta", None)
+    """Record ``config`` on ``module`` as ``module.asr_fx_config`` (None removes it, from the old places too).
+
+    That attribute is the one record. Pickling keeps it; a GraphModule's ``copy.deepcopy`` keeps only
+    the attributes named in ``meta["_user_preserved_attributes"]`` (torch.fx's mechanism), so it is
+    named there too."""
+    module.__dict__.pop(ATTRIBUTE, None)
+    meta = module.__dict__.get("meta")
     if isinstance(meta, dict):
-        meta.pop(META_KEY, None)  # written there by asr-fx before ASRConfig: one place now
+        meta.pop(META_KEY, None)  # asr-fx 0.1 kept a copy here: one record now
+        meta.get(PRESERVED, {}).pop(ATTRIBUTE, None)
     if config is None:
-        module.__dict__.pop(ATTRIBUTE, None)
         return
-    module.__dict__[ATTRIBUTE] = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
+    config = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
+    module.__dict__[ATTRIBUTE] = config
+    if isinstance(meta, dict):
+        meta.setdefault(PRESERVED, {})[ATTRIBUTE] = config
 
 
 def asr_config(model: nn.Module) -> ASRConfig | None:
     """The :class:`ASRConfig` recorded on ``model``, or None (also read from older models' dicts)."""
     recorded = model.__dict__.get(ATTRIBUTE)
     if recorded is None:
-        meta = getattr(model, "meta", None)
+        meta = model.__dict__.get("meta")
         recorded = meta.get(META_KEY) if isinstance(meta, dict) else None
     if recorded is None:
         return None
