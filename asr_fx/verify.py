@@ -27,7 +27,7 @@ from torch import nn
 
 from asr_fx import onnx_runtime
 from asr_fx._util import count_parameters, meta_tensors, modes_restored
-from asr_fx.errors import DifferentModelError, InputShapeError, UnsupportedModelError, VerificationError
+from asr_fx.errors import ASRError, DifferentModelError, InputShapeError, UnsupportedModelError, VerificationError
 
 #: default ``rtol`` per reference dtype: float32's is DESIGN.md's; float16 keeps ~3 significant digits
 #: per op and bfloat16 ~2, so errors of a deep net reach those sizes relative to max|reference|
@@ -207,27 +207,31 @@ def as_args(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.T
     return tuple(inputs), {}
 
 
-def _check_same_model(proto: onnx.ModelProto, path: str, reference: nn.Module, args: tuple,
-                      kwargs: dict, report: ExportReport) -> None:
-    """Raise :class:`DifferentModelError` when the file's inputs or weights cannot be ``reference``'s."""
+def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`InputShapeError` when the file's inputs have another rank or static size than ``inputs``."""
     given = [*args, *kwargs.values()]
     file_inputs = onnx_inputs(proto)
-    if len(file_inputs) == len(given):
-        for (name, dims), tensor in zip(file_inputs, given):
-            fits = len(dims) == tensor.dim() and all(not isinstance(d, int) or d == s for d, s in zip(dims, tensor.shape))
-            if not fits:
-                raise InputShapeError(
-                    f"onnxruntime cannot run {path!r} on an input of shape {list(tensor.shape)}: its input "
-                    f"{name!r} is {dims}; give an input of that shape", shape=list(tensor.shape))
+    if len(file_inputs) != len(given):
+        return  # the exporter drops unused inputs: onnxruntime's feeds say the rest
+    for (name, dims), tensor in zip(file_inputs, given):
+        if len(dims) != tensor.dim() or any(isinstance(d, int) and d != s for d, s in zip(dims, tensor.shape)):
+            raise InputShapeError(f"onnxruntime cannot run {path!r} on an input of shape {list(tensor.shape)}: its "
+                                  f"input {name!r} is {dims}; give an input of that shape", shape=list(tensor.shape))
+
+
+def weight_mismatch(proto: onnx.ModelProto, path: str, reference: nn.Module) -> str | None:
+    """Why the file's weights cannot be ``reference``'s, or None when their count fits.
+
+    The exporter folds BatchNorm into convolutions and small constants into ops, and leaves out
+    parameters the forward does not use (aux heads): a file holds somewhat fewer weights than its
+    model, never more; far fewer is suspect, not proof."""
     in_file = onnx_parameter_count(proto)
     most = count_parameters(reference) + sum(b.numel() for b in reference.buffers() if b.is_floating_point())
     least = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("asr."))
-    # the exporter folds BatchNorm into convolutions and small constants into ops: a file holds somewhat
-    # fewer weights than its model, never more, and never a fraction as many
     if in_file > 1.02 * most + 64 or in_file < 0.7 * least:
-        raise DifferentModelError(
-            f"{path!r} is a different model: it holds {in_file:,} weights, the reference model has {least:,} "
-            f"parameters (not counting ASR blocks); compare it with the model it was exported from", report)
+        return (f"{path!r} is a different model: it holds {in_file:,} weights, the reference model has {least:,} "
+                "parameters (not counting ASR blocks); compare it with the model it was exported from")
+    return None
 
 
 def verify_onnx(
@@ -252,8 +256,9 @@ def verify_onnx(
     ``max|onnx - torch| <= atol + rtol * max|torch|`` per output; outputs carry the file's names.
 
     Raises :class:`UnsupportedModelError` for a meta-device or bfloat16 reference,
-    :class:`InputShapeError` when the file's inputs do not fit ``inputs``, :class:`DifferentModelError`
-    when its weights cannot be the reference's (before any numbers are compared), and
+    :class:`InputShapeError` when the file's inputs do not fit ``inputs`` (before running it),
+    :class:`DifferentModelError` when the outputs disagree and the file's weight count cannot be the
+    reference's (the count is checked first; it names both counts instead of an error size), and
     :class:`VerificationError` (``.report``) when the numbers disagree or ``expected_op_counts`` is
     given and the op multiset differs. The reference's train/eval modes are restored afterwards.
     """
@@ -267,23 +272,26 @@ def verify_onnx(
     report.op_counts = onnx_op_counts(proto)
     report.input_names = [name for name, _ in onnx_inputs(proto)]
     report.output_names = [o.name for o in proto.graph.output]
-    _check_same_model(proto, path, reference, args, kwargs, report)
+    _check_inputs_fit(proto, path, args, kwargs)
+    mismatch = weight_mismatch(proto, path, reference)
     start = time.perf_counter()
     with modes_restored(reference):
         reference.eval()
-        sess = onnx_runtime.session(path, providers)
+        try:
+            sess = onnx_runtime.session(path, providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long: keep the first line
+            raise ASRError(f"onnxruntime cannot load {path!r}: {_first_line(exc)}") from exc
         report.provider = sess.get_providers()[0]
-        report.outputs = _compare_on(sess, reference, args, kwargs, rtol, atol, report.output_names, "")
-        for batch in batches:
-            shaped = {k: (batch, *t.shape[1:]) for k, t in _named(args, kwargs).items()}
-            report.outputs += _compare_on(sess, reference, *_random_like(args, kwargs, shaped, batch), rtol, atol,
-                                          report.output_names, f" (batch {batch})")
-        for height, width in sizes:
-            shaped = {k: (*t.shape[:-2], height, width) for k, t in _named(args, kwargs).items()}
-            report.outputs += _compare_on(sess, reference, *_random_like(args, kwargs, shaped, height * 1000 + width),
-                                          rtol, atol, report.output_names, f" ({height}x{width})")
+        try:
+            _compare_all(sess, reference, args, kwargs, rtol, atol, batches, sizes, report)
+        except VerificationError as exc:  # outputs of another count or shape
+            if mismatch:
+                raise DifferentModelError(f"{mismatch} ({exc})", report) from None
+            raise
     report.verified = True
     report.seconds["verify"] = time.perf_counter() - start
+    if not report.ok and mismatch:
+        raise DifferentModelError(f"{mismatch}; onnxruntime disagrees with it:\n{report.table()}", report)
     if not report.ok:
         raise VerificationError(
             f"onnxruntime disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
@@ -292,6 +300,24 @@ def verify_onnx(
         raise VerificationError("the ONNX op multiset differs from the expected (vanilla) one: "
                                 f"{op_count_diff(expected_op_counts, report.op_counts)}", report)
     return report
+
+
+def _compare_all(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: float, atol: float,
+                 batches: Sequence[int], sizes: Sequence[tuple[int, int]], report: ExportReport) -> None:
+    names = report.output_names
+    report.outputs = _compare_on(sess, reference, args, kwargs, rtol, atol, names, "")
+    for batch in batches:
+        shaped = {k: (batch, *t.shape[1:]) for k, t in _named(args, kwargs).items()}
+        report.outputs += _compare_on(sess, reference, *_random_like(args, kwargs, shaped, batch), rtol, atol,
+                                      names, f" (batch {batch})")
+    for height, width in sizes:
+        shaped = {k: (*t.shape[:-2], height, width) for k, t in _named(args, kwargs).items()}
+        report.outputs += _compare_on(sess, reference, *_random_like(args, kwargs, shaped, height * 1000 + width),
+                                      rtol, atol, names, f" ({height}x{width})")
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _named(args: tuple, kwargs: dict) -> dict[str | int, torch.Tensor]:
@@ -311,7 +337,10 @@ def _compare_on(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: flo
                 names: list[str], label: str) -> list[OutputError]:
     with torch.no_grad(), fp32_matmul_precision():
         expected = flatten_outputs(reference(*args, **kwargs))
-    actual, _, _ = onnx_runtime.run(sess, kwargs if kwargs else args)
+    try:
+        actual, _, _ = onnx_runtime.run(sess, kwargs if kwargs else args)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long: keep the first line
+        raise ASRError(f"onnxruntime cannot run the ONNX file{label}: {_first_line(exc)}") from exc
     errors = compare(expected, actual, rtol, atol, names)
     for e in errors:
         e.name += label

@@ -182,3 +182,16 @@ def test_an_old_folder_of_a_live_process_is_stale_after_an_hour(tmp_path):
     old = time.time() - atomic.STALE_SECONDS - 10
     os.utime(live, (old, old))
     assert atomic.remove_stale_temp_folders(tmp_path) == [str(live)]
+
+
+def test_unused_parameters_are_not_a_different_model(tmp_path):
+    class WithAux(nn.Module):  # an aux head the eval forward never uses, 10x the used weights
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.aux = small(), nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.body(x)
+
+    report = asr_fx.export_onnx(WithAux().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert report.ok and report.verified

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from asr_fx.errors import UnknownAttentionError
+from asr_fx.errors import InvalidOptionError, UnknownAttentionError
 
 from .cbam import CBAMChannel
 from .eca import EfficientChannelAttention
@@ -48,7 +48,7 @@ def register(name: str, factory: AttentionFactory, *, overwrite: bool = False) -
     """Register ``factory(channels, **kw) -> nn.Module`` under ``name``."""
     key = name.lower()
     if key in _REGISTRY and not overwrite:
-        raise ValueError(f"attention {name!r} is already registered; pass overwrite=True to replace it")
+        raise InvalidOptionError(f"attention {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
 
 
