@@ -195,3 +195,26 @@ def test_unused_parameters_are_not_a_different_model(tmp_path):
 
     report = asr_fx.export_onnx(WithAux().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
     assert report.ok and report.verified
+
+
+EXPORT_LOOP = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    import asr_fx
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+    print("ready", flush=True)
+    while True:
+        asr_fx.export_onnx(model, sys.argv[1], torch.randn(1, 3, 8, 8))
+""")
+
+
+def test_sigterm_during_a_real_export_leaves_the_output_whole_and_no_temporary_folder(tmp_path):
+    out = tmp_path / "m.onnx"
+    proc = subprocess.Popen([sys.executable, "-c", EXPORT_LOOP, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(4)  # some exports done, one under way
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert leftovers(tmp_path) == [] and sorted(os.listdir(tmp_path)) in ([], ["m.onnx"])
+    if out.exists():
+        onnx.checker.check_model(str(out))
