@@ -11,46 +11,32 @@ Format (``format == "asr-fx"``, ``version == 1``)::
 
 from __future__ import annotations
 
-import copy
 import os
 import re
-import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from asr_fx.errors import CheckpointError
+from asr_fx import atomic
+from asr_fx.api import instrument
+from asr_fx.attention import names as attention_names
+from asr_fx.config import ASRConfig, asr_config, set_config
+from asr_fx.errors import CheckpointError, OutputPathError
 from asr_fx.factory import build, import_factory
-from asr_fx.state_dicts import asr_layout, check_finite_asr, check_keys, find_state_dict, normalize_keys
+from asr_fx.state_dicts import check_finite_asr, check_keys
 
 FORMAT = "asr-fx"
 VERSION = 1
 
 
-def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Rename the finished temporary file ``tmp`` to ``path`` with the permissions a new file gets
-    (``mkstemp`` makes it owner-only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``torch.save`` to a temporary file in a private folder beside ``path``, then rename: never a
+    half-written file (see :mod:`asr_fx.atomic`)."""
+    with atomic.atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _check_saveable_attention(attention: Any) -> None:
@@ -65,18 +51,8 @@ def _check_saveable_attention(attention: Any) -> None:
                               f"(__main__), which asr_fx.load and the asr-fx CLI cannot import; {way_out}")
 
 
-def _check_output_path(path: str | os.PathLike) -> None:
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"cannot save to {str(path)!r}: it is a folder; name the checkpoint file")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"cannot save to {str(path)!r}: the folder {str(path.parent)!r} does not exist")
-
-
 def resolve_attention(attention: Any) -> Any:
     """A registered name as it is; ``"package.module:Factory"`` imported; refuses an unknown name with the way out."""
-    from asr_fx.attention import names
-
     if not isinstance(attention, str):
         return attention
     if ":" in attention:
@@ -85,9 +61,9 @@ def resolve_attention(attention: Any) -> Any:
                                   "(__main__) and cannot be imported: move it into a module and pass --attention "
                                   "package.module:Factory")
         return import_factory(attention)
-    if attention.lower() not in names():
+    if attention.lower() not in attention_names():
         raise CheckpointError(
-            f"the attention network {attention!r} is not registered here (registered: {', '.join(names())}); "
+            f"the attention network {attention!r} is not registered here (registered: {', '.join(attention_names())}); "
             "a custom one was registered by the code that trained the model: pass its import path, --attention "
             "package.module:Factory (attention_kwargs with --attention-args), or in Python call "
             f"asr_fx.attention.register({attention!r}, Factory) before loading"
@@ -108,23 +84,24 @@ def save(
     ``factory`` (``"package.module:function"``) rebuilds the vanilla model; it defaults to the one
     recorded by :func:`build`. ``input_shape`` is what the CLI exports with.
     """
-    from asr_fx.api import get_config
-
-    config = get_config(model)
+    config = asr_config(model)
     if config is None:
         raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save instead")
-    recorded = config.get("factory") or {}
+    recorded = config.factory or {}
     factory = factory or recorded.get("factory")
     if factory is None:
         raise CheckpointError(
             "asr_fx.save needs to know how to rebuild the model: pass factory='package.module:function' "
             "(and factory_kwargs=), or build the model with asr_fx.build(...)"
         )
-    _check_saveable_attention(config.get("attention"))
-    _check_output_path(path)
+    _check_saveable_attention(config.attention)
+    try:
+        atomic.check_writable(path)
+    except OutputPathError as exc:
+        raise CheckpointError(f"cannot save: {exc}", path=exc.path) from None
     kwargs = factory_kwargs if factory_kwargs is not None else (recorded.get("kwargs") or {})
-    shape = list(input_shape) if input_shape is not None else config.get("input_shape")
-    asr = {k: v for k, v in config.items() if k not in ("factory", "input_shape")}
+    shape = list(input_shape) if input_shape is not None else config.input_shape
+    asr = {k: v for k, v in config.to_dict().items() if k not in ("factory", "input_shape")}
     atomic_torch_save(
         {
             "format": FORMAT,
@@ -180,53 +157,41 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
         raise CheckpointError(f"{str(path)!r} is not a readable torch checkpoint: {first}") from exc
 
 
-def instrument_from_config(model: nn.Module, config: dict[str, Any], input_shape: Any = None,
+def instrument_from_config(model: nn.Module, config: ASRConfig | dict[str, Any], input_shape: Any = None,
                            leaf_modules: Any = None) -> nn.Module:
-    """Re-instrument a vanilla model exactly as recorded: same sites, attention and options."""
-    from asr_fx.api import instrument
+    """Re-instrument a vanilla model exactly as recorded: same sites, attention and options.
 
-    psi_init = config.get("psi_init", 0.1)
+    ``norm_fused`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
+    ``delta == 1`` (as :func:`asr_fx.instrument`); absent from a config older than the option, off."""
+    config = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
+    options = config.instrument_options()
+    options["attention"] = resolve_attention(options["attention"])
     example = (torch.zeros(input_shape),) if input_shape else None
-    return instrument(
-        model,
-        attention=resolve_attention(config["attention"]),
-        rule=config.get("rule", "auto"),
-        sites=[s["node"] for s in config["sites"]] if config.get("sites") is not None else None,
-        delta=config.get("delta", 1),
-        activation=config.get("activation", "sigmoid"),
-        psi_init=tuple(psi_init) if isinstance(psi_init, list) else psi_init,
-        learnable_psi=config.get("learnable_psi", True),
-        attention_kwargs=config.get("attention_kwargs") or {},
-        example_inputs=example,
-        leaf_modules=leaf_modules,
-        preset=config.get("preset"),
-        convert_existing=config.get("convert_existing", False),
-        norm_fused=config.get("norm_fused", False),
-    )
+    return instrument(model, example_inputs=example, leaf_modules=leaf_modules, **options)
 
 
-def _from_asr_fx(ckpt: dict[str, Any], path: str | os.PathLike, leaf_modules: Any = None,
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_modules: Any = None,
                  attention: str | None = None, attention_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The instrumented model an asr-fx checkpoint describes, weights loaded (strict). ``attention``
     (a name or ``"package.module:Factory"``) and ``attention_kwargs`` replace the recorded ones."""
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads {VERSION}")
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads {VERSION}",
+                              path=str(path))
     model = build(ckpt["factory"], **ckpt.get("factory_kwargs", {}))
-    asr = dict(ckpt["asr"])
+    recorded = ASRConfig.from_dict(ckpt["asr"])
+    asr = ASRConfig.from_dict(recorded.to_dict())
     if attention is not None:
-        asr["attention"] = attention
+        asr.attention = attention
     if attention_kwargs is not None:
-        asr["attention_kwargs"] = attention_kwargs
+        asr.attention_kwargs = dict(attention_kwargs)
     instrumented = instrument_from_config(model, asr, ckpt.get("input_shape"), leaf_modules)
     check_finite_asr(ckpt["state_dict"])
     check_keys(instrumented, ckpt["state_dict"], hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?")
     instrumented.load_state_dict(ckpt["state_dict"])
-    from asr_fx.api import get_config, set_config
-
-    config = dict(get_config(instrumented) or {})
-    config["input_shape"] = ckpt.get("input_shape")
-    config["sites"] = ckpt["asr"].get("sites", config.get("sites"))
-    config["rule"] = ckpt["asr"].get("rule", config.get("rule"))
+    config = asr_config(instrumented) or asr
+    config.input_shape = ckpt.get("input_shape")
+    config.sites = recorded.sites if recorded.sites is not None else config.sites
+    config.rule = recorded.rule
     set_config(instrumented, config)
     return instrumented.eval()
 
@@ -236,123 +201,6 @@ def load(path: str | os.PathLike) -> nn.Module:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an asr-fx checkpoint (no 'format': 'asr-fx' entry)")
-    return _from_asr_fx(ckpt, path)
+    return model_from_checkpoint(ckpt, path)
 
 
-@dataclass
-class LoadedCheckpoint:
-    """What :func:`load_checkpoint` found: the model to fuse and what to compare it with."""
-
-    model: nn.Module
-    """the model as trained (instrumented, or with its own ASR blocks), eval mode"""
-    vanilla: nn.Module | None
-    """the same network without ASR blocks (its trained weights), or None when unknown"""
-    kind: str
-    """the checkpoint's format, e.g. ``"asr-fx"`` or ``"training checkpoint ['model']"``"""
-    input_shape: list[int] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def _vanilla_with_weights(factory: str, kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    vanilla = build(factory, **kwargs)
-    own = vanilla.state_dict()
-    vanilla.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=False)
-    return vanilla.eval()
-
-
-def _shape_hint(*sources: Any) -> list[int] | None:
-    for source in sources:
-        shape = source.get("input_shape") if isinstance(source, dict) else getattr(source, "input_shape", None)
-        if isinstance(shape, (list, tuple)) and shape and all(isinstance(d, int) for d in shape):
-            return list(shape)
-    return None
-
-
-def _runs_on(model: nn.Module, shape: list[int]) -> torch.Tensor:
-    """A zero input of ``shape`` after checking that ``model`` runs on it (one clear error if not)."""
-    from asr_fx.errors import ASRError
-
-    x = torch.zeros(shape)
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    except Exception as exc:  # noqa: BLE001
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ASRError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: {first}; "
-                       "pass the shape it expects with --input-shape") from exc
-    return x
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    *,
-    factory: str | None = None,
-    factory_kwargs: dict[str, Any] | None = None,
-    asr_options: dict[str, Any] | None = None,
-    trust: bool = False,
-    input_shape: list[int] | None = None,
-    leaf_modules: Any = None,
-) -> LoadedCheckpoint:
-    """Load any checkpoint the CLI accepts and return the model to fuse.
-
-    Accepts an :func:`save` checkpoint; a bare state_dict or a training checkpoint holding one
-    (``{"state_dict": ...}``, ``{"model": ...}``; ``module.``, ``model.`` and ``_orig_mod.``
-    prefixes are stripped) together with ``factory`` (``"package.module:function"``) and
-    ``factory_kwargs``; and, only with ``trust=True``, a pickled ``nn.Module``.
-
-    A state_dict with ``asr.<site>...`` keys was instrumented: the factory's model is instrumented
-    again with ``asr_options`` (keyword arguments of :func:`asr_fx.instrument`; by default the sites
-    and ``delta`` are read from the keys). One without them is loaded into the factory's model as it is
-    (a model whose factory builds its own ASR blocks).
-    """
-    from asr_fx.api import get_config, instrument
-
-    raw = read_checkpoint(path, trust=trust)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        options = asr_options or {}
-        model = _from_asr_fx(raw, path, leaf_modules, options.get("attention"), options.get("attention_kwargs"))
-        vanilla = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
-        return LoadedCheckpoint(model, vanilla, "asr-fx", input_shape or raw.get("input_shape"))
-    weights, kind = find_state_dict(raw, repr(str(path)))
-    kwargs = dict(factory_kwargs or {})
-    if isinstance(weights, nn.Module):
-        model = weights.eval()
-        check_finite_asr(model.state_dict())
-        recorded = (get_config(model) or {}).get("factory") or {}
-        vanilla = None
-        if factory or recorded.get("factory"):
-            vanilla = _vanilla_with_weights(factory or recorded["factory"], kwargs if factory else recorded.get("kwargs") or {},
-                                            model.state_dict())
-        shape = input_shape or _shape_hint(get_config(model) or {}, raw if isinstance(raw, dict) else None, model)
-        return LoadedCheckpoint(model, vanilla, kind, shape)
-    if factory is None:
-        raise CheckpointError(f"{str(path)!r} is a {kind}: it holds weights but not how to build the model; pass "
-                              "--model package.module:factory (and --factory-args '{...}' for its arguments)")
-    base = build(factory, **kwargs).eval()
-    state_dict, notes = normalize_keys(weights, base.state_dict().keys())
-    shape = input_shape or _shape_hint(raw, base)
-    sites, delta = asr_layout(state_dict)
-    hint = f"Check --model {factory} and --factory-args"
-    if sites and get_config(base) is None and not any(k.startswith("asr.") for k in base.state_dict()):
-        options = dict(asr_options or {})
-        if options.get("sites") is None and options.get("rule") is None:
-            options["sites"] = sites
-        options.setdefault("delta", delta)
-        options = {k: v for k, v in options.items() if v is not None}
-        if "attention" in options:
-            options["attention"] = resolve_attention(options["attention"])
-        example = (_runs_on(base, shape),) if shape else None
-        model = instrument(copy.deepcopy(base), example_inputs=example, leaf_modules=leaf_modules, **options)
-        hint += ", and the ASR options it was trained with (--attention, --attention-args, --delta, --sites)"
-        notes.append(f"instrumented again at {len(sites)} site(s) from the checkpoint's asr.* keys")
-    else:
-        model, base = base, None
-        if not sites:
-            notes.append("no asr.* keys: the model is fused as the factory builds it")
-    check_finite_asr(state_dict)
-    check_keys(model, state_dict, hint=hint)
-    model.load_state_dict(state_dict)
-    vanilla = None
-    if base is not None:
-        vanilla = _vanilla_with_weights(factory, kwargs, state_dict)
-    return LoadedCheckpoint(model.eval(), vanilla, kind, shape, notes)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from asr_fx.errors import UsageError  # noqa: F401 - re-exported: asr_fx.cli.UsageError as before
+
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 
 EPILOG = ("exit codes: 0 success, 1 verification failed (or --strict found an unfolded site or a "
@@ -28,14 +30,6 @@ CHECKPOINT_HELP = (
     "instrumented and is instrumented again with the ASR options. Pickled whole modules load only "
     "with --trust-checkpoint."
 )
-
-
-class UsageError(Exception):
-    """argparse found a usage error (raised instead of exiting, so that main() can report it)."""
-
-    def __init__(self, prog: str, usage: str, message: str) -> None:
-        super().__init__(message)
-        self.prog, self.usage = prog, usage
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,12 +101,12 @@ def _add_model_source_options(p: argparse.ArgumentParser, model_help: str) -> No
 def _load_model_source(spec: str | Path, args: argparse.Namespace) -> Any:
     """The model (eval mode) a MODEL argument names: ``PKG.MODULE:FACTORY`` (random weights) or any
     checkpoint ``asr-fx fuse`` reads, with the options of :func:`_add_model_source_options`."""
-    from asr_fx import checkpoint, factory
+    from asr_fx import factory, foreign_checkpoints
 
     kwargs = args.factory_args or {}
     if not Path(spec).exists() and ":" in str(spec):
         return factory.build(str(spec), **kwargs).eval()
-    return checkpoint.load_checkpoint(Path(spec), factory=args.factory, factory_kwargs=kwargs,
+    return foreign_checkpoints.load_checkpoint(Path(spec), factory=args.factory, factory_kwargs=kwargs,
                                       trust=args.trust_checkpoint).model.eval()
 
 

@@ -39,8 +39,8 @@ class Stages:
 
 
 def load_from_args(args: argparse.Namespace, path: Path):
-    """:func:`asr_fx.checkpoint.load_checkpoint` with the CLI's checkpoint and ASR options."""
-    from asr_fx.checkpoint import load_checkpoint
+    """:func:`asr_fx.foreign_checkpoints.load_checkpoint` with the CLI's checkpoint and ASR options."""
+    from asr_fx.foreign_checkpoints import load_checkpoint
 
     options = {"attention": args.attention, "attention_kwargs": args.attention_args, "rule": args.rule,
                "sites": args.sites, "delta": args.delta, "activation": args.activation}

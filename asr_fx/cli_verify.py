@@ -19,14 +19,9 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx.errors import ASRError, VerificationError
-from asr_fx.export import (
-    ExportReport,
-    export_onnx,
-    fp32_matmul_precision,
-    onnx_op_counts,
-    op_count_diff,
-)
+from asr_fx.errors import ASRError, DifferentModelError, VerificationError
+from asr_fx.export import ExportReport, export_onnx, onnx_op_counts, op_count_diff
+from asr_fx.verify import verify_onnx
 
 MODEL_ROWS = ("vanilla", "instrumented", "fused")
 
@@ -197,7 +192,6 @@ def onnx_input_shape(path: str | os.PathLike) -> tuple[list[int | str], str]:
 def run_verify(args: argparse.Namespace) -> int:
     """``asr-fx verify OUT.onnx --against CKPT``: re-check an existing export against its checkpoint."""
     from asr_fx import cli, cli_fuse
-    from asr_fx.export import compare, flatten_outputs, run_onnxruntime
 
     onnx_path: Path = args.onnx
     if not onnx_path.is_file():
@@ -230,23 +224,21 @@ def run_verify(args: argparse.Namespace) -> int:
         elif args.strict:  # --strict's op check needs the vanilla model's ops even without the comparison
             summary.models = compare_models({"vanilla": loaded.vanilla}, x, workdir, dynamic_batch=dynamic)
         stages.start("verify", f"{onnx_path} in onnxruntime")
-        report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
-        with torch.no_grad(), fp32_matmul_precision():
-            expected = flatten_outputs(model(x))
         try:
-            actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
+            report = verify_onnx(onnx_path, model, (x,), rtol=args.rtol, atol=args.atol,
+                                 batches=(1, 7) if dynamic else ())
+        except DifferentModelError:
+            raise
+        except VerificationError as exc:  # disagreement: reported with the summary below
+            if exc.report is None:
+                raise
+            report = exc.report
+        except ASRError:
+            raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long; keep the first line
             first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
             raise ASRError(f"onnxruntime cannot run {str(onnx_path)!r} on an input of shape {list(shape)} "
                            f"(its input is {dims}): {first}; pass --input-shape to match") from exc
-        report.outputs = compare(expected, actual, args.rtol, args.atol)
-        if dynamic:
-            from asr_fx.export import _verify_at_batch
-
-            for batch in (1, 7):
-                report.outputs += _verify_at_batch(str(onnx_path), model, (x,), batch, args.rtol, args.atol, None)
-        report.verified = True
-        report.op_counts = onnx_op_counts(onnx_path)
         summary.export = report
         if summary.models:
             summary.models["fused"] = ModelRow(op_counts=report.op_counts, note="the file verified")

@@ -1,6 +1,14 @@
-"""Exceptions raised by asr-fx. Each message names the problem and the way out."""
+"""Exceptions raised by asr-fx: one tree, every public error an :class:`ASRError`.
+
+Library errors name the problem and carry it as data (the offending keyword, its nearest match,
+the shapes, the path) in attributes, so a caller such as the CLI can phrase the way out in its own
+words (its flags). They never name CLI flags themselves. This module imports nothing heavy (no torch),
+so the CLI can import it before deciding whether a command needs torch.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ASRError(Exception):
@@ -16,20 +24,101 @@ class NoSitesError(ASRError):
 
 
 class FusionError(ASRError):
-    """``fuse(..., strict=True)`` left at least one site unfolded."""
+    """``fuse(..., strict=True)`` left at least one site unfolded; ``report`` is the fusion report when known."""
+
+    def __init__(self, message: str, report: Any = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class VerificationError(ASRError):
-    """The exported model does not agree with the reference within tolerance."""
+    """The exported model does not agree with the reference within tolerance; ``report`` is the ExportReport."""
 
-    def __init__(self, message: str, report: object = None) -> None:
+    def __init__(self, message: str, report: Any = None) -> None:
         super().__init__(message)
         self.report = report
 
 
 class CheckpointError(ASRError):
-    """A checkpoint could not be read or does not fit the model."""
+    """A checkpoint could not be read or does not fit the model; ``path`` is the file when known."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class InvalidOptionError(ASRError, ValueError):
     """An option has a value asr-fx does not know (an unknown rule, delta < 1, ...)."""
+
+
+class ExportError(ASRError):
+    """torch.onnx.export could not export the model (or wrote another opset than asked for).
+
+    ``opset`` is the opset asked for when that was the problem, ``written_opset`` the one written."""
+
+    def __init__(self, message: str, *, opset: int | None = None, written_opset: int | None = None) -> None:
+        super().__init__(message)
+        self.opset, self.written_opset = opset, written_opset
+
+
+class UnknownAttentionError(ASRError, ValueError):
+    """An attention name that is not registered (also a ``ValueError``, as before); ``name`` is the name
+    asked for, ``registered`` the names that are."""
+
+    def __init__(self, message: str, *, name: str | None = None, registered: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.name, self.registered = name, list(registered or [])
+
+
+class UsageError(ASRError):
+    """A command line that argparse refused (raised instead of exiting, so ``main()`` can report it)."""
+
+    def __init__(self, prog: str, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.prog, self.usage = prog, usage
+
+
+class FactoryError(CheckpointError):
+    """A model factory (``"package.module:function"``) could not be imported, called, or did not build a module.
+
+    ``factory`` is the spec; ``keyword`` the keyword argument it refused and ``suggestion`` that
+    keyword's nearest match among ``accepted`` (when the problem is a keyword)."""
+
+    def __init__(self, message: str, *, factory: str, keyword: str | None = None, suggestion: str | None = None,
+                 accepted: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.factory, self.keyword, self.suggestion = factory, keyword, suggestion
+        self.accepted = list(accepted or [])
+
+
+class InputShapeError(ASRError):
+    """The model does not run on an input of ``shape`` (or no input shape is known: ``shape`` is None)."""
+
+    def __init__(self, message: str, *, shape: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
+class OutputPathError(ASRError, OSError):
+    """An output cannot be written at ``path`` (its folder is missing or read-only, it is a folder, a
+    wrong suffix); also an ``OSError`` so callers that catch those keep working."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        ASRError.__init__(self, message)
+        self.path = path
+
+    def __str__(self) -> str:  # OSError's __str__ would print the errno form
+        return self.args[0] if self.args else ""
+
+
+class UnsupportedModelError(ASRError):
+    """The model is in a form asr-fx cannot handle here, e.g. on the meta device (no weights) or in
+    a dtype onnxruntime cannot check; ``reason`` is a short key (``"meta"``, ``"dtype"``)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class DifferentModelError(VerificationError):
+    """The ONNX file is not the reference model at all (parameter count, op multiset or input shape differ)."""

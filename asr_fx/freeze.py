@@ -16,9 +16,10 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from asr_fx._util import modes_restored
 from asr_fx.errors import ASRError
 from asr_fx.passes import trace
-from asr_fx.stripe import FROZEN_PREFIX, Batches, SiteStats, StripeStats, _inputs_of, _training_flags, collect
+from asr_fx.stripe import FROZEN_PREFIX, Batches, SiteStats, StripeStats, batch_inputs, collect
 
 FREEZE_KEY = "asr_fx.freeze"
 
@@ -92,22 +93,18 @@ def _broadcast_shape(site: SiteStats) -> tuple[int, ...]:
 
 def output_change(reference: nn.Module, changed: nn.Module, batches: Batches) -> dict[str, float]:
     """How far ``changed``'s outputs are from ``reference``'s on ``batches`` (both in eval mode)."""
-    flags = _training_flags(reference) | _training_flags(changed)
     max_abs, max_ref, agree, total = 0.0, 0.0, 0, 0
-    try:
+    with modes_restored(reference, changed):
         reference.eval(), changed.eval()
         with torch.no_grad():
             for batch in batches:
-                inputs = _inputs_of(batch)
+                inputs = batch_inputs(batch)
                 ref, out = reference(*inputs), changed(*inputs)
                 max_abs = max(max_abs, float((out - ref).abs().max()))
                 max_ref = max(max_ref, float(ref.abs().max()))
                 if ref.dim() == 2:
                     agree += int((ref.argmax(1) == out.argmax(1)).sum())
                     total += ref.shape[0]
-    finally:
-        for m, mode in flags.items():
-            m.training = mode
     change = {"max_abs": max_abs, "rel": max_abs / max(max_ref, 1e-30)}
     if total:
         change["argmax_agreement"] = agree / total

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.asr import PsiInit, make_site_block, resolve_preset
+from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.passes import Site, insert_asr, trace
 from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
@@ -27,8 +28,6 @@ from asr_fx.passes.infra import PassContext, PassResult, Pipeline
 from asr_fx.passes.locate import site_at
 from asr_fx.passes.placement import PLACEMENT_RULES, placement_rule, rule_names
 from asr_fx.passes.shapes import as_input_tuple, record_example_shapes, record_shapes
-
-CONFIG_KEY = "asr_fx"
 
 SiteSelector = Sequence[str] | Callable[[Site], bool] | None
 
@@ -269,40 +268,25 @@ def instrument(
     gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **options)
     chosen = [r for r in records if isinstance(r, Site)]
     settings = block_settings(options, chosen)
-    config = {
-        "attention": attention_name(attention),
-        "attention_kwargs": options["attention_kwargs"],
-        "rule": rule,
-        "delta": delta,
-        "activation": settings.activation,
-        "psi_init": list(settings.psi_init) if isinstance(settings.psi_init, tuple) else settings.psi_init,
-        "learnable_psi": learnable_psi,
-        "preset": settings.preset,
-        "convert_existing": convert_existing,
-        "norm_fused": norm_fused,
-        "sites": [s.to_dict() for s in chosen],
-        "factory": getattr(model, "_asr_fx_factory", None),
-        "input_shape": list(example_inputs[0].shape) if example_inputs else None,
-    }
+    config = ASRConfig(
+        attention=attention_name(attention),
+        attention_kwargs=options["attention_kwargs"],
+        rule=rule,
+        delta=delta,
+        activation=settings.activation,
+        psi_init=list(settings.psi_init) if isinstance(settings.psi_init, tuple) else settings.psi_init,
+        learnable_psi=learnable_psi,
+        preset=settings.preset,
+        convert_existing=convert_existing,
+        norm_fused=norm_fused,
+        sites=[s.to_dict() for s in chosen],
+        factory=getattr(model, "_asr_fx_factory", None),
+        input_shape=list(example_inputs[0].shape) if example_inputs else None,
+    )
     set_config(gm, config)
     place_like(gm, model)
     gm.train(model.training)
     return gm  # type: ignore[return-value]
-
-
-def set_config(gm: nn.Module, config: dict[str, Any]) -> None:
-    """Record the ASR config on a module (kept across ``copy.deepcopy`` and pickling)."""
-    if isinstance(gm, fx.GraphModule):
-        gm.meta[CONFIG_KEY] = config
-    gm.asr_fx_config = config
-
-
-def get_config(model: nn.Module) -> dict[str, Any] | None:
-    """The config :func:`instrument` recorded on ``model``, or ``None``."""
-    meta = getattr(model, "meta", None)
-    if isinstance(meta, dict) and CONFIG_KEY in meta:
-        return meta[CONFIG_KEY]
-    return getattr(model, "asr_fx_config", None)
 
 
 def attention_name(attention: Any) -> Any:

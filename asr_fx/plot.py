@@ -25,7 +25,7 @@ from asr_fx.stripe import SiteStats, StripeStats
 
 def _figure(width: float, height: float) -> Any:
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # optional dependency (the plot extra): imported when drawing
     except ImportError:
         raise ASRError("the figures need matplotlib: pip install 'asr-fx[plot]' (or pip install matplotlib)") from None
     return Figure(figsize=(width, height), layout="constrained")
@@ -114,7 +114,7 @@ def plot_epoch_difference(values: torch.Tensor | Sequence[torch.Tensor], path: s
     diff = (v[1:] - v[:-1]).abs()[:, :, cols]  # (E-1) x N x K
     vmax = float(diff[:, chosen].max().clamp_min(1e-12))
     fig = _figure(3.0 * len(chosen) + 1.0, 3.4)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # optional dependency, present once _figure succeeded
 
     axes = fig.subplots(1, len(chosen), squeeze=False)[0]
     extent = (float(labels[1]) - 0.5, float(labels[-1]) + 0.5, len(cols) - 0.5, -0.5) if _numeric(labels) else None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asr_fx._util import non_finite_kind
 from asr_fx.errors import CheckpointError
 
 #: where training checkpoints keep the model's weights, tried in this order
@@ -143,8 +144,8 @@ def check_finite_asr(state_dict: Mapping[str, torch.Tensor]) -> None:
         parts = key.split(".")
         if parts[0] != "asr" or len(parts) < 3 or not value.is_floating_point():
             continue
-        if not torch.isfinite(value).all():
-            kind = "NaN" if torch.isnan(value).any() else "Inf"
+        kind = non_finite_kind(value)
+        if kind:
             what = "psi" if parts[-1] == "psi" else "attention weights"
             bad.append(f"{what} of ASR site `asr.{parts[1]}` ({key}) holds {kind}")
     if bad:

@@ -28,9 +28,16 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from asr_fx._util import modes_restored
+from asr_fx.api import instrument
+from asr_fx.asr import ACTIVATIONS, ASR
+from asr_fx.attention import SqueezeExcite
+from asr_fx.config import set_config
 from asr_fx.errors import ASRError, NoSitesError
 from asr_fx.passes import trace
+from asr_fx.passes.attention_patterns import find_channel_attention
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
+from asr_fx.passes.hoist_attention_values import unhoist_attention_values
 
 #: prefix of the buffers holding frozen attention values; a kind of folded constant, so
 #: :func:`asr_fx.fuse` reports the sites as attention sites and cleans up buffers it folded
@@ -39,7 +46,7 @@ FROZEN_PREFIX = FOLDED_PREFIX + "stripe_"
 Batches = Iterable[Any]
 
 
-def _inputs_of(batch: Any) -> tuple[torch.Tensor, ...]:
+def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
     """The model inputs in one batch: a tensor, or the first item of an ``(x, y)`` tuple/list."""
     if isinstance(batch, torch.Tensor):
         return (batch,)
@@ -163,18 +170,32 @@ def values_over_checkpoints(runs: Sequence[StripeStats], site: int | str = 0) ->
 
 
 class PooledAttention(nn.Module):
-    """``x * act(F(mean of x over the dims after the channel one))``: an attention network of the
-    registry fed by the pooled input, as the original SE/ECA/IE are, instead of by psi."""
+    """``x * act(F(mean of x over every dim but the batch and the channel one)))``: an attention
+    network of the registry fed by the pooled input, as the original SE/ECA/IE are, instead of by psi.
+
+    The one input-dependent baseline of the project (:func:`plain_attention`, the benchmarks' "SE"
+    row). ``channel_pos`` -3 or another channels-first position: ``F`` gets the pooled
+    ``(N, C, 1, ...)`` tensor (the mean keeps its dims); -1 (``(N, L, C)`` tokens): the tokens'
+    mean, reshaped to ``(N, C, 1, 1)`` for ``F`` and back to ``(N, 1, C)``."""
 
     def __init__(self, attention: nn.Module, activation: str, channel_pos: int) -> None:
         super().__init__()
         self.attention, self.activation, self.channel_pos = attention, activation, channel_pos
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from asr_fx.asr import ACTIVATIONS
-
+        gate = ACTIVATIONS[self.activation]
+        if self.channel_pos == -1:
+            n, c = x.shape[0], x.shape[-1]
+            pooled = x.mean(tuple(range(1, x.dim() - 1))).reshape(n, c, 1, 1)
+            return x * gate(self.attention(pooled)).reshape(n, *([1] * (x.dim() - 2)), c)
         pooled = x.mean(tuple(range(self.channel_pos + 1, 0)), keepdim=True)
-        return x * ACTIVATIONS[self.activation](self.attention(pooled))
+        return x * gate(self.attention(pooled))
+
+
+def input_se(channels: int, channel_pos: int = -3) -> PooledAttention:
+    """Input-dependent Squeeze-and-Excitation, ``x * sigmoid(F(GAP(x)))`` with asr-fx's ``SqueezeExcite``
+    as ``F``: the paper's Table 1 "SE" setting, the same network ASR feeds with psi."""
+    return PooledAttention(SqueezeExcite(channels), "sigmoid", channel_pos)
 
 
 def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs: Any) -> fx.GraphModule:
@@ -186,10 +207,6 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     a batch of pooled descriptors (psi shape other than ``(1, C, 1, ...)``, or a network that
     reshapes to one descriptor) and sites without a dimension to pool (channels last).
     """
-    from asr_fx.api import instrument
-    from asr_fx.asr import ASR
-    from asr_fx.passes.hoist_attention_values import unhoist_attention_values
-
     gm = instrument(model, attention, **{**instrument_kwargs, "norm_fused": False})  # blocks are replaced below
     unhoist_attention_values(gm)  # a plain attention block takes x only
     for key, block in list(gm.asr.items()):
@@ -212,17 +229,12 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
                                f"({why}); use one that does, such as 'se'")
             plain.append(PooledAttention(asr.attention, asr.activation, asr.channel_pos))
         gm.asr[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
-    from asr_fx.api import CONFIG_KEY
-
-    gm.meta.pop(CONFIG_KEY, None)  # not ASR: asr_fx.save must not record it as such
-    gm.__dict__.pop("asr_fx_config", None)
+    set_config(gm, None)  # not ASR: asr_fx.save must not record it as such
     return gm
 
 
 def find_attention(gm: fx.GraphModule) -> list[Any]:
     """The input-dependent channel-attention sites of a traced model (``ChannelAttention`` records)."""
-    from asr_fx.passes.attention_patterns import find_channel_attention
-
     return find_channel_attention(gm)
 
 
@@ -236,10 +248,6 @@ def _probe(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     probe.graph.eliminate_dead_code()
     probe.recompile()
     return probe
-
-
-def _training_flags(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
 
 
 def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
@@ -263,13 +271,12 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
     probe = _probe(gm, names)
     values: list[list[torch.Tensor]] = [[] for _ in sites]
     pooled: list[list[torch.Tensor]] = [[] for _ in sites]
-    flags = _training_flags(model)
     seen = 0
-    try:
+    with modes_restored(model):
         model.eval()
         with torch.no_grad():
             for batch in batches:
-                inputs = _inputs_of(batch)
+                inputs = batch_inputs(batch)
                 outs = probe(*inputs)
                 n = inputs[0].shape[0]
                 for i, _ in enumerate(sites):
@@ -278,9 +285,6 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
                 seen += n
                 if max_inputs is not None and seen >= max_inputs:
                     break
-    finally:
-        for m, mode in flags.items():
-            m.training = mode
     if seen == 0:
         raise ASRError("collect got no batches: pass an iterable of input tensors or (inputs, targets) pairs")
     stats = []

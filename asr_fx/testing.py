@@ -16,24 +16,22 @@ much, so pytest shows it as it is.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from asr_fx._util import count_parameters, modes_restored, non_finite_kind
 from asr_fx.api import asr_parameters, fuse, fusion_report
+from asr_fx.atomic import temp_folder
 from asr_fx.errors import ASRError, FusionError, VerificationError
-from asr_fx.export import flatten_outputs, fp32_matmul_precision
+from asr_fx.export import export_onnx
+from asr_fx.verify import flatten_outputs, fp32_matmul_precision, op_count_diff
 
 #: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch
 FUSE_RTOL = 1e-5
 ONNX_RTOL = 1e-4
-
-
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _output_problems(reference: list[torch.Tensor], actual: list[torch.Tensor], rtol: float, atol: float) -> list[str]:
@@ -47,7 +45,7 @@ def _output_problems(reference: list[torch.Tensor], actual: list[torch.Tensor], 
         if ref.numel() == 0:
             continue
         ref, out = ref.detach().double(), out.detach().double()
-        if not torch.isfinite(out).all():
+        if non_finite_kind(out):
             problems.append(f"output{i}: the fused model gives NaN/Inf")
             continue
         diff = (out - ref).abs()
@@ -96,11 +94,8 @@ def assert_fusion_equivalent(
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this function's
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    modes = {m: m.training for m in model.modules()}
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    precision = fp32_matmul_precision()
-    precision.__enter__()
-    try:
+    with modes_restored(model), fp32_matmul_precision():
         model.eval()
         try:
             fused = fuse(model, strict=strict, fold_bn=fold_bn, example_inputs=inputs, leaf_modules=leaf_modules)
@@ -124,39 +119,28 @@ def assert_fusion_equivalent(
         if onnx:
             _check_onnx(model, fused, inputs, onnx_rtol, opset, vanilla)
         return fused
-    finally:
-        precision.__exit__(None, None, None)
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def _check_parameters(model: nn.Module, fused: nn.Module, vanilla: nn.Module | None) -> None:
     __tracebackhide__ = True
     if vanilla is not None:
-        expected, what = _n_params(vanilla), "the vanilla model's"
+        expected, what = count_parameters(vanilla), "the vanilla model's"
     else:
-        expected, what = _n_params(model) - sum(p.numel() for p in asr_parameters(model)), \
+        expected, what = count_parameters(model) - sum(p.numel() for p in asr_parameters(model)), \
             "the original's less its ASR parameters"
-    if _n_params(fused) != expected:
-        raise AssertionError(f"the fused model has {_n_params(fused):,} parameters, {what} count is {expected:,}: "
+    if count_parameters(fused) != expected:
+        raise AssertionError(f"the fused model has {count_parameters(fused):,} parameters, {what} count is {expected:,}: "
                              "something stayed that should have folded")
 
 
 def _check_onnx(model: nn.Module, fused: nn.Module, inputs: tuple, rtol: float, opset: int | None,
                 vanilla: nn.Module | None) -> None:
     __tracebackhide__ = True
-    from asr_fx.export import export_onnx, op_count_diff
-
-    with tempfile.TemporaryDirectory(prefix="asr-fx-testing-") as workdir:
+    with temp_folder(name="testing") as workdir:
         expected_ops = None
-        if vanilla is not None:
-            modes = {m: m.training for m in vanilla.modules()}
-            try:
-                expected_ops = export_onnx(vanilla.eval(), os.path.join(workdir, "vanilla.onnx"), inputs,
-                                           verify=False, opset=opset).op_counts
-            finally:
-                for module, mode in modes.items():
-                    module.training = mode
+        if vanilla is not None:  # export_onnx restores the vanilla model's train/eval modes
+            expected_ops = export_onnx(vanilla, os.path.join(workdir, "vanilla.onnx"), inputs,
+                                       verify=False, opset=opset).op_counts
         try:
             report = export_onnx(fused, os.path.join(workdir, "fused.onnx"), inputs, reference=model, rtol=rtol,
                                  opset=opset)

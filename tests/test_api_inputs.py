@@ -47,13 +47,13 @@ def test_asr_blocks_follow_the_models_device():
 
 
 def test_dynamic_batch_export_from_a_batch_of_one(tmp_path):
-    from asr_fx.export import run_onnxruntime
+    from asr_fx import onnx_runtime
 
     model = asr_fx.instrument(cifar_resnet(11)).eval()
     fused = asr_fx.fuse(model)
     report = asr_fx.export_onnx(fused, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32), dynamic_batch=True)
     assert report.ok
     x = torch.randn(7, 3, 32, 32)
-    (out,), _ = run_onnxruntime(str(tmp_path / "m.onnx"), (x,))
+    (out,), _, _ = onnx_runtime.run(str(tmp_path / "m.onnx"), (x,))
     with torch.no_grad():
         assert rel_err(fused(x), torch.from_numpy(out)) <= 1e-4

@@ -15,7 +15,7 @@ from conftest import ORT_RTOL, perturb_asr
 from torch import nn
 
 import asr_fx
-from asr_fx.checkpoint import load_checkpoint
+from asr_fx.foreign_checkpoints import load_checkpoint
 from asr_fx.errors import CheckpointError
 from asr_fx.state_dicts import asr_layout, normalize_keys
 

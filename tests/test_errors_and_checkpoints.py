@@ -70,7 +70,7 @@ def test_cli_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
 def test_failed_verification_leaves_no_file_and_exit_1(checkpoint, tmp_path, monkeypatch, capsys):
     _, path = checkpoint
     out = tmp_path / "model.onnx"
-    monkeypatch.setattr("asr_fx.export.compare", lambda *a, **k: [OutputError("output0", 1.0, 1.0, False)])
+    monkeypatch.setattr("asr_fx.verify.compare", lambda *a, **k: [OutputError("output0", 1.0, 1.0, False)])
     assert cli.main(["fuse", str(path), "-o", str(out), "-q", "--no-compare"]) == 1
     assert "verification failed" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["ckpt.pt"]

@@ -146,38 +146,16 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class InputSE(nn.Module):
-    """Input-dependent Squeeze-and-Excitation: ``x * sigmoid(fc2(relu(fc1(GAP(x)))))``.
-
-    The same attention network as asr-fx's ``SqueezeExcite`` (hidden ``max(C // 16, 8)``, capped at
-    ``C``), fed the pooled input instead of ``psi``: the paper's Table 1 "SE" setting. Pools over every
-    dimension but the batch and the channel (``channel_pos``: -3 for NCHW, -1 for tokens-last).
-    """
-
-    def __init__(self, channels: int, channel_pos: int = -3, reduction: int = 16, min_hidden: int = 8) -> None:
-        super().__init__()
-        if channel_pos not in (-3, -1):
-            raise ValueError(f"InputSE handles NCHW (channel_pos=-3) and (N, L, C) tokens (-1), not {channel_pos}")
-        hidden = min(channels, max(channels // reduction, min_hidden))
-        self.channel_pos = channel_pos
-        self.pool_dims = (-2, -1) if channel_pos == -3 else (-2,)
-        self.fc1 = nn.Linear(channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(self.pool_dims, keepdim=True).movedim(self.channel_pos, -1)
-        v = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
-        return x * v.movedim(-1, self.channel_pos)
-
-
 def with_se(model: nn.Module, sites: Sequence[Any]) -> fx.GraphModule:
-    """``model`` traced, with an input-dependent :class:`InputSE` after each of the ASR sites (as ``se.<key>``)."""
+    """``model`` traced, with input-dependent SE (:func:`asr_fx.stripe.input_se`: ``x * sigmoid(F(GAP(x)))``
+    with the ``SqueezeExcite`` network ASR feeds with psi) after each of the ASR sites (as ``se.<key>``)."""
     import copy
 
     from asr_fx.passes import insert_asr, trace
+    from asr_fx.stripe import input_se
 
     gm = trace(copy.deepcopy(model))
-    return insert_asr(gm, sites, lambda site: InputSE(site.channels, site.channel_pos), container="se")
+    return insert_asr(gm, sites, lambda site: input_se(site.channels, site.channel_pos), container="se")
 
 
 def sites_of(instrumented: nn.Module) -> list[Any]:

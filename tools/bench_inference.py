@@ -13,7 +13,7 @@ instrumented one in torch.
 "vanilla copy (control)" is a deep copy of the vanilla model, exported and timed as one more variant:
 an A/A control whose ratio to vanilla shows how far two identical models drift apart in one run.
 "vanilla+SE" is the input-dependent SE of the paper's Table 1, after the same sites as ASR, with
-the same attention network (``tools/_bench_common.py: InputSE``). ASR's psi and attention weights
+the same attention network (``asr_fx.stripe.input_se``). ASR's psi and attention weights
 are randomised (as after training) so that fusion folds non-trivial values.
 """
 

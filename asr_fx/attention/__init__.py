@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import InvalidOptionError, UnknownAttentionError
 
 from .cbam import CBAMChannel
 from .eca import EfficientChannelAttention
@@ -44,15 +44,11 @@ AttentionFactory = Callable[..., nn.Module]
 _REGISTRY: dict[str, AttentionFactory] = {}
 
 
-class UnknownAttentionError(ASRError, ValueError):
-    """An attention name that is not registered (also a ``ValueError``, as before)."""
-
-
 def register(name: str, factory: AttentionFactory, *, overwrite: bool = False) -> None:
     """Register ``factory(channels, **kw) -> nn.Module`` under ``name``."""
     key = name.lower()
     if key in _REGISTRY and not overwrite:
-        raise ValueError(f"attention {name!r} is already registered; pass overwrite=True to replace it")
+        raise InvalidOptionError(f"attention {name!r} is already registered; pass overwrite=True to replace it")
     _REGISTRY[key] = factory
 
 
@@ -76,7 +72,8 @@ def create(name: str | AttentionFactory, channels: int, **kwargs) -> nn.Module:
         except KeyError:
             raise UnknownAttentionError(
                 f"unknown attention {name!r}; registered: {', '.join(names())}. Register your own with "
-                "asr_fx.attention.register(name, factory), or pass the factory itself as attention="
+                "asr_fx.attention.register(name, factory), or pass the factory itself as attention=",
+                name=name, registered=names(),
             ) from None
         module = factory(channels, **kwargs)
     if not hasattr(module, "psi_shape"):
