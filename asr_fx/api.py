@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
+from asr_fx.attention import resolved_widths
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.values_first import insert_values_first, remove_values_first
@@ -228,6 +229,7 @@ def instrument(
         existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
         convert_existing_attention(gm, existing, psi_init=psi_init if isinstance(psi_init, (int, float)) else 0.1,
                                    psi_values=psi_values, learnable_psi=learnable_psi)
+    kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
     if norm_fused:
         into_norm_fused(gm)
     insert_values_first(gm)
