@@ -7,6 +7,12 @@ The pattern (SE, ECA, EffectiveSE, the SE inside torchvision's MobileNetV3 / Eff
                                             #    reshapes, with parameters, fed by nothing but the pooling
     out    = x * gate                       # (or gate * x; the gate may pass a view/expand_as first)
 
+Found by dataflow, whatever the spelling: the gate may be either operand of the multiply; the
+network may flatten (``view(x.size(0), -1)``, ``flatten(1)``, ``reshape(b, -1)``, ``squeeze``)
+and expand back (``view(b, c, 1, 1)``, ``[:, :, None, None]``, ``unsqueeze``, ``expand_as``);
+its layers may be Linear or 1x1 conv with any activation between them; the gate is a sigmoid or
+a hard sigmoid, also spelled out as ``relu6(t + 3) / 6`` (or ``* (1/6)``).
+
 This is a report pass: it returns :class:`ChannelAttention` records and changes nothing.
 
 Refuses (does not report): a gate whose network reads another graph value than the pooled ``x``
@@ -66,7 +72,9 @@ class ChannelAttention:
     it cannot be told without shapes (pass them via shape propagation). ``activation``:
     ``"sigmoid"`` or ``"hardsigmoid"``. ``spatial_dims``: how many trailing dimensions the pooling
     reduces. ``shape_queries``: nodes the network reads that are computed from ``x``'s shape only
-    (``b, c = x.size()[:2]`` for ``y.view(b, c)``).
+    (``b, c = x.size()[:2]`` for ``y.view(b, c)``). ``gate_input``: the value the gate activates
+    (the network's output); ``gate_nodes``: the nodes of a gate spelled out in several steps
+    (``relu6(t + 3) / 6``: the add and the relu6; the division is ``gate``).
     """
 
     mul: str
@@ -77,6 +85,8 @@ class ChannelAttention:
     channels: int
     channel_pos: int
     activation: str = "sigmoid"
+    gate_input: str = ""
+    gate_nodes: tuple[str, ...] = ()
     pools: tuple[str, ...] = ()
     network: tuple[str, ...] = field(default_factory=tuple)
     spatial_dims: int = 2
@@ -137,6 +147,59 @@ def _gate_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
+_DIV_FUNCTIONS = (operator.truediv, torch.div, torch.true_divide)
+_RELU6_FUNCTIONS = (F.relu6,)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _over_six(node: fx.Node) -> fx.Node | None:
+    """``r`` when ``node`` is ``r / 6`` or ``r * (1/6)`` (either operand order for the multiply)."""
+    if node.op == "call_function" and node.target in _DIV_FUNCTIONS and len(node.args) == 2:
+        r, d = node.args
+        return r if isinstance(r, fx.Node) and _number(d) == 6.0 else None
+    if is_mul(node):
+        for r, k in (node.args, node.args[::-1]):
+            if isinstance(r, fx.Node) and _number(k) is not None and abs(_number(k) - 1 / 6) < 1e-12:
+                return r
+    return None
+
+
+def _plus_three(node: fx.Node) -> fx.Node | None:
+    """``t`` when ``node`` is ``t + 3`` or ``3 + t``."""
+    if node.op in ("call_function", "call_method") and node.target in (operator.add, torch.add, "add") \
+            and len(node.args) == 2 and not node.kwargs:
+        for t, k in (node.args, node.args[::-1]):
+            if isinstance(t, fx.Node) and _number(k) == 3.0:
+                return t
+    return None
+
+
+def _spelled_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """``(t, (t + 3, relu6(t + 3)))`` when ``node`` is ``relu6(t + 3) / 6``: a hard sigmoid of ``t``."""
+    r = _over_six(node)
+    if r is None or len(r.users) != 1:
+        return None
+    is_relu6 = isinstance(module_of(gm, r), nn.ReLU6) or (r.op == "call_function" and r.target in _RELU6_FUNCTIONS)
+    if not is_relu6 or not isinstance(r.args[0], fx.Node) or len(r.args[0].users) != 1:
+        return None
+    t = _plus_three(r.args[0])
+    return (t, (r.args[0], r)) if t is not None else None
+
+
+def _activated(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, tuple[fx.Node, ...]] | None:
+    """``(activation, its input, the gate's inner steps)`` when ``node`` is a sigmoid-like gate."""
+    activation = _gate_activation(gm, node)
+    if activation is not None and node.args and isinstance(node.args[0], fx.Node):
+        return activation, node.args[0], ()
+    spelled = _spelled_hardsigmoid(gm, node)
+    if spelled is not None:
+        return "hardsigmoid", spelled[0], spelled[1]
+    return None
+
+
 _SHAPE_ARITHMETIC = (operator.getitem, operator.floordiv, operator.mul, operator.add, operator.sub, getattr)
 
 
@@ -152,7 +215,16 @@ def is_shape_of(node: fx.Node, feature: fx.Node) -> bool:
     return False
 
 
+def _only_adds_axes(index: Any) -> bool:
+    """An index that selects nothing, only adds axes: ``[:, :, None, None]``, ``[..., None]``."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(i is None for i in items) and all(
+        i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
+
+
 def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        return _only_adds_axes(node.args[1])
     return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
         node.op == "call_function" and node.target in _VIEW_FUNCTIONS
     )
@@ -164,13 +236,15 @@ def _skip_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
-def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx.Node, str] | None:
-    """Walk from a multiply operand back through view/expand steps to a sigmoid-like node."""
+def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node
+             ) -> tuple[fx.Node, str, fx.Node, tuple[fx.Node, ...]] | None:
+    """Walk from a multiply operand back through view/expand steps to a sigmoid-like gate:
+    ``(gate, activation, the gate's input, the gate's inner steps)``."""
     node = operand
     for _ in range(8):
-        activation = _gate_activation(gm, node)
-        if activation is not None:
-            return node, activation
+        hit = _activated(gm, node)
+        if hit is not None:
+            return node, hit[0], hit[1], hit[2]
         if not _is_view(node) or not isinstance(node.args[0], fx.Node):
             return None
         # expand_as(x) and view(b, c, 1, 1) with b, c = x.size() read x's shape only: fine
@@ -181,14 +255,14 @@ def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx
     return None
 
 
-def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node
-             ) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
+def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node, gate_input: fx.Node,
+             gate_steps: tuple[fx.Node, ...] = ()) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
     """``(pools, network, shape queries)``: the nodes between the global pooling(s) of ``feature`` and
-    ``gate``, and the queries of ``feature``'s shape they read; ``None`` if it is not that."""
+    ``gate_input`` (included), and the queries of ``feature``'s shape they read; ``None`` if it is not that."""
     pools: list[fx.Node] = []
     inner: list[fx.Node] = []
     shapes: list[fx.Node] = []
-    stack, seen = list(gate.all_input_nodes), set()
+    stack, seen = [gate_input], set()
     while stack:
         node = stack.pop()
         if node in seen:
@@ -212,7 +286,7 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node
         stack.extend(node.all_input_nodes)
     if not pools:
         return None
-    allowed = set(inner) | {gate}
+    allowed = set(inner) | {gate, *gate_steps}
     for node in inner:  # nothing of the network may be used outside it
         if node.op != "get_attr" and any(user not in allowed for user in node.users):
             return None
@@ -283,8 +357,8 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
             hit = _gate_of(gm, gate_side, feature)
             if hit is None:
                 continue
-            gate, activation = hit
-            net = _network(gm, gate, feature)
+            gate, activation, gate_input, gate_steps = hit
+            net = _network(gm, gate, feature, gate_input, gate_steps)
             if net is None:
                 continue
             pools, inner, shapes = net
@@ -294,7 +368,8 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
             found.append(ChannelAttention(
                 mul=mul.name, gate=gate.name, pool=pools[0].name, feature=feature.name, module=module,
                 channels=_channels(gm, feature, inner, channel_pos), channel_pos=channel_pos,
-                activation=activation, pools=tuple(p.name for p in pools),
+                activation=activation, gate_input=gate_input.name, gate_nodes=tuple(n.name for n in gate_steps),
+                pools=tuple(p.name for p in pools),
                 network=tuple(n.name for n in inner), spatial_dims=spatial, shape_queries=tuple(n.name for n in shapes),
             ))
             break

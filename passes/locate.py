@@ -8,9 +8,11 @@ The other rules (norm-act, branch, transformer, auto) are in :mod:`asr_fx.passes
 A residual add is an ``add`` of two values whose nearest common ancestor is reached by one input
 through more nodes than the other; the longer path is the residual branch, the shorter one the
 shortcut (identity or downsample). From the branch's end the walk skips what a per-channel scale
-passes through unchanged or commutes with: dropout/identity, stochastic depth, a layer-scale
-multiply by a parameter (ConvNeXt), a permute, and an existing channel attention ``x * gate``
-(whose scaled tensor ``x`` is followed); the first layer that can take the scale is the site.
+passes through unchanged or commutes with: dropout/identity, stochastic depth, a permute, and a
+multiply ``x * s`` whose ``s`` is a scale of ``x`` by dataflow: computed from parameters only (a
+layer scale, ConvNeXt) or from ``x`` itself (a channel attention gate, in either operand order,
+whether or not its pattern is recognised); ``x`` is followed. The first layer that can take the
+scale is the site.
 """
 
 from __future__ import annotations
@@ -163,13 +165,34 @@ def _is_permute(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in (torch.permute, "permute", torch.transpose, "transpose", "contiguous")
 
 
-def _is_layer_scale(node: fx.Node) -> fx.Node | None:
-    """The scaled operand of ``x * parameter`` (a layer scale), else ``None``."""
-    if not is_mul(node):
+def _ancestors(node: fx.Node, limit: int) -> set[fx.Node] | None:
+    """The nodes ``node`` is computed from (itself included); ``None`` past ``limit`` nodes."""
+    seen, stack = {node}, [node]
+    while stack:
+        for p in stack.pop().all_input_nodes:
+            if p not in seen:
+                seen.add(p)
+                if len(seen) > limit:
+                    return None
+                stack.append(p)
+    return seen
+
+
+def _scaled_operand(node: fx.Node, limit: int = 64) -> fx.Node | None:
+    """``x`` when ``node`` is ``x * s`` (either order) with ``s`` a scale of ``x``, else ``None``.
+
+    By dataflow: ``s`` is computed from parameters only (a layer scale, an ASR block written by hand),
+    or from ``x`` itself (a gate ``g(x)``: SE and any other channel attention, matched or not). The
+    product is still the branch ``x`` is on, so the walk follows ``x``.
+    """
+    if not is_mul(node) or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     a, b = node.args
-    for x, c in ((a, b), (b, a)):
-        if isinstance(c, fx.Node) and c.op == "get_attr" and isinstance(x, fx.Node) and x.op != "get_attr":
+    for x, scale in ((a, b), (b, a)):
+        found = _ancestors(scale, limit)
+        if found is None or x.op == "get_attr":
+            continue
+        if x in found or all(n.op == "get_attr" or n.all_input_nodes for n in found):
             return x
     return None
 
@@ -190,7 +213,7 @@ def branch_producer(gm: fx.GraphModule, node: fx.Node, attention_features: dict[
         elif node.name in features:
             nxt = nodes[features[node.name]]
         else:
-            nxt = _is_layer_scale(node)
+            nxt = _scaled_operand(node)
         if not isinstance(nxt, fx.Node) or len(node.all_input_nodes) == 0:
             return node
         node = nxt
