@@ -37,6 +37,7 @@ from asr_fx.errors import ASRError
 from .cbam import CBAMChannel
 from .eca import EfficientChannelAttention
 from .ie import InstanceEnhancement
+from ._width import hidden_width
 from .se import SqueezeExcite
 from .spa import SpatialPyramidAttention
 from .srm import StyleRecalibration
@@ -147,6 +148,7 @@ __all__ = [
     "StyleRecalibration",
     "UnknownAttentionError",
     "create",
+    "hidden_width",
     "names",
     "register",
     "resolved_widths",
