@@ -2,7 +2,9 @@
 
 The pattern (SE, ECA, EffectiveSE, the SE inside torchvision's MobileNetV3 / EfficientNet / RegNetY)::
 
-    pooled = global_pool(x)                 # AdaptiveAvg/MaxPool to 1, F.adaptive_*_pool(x, 1), x.mean(dims)
+    pooled = global_pool(x)                 # AdaptiveAvg/MaxPool to 1, F.adaptive_*_pool(x, 1), x.mean(dims),
+                                            #    or a window over the whole map: F.avg_pool2d(x, x.size()[2:]),
+                                            #    nn.AvgPool2d(k) where shapes show a 1x1 output
     gate   = sigmoid(F(pooled))             # F: a small network of conv / linear / 1-D conv / activations /
                                             #    reshapes, with parameters, fed by nothing but the pooling
     out    = x * gate                       # (or gate * x; the gate may pass a view/expand_as first)
@@ -33,22 +35,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ._patterns import IDENTITY_MODULES, channel_info, is_mul, module_of, output_rank
+from ._patterns import IDENTITY_MODULES, channel_info, is_mul, module_of
+from .global_pooling import pooled_dims
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32
-
-_POOL_MODULES_DIMS = {
-    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
-}
-_POOL_FUNCTIONS_DIMS = {
-    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
-    torch.adaptive_avg_pool1d: 1,
-}
-_REDUCE_FUNCTIONS = (torch.mean, torch.amax)
-_REDUCE_METHODS = ("mean", "amax")
 
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.special.expit)
@@ -94,44 +85,6 @@ class ChannelAttention:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _is_one(size: Any) -> bool:
-    if isinstance(size, int):
-        return size == 1
-    return isinstance(size, (tuple, list)) and len(size) > 0 and all(s == 1 for s in size)
-
-
-def pooled_dims(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """How many trailing dims ``node`` pools globally (keeping them as size 1 or dropping them), else ``None``."""
-    module = module_of(gm, node)
-    if module is not None:
-        for cls, dims in _POOL_MODULES_DIMS.items():
-            if isinstance(module, cls):
-                return dims if _is_one(module.output_size) else None
-        return None
-    if node.op == "call_function" and node.target in _POOL_FUNCTIONS_DIMS:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return _POOL_FUNCTIONS_DIMS[node.target] if _is_one(size) else None
-    if (node.op == "call_function" and node.target in _REDUCE_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _REDUCE_METHODS
-    ):
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
-        if not dims or not all(isinstance(d, int) for d in dims):
-            return None
-        if any(0 <= d < 2 for d in dims):
-            return None  # the batch or the channel dimension: not a spatial pooling
-        rank = output_rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if rank is not None:
-            dims = [d - rank if d >= 0 else d for d in dims]
-        elif any(d >= 0 for d in dims):
-            # without shapes assume the reduced dims are the trailing ones (NCHW: dim=(2, 3))
-            dims = [d - (max(dims) + 1) if d >= 0 else d for d in dims]
-        if sorted(dims) != list(range(-len(dims), 0)):
-            return None  # not the trailing (spatial) dims
-        return len(dims)
-    return None
 
 
 def _gate_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from conftest import rel_err
 from fidelity_models import ASRBatchNorm2d, authors_resnet
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 import asr_fx
 from asr_fx import attention
@@ -108,11 +109,16 @@ def test_an_old_asr_fx_checkpoint_names_the_mismatch_and_loads_with_its_widths(t
 class SpelledSE(nn.Module):
     """One SE written in one of the spellings code bases use."""
 
-    def __init__(self, channels: int, flatten: str, expand: str, layer: str, act: str, gate: str, order: str):
+    def __init__(self, channels: int, flatten: str, expand: str, layer: str, act: str, gate: str, order: str,
+                 pool: str = "adaptive"):
         super().__init__()
         self.flatten, self.expand, self.layer, self.gate, self.order = flatten, expand, layer, gate, order
         hidden = max(round(channels / 4), 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = {"adaptive": nn.AdaptiveAvgPool2d(1), "AvgPool2d(6)": nn.AvgPool2d(6),
+                     "avg_pool2d(x, x.size(2))": lambda x: F.avg_pool2d(x, x.size(2)),
+                     "avg_pool2d(x, x.size()[2:])": lambda x: F.avg_pool2d(x, x.size()[2:]),
+                     "max_pool2d(x, (h, w))": lambda x: F.max_pool2d(x, (x.size(2), x.size(3))),
+                     "avg_pool2d(x, 2)": lambda x: F.avg_pool2d(x, 2)}[pool]
         if layer == "linear":
             self.fc1, self.fc2 = nn.Linear(channels, hidden), nn.Linear(hidden, channels)
         else:
@@ -173,6 +179,11 @@ SPELLINGS = [  # every spelling at least once, each with both operand orders bel
     dict(flatten="view", expand="none", layer="linear", act="relu", gate="sigmoid"),
     dict(flatten="-", expand="-", layer="conv", act="silu", gate="sigmoid"),
     dict(flatten="-", expand="-", layer="conv", act="relu", gate="relu6"),
+    # global pooling written as a window over the whole map (CIFAR code); nn.AvgPool2d(6) needs shapes
+    dict(flatten="view", expand="view", layer="linear", act="relu", gate="sigmoid", pool="avg_pool2d(x, x.size(2))"),
+    dict(flatten="flatten", expand="none", layer="linear", act="relu", gate="sigmoid", pool="avg_pool2d(x, x.size()[2:])"),
+    dict(flatten="-", expand="-", layer="conv", act="relu", gate="sigmoid", pool="max_pool2d(x, (h, w))"),
+    dict(flatten="view", expand="view", layer="linear", act="relu", gate="sigmoid", pool="AvgPool2d(6)"),
 ]
 
 
@@ -189,12 +200,16 @@ def _se_block(spelling: dict, order: str) -> nn.Module:
 @pytest.mark.parametrize("spelling", SPELLINGS, ids=lambda s: "-".join(s.values()))
 def test_each_spelling_is_found_converted_and_fused(spelling, order):
     model = _se_block(spelling, order)
-    found = find_channel_attention(trace(model))
+    x = torch.randn(2, 8, 6, 6)
+    gm = trace(model)
+    ShapeProp(gm).propagate(x)
+    found = find_channel_attention(gm)
     expected = "hardsigmoid" if spelling["gate"] != "sigmoid" else "sigmoid"
     assert [(a.module, a.channels, a.activation) for a in found] == [("se", 8, expected)]
+    without_shapes = find_channel_attention(trace(model))
+    assert len(without_shapes) == (0 if spelling.get("pool") == "AvgPool2d(6)" else 1)
     # the residual rule walks back through the SE to the norm it scales
     assert [s.node for s in asr_fx.find_sites(model, "residual", existing=False)] == ["bn"]
-    x = torch.randn(2, 8, 6, 6)
     for sites in (None, ["bn"]):  # the SE alone, and with an ASR block beside it at the same place
         gm = asr_fx.instrument(model, sites=sites or ["conv"], convert_existing=True, example_inputs=(x,)).eval()
         assert "se" in gm.asr and find_channel_attention(trace(gm)) == []
@@ -215,6 +230,13 @@ class UnmatchedGateSE(SpelledSE):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc2(self.act(self.fc1(self.pool(x).flatten(1))))
         return (0.5 + 0.5 * torch.tanh(y))[:, :, None, None] * x
+
+
+def test_a_window_that_does_not_cover_the_map_is_not_global():
+    # a 3x3 map of cells from 6x6: not a per-channel descriptor
+    model = _se_block(dict(flatten="-", expand="-", layer="conv", act="relu", gate="sigmoid", pool="avg_pool2d(x, 2)"),
+                      "x_first")
+    assert find_channel_attention(trace(model)) == []
 
 
 def test_the_residual_walk_follows_any_gate_computed_from_the_branch():
