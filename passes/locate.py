@@ -165,34 +165,39 @@ def _is_permute(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and node.target in (torch.permute, "permute", torch.transpose, "transpose", "contiguous")
 
 
-def _ancestors(node: fx.Node, limit: int) -> set[fx.Node] | None:
-    """The nodes ``node`` is computed from (itself included); ``None`` past ``limit`` nodes."""
-    seen, stack = {node}, [node]
+def _scale_kind(scale: fx.Node, x: fx.Node, limit: int) -> str | None:
+    """``"gate"`` when ``scale`` is computed from ``x`` (and parameters), ``"constant"`` when from parameters
+    only, else ``None`` (it reads another value, or its network is larger than ``limit`` nodes). The walk
+    back stops at ``x``, so its cost is the size of the gate's network, not of the graph."""
+    seen, stack, reads_x = {scale}, [scale], False
     while stack:
-        for p in stack.pop().all_input_nodes:
+        node = stack.pop()
+        if node is x:
+            reads_x = True
+            continue
+        if node.op == "placeholder":
+            return None
+        for p in node.all_input_nodes:
             if p not in seen:
                 seen.add(p)
                 if len(seen) > limit:
                     return None
                 stack.append(p)
-    return seen
+    return "gate" if reads_x else "constant"
 
 
 def _scaled_operand(node: fx.Node, limit: int = 64) -> fx.Node | None:
     """``x`` when ``node`` is ``x * s`` (either order) with ``s`` a scale of ``x``, else ``None``.
 
     By dataflow: ``s`` is computed from parameters only (a layer scale, an ASR block written by hand),
-    or from ``x`` itself (a gate ``g(x)``: SE and any other channel attention, matched or not). The
-    product is still the branch ``x`` is on, so the walk follows ``x``.
+    or from ``x`` itself and parameters (a gate ``g(x)``: SE and any other channel attention, matched or
+    not). The product is still the branch ``x`` is on, so the walk follows ``x``.
     """
     if not is_mul(node) or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     a, b = node.args
     for x, scale in ((a, b), (b, a)):
-        found = _ancestors(scale, limit)
-        if found is None or x.op == "get_attr":
-            continue
-        if x in found or all(n.op == "get_attr" or n.all_input_nodes for n in found):
+        if x.op != "get_attr" and _scale_kind(scale, x, limit) is not None:
             return x
     return None
 

@@ -239,12 +239,41 @@ def test_a_window_that_does_not_cover_the_map_is_not_global():
     assert find_channel_attention(trace(model)) == []
 
 
+class UnmatchedBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.se = UnmatchedGateSE(8, "-", "-", "linear", "relu", "sigmoid", "gate_first")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.se(self.bn(self.conv(x))) + x)
+
+
 def test_the_residual_walk_follows_any_gate_computed_from_the_branch():
-    model = SEBlock(flatten="-", expand="-", layer="linear", act="relu", gate="sigmoid", order="gate_first")
-    model.se = UnmatchedGateSE(8, "-", "-", "linear", "relu", "sigmoid", "gate_first")
+    # deep enough that the graph before a gate is far larger than the gate's own network
+    model = nn.Sequential(*(UnmatchedBlock() for _ in range(8)))
     assert find_channel_attention(trace(model)) == []
-    assert [s.node for s in asr_fx.find_sites(model, "residual", existing=False)] == ["bn"]
-    assert [s.node for s in asr_fx.find_sites(model, "auto", existing=False)] == ["bn"]
+    expected = [f"_{i}_bn" for i in range(8)]
+    assert [s.node for s in asr_fx.find_sites(model, "residual", existing=False)] == expected
+    assert [s.node for s in asr_fx.find_sites(model, "auto", existing=False)] == expected
+
+
+class MixedScale(nn.Module):
+    """``x * g(x, y)``: the scale reads the shortcut too, so it is not a scale of ``x`` alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return torch.sigmoid(y.mean((2, 3), keepdim=True) + x.mean((2, 3), keepdim=True)) * y + x
+
+
+def test_the_residual_walk_stops_at_a_product_with_another_value():
+    assert asr_fx.find_sites(MixedScale(), "residual", existing=False) == []
 
 
 # --- the authors'-style ResNet --------------------------------------------------------------------------
