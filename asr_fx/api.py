@@ -66,7 +66,8 @@ def fusion_report(fused: nn.Module) -> FusionReport | None:
 
 
 def asr_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """psi and the attention networks' parameters of every ASR block (e.g. for a no-weight-decay group)."""
+    """psi and the attention networks' parameters of every ASR block (they train with everything else in the
+    authors' recipe, weight decay included; a separate optimizer group is for experiments)."""
     seen: dict[int, nn.Parameter] = {}
     for module in model.modules():
         if isinstance(module, ASR):

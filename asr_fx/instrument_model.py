@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.asr import PsiInit, make_site_block, resolve_preset
+from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
+from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.passes import Site, insert_asr, trace
@@ -267,6 +268,8 @@ def instrument(
                    leaf_modules=leaf_modules, preset=preset, convert_existing=convert_existing, norm_fused=norm_fused)
     gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **options)
     chosen = [r for r in records if isinstance(r, Site)]
+    kwargs = options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
+    kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
     settings = block_settings(options, chosen)
     config = ASRConfig(
         attention=attention_name(attention),

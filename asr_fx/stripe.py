@@ -192,10 +192,11 @@ class PooledAttention(nn.Module):
         return x * gate(self.attention(pooled))
 
 
-def input_se(channels: int, channel_pos: int = -3) -> PooledAttention:
+def input_se(channels: int, channel_pos: int = -3, **se_kwargs: Any) -> PooledAttention:
     """Input-dependent Squeeze-and-Excitation, ``x * sigmoid(F(GAP(x)))`` with asr-fx's ``SqueezeExcite``
-    as ``F``: the paper's Table 1 "SE" setting, the same network ASR feeds with psi."""
-    return PooledAttention(SqueezeExcite(channels), "sigmoid", channel_pos)
+    as ``F`` (``se_kwargs`` go to it, e.g. ``min_hidden=8``): the paper's Table 1 "SE" setting, the same
+    network ASR feeds with psi."""
+    return PooledAttention(SqueezeExcite(channels, **se_kwargs), "sigmoid", channel_pos)
 
 
 def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs: Any) -> fx.GraphModule:

@@ -2,10 +2,18 @@
 
 The pattern (SE, ECA, EffectiveSE, the SE inside torchvision's MobileNetV3 / EfficientNet / RegNetY)::
 
-    pooled = global_pool(x)                 # AdaptiveAvg/MaxPool to 1, F.adaptive_*_pool(x, 1), x.mean(dims)
+    pooled = global_pool(x)                 # AdaptiveAvg/MaxPool to 1, F.adaptive_*_pool(x, 1), x.mean(dims),
+                                            #    or a window over the whole map: F.avg_pool2d(x, x.size()[2:]),
+                                            #    nn.AvgPool2d(k) where shapes show a 1x1 output
     gate   = sigmoid(F(pooled))             # F: a small network of conv / linear / 1-D conv / activations /
                                             #    reshapes, with parameters, fed by nothing but the pooling
     out    = x * gate                       # (or gate * x; the gate may pass a view/expand_as first)
+
+Found by dataflow, whatever the spelling: the gate may be either operand of the multiply; the
+network may flatten (``view(x.size(0), -1)``, ``flatten(1)``, ``reshape(b, -1)``, ``squeeze``)
+and expand back (``view(b, c, 1, 1)``, ``[:, :, None, None]``, ``unsqueeze``, ``expand_as``);
+its layers may be Linear or 1x1 conv with any activation between them; the gate is a sigmoid or
+a hard sigmoid, also spelled out as ``relu6(t + 3) / 6`` (or ``* (1/6)``).
 
 This is a report pass: it returns :class:`ChannelAttention` records and changes nothing.
 
@@ -27,22 +35,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph_queries import channel_info, is_mul, module_of, output_rank, skip_identity
+from .global_pooling import pooled_dims
+from .graph_queries import channel_info, is_mul, module_of, skip_identity
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32
-
-_POOL_MODULES_DIMS = {
-    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
-}
-_POOL_FUNCTIONS_DIMS = {
-    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
-    torch.adaptive_avg_pool1d: 1,
-}
-_REDUCE_FUNCTIONS = (torch.mean, torch.amax)
-_REDUCE_METHODS = ("mean", "amax")
 
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
 _GATE_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.special.expit)
@@ -66,7 +63,9 @@ class ChannelAttention:
     it cannot be told without shapes (pass them via shape propagation). ``activation``:
     ``"sigmoid"`` or ``"hardsigmoid"``. ``spatial_dims``: how many trailing dimensions the pooling
     reduces. ``shape_queries``: nodes the network reads that are computed from ``x``'s shape only
-    (``b, c = x.size()[:2]`` for ``y.view(b, c)``).
+    (``b, c = x.size()[:2]`` for ``y.view(b, c)``). ``gate_input``: the value the gate activates
+    (the network's output); ``gate_nodes``: the nodes of a gate spelled out in several steps
+    (``relu6(t + 3) / 6``: the add and the relu6; the division is ``gate``).
     """
 
     mul: str
@@ -77,6 +76,8 @@ class ChannelAttention:
     channels: int
     channel_pos: int
     activation: str = "sigmoid"
+    gate_input: str = ""
+    gate_nodes: tuple[str, ...] = ()
     pools: tuple[str, ...] = ()
     network: tuple[str, ...] = field(default_factory=tuple)
     spatial_dims: int = 2
@@ -84,44 +85,6 @@ class ChannelAttention:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _is_one(size: Any) -> bool:
-    if isinstance(size, int):
-        return size == 1
-    return isinstance(size, (tuple, list)) and len(size) > 0 and all(s == 1 for s in size)
-
-
-def pooled_dims(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """How many trailing dims ``node`` pools globally (keeping them as size 1 or dropping them), else ``None``."""
-    module = module_of(gm, node)
-    if module is not None:
-        for cls, dims in _POOL_MODULES_DIMS.items():
-            if isinstance(module, cls):
-                return dims if _is_one(module.output_size) else None
-        return None
-    if node.op == "call_function" and node.target in _POOL_FUNCTIONS_DIMS:
-        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-        return _POOL_FUNCTIONS_DIMS[node.target] if _is_one(size) else None
-    if (node.op == "call_function" and node.target in _REDUCE_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _REDUCE_METHODS
-    ):
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
-        if not dims or not all(isinstance(d, int) for d in dims):
-            return None
-        if any(0 <= d < 2 for d in dims):
-            return None  # the batch or the channel dimension: not a spatial pooling
-        rank = output_rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if rank is not None:
-            dims = [d - rank if d >= 0 else d for d in dims]
-        elif any(d >= 0 for d in dims):
-            # without shapes assume the reduced dims are the trailing ones (NCHW: dim=(2, 3))
-            dims = [d - (max(dims) + 1) if d >= 0 else d for d in dims]
-        if sorted(dims) != list(range(-len(dims), 0)):
-            return None  # not the trailing (spatial) dims
-        return len(dims)
-    return None
 
 
 def _gate_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -134,6 +97,59 @@ def _gate_activation(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "hardsigmoid" if node.target is F.hardsigmoid else "sigmoid"
     if node.op == "call_method" and node.target in _GATE_METHODS:
         return "sigmoid"
+    return None
+
+
+_DIV_FUNCTIONS = (operator.truediv, torch.div, torch.true_divide)
+_RELU6_FUNCTIONS = (F.relu6,)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _over_six(node: fx.Node) -> fx.Node | None:
+    """``r`` when ``node`` is ``r / 6`` or ``r * (1/6)`` (either operand order for the multiply)."""
+    if node.op == "call_function" and node.target in _DIV_FUNCTIONS and len(node.args) == 2:
+        r, d = node.args
+        return r if isinstance(r, fx.Node) and _number(d) == 6.0 else None
+    if is_mul(node):
+        for r, k in (node.args, node.args[::-1]):
+            if isinstance(r, fx.Node) and _number(k) is not None and abs(_number(k) - 1 / 6) < 1e-12:
+                return r
+    return None
+
+
+def _plus_three(node: fx.Node) -> fx.Node | None:
+    """``t`` when ``node`` is ``t + 3`` or ``3 + t``."""
+    if node.op in ("call_function", "call_method") and node.target in (operator.add, torch.add, "add") \
+            and len(node.args) == 2 and not node.kwargs:
+        for t, k in (node.args, node.args[::-1]):
+            if isinstance(t, fx.Node) and _number(k) == 3.0:
+                return t
+    return None
+
+
+def _spelled_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """``(t, (t + 3, relu6(t + 3)))`` when ``node`` is ``relu6(t + 3) / 6``: a hard sigmoid of ``t``."""
+    r = _over_six(node)
+    if r is None or len(r.users) != 1:
+        return None
+    is_relu6 = isinstance(module_of(gm, r), nn.ReLU6) or (r.op == "call_function" and r.target in _RELU6_FUNCTIONS)
+    if not is_relu6 or not isinstance(r.args[0], fx.Node) or len(r.args[0].users) != 1:
+        return None
+    t = _plus_three(r.args[0])
+    return (t, (r.args[0], r)) if t is not None else None
+
+
+def _activated(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, tuple[fx.Node, ...]] | None:
+    """``(activation, its input, the gate's inner steps)`` when ``node`` is a sigmoid-like gate."""
+    activation = _gate_activation(gm, node)
+    if activation is not None and node.args and isinstance(node.args[0], fx.Node):
+        return activation, node.args[0], ()
+    spelled = _spelled_hardsigmoid(gm, node)
+    if spelled is not None:
+        return "hardsigmoid", spelled[0], spelled[1]
     return None
 
 
@@ -152,19 +168,30 @@ def is_shape_of(node: fx.Node, feature: fx.Node) -> bool:
     return False
 
 
+def _only_adds_axes(index: Any) -> bool:
+    """An index that selects nothing, only adds axes: ``[:, :, None, None]``, ``[..., None]``."""
+    items = index if isinstance(index, tuple) else (index,)
+    return any(i is None for i in items) and all(
+        i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
+
+
 def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        return _only_adds_axes(node.args[1])
     return (node.op == "call_method" and node.target in _VIEW_METHODS) or (
         node.op == "call_function" and node.target in _VIEW_FUNCTIONS
     )
 
 
-def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx.Node, str] | None:
-    """Walk from a multiply operand back through view/expand steps to a sigmoid-like node."""
+def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node
+             ) -> tuple[fx.Node, str, fx.Node, tuple[fx.Node, ...]] | None:
+    """Walk from a multiply operand back through view/expand steps to a sigmoid-like gate:
+    ``(gate, activation, the gate's input, the gate's inner steps)``."""
     node = operand
     for _ in range(8):
-        activation = _gate_activation(gm, node)
-        if activation is not None:
-            return node, activation
+        hit = _activated(gm, node)
+        if hit is not None:
+            return node, hit[0], hit[1], hit[2]
         if not _is_view(node) or not isinstance(node.args[0], fx.Node):
             return None
         # expand_as(x) and view(b, c, 1, 1) with b, c = x.size() read x's shape only: fine
@@ -175,14 +202,14 @@ def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node) -> tuple[fx
     return None
 
 
-def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node
-             ) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
+def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node, gate_input: fx.Node,
+             gate_steps: tuple[fx.Node, ...] = ()) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]] | None:
     """``(pools, network, shape queries)``: the nodes between the global pooling(s) of ``feature`` and
-    ``gate``, and the queries of ``feature``'s shape they read; ``None`` if it is not that."""
+    ``gate_input`` (included), and the queries of ``feature``'s shape they read; ``None`` if it is not that."""
     pools: list[fx.Node] = []
     inner: list[fx.Node] = []
     shapes: list[fx.Node] = []
-    stack, seen = list(gate.all_input_nodes), set()
+    stack, seen = [gate_input], set()
     while stack:
         node = stack.pop()
         if node in seen:
@@ -206,7 +233,7 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node
         stack.extend(node.all_input_nodes)
     if not pools:
         return None
-    allowed = set(inner) | {gate}
+    allowed = set(inner) | {gate, *gate_steps}
     for node in inner:  # nothing of the network may be used outside it
         if node.op != "get_attr" and any(user not in allowed for user in node.users):
             return None
@@ -277,8 +304,8 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
             hit = _gate_of(gm, gate_side, feature)
             if hit is None:
                 continue
-            gate, activation = hit
-            net = _network(gm, gate, feature)
+            gate, activation, gate_input, gate_steps = hit
+            net = _network(gm, gate, feature, gate_input, gate_steps)
             if net is None:
                 continue
             pools, inner, shapes = net
@@ -288,7 +315,8 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
             found.append(ChannelAttention(
                 mul=mul.name, gate=gate.name, pool=pools[0].name, feature=feature.name, module=module,
                 channels=_channels(gm, feature, inner, channel_pos), channel_pos=channel_pos,
-                activation=activation, pools=tuple(p.name for p in pools),
+                activation=activation, gate_input=gate_input.name, gate_nodes=tuple(n.name for n in gate_steps),
+                pools=tuple(p.name for p in pools),
                 network=tuple(n.name for n in inner), spatial_dims=spatial, shape_queries=tuple(n.name for n in shapes),
             ))
             break

@@ -72,7 +72,7 @@ def attention_network(gm: fx.GraphModule, att: ChannelAttention, psi_shape: tupl
             copy.target = local
         env[node] = copy
     gate = nodes[att.gate]
-    graph.output(env[gate.args[0]])
+    graph.output(env[nodes[att.gate_input]] if att.gate_input else env[gate.args[0]])
     net = fx.GraphModule(owners, graph, "AttentionNetwork")
     net.psi_shape = psi_shape
     return net
@@ -146,7 +146,7 @@ def _erase_unused(gm: fx.GraphModule, att: ChannelAttention) -> None:
     """Erase the old attention's nodes (multiply, gate-side views, gate, network, pools) once unused."""
     nodes = {n.name: n for n in gm.graph.nodes}
     doomed = {nodes[att.mul], nodes[att.gate], *(nodes[n] for n in att.network), *(nodes[p] for p in att.pools),
-              *(nodes[n] for n in att.shape_queries)}
+              *(nodes[n] for n in att.shape_queries), *(nodes[n] for n in att.gate_nodes)}
     node = next(a for a in nodes[att.mul].all_input_nodes if a.name != att.feature)
     while node is not nodes[att.gate] and node.args and isinstance(node.args[0], fx.Node):
         doomed.add(node)

@@ -9,9 +9,11 @@ The other rules (norm-act, branch, transformer, auto) and the registry of all ru
 A residual add is an ``add`` of two values whose nearest common ancestor is reached by one input
 through more nodes than the other; the longer path is the residual branch, the shorter one the
 shortcut (identity or downsample). From the branch's end the walk skips what a per-channel scale
-passes through unchanged or commutes with: dropout/identity, stochastic depth, a layer-scale
-multiply by a parameter (ConvNeXt), a permute, and an existing channel attention ``x * gate``
-(whose scaled tensor ``x`` is followed); the first layer that can take the scale is the site.
+passes through unchanged or commutes with: dropout/identity, stochastic depth, a permute, and a
+multiply ``x * s`` whose ``s`` is a scale of ``x`` by dataflow: computed from parameters only (a
+layer scale, ConvNeXt) or from ``x`` itself (a channel attention gate, in either operand order,
+whether or not its pattern is recognised); ``x`` is followed. The first layer that can take the
+scale is the site.
 """
 
 from __future__ import annotations
@@ -150,13 +152,39 @@ def _is_permute(node: fx.Node) -> bool:
                                                                           "contiguous")
 
 
-def _is_layer_scale(node: fx.Node) -> fx.Node | None:
-    """The scaled operand of ``x * parameter`` (a layer scale), else ``None``."""
-    if not is_mul(node):
+def _scale_kind(scale: fx.Node, x: fx.Node, limit: int) -> str | None:
+    """``"gate"`` when ``scale`` is computed from ``x`` (and parameters), ``"constant"`` when from parameters
+    only, else ``None`` (it reads another value, or its network is larger than ``limit`` nodes). The walk
+    back stops at ``x``, so its cost is the size of the gate's network, not of the graph."""
+    seen, stack, reads_x = {scale}, [scale], False
+    while stack:
+        node = stack.pop()
+        if node is x:
+            reads_x = True
+            continue
+        if node.op == "placeholder":
+            return None
+        for p in node.all_input_nodes:
+            if p not in seen:
+                seen.add(p)
+                if len(seen) > limit:
+                    return None
+                stack.append(p)
+    return "gate" if reads_x else "constant"
+
+
+def _scaled_operand(node: fx.Node, limit: int = 64) -> fx.Node | None:
+    """``x`` when ``node`` is ``x * s`` (either order) with ``s`` a scale of ``x``, else ``None``.
+
+    By dataflow: ``s`` is computed from parameters only (a layer scale, an ASR block written by hand),
+    or from ``x`` itself and parameters (a gate ``g(x)``: SE and any other channel attention, matched or
+    not). The product is still the branch ``x`` is on, so the walk follows ``x``.
+    """
+    if not is_mul(node) or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     a, b = node.args
-    for x, c in ((a, b), (b, a)):
-        if isinstance(c, fx.Node) and c.op == "get_attr" and isinstance(x, fx.Node) and x.op != "get_attr":
+    for x, scale in ((a, b), (b, a)):
+        if x.op != "get_attr" and _scale_kind(scale, x, limit) is not None:
             return x
     return None
 
@@ -177,7 +205,7 @@ def branch_producer(gm: fx.GraphModule, node: fx.Node, attention_features: dict[
         elif node.name in features:
             nxt = nodes[features[node.name]]
         else:
-            nxt = _is_layer_scale(node)
+            nxt = _scaled_operand(node)
         if not isinstance(nxt, fx.Node) or len(node.all_input_nodes) == 0:
             return node
         node = nxt

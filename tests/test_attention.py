@@ -142,8 +142,10 @@ def test_psi_form_and_output_shape(name):
 @pytest.mark.parametrize("psi_init", [0.1, ("normal", 1.0)], ids=["constant", "normal"])
 def test_gradients_reach_psi_and_every_attention_parameter(name, psi_init):
     torch.manual_seed(0)
-    block = ASR(32, attention.create(name, 32), psi_init=psi_init)
-    x = torch.randn(2, 32, 4, 4)
+    # 128 channels: 8 hidden units at the paper's r = 16 (at 32 channels SPA's two bias-free ReLU units
+    # on a constant psi may both start below zero, and then nothing upstream of them gets a gradient)
+    block = ASR(128, attention.create(name, 128), psi_init=psi_init)
+    x = torch.randn(2, 128, 4, 4)
     (block(x) * torch.randn_like(x)).sum().backward()
     assert block.psi.grad is not None and block.psi.grad.abs().sum() > 0
     assert torch.isfinite(block.psi.grad).all()
@@ -199,9 +201,9 @@ def test_attention_table_tool_measures_zero_added_after_fusion():
         "attention_table", Path(__file__).resolve().parents[1] / "tools" / "attention_table.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    c = 32
-    theta = {"se": 2 * c * 8 + 8 + c, "eca": 3, "srm": 4 * c, "ie": 2 * c, "spa": c * 21 * 8 + 8 * c,
-             "cbam": 2 * c * 8}
+    c, h = 32, 2  # the paper's r = 16: round(32 / 16) hidden units
+    theta = {"se": 2 * c * h + h + c, "eca": 3, "srm": 4 * c, "ie": 2 * c, "spa": c * 21 * h + h * c,
+             "cbam": 2 * c * h}
     for name in BUILT_IN:
         row = tool.measure(name, c)
         psi_size = torch.Size(PSI_SHAPES[name](c)).numel()

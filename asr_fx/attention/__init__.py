@@ -26,8 +26,10 @@ function of one site's psi.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
+import torch
 from torch import nn
 
 from asr_fx.errors import InvalidOptionError, UnknownAttentionError
@@ -35,6 +37,7 @@ from asr_fx.errors import InvalidOptionError, UnknownAttentionError
 from .cbam import CBAMChannel
 from .eca import EfficientChannelAttention
 from .ie import InstanceEnhancement
+from ._width import hidden_width
 from .se import SqueezeExcite
 from .spa import SpatialPyramidAttention
 from .srm import StyleRecalibration
@@ -84,6 +87,48 @@ def create(name: str | AttentionFactory, channels: int, **kwargs) -> nn.Module:
     return module
 
 
+def resolved_widths(networks: Iterable[tuple[int, nn.Module]], given: Mapping[str, Any] | None = None
+                    ) -> dict[str, dict[int, int]]:
+    """The widths the built ``(channels, network)`` pairs have, as attention kwargs: ``{"hidden": {64: 4, ...}}``
+    (``{"kernel_size": {...}}`` for ECA). Networks without ``resolved_kwargs()`` (custom ones) add nothing,
+    nor do kwargs already in ``given``. :func:`asr_fx.instrument` records these in its config."""
+    out: dict[str, dict[int, int]] = {}
+    for channels, net in networks:
+        resolve = getattr(net, "resolved_kwargs", None)
+        if not callable(resolve):
+            continue
+        for key, value in resolve().items():
+            if key not in (given or {}):
+                out.setdefault(key, {})[int(channels)] = int(value)
+    return out
+
+
+#: the layer of each built-in network whose shape gives its width: ``(key suffix, kwarg, weight rank, dim)``
+_WIDTH_LAYERS = (("attention.fc1.weight", "hidden", None, 0), ("attention.mlp.0.weight", "hidden", None, 0),
+                 ("attention.conv.weight", "kernel_size", 3, -1))
+_WIDTH_NETWORKS = ("se", "cbam", "spa", "eca")
+
+
+def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[int, int]]:
+    """The widths an instrumented ``state_dict`` was trained with, as attention kwargs for a built-in
+    ``attention`` (``{}`` for any other): read from each block's ``psi`` (channels) and first layer.
+
+    For checkpoints that predate recorded widths (asr-fx's SE, CBAM and SPA used ``max(C // 16, 8)``):
+    passing these kwargs rebuilds the shapes the weights have."""
+    if not isinstance(attention, str) or attention.lower() not in _WIDTH_NETWORKS:
+        return {}
+    out: dict[str, dict[int, int]] = {}
+    for key, psi in state_dict.items():
+        if not (key.startswith("asr.") and key.endswith(".psi")) or psi.dim() < 2:
+            continue
+        prefix = key[: -len("psi")]
+        for suffix, kwarg, rank, dim in _WIDTH_LAYERS:
+            weight = state_dict.get(prefix + suffix)
+            if weight is not None and (rank is None or weight.dim() == rank):
+                out.setdefault(kwarg, {})[int(psi.shape[1])] = int(weight.shape[dim])
+    return out
+
+
 register("se", SqueezeExcite)
 register("eca", EfficientChannelAttention)
 register("srm", StyleRecalibration)
@@ -100,7 +145,10 @@ __all__ = [
     "StyleRecalibration",
     "UnknownAttentionError",
     "create",
+    "hidden_width",
     "names",
     "register",
+    "resolved_widths",
     "unregister",
+    "widths_from_state_dict",
 ]
