@@ -22,7 +22,7 @@ from torch import nn
 
 from asr_fx import atomic
 from asr_fx.api import instrument
-from asr_fx.attention import names as attention_names
+from asr_fx.attention import names as attention_names, widths_from_state_dict
 from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.errors import CheckpointError, OutputPathError
 from asr_fx.factory import build, import_factory
@@ -184,6 +184,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
         asr.attention = attention
     if attention_kwargs is not None:
         asr.attention_kwargs = dict(attention_kwargs)
+    # a checkpoint written before widths were recorded: its state_dict says what they were
+    asr.attention_kwargs = {**widths_from_state_dict(asr.attention, ckpt["state_dict"]), **(asr.attention_kwargs or {})}
     instrumented = instrument_from_config(model, asr, ckpt.get("input_shape"), leaf_modules)
     check_finite_asr(ckpt["state_dict"])
     check_keys(instrumented, ckpt["state_dict"], hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?")

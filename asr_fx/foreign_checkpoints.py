@@ -20,6 +20,7 @@ from torch import nn
 from asr_fx.api import get_config, instrument
 from asr_fx.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, resolve_attention
 from asr_fx.errors import CheckpointError, InputShapeError
+from asr_fx.attention import widths_from_state_dict
 from asr_fx.factory import build
 from asr_fx.state_dicts import asr_layout, check_finite_asr, check_keys, find_state_dict, normalize_keys
 
@@ -120,6 +121,8 @@ def load_checkpoint(
             options["sites"] = sites
         options.setdefault("delta", delta)
         options = {k: v for k, v in options.items() if v is not None}
+        options["attention_kwargs"] = {**widths_from_state_dict(options.get("attention", "se"), state_dict),
+                                       **(options.get("attention_kwargs") or {})}  # the widths it was trained with
         if "attention" in options:
             options["attention"] = resolve_attention(options["attention"])
         example = (_runs_on(base, shape),) if shape else None

@@ -80,10 +80,10 @@ def test_a_checkpoint_with_the_old_floor_reloads_with_the_widths_its_state_dict_
     assert asr_fx.load(tmp_path / "old.pt").asr["layer1_0_bn3"].attention.fc1.out_channels == 8
 
 
-def test_an_old_asr_fx_checkpoint_names_the_mismatch_and_loads_with_its_widths(tmp_path):
-    """A checkpoint saved before widths were recorded (attention_kwargs {}, SE at max(C // 16, 8))."""
-    from asr_fx.checkpoint import load_checkpoint
-    from asr_fx.errors import CheckpointError
+def test_an_old_asr_fx_checkpoint_loads_with_the_widths_its_state_dict_has(tmp_path):
+    """A checkpoint saved before widths were recorded (attention_kwargs {}, SE at max(C // 16, 8)) loads as it
+    was trained: the widths are read from its state_dict; --attention-args still overrides them."""
+    from asr_fx.foreign_checkpoints import load_checkpoint
 
     old = asr_fx.instrument(authors_resnet(DEPTH), attention_kwargs={"min_hidden": 8})
     path = tmp_path / "old.pt"
@@ -91,16 +91,18 @@ def test_an_old_asr_fx_checkpoint_names_the_mismatch_and_loads_with_its_widths(t
     ckpt = torch.load(path, weights_only=True)
     ckpt["asr"]["attention_kwargs"] = {}  # as asr-fx wrote it before
     torch.save(ckpt, path)
-    with pytest.raises(CheckpointError, match=r"shape mismatch.*asr\.layer1_0_bn3\.attention\.fc1\.weight: "
-                       r"checkpoint \[8, 64, 1, 1\] vs model \[4, 64, 1, 1\]"):
-        asr_fx.load(path)
-    # the way out: the widths the state_dict has (or --attention-args '{"min_hidden": 8}' on the CLI)
-    widths = attention.widths_from_state_dict("se", ckpt["state_dict"])
-    loaded = load_checkpoint(path, asr_options={"attention_kwargs": widths}).model
+    loaded = asr_fx.load(path)
+    assert loaded.asr["layer1_0_bn3"].attention.fc1.out_channels == 8
     again = load_checkpoint(path, asr_options={"attention_kwargs": {"min_hidden": 8}}).model
     x = torch.randn(X)
     with torch.no_grad():
         assert torch.equal(loaded(x), old.eval()(x)) and torch.equal(again(x), old(x))
+    # a bare state_dict of the old model (the CLI's --model path) is instrumented at its widths too
+    torch.save(old.state_dict(), tmp_path / "bare.pt")
+    bare = load_checkpoint(tmp_path / "bare.pt", factory="fidelity_models:authors_resnet",
+                           factory_kwargs={"depth": DEPTH}).model
+    with torch.no_grad():
+        assert torch.equal(bare(x), old(x))
 
 
 # --- existing attention found by dataflow -------------------------------------------------------------
