@@ -13,29 +13,36 @@ import argparse
 import json
 from typing import Any
 
+from asr_fx.cli import options
+from asr_fx.cli.options import EPILOG_USAGE, EXIT_OK
 
-def register(subparsers: Any) -> None:
+NAME = "inspect"
+
+HEADERS = ["node", "module", "rule", "channel dim", "channels", "folds into", "can fold"]
+
+CHANNEL_DIM_NOTE = ("channel dim: the dimension of the site's output that holds its channels, counted from the end "
+                    "(-3: N,C,H,W images; -1: N,L,C tokens); the ASR scale has one value per channel along it")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``inspect`` subcommand."""
-    from asr_fx.cli import EPILOG, _add_model_source_options, _shape
-
     p = subparsers.add_parser(
-        "inspect", help="list the ASR sites of a model: node, module, rule, channels, fold target",
+        NAME, help="list the ASR sites of a model: node, module, rule, channels, fold target", epilog=EPILOG_USAGE,
         description="Trace MODEL, find the ASR sites with --rule and print one row per site: graph node, module "
-        "path, rule, channel dimension and size, the layer its scale folds into, and whether it can fold. "
-        "The model's own channel attention (SE, ECA, ...) is listed with rule 'existing'.", epilog=EPILOG)
-    p.add_argument("model", help="PKG.MODULE:FACTORY (a function returning the model) or a checkpoint")
+        "path, rule, channel dimension (counted from the end: -3 is C of N,C,H,W) and size, the layer its scale "
+        "folds into, and whether it can fold. The model's own channel attention (SE, ECA, ...) is listed with "
+        "rule 'existing'.")
+    p.add_argument("model", metavar="MODEL", help="PKG.MODULE:FACTORY (a function returning the model, random "
+                   "weights, built with --factory-args) or a checkpoint")
     p.add_argument("--rule", default="auto", help="placement rule: auto (default), residual, norm-act, branch, "
                    "transformer")
-    p.add_argument("--exclude", nargs="+", default=None, metavar="NAME", help="node or module names to leave out")
-    p.add_argument("--input-shape", type=_shape, default=None,
-                   help="example input shape, e.g. 1,3,224,224: lets layers whose channel dimension depends on the "
-                   "input rank (BatchNorm1d, GroupNorm) take a site")
-    _add_model_source_options(p, "builds the model a state_dict checkpoint is loaded into")
-    p.add_argument("--leaf", nargs="+", default=None, metavar="MODULE",
-                   help="module names torch.fx keeps as opaque calls (for untraceable modules)")
-    p.add_argument("--json", action="store_true", help="print the sites as JSON instead of a table")
-    p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks on errors")
-    p.set_defaults(func=run)
+    p.add_argument("--exclude", type=options.names, default=None, metavar="NAMES",
+                   help="comma-separated node or module names to leave out")
+    options.add_model_source(p, model_help="function that builds the model a state_dict checkpoint is loaded into",
+                             input_shape_help="example input shape, e.g. 1,3,224,224: lets layers whose channel "
+                             "dimension depends on the input rank (BatchNorm1d, GroupNorm) take a site")
+    options.add_output_options(p, json_help="print the sites as JSON instead of a table", quiet=False)
+    return p
 
 
 def site_rows(sites: list[dict[str, Any]]) -> list[list[Any]]:
@@ -44,37 +51,37 @@ def site_rows(sites: list[dict[str, Any]]) -> list[list[Any]]:
              "yes" if s["foldable"] else f"no: {s['reason']}"] for s in sites]
 
 
-HEADERS = ["node", "module", "rule", "channel dim", "channels", "folds into", "can fold"]
-
-
 def run(args: argparse.Namespace) -> int:
+    """``asr-fx inspect``."""
+    # torch-importing modules load only when a command runs, so `asr-fx --help` stays fast
     import torch
     from tabulate import tabulate
 
     import asr_fx
-    from asr_fx.cli import _load_model_source
+    from asr_fx.api import RULE_ALIASES
+    from asr_fx.cli import source
+    from asr_fx.passes.rules import LOOKS_FOR
 
-    model = _load_model_source(args.model, args)
+    model = source.load_model_source(args.model, args)
     config = asr_fx.get_config(model)
     if config and config.get("sites"):
         sites = list(config["sites"])
         origin = f"instrumented at {len(sites)} site(s) (rule {config.get('rule')!r})"
     else:
-        example = (torch.randn(*args.input_shape),) if args.input_shape else None
+        example = (torch.randn(*args.input_shape).to(args.device),) if args.input_shape else None
         found = asr_fx.find_sites(model, args.rule, exclude=args.exclude, example_inputs=example,
-                                  leaf_modules=args.leaf)
+                                  leaf_modules=args.leaf_modules)
         sites = [s.to_dict() for s in found]
         placed = sum(s["rule"] != "existing" for s in sites)
         origin = f"{placed} site(s) with rule {args.rule!r}, {len(sites) - placed} existing channel attention"
     if args.json:
         print(json.dumps({"model": args.model, "sites": sites}, indent=2))
-        return 0
+        return EXIT_OK
     print(f"{args.model}: {type(model).__name__}, {origin}\n")
     print(tabulate(site_rows(sites), headers=HEADERS, disable_numparse=True))
+    if sites:
+        print(f"\n{CHANNEL_DIM_NOTE}")
     if not any(s["rule"] != "existing" for s in sites):
-        from asr_fx.api import RULE_ALIASES
-        from asr_fx.passes.rules import LOOKS_FOR
-
         looked = LOOKS_FOR.get(RULE_ALIASES.get(args.rule, args.rule), "the given sites")
         print(f"\nno site with rule {args.rule!r}: it looks for {looked}. Try another --rule.")
-    return 0
+    return EXIT_OK
