@@ -32,7 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "path, rule, channel dimension (counted from the end: -3 is C of N,C,H,W) and size, the layer its scale "
         "folds into, and whether it can fold. The model's own channel attention (SE, ECA, ...) is listed with "
         "rule 'existing'.")
-    p.add_argument("model", metavar="MODEL", help="PKG.MODULE:FACTORY (a function returning the model, random "
+    p.add_argument("source", metavar="MODEL", help="PKG.MODULE:FACTORY (a function returning the model, random "
                    "weights, built with --factory-args) or a checkpoint")
     p.add_argument("--rule", default="auto", help="placement rule: auto (default), residual, norm-act, branch, "
                    "transformer")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from asr_fx.cli import source
     from asr_fx.passes.rules import LOOKS_FOR
 
-    model = source.load_model_source(args.model, args)
+    model = source.load_model_source(args.source, args)
     config = asr_fx.get_config(model)
     if config and config.get("sites"):
         sites = list(config["sites"])
@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         placed = sum(s["rule"] != "existing" for s in sites)
         origin = f"{placed} site(s) with rule {args.rule!r}, {len(sites) - placed} existing channel attention"
     if args.json:
-        print(json.dumps({"model": args.model, "sites": sites}, indent=2))
+        print(json.dumps({"model": args.source, "sites": sites}, indent=2))
         return EXIT_OK
-    print(f"{args.model}: {type(model).__name__}, {origin}\n")
+    print(f"{args.source}: {type(model).__name__}, {origin}\n")
     print(tabulate(site_rows(sites), headers=HEADERS, disable_numparse=True))
     if sites:
         print(f"\n{CHANNEL_DIM_NOTE}")

@@ -62,9 +62,11 @@ class Parser(argparse.ArgumentParser):
         hints = []
         for arg in extras:
             if arg.startswith("-"):
-                near = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1, cutoff=0.6)
+                spelled = arg.split("=", 1)[0]
+                near = ([o for o in known if o.startswith(spelled)] or  # an abbreviation: the options it starts
+                        difflib.get_close_matches(spelled, known, n=1, cutoff=0.6))
                 if near:
-                    hints.append(f"{arg}: did you mean {near[0]}?")
+                    hints.append(f"{arg}: did you mean {' or '.join(near)}?")
         message = f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
         return UsageError(self.prog, self.format_usage(), message)
 

@@ -37,7 +37,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "(x * sigmoid(F(GAP(x))): SE, ECA, torchvision's SqueezeExcitation, ...) and write the paper's Fig. 1 "
         "panels and a summary table to DIR. On random weights (a factory MODEL) the numbers are meaningless: "
         "measure a trained checkpoint.")
-    p.add_argument("model", metavar="MODEL", help="PKG.MODULE:FACTORY (a function returning the model, random "
+    p.add_argument("source", metavar="MODEL", help="PKG.MODULE:FACTORY (a function returning the model, random "
                    "weights) or a checkpoint: asr_fx.save's, or a training checkpoint / state_dict with --model")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("-o", "--out", type=Path, required=True, metavar="DIR", help="folder for the PNGs and summary.md")

@@ -62,8 +62,8 @@ def site_key(text: str) -> int | str:
 
 def stripe(args: argparse.Namespace) -> int:
     """Collect the attention statistics, write the figures and summary.md, print the table."""
-    model = source.load_model_source(args.model, args)
-    random_weights = not Path(args.model).exists()
+    model = source.load_model_source(args.source, args)
+    random_weights = not Path(args.source).exists()
     device = next(model.parameters(), torch.zeros(0)).device
     data = [x.to(device) for x in load_data(args)]
     quiet = args.quiet or args.json
@@ -82,7 +82,7 @@ def stripe(args: argparse.Namespace) -> int:
     table = stats.table()
     note = RANDOM_WEIGHTS_NOTE if random_weights and not args.checkpoints else ""
     summary = args.out / "summary.md"
-    summary.write_text(f"# Stripe Observation: {args.model}\n\ndata: {args.data}, {stats[0].n_inputs} inputs\n\n"
+    summary.write_text(f"# Stripe Observation: {args.source}\n\ndata: {args.data}, {stats[0].n_inputs} inputs\n\n"
                        f"{table}\n" + (f"\n{note}\n" if note else ""))
     files = [str(p) for p in [*paths, summary]]
     if args.json:
