@@ -356,6 +356,8 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
                      "--json", "-q"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and [s["inputs"] for s in report["sites"]] == [10, 10]
+    assert "weights are random" in report["note"]  # a factory MODEL: the numbers mean nothing
+    assert "weights are random" in (out / "summary.md").read_text()
     code = cli.main(["stripe", "stripe_factories:tiny_net", "--data", "random", "--input-shape", "4,3,8,8",
                      "-o", str(out), "--site", "nowhere"])
     assert code == 2 and "no attention site 'nowhere'" in capsys.readouterr().err
