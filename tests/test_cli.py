@@ -104,6 +104,8 @@ def test_json_report_compares_fused_vanilla_and_instrumented(files, work, capsys
     assert "Mul" not in models["fused"]["op_counts"]
     assert models["vanilla"]["latency_ratio_to_vanilla"] == 1.0
     assert all(models[m]["latency_ms"] > 0 for m in models)
+    assert "vanilla (A/A)" in models  # the control whose ratio is the measurement's noise
+    assert all(models[m]["latency_p25_ms"] <= models[m]["latency_ms"] <= models[m]["latency_p75_ms"] for m in models)
     assert report["same_as_vanilla"] == {"op_counts": True, "params": True}
     assert set(report["seconds"]) == {"load", "trace", "fuse", "export", "verify"}
     assert os.listdir(work) == ["m.onnx"] and oct(out.stat().st_mode & 0o777) != "0o600"
@@ -117,6 +119,7 @@ def test_verify_reports_tables_and_stage_lines(files, exported, capsys):
         assert line in text
     assert "max rel err" in text and "onnxruntime provider: CPUExecutionProvider" in text
     assert "vs vanilla" in text and "1.00x" in text and "ONNX op" in text and "instrumented" in text
+    assert "latency ms median [25th, 75th]" in text and "vanilla (A/A)" in text
     assert "agrees with" in text
 
 

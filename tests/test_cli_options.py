@@ -209,3 +209,18 @@ def test_dynamic_shape_spellings(capsys):
     assert cli.parse(["fuse", "c.pt", "-o", "o.onnx", "--dynamic-shape", "width,batch"]).dynamic_shape == ["batch", "width"]
     err = _usage_fails(capsys, ["fuse", "c.pt", "-o", "o.onnx", "--dynamic-shape", "batch,depth"])
     assert "name dimensions among batch, height, width" in err
+
+
+def test_demo_table_has_a_header_stage_lines_and_lists_every_file_it_wrote(tmp_path, capsys):
+    out = tmp_path / "d"
+    assert cli.main(["demo", "--depth", "11", "--steps", "2", "--batch", "2", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for stage in ("[1/4] save checkpoint", "[2/4] fuse", "[3/4] export vanilla.onnx", "[4/4] export and verify"):
+        assert any(line.startswith(stage) for line in lines), text
+    header = next(line for line in lines if line.startswith("check"))
+    assert header.split() == ["check", "result"]
+    files = next(line for line in lines if line.startswith("files"))
+    written = sorted(os.listdir(out))
+    assert written == ["asr_fused.onnx", "asr_resnet.pt", "vanilla.onnx"]
+    assert all(str(out / name) in files for name in written)
