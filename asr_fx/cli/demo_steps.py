@@ -156,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
     same_params = count_params(fused) == count_params(vanilla)
     rows = [
         ("sites (one per residual block)", len(sites)),
-        ("training steps / seconds", f"{args.steps} / {train_s:.1f}"),
+        ("training steps", args.steps),
         ("parameters vanilla", f"{count_params(vanilla):,}"),
         ("parameters instrumented (training)", f"{count_params(model):,}"),
         ("parameters fused", f"{count_params(fused):,}"),
@@ -164,7 +164,9 @@ def run_demo(args: argparse.Namespace) -> int:
         ("torch: max|fused - instrumented| / max|ref|", f"{torch_err:.2e}"),
         ("onnxruntime: max rel err vs instrumented", f"{report.outputs[0].max_rel:.2e}"),
         ("ONNX op multiset == vanilla's", same_ops),
-        ("seconds: " + ", ".join(stages.seconds), " / ".join(f"{s:.1f}" for s in stages.seconds.values())),
+        ("seconds: train, fuse, export (vanilla, fused + verify)",
+         f"{train_s:.1f}, {stages.seconds['fuse']:.1f}, ({stages.seconds['export vanilla.onnx']:.1f}, "
+         f"{stages.seconds['export and verify asr_fused.onnx']:.1f})"),
         ("files", ", ".join(str(p) for p in files.values())),
     ]
     ok = same_ops and same_params and torch_err <= 1e-5
