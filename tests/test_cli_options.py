@@ -149,6 +149,18 @@ def test_an_unwritable_output_folder_is_refused_before_loading(tmp_path, capsys,
     assert os.listdir(tmp_path) == []
 
 
+def test_stripe_checks_its_output_folder_before_loading(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(source, "tempfile", types.SimpleNamespace(mkstemp=refuse))
+    argv = ["stripe", str(tmp_path / "missing.pt"), "--data", "random", "-o", str(tmp_path / "new" / "figures")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the output folder {str(tmp_path)!r}" in err and "is not writable" in err and "missing.pt" not in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_writability_probe_leaves_nothing(tmp_path):
     source.check_writable_folder(tmp_path, "-o")
     assert os.listdir(tmp_path) == []

@@ -62,6 +62,8 @@ def site_key(text: str) -> int | str:
 
 def stripe(args: argparse.Namespace) -> int:
     """Collect the attention statistics, write the figures and summary.md, print the table."""
+    existing = next(folder for folder in (args.out, *args.out.parents) if folder.exists())
+    source.check_writable_folder(existing, f"-o {str(args.out)!r}")  # before the model loads
     model = source.load_model_source(args.source, args)
     random_weights = not Path(args.source).exists()
     device = next(model.parameters(), torch.zeros(0)).device
