@@ -256,7 +256,7 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
     """Run ``model`` (in eval mode, no grad) on ``batches`` and record every channel-attention site.
 
     ``batches``: tensors, ``(inputs, targets)`` pairs or dicts with ``"x"``; wrap it in
-    :func:`asr_fx.progress.progress` for a progress bar. ``max_inputs`` stops after that many inputs.
+    ``tqdm(batches)`` for a progress bar. ``max_inputs`` stops after that many inputs.
     ``model`` is not changed (its train/eval flags are restored). Raises :class:`NoSitesError` when
     the model has no input-dependent channel attention (``x * sigmoid(F(GAP(x)))``).
     """

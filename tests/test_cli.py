@@ -93,7 +93,8 @@ def _sd(trained, **changes) -> dict:
 
 def test_json_report_compares_fused_vanilla_and_instrumented(files, work, capsys):
     out = work / "m.onnx"
-    assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(out), "--json", "--runs", "5", "--strict"]) == 0
+    assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(out), "--json", "--runs", "5", "--strict",
+                     "--compare"]) == 0
     report = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
     assert report["ok"] and report["exit_code"] == 0 and report["verified"]
     assert report["provider"] == "CPUExecutionProvider"
@@ -105,6 +106,8 @@ def test_json_report_compares_fused_vanilla_and_instrumented(files, work, capsys
     assert "Mul" not in models["fused"]["op_counts"]
     assert models["vanilla"]["latency_ratio_to_vanilla"] == 1.0
     assert all(models[m]["latency_ms"] > 0 for m in models)
+    assert "vanilla (A/A)" in models  # the control whose ratio is the measurement's noise
+    assert all(models[m]["latency_p25_ms"] <= models[m]["latency_ms"] <= models[m]["latency_p75_ms"] for m in models)
     assert report["same_as_vanilla"] == {"op_counts": True, "params": True}
     assert set(report["seconds"]) == {"load", "trace", "fuse", "export", "verify"}
     assert os.listdir(work) == ["m.onnx"] and oct(out.stat().st_mode & 0o777) != "0o600"
@@ -112,12 +115,13 @@ def test_json_report_compares_fused_vanilla_and_instrumented(files, work, capsys
 
 def test_verify_reports_tables_and_stage_lines(files, exported, capsys):
     capsys.readouterr()
-    assert cli.main(["verify", str(exported), "--against", str(files / "asrfx.pt"), "--runs", "3"]) == 0
+    assert cli.main(["verify", str(exported), "--against", str(files / "asrfx.pt"), "--runs", "3", "--compare"]) == 0
     text = capsys.readouterr().out
     for line in ("[1/4] load", "[2/4] trace", "[3/4] export", "[4/4] verify"):
         assert line in text
     assert "max rel err" in text and "onnxruntime provider: CPUExecutionProvider" in text
     assert "vs vanilla" in text and "1.00x" in text and "ONNX op" in text and "instrumented" in text
+    assert "latency ms median [25th, 75th]" in text and "vanilla (A/A)" in text
     assert "agrees with" in text
 
 
@@ -393,16 +397,16 @@ def test_strict_with_no_compare_still_checks_ops_against_vanilla(files, work, ca
 
 
 def test_strict_with_no_verify_still_checks_ops(files, work, capsys, monkeypatch):
-    from asr_fx import cli_verify
+    from asr_fx.cli import report
 
-    real = cli_verify._export_for_comparison
+    real = report.export_for_comparison
 
     def vanilla_with_an_extra_op(*args, **kwargs):
         row = real(*args, **kwargs)
         row.op_counts = {**row.op_counts, "Mul": row.op_counts.get("Mul", 0) + 1}
         return row
 
-    monkeypatch.setattr(cli_verify, "_export_for_comparison", vanilla_with_an_extra_op)
+    monkeypatch.setattr(report, "export_for_comparison", vanilla_with_an_extra_op)
     err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--strict", "--no-verify"],
                  code=1).strip()
     assert "op multiset differs" in err and "Mul" in err

@@ -331,8 +331,8 @@ def test_figures_are_written(se_model, tmp_path):
 def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
     from asr_fx import cli
 
-    if "asr_fx.cli_stripe" not in cli.EXTRA_COMMAND_MODULES:
-        pytest.fail("asr_fx.cli_stripe is not registered in asr_fx.cli.EXTRA_COMMAND_MODULES")
+    if "stripe" not in [command.NAME for command in cli.COMMANDS]:
+        pytest.fail("asr_fx.cli.stripe is not registered in asr_fx.cli.COMMANDS")
     module = tmp_path / "stripe_factories.py"
     module.write_text("import sys\nsys.path.insert(0, %r)\nfrom test_stripe import tiny_net\n" % str(
         __import__("pathlib").Path(__file__).parent))
@@ -345,7 +345,7 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
         torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / f"e{i}.pt")
     out = tmp_path / "out"
     code = cli.main(["stripe", "stripe_factories:tiny_net", "--data", "random", "--input-shape", "4,3,8,8",
-                     "--batches", "2", "-o", str(out), "--checkpoints", *(str(tmp_path / f"e{i}.pt") for i in range(3)),
+                     "--batches", "2", "-o", str(out), "--checkpoints", ",".join(str(tmp_path / f"e{i}.pt") for i in range(3)),
                      "--model", "stripe_factories:tiny_net", "--site", "b1.att"])
     printed = capsys.readouterr().out
     assert code == 0, printed
@@ -356,6 +356,8 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
                      "--json", "-q"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and [s["inputs"] for s in report["sites"]] == [10, 10]
+    assert "weights are random" in report["note"]  # a factory MODEL: the numbers mean nothing
+    assert "weights are random" in (out / "summary.md").read_text()
     code = cli.main(["stripe", "stripe_factories:tiny_net", "--data", "random", "--input-shape", "4,3,8,8",
                      "-o", str(out), "--site", "nowhere"])
     assert code == 2 and "no attention site 'nowhere'" in capsys.readouterr().err

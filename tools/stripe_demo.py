@@ -31,7 +31,7 @@ from torch import nn
 import asr_fx
 from asr_fx import freeze as freezing
 from asr_fx import plot, stripe
-from asr_fx.progress import progress
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,7 +127,7 @@ def train(model: nn.Module, args: argparse.Namespace, data, label: str, on_epoch
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    for epoch in progress(range(1, args.epochs + 1), label):
+    for epoch in tqdm(range(1, args.epochs + 1), desc=label, leave=False):
         model.train()
         for xb, yb in batches(x_train, y_train, args.batch, shuffle=g):
             loss = F.cross_entropy(model(augment(xb, g)), yb)

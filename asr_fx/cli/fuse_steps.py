@@ -1,0 +1,98 @@
+"""The work of ``asr-fx fuse`` (imports torch): load, trace, fuse, export, verify, report."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+import asr_fx
+from asr_fx.cli import onnx_io, source
+from asr_fx.cli.options import say
+from asr_fx.cli.report import (
+    ModelRow,
+    Stages,
+    VerificationSummary,
+    compare_models,
+    finish,
+    measure_latency,
+    name_outputs_as_in_file,
+)
+from asr_fx.errors import FusionError
+from asr_fx.export import flatten_outputs
+
+
+def fuse(args: argparse.Namespace) -> int:
+    """Load CKPT, fuse, export OUT verified; every cheap check runs before the checkpoint is loaded."""
+    out: Path = args.output
+    source.check_writable_folder(out.parent, f"-o {str(out)!r}")
+    source.check_opset_option(args.opset)
+    source.torch_device(args.device)
+    dynamic = onnx_io.export_dynamic_options(args.dynamic_shape)
+    summary = VerificationSummary("fuse", str(args.checkpoint), output=str(out), device=args.device,
+                                  rtol=args.rtol, atol=args.atol)
+    args.summary = summary
+    stages = Stages(args, summary, ("load", "trace", "fuse", "export", "verify"))
+    stages.start("load", str(args.checkpoint))
+    loaded = source.load_from_args(args, args.checkpoint)
+    summary.checkpoint_format, summary.notes = loaded.kind, loaded.notes
+    say(args, f"        format: {loaded.kind}" + "".join(f"; {n}" for n in loaded.notes))
+    shape = source.input_shape_for(args, loaded)
+    summary.input_shape = shape
+    stages.start("trace", f"input {shape}")
+    model, x = source.prepare_model(args, loaded, shape)
+    stages.start("fuse")
+    fused = asr_fx.fuse(model, strict=args.strict, fold_bn=args.fold_bn, example_inputs=(x,),
+                        leaf_modules=args.leaf_modules)
+    fusion = asr_fx.fusion_report(fused)
+    summary.fusion = fusion.to_dict() if fusion else None
+    say(args, f"        folded {len(fusion.folded) if fusion else 0} scale(s): {fusion.summary() if fusion else {}}")
+    vanilla = loaded.vanilla
+    if args.fold_bn and vanilla is not None:  # compare like with like: the vanilla model with BN folded too
+        vanilla = asr_fx.fuse(vanilla.eval(), fold_bn=True, example_inputs=(x,), leaf_modules=args.leaf_modules)
+    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in
+                (("vanilla", vanilla), ("instrumented", model), ("fused", fused)) if m is not None}
+    if args.strict and vanilla is None:
+        summary.notes.append("--strict: no vanilla model is known for this checkpoint, so only the folding of "
+                             "every site was checked (pass --model to compare parameters and ops)")
+        say(args, f"        {summary.notes[-1]}")
+    if args.strict and "vanilla" in n_params and n_params["fused"] != n_params["vanilla"]:
+        raise FusionError(f"--strict: the fused model has {n_params['fused']:,} parameters, the vanilla model"
+                          f"{' (BN folded)' if args.fold_bn else ''} {n_params['vanilla']:,}")
+    compare = args.compare and not args.no_verify
+    stages.start("export", f"{out}" + (" (and the vanilla and instrumented models, for comparison)" if compare else ""))
+    with tempfile.TemporaryDirectory(prefix="asr-fx-fuse-") as workdir:
+        if compare:
+            summary.models = compare_models({"vanilla": vanilla, "instrumented": model}, x, workdir, args.opset)
+        elif args.strict and vanilla is not None:  # --strict's op check needs the vanilla model's ops
+            summary.models = compare_models({"vanilla": vanilla}, x, workdir, args.opset)
+        if args.strict and "vanilla" in summary.models and summary.models["vanilla"].op_counts is None:
+            raise FusionError(f"--strict: the vanilla model did not export, so its ONNX ops cannot be compared "
+                              f"({summary.models['vanilla'].note})")
+        if args.fold_bn and "vanilla" in summary.models:
+            summary.models["vanilla"].note = ("BN folded too (--fold-bn); " + summary.models["vanilla"].note).strip("; ")
+        vanilla_ops = summary.models["vanilla"].op_counts if "vanilla" in summary.models else None
+        summary.models.setdefault("fused", ModelRow())
+        summary.models["fused"].params = n_params["fused"]
+        with torch.no_grad():
+            n_outputs = len(flatten_outputs(fused(x)))
+        onnx_io.check_name_counts(args.input_names, args.output_names, 1, n_outputs)
+        exported = Path(workdir) / "fused.onnx"  # verified there, then written to OUT with its input/output names
+        report = asr_fx.export_onnx(
+            fused, exported, x, reference=model, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
+            opset=args.opset, expected_op_counts=vanilla_ops if args.strict else None,
+            on_verify=lambda: stages.start("verify", "in onnxruntime against the unfused model in torch"), **dynamic)
+        onnx_io.publish_renamed(exported, out, args.input_names,
+                                args.output_names or onnx_io.default_output_names(n_outputs))
+        report.path = str(out)
+        name_outputs_as_in_file(report, out)
+        summary.export = report
+        summary.models["fused"].op_counts = report.op_counts
+        if compare:
+            measure_latency(summary.models, {"vanilla": f"{workdir}/vanilla.onnx",
+                                             "instrumented": f"{workdir}/instrumented.onnx", "fused": str(out)},
+                            x.cpu(), runs=args.runs)
+    stages.stop()
+    return finish(args, summary)

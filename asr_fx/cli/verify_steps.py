@@ -1,0 +1,156 @@
+"""The work of ``asr-fx verify`` (imports torch): load the checkpoint, run the ONNX file, compare, report.
+
+Lead, at merge: the "lib" branch adds a public ``verify_onnx(path, reference, inputs)`` that says when the
+file is a different model (parameters, op multiset, input shape). The comparison in :func:`verify`
+(and :func:`verify_at`) is this command's own until then; replace it with one call to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from asr_fx.cli import source
+from asr_fx.cli.options import EXIT_OK
+from asr_fx.cli.report import (
+    ModelRow,
+    Stages,
+    VerificationSummary,
+    compare_models,
+    finish,
+    measure_latency,
+    name_outputs_as_in_file,
+)
+from asr_fx.errors import ASRError, VerificationError
+from asr_fx.export import (
+    ExportReport,
+    OutputError,
+    compare,
+    flatten_outputs,
+    fp32_matmul_precision,
+    onnx_op_counts,
+    op_count_diff,
+    run_onnxruntime,
+)
+
+
+def onnx_input_shape(path: str | os.PathLike) -> list[int | str]:
+    """The first input's shape of an ONNX file (symbolic dims as their names)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors vary by version; the file is not ONNX
+        raise ASRError(f"{str(path)!r} is not a readable ONNX model: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not proto.graph.input:
+        raise ASRError(f"{str(path)!r} has no graph inputs")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+
+def other_sizes(dims: Sequence[int | str], shape: Sequence[int]) -> list[list[int]]:
+    """Further input shapes to verify a file at: batch 1 and 7 when the batch is symbolic; half the height
+    and width (at least 8) when those are."""
+    shapes = []
+    if dims and not isinstance(dims[0], int):
+        shapes += [[1, *shape[1:]], [7, *shape[1:]]]
+    spatial = [i for i in range(2, len(dims)) if not isinstance(dims[i], int)]
+    if spatial:
+        smaller = list(shape)
+        for i in spatial:
+            smaller[i] = max(8, shape[i] // 2)
+        shapes.append(smaller)
+    return [s for s in shapes if s != list(shape)]
+
+
+def verify_at(path: str, reference: nn.Module, shape: Sequence[int], device: torch.device, rtol: float,
+              atol: float) -> list[OutputError]:
+    """Run the file on a random input of ``shape`` and compare with ``reference`` in torch."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device)
+    with torch.no_grad(), fp32_matmul_precision():
+        expected = flatten_outputs(reference(x))
+    actual, _ = run_onnxruntime(path, (x,))
+    errors = compare(expected, actual, rtol, atol)
+    for error in errors:
+        error.name = f"{error.name} (input {list(shape)})"
+    return errors
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Load ``--against``, run ``OUT.onnx`` in onnxruntime, compare; exit 1 when they disagree."""
+    onnx_path: Path = args.onnx
+    if not onnx_path.is_file():
+        raise ASRError(f"ONNX file {str(onnx_path)!r} does not exist")
+    source.check_opset_option(args.opset)
+    source.torch_device(args.device)
+    summary = VerificationSummary("verify", str(args.against), output=str(onnx_path), device=args.device,
+                                  rtol=args.rtol, atol=args.atol)
+    args.summary = summary
+    stages = Stages(args, summary, ("load", "trace", "export", "verify"))
+    dims = onnx_input_shape(onnx_path)
+    stages.start("load", f"{args.against}")
+    loaded = source.load_from_args(args, args.against)
+    summary.checkpoint_format, summary.notes = loaded.kind, loaded.notes
+    fixed = [d for d in dims if isinstance(d, int)]
+    shape = args.input_shape or (dims if len(fixed) == len(dims) else None)
+    if shape is None:
+        try:
+            shape = source.input_shape_for(args, loaded)
+        except ASRError:
+            if not all(isinstance(d, int) for d in dims[1:]):
+                raise
+            shape = [1, *dims[1:]]  # only the batch is symbolic
+    shape = list(shape)
+    stages.start("trace", f"input {shape}")
+    model, x = source.prepare_model(args, loaded, shape)
+    summary.input_shape = shape
+    stages.start("export", "vanilla and instrumented models, for comparison" if args.compare else "skipped")
+    with tempfile.TemporaryDirectory(prefix="asr-fx-verify-") as workdir:
+        if args.compare:
+            summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir)
+        elif args.strict:  # --strict's op check needs the vanilla model's ops even without the comparison
+            summary.models = compare_models({"vanilla": loaded.vanilla}, x, workdir)
+        stages.start("verify", f"{onnx_path} in onnxruntime")
+        report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
+        with torch.no_grad(), fp32_matmul_precision():
+            expected = flatten_outputs(model(x))
+        try:
+            actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long; keep the first line
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise ASRError(f"onnxruntime cannot run {str(onnx_path)!r} on an input of shape {shape} "
+                           f"(its input is {dims}): {first}; pass --input-shape to match") from exc
+        report.outputs = compare(expected, actual, args.rtol, args.atol)
+        for other in other_sizes(dims, shape):
+            report.outputs += verify_at(str(onnx_path), model, other, x.device, args.rtol, args.atol)
+        name_outputs_as_in_file(report, onnx_path)
+        report.verified = True
+        report.op_counts = onnx_op_counts(onnx_path)
+        summary.export = report
+        if summary.models:
+            summary.models["fused"] = ModelRow(op_counts=report.op_counts, note="the file verified")
+        if args.compare:
+            measure_latency(summary.models, {"vanilla": f"{workdir}/vanilla.onnx",
+                                             "instrumented": f"{workdir}/instrumented.onnx", "fused": str(onnx_path)},
+                            x.cpu(), runs=args.runs)
+    if not report.ok:
+        raise VerificationError(f"{onnx_path} disagrees with {args.against} beyond atol={args.atol:g} + "
+                                f"rtol={args.rtol:g} * max|ref|:\n{report.table()}", report)
+    same = summary.same_as_vanilla()
+    if args.strict and same["op_counts"] is None:
+        vanilla_row = summary.models.get("vanilla")
+        why = vanilla_row.note if vanilla_row is not None and vanilla_row.note else "no vanilla model"
+        raise ASRError(f"--strict: cannot compare the op multiset with the vanilla model's ({why}); "
+                       "pass --model and --factory-args for a checkpoint that does not name its factory")
+    if args.strict and same["op_counts"] is False:
+        raise VerificationError("--strict: the ONNX op multiset differs from the vanilla model's: "
+                                f"{op_count_diff(summary.models['vanilla'].op_counts, report.op_counts)}", report)
+    stages.stop()
+    finish(args, summary)
+    return EXIT_OK
