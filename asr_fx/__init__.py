@@ -9,7 +9,9 @@ from asr_fx.asr import ASR, NormFusedASR
 from asr_fx.checkpoint import load, save
 from asr_fx.factory import build
 from asr_fx.export import ExportReport, export_onnx, onnx_op_counts
-from asr_fx.errors import ASRError, CheckpointError, FusionError, NoSitesError, TraceError, VerificationError
+from asr_fx.errors import (ASRError, CheckpointError, FusionError, NoSitesError, TraceError, VanillaModelError,
+                           VerificationError)
+from asr_fx.into_vanilla import save_vanilla_state_dict
 from asr_fx.passes import Site
 from asr_fx.report import FusionReport
 from asr_fx.freeze import freeze_attention
@@ -27,6 +29,7 @@ __all__ = [
     "NoSitesError",
     "Site",
     "TraceError",
+    "VanillaModelError",
     "VerificationError",
     "ExportReport",
     "asr_parameters",
@@ -35,6 +38,7 @@ __all__ = [
     "load",
     "onnx_op_counts",
     "save",
+    "save_vanilla_state_dict",
     "attention",
     "stripe",
     "find_sites",

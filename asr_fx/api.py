@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
+from asr_fx.into_vanilla import fuse_into
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.values_first import insert_values_first, remove_values_first
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
@@ -292,7 +293,8 @@ def fuse(
     fold_bn: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf_modules: Any = None,
-) -> fx.GraphModule:
+    into: nn.Module | None = None,
+) -> fx.GraphModule | nn.Module:
     """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
 
     ``model`` is not modified. The result is in eval mode and computes what ``model.eval()``
@@ -302,6 +304,10 @@ def fuse(
     could not be folded stay as one constant ``mul`` and are reported with a
     warning (``asr_fx.fusion_report(fused)`` has the details); ``strict=True`` raises
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
+
+    ``into=vanilla``: write the folded weights into ``vanilla`` (a freshly built model of the vanilla
+    class), check it computes what the fused graph computes and return ``vanilla`` itself
+    (:func:`asr_fx.into_vanilla.fuse_into`; :class:`asr_fx.errors.VanillaModelError` names what refuses).
     """
     work = copy.deepcopy(model).eval()
     norm_fused_records = []  # norm_fused blocks go back to BN(x) with v in BN's affine, then fuse as usual
@@ -321,6 +327,9 @@ def fuse(
 
             raise FusionError(message)
         warnings.warn(message, stacklevel=2)
+    if into is not None:
+        return fuse_into(gm.eval(), into, model, example_inputs=as_input_tuple(example_inputs),
+                         config=get_config(model), leaf_modules=leaf_modules)
     return gm.eval()
 
 

@@ -33,3 +33,8 @@ class CheckpointError(ASRError):
 
 class InvalidOptionError(ASRError, ValueError):
     """An option has a value asr-fx does not know (an unknown rule, delta < 1, ...)."""
+
+
+class VanillaModelError(ASRError):
+    """``fuse(..., into=vanilla)`` cannot write the fused weights into ``vanilla``: a fold it has no
+    place for (the site is named), another architecture, or the filled model computes otherwise."""
