@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "--fold-bn: the vanilla model with BN folded too). --strict always exports the vanilla model "
                       "for its op multiset, also with --no-compare or --no-verify")
     fuse.add_argument("--fold-bn", action="store_true", help="also fold BatchNorm into the conv before it")
+    fuse.add_argument("--state-dict-out", type=Path, metavar="VANILLA.pt", help="also write the fused weights as a "
+                      "state_dict of the vanilla model the checkpoint's factory builds (model.load_state_dict("
+                      "torch.load(VANILLA.pt, weights_only=True)) with strict=True); checked to compute what the fused "
+                      "model computes, written atomically after the ONNX file verifies; refused (exit 1, nothing "
+                      "written) where a site has no place in the vanilla class")
     fuse.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check and the comparison "
                       "(--strict's checks still run)")
     fuse.add_argument("--no-compare", action="store_true",

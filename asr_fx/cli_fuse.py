@@ -130,6 +130,37 @@ def finish(args: argparse.Namespace, summary: Any) -> None:
         _say(args, f"{summary.output} agrees with {summary.checkpoint}")
 
 
+def check_state_dict_out(args: argparse.Namespace) -> None:
+    """Refuse a ``--state-dict-out`` path that cannot be written, before any work."""
+    from asr_fx.errors import ASRError
+
+    path: Path | None = getattr(args, "state_dict_out", None)
+    if path is None:
+        return
+    if path.is_dir():
+        raise ASRError(f"--state-dict-out {str(path)!r} is a folder: name the file to write, e.g. {path / 'vanilla.pt'}")
+    if not path.parent.is_dir():
+        raise ASRError(f"the folder {str(path.parent)!r} of --state-dict-out {str(path)!r} does not exist: create it first")
+    if path.resolve() in (args.checkpoint.resolve(), args.output.resolve()):
+        raise ASRError(f"--state-dict-out {str(path)!r} would overwrite the checkpoint or the ONNX output: name another file")
+
+
+def vanilla_into(args: argparse.Namespace, loaded: Any, model: Any, fused: Any, x: Any) -> Any:
+    """For ``--state-dict-out``: a fresh copy of the factory's vanilla model holding the fused weights
+    (:func:`asr_fx.into_vanilla.fuse_into`, which refuses with the site's name where one has no place)."""
+    import copy
+
+    from asr_fx.api import get_config
+    from asr_fx.errors import ASRError
+    from asr_fx.into_vanilla import fuse_into
+
+    if loaded.vanilla is None:
+        raise ASRError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no factory "
+                       "that builds it: pass --model package.module:factory (and --factory-args)")
+    return fuse_into(fused, copy.deepcopy(loaded.vanilla), model, example_inputs=(x,), config=get_config(model),
+                     leaf_modules=args.leaf_modules)
+
+
 def run_fuse(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -147,6 +178,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ASRError(f"the output folder {str(out.parent)!r} (of -o {str(out)!r}) does not exist: create it first")
     check_opset_option(args)
+    check_state_dict_out(args)
     _torch_device(args.device)
     summary = VerificationSummary("fuse", str(args.checkpoint), output=str(out), device=args.device,
                                   rtol=args.rtol, atol=args.atol)
@@ -168,6 +200,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     fusion = asr_fx.fusion_report(fused)
     summary.fusion = fusion.to_dict() if fusion else None
     _say(args, f"        folded {len(fusion.folded) if fusion else 0} scale(s): {fusion.summary() if fusion else {}}")
+    into = vanilla_into(args, loaded, model, fused, x) if args.state_dict_out is not None else None
     vanilla = loaded.vanilla
     if args.fold_bn and vanilla is not None:  # compare like with like: the vanilla model with BN folded too
         vanilla = asr_fx.fuse(vanilla.eval(), fold_bn=True, example_inputs=(x,), leaf_modules=args.leaf_modules)
@@ -208,5 +241,9 @@ def run_fuse(args: argparse.Namespace) -> int:
                                              "instrumented": f"{workdir}/instrumented.onnx", "fused": str(out)},
                             x.cpu(), runs=args.runs)
     stages.stop()
+    if into is not None:
+        asr_fx.save_vanilla_state_dict(into, args.state_dict_out)
+        summary.notes.append(f"wrote the vanilla-format state_dict {args.state_dict_out}")
+        _say(args, f"wrote {args.state_dict_out} (state_dict of {type(into).__name__}, checked against the fused model)")
     finish(args, summary)
     return EXIT_OK

@@ -8,6 +8,7 @@ model computes (DESIGN.md: max abs error <= 1e-5 * max|ref| in torch, 1e-4 relat
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -19,6 +20,7 @@ from conftest import FUSE_RTOL, ORT_RTOL, SharedBN, n_params, perturb_asr, rel_e
 from torch import nn
 
 import asr_fx
+import asr_fx.models
 from asr_fx.errors import VanillaModelError
 from asr_fx.into_vanilla import flat_outputs
 
@@ -417,3 +419,49 @@ def test_save_vanilla_state_dict_is_atomic(tmp_path, monkeypatch):
     assert (tmp_path / "old.pt").read_bytes() == b"old"
     with pytest.raises(VanillaModelError, match="does not exist"):
         asr_fx.save_vanilla_state_dict(vanilla, tmp_path / "nope" / "v.pt")
+
+
+# ---------------------------------------------------------------- asr-fx fuse --state-dict-out
+
+CLI_FACTORY, CLI_KWARGS = "asr_fx.models:cifar_resnet", {"depth": 11, "num_classes": 10}
+
+
+def _cli(*argv: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "asr_fx.cli", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=env)
+
+
+def test_cli_state_dict_out_loads_strictly_into_the_factory_model(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    asr = _trained(asr_fx.build(CLI_FACTORY, **CLI_KWARGS), x)
+    asr_fx.save(asr, tmp_path / "ckpt.pt")
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote vanilla.pt" in proc.stdout
+    vanilla = asr_fx.models.cifar_resnet(**CLI_KWARGS).eval()
+    vanilla.load_state_dict(torch.load(tmp_path / "vanilla.pt", weights_only=True), strict=True)
+    with torch.no_grad():
+        assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "m.onnx", "vanilla.pt"]
+
+
+def test_cli_state_dict_out_refuses_fold_bn_and_writes_nothing(tmp_path):
+    asr = asr_fx.instrument(asr_fx.build(CLI_FACTORY, **CLI_KWARGS), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    asr_fx.save(asr.eval(), tmp_path / "ckpt.pt")
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--fold-bn", "--state-dict-out", "vanilla.pt",
+                cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "gained a `bias`" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_cli_state_dict_out_path_checked_before_any_work(tmp_path, capsys):
+    from asr_fx import cli
+
+    (tmp_path / "ckpt.pt").write_bytes(b"not read")
+    assert cli.main(["fuse", str(tmp_path / "ckpt.pt"), "-o", str(tmp_path / "m.onnx"),
+                     "--state-dict-out", str(tmp_path / "nope" / "vanilla.pt")]) != 0
+    assert "does not exist: create it first" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
