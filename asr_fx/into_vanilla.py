@@ -54,7 +54,12 @@ def _owner_and_name(key: str) -> tuple[str, str]:
 def _records_into(report: FusionReport | None, module_path: str) -> list[str]:
     if report is None:
         return []
-    return [r.site or r.mul for r in report.records if module_path and module_path in str(getattr(r, "into", ""))]
+    return [r.site or r.mul for r in report.records if module_path in _labels(r)]
+
+
+def _labels(record: Any) -> list[str]:
+    """The layers (module paths or node names) a fold record's scale went into."""
+    return [label for label in str(getattr(record, "into", "") or "").split(", ") if label]
 
 
 def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionReport | None) -> str:
@@ -67,7 +72,7 @@ def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionRepo
             return (f"site `{record.site or record.mul}` (after `{record.target}`) stays a constant Mul "
                     f"({record.reason or 'not folded'}): the vanilla forward has no such multiply")
     callers = ", ".join(f"`{u.name}` ({getattr(u.target, '__name__', u.target)})" for u in users) or "nothing"
-    sites = [r.site or r.mul for r in (report.records if report else []) if any(u.name in str(r.into) for u in users)]
+    sites = [r.site or r.mul for r in (report.records if report else []) if any(u.name in _labels(r) for u in users)]
     where = f"site(s) {sites}" if sites else f"the call(s) {callers}"
     return (f"{where} folded into the new constant `{key}` (a functional call whose weight is not a parameter "
             "of the model, or a norm without affine): the vanilla class has no tensor for it")
@@ -250,7 +255,7 @@ def fuse_into(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
     as it was. See the module docstring for what refuses."""
     if not isinstance(vanilla, nn.Module):
         raise VanillaModelError(f"into= takes the vanilla nn.Module to fill, got {type(vanilla).__name__}")
-    if vanilla is source or any(m is vanilla for m in fused.modules()):
+    if any(m is vanilla for m in source.modules()) or any(m is vanilla for m in fused.modules()):
         raise VanillaModelError("into= must be a freshly built vanilla model, not the model given to fuse or a "
                                 "part of it: build one with the same factory, e.g. into=torchvision.models.resnet50()")
     state = vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
