@@ -13,6 +13,8 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -372,9 +374,6 @@ def test_yolo_into():
 @pytest.mark.slow  # ultralytics' exporter with onnxslim: ~25 s on a shared 2-core machine
 def test_yolo_into_then_ultralytics_onnx_matches_asr_fx_onnx(tmp_path, monkeypatch):
     yolo, vanilla, ref, x = _yolo_into()
-    import numpy as np
-    import onnxruntime as ort
-
     monkeypatch.chdir(tmp_path)
     exported = yolo.export(format="onnx", imgsz=64, verbose=False)  # ultralytics' own exporter (conv-BN fused)
     report = asr_fx.export_onnx(vanilla, tmp_path / "asr_fx.onnx", x, reference=vanilla)
