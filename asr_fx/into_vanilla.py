@@ -38,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from asr_fx.errors import VanillaModelError
 from asr_fx.passes import trace
-from asr_fx.passes.constant_fold import FOLDED_PREFIX, fetch_attr
+from asr_fx.passes.constant_fold import FOLDED_PREFIX
 from asr_fx.report import FusionReport
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
