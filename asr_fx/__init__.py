@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _ERRORS = ("ASRError", "CheckpointError", "DifferentModelError", "ExportError", "FactoryError", "FusionError",
            "InputShapeError", "InvalidOptionError", "NoSitesError", "OutputPathError", "TraceError",
-           "UnknownAttentionError", "UnsupportedModelError", "UsageError", "VerificationError")
+           "UnknownAttentionError", "UnsupportedModelError", "UsageError", "VanillaModelError", "VerificationError")
 
 #: public name -> the module that defines it (imported on first access)
 _EXPORTS: dict[str, str] = {
@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "count_parameters": "asr_fx._util",
     "default_input_shape": "asr_fx.input_shapes",
     "freeze_attention": "asr_fx.freeze",
+    "save_vanilla_state_dict": "asr_fx.into_vanilla",
 }
 
 #: public submodules (``asr_fx.testing.assert_fusion_equivalent`` for users' CI)
@@ -77,11 +78,12 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx.errors import (ASRError, CheckpointError, DifferentModelError, ExportError, FactoryError,
                                FusionError, InputShapeError, InvalidOptionError, NoSitesError, OutputPathError,
                                TraceError, UnknownAttentionError, UnsupportedModelError, UsageError,
-                               VerificationError)
+                               VanillaModelError, VerificationError)
     from asr_fx.export import export_onnx
     from asr_fx.factory import build
     from asr_fx.freeze import freeze_attention
     from asr_fx.input_shapes import default_input_shape
+    from asr_fx.into_vanilla import save_vanilla_state_dict
     from asr_fx.passes import Site
     from asr_fx.report import FusionReport
     from asr_fx.verify import ExportReport, onnx_op_counts, verify_onnx

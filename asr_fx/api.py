@@ -17,10 +17,12 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.errors import FusionError
+from asr_fx.into_vanilla import fuse_into
 from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
 from asr_fx.passes.asr_blocks import ASR
 from asr_fx.passes.pipeline import fuse_pipeline
 from asr_fx.passes.placement import PLACEMENT_RULES, RULE_ALIASES
+from asr_fx.passes.shapes import as_input_tuple
 from asr_fx.report import FusionReport
 
 #: placement rules by name (a view of :data:`asr_fx.passes.placement.PLACEMENT_RULES`)
@@ -36,7 +38,8 @@ def fuse(
     fold_bn: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf_modules: Any = None,
-) -> fx.GraphModule:
+    into: nn.Module | None = None,
+) -> fx.GraphModule | nn.Module:
     """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
 
     ``model`` is not modified. The result is in eval mode and computes what ``model.eval()``
@@ -46,6 +49,10 @@ def fuse(
     could not be folded stay as one constant ``mul`` and are reported with a
     warning (``asr_fx.fusion_report(fused)`` has the details); ``strict=True`` raises
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
+
+    ``into=vanilla``: write the folded weights into ``vanilla`` (a freshly built model of the vanilla
+    class), check it computes what the fused graph computes and return ``vanilla`` itself
+    (:func:`asr_fx.into_vanilla.fuse_into`; :class:`asr_fx.VanillaModelError` names what refuses).
     """
     work = copy.deepcopy(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
@@ -56,6 +63,9 @@ def fuse(
         if strict:
             raise FusionError(message)
         warnings.warn(message, stacklevel=2)
+    if into is not None:
+        return fuse_into(gm.eval(), into, model, example_inputs=as_input_tuple(example_inputs),
+                         config=get_config(model), leaf_modules=leaf_modules)
     return gm.eval()
 
 

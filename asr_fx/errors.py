@@ -122,3 +122,6 @@ class UnsupportedModelError(ASRError):
 
 class DifferentModelError(VerificationError):
     """The ONNX file is not the reference model at all (parameter count, op multiset or input shape differ)."""
+class VanillaModelError(ASRError):
+    """``fuse(..., into=vanilla)`` cannot write the fused weights into ``vanilla``: a fold it has no
+    place for (the site is named), another architecture, or the filled model computes otherwise."""

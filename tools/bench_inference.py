@@ -9,6 +9,13 @@ instrumented one in torch.
 
     OMP_NUM_THREADS=1 python tools/bench_inference.py            # all models, writes tools/results/bench_inference.md
     python tools/bench_inference.py --models resnet164 --rounds 5 --no-write
+    OMP_NUM_THREADS=1 python tools/bench_inference.py --eager    # eager torch only: tools/results/bench_inference_eager.md
+
+``--eager``: torch eager only, for what a user runs in PyTorch: the vanilla model, its deep copy
+(the A/A control), a plain ``torch.fx`` trace of vanilla (the cost of running as a GraphModule),
+the fused GraphModule, and the user's own model filled by ``fuse(..., into=vanilla)``; on
+ResNet-50 at 224x224, the CIFAR ResNet-164 and a small model written with ``out += r``
+(:class:`InplaceAddNet`), at batch 1 and 32, all interleaved in one loop per (model, batch).
 
 "vanilla copy (control)" is a deep copy of the vanilla model, exported and timed as one more variant:
 an A/A control whose ratio to vanilla shows how far two identical models drift apart in one run.
@@ -46,6 +53,7 @@ from _bench_common import (
 import asr_fx
 import asr_fx.passes.placement
 from asr_fx.models import resnet164
+from asr_fx.passes import trace
 
 def _random_head(vit: torch.nn.Module) -> torch.nn.Module:
     """torchvision zero-initialises ViT's classifier; random weights make the outputs worth comparing."""
@@ -180,6 +188,102 @@ def bench_model(name: str, batches: tuple[int, ...], rounds: dict[int, int], not
     return rows, info
 
 
+class InplaceAddNet(torch.nn.Module):
+    """Residual blocks written with ``out += r`` (the form torch.fx records as an out-of-place add)."""
+
+    def __init__(self, width: int = 32, blocks: int = 8) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(2 * blocks))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(2 * blocks))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i in range(0, len(self.convs), 2):
+            out = torch.relu(self.bns[i](self.convs[i](x)))
+            out = self.bns[i + 1](self.convs[i + 1](out))
+            out += x
+            x = torch.relu(out)
+        return self.head(x.mean((2, 3)))
+
+
+# name: (factory, input CHW, rounds at batch 1, rounds at batch 32)
+EAGER_MODELS = {
+    "resnet50": (lambda: torchvision.models.resnet50(), (3, 224, 224), 11, 5),
+    "resnet164": (resnet164, (3, 32, 32), 15, 7),
+    "out += r (InplaceAddNet)": (InplaceAddNet, (3, 32, 32), 15, 9),
+}
+EAGER_VARIANTS = ("vanilla", "vanilla copy (control)", "fx trace of vanilla", "ASR fused GraphModule",
+                  "ASR fused into= vanilla")
+
+
+def eager_variants(name: str) -> tuple[dict[str, torch.nn.Module], float]:
+    """The five eager variants of one model, and the into= model's max rel error against the fused one."""
+    factory, chw, _, _ = EAGER_MODELS[name]
+    torch.manual_seed(0)
+    vanilla = factory().eval()
+    x = torch.randn(1, *chw)
+    asr = asr_fx.instrument(vanilla, example_inputs=(x,))
+    randomise_asr(asr)
+    asr.eval()
+    fused = asr_fx.fuse(asr, strict=True, example_inputs=(x,))
+    into = asr_fx.fuse(asr, strict=True, example_inputs=(x,), into=factory())
+    with torch.no_grad():
+        ref = fused(x)
+        err = ((into(x) - ref).abs().max() / ref.abs().max()).item()
+    variants = {"vanilla": vanilla, "vanilla copy (control)": copy.deepcopy(vanilla),
+                "fx trace of vanilla": trace(copy.deepcopy(vanilla), bind_training=False).eval(),
+                "ASR fused GraphModule": fused, "ASR fused into= vanilla": into}
+    return variants, err
+
+
+def bench_eager(args: argparse.Namespace) -> None:
+    rows, notes = [], []
+    start = time.perf_counter()
+    for name in args.eager_models:
+        _, chw, rounds1, rounds32 = EAGER_MODELS[name]
+        print(f"== {name}", flush=True)
+        variants, err = eager_variants(name)
+        adds = [str(getattr(n.target, "__name__", n.target)) for n in variants["ASR fused GraphModule"].graph.nodes
+                if n.op in ("call_function", "call_method") and "add" in str(getattr(n.target, "__name__", n.target))]
+        in_place = sum(a in ("iadd", "__iadd__", "add_") for a in adds)
+        notes.append(f"{name}: into= model vs fused GraphModule max rel error {err:.1e}; the fused graph holds "
+                     f"{len(adds)} add node(s), {in_place} of them in place")
+        for batch in args.batches:
+            x = torch.randn(batch, *chw)
+            rounds = max(3, (rounds1 if batch == 1 else rounds32) * args.rounds // 15)
+            fns = {v: (lambda m=m: m(x)) for v, m in variants.items()}
+            with torch.inference_mode():
+                samples = time_interleaved(fns, rounds, warmup=2, min_seconds=0.2 if batch == 1 else 0.0)
+            for variant in EAGER_VARIANTS:
+                s = samples[variant]
+                rows.append({"model": name, "input": "x".join(map(str, (batch, *chw))), "variant": variant,
+                             "rounds": rounds, "ms": f"{fmt_ms(sorted(s)[len(s) // 2])} {spread_pct(s)}",
+                             "/ vanilla": "1" if variant == "vanilla" else
+                             fmt_ratio(ratio_stats(s, samples["vanilla"]))})
+            print(table(rows[-len(EAGER_VARIANTS):]), flush=True)
+    settings = [
+        f"machine: {machine()}",
+        "torch eager under inference_mode, one process; the machine is shared with six other engineers' jobs, so "
+        "absolute times are noisy: read the ratios, which are interleaved per round",
+        f"batches {list(args.batches)}; rounds per (model, batch) as listed (ResNet-50 at batch 32 fewer: seconds per "
+        "call); variants interleaved in shuffled order each round; a batch-1 sample is the mean of the calls that "
+        "fit in 0.2 s",
+        "ms: median latency ± half the interquartile range over the median; ratio: median of per-round ratios to "
+        "vanilla [25th-75th percentile]",
+        "variants: the vanilla model; its deep copy (A/A control: the band two identical models drift apart in one "
+        "run); a plain torch.fx trace of vanilla; ASR(SE) fused by asr_fx.fuse (a GraphModule); the same weights "
+        "written into a freshly built vanilla model by fuse(..., into=)",
+        f"random weights (no download); ASR psi/attention randomised; whole run {(time.perf_counter() - start) / 60:.1f} min",
+        "command: `OMP_NUM_THREADS=1 python tools/bench_inference.py --eager`",
+    ]
+    report("bench_inference_eager.md", "bench_inference --eager: eager PyTorch cost of the fused GraphModule and "
+           "of the into= model", settings, "## Eager torch latency\n\n" + table(rows) + "\n", notes,
+           write=not args.no_write)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -187,8 +291,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds at batch 1 (batch 32: half)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true", help="print only; do not write tools/results/")
+    parser.add_argument("--eager", action="store_true", help="eager torch only: vanilla, A/A control, fx trace, "
+                        "fused GraphModule and into= model (writes bench_inference_eager.md)")
+    parser.add_argument("--eager-models", nargs="+", default=list(EAGER_MODELS), choices=list(EAGER_MODELS))
     args = parser.parse_args()
     set_threads(args.threads)
+    if args.eager:
+        bench_eager(args)
+        return
     rounds = {b: args.rounds if b == 1 else max(3, args.rounds // 2) for b in args.batches}
     batches = tuple(args.batches)
     notes: list[str] = []

@@ -1,0 +1,301 @@
+"""Write a fused model's weights into the user's own vanilla model: ``fuse(model, into=vanilla)``.
+
+torch.fx keeps module paths, so the fused GraphModule's state_dict keys are the vanilla model's:
+the folded weights (BN gamma/beta, conv kernels and biases, linear rows) go back under the same
+keys, BatchNorm running statistics and other buffers with them, and the vanilla class's own
+``forward`` computes what the fused graph computes. Every value is checked: the key sets and
+shapes must agree, and the filled model must compute the fused model's outputs on a probe input
+(max abs error <= ``rtol * max|reference|`` per output) before anything is written.
+
+Refuses (:class:`asr_fx.errors.VanillaModelError`, nothing written) where a fold produced
+something the vanilla class has no place for, naming the site and the reason:
+
+- a scale left as a constant ``Mul``, or folded into a functional call as a new constant
+  (both are new ``_folded_*`` tensors of the graph);
+- a layer that gained a tensor (an ``affine=False`` norm that now has an affine, a conv that
+  gained a bias when BatchNorm was folded into it with ``fold_bn=True``);
+- a vanilla tensor the fused model no longer has (a BatchNorm folded away by ``fold_bn=True``);
+- a vanilla model of another architecture (key sets or shapes differ: the first mismatches named).
+
+A constant parameter scale of the model itself (a layer scale such as ConvNeXt's ``gamma``) that
+:func:`asr_fx.fuse` folded into its layer is written as ones: the vanilla forward still multiplies
+by it, now by 1, and the layer holds the scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from asr_fx.errors import VanillaModelError
+from asr_fx.passes import trace
+from asr_fx.passes.constant_fold import FOLDED_PREFIX
+from asr_fx.report import FusionReport
+
+#: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
+RTOL = 1e-5
+_SHOWN = 5
+
+
+def _owner_and_name(key: str) -> tuple[str, str]:
+    owner, _, name = key.rpartition(".")
+    return owner, name
+
+
+def _records_into(report: FusionReport | None, module_path: str) -> list[str]:
+    if report is None:
+        return []
+    return [r.site or r.mul for r in report.records if module_path in _labels(r)]
+
+
+def _labels(record: Any) -> list[str]:
+    """The layers (module paths or node names) a fold record's scale went into."""
+    return [label for label in str(getattr(record, "into", "") or "").split(", ") if label]
+
+
+def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionReport | None) -> str:
+    """Why a ``_folded_*`` tensor of ``fused`` has no place in the vanilla model, naming its site."""
+    users = [u for n in fused.graph.nodes if n.op == "get_attr" and n.target == key for u in n.users]
+    by_mul = {r.mul: r for r in report.records} if report is not None else {}
+    for user in users:
+        record = by_mul.get(user.name)
+        if record is not None and not record.folded:
+            return (f"site `{record.site or record.mul}` (after `{record.target}`) stays a constant Mul "
+                    f"({record.reason or 'not folded'}): the vanilla forward has no such multiply")
+    callers = ", ".join(f"`{u.name}` ({getattr(u.target, '__name__', u.target)})" for u in users) or "nothing"
+    sites = [r.site or r.mul for r in (report.records if report else []) if any(u.name in _labels(r) for u in users)]
+    where = f"site(s) {sites}" if sites else f"the call(s) {callers}"
+    return (f"{where} folded into the new constant `{key}` (a functional call whose weight is not a parameter "
+            "of the model, or a norm without affine): the vanilla class has no tensor for it")
+
+
+def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, value: torch.Tensor,
+                       report: FusionReport | None) -> str | None:
+    """Why the fused tensor ``key``, absent from the vanilla state_dict, cannot be dropped; ``None``
+    when the vanilla model holds the same value outside its state_dict (a non-persistent buffer)."""
+    if key.split(".")[-1].startswith(FOLDED_PREFIX):
+        return _folded_constant_problem(fused, key, report)
+    owner, name = _owner_and_name(key)
+    module = vanilla.get_submodule(owner)
+    held = getattr(module, name, None)
+    if isinstance(held, torch.Tensor):
+        if held.shape == value.shape and torch.equal(held.detach().cpu(), value.detach().cpu()):
+            return None  # a non-persistent buffer / tensor attribute that fusion left as it was
+        return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
+    sites = _records_into(report, owner)
+    return (f"`{owner}` ({type(module).__name__}) gained a `{name}` in fusion"
+            f"{' from site(s) ' + str(sites) if sites else ''}, which the vanilla class does not have "
+            "(an affine=False norm given an affine, a bias=False conv given a bias by fold_bn=True)")
+
+
+def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
+    """``True`` when ``key`` is read only as a ``mul`` operand, ``False`` when not read at all,
+    ``None`` when read otherwise."""
+    users = [u for n in graph.nodes if n.op == "get_attr" and n.target == key for u in n.users]
+    if not users:
+        return False
+    muls = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
+    return True if all(getattr(u.target, "__name__", u.target) in muls for u in users) else None
+
+
+def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str],
+                        leaf_modules: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion
+    folded into its layer; for a tensor the eval forward never reads (``num_batches_tracked`` of a
+    traced-through BN, an unused parameter) the source model's value, else the vanilla model's own;
+    problems for the rest."""
+    source_state, own = source.state_dict(), vanilla.state_dict()
+    try:
+        graph = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False).graph
+    except Exception as exc:  # noqa: BLE001 - named in the refusal
+        return {}, [f"vanilla keys {missing[:_SHOWN]} are not in the fused model, and the vanilla model does not "
+                    f"trace to tell why ({type(exc).__name__})"]
+    values, problems = {}, []
+    for key in missing:
+        use, src = _used_as_scale(graph, key), source_state.get(key)
+        if use is True and src is not None and src.shape == own[key].shape:
+            values[key] = torch.ones_like(src)
+        elif use is False:
+            values[key] = src if src is not None and src.shape == own[key].shape else own[key]
+        else:
+            owner = _owner_and_name(key)[0]
+            if isinstance(vanilla.get_submodule(owner), _BatchNorm):
+                problems.append(f"`{key}` is not in the fused model: the BatchNorm `{owner}` was folded into the conv "
+                                "before it (fold_bn=True); leave fold_bn off with into=")
+            else:
+                problems.append(f"`{key}` is read by the vanilla forward but the fused model has no such tensor "
+                                "(another architecture?)")
+    return values, problems
+
+
+def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
+                       leaf_modules: Any = None) -> dict[str, torch.Tensor]:
+    """The state_dict, with the vanilla model's keys, that makes ``vanilla`` compute ``fused``.
+
+    ``source`` is the model :func:`asr_fx.fuse` was given (for tensors the fused graph no longer
+    reads). Raises :class:`VanillaModelError` naming the site and reason where a fold has no place
+    in the vanilla class, or the first key/shape mismatches for another architecture.
+    """
+    report = fused.meta.get("asr_fx.fusion") if isinstance(fused.meta, dict) else None
+    fused_state, target = fused.state_dict(), vanilla.state_dict()
+    modules = {name for name, _ in vanilla.named_modules()}
+    foreign = [k for k in fused_state if k not in target and _owner_and_name(k)[0] not in modules
+               and not _owner_and_name(k)[1].startswith(FOLDED_PREFIX)]
+    if foreign:
+        only_vanilla = [k for k in target if k not in fused_state]
+        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the fused model: keys only in "
+                                f"the fused model {foreign[:_SHOWN]}{_more(foreign)}, only in the vanilla model "
+                                f"{only_vanilla[:_SHOWN]}{_more(only_vanilla)}; build the vanilla model with the same "
+                                "factory and arguments")
+    problems = [p for k in fused_state if k not in target
+                if (p := _extra_key_problem(fused, vanilla, k, fused_state[k], report)) is not None]
+    if problems:
+        raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
+                                + "; ".join(problems[:_SHOWN]) + _more(problems)
+                                + ". Use the fused GraphModule itself, or leave those sites out of instrument "
+                                  "(exclude=[...])")
+    shapes = [f"`{k}` {tuple(fused_state[k].shape)} vs {tuple(v.shape)}" for k, v in target.items()
+              if k in fused_state and fused_state[k].shape != v.shape]
+    if shapes:
+        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the fused model: shapes "
+                                f"differ (fused vs vanilla) at {', '.join(shapes[:_SHOWN])}{_more(shapes)}; build "
+                                "the vanilla model with the same factory and arguments")
+    missing = [k for k in target if k not in fused_state]
+    extra_values, problems = _missing_key_values(vanilla, source, missing, leaf_modules) if missing else ({}, [])
+    if problems:
+        raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
+                                + "; ".join(problems[:_SHOWN]) + _more(problems))
+    return {k: (fused_state[k] if k in fused_state else extra_values[k]).detach() for k in target}
+
+
+def _more(items: Sequence[Any]) -> str:
+    return f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+
+
+def probe_inputs(fused: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None,
+                 config: Mapping[str, Any] | None) -> tuple[torch.Tensor, ...]:
+    """The input the check runs: ``example_inputs``, else the recorded input shape, else one derived
+    from the layer that reads a single input (a conv's channels at 32 pixels a side, a linear's
+    features); raises :class:`VanillaModelError` asking for ``example_inputs`` otherwise."""
+    if example_inputs is not None:
+        return tuple(example_inputs)
+    shape = (config or {}).get("input_shape")
+    ref = next(iter(fused.parameters()), None)
+    kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None and ref.is_floating_point() else {}
+    generator = torch.Generator().manual_seed(0)
+    if shape:
+        return (torch.randn(*shape, generator=generator).to(**kwargs),)
+    placeholders = [n for n in fused.graph.nodes if n.op == "placeholder"]
+    first = next(iter(placeholders[0].users), None) if len(placeholders) == 1 else None
+    module = fused.get_submodule(str(first.target)) if first is not None and first.op == "call_module" else None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        size = (1, module.in_channels) + (32,) * (module.weight.dim() - 2)
+        return (torch.randn(*size, generator=generator).to(**kwargs),)
+    if isinstance(module, nn.Linear):
+        return (torch.randn(1, module.in_features, generator=generator).to(**kwargs),)
+    raise VanillaModelError("fuse(..., into=) checks the filled model on a probe input, and none is known: pass "
+                            "example_inputs=(torch.randn(1, 3, 224, 224),) (the shape the model takes) to fuse")
+
+
+def flat_outputs(value: Any, path: str = "output") -> list[tuple[str, torch.Tensor]]:
+    """Every tensor in a nested output (tuples, lists, dicts, Hugging Face ``ModelOutput``) with its path."""
+    if isinstance(value, torch.Tensor):
+        return [(path, value)]
+    if isinstance(value, Mapping):
+        return [item for k, v in value.items() for item in flat_outputs(v, f"{path}[{k!r}]")]
+    if isinstance(value, (tuple, list)):
+        return [item for i, v in enumerate(value) for item in flat_outputs(v, f"{path}[{i}]")]
+    return []
+
+
+def check_same_outputs(reference: nn.Module, model: nn.Module, inputs: tuple[torch.Tensor, ...],
+                       rtol: float = RTOL) -> None:
+    """Raise :class:`VanillaModelError` naming the worst output unless ``model(*inputs)`` matches
+    ``reference(*inputs)``: same outputs, max abs error <= ``rtol * max|reference|`` each."""
+    with torch.no_grad():
+        want, got = flat_outputs(reference(*inputs)), flat_outputs(model(*inputs))
+    if [(p, tuple(t.shape)) for p, t in want] != [(p, tuple(t.shape)) for p, t in got]:
+        raise VanillaModelError(f"{type(model).__name__} returns other outputs than the fused model: "
+                                f"{[(p, tuple(t.shape)) for p, t in got][:_SHOWN]} vs "
+                                f"{[(p, tuple(t.shape)) for p, t in want][:_SHOWN]}")
+    worst = None
+    for (path, ref), (_, out) in zip(want, got):
+        if not ref.is_floating_point():
+            ok = torch.equal(ref, out)
+            ratio = 0.0 if ok else float("inf")
+        else:
+            err = (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+            scale = ref.double().abs().max().item() if ref.numel() else 0.0
+            ratio = err / (rtol * scale) if scale > 0 else (0.0 if err == 0 else float("inf"))
+        if worst is None or ratio > worst[0]:
+            worst = (ratio, path, ref, out)
+    if worst is not None and worst[0] > 1:
+        _, path, ref, out = worst
+        err = (out.double() - ref.double()).abs().max().item()
+        raise VanillaModelError(f"{type(model).__name__} with the fused weights does not compute what the fused model "
+                                f"computes: worst output {path} has max abs error {err:.3g}, over {rtol:g} x max|ref| "
+                                f"= {rtol * ref.double().abs().max().item():.3g}; its forward differs from the traced "
+                                "one (a fold it has no place for?). Use the fused GraphModule instead")
+
+
+def fuse_into(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
+              example_inputs: Sequence[torch.Tensor] | None = None, config: Mapping[str, Any] | None = None,
+              leaf_modules: Any = None) -> nn.Module:
+    """Load ``fused``'s weights into ``vanilla`` (strict), check it computes what ``fused`` computes
+    on a probe input, and return ``vanilla`` itself in eval mode; on any refusal ``vanilla`` is left
+    as it was. See the module docstring for what refuses."""
+    if not isinstance(vanilla, nn.Module):
+        raise VanillaModelError(f"into= takes the vanilla nn.Module to fill, got {type(vanilla).__name__}")
+    if any(m is vanilla for m in source.modules()) or any(m is vanilla for m in fused.modules()):
+        raise VanillaModelError("into= must be a freshly built vanilla model, not the model given to fuse or a "
+                                "part of it: build one with the same factory, e.g. into=torchvision.models.resnet50()")
+    state = vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+    inputs = probe_inputs(fused, example_inputs, config)
+    backup = {k: v.detach().clone() for k, v in vanilla.state_dict().items()}
+    modes = {m: m.training for m in vanilla.modules()}
+    try:
+        vanilla.load_state_dict(state, strict=True)
+        vanilla.eval()
+        check_same_outputs(fused, vanilla, inputs)
+    except BaseException:
+        vanilla.load_state_dict(backup, strict=True)
+        for m, mode in modes.items():
+            m.training = mode
+        raise
+    return vanilla
+
+
+def save_vanilla_state_dict(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model.state_dict()`` to ``path`` for ``vanilla.load_state_dict(torch.load(path,
+    weights_only=True))``: a temporary file in the same folder, then ``os.replace``; a failure leaves
+    nothing at ``path`` (and a file already there untouched).
+
+    ``model`` is what ``fuse(..., into=vanilla)`` returned (a fused GraphModule's state_dict fits the
+    vanilla class only where ``into=`` would accept it, so pass the ``into=`` result).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise VanillaModelError(f"the folder {str(path.parent)!r} for the state_dict {str(path)!r} does not exist: "
+                                "create it first")
+    if path.is_dir():
+        raise VanillaModelError(f"{str(path)!r} is a folder: name the file to write, e.g. {path / 'vanilla.pt'}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
