@@ -10,6 +10,7 @@ the mark is removed.
 
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 import asr_fx
-from fuzz_programs import constant_muls
+from fuzz_check import constant_muls
 
 RTOL = 1e-5
 
@@ -61,8 +62,6 @@ def assert_equivalent(model: nn.Module, x: torch.Tensor, **fuse_kwargs) -> nn.Mo
 
 
 def _double(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).double()
 
 

@@ -17,7 +17,6 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 
 import asr_fx
-import fuzz_programs
 from fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
 
 
@@ -80,14 +79,14 @@ def test_checker_sees_a_wrong_model(monkeypatch):
             fused.get_submodule("layers.0").bias.add_(1e-3)
         return fused
 
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fuse", off_by_a_bit)
+    monkeypatch.setattr(asr_fx, "fuse", off_by_a_bit)
     assert _categories(_SPEC) == {"equivalence"}
 
 
 def test_checker_sees_an_unreported_mul(monkeypatch):
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fuse",
+    monkeypatch.setattr(asr_fx, "fuse",
                         lambda model, **kw: torch.fx.symbolic_trace(copy.deepcopy(model).eval()))
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fusion_report", lambda fused: None)
+    monkeypatch.setattr(asr_fx, "fusion_report", lambda fused: None)
     assert _categories(_SPEC) == {"unreported leftover"}
 
 
@@ -99,7 +98,7 @@ def test_checker_sees_a_mutated_input_model(monkeypatch):
             model.get_submodule("layers.0").weight.mul_(1.0 + 1e-7)
         return real(model, **kw)
 
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fuse", mutating)
+    monkeypatch.setattr(asr_fx, "fuse", mutating)
     assert "input mutated" in _categories(_SPEC)
 
 
@@ -114,7 +113,7 @@ def test_checker_sees_a_changed_dtype(monkeypatch):
         fused.recompile()
         return fused
 
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fuse", float64_output)
+    monkeypatch.setattr(asr_fx, "fuse", float64_output)
     assert "dtype" in _categories(_SPEC)
 
 
@@ -122,7 +121,7 @@ def test_checker_reports_a_crash(monkeypatch):
     def crash(model, **kw):
         raise IndexError("boom")
 
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fuse", crash)
+    monkeypatch.setattr(asr_fx, "fuse", crash)
     failures, outcome = check_program(_SPEC)
     assert outcome == "crash" and [f.category for f in failures] == ["crash"]
 
@@ -131,7 +130,7 @@ def test_checker_accepts_asr_errors_as_refusals(monkeypatch):
     def refuse(model, **kw):
         raise asr_fx.ASRError("no")
 
-    monkeypatch.setattr(fuzz_programs.asr_fx, "fuse", refuse)
+    monkeypatch.setattr(asr_fx, "fuse", refuse)
     assert check_program(_SPEC) == ([], "refused: ASRError: no")
 
 

@@ -55,15 +55,21 @@ def main() -> int:
     outcomes: collections.Counter[str] = collections.Counter()
     failing: dict[str, list[tuple[int, str]]] = collections.defaultdict(list)
     failed_programs = 0
+    refused: list[tuple[int, str]] = []
     for seed in range(args.seed, args.seed + args.programs):
         spec = random_spec(seed, exclude, args.max_ops)
         failures, outcome = check_program(spec)
         outcomes[outcome.split(":")[0]] += 1
+        if outcome.startswith("refused"):
+            refused.append((seed, outcome))
         failed_programs += bool(failures)
         for category in dict.fromkeys(f.category for f in failures):
             failing[category].append((seed, next(f.message for f in failures if f.category == category)))
     elapsed = time.perf_counter() - start
     lines = _table(args, exclude, outcomes, failing, failed_programs, elapsed)
+    if refused:
+        lines[-1:-1] = [f"## refused by fuse with an ASRError (not failures): {len(refused)} program(s)", ""] + \
+            [f"- seed {seed}: {why}" for seed, why in refused[:args.show]] + [""]
     print("\n".join(lines))
     if args.markdown:
         with open(args.markdown, "w") as fh:
