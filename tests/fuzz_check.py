@@ -108,6 +108,12 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
         spec = {**spec, "instrument": False}
         model = build(spec)
     x = example_input(spec)
+    if spec.get("instrument"):  # instrument's result must run before fuse is asked anything
+        try:
+            _run(copy.deepcopy(model).eval(), x)
+        except Exception as exc:  # noqa: BLE001
+            return [Failure("crash", f"instrument returned a model that raises {type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0][:200]}")], "crash"
     x_before = x.clone()
     before = _snapshot(model)
     mode = model.training

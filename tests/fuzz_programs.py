@@ -46,6 +46,9 @@ KNOWN_BUGS: dict[str, str] = {
                           "channels-last transpose) then a per-channel mul, with example_inputs: "
                           "propagate.map_through passes _reshape_backward its shapes swapped (crash, or a "
                           "silently wrong fold when batch == channels)",
+    "instrument_float64_param": "fuzz finding F3: instrument (api._place_like) casts every ASR block to the "
+                                "dtype of the model's FIRST parameter; a float64 parameter registered first "
+                                "gives float64 blocks and an instrumented float32 model that raises",
     "unmatched_spellings": "issue 14 item 6: torch.multiply, torch.mul(other=), Tensor.multiply and "
                            "Python-literal scales are neither folded nor reported",
 }
@@ -249,13 +252,18 @@ def _draw_spec(ch: Any, exclude: set[str], max_ops: int = 8) -> dict:
             continue
         _advance(state, op, len(spec["ops"]))
         spec["ops"].append(op)
+    if spec["head"] and ch.boolean(0.5):
+        spec["head_scale"] = _draw_scale(ch, 5, exclude, "channels_last")
     _fix_known_bugs(spec["ops"], exclude)
     _float64_only_last(spec)
+    if "instrument_float64_param" in exclude and spec["instrument"]:
+        for op in [*spec["ops"], {"op": "head", "scale": spec.get("head_scale")}]:
+            sc = op.get("scale") or (op if op["op"] == "scale" else None)
+            if sc is not None and sc["storage"] in ("parameter", "psi"):
+                sc["dtype"] = "float32"
     if "reshape_round_trip" in exclude and any(op["op"] == "round_trip" and op["kind"] != "permute"
                                                for op in spec["ops"]):
         spec["example_inputs"] = False  # without shapes, fuse refuses to move a scale through a reshape
-    if spec["head"] and ch.boolean(0.5):
-        spec["head_scale"] = _draw_scale(ch, 5, exclude, "channels_last")
     return spec
 
 

@@ -1,4 +1,4 @@
-"""Regression cases of issue 14 items 1-6 (and the fuzzer's own finding F1), from the minimal programs.
+"""Regression cases of issue 14 items 1-6 (and the fuzzer's own findings F1-F3), from the minimal programs.
 
 Each test states what must hold: ``fuse`` returns a model equal to the original in eval mode (outputs,
 output dtypes, and what the model writes into its input), leaves the caller's tensors alone, and
@@ -320,3 +320,35 @@ def test_every_multiply_spelling_is_folded_or_reported(spelling):
     fused = assert_equivalent(SpelledScale(spelling), torch.randn(2, 3, 4, 4))
     report = asr_fx.fusion_report(fused)
     assert len(report.records) == 1, f"{spelling}: the multiply has no record in the fusion report"
+
+
+# ---- F3 (fuzz): instrument casts ASR blocks to the dtype of the model's first parameter ----------
+
+
+class Float64ParameterFirst(nn.Module):
+    """A float32 model whose first registered parameter is a float64 scalar gain (``x * gain`` stays
+    float32: a 0-dim tensor does not promote)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv(x * self.gain))))
+
+
+@pytest.mark.parametrize("norm_fused", [False, True])
+@pytest.mark.xfail(strict=True, reason="fuzz finding F3: api._place_like takes the dtype of "
+                   "next(iter(model.parameters())) (here the float64 gain) and casts every ASR block to it; "
+                   "the float64 v then promotes the float32 activations: conv2 raises 'Input type (double) and "
+                   "bias type (float)', or (norm_fused) BN raises 'mixed dtype'; fuse later refuses it")
+def test_instrument_keeps_blocks_in_the_dtype_of_their_site(norm_fused):
+    torch.manual_seed(0)
+    model, x = Float64ParameterFirst().eval(), torch.randn(2, 3, 4, 4)
+    asr_model = asr_fx.instrument(model, example_inputs=(x,), norm_fused=norm_fused).eval()
+    with torch.no_grad():
+        assert asr_model(x).dtype == model(x).dtype == torch.float32
+    assert_equivalent(asr_model, x)
