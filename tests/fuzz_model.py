@@ -49,6 +49,32 @@ def _conv(op: dict, c: int, dim: int) -> nn.Module:
     return cls(c, op["out"], k, 1, k // 2, groups=op["groups"], bias=op["bias"])
 
 
+def multiply(h: torch.Tensor, c: Any, spelling: str) -> torch.Tensor:
+    """``h`` times ``c``, spelled as ``spelling`` says (one of ``fuzz_programs.SPELLINGS``)."""
+    if spelling in ("*", "literal"):
+        return h * c
+    if spelling == "r*":
+        return c * h
+    if spelling == "operator.mul":
+        return operator.mul(h, c)
+    if spelling == "torch.mul":
+        return torch.mul(h, c)
+    if spelling == "torch.mul(other=)":
+        return torch.mul(h, other=c)
+    if spelling == "torch.multiply":
+        return torch.multiply(h, c)
+    if spelling == "Tensor.mul":
+        return h.mul(c)
+    if spelling == "Tensor.multiply":
+        return h.multiply(c)
+    if spelling == "mul_":
+        return h.mul_(c)
+    if spelling == "*=":
+        h *= c
+        return h
+    raise AssertionError(spelling)
+
+
 class Program(nn.Module):
     """The module a spec describes; ``forward(x)`` returns a tensor or a tuple of tensors."""
 
@@ -133,30 +159,6 @@ class Program(nn.Module):
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.2)
 
-    @staticmethod
-    def _multiply(h: torch.Tensor, c: Any, spelling: str) -> torch.Tensor:
-        if spelling in ("*", "literal"):
-            return h * c
-        if spelling == "r*":
-            return c * h
-        if spelling == "operator.mul":
-            return operator.mul(h, c)
-        if spelling == "torch.mul":
-            return torch.mul(h, c)
-        if spelling == "torch.mul(other=)":
-            return torch.mul(h, other=c)
-        if spelling == "torch.multiply":
-            return torch.multiply(h, c)
-        if spelling == "Tensor.mul":
-            return h.mul(c)
-        if spelling == "Tensor.multiply":
-            return h.multiply(c)
-        if spelling == "mul_":
-            return h.mul_(c)
-        if spelling == "*=":
-            h *= c
-            return h
-        raise AssertionError(spelling)
 
     def forward(self, x: torch.Tensor) -> Any:
         spec, dim = self.spec, self.spec["dim"]
@@ -172,7 +174,7 @@ class Program(nn.Module):
             elif kind == "reuse":
                 h = self.layers[str(op["conv"])](h)
             elif kind == "scale":
-                h = self._multiply(h, self._scale_value(key, op), op["spelling"])
+                h = multiply(h, self._scale_value(key, op), op["spelling"])
             elif kind == "round_trip":
                 h = self._round_trip(h, op, key, dim)
             elif kind == "residual":
@@ -193,12 +195,12 @@ class Program(nn.Module):
                 if op["layer"] != "none":
                     h = self.layers[key](h)
                 if "scale" in op:
-                    h = self._multiply(h, self._scale_value(key + "s", op["scale"]), op["scale"]["spelling"])
+                    h = multiply(h, self._scale_value(key + "s", op["scale"]), op["scale"]["spelling"])
                 h = h.movedim(-1, 1)
         if spec.get("head"):
             h = self.fc(self.pool(h).flatten(1))
             if "head_scale" in spec:
-                h = self._multiply(h, self._scale_value("head", spec["head_scale"]), spec["head_scale"]["spelling"])
+                h = multiply(h, self._scale_value("head", spec["head_scale"]), spec["head_scale"]["spelling"])
         return (h, *outputs) if outputs else h
 
     def _round_trip(self, h: torch.Tensor, op: dict, key: str, dim: int) -> torch.Tensor:
@@ -213,7 +215,7 @@ class Program(nn.Module):
             return h.reshape(h.shape[0], h.shape[1], -1).reshape(h.shape)
         t = h.flatten(2).transpose(1, 2)  # (B, HW, C): channels last
         if "scale" in op:
-            t = self._multiply(t, self._scale_value(key, op["scale"]), op["scale"]["spelling"])
+            t = multiply(t, self._scale_value(key, op["scale"]), op["scale"]["spelling"])
         return t.transpose(1, 2).unflatten(2, spatial)
 
 
@@ -236,4 +238,4 @@ def build(spec: dict) -> nn.Module:
     return model
 
 
-__all__ = ["SPATIAL", "Program", "build", "example_input"]
+__all__ = ["SPATIAL", "Program", "build", "example_input", "multiply"]

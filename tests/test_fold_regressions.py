@@ -11,7 +11,6 @@ the mark is removed.
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 
 import pytest
@@ -20,6 +19,7 @@ from torch import nn
 
 import asr_fx
 from fuzz_check import constant_muls
+from fuzz_model import multiply
 
 RTOL = 1e-5
 
@@ -282,26 +282,7 @@ class SpelledScale(nn.Module):
         self.spelling = spelling
 
     def forward(self, x):
-        h, v, s = self.conv(x), self.v, self.spelling
-        if s == "*":
-            return h * v
-        if s == "operator.mul":
-            return operator.mul(v, h)
-        if s == "torch.mul":
-            return torch.mul(h, v)
-        if s == "Tensor.mul":
-            return h.mul(v)
-        if s == "mul_":
-            return h.mul_(v)
-        if s == "torch.multiply":
-            return torch.multiply(h, v)
-        if s == "torch.mul(other=)":
-            return torch.mul(h, other=v)
-        if s == "Tensor.multiply":
-            return h.multiply(v)
-        if s == "literal":
-            return h * 0.5
-        raise AssertionError(s)
+        return multiply(self.conv(x), 0.5 if self.spelling == "literal" else self.v, self.spelling)
 
 
 _MISSED = pytest.mark.xfail(strict=True, reason="issue 14 item 6: _patterns.is_mul knows only operator.mul/imul, "
@@ -311,7 +292,7 @@ _MISSED = pytest.mark.xfail(strict=True, reason="issue 14 item 6: _patterns.is_m
 
 
 @pytest.mark.parametrize("spelling", [
-    "*", "operator.mul", "torch.mul", "Tensor.mul", "mul_",
+    "*", "r*", "operator.mul", "torch.mul", "Tensor.mul", "mul_",
     pytest.param("torch.multiply", marks=_MISSED), pytest.param("torch.mul(other=)", marks=_MISSED),
     pytest.param("Tensor.multiply", marks=_MISSED), pytest.param("literal", marks=_MISSED),
 ])
