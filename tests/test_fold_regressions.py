@@ -1,0 +1,335 @@
+"""Regression cases of issue 14 items 1-6 (and the fuzzer's own findings F1-F3), from the minimal programs.
+
+Each test states what must hold: ``fuse`` returns a model equal to the original in eval mode (outputs,
+output dtypes, and what the model writes into its input), leaves the caller's tensors alone, and
+every constant multiply left in the fused graph is in the fusion report, or ``fuse`` refuses with an
+``asr_fx.ASRError``. The cases that fail on current code are ``xfail(strict=True)`` with the
+diagnosis (details in notes/fuzz-findings.md); a fix flips them to XPASS, which fails the run until
+the mark is removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import asr_fx
+from fuzz_check import constant_muls
+from fuzz_model import multiply
+
+RTOL = 1e-5
+
+
+def _fuse(model: nn.Module, **kwargs) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return asr_fx.fuse(model, **kwargs)
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs, then the input as the model left it (in-place ops may write into it)."""
+    x = x.clone()
+    with torch.no_grad():
+        out = model(x)
+    return [*(out if isinstance(out, tuple) else (out,)), x]
+
+
+def assert_equivalent(model: nn.Module, x: torch.Tensor, **fuse_kwargs) -> nn.Module:
+    """fuse(model) against model.eval() in float64: values within RTOL, same dtypes, every constant
+    mul left in the fused graph reported, the caller's ``x`` unchanged. Returns the fused model."""
+    model.eval()
+    x_before = x.clone()
+    fused = _fuse(model, **fuse_kwargs)
+    assert torch.equal(x, x_before), "fuse wrote into the example input it was given"
+    ref32 = _outputs(model, x)
+    ref64 = _outputs(_double(model), x.double())
+    out = _outputs(fused, x)
+    assert len(out) == len(ref32)
+    for i, (o, r32, r64) in enumerate(zip(out, ref32, ref64)):
+        assert o.dtype == r32.dtype, f"output {i}: {o.dtype}, the original gives {r32.dtype}"
+        own = (r32.double() - r64).abs().max().item()
+        err = (o.double() - r64).abs().max().item()
+        assert err <= RTOL * r64.abs().max().item() + 4 * own, f"output {i}: max error {err:.3g}"
+    report = asr_fx.fusion_report(fused)
+    left = {r.mul for r in report.records if not r.folded}
+    unreported = [n.format_node() for n in constant_muls(fused) if n.name not in left]
+    assert not unreported, f"constant muls left in the graph and not reported: {unreported}"
+    return fused
+
+
+def _double(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).double()
+
+
+def _scale(c: int, *values: float) -> nn.Parameter:
+    v = torch.tensor(values or [0.5 + 0.25 * i for i in range(c)])
+    return nn.Parameter(v.reshape(1, c, 1, 1))
+
+
+# ---- item 1: an in-place op redirected into the caller's tensor -------------------------------------
+
+
+class InplaceAfterScale(nn.Module):
+    """issue 14 item 1: ``y = x * a; y = y.mul_(b); return conv(y), x + 1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.a, self.b = _scale(4), _scale(4, 2.0, 1.5, 1.0, 0.5)
+
+    def forward(self, x):
+        y = x * self.a
+        y = y.mul_(self.b)
+        return self.conv(y), x + 1
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 1: propagate._plan_forward walks through the in-place "
+                   "`y.mul_(b)` as a commuting constant mul without marking it in-place; erasing `x * a` "
+                   "makes mul_ write into x (the caller's input, read again by `x + 1`)")
+def test_inplace_op_after_a_folded_mul_does_not_write_into_its_input():
+    torch.manual_seed(0)
+    assert_equivalent(InplaceAfterScale(), torch.randn(2, 4, 5, 5))
+
+
+class InplaceScaleOfInput(nn.Module):
+    """fuzz finding F1: ``x.mul_(c)`` on the model input, then a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+        self.c = _scale(4)
+
+    def forward(self, x):
+        return self.conv(x.mul_(self.c))
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz finding F1: fold_scales/propagate_scales drop an in-place mul_ of "
+                   "a placeholder, so the caller's tensor is no longer written as the original writes it")
+def test_inplace_scale_of_the_model_input_keeps_writing_it():
+    torch.manual_seed(0)
+    assert_equivalent(InplaceScaleOfInput(), torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz finding F1: api._propagate_shapes runs ShapeProp on the caller's "
+                   "example_inputs, so a model that writes into its input in place changes them")
+def test_fuse_does_not_write_into_example_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    before = x.clone()
+    _fuse(InplaceScaleOfInput().eval(), example_inputs=(x,))
+    assert torch.equal(x, before)
+
+
+# ---- item 2: `*=` on a tensor that is read again -------------------------------------------------
+
+
+class ImulReadAgain(nn.Module):
+    """issue 14 item 2: ``y = conv(x); z = y; z *= p; return z + y`` (eager: 4 conv(x) for p = 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.p = _scale(4, 2.0, 2.0, 2.0, 2.0)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = y
+        z *= self.p
+        return z + y
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 2: torch.fx.Proxy has no __imul__, so trace.ASRTracer "
+                   "records `z *= p` as an out-of-place operator.mul and `y` keeps the unscaled value; "
+                   "the traced (and fused) model computes 3 conv(x) instead of 4 conv(x)")
+def test_imul_of_a_value_read_again_is_traced_in_place_or_refused():
+    torch.manual_seed(0)
+    model = ImulReadAgain()
+    try:
+        assert_equivalent(model, torch.randn(2, 3, 4, 4))
+    except asr_fx.ASRError as exc:
+        assert "*=" in str(exc) or "in-place" in str(exc), str(exc)
+
+
+# ---- item 3: a tiny scale pushed into the next eval-mode BatchNorm --------------------------------
+
+
+class TinyScaleIntoBN(nn.Module):
+    """issue 14 item 3: ``GELU -> x * s -> BN`` with an entry of s at 1e-20 (F2: or at 1e4)."""
+
+    def __init__(self, tiny: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.act = nn.GELU()
+        self.s = _scale(4, 1.0, tiny, 0.7, 1.3)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.bn.running_mean.copy_(torch.tensor([0.1, -0.4, 0.3, 0.2]))
+            self.bn.running_var.copy_(torch.tensor([1.0, 0.5, 2.0, 1.5]))
+
+    def forward(self, x):
+        return self.bn(self.act(self.conv(x)) * self.s)
+
+
+@pytest.mark.parametrize("tiny", [1e-20, 1e-30, -1e-20, 1e4, 1e6])
+@pytest.mark.xfail(strict=True, reason="issue 14 item 3 (tiny) and fuzz finding F2 (huge): "
+                   "_fold_rules._scale_bn_in computes running_var' = (sqrt(var + eps) / |s|)^2 - eps in float32; "
+                   "for |s| <= 1e-19 it overflows to inf (BN then outputs beta where it should give "
+                   "beta - gamma * mean / sqrt(var + eps)); for |s| >= 1e4, var' + eps = (var + eps) / s^2 is "
+                   "lost to cancellation against eps; input_refusal only refuses s == 0")
+def test_extreme_scale_into_next_bn_is_refused_or_exact(tiny):
+    torch.manual_seed(0)
+    assert_equivalent(TinyScaleIntoBN(tiny), torch.randn(2, 3, 4, 4))
+
+
+def test_small_but_safe_scale_into_next_bn_still_folds():
+    """The refusal the fix adds must not refuse ordinary small or large scales."""
+    for safe in (1e-3, 1e2):
+        torch.manual_seed(0)
+        fused = assert_equivalent(TinyScaleIntoBN(safe), torch.randn(2, 3, 4, 4))
+        assert asr_fx.fusion_report(fused).summary() == {"next-bn": 1}
+
+
+# ---- item 4: float64 scales in a float32 model ------------------------------------------------------
+
+
+class Float64ScaleAfter(nn.Module):
+    """issue 14 item 4: ``layer(x) * s`` with ``s`` float64 in a float32 model."""
+
+    def __init__(self, layer: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("s", (torch.rand(shape, dtype=torch.float64) + 0.5))
+
+    def forward(self, x):
+        return self.layer(x) * self.s
+
+
+@pytest.mark.parametrize("layer", ["groupnorm_no_affine", "conv", "batchnorm"])
+@pytest.mark.xfail(strict=True, reason="issue 14 item 4: fold.apply_plan casts the scale to the target's dtype "
+                   "only when the target has tensors (GroupNorm(affine=False) gets a float64 weight buffer: "
+                   "'mixed dtype' at run time), and fold_scales never checks that `x * s` promotes float32 to "
+                   "float64, so the folded model returns float32 where the original returned float64")
+def test_float64_per_channel_scale_keeps_dtypes(layer):
+    torch.manual_seed(0)
+    module = {"groupnorm_no_affine": nn.GroupNorm(2, 4, affine=False), "conv": nn.Conv2d(3, 4, 1),
+              "batchnorm": nn.BatchNorm2d(4)}[layer]
+    x = torch.randn(2, 4 if layer != "conv" else 3, 4, 4)
+    assert_equivalent(Float64ScaleAfter(module, (1, 4, 1, 1)), x, example_inputs=(x,))
+
+
+@pytest.mark.xfail(strict=True, reason="issue 14 item 4: a 0-dim float64 scale does not promote a float32 "
+                   "value, but match() expands it into a float64 vector that _scale_norm_out registers as "
+                   "GroupNorm's weight buffer (no tensors to take the dtype from): 'mixed dtype' at run time "
+                   "(GroupNorm needs example_inputs for its channel position, so only then)")
+def test_float64_scalar_after_groupnorm_without_affine():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 4)
+    assert_equivalent(Float64ScaleAfter(nn.GroupNorm(2, 4, affine=False), ()), x, example_inputs=(x,))
+
+
+def test_float64_scalar_after_conv_folds_and_keeps_float32():
+    """Control: a 0-dim float64 scale keeps the float32 output; folding it is correct today."""
+    torch.manual_seed(0)
+    fused = assert_equivalent(Float64ScaleAfter(nn.Conv2d(3, 4, 1), ()), torch.randn(2, 3, 4, 4))
+    assert asr_fx.fusion_report(fused).summary() == {"conv": 1}
+
+
+# ---- item 5: reshape round trips with example_inputs ------------------------------------------------
+
+
+class ChannelsLastRoundTrip(nn.Module):
+    """issue 14 item 5: ``conv(x).flatten(2).transpose(1, 2)``, back with ``unflatten``, then ``* v``."""
+
+    def __init__(self, transpose: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.v = _scale(4)
+        self.transpose = transpose
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2)
+        if self.transpose:
+            t = t.transpose(1, 2).transpose(1, 2)
+        return t.unflatten(2, (4, 4)) * self.v
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+@pytest.mark.parametrize("transpose", [True, False], ids=["channels_last", "flatten_unflatten"])
+@pytest.mark.xfail(strict=True, reason="issue 14 item 5: propagate.map_through calls "
+                   "_reshape_backward(after, before, ...) with the shapes swapped: the scale's position, "
+                   "taken on the reshape's output, indexes its input (the batch dim), and v.reshape("
+                   "batch, 1) raises a raw RuntimeError")
+def test_reshape_round_trip_then_scale_with_example_inputs(batch, transpose):
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 4, 4)
+    assert_equivalent(ChannelsLastRoundTrip(transpose), x, example_inputs=(x,))
+
+
+# ---- item 6: every multiply spelling is folded or reported ------------------------------------------
+
+
+class SpelledScale(nn.Module):
+    """``conv(x)`` times a per-channel constant (or a Python literal), spelled ``spelling``."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.v = _scale(4)
+        self.spelling = spelling
+
+    def forward(self, x):
+        return multiply(self.conv(x), 0.5 if self.spelling == "literal" else self.v, self.spelling)
+
+
+_MISSED = pytest.mark.xfail(strict=True, reason="issue 14 item 6: _patterns.is_mul knows only operator.mul/imul, "
+                            "torch.mul and Tensor.mul/mul_ with two positional args, and fold.constant_operand "
+                            "only get_attr constants: torch.multiply, other=, Tensor.multiply and Python "
+                            "literals get no FoldRecord at all (neither folded nor reported)")
+
+
+@pytest.mark.parametrize("spelling", [
+    "*", "r*", "operator.mul", "torch.mul", "Tensor.mul", "mul_",
+    pytest.param("torch.multiply", marks=_MISSED), pytest.param("torch.mul(other=)", marks=_MISSED),
+    pytest.param("Tensor.multiply", marks=_MISSED), pytest.param("literal", marks=_MISSED),
+])
+def test_every_multiply_spelling_is_folded_or_reported(spelling):
+    torch.manual_seed(0)
+    fused = assert_equivalent(SpelledScale(spelling), torch.randn(2, 3, 4, 4))
+    report = asr_fx.fusion_report(fused)
+    assert len(report.records) == 1, f"{spelling}: the multiply has no record in the fusion report"
+
+
+# ---- F3 (fuzz): instrument casts ASR blocks to the dtype of the model's first parameter ----------
+
+
+class Float64ParameterFirst(nn.Module):
+    """A float32 model whose first registered parameter is a float64 scalar gain (``x * gain`` stays
+    float32: a 0-dim tensor does not promote)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv(x * self.gain))))
+
+
+@pytest.mark.parametrize("norm_fused", [False, True])
+@pytest.mark.xfail(strict=True, reason="fuzz finding F3: api._place_like takes the dtype of "
+                   "next(iter(model.parameters())) (here the float64 gain) and casts every ASR block to it; "
+                   "the float64 v then promotes the float32 activations: conv2 raises 'Input type (double) and "
+                   "bias type (float)', or (norm_fused) BN raises 'mixed dtype'; fuse later refuses it")
+def test_instrument_keeps_blocks_in_the_dtype_of_their_site(norm_fused):
+    torch.manual_seed(0)
+    model, x = Float64ParameterFirst().eval(), torch.randn(2, 3, 4, 4)
+    asr_model = asr_fx.instrument(model, example_inputs=(x,), norm_fused=norm_fused).eval()
+    with torch.no_grad():
+        assert asr_model(x).dtype == model(x).dtype == torch.float32
+    assert_equivalent(asr_model, x)

@@ -1,0 +1,141 @@
+"""Random programs through ``asr_fx.fuse`` (issue 14): equivalence in eval mode against a float64
+reference, the input model and tensors unchanged, every constant multiply left in the graph reported,
+output dtypes kept. Programs and checks: ``tests/fuzz_programs.py``; the 10,000-program run is
+``tools/fuzz_fuse.py`` and the ``slow`` test below.
+
+Honest status: these pass on current code only because the generator leaves out the features listed
+in ``fuzz_programs.KNOWN_BUGS`` (issue 14 items 1-6 and the fuzzer's finding F1). Each fix removes
+its entry, and the fuzzer covers that feature again.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, note, settings
+
+import asr_fx
+from fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
+
+
+def _assert_passes(spec: dict) -> None:
+    failures, outcome = check_program(spec)
+    assert not failures, "\n".join([f"{f.category}: {f.message}" for f in failures] +
+                                   [f"outcome: {outcome}", "reproducer:", reproducer(spec)])
+
+
+@settings(max_examples=250, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+          print_blob=True)
+@given(programs())
+def test_fuse_random_programs_hypothesis(spec):
+    note(reproducer(spec))
+    _assert_passes(spec)
+
+
+@pytest.mark.parametrize("start", [0, 100, 200])
+def test_fuse_random_programs_seeded(start):
+    """100 seeded programs per case (the same programs as ``tools/fuzz_fuse.py --seed START``)."""
+    for seed in range(start, start + 100):
+        _assert_passes(random_spec(seed))
+
+
+@pytest.mark.slow
+def test_fuse_10000_random_programs():
+    failing = []
+    for seed in range(10_000):
+        failures, _ = check_program(random_spec(seed))
+        if failures:
+            failing.append((seed, failures[0].category, failures[0].message))
+    assert not failing, f"{len(failing)} failing seeds (random_spec(seed)): {failing[:20]}"
+
+
+# ---- the checker itself can fail -----------------------------------------------------------------
+
+_SPEC = {"seed": 7, "dim": 2, "in_channels": 3, "batch": 2, "train_mode": True, "instrument": False,
+         "example_inputs": True, "head": False,
+         "ops": [{"op": "conv", "out": 4, "k": 3, "groups": 1, "transpose": False, "bias": True},
+                 {"op": "scale", "spelling": "*", "values": [0.5, 1.0, 1.5, 2.0], "per_channel": True,
+                  "storage": "parameter", "dtype": "float32", "layout": "channels_first"},
+                 {"op": "act", "kind": "relu"}]}
+
+
+def test_checker_passes_a_correct_fuse():
+    failures, outcome = check_program(_SPEC)
+    assert (failures, outcome) == ([], "fused")
+
+
+def _categories(spec: dict) -> set[str]:
+    return {f.category for f in check_program(spec)[0]}
+
+
+def test_checker_sees_a_wrong_model(monkeypatch):
+    real = asr_fx.fuse
+
+    def off_by_a_bit(model, **kw):
+        fused = real(model, **kw)
+        with torch.no_grad():
+            fused.get_submodule("layers.0").bias.add_(1e-3)
+        return fused
+
+    monkeypatch.setattr(asr_fx, "fuse", off_by_a_bit)
+    assert _categories(_SPEC) == {"equivalence"}
+
+
+def test_checker_sees_an_unreported_mul(monkeypatch):
+    monkeypatch.setattr(asr_fx, "fuse",
+                        lambda model, **kw: torch.fx.symbolic_trace(copy.deepcopy(model).eval()))
+    monkeypatch.setattr(asr_fx, "fusion_report", lambda fused: None)
+    assert _categories(_SPEC) == {"unreported leftover"}
+
+
+def test_checker_sees_a_mutated_input_model(monkeypatch):
+    real = asr_fx.fuse
+
+    def mutating(model, **kw):
+        with torch.no_grad():
+            model.get_submodule("layers.0").weight.mul_(1.0 + 1e-7)
+        return real(model, **kw)
+
+    monkeypatch.setattr(asr_fx, "fuse", mutating)
+    assert "input mutated" in _categories(_SPEC)
+
+
+def test_checker_sees_a_changed_dtype(monkeypatch):
+    real = asr_fx.fuse
+
+    def float64_output(model, **kw):
+        fused = real(model, **kw)
+        out = next(n for n in fused.graph.nodes if n.op == "output")
+        with fused.graph.inserting_before(out):
+            out.args = (fused.graph.call_method("double", (out.args[0],)),)
+        fused.recompile()
+        return fused
+
+    monkeypatch.setattr(asr_fx, "fuse", float64_output)
+    assert "dtype" in _categories(_SPEC)
+
+
+def test_checker_reports_a_crash(monkeypatch):
+    def crash(model, **kw):
+        raise IndexError("boom")
+
+    monkeypatch.setattr(asr_fx, "fuse", crash)
+    failures, outcome = check_program(_SPEC)
+    assert outcome == "crash" and [f.category for f in failures] == ["crash"]
+
+
+def test_checker_accepts_asr_errors_as_refusals(monkeypatch):
+    def refuse(model, **kw):
+        raise asr_fx.ASRError("no")
+
+    monkeypatch.setattr(asr_fx, "fuse", refuse)
+    assert check_program(_SPEC) == ([], "refused: ASRError: no")
+
+
+@pytest.mark.parametrize("key", sorted(KNOWN_BUGS))
+def test_each_known_bug_entry_leaves_something_out(key):
+    """Every KNOWN_BUGS entry changes some generated program (with the other features generated):
+    removing it brings the feature back."""
+    assert any(random_spec(seed, exclude={key}) != random_spec(seed, exclude=set()) for seed in range(500))
