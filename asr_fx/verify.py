@@ -217,7 +217,8 @@ def as_args(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.T
     return tuple(inputs), {}
 
 
-def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict) -> None:
+def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict,
+                      runtime: str = "onnxruntime") -> None:
     """Raise :class:`InputShapeError` when the file's inputs have another rank or static size than ``inputs``."""
     given = [*args, *kwargs.values()]
     file_inputs = onnx_inputs(proto)
@@ -225,7 +226,7 @@ def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: di
         return  # the exporter drops unused inputs: onnxruntime's feeds say the rest
     for (name, dims), tensor in zip(file_inputs, given):
         if len(dims) != tensor.dim() or any(isinstance(d, int) and d != s for d, s in zip(dims, tensor.shape)):
-            raise InputShapeError(f"onnxruntime cannot run {path!r} on an input of shape {list(tensor.shape)}: its "
+            raise InputShapeError(f"{runtime} cannot run {path!r} on an input of shape {list(tensor.shape)}: its "
                                   f"input {name!r} is {dims}; give an input of that shape", shape=list(tensor.shape))
 
 
@@ -288,7 +289,7 @@ def verify_onnx(
     report.op_counts = onnx_op_counts(proto)
     report.input_names = [name for name, _ in onnx_inputs(proto)]
     report.output_names = [o.name for o in proto.graph.output]
-    _check_inputs_fit(proto, path, args, kwargs)
+    _check_inputs_fit(proto, path, args, kwargs, runtime)
     mismatch = weight_mismatch(proto, path, reference)
     start = time.perf_counter()
     with modes_restored(reference):
