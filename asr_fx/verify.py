@@ -58,7 +58,8 @@ class OutputError:
 
 @dataclass
 class ExportReport:
-    """What was exported (or verified) and how well onnxruntime agrees with torch."""
+    """What was exported (or verified) and how well the runtime (``provider``: an onnxruntime execution
+    provider, or ``"OpenVINO CPU"``) agrees with torch."""
 
     path: str
     provider: str = ""
