@@ -125,3 +125,13 @@ class DifferentModelError(VerificationError):
 class VanillaModelError(ASRError):
     """``fuse(..., into=vanilla)`` cannot write the fused weights into ``vanilla``: a fold it has no
     place for (the site is named), another architecture, or the filled model computes otherwise."""
+
+
+class MissingDependencyError(ASRError, ImportError):
+    """An optional dependency a requested feature needs is not installed (``package``); the message
+    names the extra that installs it, e.g. ``pip install "asr-fx[openvino]"`` for ``--runtime openvino``."""
+
+    def __init__(self, message: str, *, package: str) -> None:
+        super().__init__(message)
+        self.package = package
+        self.name = package

@@ -186,6 +186,7 @@ def export_onnx(
     verify_sizes: Sequence[tuple[int, int]] | None = None,
     expected_op_counts: dict[str, int] | None = None,
     on_verify: Callable[[], None] | None = None,
+    runtime: str = "onnxruntime",
 ) -> ExportReport:
     """Export ``model`` (eval mode) to ONNX at ``path``, check it and verify it in onnxruntime.
 
@@ -196,7 +197,8 @@ def export_onnx(
     ``external_data``: write the weights into ``NAME.onnx.data`` beside the file; by default only when
     they exceed :data:`EXTERNAL_DATA_BYTES` (a protobuf holds at most 2 GiB). Keep the two files together.
 
-    Verification (:func:`asr_fx.verify_onnx`) compares onnxruntime's outputs with ``reference``
+    Verification (:func:`asr_fx.verify_onnx`) compares the outputs of ``runtime`` (``"onnxruntime"``, or
+    ``"openvino"`` from the ``openvino`` extra; same tolerances) with ``reference``
     (default: ``model``) in torch on ``example_inputs``, and for dynamic axes also on random inputs of
     each batch size in ``verify_batches`` (default 1 and 7) and each ``(height, width)`` in
     ``verify_sizes`` (default one larger size). ``rtol`` defaults by dtype (1e-4 for float32, 1e-2
@@ -244,7 +246,8 @@ def export_onnx(
                 on_verify()
             batches, sizes = _verify_sizes(args, kwargs, axes, verify_batches, verify_sizes)
             verify_onnx(tmp, reference or model, kwargs or args, rtol=report.rtol, atol=atol, providers=providers,
-                        batches=batches, sizes=sizes, expected_op_counts=expected_op_counts, report=report)
+                        batches=batches, sizes=sizes, expected_op_counts=expected_op_counts, report=report,
+                        runtime=runtime)
         elif expected_op_counts is not None and report.op_counts != expected_op_counts:
             raise VerificationError("the ONNX op multiset differs from the expected (vanilla) one: "
                                     f"{op_count_diff(expected_op_counts, report.op_counts)}", report)

@@ -25,15 +25,25 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx import onnx_runtime
+from asr_fx import onnx_runtime, openvino_runtime
 from asr_fx._util import count_parameters, meta_tensors, modes_restored
-from asr_fx.errors import ASRError, DifferentModelError, InputShapeError, UnsupportedModelError, VerificationError
+from asr_fx.errors import (
+    ASRError,
+    DifferentModelError,
+    InputShapeError,
+    InvalidOptionError,
+    UnsupportedModelError,
+    VerificationError,
+)
 
 #: default ``rtol`` per reference dtype: float32's is DESIGN.md's; float16 keeps ~3 significant digits
 #: per op and bfloat16 ~2, so errors of a deep net reach those sizes relative to max|reference|
 DEFAULT_RTOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+#: the runtimes :func:`verify_onnx` runs a file in, on CPU (OpenVINO from the ``openvino`` extra)
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 @dataclass
@@ -48,7 +58,8 @@ class OutputError:
 
 @dataclass
 class ExportReport:
-    """What was exported (or verified) and how well onnxruntime agrees with torch."""
+    """What was exported (or verified) and how well the runtime (``provider``: an onnxruntime execution
+    provider, or ``"OpenVINO CPU"``) agrees with torch."""
 
     path: str
     provider: str = ""
@@ -207,7 +218,8 @@ def as_args(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.T
     return tuple(inputs), {}
 
 
-def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict) -> None:
+def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict,
+                      runtime: str = "onnxruntime") -> None:
     """Raise :class:`InputShapeError` when the file's inputs have another rank or static size than ``inputs``."""
     given = [*args, *kwargs.values()]
     file_inputs = onnx_inputs(proto)
@@ -215,7 +227,7 @@ def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: di
         return  # the exporter drops unused inputs: onnxruntime's feeds say the rest
     for (name, dims), tensor in zip(file_inputs, given):
         if len(dims) != tensor.dim() or any(isinstance(d, int) and d != s for d, s in zip(dims, tensor.shape)):
-            raise InputShapeError(f"onnxruntime cannot run {path!r} on an input of shape {list(tensor.shape)}: its "
+            raise InputShapeError(f"{runtime} cannot run {path!r} on an input of shape {list(tensor.shape)}: its "
                                   f"input {name!r} is {dims}; give an input of that shape", shape=list(tensor.shape))
 
 
@@ -246,8 +258,10 @@ def verify_onnx(
     sizes: Sequence[tuple[int, int]] = (),
     expected_op_counts: dict[str, int] | None = None,
     report: ExportReport | None = None,
+    runtime: str = "onnxruntime",
 ) -> ExportReport:
-    """Run the ONNX file at ``path`` in onnxruntime and compare it with ``reference`` in torch.
+    """Run the ONNX file at ``path`` in onnxruntime (or ``runtime="openvino"``: OpenVINO's CPU plugin,
+    from the ``openvino`` extra) and compare it with ``reference`` in torch.
 
     ``inputs``: a tensor, a sequence (positional) or a mapping (keyword inputs by name). ``rtol``
     defaults to :data:`DEFAULT_RTOL` of the reference's dtype. The outputs are compared on ``inputs``,
@@ -260,9 +274,13 @@ def verify_onnx(
     :class:`DifferentModelError` when the outputs disagree and the file's weight count cannot be the
     reference's (the count is checked first; it names both counts instead of an error size), and
     :class:`VerificationError` (``.report``) when the numbers disagree or ``expected_op_counts`` is
-    given and the op multiset differs. The reference's train/eval modes are restored afterwards.
+    given and the op multiset differs; :class:`MissingDependencyError` for ``runtime="openvino"`` without
+    OpenVINO installed. Both runtimes are held to the same tolerances. The reference's train/eval modes
+    are restored afterwards.
     """
     path = str(path)
+    if runtime not in RUNTIMES:
+        raise InvalidOptionError(f"unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     check_runnable(reference, "the reference model")
     rtol = default_rtol(reference) if rtol is None else rtol
     report = report or ExportReport(path)
@@ -272,16 +290,12 @@ def verify_onnx(
     report.op_counts = onnx_op_counts(proto)
     report.input_names = [name for name, _ in onnx_inputs(proto)]
     report.output_names = [o.name for o in proto.graph.output]
-    _check_inputs_fit(proto, path, args, kwargs)
+    _check_inputs_fit(proto, path, args, kwargs, runtime)
     mismatch = weight_mismatch(proto, path, reference)
     start = time.perf_counter()
     with modes_restored(reference):
         reference.eval()
-        try:
-            sess = onnx_runtime.session(path, providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long: keep the first line
-            raise ASRError(f"onnxruntime cannot load {path!r}: {_first_line(exc)}") from exc
-        report.provider = sess.get_providers()[0]
+        sess = _open(path, runtime, providers, report)
         try:
             _compare_all(sess, reference, args, kwargs, rtol, atol, batches, sizes, report)
         except VerificationError as exc:  # outputs of another count or shape
@@ -291,15 +305,36 @@ def verify_onnx(
     report.verified = True
     report.seconds["verify"] = time.perf_counter() - start
     if not report.ok and mismatch:
-        raise DifferentModelError(f"{mismatch}; onnxruntime disagrees with it:\n{report.table()}", report)
+        raise DifferentModelError(f"{mismatch}; {runtime} disagrees with it:\n{report.table()}", report)
     if not report.ok:
         raise VerificationError(
-            f"onnxruntime disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
+            f"{runtime} ({report.provider}) disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
             report)
     if expected_op_counts is not None and report.op_counts != expected_op_counts:
         raise VerificationError("the ONNX op multiset differs from the expected (vanilla) one: "
                                 f"{op_count_diff(expected_op_counts, report.op_counts)}", report)
     return report
+
+
+def _open(path: str, runtime: str, providers: Sequence[str] | None, report: ExportReport) -> object:
+    """A runnable session of ``path`` in ``runtime``; sets ``report.provider`` (what ran it)."""
+    if runtime == "openvino":
+        openvino_runtime.check_installed()  # MissingDependencyError, not "cannot load", when OpenVINO is absent
+    try:
+        if runtime == "openvino":
+            sess = openvino_runtime.session(path)
+            report.provider = f"OpenVINO {openvino_runtime.DEVICE}"
+        else:
+            sess = onnx_runtime.session(path, providers)
+            report.provider = sess.get_providers()[0]
+    except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
+        raise ASRError(f"{runtime} cannot load {path!r}: {_first_line(exc)}") from exc
+    return sess
+
+
+def _run(sess: object, inputs: tuple | dict) -> list[np.ndarray]:
+    module = onnx_runtime if hasattr(sess, "get_providers") else openvino_runtime
+    return module.run(sess, inputs)[0]
 
 
 def _compare_all(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: float, atol: float,
@@ -333,14 +368,18 @@ def _random_like(args: tuple, kwargs: dict, shapes: dict, seed: int) -> tuple[tu
     return (tuple(fresh(i, t) for i, t in enumerate(args)), {k: fresh(k, t) for k, t in kwargs.items()})
 
 
+def _runtime_name(sess: object) -> str:
+    return "onnxruntime" if hasattr(sess, "get_providers") else "openvino"
+
+
 def _compare_on(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: float, atol: float,
                 names: list[str], label: str) -> list[OutputError]:
     with torch.no_grad(), fp32_matmul_precision():
         expected = flatten_outputs(reference(*args, **kwargs))
     try:
-        actual, _, _ = onnx_runtime.run(sess, kwargs if kwargs else args)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long: keep the first line
-        raise ASRError(f"onnxruntime cannot run the ONNX file{label}: {_first_line(exc)}") from exc
+        actual = _run(sess, kwargs if kwargs else args)
+    except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
+        raise ASRError(f"{_runtime_name(sess)} cannot run the ONNX file{label}: {_first_line(exc)}") from exc
     errors = compare(expected, actual, rtol, atol, names)
     for e in errors:
         e.name += label

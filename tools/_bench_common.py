@@ -169,3 +169,19 @@ def sites_of(instrumented: nn.Module) -> list[Any]:
     import asr_fx
 
     return [asr_fx.Site(**s) for s in asr_fx.get_config(instrumented)["sites"]]
+
+
+def random_vit_head(vit: torch.nn.Module) -> torch.nn.Module:
+    """torchvision zero-initialises ViT's classifier; random weights make the outputs worth comparing."""
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.02)
+    torch.nn.init.normal_(vit.heads.head.bias, std=0.02)
+    return vit
+
+
+def randomise_asr(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move psi and the attention weights off their init (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("asr."):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)

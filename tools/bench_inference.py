@@ -40,6 +40,8 @@ from _bench_common import (
     fmt_ratio,
     machine,
     n_params,
+    random_vit_head,
+    randomise_asr,
     ratio_stats,
     report,
     set_threads,
@@ -55,32 +57,16 @@ import asr_fx.passes.placement
 from asr_fx.models import resnet164
 from asr_fx.passes import trace
 
-def _random_head(vit: torch.nn.Module) -> torch.nn.Module:
-    """torchvision zero-initialises ViT's classifier; random weights make the outputs worth comparing."""
-    torch.nn.init.normal_(vit.heads.head.weight, std=0.02)
-    torch.nn.init.normal_(vit.heads.head.bias, std=0.02)
-    return vit
-
-
 # name: (factory, input CHW, preferred placement rule, instrument kwargs)
 MODELS = {
     "resnet50": (lambda: torchvision.models.resnet50(), (3, 64, 64), "auto", {}),
     "resnet164": (resnet164, (3, 32, 32), "auto", {}),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), (3, 64, 64), "norm-act", {}),
-    "vit_b_16": (lambda: _random_head(torchvision.models.vit_b_16(image_size=32)), (3, 32, 32), "transformer",
+    "vit_b_16": (lambda: random_vit_head(torchvision.models.vit_b_16(image_size=32)), (3, 32, 32), "transformer",
                  {"preset": "transformer"}),
 }
 VARIANTS = ("vanilla", "vanilla copy (control)", "vanilla+SE", "ASR(SE) unfused", "ASR(SE) fused")
 BACKENDS = ("torch", "ort-noopt", "ort-opt")
-
-
-def randomise_asr(model: torch.nn.Module, seed: int = 0) -> None:
-    """Move psi and the attention weights off their init (as training would)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.startswith("asr."):
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def build_variants(name: str, notes: list[str]) -> tuple[dict[str, torch.nn.Module], dict]:

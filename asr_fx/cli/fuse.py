@@ -30,6 +30,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check and the comparison "
                    "(--strict's checks still run)")
     add_compare_options(p)
+    add_runtime_option(p)
     options.add_model_source(p, input_shape_help="example input shape, e.g. 1,3,224,224 (default: from the "
                              "checkpoint, or the size the model documents: timm's pretrained_cfg, a Hugging Face "
                              "config's image_size, torchvision's weights)")
@@ -64,6 +65,13 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
                    help="the default; kept so older command lines still work")
     p.add_argument("--runs", type=options.positive_int, default=20,
                    help="onnxruntime runs per latency measurement with --compare (default 20)")
+
+
+def add_runtime_option(p: argparse.ArgumentParser) -> None:
+    """``--runtime``: what runs the ONNX file for verification (``fuse``, ``verify``)."""
+    p.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="run the ONNX file for verification in onnxruntime (default) or in OpenVINO's CPU plugin "
+                   '(pip install "asr-fx[openvino]"); the same tolerances either way')
 
 
 def check_output(args: argparse.Namespace) -> None:

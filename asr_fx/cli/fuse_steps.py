@@ -82,8 +82,9 @@ def fuse(args: argparse.Namespace) -> int:
         exported = Path(workdir) / "fused.onnx"  # verified there, then written to OUT with its input/output names
         report = asr_fx.export_onnx(
             fused, exported, x, reference=model, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
-            opset=args.opset, expected_op_counts=vanilla_ops if args.strict else None,
-            on_verify=lambda: stages.start("verify", "in onnxruntime against the unfused model in torch"), **dynamic)
+            opset=args.opset, expected_op_counts=vanilla_ops if args.strict else None, runtime=args.runtime,
+            on_verify=lambda: stages.start("verify", f"in {args.runtime} against the unfused model in torch"),
+            **dynamic)
         onnx_io.publish_renamed(exported, out, args.input_names,
                                 args.output_names or onnx_io.default_output_names(n_outputs))
         report.path = str(out)

@@ -112,7 +112,9 @@ class VerificationSummary:
         parts = []
         if self.export and self.export.verified:
             parts.append(self.export.table())
-            parts.append(f"onnxruntime provider: {self.export.provider}")
+            provider = self.export.provider  # "OpenVINO CPU" with --runtime openvino
+            parts.append(f"runtime: {provider}" if provider.startswith("OpenVINO")
+                         else f"onnxruntime provider: {provider}")
         if len(self.models) > 1:
             timed = any(row.latency_ms is not None for row in self.models.values())
             rows = []

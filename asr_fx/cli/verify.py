@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from asr_fx.cli import options
-from asr_fx.cli.fuse import add_compare_options
+from asr_fx.cli.fuse import add_compare_options, add_runtime_option
 from asr_fx.cli.options import EPILOG_VERIFY
 
 NAME = "verify"
@@ -25,6 +25,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail (exit 1) if the op multiset differs from vanilla's "
                    "(the vanilla model is exported for it, also without --compare)")
     add_compare_options(p)
+    add_runtime_option(p)
     options.add_model_source(p, input_shape_help="example input shape, e.g. 1,3,224,224 (default: the ONNX "
                              "file's fixed input shape, else the checkpoint's or the model's documented size)")
     options.add_asr_options(p)

@@ -1,9 +1,5 @@
-"""The work of ``asr-fx verify`` (imports torch): load the checkpoint, run the ONNX file, compare, report.
-
-Lead, at merge: the "lib" branch adds a public ``verify_onnx(path, reference, inputs)`` that says when the
-file is a different model (parameters, op multiset, input shape). The comparison in :func:`verify`
-(and :func:`verify_at`) is this command's own until then; replace it with one call to it.
-"""
+"""The work of ``asr-fx verify`` (imports torch): load the checkpoint, check the ONNX file with
+:func:`asr_fx.verify_onnx` in onnxruntime or OpenVINO (``--runtime``), report."""
 
 from __future__ import annotations
 
@@ -14,8 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
-import torch
-from torch import nn
 
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK
@@ -28,17 +22,9 @@ from asr_fx.cli.report import (
     measure_latency,
     name_outputs_as_in_file,
 )
-from asr_fx.errors import ASRError, VerificationError
-from asr_fx.export import (
-    ExportReport,
-    OutputError,
-    compare,
-    flatten_outputs,
-    fp32_matmul_precision,
-    onnx_op_counts,
-    op_count_diff,
-    run_onnxruntime,
-)
+from asr_fx.errors import ASRError, DifferentModelError, VerificationError
+from asr_fx.export import ExportReport, op_count_diff
+from asr_fx.verify import verify_onnx
 
 
 def onnx_input_shape(path: str | os.PathLike) -> list[int | str]:
@@ -67,19 +53,6 @@ def other_sizes(dims: Sequence[int | str], shape: Sequence[int]) -> list[list[in
             smaller[i] = max(8, shape[i] // 2)
         shapes.append(smaller)
     return [s for s in shapes if s != list(shape)]
-
-
-def verify_at(path: str, reference: nn.Module, shape: Sequence[int], device: torch.device, rtol: float,
-              atol: float) -> list[OutputError]:
-    """Run the file on a random input of ``shape`` and compare with ``reference`` in torch."""
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device)
-    with torch.no_grad(), fp32_matmul_precision():
-        expected = flatten_outputs(reference(x))
-    actual, _ = run_onnxruntime(path, (x,))
-    errors = compare(expected, actual, rtol, atol)
-    for error in errors:
-        error.name = f"{error.name} (input {list(shape)})"
-    return errors
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -116,22 +89,19 @@ def verify(args: argparse.Namespace) -> int:
             summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir)
         elif args.strict:  # --strict's op check needs the vanilla model's ops even without the comparison
             summary.models = compare_models({"vanilla": loaded.vanilla}, x, workdir)
-        stages.start("verify", f"{onnx_path} in onnxruntime")
+        stages.start("verify", f"{onnx_path} in {args.runtime}")
         report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
-        with torch.no_grad(), fp32_matmul_precision():
-            expected = flatten_outputs(model(x))
+        others = other_sizes(dims, shape)
+        batches = [o[0] for o in others if o[1:] == shape[1:]]
+        sizes = [(o[-2], o[-1]) for o in others if o[1:] != shape[1:]]
         try:
-            actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long; keep the first line
-            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            raise ASRError(f"onnxruntime cannot run {str(onnx_path)!r} on an input of shape {shape} "
-                           f"(its input is {dims}): {first}; pass --input-shape to match") from exc
-        report.outputs = compare(expected, actual, args.rtol, args.atol)
-        for other in other_sizes(dims, shape):
-            report.outputs += verify_at(str(onnx_path), model, other, x.device, args.rtol, args.atol)
+            verify_onnx(onnx_path, model, x, rtol=args.rtol, atol=args.atol, batches=batches, sizes=sizes,
+                        report=report, runtime=args.runtime)
+        except DifferentModelError:
+            raise
+        except VerificationError as exc:
+            raise VerificationError(f"{onnx_path} disagrees with {args.against}: {exc}", exc.report) from exc
         name_outputs_as_in_file(report, onnx_path)
-        report.verified = True
-        report.op_counts = onnx_op_counts(onnx_path)
         summary.export = report
         if summary.models:
             summary.models["fused"] = ModelRow(op_counts=report.op_counts, note="the file verified")
