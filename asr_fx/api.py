@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
+from asr_fx.equivalence import check_fused, check_instrumented
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.values_first import insert_values_first, remove_values_first
@@ -154,6 +155,7 @@ def instrument(
     preset: str | None = None,
     convert_existing: bool = False,
     norm_fused: bool | None = None,
+    check: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
 
@@ -185,6 +187,9 @@ def instrument(
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
+        check: before returning, check on ``example_inputs`` (or a probe derived from the first layer) that
+            the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
+            (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
     """
     if norm_fused is None:
         norm_fused = delta == 1
@@ -249,6 +254,8 @@ def instrument(
     set_config(gm, config)
     _place_like(gm, model)
     gm.train(model.training)
+    if check and not existing:  # converted existing attention changes the function on purpose
+        check_instrumented(model, gm, example_inputs)
     return gm
 
 
@@ -292,6 +299,7 @@ def fuse(
     fold_bn: bool = False,
     example_inputs: Sequence[torch.Tensor] | None = None,
     leaf_modules: Any = None,
+    check: bool = True,
 ) -> fx.GraphModule:
     """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
 
@@ -302,6 +310,9 @@ def fuse(
     could not be folded stay as one constant ``mul`` and are reported with a
     warning (``asr_fx.fusion_report(fused)`` has the details); ``strict=True`` raises
     :class:`asr_fx.FusionError` instead. ``fold_bn=True`` also folds BatchNorm into the conv before it.
+    ``check`` (default): the result is checked against ``model`` in eval mode on ``example_inputs`` (or the
+    input shape ``instrument`` recorded) and :class:`asr_fx.errors.EquivalenceError` names the first layer
+    that differs; ``False`` skips it.
     """
     work = copy.deepcopy(model).eval()
     norm_fused_records = []  # norm_fused blocks go back to BN(x) with v in BN's affine, then fuse as usual
@@ -321,6 +332,8 @@ def fuse(
 
             raise FusionError(message)
         warnings.warn(message, stacklevel=2)
+    if check:
+        check_fused(model, gm.eval(), example_inputs)
     return gm.eval()
 
 

@@ -33,3 +33,8 @@ class CheckpointError(ASRError):
 
 class InvalidOptionError(ASRError, ValueError):
     """An option has a value asr-fx does not know (an unknown rule, delta < 1, ...)."""
+
+
+class EquivalenceError(ASRError):
+    """``instrument``/``fuse`` produced a model that does not compute what the model it was given computes
+    on the probe input (checked before returning; ``check=False`` turns the check off)."""

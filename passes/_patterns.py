@@ -23,6 +23,21 @@ IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Drop
 
 NORM_MODULES = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)
 
+#: the torch layers whose forward the fold rules know; a subclass that overrides forward is not one of them
+_PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.MultiheadAttention)
+
+
+def is_plain_layer(module: nn.Module | None) -> bool:
+    """``module`` computes exactly its torch layer's forward: not a composite subclass that overrides it
+    (a norm with an activation inside, a weight-standardized or same-padding conv), whose output a
+    scale cannot be folded through."""
+    if module is None:
+        return False
+    forward = type(module).forward
+    return any(isinstance(module, base) and forward is base.forward for base in _PLAIN_LAYERS)
+
 
 def is_mul(node: fx.Node) -> bool:
     """``a * b`` in any spelling: ``operator.mul``/``imul``, ``torch.mul``, ``Tensor.mul(_)``."""
@@ -73,7 +88,7 @@ class ChannelInfo:
 def channel_info(gm: fx.GraphModule, node: fx.Node) -> ChannelInfo | None:
     """The channel layout of a node that is a call of a conv/norm/linear module, else ``None``."""
     module = module_of(gm, node)
-    if module is None:
+    if not is_plain_layer(module):
         return None
     rank = output_rank(node)
     channel_first = None if rank is None else 1 - rank
