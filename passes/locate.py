@@ -156,6 +156,7 @@ def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Stochastic depth or functional dropout: the identity at inference."""
     module = module_of(gm, node)
     return (type(module).__name__ == "StochasticDepth" or _function_name(node) == "stochastic_depth"
+            or node.op == "call_module" and str(node.target) in gm.meta.get("asr_fx.eval_identity", ())
             or node.op == "call_function" and _function_name(node) in _DROPOUT_FUNCTIONS)
 
 

@@ -31,6 +31,9 @@ _TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")
 _THIS_DIR = os.path.join(os.path.dirname(__file__), "")
 #: how many modules a trace may keep as leaves because their forward branches on ``self.training``
 _MAX_MODE_LEAVES = 64
+#: GraphModule meta key: paths of modules kept as calls (they branch on ``self.training``) that are the
+#: identity in eval mode, such as drop-path; placement walks through them like stochastic depth
+EVAL_IDENTITY = "asr_fx.eval_identity"
 
 
 class ASRTracer(fx.Tracer):
@@ -185,7 +188,7 @@ def trace(
             gm = _trace_in_mode(model, True, spec, inline, concrete_args)
             gm_eval = _trace_in_mode(model, False, spec, inline, concrete_args)
             try:
-                flags = align(gm.graph, gm_eval.graph)
+                flags = align(gm, gm_eval)
             except ModeDifference as diff:
                 if len(mode_leaves) >= _MAX_MODE_LEAVES:
                     raise TraceError(f"{type(model).__name__}: more than {_MAX_MODE_LEAVES} modules branch on "
@@ -196,11 +199,23 @@ def trace(
             bind_mode_flags(gm, flags)
             break
         gm.meta["asr_fx.mode_leaves"] = sorted(mode_leaves)
+        gm.meta[EVAL_IDENTITY] = [p for p in sorted(mode_leaves) if _is_eval_identity(model.get_submodule(p))]
     _copy_modes(gm, model)
     for attr in ("_asr_fx_factory",):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
     return gm
+
+
+def _is_eval_identity(module: nn.Module) -> bool:
+    """``module`` returns its (first) input unchanged in eval mode (drop-path, dropout written by hand)."""
+    try:
+        gm = _trace_in_mode(module, False, None, (), None)
+    except TraceError:
+        return False
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return bool(placeholders) and output.args[0] is placeholders[0]
 
 
 def _copy_modes(gm: fx.GraphModule, model: nn.Module) -> None:

@@ -23,8 +23,9 @@ import operator
 import warnings
 from typing import Any
 
+import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
+from torch.fx.node import map_aggregate
 
 from asr_fx.errors import TraceError
 
@@ -38,14 +39,30 @@ class ModeDifference(Exception):
         self.eval_node = eval_node
 
 
-def _same_target(a: fx.Node, b: fx.Node) -> bool:
-    return a.op == b.op and a.target == b.target
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _same_target(a: fx.Node, b: fx.Node, gm_a: fx.GraphModule, gm_b: fx.GraphModule) -> bool:
+    if a.op != b.op:
+        return False
+    if a.target == b.target:
+        return True
+    if a.op != "get_attr":
+        return False
+    # tensor constants are named by trace order (``_tensor_constant0`` / ``_tensor_constant5``): compare values
+    x, y = _fetch(gm_a, str(a.target)), _fetch(gm_b, str(b.target))
+    return x is y or (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                      and x.dtype == y.dtype and bool(torch.equal(x, y)))
 
 
 def _compare_args(a: fx.Node, b: fx.Node, pairs: dict[fx.Node, fx.Node]) -> list[tuple[int, bool]]:
     """Positions (in the flattened ``(args, kwargs)``) of boolean arguments that differ: (index, train value)."""
-    leaves_a, spec_a = pytree.tree_flatten((a.args, a.kwargs))
-    leaves_b, spec_b = pytree.tree_flatten((b.args, b.kwargs))
+    leaves_a, spec_a = _flatten((a.args, a.kwargs))
+    leaves_b, spec_b = _flatten((b.args, b.kwargs))
     if spec_a != spec_b:
         raise ModeDifference(a, b)
     flags = []
@@ -60,6 +77,22 @@ def _compare_args(a: fx.Node, b: fx.Node, pairs: dict[fx.Node, fx.Node]) -> list
     return flags
 
 
+def _flatten(value: Any) -> tuple[list[Any], Any]:
+    """The leaves of nested tuples/lists/dicts/slices in order, and the nesting with leaves as ``0``."""
+    leaves: list[Any] = []
+
+    def keep(leaf: Any) -> int:
+        leaves.append(leaf)
+        return 0
+
+    return leaves, map_aggregate(value, keep)
+
+
+def _replace_leaf(value: Any, index: int, new: Any) -> Any:
+    count = iter(range(1 << 30))
+    return map_aggregate(value, lambda leaf: new if next(count) == index else leaf)
+
+
 def _equal(x: Any, y: Any) -> bool:
     try:
         return bool(x == y)
@@ -67,18 +100,18 @@ def _equal(x: Any, y: Any) -> bool:
         return x is y
 
 
-def align(train_graph: fx.Graph, eval_graph: fx.Graph) -> list[tuple[fx.Node, int, bool]]:
-    """The boolean arguments of ``train_graph`` that follow the mode: (node, flat index, train value).
+def align(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> list[tuple[fx.Node, int, bool]]:
+    """The boolean arguments of ``train_gm``'s graph that follow the mode: (node, flat index, train value).
 
     Raises :class:`ModeDifference` at the first pair of nodes that differ otherwise.
     """
-    train_nodes, eval_nodes = list(train_graph.nodes), list(eval_graph.nodes)
+    train_nodes, eval_nodes = list(train_gm.graph.nodes), list(eval_gm.graph.nodes)
     pairs: dict[fx.Node, fx.Node] = {}
     flags = []
     for i in range(max(len(train_nodes), len(eval_nodes))):
         a = train_nodes[i] if i < len(train_nodes) else None
         b = eval_nodes[i] if i < len(eval_nodes) else None
-        if a is None or b is None or not _same_target(a, b):
+        if a is None or b is None or not _same_target(a, b, train_gm, eval_gm):
             raise ModeDifference(a, b)
         flags += [(a, index, value) for index, value in _compare_args(a, b, pairs)]
         pairs[a] = b
@@ -100,9 +133,7 @@ def bind_mode_flags(gm: fx.GraphModule, flags: list[tuple[fx.Node, int, bool]]) 
         if not value and negated is None:
             with graph.inserting_after(flag):
                 negated = graph.call_function(operator.not_, (flag,))
-        leaves, spec = pytree.tree_flatten((node.args, node.kwargs))
-        leaves[index] = flag if value else negated
-        node.args, node.kwargs = pytree.tree_unflatten(leaves, spec)
+        node.args, node.kwargs = _replace_leaf((node.args, node.kwargs), index, flag if value else negated)
     gm.recompile()
     return len(flags)
 
