@@ -14,7 +14,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.equivalence import check_fused, check_instrumented
-from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
+from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
+from asr_fx.partial_capture import fuse_parts, instrument_parts, is_partial
 from asr_fx.norm_fused import into_norm_fused, out_of_norm_fused
 from asr_fx.values_first import insert_values_first, remove_values_first
 from asr_fx.passes import Site, fuse_pipeline, insert_asr, trace
@@ -191,6 +192,7 @@ def instrument(
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
     """
+    options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
     if norm_fused is None:
         norm_fused = delta == 1
     if norm_fused and delta != 1:
@@ -200,7 +202,10 @@ def instrument(
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
     example_inputs = as_input_tuple(example_inputs)
-    gm = trace(copy.deepcopy(model), leaf_modules)
+    try:
+        gm = trace(copy.deepcopy(model), leaf_modules)
+    except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
+        return instrument_parts(model, exc, instrument, options)
     if example_inputs is not None:
         _propagate_shapes(gm, example_inputs)
     chosen = _select_sites(gm, rule, sites, exclude)
@@ -314,6 +319,8 @@ def fuse(
     input shape ``instrument`` recorded) and :class:`asr_fx.errors.EquivalenceError` names the first layer
     that differs; ``False`` skips it.
     """
+    if is_partial(model):  # instrumented part by part (asr_fx.partial_capture): fuse each part in place
+        return fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=example_inputs, check=check)
     work = copy.deepcopy(model).eval()
     norm_fused_records = []  # norm_fused blocks go back to BN(x) with v in BN's affine, then fuse as usual
     for graph_module in [m for m in work.modules() if isinstance(m, fx.GraphModule)]:

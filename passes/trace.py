@@ -10,6 +10,7 @@ call).
 
 from __future__ import annotations
 
+import inspect
 import os
 import traceback
 from collections.abc import Callable, Iterable
@@ -93,6 +94,30 @@ class ASRTracer(fx.Tracer):
             for name, p in self.root.named_parameters():
                 self._names.setdefault(id(p), name)
         return self._names
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
+        """A forward wrapped by a ``(*args, **kwargs)`` decorator (transformers' ``can_return_tuple``, output
+        capturing) gets placeholders from the function it wraps and is called with those, positionally."""
+        inner = inspect.unwrap(root_fn)
+        if inner is root_fn or not root_fn.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        _, args = super().create_args_for_root(inner, is_module, concrete_args)
+        named = inner.__code__.co_argcount
+
+        def call_wrapper(*values: Any) -> Any:
+            return root_fn(*values[:named])
+
+        return call_wrapper, args
+
+    def _proxy_placeholder(self, name: str, concrete_args: Any, sig: Any, fn_for_analysis: Any) -> Any:
+        """``*args``/``**kwargs`` of the traced forward are empty (a tuple and a dict, not a Proxy that
+        cannot be unpacked): the captured graph takes the named arguments only (``return_dict``-style
+        decorators and ``**kwargs`` pass-throughs then trace)."""
+        if name.startswith("**") and not (concrete_args and name[2:] in concrete_args):
+            return {}
+        if name.startswith("*") and not name.startswith("**") and not (concrete_args and name[1:] in concrete_args):
+            return ()
+        return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))
