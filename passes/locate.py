@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .context_add import is_pooled_context
 from ._patterns import IDENTITY_MODULES, NORM_MODULES, channel_info, is_add, is_mul, module_of
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh,
@@ -272,6 +273,8 @@ def residual_blocks(gm: fx.GraphModule, attention_features: dict[str, str] | Non
         if found is None or found[0] == found[1]:
             continue
         branch, shortcut = (lhs, rhs) if found[0] > found[1] else (rhs, lhs)
+        if is_pooled_context(gm, branch, found[2]):
+            continue  # x + mlp(pool(x)): a broadcast global context (GC/GE blocks), not a residual branch
         nodes = _branch_nodes(branch, found[2])
         if nodes is None:
             continue

@@ -146,13 +146,38 @@ def _combine_leaves(leaf_modules: LeafSpec, extra: set[str]) -> LeafSpec:
     return [*leaf_modules, *extra]
 
 
+#: defaults of these types are option flags (``return_dict=None``, ``*, features_only=False``), not inputs
+_FLAG_TYPES = (type(None), bool, int, float, str)
+
+
+def default_flags(model: nn.Module) -> dict[str, Any]:
+    """Arguments of ``model.forward`` after the first that default to a flag value (None/bool/number/str):
+    the captured graph computes ``forward(input)`` with them at their defaults (a call that passes another
+    value fails on an assertion torch.fx puts in the graph, never computes something else)."""
+    try:
+        params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    flags = {}
+    for i, p in enumerate(params):
+        if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if isinstance(p.default, _FLAG_TYPES):
+            flags[p.name] = p.default
+    return flags
+
+
 def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ...],
                 concrete_args: dict[str, Any] | None) -> fx.GraphModule:
     tracer = ASRTracer(leaf_modules, inline)
+    flags = default_flags(model) if concrete_args is None else {}
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        graph = tracer.trace(model, concrete_args=concrete_args if concrete_args is not None else flags or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise _trace_error(model, tracer, exc) from exc
+    for node in graph.nodes:  # torch.fx names a specialized argument `flag_1`: callers pass it as `flag=`
+        if node.op == "placeholder" and str(node.target).endswith("_1") and str(node.target)[:-2] in flags:
+            node.target = node.name = str(node.target)[:-2]
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     plain_layers(gm, model)
     return gm
@@ -169,7 +194,9 @@ def _trace_error(model: nn.Module, tracer: ASRTracer, exc: BaseException) -> Tra
         if where
         else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
     )
-    return TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.")
+    error = TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.")
+    error.module_path = where  # type: ignore[attr-defined]
+    return error
 
 
 def _trace_in_mode(model: nn.Module, training: bool, *args: Any) -> fx.GraphModule:
@@ -210,8 +237,15 @@ def trace(
         mode_leaves: set[str] = set()
         while True:
             spec = _combine_leaves(leaf_modules, mode_leaves)
-            gm = _trace_in_mode(model, True, spec, inline, concrete_args)
             gm_eval = _trace_in_mode(model, False, spec, inline, concrete_args)
+            try:
+                gm = _trace_in_mode(model, True, spec, inline, concrete_args)
+            except TraceError as exc:  # traces in eval only: the failing module's train branch stays its own call
+                where = getattr(exc, "module_path", "")
+                if not where or where in mode_leaves or len(mode_leaves) >= _MAX_MODE_LEAVES:
+                    raise
+                mode_leaves.add(where)
+                continue
             try:
                 flags = align(gm, gm_eval)
             except ModeDifference as diff:
