@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections import OrderedDict
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +36,14 @@ _MAX_MODE_LEAVES = 64
 #: GraphModule meta key: paths of modules kept as calls (they branch on ``self.training``) that are the
 #: identity in eval mode, such as drop-path; placement walks through them like stochastic depth
 EVAL_IDENTITY = "asr_fx.eval_identity"
+
+
+class _NoKeywords(dict):
+    """The empty ``**kwargs`` of a traced forward (a dict subclass: a pytree leaf, not an input tree)."""
+
+
+class _NoPositionals(tuple):
+    """The empty ``*args`` of a traced forward."""
 
 
 class ASRTracer(fx.Tracer):
@@ -114,10 +123,19 @@ class ASRTracer(fx.Tracer):
         cannot be unpacked): the captured graph takes the named arguments only (``return_dict``-style
         decorators and ``**kwargs`` pass-throughs then trace)."""
         if name.startswith("**") and not (concrete_args and name[2:] in concrete_args):
-            return {}
+            return _NoKeywords()
         if name.startswith("*") and not name.startswith("**") and not (concrete_args and name[1:] in concrete_args):
-            return ()
+            return _NoPositionals()
         return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
+
+    def create_arg(self, a: Any) -> Any:
+        """A dict subclass returned by forward (transformers' ``ModelOutput``) is rebuilt as that class, not
+        flattened to a plain dict (the library indexes it: ``outputs[0]``, ``outputs.logits``)."""
+        if isinstance(a, dict) and type(a) not in (dict, OrderedDict, _NoKeywords) \
+                and not isinstance(a, fx.immutable_collections.immutable_dict) and all(isinstance(k, str) for k in a):
+            return self.create_node("call_function", type(a), (), {k: super(ASRTracer, self).create_arg(v)
+                                                                   for k, v in a.items()})
+        return super().create_arg(a)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))

@@ -54,18 +54,18 @@ def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _reference_params(vanilla: torch.nn.Module, config: dict, x: tuple) -> int:
-    """The parameter count of ``fuse(vanilla)``; for a partially captured model, of the vanilla model with
+def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple | None) -> int:
+    """The parameter count of ``fuse(vanilla)``; for a partially captured ``model``, of the vanilla model with
     the same parts fused (its own constant scales folded there, as in the ASR model)."""
+    config = asr_fx.get_config(model) or {}
     parts = config.get("parts")
     if not parts:
         return _n_params(asr_fx.fuse(vanilla, example_inputs=x, check=False))
     total = _n_params(vanilla)
     for path in parts:
         part = vanilla.get_submodule(path)
-        shapes = config["part_input_shapes"][path]
-        probe = tuple(torch.randn(s) for s in shapes)
-        total += _n_params(asr_fx.fuse(part, example_inputs=probe, check=False)) - _n_params(part)
+        probe = tuple(torch.randn(s) for s in config["part_input_shapes"][path])
+        total += _reference_params(part, model.get_submodule(path), probe) - _n_params(part)
     return total
 
 
@@ -111,7 +111,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = asr_fx.fuse(model, strict=True, example_inputs=x)
-            want = _reference_params(vanilla, config, x)
+            want = _reference_params(vanilla, model, x)
         with torch.no_grad():
             row.fuse_err = _rel(ref, _tensors(fused(*x)))
         row.params_ok = _n_params(fused) == want

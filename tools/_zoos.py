@@ -104,7 +104,7 @@ def hf_zoo() -> dict[str, Entry]:
     return {
         "ResNet": Entry(make("ResNetConfig", "ResNetForImageClassification", embedding_size=16, hidden_sizes=[16, 32],
                              depths=[1, 1], **small)),
-        "ConvNeXt": Entry(make("ConvNextConfig", "ConvNextForImageClassification", hidden_sizes=[16, 32],
+        "ConvNeXt": Entry(make("ConvNextConfig", "ConvNextForImageClassification", num_stages=2, hidden_sizes=[16, 32],
                                depths=[1, 1], **small)),
         "ViT": Entry(make("ViTConfig", "ViTForImageClassification", **vit), size=32),
         "DINOv2": Entry(make("Dinov2Config", "Dinov2Model", **{**vit, "num_labels": 2}), size=32),
@@ -114,7 +114,7 @@ def hf_zoo() -> dict[str, Entry]:
                                 hidden_sizes=[32, 32, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 48],
                                 **small)),
         "EfficientNet": Entry(make("EfficientNetConfig", "EfficientNetForImageClassification", image_size=64,
-                                   width_coefficient=0.25, depth_coefficient=0.25, **small)),
+                                   width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320, **small)),
         "RegNet": Entry(make("RegNetConfig", "RegNetForImageClassification", embedding_size=16,
                              hidden_sizes=[16, 32], depths=[1, 1], groups_width=8, **small)),
         "SegFormer": Entry(make("SegformerConfig", "SegformerForSemanticSegmentation", num_encoder_blocks=2,

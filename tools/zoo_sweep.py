@@ -45,7 +45,7 @@ import asr_fx
 from asr_fx.progress import progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the zoo modules beside this script
-from _zoo_run import STAGES, run_entry  # noqa: E402
+from _zoo_run import STAGES, ZooRow, run_entry  # noqa: E402
 from _zoos import ZOOS  # noqa: E402
 
 SIZES = (32, 64, 96, 128, 160, 224)
@@ -266,17 +266,23 @@ def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool) -> str:
         tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""])
 
 
-def zoo_main(zoo: str, names: list[str], onnx: bool, out: Path | None) -> int:
-    """Sweep one of the zoos of tools/_zoos.py; writes tools/results/zoo_<zoo>.md."""
+def zoo_main(zoo: str, names: list[str], onnx: bool, out: Path | None, update: bool = False) -> int:
+    """Sweep one of the zoos of tools/_zoos.py; writes tools/results/zoo_<zoo>.md (and .json)."""
     entries = ZOOS[zoo]()
     chosen = [n for n in entries if not names or n in names or n.split("/")[0] in names]
     out = out or RESULTS.parent / f"zoo_{zoo}.md"
+    saved = out.with_suffix(".json")
     rows = []
+    if update and saved.exists():
+        rows = [ZooRow(**r) for r in json.loads(saved.read_text()) if r["model"] not in chosen]
+    order = list(entries)
     for name in progress(chosen, zoo):
         row = run_entry(name, entries[name], onnx=onnx)
         rows.append(row)
+        rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
         print(f"{name:40s} {row.status[:160]} {row.seconds}", flush=True)
-        out.write_text(_zoo_markdown(zoo, rows, len(chosen), onnx))
+        out.write_text(_zoo_markdown(zoo, rows, len(entries) if update else len(chosen), onnx))
+        saved.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     print(f"\n{sum(r.ok for r in rows)} of {len(rows)} ok; wrote {out}")
     return 0 if all(r.ok or r.status.startswith("skipped") for r in rows) else 1
 
@@ -293,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun only the named models and replace their rows in the saved results (OUT.json)")
     args = parser.parse_args(argv)
     if args.zoo != "torchvision":
-        return zoo_main(args.zoo, args.models, not args.no_onnx, None if args.out == RESULTS else args.out)
+        return zoo_main(args.zoo, args.models, not args.no_onnx, None if args.out == RESULTS else args.out,
+                        args.update)
     every = torchvision.models.list_models(module=torchvision.models)
     names = args.models or every
     saved = args.out.with_suffix(".json")
