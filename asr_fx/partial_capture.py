@@ -145,7 +145,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     """Instrument the largest capturable parts of ``model`` in place (in a copy); see the module docstring.
 
     ``options`` are :func:`asr_fx.instrument`'s keyword arguments. Raises ``error`` (the root's trace
-    error) when no example inputs are given, and :class:`NoSitesError` when no part takes a site.
+    error) when no example inputs are given, or when no part takes a site (with that added).
     """
     example_inputs = options.get("example_inputs")
     if example_inputs is None:
@@ -184,10 +184,10 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
             visit(child_path, child)
 
     visit("", model)
-    if not parts:
-        raise NoSitesError(f"{type(model).__name__} does not trace as a whole ({str(error).splitlines()[0][:300]}) "
-                           f"and none of its parts took an ASR site" + (f" (refused: {refused[:3]})" if refused else "")
-                           + ". Pass sites=/leaf_modules= or instrument a submodule.")
+    if not parts:  # nothing captured alone either: the root's own error says what to do
+        detail = f"; refused: {refused[:3]}" if refused else ""
+        raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
+                         f"alone either{detail}.)") from error
     sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg["sites"]]
     config = {**next(iter(parts.values())), "sites": sites, PARTS_KEY: sorted(parts), "partial_capture": refused, "part_input_shapes": shapes,
               "factory": getattr(model, "_asr_fx_factory", None),
