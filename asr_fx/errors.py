@@ -135,3 +135,6 @@ class MissingDependencyError(ASRError, ImportError):
         super().__init__(message)
         self.package = package
         self.name = package
+class EquivalenceError(ASRError):
+    """``instrument``/``fuse`` produced a model that does not compute what the model it was given computes
+    on the probe input (checked before returning; ``check=False`` turns the check off)."""

@@ -19,7 +19,9 @@ from torch import nn
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
-from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError
+from asr_fx.equivalence import check_instrumented
+from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
+from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, insert_asr, trace
 from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
 from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
@@ -219,7 +221,8 @@ def instrument(
     preset: str | None = None,
     convert_existing: bool = False,
     norm_fused: bool | None = None,
-) -> fx.GraphModule:
+    check: bool = True,
+) -> nn.Module:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
 
     ``model`` is not modified (the result holds copies of its modules, under the same names).
@@ -252,7 +255,15 @@ def instrument(
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
+        check: before returning, check on ``example_inputs`` (or a probe derived from the first layer) that
+            the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
+            (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
+
+    When the whole forward does not trace (detector post-processing, a YOLO head, shape checks torch.fx
+    cannot follow), the largest capturable children are instrumented in place and the model's own class
+    is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
     """
+    options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
     if norm_fused is None:
         norm_fused = delta == 1
     if norm_fused and delta != 1:
@@ -262,18 +273,22 @@ def instrument(
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
     example_inputs = as_input_tuple(example_inputs)
-    options = dict(model_name=type(model).__name__, attention=attention, rule=rule, sites=sites, exclude=exclude,
-                   delta=delta, activation=activation, psi_init=psi_init, learnable_psi=learnable_psi,
-                   attention_kwargs=dict(attention_kwargs or {}), example_inputs=example_inputs,
-                   leaf_modules=leaf_modules, preset=preset, convert_existing=convert_existing, norm_fused=norm_fused)
-    gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **options)
+    pipeline_options = dict(model_name=type(model).__name__, attention=attention, rule=rule, sites=sites,
+                            exclude=exclude, delta=delta, activation=activation, psi_init=psi_init,
+                            learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
+                            example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
+                            convert_existing=convert_existing, norm_fused=norm_fused)
+    try:
+        gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
+    except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
+        return instrument_parts(model, exc, instrument, options)
     chosen = [r for r in records if isinstance(r, Site)]
-    kwargs = options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
+    kwargs = pipeline_options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
     kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
-    settings = block_settings(options, chosen)
+    settings = block_settings(pipeline_options, chosen)
     config = ASRConfig(
         attention=attention_name(attention),
-        attention_kwargs=options["attention_kwargs"],
+        attention_kwargs=kwargs,
         rule=rule,
         delta=delta,
         activation=settings.activation,
@@ -289,6 +304,8 @@ def instrument(
     set_config(gm, config)
     place_like(gm, model)
     gm.train(model.training)
+    if check and not convert_existing:  # converted existing attention changes the function on purpose
+        check_instrumented(model, gm, example_inputs)
     return gm  # type: ignore[return-value]
 
 

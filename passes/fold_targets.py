@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .graph_queries import fetch_attr
+from .graph_queries import fetch_attr, is_plain_layer
 from .op_tables import NORM_MODULES
 
 
@@ -112,6 +112,8 @@ def scale_outputs(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], None
     ``kind`` is what the fusion report says (``conv``, ``linear``, ``bn``, ``norm``); ``apply(v)``
     folds ``v``; ``tensors`` are the parameters and buffers ``apply`` replaces.
     """
+    if not is_plain_layer(module):
+        return None  # a composite layer (norm + activation, ...): a scale after it does not commute into it
     own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     if isinstance(module, (_ConvNd, _ConvTransposeNd)):
         return "conv", lambda v: _scale_conv_out(module, v), own
@@ -143,6 +145,8 @@ def _scale_bn_in(bn: _BatchNorm, s: torch.Tensor) -> None:
 def scale_inputs(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], None], list[torch.Tensor]] | None:
     """``(kind, apply, tensors)`` for a module whose input channels can take a scale, else ``None``
     (see :func:`input_refusal` for the scales it cannot take)."""
+    if not is_plain_layer(module):
+        return None  # a composite layer (weight-standardized conv, ...): its input scale does not commute in
     own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     if isinstance(module, (_ConvNd, _ConvTransposeNd)):
         transposed = isinstance(module, _ConvTransposeNd)

@@ -25,6 +25,7 @@ from .op_tables import (
     META_ATTRIBUTES,
     MUL_FUNCTIONS,
     MUL_METHODS,
+    PLAIN_LAYERS,
     SHAPE_QUERY_METHODS,
 )
 
@@ -131,10 +132,20 @@ class ChannelInfo:
     position: int | None
 
 
+def is_plain_layer(module: nn.Module | None) -> bool:
+    """``module`` computes exactly its torch layer's forward: not a composite subclass that overrides it
+    (a norm with an activation inside, a weight-standardized or same-padding conv), whose output a
+    scale cannot be folded through."""
+    if module is None:
+        return False
+    forward = type(module).forward
+    return any(isinstance(module, base) and forward is base.forward for base in PLAIN_LAYERS)
+
+
 def channel_info(gm: fx.GraphModule, node: fx.Node) -> ChannelInfo | None:
     """The channel layout of a node that is a call of a conv/norm/linear module, else ``None``."""
     module = module_of(gm, node)
-    if module is None:
+    if not is_plain_layer(module):
         return None
     rank = output_rank(node)
     channel_first = None if rank is None else 1 - rank

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .attention_patterns import find_channel_attention
+from .context_add import is_pooled_context
 from .graph_queries import channel_info, is_add, is_mul, module_of, skip_identity
 from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
                         IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
@@ -144,6 +145,7 @@ def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Stochastic depth or functional dropout: the identity at inference."""
     module = module_of(gm, node)
     return (type(module).__name__ == "StochasticDepth" or _function_name(node) == "stochastic_depth"
+            or node.op == "call_module" and str(node.target) in gm.meta.get("asr_fx.eval_identity", ())
             or node.op == "call_function" and _function_name(node) in DROPOUT_FUNCTION_NAMES)
 
 
@@ -286,6 +288,8 @@ def residual_blocks(gm: fx.GraphModule, attention_features: dict[str, str] | Non
         if found is None or found[0] == found[1]:
             continue
         branch, shortcut = (lhs, rhs) if found[0] > found[1] else (rhs, lhs)
+        if is_pooled_context(gm, branch, found[2]):
+            continue  # x + mlp(pool(x)): a broadcast global context (GC/GE blocks), not a residual branch
         nodes = _branch_nodes(branch, found[2])
         if nodes is None:
             continue

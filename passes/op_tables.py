@@ -99,3 +99,8 @@ RANDOM_FUNCTIONS = (torch.rand, torch.randn, torch.randint, torch.randperm, torc
                     torch.randint_like, torch.bernoulli, torch.normal, torch.multinomial, torch.dropout,
                     *DROPOUT_FUNCTIONS)
 RANDOM_METHODS = ("bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "cauchy_")
+
+#: the torch layers whose forward the fold rules know; a subclass that overrides forward is not one of them
+PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.MultiheadAttention)

@@ -10,7 +10,9 @@ call).
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections import OrderedDict
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -21,10 +23,27 @@ from torch import nn
 
 from asr_fx.errors import TraceError
 
+from .plain_layers import plain_layers
+from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
+
 LeafSpec = Iterable["str | type[nn.Module]"] | Callable[[nn.Module, str], bool] | None
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_DIR = os.path.dirname(__file__)
+#: the torch package's own directory, with a trailing separator: ``.../torchvision`` is not torch
+_TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")
+_THIS_DIR = os.path.join(os.path.dirname(__file__), "")
+#: how many modules a trace may keep as leaves because their forward branches on ``self.training``
+_MAX_MODE_LEAVES = 64
+#: GraphModule meta key: paths of modules kept as calls (they branch on ``self.training``) that are the
+#: identity in eval mode, such as drop-path; placement walks through them like stochastic depth
+EVAL_IDENTITY = "asr_fx.eval_identity"
+
+
+class _NoKeywords(dict):
+    """The empty ``**kwargs`` of a traced forward (a dict subclass: a pytree leaf, not an input tree)."""
+
+
+class _NoPositionals(tuple):
+    """The empty ``*args`` of a traced forward."""
 
 
 class ASRTracer(fx.Tracer):
@@ -85,6 +104,39 @@ class ASRTracer(fx.Tracer):
                 self._names.setdefault(id(p), name)
         return self._names
 
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
+        """A forward wrapped by a ``(*args, **kwargs)`` decorator (transformers' ``can_return_tuple``, output
+        capturing) gets placeholders from the function it wraps and is called with those, positionally."""
+        inner = inspect.unwrap(root_fn)
+        if inner is root_fn or not root_fn.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        _, args = super().create_args_for_root(inner, is_module, concrete_args)
+        named = inner.__code__.co_argcount
+
+        def call_wrapper(*values: Any) -> Any:
+            return root_fn(*values[:named])
+
+        return call_wrapper, args
+
+    def _proxy_placeholder(self, name: str, concrete_args: Any, sig: Any, fn_for_analysis: Any) -> Any:
+        """``*args``/``**kwargs`` of the traced forward are empty (a tuple and a dict, not a Proxy that
+        cannot be unpacked): the captured graph takes the named arguments only (``return_dict``-style
+        decorators and ``**kwargs`` pass-throughs then trace)."""
+        if name.startswith("**") and not (concrete_args and name[2:] in concrete_args):
+            return _NoKeywords()
+        if name.startswith("*") and not name.startswith("**") and not (concrete_args and name[1:] in concrete_args):
+            return _NoPositionals()
+        return super()._proxy_placeholder(name, concrete_args, sig, fn_for_analysis)
+
+    def create_arg(self, a: Any) -> Any:
+        """A dict subclass returned by forward (transformers' ``ModelOutput``) is rebuilt as that class, not
+        flattened to a plain dict (the library indexes it: ``outputs[0]``, ``outputs.logits``)."""
+        if isinstance(a, dict) and type(a) not in (dict, OrderedDict, _NoKeywords) \
+                and not isinstance(a, fx.immutable_collections.immutable_dict) and all(isinstance(k, str) for k in a):
+            return self.create_node("call_function", type(a), (), {k: super(ASRTracer, self).create_arg(v)
+                                                                   for k, v in a.items()})
+        return super().create_arg(a)
+
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))
         result = super().call_module(m, forward, args, kwargs)
@@ -101,6 +153,80 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     return frames[-1] if frames else None
 
 
+def _combine_leaves(leaf_modules: LeafSpec, extra: set[str]) -> LeafSpec:
+    if not extra:
+        return leaf_modules
+    if leaf_modules is None:
+        return list(extra)
+    if callable(leaf_modules) and not isinstance(leaf_modules, type):
+        predicate = leaf_modules
+        return lambda m, name: name in extra or predicate(m, name)
+    return [*leaf_modules, *extra]
+
+
+#: defaults of these types are option flags (``return_dict=None``, ``*, features_only=False``), not inputs
+_FLAG_TYPES = (type(None), bool, int, float, str)
+
+
+def default_flags(model: nn.Module) -> dict[str, Any]:
+    """Arguments of ``model.forward`` after the first that default to a flag value (None/bool/number/str):
+    the captured graph computes ``forward(input)`` with them at their defaults (a call that passes another
+    value fails on an assertion torch.fx puts in the graph, never computes something else)."""
+    try:
+        params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    flags = {}
+    for i, p in enumerate(params):
+        if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if isinstance(p.default, _FLAG_TYPES):
+            flags[p.name] = p.default
+    return flags
+
+
+def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ...],
+                concrete_args: dict[str, Any] | None) -> fx.GraphModule:
+    tracer = ASRTracer(leaf_modules, inline)
+    flags = default_flags(model) if concrete_args is None else {}
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args if concrete_args is not None else flags or None)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise _trace_error(model, tracer, exc) from exc
+    for node in graph.nodes:  # torch.fx names a specialized argument `flag_1`: callers pass it as `flag=`
+        if node.op == "placeholder" and str(node.target).endswith("_1") and str(node.target)[:-2] in flags:
+            node.target = node.name = str(node.target)[:-2]
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    plain_layers(gm, model)
+    return gm
+
+
+def _trace_error(model: nn.Module, tracer: ASRTracer, exc: BaseException) -> TraceError:
+    where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+    module = model.get_submodule(where) if where else model
+    frame = _user_frame(exc)
+    line = f" at {frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)" if frame else ""
+    label = f"`{where}` ({type(module).__name__})" if where else f"the model ({type(model).__name__})"
+    hint = (
+        f"pass leaf_modules=[{where!r}] (or its class {type(module).__name__}) to keep it as one opaque call"
+        if where
+        else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
+    )
+    error = TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.")
+    error.module_path = where  # type: ignore[attr-defined]
+    return error
+
+
+def _trace_in_mode(model: nn.Module, training: bool, *args: Any) -> fx.GraphModule:
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        return _trace_once(model, *args)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 def trace(
     model: nn.Module,
     leaf_modules: LeafSpec = None,
@@ -110,89 +236,72 @@ def trace(
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a ``GraphModule`` whose submodules keep their names.
 
-    ``bind_training``: dropout-like calls follow the GraphModule's ``train()``/``eval()`` (see
-    :func:`bind_training_flags`); ``False`` keeps the flags tracing saw, for inference-only graphs.
+    Composite layers (a norm with its activation inside, ...) are traced through, their functional
+    norm call becoming a plain layer at the same path (:mod:`asr_fx.passes.plain_layers`).
+
+    ``bind_training`` (default): the model is traced in train and in eval mode and the graphs compared
+    (:mod:`asr_fx.passes.training_flags`): boolean arguments that follow the mode read the
+    GraphModule's ``training`` flag, and a module whose forward branches on ``self.training`` stays one
+    call (its forward reads its own flag). The result follows ``train()``/``eval()`` like the model.
+    ``False``: one trace in the model's current mode, flags kept as tracing saw them (for
+    inference-only graphs).
 
     Raises :class:`asr_fx.errors.TraceError` naming the module and the Python line where tracing
-    failed.
+    failed (the library's own line, not torch's).
     """
-    tracer = ASRTracer(leaf_modules, inline)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-    except Exception as exc:  # noqa: BLE001 - re-raised with context
-        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
-        module = model.get_submodule(where) if where else model
-        frame = _user_frame(exc)
-        line = f" at {frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)" if frame else ""
-        label = f"`{where}` ({type(module).__name__})" if where else f"the model ({type(model).__name__})"
-        hint = (
-            f"pass leaf_modules=[{where!r}] (or its class {type(module).__name__}) to keep it as one opaque call"
-            if where
-            else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
-        )
-        raise TraceError(
-            f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}."
-        ) from exc
-    if bind_training:
-        bind_training_flags(graph, model.training)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
+    if not bind_training:
+        gm = _trace_once(model, leaf_modules, inline, concrete_args)
+    else:
+        mode_leaves: set[str] = set()
+        while True:
+            spec = _combine_leaves(leaf_modules, mode_leaves)
+            gm_eval = _trace_in_mode(model, False, spec, inline, concrete_args)
+            try:
+                gm = _trace_in_mode(model, True, spec, inline, concrete_args)
+            except TraceError as exc:  # traces in eval only: the failing module's train branch stays its own call
+                where = getattr(exc, "module_path", "")
+                if not where or where in mode_leaves or len(mode_leaves) >= _MAX_MODE_LEAVES:
+                    raise
+                mode_leaves.add(where)
+                continue
+            try:
+                flags = align(gm, gm_eval)
+            except ModeDifference as diff:
+                if len(mode_leaves) >= _MAX_MODE_LEAVES:
+                    raise TraceError(f"{type(model).__name__}: more than {_MAX_MODE_LEAVES} modules branch on "
+                                     f"self.training ({sorted(mode_leaves)[:5]}...); trace it with "
+                                     "bind_training=False in the mode you will run it in") from None
+                mode_leaves.add(mode_dependent_module(diff, mode_leaves, type(model).__name__))
+                continue
+            bind_mode_flags(gm, flags)
+            break
+        gm.meta["asr_fx.mode_leaves"] = sorted(mode_leaves)
+        gm.meta[EVAL_IDENTITY] = [p for p in sorted(mode_leaves) if _is_eval_identity(model.get_submodule(p))]
+    _copy_modes(gm, model)
     for attr in ("_asr_fx_factory",):
         if hasattr(model, attr):
             setattr(gm, attr, getattr(model, attr))
     return gm
 
 
-def _training_arguments() -> dict[Callable[..., Any], tuple[int, str]]:
-    """Functions that take the module's ``training`` flag: (positional index, keyword) of the flag."""
-    F = torch.nn.functional
-    table: dict[Callable[..., Any], tuple[int, str]] = {
-        F.dropout: (2, "training"),
-        F.dropout1d: (2, "training"),
-        F.dropout2d: (2, "training"),
-        F.dropout3d: (2, "training"),
-        F.alpha_dropout: (2, "training"),
-        F.feature_alpha_dropout: (2, "training"),
-    }
-    try:  # torchvision's stochastic depth is wrapped for torch.fx: a call_function node
-        from torchvision.ops.stochastic_depth import stochastic_depth
-    except ImportError:  # pragma: no cover - torchvision is optional
-        pass
-    else:
-        table[stochastic_depth] = (3, "training")
-    return table
+def _is_eval_identity(module: nn.Module) -> bool:
+    """``module`` returns its (first) input unchanged in eval mode (drop-path, dropout written by hand)."""
+    try:
+        gm = _trace_in_mode(module, False, None, (), None)
+    except TraceError:
+        return False
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    return bool(placeholders) and output.args[0] is placeholders[0]
 
 
-def bind_training_flags(graph: fx.Graph, traced_training: bool) -> fx.Graph:
-    """Re-attach ``self.training`` to dropout-like calls whose flag tracing froze into a constant.
-
-    ``F.dropout(x, p, self.training)`` and torchvision's ``stochastic_depth(x, p, mode,
-    self.training)`` trace to calls with a literal ``True``/``False``, so a model traced in train
-    mode would keep dropping in eval mode. Each such literal equal to the model's mode at trace time
-    becomes a read of the GraphModule's own ``training`` flag, which ``train()``/``eval()`` set.
-    Equivalence: exact in the mode the model was traced in; the other mode now behaves as the
-    original module does. Calls that pass a fixed flag different from the model's mode are kept.
-    """
-    table = _training_arguments()
-    flag: fx.Node | None = None
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in table:
+def _copy_modes(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Each submodule of ``gm`` in the mode of the model's module at the same path."""
+    gm.training = model.training
+    for name, module in gm.named_modules():
+        if not name:
             continue
-        index, keyword = table[node.target]
-        if keyword in node.kwargs:
-            value, where = node.kwargs[keyword], keyword
-        elif len(node.args) > index:
-            value, where = node.args[index], index
-        else:
-            continue
-        if not isinstance(value, bool) or value != traced_training:
-            continue
-        if flag is None:
-            first = next(n for n in graph.nodes if n.op != "placeholder")
-            with graph.inserting_before(first):
-                flag = graph.get_attr("training")
-        if isinstance(where, str):
-            node.kwargs = {**node.kwargs, where: flag}
-        else:
-            node.args = node.args[:where] + (flag,) + node.args[where + 1:]
-    return graph
+        try:
+            module.training = model.get_submodule(name).training
+        except AttributeError:
+            module.training = model.training

@@ -17,6 +17,8 @@ Usage::
 
     OMP_NUM_THREADS=1 python tools/zoo_sweep.py                  # all models -> tools/results/torchvision.md
     python tools/zoo_sweep.py resnet18 vgg11_bn --out /tmp/x.md  # a few
+    python tools/zoo_sweep.py --zoo timm                         # -> tools/results/zoo_timm.md
+    python tools/zoo_sweep.py --zoo hf ViT Swin --no-onnx        # zoos: timm hf yolo tvtasks smp (tools/_zoos.py)
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from tabulate import tabulate
 
 import asr_fx
 from asr_fx.progress import progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the zoo modules beside this script
+from _zoo_run import STAGES, ZooRow, run_entry  # noqa: E402
+from _zoos import ZOOS  # noqa: E402
 
 SIZES = (32, 64, 96, 128, 160, 224)
 RESULTS = Path(__file__).resolve().parent / "results" / "torchvision.md"
@@ -243,14 +249,58 @@ def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
     path.write_text("\n".join(lines))
 
 
+def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool) -> str:
+    ok = sum(r.ok for r in rows)
+    body = [(r.model, r.sites, r.parts or "", _fmt(r.fuse_err), _fmt(r.ort_err), "yes" if r.params_ok else "no",
+             " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300]) for r in rows]
+    headers = ["model", "sites", "parts", "max fuse err", "max ORT err", "params == fuse(vanilla)",
+               "seconds: " + " / ".join(STAGES), "status"]
+    return "\n".join([
+        f"# asr-fx on the {zoo} zoo", "",
+        f"Written by `tools/zoo_sweep.py --zoo {zoo}` (torch {torch.__version__}, random weights, CPU, batch 2). "
+        "Per model: instrument -> one SGD step -> eval (batch independence) -> fuse(strict=True) -> parameters "
+        "against fuse(vanilla)" + (" -> ONNX in onnxruntime" if onnx else " (ONNX not run: --no-onnx)")
+        + "; detectors: eval outputs of the fused model against the instrumented one. `parts`: captured parts "
+        "when the whole forward does not trace (partial capture).", "",
+        f"**{ok} of {len(rows)} pass**" + (f" ({len(rows)} of {total} swept)" if len(rows) < total else ""), "",
+        tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""])
+
+
+def zoo_main(zoo: str, names: list[str], onnx: bool, out: Path | None, update: bool = False) -> int:
+    """Sweep one of the zoos of tools/_zoos.py; writes tools/results/zoo_<zoo>.md (and .json)."""
+    entries = ZOOS[zoo]()
+    chosen = [n for n in entries if not names or n in names or n.split("/")[0] in names]
+    out = out or RESULTS.parent / f"zoo_{zoo}.md"
+    saved = out.with_suffix(".json")
+    rows = []
+    if update and saved.exists():
+        rows = [ZooRow(**r) for r in json.loads(saved.read_text()) if r["model"] not in chosen]
+    order = list(entries)
+    for name in progress(chosen, zoo):
+        row = run_entry(name, entries[name], onnx=onnx)
+        rows.append(row)
+        rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
+        print(f"{name:40s} {row.status[:160]} {row.seconds}", flush=True)
+        out.write_text(_zoo_markdown(zoo, rows, len(entries) if update else len(chosen), onnx))
+        saved.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    print(f"\n{sum(r.ok for r in rows)} of {len(rows)} ok; wrote {out}")
+    return 0 if all(r.ok or r.status.startswith("skipped") for r in rows) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (default: every classification model)")
+    parser.add_argument("--zoo", default="torchvision", choices=["torchvision", *ZOOS],
+                        help="which zoo (default torchvision classification)")
+    parser.add_argument("--no-onnx", action="store_true", help="other zoos: skip the ONNX export and check")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the verified input (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"markdown file (default {RESULTS})")
     parser.add_argument("--update", action="store_true",
                         help="rerun only the named models and replace their rows in the saved results (OUT.json)")
     args = parser.parse_args(argv)
+    if args.zoo != "torchvision":
+        return zoo_main(args.zoo, args.models, not args.no_onnx, None if args.out == RESULTS else args.out,
+                        args.update)
     every = torchvision.models.list_models(module=torchvision.models)
     names = args.models or every
     saved = args.out.with_suffix(".json")

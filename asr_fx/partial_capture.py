@@ -1,0 +1,229 @@
+"""Partial capture: where a model's whole forward cannot be traced, instrument its largest capturable parts.
+
+Detectors (post-processing with data-dependent control flow), YOLO's head, models whose forward checks
+input shapes or takes ``return_dict``-style flags: ``instrument`` falls back to this module when the
+root does not trace. One run of the model on ``example_inputs`` records the arguments each submodule is
+called with; then, walking the module tree from the top, every child that is called with tensors only
+(keyword arguments at their defaults) and that ``instrument`` accepts is instrumented as a whole and
+replaces the child in a copy of the model, **in place**: the model keeps its class and its own Python
+forward, its state_dict keys stay as they were (plus ``<part>.asr.*``). A child that does not trace
+(or whose check fails) is descended into; a child without sites is left alone.
+
+``fuse`` on such a model fuses every part in place (:func:`fuse_parts`).
+
+Equivalence: each part is checked by ``instrument`` as usual (v = 1 against the original child, in
+eval and train mode), and the fused parts against the instrumented ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from asr_fx.equivalence import check_fused
+from asr_fx.errors import ASRError, NoSitesError, TraceError
+
+PARTS_KEY = "parts"
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    rng = torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        torch.random.set_rng_state(rng)
+
+
+def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` of each submodule's first call when ``model`` runs on ``example_inputs`` (eval)."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(name, (args, kwargs))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in model.named_modules() if n]
+    try:
+        with _restored(model), torch.no_grad():
+            model.eval()
+            model(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
+        raise ASRError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
+                       "Pass inputs its forward accepts") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+    """The call's inputs as positional tensors, when every other argument is at its default, else ``None``."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    params = inspect.signature(module.forward).parameters
+    tensors: list[torch.Tensor] = []
+    for name, value in bound.arguments.items():
+        param = params[name]
+        if isinstance(value, torch.Tensor) and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            if len(tensors) != list(params).index(name):
+                return None  # a tensor after a non-tensor argument: not positional tensors only
+            tensors.append(value)
+        elif param.default is inspect.Parameter.empty or not _same(value, param.default):
+            return None
+    return tuple(tensors) if tensors else None
+
+
+def _same(value: Any, default: Any) -> bool:
+    try:
+        return value is default or bool(value == default)
+    except Exception:  # noqa: BLE001 - values without a plain ==
+        return False
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+_MODULE_STATE = set(nn.Module().__dict__) | {"meta", "asr_fx_config"}
+#: GraphModule meta key whose attributes survive ``copy.deepcopy`` (torch.fx's own convention)
+_PRESERVED = "_user_preserved_attributes"
+
+
+def _captured_class(library_class: type) -> type:
+    """A GraphModule subclass with the properties of ``library_class`` (smp reads ``encoder.output_stride``)."""
+    props: dict[str, Any] = {}
+    for klass in reversed(library_class.__mro__):
+        if klass in (nn.Module, object):
+            continue
+        props.update({k: v for k, v in vars(klass).items() if isinstance(v, property) and not hasattr(fx.GraphModule, k)})
+    return type(f"Captured{library_class.__name__}", (fx.GraphModule,), props)
+
+
+def _keep_attributes(part: nn.Module, child: nn.Module) -> None:
+    """The library's own plain attributes and properties of ``child`` (ultralytics reads ``m.f``, ``m.i``;
+    smp ``encoder.output_stride``) on the GraphModule that replaces it, kept across ``copy.deepcopy``."""
+    library_class = getattr(child, "_asr_fx_library_class", type(child))
+    kept = {k: v for k, v in child.__dict__.items()
+            if k not in _MODULE_STATE and k not in part.__dict__ and not isinstance(v, (nn.Module, torch.Tensor))}
+    kept["_asr_fx_library_class"] = library_class
+    for key, value in kept.items():
+        setattr(part, key, value)
+    if isinstance(part, fx.GraphModule):
+        part.meta.setdefault(_PRESERVED, {}).update(kept)
+        part.__class__ = type("GraphModuleImpl", (_captured_class(library_class),), {})
+        part.recompile()
+
+
+def _part_sites(sites: Any, path: str) -> Any:
+    if sites is None or callable(sites):
+        return sites
+    prefix = f"{path}/"
+    return [s[len(prefix):] for s in sites if isinstance(s, str) and s.startswith(prefix)]
+
+
+def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[..., nn.Module],
+                     options: dict[str, Any]) -> nn.Module:
+    """Instrument the largest capturable parts of ``model`` in place (in a copy); see the module docstring.
+
+    ``options`` are :func:`asr_fx.instrument`'s keyword arguments. Raises ``error`` (the root's trace
+    error) when no example inputs are given, or when no part takes a site (with that added).
+    """
+    example_inputs = options.get("example_inputs")
+    if example_inputs is None:
+        raise TraceError(f"{error} Or pass example_inputs=(...) and asr-fx instruments the parts of the model "
+                         "it can capture, leaving the rest as the model's own Python.") from error
+    example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    calls = record_calls(model, example_inputs)
+    work = copy.deepcopy(model)
+    parts: dict[str, dict[str, Any]] = {}
+    refused: list[str] = []
+    shapes: dict[str, list[list[int]]] = {}
+
+    def visit(path: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if child_path not in calls:  # not called itself (a container whose children are): look inside
+                visit(child_path, child)
+                continue
+            inputs = _tensor_inputs(child, *calls[child_path])
+            sites = _part_sites(options.get("sites"), child_path)
+            if sites == []:
+                continue
+            if inputs is not None:
+                try:
+                    part = instrument(child, **{**options, "example_inputs": inputs, "sites": sites})
+                except NoSitesError:
+                    continue
+                except ASRError as exc:
+                    refused.append(f"{child_path}: {str(exc).splitlines()[0][:200]}")
+                else:
+                    _keep_attributes(part, child)
+                    _set_submodule(work, child_path, part)
+                    parts[child_path] = getattr(part, "asr_fx_config", {})
+                    shapes[child_path] = [list(t.shape) for t in inputs]
+                    continue
+            visit(child_path, child)
+
+    visit("", model)
+    if not parts:  # nothing captured alone either: the root's own error says what to do
+        detail = f"; refused: {refused[:3]}" if refused else ""
+        raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
+                         f"alone either{detail}.)") from error
+    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg["sites"]]
+    config = {**next(iter(parts.values())), "sites": sites, PARTS_KEY: sorted(parts), "partial_capture": refused, "part_input_shapes": shapes,
+              "factory": getattr(model, "_asr_fx_factory", None),
+              "input_shape": list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None}
+    work.asr_fx_config = config
+    work.train(model.training)
+    return work
+
+
+def is_partial(model: nn.Module) -> bool:
+    """``model`` came from :func:`instrument_parts` (its instrumented parts are GraphModules inside it)."""
+    config = getattr(model, "asr_fx_config", None)
+    return not isinstance(model, fx.GraphModule) and isinstance(config, dict) and bool(config.get(PARTS_KEY))
+
+
+def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any) -> nn.Module:
+    """A copy of a partially captured ``model`` with every instrumented part fused in place (eval mode).
+
+    ``options`` are :func:`asr_fx.fuse`'s keyword arguments; the fusion reports of the parts are joined
+    on the result (``fused.meta["asr_fx.fusion"]``).
+    """
+    example_inputs = options.get("example_inputs")
+    work = copy.deepcopy(model).eval()
+    reports = []
+    for path in model.asr_fx_config[PARTS_KEY]:
+        part = work.get_submodule(path)
+        shapes = model.asr_fx_config.get("part_input_shapes", {}).get(path)
+        ref = next(iter(part.parameters()))
+        probe = tuple(torch.randn(s, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
+                      for s in shapes) if shapes else None
+        fused = fuse(part, **{**options, "example_inputs": probe})
+        _keep_attributes(fused, part)
+        _set_submodule(work, path, fused)
+        reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
+    records = [r for report in reports if report is not None for r in report.records]
+    work.meta = {"asr_fx.fusion": type(reports[0])(records) if reports and reports[0] is not None else None}
+    if options.get("check", True) and example_inputs is not None:
+        check_fused(model, work, tuple(example_inputs))
+    return work.eval()

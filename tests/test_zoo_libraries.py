@@ -1,0 +1,61 @@
+"""timm, Hugging Face, ultralytics, torchvision detection and smp models through the whole pipeline
+(tools/zoo_sweep.py --zoo ...): instrument -> SGD step -> eval -> fuse(strict=True) -> parameters.
+
+Default: a handful of small models, without ONNX. ``-m slow``: every entry of every zoo, with ONNX.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+_TOOLS = Path(__file__).parents[1] / "tools"
+sys.path.insert(0, str(_TOOLS))
+_spec = importlib.util.spec_from_file_location("_zoos", _TOOLS / "_zoos.py")
+_zoos = importlib.util.module_from_spec(_spec)
+sys.modules["_zoos"] = _zoos
+_spec.loader.exec_module(_zoos)
+from _zoo_run import run_entry  # noqa: E402
+
+#: (zoo, entry, the module it needs): small and quick; each stands for a capture category
+HANDFUL = [
+    ("timm", "efficientnet/tinynet_e", "timm"),  # BatchNormAct2d traced through, drop-path
+    ("timm", "convnext/convnext_atto", "timm"),  # LayerNorm2d, layer scale
+    ("hf", "ResNet", "transformers"),  # return_dict flags, shape check, ModelOutput (partial capture)
+    ("smp", "FPN", "segmentation_models_pytorch"),  # input-shape check: parts captured in place
+    ("yolo", "yolov8n.yaml", "ultralytics"),  # the head loop: layers and head convs captured in place
+]
+
+
+def _entry(zoo: str, name: str):
+    if zoo == "timm":
+        return _zoos.Entry(_zoos._timm_model(name.split("/")[1]))
+    return _zoos.ZOOS[zoo]()[name]
+
+
+@pytest.mark.parametrize(("zoo", "name", "needs"), HANDFUL, ids=[f"{z}-{n}" for z, n, _ in HANDFUL])
+def test_zoo_handful(zoo, name, needs):
+    pytest.importorskip(needs)
+    row = run_entry(name, _entry(zoo, name), onnx=False)
+    assert row.ok, row.status
+    assert row.sites > 0 and row.fuse_err <= 1e-5 and row.params_ok
+
+
+def _all_entries():
+    out = []
+    for zoo in _zoos.ZOOS:
+        try:
+            out += [(zoo, name) for name in _zoos.ZOOS[zoo]()]
+        except ImportError:
+            continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("zoo", "name"), _all_entries() if "slow" in " ".join(sys.argv) else [])
+def test_zoo_full(zoo, name):
+    row = run_entry(name, _zoos.ZOOS[zoo]()[name])
+    assert row.ok or row.status.startswith("skipped"), row.status

@@ -1,0 +1,160 @@
+"""One model of any zoo through the asr-fx pipeline (used by tools/zoo_sweep.py ``--zoo``).
+
+instrument -> one SGD step -> eval (batch independence) -> fuse(strict=True) -> parameters against
+``fuse(vanilla)`` -> ONNX verified in onnxruntime. A detector (list of images in, boxes out) skips the
+SGD step (it needs targets) and the ONNX export, and passes when the fused model's eval outputs match
+the instrumented one's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import asr_fx
+from asr_fx.equivalence import _tensors
+
+#: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies)
+MAX_PARAMS = 60_000_000
+STAGES = ("build", "instrument", "train", "eval", "fuse", "onnx")
+
+
+@dataclass
+class ZooRow:
+    model: str
+    sites: int = 0
+    parts: int = 0
+    fuse_err: float = math.nan
+    ort_err: float = math.nan
+    params_ok: bool = False
+    status: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _rel(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    if len(ref) != len(out) or any(a.shape != b.shape for a, b in zip(ref, out)):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(ref, out):
+        if a.numel():
+            worst = max(worst, ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple | None) -> int:
+    """The parameter count of ``fuse(vanilla)``; for a partially captured ``model``, of the vanilla model with
+    the same parts fused (its own constant scales folded there, as in the ASR model)."""
+    config = asr_fx.get_config(model) or {}
+    parts = config.get("parts")
+    if not parts:
+        return _n_params(asr_fx.fuse(vanilla, example_inputs=x, check=False))
+    total = _n_params(vanilla)
+    for path in parts:
+        part = vanilla.get_submodule(path)
+        probe = tuple(torch.randn(s) for s in config["part_input_shapes"][path])
+        total += _reference_params(part, model.get_submodule(path), probe) - _n_params(part)
+    return total
+
+
+def _fitting(entry, vanilla: torch.nn.Module):  # noqa: ANN001, ANN202 - tools/_zoos.Entry
+    """The entry at the smallest input size (its own, then 96 ... 224) the vanilla model runs on."""
+    for size in (entry.size, 96, 128, 160, 224):
+        candidate = dataclasses.replace(entry, size=size)
+        try:
+            with torch.no_grad():
+                vanilla(*candidate.inputs(2, 1))
+            return candidate
+        except Exception:  # noqa: BLE001 - too small: try the next size
+            continue
+    return entry
+
+
+def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - tools/_zoos.Entry
+    """Run the pipeline on one zoo entry; never raises (the row's status says what failed)."""
+    row = ZooRow(name)
+    stage, start = "build", time.perf_counter()
+
+    def lap(next_stage: str) -> None:
+        nonlocal stage, start
+        row.seconds[stage] = round(time.perf_counter() - start, 1)
+        stage, start = next_stage, time.perf_counter()
+
+    try:
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vanilla = entry.build().eval()
+        if _n_params(vanilla) > MAX_PARAMS:
+            row.status = f"skipped: {_n_params(vanilla) / 1e6:.0f}M parameters, over this CPU sweep's {MAX_PARAMS // 10**6}M"
+            return row
+        entry = _fitting(entry, vanilla)
+        x = entry.inputs(2, 1)
+        lap("instrument")
+        model = asr_fx.instrument(vanilla, example_inputs=x)
+        config = asr_fx.get_config(model)
+        row.sites, row.parts = len(config["sites"]), len(config.get("parts") or [])
+        lap("train")
+        if not entry.detector:
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            loss = sum(t.float().pow(2).mean() for t in _tensors(model(*entry.inputs(2, 2))))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        lap("eval")
+        model.eval()
+        with torch.no_grad():
+            ref = _tensors(model(*x))
+            if not entry.detector:
+                one = _tensors(model(x[0][:1]))
+                alone = _rel([t[:1] for t in ref], [t[:1] for t in one])
+                if not alone <= 1e-4:
+                    raise AssertionError(f"eval output depends on the rest of the batch (rel. {alone:.2g})")
+        lap("fuse")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = asr_fx.fuse(model, strict=True, example_inputs=x)
+            want = _reference_params(vanilla, model, x)
+        with torch.no_grad():
+            row.fuse_err = _rel(ref, _tensors(fused(*x)))
+        row.params_ok = _n_params(fused) == want
+        lap("onnx")
+        if onnx and not entry.detector:
+            with tempfile.TemporaryDirectory() as tmp:
+                report = asr_fx.export_onnx(fused, Path(tmp) / "fused.onnx", x[0], reference=model)
+                row.ort_err = max(o.max_rel for o in report.outputs)
+        lap("done")
+        problems = []
+        if not row.fuse_err <= 1e-5:
+            problems.append(f"fuse error {row.fuse_err:.2g} > 1e-5")
+        if not row.params_ok:
+            problems.append(f"parameters {_n_params(fused)} != fuse(vanilla) {want}")
+        if onnx and not entry.detector and not row.ort_err <= 1e-4:
+            problems.append(f"onnxruntime error {row.ort_err:.2g} > 1e-4")
+        row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+    except Exception as exc:  # noqa: BLE001 - one row per model, whatever happened
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        row.status = f"error in {stage}: {type(exc).__name__}: {first[:400]}"
+        row.seconds[stage] = round(time.perf_counter() - start, 1)
+        if stage == "build":
+            row.status = "skipped: " + row.status
+    finally:
+        gc.collect()
+    return row
