@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,10 +28,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx.config import asr_config, set_config
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import ASRError, NoSitesError, TraceError
 
-PARTS_KEY = "parts"
 
 
 @contextlib.contextmanager
@@ -154,7 +155,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     calls = record_calls(model, example_inputs)
     work = copy.deepcopy(model)
-    parts: dict[str, dict[str, Any]] = {}
+    parts: dict[str, ASRConfig] = {}
     refused: list[str] = []
     shapes: dict[str, list[list[int]]] = {}
 
@@ -178,7 +179,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 else:
                     _keep_attributes(part, child)
                     _set_submodule(work, child_path, part)
-                    parts[child_path] = getattr(part, "asr_fx_config", {})
+                    parts[child_path] = asr_config(part)
                     shapes[child_path] = [list(t.shape) for t in inputs]
                     continue
             visit(child_path, child)
@@ -188,19 +189,20 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
         detail = f"; refused: {refused[:3]}" if refused else ""
         raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
                          f"alone either{detail}.)") from error
-    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg["sites"]]
-    config = {**next(iter(parts.values())), "sites": sites, PARTS_KEY: sorted(parts), "partial_capture": refused, "part_input_shapes": shapes,
-              "factory": getattr(model, "_asr_fx_factory", None),
-              "input_shape": list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None}
-    work.asr_fx_config = config
+    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg.sites]
+    first = next(iter(parts.values()))
+    shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
+    set_config(work, dataclasses.replace(first, sites=sites, parts=sorted(parts), refused_parts=refused,
+                                         part_input_shapes=shapes, input_shape=shape,
+                                         factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
 
 
 def is_partial(model: nn.Module) -> bool:
     """``model`` came from :func:`instrument_parts` (its instrumented parts are GraphModules inside it)."""
-    config = getattr(model, "asr_fx_config", None)
-    return not isinstance(model, fx.GraphModule) and isinstance(config, dict) and bool(config.get(PARTS_KEY))
+    config = asr_config(model)
+    return not isinstance(model, fx.GraphModule) and config is not None and bool(config.parts)
 
 
 def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any) -> nn.Module:
@@ -212,9 +214,10 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     example_inputs = options.get("example_inputs")
     work = copy.deepcopy(model).eval()
     reports = []
-    for path in model.asr_fx_config[PARTS_KEY]:
+    config = asr_config(model)
+    for path in config.parts:
         part = work.get_submodule(path)
-        shapes = model.asr_fx_config.get("part_input_shapes", {}).get(path)
+        shapes = (config.part_input_shapes or {}).get(path)
         ref = next(iter(part.parameters()))
         probe = tuple(torch.randn(s, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
                       for s in shapes) if shapes else None
