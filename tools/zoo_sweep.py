@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 import torchvision
 from tabulate import tabulate
+from tqdm import tqdm
 
 import asr_fx
-from asr_fx.progress import progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the zoo modules beside this script
 from _zoo_run import STAGES, ZooRow, run_entry  # noqa: E402
@@ -276,7 +276,7 @@ def zoo_main(zoo: str, names: list[str], onnx: bool, out: Path | None, update: b
     if update and saved.exists():
         rows = [ZooRow(**r) for r in json.loads(saved.read_text()) if r["model"] not in chosen]
     order = list(entries)
-    for name in progress(chosen, zoo):
+    for name in tqdm(chosen, desc=zoo):
         row = run_entry(name, entries[name], onnx=onnx)
         rows.append(row)
         rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and saved.exists():
         rows = [Row(**r) for r in json.loads(saved.read_text()) if r["model"] not in names]
     total = len(every) if args.update else len(names)
-    for name in progress(names, "zoo"):
+    for name in tqdm(names, desc="zoo"):
         row = sweep_model(name, batch=args.batch)
         rows.append(row)
         rows.sort(key=lambda r: every.index(r.model) if r.model in every else len(every))
