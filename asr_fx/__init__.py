@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _ERRORS = ("ASRError", "CheckpointError", "DifferentModelError", "ExportError", "FactoryError", "FusionError",
-           "InputShapeError", "InvalidOptionError", "NoSitesError", "OutputPathError", "TraceError",
+           "InputShapeError", "InvalidOptionError", "NoSitesError", "OutputPathError", "StateDictMismatchError", "TraceError",
            "UnknownAttentionError", "UnsupportedModelError", "UsageError", "VanillaModelError", "VerificationError")
 
 #: public name -> the module that defines it (imported on first access)
@@ -77,7 +77,7 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx.config import ASRConfig, asr_config
     from asr_fx.errors import (ASRError, CheckpointError, DifferentModelError, ExportError, FactoryError,
                                FusionError, InputShapeError, InvalidOptionError, NoSitesError, OutputPathError,
-                               TraceError, UnknownAttentionError, UnsupportedModelError, UsageError,
+                               StateDictMismatchError, TraceError, UnknownAttentionError, UnsupportedModelError, UsageError,
                                VanillaModelError, VerificationError)
     from asr_fx.export import export_onnx
     from asr_fx.factory import build

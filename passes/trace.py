@@ -131,7 +131,8 @@ def trace(
             else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
         )
         raise TraceError(
-            f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}."
+            f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.",
+            module=where or None, module_class=type(module).__name__,
         ) from exc
     if bind_training:
         bind_training_flags(graph, model.training)

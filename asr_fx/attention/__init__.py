@@ -129,6 +129,49 @@ def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor
     return out
 
 
+def _site_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{"asr.<site>[.<i>].": {"psi": shape, "attention.fc1.weight": shape, ...}}`` for every ASR block."""
+    blocks: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, value in state_dict.items():
+        if key.startswith("asr.") and key.endswith(".psi"):
+            blocks[key[: -len("psi")]] = {}
+    for key, value in state_dict.items():
+        for prefix, tensors in blocks.items():
+            rest = key[len(prefix):] if key.startswith(prefix) else None
+            if rest is not None and (rest == "psi" or rest.startswith("attention.")):
+                tensors[rest] = tuple(value.shape)
+    return blocks
+
+
+def matching_attention(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered attention network whose blocks have exactly the keys and shapes of the ``asr.*``
+    blocks in ``state_dict`` (each built at its block's channels, with the widths the state_dict has),
+    or None when no registered network fits every block."""
+    blocks = _site_tensors(state_dict)
+    if not blocks:
+        return None
+    for name in names():
+        widths = widths_from_state_dict(name, state_dict)
+        fits = True
+        for tensors in blocks.values():
+            psi = tensors.get("psi")
+            if not psi or len(psi) < 2:
+                fits = False
+                break
+            try:
+                net = create(name, int(psi[1]), **widths)
+            except Exception:  # noqa: BLE001 - a registered factory that cannot be built at these widths does not fit
+                fits = False
+                break
+            built = {"psi": tuple(net.psi_shape), **{f"attention.{k}": tuple(v.shape) for k, v in net.state_dict().items()}}
+            if built != tensors:
+                fits = False
+                break
+        if fits:
+            return name
+    return None
+
+
 register("se", SqueezeExcite)
 register("eca", EfficientChannelAttention)
 register("srm", StyleRecalibration)
@@ -146,6 +189,7 @@ __all__ = [
     "UnknownAttentionError",
     "create",
     "hidden_width",
+    "matching_attention",
     "names",
     "register",
     "resolved_widths",

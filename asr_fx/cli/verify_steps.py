@@ -1,85 +1,45 @@
-"""The work of ``asr-fx verify`` (imports torch): load the checkpoint, run the ONNX file, compare, report.
-
-Lead, at merge: the "lib" branch adds a public ``verify_onnx(path, reference, inputs)`` that says when the
-file is a different model (parameters, op multiset, input shape). The comparison in :func:`verify`
-(and :func:`verify_at`) is this command's own until then; replace it with one call to it.
-"""
+"""The work of ``asr-fx verify`` (imports torch): load the checkpoint, check the ONNX file with
+:func:`asr_fx.verify_onnx` (a different model is said to be one), report."""
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
-import torch
-from torch import nn
 
+from asr_fx.atomic import temp_folder
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK
-from asr_fx.cli.report import (
-    ModelRow,
-    Stages,
-    VerificationSummary,
-    compare_models,
-    finish,
-    measure_latency,
-    name_outputs_as_in_file,
-)
-from asr_fx.errors import ASRError, VerificationError
-from asr_fx.export import (
-    ExportReport,
-    OutputError,
-    compare,
-    flatten_outputs,
-    fp32_matmul_precision,
-    onnx_op_counts,
-    op_count_diff,
-    run_onnxruntime,
-)
+from asr_fx.cli.report import ModelRow, Stages, VerificationSummary, compare_models, finish, measure_latency
+from asr_fx.errors import ASRError, DifferentModelError, VerificationError
+from asr_fx.verify import ExportReport, onnx_inputs, op_count_diff, verify_onnx
 
 
-def onnx_input_shape(path: str | os.PathLike) -> list[int | str]:
+def onnx_input_shape(path: str | Path) -> list[int | str]:
     """The first input's shape of an ONNX file (symbolic dims as their names)."""
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's errors vary by version; the file is not ONNX
         raise ASRError(f"{str(path)!r} is not a readable ONNX model: {type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    if not proto.graph.input:
+    inputs = onnx_inputs(proto)
+    if not inputs:
         raise ASRError(f"{str(path)!r} has no graph inputs")
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    return inputs[0][1]
 
 
-def other_sizes(dims: Sequence[int | str], shape: Sequence[int]) -> list[list[int]]:
-    """Further input shapes to verify a file at: batch 1 and 7 when the batch is symbolic; half the height
-    and width (at least 8) when those are."""
-    shapes = []
-    if dims and not isinstance(dims[0], int):
-        shapes += [[1, *shape[1:]], [7, *shape[1:]]]
-    spatial = [i for i in range(2, len(dims)) if not isinstance(dims[i], int)]
-    if spatial:
-        smaller = list(shape)
-        for i in spatial:
-            smaller[i] = max(8, shape[i] // 2)
-        shapes.append(smaller)
-    return [s for s in shapes if s != list(shape)]
-
-
-def verify_at(path: str, reference: nn.Module, shape: Sequence[int], device: torch.device, rtol: float,
-              atol: float) -> list[OutputError]:
-    """Run the file on a random input of ``shape`` and compare with ``reference`` in torch."""
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(device)
-    with torch.no_grad(), fp32_matmul_precision():
-        expected = flatten_outputs(reference(x))
-    actual, _ = run_onnxruntime(path, (x,))
-    errors = compare(expected, actual, rtol, atol)
-    for error in errors:
-        error.name = f"{error.name} (input {list(shape)})"
-    return errors
+def other_sizes(dims: Sequence[int | str], shape: Sequence[int]) -> tuple[tuple[int, ...], list[tuple[int, int]]]:
+    """``(batches, sizes)`` to verify a file at besides ``shape``: batch 1 and 7 when its batch is symbolic;
+    a larger height and/or width (1.5x, 1.25x) when those are."""
+    batches = tuple(b for b in (1, 7) if b != shape[0]) if dims and not isinstance(dims[0], int) else ()
+    sizes = []
+    if len(dims) >= 4 and not (isinstance(dims[-2], int) and isinstance(dims[-1], int)):
+        height, width = shape[-2], shape[-1]
+        sizes.append((height if isinstance(dims[-2], int) else height + height // 2,
+                      width if isinstance(dims[-1], int) else width + width // 4))
+    return batches, sizes
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -111,37 +71,28 @@ def verify(args: argparse.Namespace) -> int:
     model, x = source.prepare_model(args, loaded, shape)
     summary.input_shape = shape
     stages.start("export", "vanilla and instrumented models, for comparison" if args.compare else "skipped")
-    with tempfile.TemporaryDirectory(prefix="asr-fx-verify-") as workdir:
+    with temp_folder(name="verify") as workdir:
         if args.compare:
             summary.models = compare_models({"vanilla": loaded.vanilla, "instrumented": model}, x, workdir)
         elif args.strict:  # --strict's op check needs the vanilla model's ops even without the comparison
             summary.models = compare_models({"vanilla": loaded.vanilla}, x, workdir)
         stages.start("verify", f"{onnx_path} in onnxruntime")
-        report = ExportReport(str(onnx_path), rtol=args.rtol, atol=args.atol)
-        with torch.no_grad(), fp32_matmul_precision():
-            expected = flatten_outputs(model(x))
-        try:
-            actual, report.provider = run_onnxruntime(str(onnx_path), (x,))
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are long; keep the first line
-            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-            raise ASRError(f"onnxruntime cannot run {str(onnx_path)!r} on an input of shape {shape} "
-                           f"(its input is {dims}): {first}; pass --input-shape to match") from exc
-        report.outputs = compare(expected, actual, args.rtol, args.atol)
-        for other in other_sizes(dims, shape):
-            report.outputs += verify_at(str(onnx_path), model, other, x.device, args.rtol, args.atol)
-        name_outputs_as_in_file(report, onnx_path)
-        report.verified = True
-        report.op_counts = onnx_op_counts(onnx_path)
+        batches, sizes = other_sizes(dims, shape)
+        report = ExportReport(str(onnx_path))
         summary.export = report
+        try:
+            verify_onnx(onnx_path, model, x, rtol=args.rtol, atol=args.atol, batches=batches, sizes=sizes,
+                        report=report)
+        except DifferentModelError:
+            raise
+        except VerificationError as exc:
+            raise VerificationError(f"{onnx_path} disagrees with {args.against}: {exc}", exc.report) from exc
         if summary.models:
             summary.models["fused"] = ModelRow(op_counts=report.op_counts, note="the file verified")
         if args.compare:
-            measure_latency(summary.models, {"vanilla": f"{workdir}/vanilla.onnx",
-                                             "instrumented": f"{workdir}/instrumented.onnx", "fused": str(onnx_path)},
+            measure_latency(summary.models, {"vanilla": workdir / "vanilla.onnx",
+                                             "instrumented": workdir / "instrumented.onnx", "fused": onnx_path},
                             x.cpu(), runs=args.runs)
-    if not report.ok:
-        raise VerificationError(f"{onnx_path} disagrees with {args.against} beyond atol={args.atol:g} + "
-                                f"rtol={args.rtol:g} * max|ref|:\n{report.table()}", report)
     same = summary.same_as_vanilla()
     if args.strict and same["op_counts"] is None:
         vanilla_row = summary.models.get("vanilla")
