@@ -145,8 +145,13 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], hint: s
     looks_like = matching_attention(state_dict) if asr_keys and named else None
     if looks_like is not None and looks_like == attention.lower():
         looks_like = None  # the keys fit that network: the problem is elsewhere
-    if looks_like is not None:
-        problems.append(f"the asr.* keys look like the attention network {looks_like!r} (attention={looks_like!r})")
+    if looks_like is not None:  # name the network instead of listing every key of the wrong one
+        examples = ", ".join(asr[0] for keys in (missing, unexpected) if (asr := [k for k in keys if k.startswith("asr.")]))
+        raise StateDictMismatchError(
+            f"the checkpoint does not fit the model: its asr.* keys look like the attention network {looks_like!r}, "
+            f"not {attention!r} ({len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} mismatched "
+            f"key(s), e.g. {examples}); pass attention={looks_like!r}", missing=missing, unexpected=unexpected,
+            mismatched=shapes, asr_keys=asr_keys, attention=looks_like)
     raise StateDictMismatchError("the checkpoint does not fit the model: " + "; ".join(problems)
                                  + (f". {hint}" if hint else ""), missing=missing, unexpected=unexpected,
                                  mismatched=shapes, asr_keys=asr_keys, attention=looks_like)

@@ -104,9 +104,9 @@ def resolved_widths(networks: Iterable[tuple[int, nn.Module]], given: Mapping[st
 
 
 #: the layer of each built-in network whose shape gives its width: ``(key suffix, kwarg, weight rank, dim)``
-_WIDTH_LAYERS = (("attention.fc1.weight", "hidden", None, 0), ("attention.mlp.0.weight", "hidden", None, 0),
-                 ("attention.conv.weight", "kernel_size", 3, -1))
-_WIDTH_NETWORKS = ("se", "cbam", "spa", "eca")
+_WIDTH_LAYERS = {"se": ("attention.fc1.weight", "hidden", None, 0), "spa": ("attention.fc1.weight", "hidden", None, 0),
+                 "cbam": ("attention.mlp.0.weight", "hidden", None, 0),
+                 "eca": ("attention.conv.weight", "kernel_size", 3, -1)}
 
 
 def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[int, int]]:
@@ -115,17 +115,16 @@ def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor
 
     For checkpoints that predate recorded widths (asr-fx's SE, CBAM and SPA used ``max(C // 16, 8)``):
     passing these kwargs rebuilds the shapes the weights have."""
-    if not isinstance(attention, str) or attention.lower() not in _WIDTH_NETWORKS:
+    if not isinstance(attention, str) or attention.lower() not in _WIDTH_LAYERS:
         return {}
+    suffix, kwarg, rank, dim = _WIDTH_LAYERS[attention.lower()]
     out: dict[str, dict[int, int]] = {}
     for key, psi in state_dict.items():
         if not (key.startswith("asr.") and key.endswith(".psi")) or psi.dim() < 2:
             continue
-        prefix = key[: -len("psi")]
-        for suffix, kwarg, rank, dim in _WIDTH_LAYERS:
-            weight = state_dict.get(prefix + suffix)
-            if weight is not None and (rank is None or weight.dim() == rank):
-                out.setdefault(kwarg, {})[int(psi.shape[1])] = int(weight.shape[dim])
+        weight = state_dict.get(key[: -len("psi")] + suffix)
+        if weight is not None and (rank is None or weight.dim() == rank):
+            out.setdefault(kwarg, {})[int(psi.shape[1])] = int(weight.shape[dim])
     return out
 
 

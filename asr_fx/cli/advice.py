@@ -33,7 +33,7 @@ def _factory_message(exc: FactoryError) -> str:
 
 def _state_dict_advice(exc: StateDictMismatchError) -> str:
     if exc.attention:
-        return f"these keys look like {exc.attention!r} (pass --attention {exc.attention})"
+        return f"on the command line: pass --attention {exc.attention}"
     if exc.asr_keys:
         return ("check --model, --factory-args and the ASR options it was trained with (--attention, "
                 "--attention-args, --delta, --sites)")

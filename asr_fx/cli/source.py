@@ -90,10 +90,11 @@ def check_name_counts(input_names: Sequence[str] | None, output_names: Sequence[
 
 def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[int]:
     """``--input-shape``, else the checkpoint's, else the model's documented one; refused when none is known."""
-    shape = args.input_shape or loaded.input_shape or default_input_shape(loaded.model)
+    shape = (args.input_shape or loaded.input_shape or default_input_shape(loaded.model)
+             or (default_input_shape(loaded.vanilla) if loaded.vanilla is not None else None))  # its own class says
     if not shape:
         raise ASRError("no input shape: the checkpoint records none and the model documents none (timm's "
-                       "pretrained_cfg, a Hugging Face config's image_size, torchvision's weights); pass "
+                       "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); pass "
                        "--input-shape, e.g. 1,3,224,224")
     return list(shape)
 
