@@ -55,7 +55,7 @@ def add_onnx_options(p: argparse.ArgumentParser) -> None:
                    "uses the same names)")
     p.add_argument("--dynamic-shape", type=options.dynamic_dims, default=None, metavar="DIMS",
                    help="input dimensions left symbolic: any of batch,height,width (verified at several sizes: "
-                   "batch 1 and 7 besides the example)")
+                   "batch 1 and 7 besides the example; 1.5x the height and 1.25x the width)")
     p.add_argument("--dynamic-batch", dest="dynamic_shape", action="store_const", const=["batch"],
                    help="the same as --dynamic-shape batch")
 
