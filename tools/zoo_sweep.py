@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 import torchvision
 from tabulate import tabulate
+from tqdm import tqdm
 
 import asr_fx
-from asr_fx.progress import progress
 
 SIZES = (32, 64, 96, 128, 160, 224)
 RESULTS = Path(__file__).resolve().parent / "results" / "torchvision.md"
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.update and saved.exists():
         rows = [Row(**r) for r in json.loads(saved.read_text()) if r["model"] not in names]
     total = len(every) if args.update else len(names)
-    for name in progress(names, "zoo"):
+    for name in tqdm(names, desc="zoo", disable=None):  # a bar on a terminal only, as progress.py drew it
         row = sweep_model(name, batch=args.batch)
         rows.append(row)
         rows.sort(key=lambda r: every.index(r.model) if r.model in every else len(every))
