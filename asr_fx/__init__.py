@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _ERRORS = (
     "ASRError", "CheckpointError", "DifferentModelError", "EquivalenceError", "ExportError", "FactoryError",
     "FusionError", "InputShapeError", "InvalidOptionError", "MissingDependencyError", "NoSitesError",
-    "OutputPathError", "TraceError", "UnknownAttentionError", "UnsupportedModelError", "UsageError",
-    "VanillaModelError", "VerificationError",
+    "OutputPathError", "StateDictMismatchError", "TraceError", "UnknownAttentionError", "UnsupportedModelError",
+    "UsageError", "VanillaModelError", "VerificationError",
 )
 
 #: public name -> the module that defines it (imported on first access)
@@ -80,8 +80,8 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx.config import ASRConfig, asr_config
     from asr_fx.errors import (ASRError, CheckpointError, DifferentModelError, EquivalenceError, ExportError,
                                FactoryError, FusionError, InputShapeError, InvalidOptionError,
-                               MissingDependencyError, NoSitesError, OutputPathError, TraceError,
-                               UnknownAttentionError, UnsupportedModelError, UsageError, VanillaModelError,
+                               MissingDependencyError, NoSitesError, OutputPathError, StateDictMismatchError,
+                               TraceError, UnknownAttentionError, UnsupportedModelError, UsageError, VanillaModelError,
                                VerificationError)
     from asr_fx.export import export_onnx
     from asr_fx.factory import build

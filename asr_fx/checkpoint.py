@@ -58,15 +58,15 @@ def resolve_attention(attention: Any) -> Any:
     if ":" in attention:
         if attention.split(":", 1)[0] == "__main__":
             raise CheckpointError(f"the attention network {attention!r} was defined in the training script "
-                                  "(__main__) and cannot be imported: move it into a module and pass --attention "
-                                  "package.module:Factory")
+                                  "(__main__) and cannot be imported: move it into a module and pass its import "
+                                  "path, attention='package.module:Factory'", reason="attention")
         return import_factory(attention)
     if attention.lower() not in attention_names():
         raise CheckpointError(
             f"the attention network {attention!r} is not registered here (registered: {', '.join(attention_names())}); "
-            "a custom one was registered by the code that trained the model: pass its import path, --attention "
-            "package.module:Factory (attention_kwargs with --attention-args), or in Python call "
-            f"asr_fx.attention.register({attention!r}, Factory) before loading"
+            "a custom one was registered by the code that trained the model: pass its import path, "
+            "attention='package.module:Factory' (and its attention_kwargs), or call "
+            f"asr_fx.attention.register({attention!r}, Factory) before loading", reason="attention"
         )
     return attention
 
@@ -152,7 +152,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
             raise CheckpointError(
                 f"{str(path)!r} holds pickled Python objects{_describe_global(text)}, not only tensors, and "
                 "loading those can run arbitrary code (torch.load weights_only=True refuses them): save a "
-                "state_dict or use asr_fx.save, or pass --trust-checkpoint if you trust the file's source"
+                "state_dict or use asr_fx.save, or load it with trust=True if you trust the file's source",
+                path=str(path), reason="pickled"
             ) from exc
         raise CheckpointError(f"{str(path)!r} is not a readable torch checkpoint: {first}") from exc
 
@@ -188,7 +189,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
     asr.attention_kwargs = {**widths_from_state_dict(asr.attention, ckpt["state_dict"]), **(asr.attention_kwargs or {})}
     instrumented = instrument_from_config(model, asr, ckpt.get("input_shape"), leaf_modules)
     check_finite_asr(ckpt["state_dict"])
-    check_keys(instrumented, ckpt["state_dict"], hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?")
+    check_keys(instrumented, ckpt["state_dict"], hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?",
+               attention=asr.attention)
     instrumented.load_state_dict(ckpt["state_dict"])
     config = asr_config(instrumented) or asr
     config.input_shape = ckpt.get("input_shape")

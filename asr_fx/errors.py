@@ -16,7 +16,12 @@ class ASRError(Exception):
 
 
 class TraceError(ASRError):
-    """torch.fx could not trace the model."""
+    """torch.fx could not trace the model; ``module`` is the path of the submodule it failed in (None:
+    the model's own forward) and ``module_class`` that submodule's class name."""
+
+    def __init__(self, message: str, *, module: str | None = None, module_class: str | None = None) -> None:
+        super().__init__(message)
+        self.module, self.module_class = module, module_class
 
 
 class NoSitesError(ASRError):
@@ -40,11 +45,16 @@ class VerificationError(ASRError):
 
 
 class CheckpointError(ASRError):
-    """A checkpoint could not be read or does not fit the model; ``path`` is the file when known."""
+    """A checkpoint could not be read or does not fit the model; ``path`` is the file when known.
 
-    def __init__(self, message: str, *, path: str | None = None) -> None:
+    ``reason`` is a short key when the way out is an option of the loader: ``"pickled"`` (it holds
+    pickled objects: ``trust=True``), ``"no-factory"`` (weights without the factory that builds the
+    model), ``"attention"`` (the attention network it names cannot be imported here), ``"keys"``
+    (:class:`StateDictMismatchError`)."""
+
+    def __init__(self, message: str, *, path: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
-        self.path = path
+        self.path, self.reason = path, reason
 
 
 class InvalidOptionError(ASRError, ValueError):
@@ -122,6 +132,8 @@ class UnsupportedModelError(ASRError):
 
 class DifferentModelError(VerificationError):
     """The ONNX file is not the reference model at all (parameter count, op multiset or input shape differ)."""
+
+
 class VanillaModelError(ASRError):
     """``fuse(..., into=vanilla)`` cannot write the fused weights into ``vanilla``: a fold it has no
     place for (the site is named), another architecture, or the filled model computes otherwise."""
@@ -135,6 +147,21 @@ class MissingDependencyError(ASRError, ImportError):
         super().__init__(message)
         self.package = package
         self.name = package
+
+
 class EquivalenceError(ASRError):
     """``instrument``/``fuse`` produced a model that does not compute what the model it was given computes
     on the probe input (checked before returning; ``check=False`` turns the check off)."""
+
+
+class StateDictMismatchError(CheckpointError):
+    """A state_dict does not fit the model: ``missing`` and ``unexpected`` keys, ``mismatched`` shapes
+    (``key: checkpoint [...] vs model [...]``). ``asr_keys``: the state_dict was instrumented (``asr.*``
+    keys) and the model rebuilt from the ASR options; ``attention``: the registered attention network
+    the ``asr.*`` keys look like, when it is not the one the model was built with."""
+
+    def __init__(self, message: str, *, missing: list[str], unexpected: list[str], mismatched: list[str],
+                 asr_keys: bool = False, attention: str | None = None, path: str | None = None) -> None:
+        super().__init__(message, path=path, reason="keys")
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        self.asr_keys, self.attention = asr_keys, attention

@@ -62,8 +62,8 @@ def check_opset(path: str | os.PathLike, opset: int | None) -> None:
         raise ExportError(
             f"asked for ONNX opset {opset}, but torch's exporter wrote opset {written}: it supports opsets "
             f"{MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the installed onnx's newest), and older ones only "
-            f"where onnx's version converter can convert the model, which it could not here; pass an --opset "
-            f"(opset=) in that range, or leave it out for the exporter's default", opset=opset, written_opset=written)
+            f"where onnx's version converter can convert the model, which it could not here; pass an opset= "
+            f"in that range, or leave it out for the exporter's default", opset=opset, written_opset=written)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -233,9 +233,9 @@ def export_onnx(
         except Exception as exc:  # noqa: BLE001
             raise ExportError(
                 f"torch.onnx.export failed: {_exporter_message(exc)}. "
-                "Try another --opset, fixed shapes (no --dynamic-batch or dynamic axes), or rewriting data-dependent "
-                "Python control flow (torch.export cannot follow it); fuse with --strict to see which site stayed "
-                "unfolded; -v prints the exporter's full message", opset=opset) from exc
+                "Try another opset=, fixed shapes (no dynamic= axes), or rewriting data-dependent Python control "
+                "flow (torch.export cannot follow it); fuse(..., strict=True) shows a site that stayed unfolded; "
+                "the exception's __cause__ holds the exporter's full message", opset=opset) from exc
         report.seconds["export"] = time.perf_counter() - start
         check_opset(tmp, opset)
         onnx.checker.check_model(str(tmp))

@@ -57,13 +57,13 @@ def check_factory_kwargs(factory: str, fn: Any, kwargs: dict[str, Any]) -> None:
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise FactoryError(
             f"factory {factory!r} does not take the keyword argument {wrong[0]!r}{hint} It takes "
-            f"({', '.join(accepted)}): fix --factory-args (factory_kwargs=)",
+            f"({', '.join(accepted)}): fix factory_kwargs",
             factory=factory, keyword=wrong[0], suggestion=near[0] if near else None, accepted=accepted)
     try:
         signature.bind(**kwargs)
     except TypeError as exc:
         raise FactoryError(f"factory {factory!r} cannot be called with {kwargs}: {exc}; it takes "
-                           f"({', '.join(accepted)}): fix --factory-args (factory_kwargs=)",
+                           f"({', '.join(accepted)}): fix factory_kwargs",
                            factory=factory, accepted=accepted) from None
 
 

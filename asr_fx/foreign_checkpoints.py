@@ -63,7 +63,7 @@ def _runs_on(model: nn.Module, shape: list[int]) -> torch.Tensor:
     except Exception as exc:  # noqa: BLE001
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise InputShapeError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: "
-                              f"{first}; pass the shape it expects with --input-shape", shape=list(shape)) from exc
+                              f"{first}; pass the shape it expects (input_shape=)", shape=list(shape)) from exc
     return x
 
 
@@ -109,12 +109,14 @@ def load_checkpoint(
         return LoadedCheckpoint(model, vanilla, kind, shape)
     if factory is None:
         raise CheckpointError(f"{str(path)!r} is a {kind}: it holds weights but not how to build the model; pass "
-                              "--model package.module:factory (and --factory-args '{...}' for its arguments)")
+                              "factory='package.module:function' (and factory_kwargs= for its arguments)",
+                              path=str(path), reason="no-factory")
     base = build(factory, **kwargs).eval()
     state_dict, notes = normalize_keys(weights, base.state_dict().keys())
     shape = input_shape or _shape_hint(raw, base)
     sites, delta = asr_layout(state_dict)
-    hint = f"Check --model {factory} and --factory-args"
+    hint = f"Check the factory {factory!r} and its factory_kwargs"
+    attention = None
     if sites and get_config(base) is None and not any(k.startswith("asr.") for k in base.state_dict()):
         options = dict(asr_options or {})
         if options.get("sites") is None and options.get("rule") is None:
@@ -127,14 +129,15 @@ def load_checkpoint(
             options["attention"] = resolve_attention(options["attention"])
         example = (_runs_on(base, shape),) if shape else None
         model = instrument(copy.deepcopy(base), example_inputs=example, leaf_modules=leaf_modules, **options)
-        hint += ", and the ASR options it was trained with (--attention, --attention-args, --delta, --sites)"
+        hint += ", and the ASR options it was trained with (attention, attention_kwargs, delta, sites)"
+        attention = options.get("attention", "se")
         notes.append(f"instrumented again at {len(sites)} site(s) from the checkpoint's asr.* keys")
     else:
         model, base = base, None
         if not sites:
             notes.append("no asr.* keys: the model is fused as the factory builds it")
     check_finite_asr(state_dict)
-    check_keys(model, state_dict, hint=hint)
+    check_keys(model, state_dict, hint=hint, attention=attention)
     model.load_state_dict(state_dict)
     vanilla = None
     if base is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from asr_fx.errors import VanillaModelError
+from asr_fx import atomic
+from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.passes import trace
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
 from asr_fx.report import FusionReport
@@ -276,26 +276,19 @@ def fuse_into(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
 
 def save_vanilla_state_dict(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model.state_dict()`` to ``path`` for ``vanilla.load_state_dict(torch.load(path,
-    weights_only=True))``: a temporary file in the same folder, then ``os.replace``; a failure leaves
-    nothing at ``path`` (and a file already there untouched).
+    weights_only=True))``, atomically (:func:`asr_fx.atomic.atomic_output`: a private temporary folder
+    beside ``path``, then a rename); a failure leaves nothing at ``path`` (and a file already there
+    untouched). Raises :class:`VanillaModelError` naming ``path`` when it cannot be written (a missing
+    or read-only folder, a folder at ``path``).
 
     ``model`` is what ``fuse(..., into=vanilla)`` returned (a fused GraphModule's state_dict fits the
     vanilla class only where ``into=`` would accept it, so pass the ``into=`` result).
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise VanillaModelError(f"the folder {str(path.parent)!r} for the state_dict {str(path)!r} does not exist: "
-                                "create it first")
-    if path.is_dir():
-        raise VanillaModelError(f"{str(path)!r} is a folder: name the file to write, e.g. {path / 'vanilla.pt'}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        path = atomic.check_writable(path)
+    except OutputPathError as exc:
+        raise VanillaModelError(f"cannot save the state_dict: {exc}") from None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic.atomic_output(path) as tmp:
+        torch.save(state, tmp)
     return path

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from asr_fx._util import non_finite_kind
-from asr_fx.errors import CheckpointError
+from asr_fx.attention import matching_attention
+from asr_fx.errors import CheckpointError, StateDictMismatchError
 
 #: where training checkpoints keep the model's weights, tried in this order
 STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict", "module", "net", "network")
@@ -115,9 +116,13 @@ def _listing(keys: list[str], pool: Iterable[str], limit: int = 5) -> str:
     return shown + (f", ... {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], hint: str = "") -> None:
-    """Raise one :class:`CheckpointError` listing missing and unexpected keys (with the nearest
-    match on the other side, by ``difflib``) and mismatched shapes."""
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], hint: str = "", attention: Any = None) -> None:
+    """Raise one :class:`StateDictMismatchError` (a :class:`CheckpointError`) listing missing and unexpected
+    keys (with the nearest match on the other side, by ``difflib``) and mismatched shapes.
+
+    ``attention``: the registered name of the attention network the model's ASR blocks were built
+    with; when the ``asr.*`` keys do not fit and look like another registered network, the error
+    names that one (``.attention``). Not given (or an import path, a factory): nothing is named."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -133,8 +138,23 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], hint: s
     if shapes:
         more = f", ... {len(shapes) - 5} more" if len(shapes) > 5 else ""
         problems.append(f"{len(shapes)} shape mismatch(es): {'; '.join(shapes[:5])}{more}")
-    if problems:
-        raise CheckpointError("the checkpoint does not fit the model: " + "; ".join(problems) + (f". {hint}" if hint else ""))
+    if not problems:
+        return
+    asr_keys = any(k.startswith("asr.") for k in state_dict)
+    named = isinstance(attention, str) and ":" not in attention
+    looks_like = matching_attention(state_dict) if asr_keys and named else None
+    if looks_like is not None and looks_like == attention.lower():
+        looks_like = None  # the keys fit that network: the problem is elsewhere
+    if looks_like is not None:  # name the network instead of listing every key of the wrong one
+        examples = ", ".join(asr[0] for keys in (missing, unexpected) if (asr := [k for k in keys if k.startswith("asr.")]))
+        raise StateDictMismatchError(
+            f"the checkpoint does not fit the model: its asr.* keys look like the attention network {looks_like!r}, "
+            f"not {attention!r} ({len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} mismatched "
+            f"key(s), e.g. {examples}); pass attention={looks_like!r}", missing=missing, unexpected=unexpected,
+            mismatched=shapes, asr_keys=asr_keys, attention=looks_like)
+    raise StateDictMismatchError("the checkpoint does not fit the model: " + "; ".join(problems)
+                                 + (f". {hint}" if hint else ""), missing=missing, unexpected=unexpected,
+                                 mismatched=shapes, asr_keys=asr_keys, attention=looks_like)
 
 
 def check_finite_asr(state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -212,9 +212,8 @@ def _trace_error(model: nn.Module, tracer: ASRTracer, exc: BaseException) -> Tra
         if where
         else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
     )
-    error = TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.")
-    error.module_path = where  # type: ignore[attr-defined]
-    return error
+    return TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.",
+                      module=where or None, module_class=type(module).__name__)
 
 
 def _trace_in_mode(model: nn.Module, training: bool, *args: Any) -> fx.GraphModule:
@@ -259,7 +258,7 @@ def trace(
             try:
                 gm = _trace_in_mode(model, True, spec, inline, concrete_args)
             except TraceError as exc:  # traces in eval only: the failing module's train branch stays its own call
-                where = getattr(exc, "module_path", "")
+                where = exc.module or ""
                 if not where or where in mode_leaves or len(mode_leaves) >= _MAX_MODE_LEAVES:
                     raise
                 mode_leaves.add(where)

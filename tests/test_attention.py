@@ -15,7 +15,9 @@ from torch import nn
 import asr_fx
 from asr_fx import attention
 from asr_fx.asr import ASR, PRESETS
+from asr_fx.errors import StateDictMismatchError
 from asr_fx.models import cifar_resnet
+from asr_fx.state_dicts import check_keys
 
 BUILT_IN = ["se", "eca", "srm", "ie", "spa", "cbam"]
 #: the psi form each module documents, for C channels
@@ -418,3 +420,29 @@ def test_every_attention_exports_with_the_vanilla_ops(name, tmp_path):
     report = asr_fx.export_onnx(fused, tmp_path / "fused.onnx", x, reference=model, rtol=ORT_RTOL)
     assert report.verified and report.ok and report.op_counts == ref.op_counts
     assert report.param_count == n_params(vanilla)
+
+
+def test_the_keys_of_each_built_in_attention_name_it_and_no_other():
+    """A state_dict's asr.* blocks are recognised by key names and shapes (at the widths they have, delta 1 or 2);
+    the wrong network is named in the key-mismatch error, a custom one matches nothing."""
+    for name in attention.names():
+        for delta in (1, 2):
+            model = asr_fx.instrument(cifar_resnet(depth=11, num_classes=10), attention=name, delta=delta,
+                                      example_inputs=(torch.zeros(1, 3, 32, 32),))
+            assert attention.matching_attention(model.state_dict()) == name, (name, delta)
+    old = asr_fx.instrument(cifar_resnet(depth=11, num_classes=10), attention_kwargs={"hidden": 8},
+                            example_inputs=(torch.zeros(1, 3, 32, 32),))
+    assert attention.matching_attention(old.state_dict()) == "se"  # widths read from the state_dict
+    assert attention.matching_attention(cifar_resnet(depth=11, num_classes=10).state_dict()) is None
+    sd = old.state_dict()
+    sd["asr.layer1_0_bn3.attention.extra"] = torch.zeros(3)
+    assert attention.matching_attention(sd) is None
+
+    eca = asr_fx.instrument(cifar_resnet(depth=11, num_classes=10), attention="eca",
+                            example_inputs=(torch.zeros(1, 3, 32, 32),))
+    with pytest.raises(StateDictMismatchError, match="look like the attention network 'se', not 'eca'") as info:
+        check_keys(eca, old.state_dict(), attention="eca")
+    assert info.value.attention == "se" and info.value.asr_keys and info.value.reason == "keys"
+    with pytest.raises(StateDictMismatchError) as info:  # no attention named: no guess
+        check_keys(eca, old.state_dict())
+    assert info.value.attention is None and "missing key(s)" in str(info.value)

@@ -148,9 +148,10 @@ def test_state_dict_formats_load_to_the_same_model(name, formats):
 def test_pickled_module_is_refused_without_trust_and_loads_with_it(formats):
     model, _, written = formats
     path, _ = written["pickled module"]
-    with pytest.raises(CheckpointError, match="--trust-checkpoint") as info:
+    with pytest.raises(CheckpointError, match="trust=True") as info:  # the CLI says --trust-checkpoint (test_cli)
         load_checkpoint(path)
     assert "pickled Python objects" in str(info.value) and "arbitrary code" in str(info.value)
+    assert info.value.reason == "pickled"
     loaded = load_checkpoint(path, trust=True)
     x = torch.randn(1, *SHAPE[1:])
     with torch.no_grad():

@@ -135,6 +135,14 @@ def test_verify_against_another_checkpoint_fails_with_exit_1(exported, trained, 
     assert "disagrees with" in capsys.readouterr().err
 
 
+def test_verify_against_a_different_model_says_so(exported, work, capsys):
+    bigger = asr_fx.instrument(asr_fx.build(FACTORY, depth=20, num_classes=10), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    asr_fx.save(bigger.eval(), work / "depth20.pt")
+    assert cli.main(["verify", str(exported), "--against", str(work / "depth20.pt"), "--no-compare", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "is a different model" in err and "weights" in err and "pass the checkpoint it was exported from as --against" in err
+
+
 def test_verify_refuses_a_file_that_is_not_onnx_or_does_not_fit(files, exported, work, capsys):
     (work / "junk.onnx").write_bytes(b"not a protobuf at all" * 10)
     err = _fails(capsys, ["verify", str(work / "junk.onnx"), "--against", str(files / "asrfx.pt")])
@@ -213,6 +221,16 @@ def test_missing_and_unexpected_keys_are_listed_with_nearest_matches(trained, wo
     err = _fails(capsys, ["fuse", str(work / "renamed.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS, "--attention", "eca"])
     assert "asr.layer1_0_bn3.attention.conv.weight" in err and "--attention" in err
     assert os.listdir(work) == ["renamed.pt"]
+
+
+def test_a_state_dict_loaded_with_the_wrong_attention_names_the_attention_its_keys_match(work, capsys):
+    model = asr_fx.instrument(asr_fx.build(FACTORY, **SMALL), attention="eca", example_inputs=(torch.zeros(1, 3, 32, 32),))
+    torch.save(model.state_dict(), work / "eca.pt")
+    err = _fails(capsys, ["fuse", str(work / "eca.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS])  # default se
+    assert "keys look like the attention network 'eca', not 'se'" in err and "pass --attention eca" in err
+    assert len(err) < 600  # named, not 15 keys listed
+    assert cli.main(["fuse", str(work / "eca.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS, "--attention", "eca",
+                     "-q"]) == 0
 
 
 def test_factory_that_cannot_be_imported(files, work, capsys):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import asr_fx
-from asr_fx import cli
+from asr_fx import atomic, cli
 from asr_fx.cli import source
+from asr_fx.foreign_checkpoints import LoadedCheckpoint
 
 # the positionals and required options each model-loading command needs to parse
 REQUIRED = {
@@ -140,7 +141,7 @@ def test_an_unwritable_output_folder_is_refused_before_loading(tmp_path, capsys,
         raise PermissionError(13, "Permission denied")
 
     # root writes anywhere, so the folder's refusal is simulated where the check asks the file system
-    monkeypatch.setattr(source, "tempfile", types.SimpleNamespace(mkstemp=refuse))
+    monkeypatch.setattr(atomic, "tempfile", types.SimpleNamespace(mkdtemp=refuse, gettempdir=atomic.tempfile.gettempdir))
     argv = ["fuse", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -153,31 +154,37 @@ def test_stripe_checks_its_output_folder_before_loading(tmp_path, capsys, monkey
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(source, "tempfile", types.SimpleNamespace(mkstemp=refuse))
+    monkeypatch.setattr(atomic, "tempfile", types.SimpleNamespace(mkdtemp=refuse, gettempdir=atomic.tempfile.gettempdir))
     argv = ["stripe", str(tmp_path / "missing.pt"), "--data", "random", "-o", str(tmp_path / "new" / "figures")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert f"the output folder {str(tmp_path)!r}" in err and "is not writable" in err and "missing.pt" not in err
+    assert f"the folder {str(tmp_path)!r}" in err and "is not writable" in err and "missing.pt" not in err
     assert os.listdir(tmp_path) == []
 
 
 def test_the_writability_probe_leaves_nothing(tmp_path):
-    source.check_writable_folder(tmp_path, "-o")
+    atomic.check_writable(tmp_path / "m.onnx", suffix=".onnx")
     assert os.listdir(tmp_path) == []
 
 
 def test_input_shape_from_what_the_model_documents():
     import timm
+    import torchvision
     from transformers import ViTConfig, ViTModel
 
+    def shape(model, given=None):
+        args = types.SimpleNamespace(input_shape=given)
+        return source.input_shape_for(args, LoadedCheckpoint(model, None, "test"))
+
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
-    assert source.default_input_shape(model) == [1, *model.pretrained_cfg["input_size"]]
+    assert shape(model) == [1, *model.pretrained_cfg["input_size"]]
+    assert shape(model, [2, 3, 64, 64]) == [2, 3, 64, 64]  # --input-shape wins
     vit = ViTModel(ViTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              intermediate_size=64, num_channels=1))
-    assert source.default_input_shape(vit) == [1, 1, 64, 64]
-    assert source.default_input_shape(nn.Linear(2, 2), "torchvision.models:inception_v3") == [1, 3, 299, 299]
-    assert source.default_input_shape(nn.Linear(2, 2), "torchvision.models:resnet18") == [1, 3, 224, 224]
-    assert source.default_input_shape(nn.Linear(2, 2), "mypkg:net") is None
+    assert shape(vit) == [1, 1, 64, 64]
+    assert shape(torchvision.models.resnet18(num_classes=10)) == [1, 3, 224, 224]
+    with pytest.raises(asr_fx.ASRError, match="no input shape.*--input-shape"):
+        shape(nn.Linear(2, 2))
 
 
 # --- ONNX names and dynamic shapes ------------------------------------------------------------------

@@ -104,9 +104,9 @@ def resolved_widths(networks: Iterable[tuple[int, nn.Module]], given: Mapping[st
 
 
 #: the layer of each built-in network whose shape gives its width: ``(key suffix, kwarg, weight rank, dim)``
-_WIDTH_LAYERS = (("attention.fc1.weight", "hidden", None, 0), ("attention.mlp.0.weight", "hidden", None, 0),
-                 ("attention.conv.weight", "kernel_size", 3, -1))
-_WIDTH_NETWORKS = ("se", "cbam", "spa", "eca")
+_WIDTH_LAYERS = {"se": ("attention.fc1.weight", "hidden", None, 0), "spa": ("attention.fc1.weight", "hidden", None, 0),
+                 "cbam": ("attention.mlp.0.weight", "hidden", None, 0),
+                 "eca": ("attention.conv.weight", "kernel_size", 3, -1)}
 
 
 def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[int, int]]:
@@ -115,18 +115,60 @@ def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor
 
     For checkpoints that predate recorded widths (asr-fx's SE, CBAM and SPA used ``max(C // 16, 8)``):
     passing these kwargs rebuilds the shapes the weights have."""
-    if not isinstance(attention, str) or attention.lower() not in _WIDTH_NETWORKS:
+    if not isinstance(attention, str) or attention.lower() not in _WIDTH_LAYERS:
         return {}
+    suffix, kwarg, rank, dim = _WIDTH_LAYERS[attention.lower()]
     out: dict[str, dict[int, int]] = {}
     for key, psi in state_dict.items():
         if not (key.startswith("asr.") and key.endswith(".psi")) or psi.dim() < 2:
             continue
-        prefix = key[: -len("psi")]
-        for suffix, kwarg, rank, dim in _WIDTH_LAYERS:
-            weight = state_dict.get(prefix + suffix)
-            if weight is not None and (rank is None or weight.dim() == rank):
-                out.setdefault(kwarg, {})[int(psi.shape[1])] = int(weight.shape[dim])
+        weight = state_dict.get(key[: -len("psi")] + suffix)
+        if weight is not None and (rank is None or weight.dim() == rank):
+            out.setdefault(kwarg, {})[int(psi.shape[1])] = int(weight.shape[dim])
     return out
+
+
+def _site_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{"asr.<site>[.<i>].": {"psi": shape, "attention.fc1.weight": shape, ...}}`` for every ASR block."""
+    blocks: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, value in state_dict.items():
+        if key.startswith("asr.") and key.endswith(".psi"):
+            blocks[key[: -len("psi")]] = {}
+    for key, value in state_dict.items():
+        for prefix, tensors in blocks.items():
+            rest = key[len(prefix):] if key.startswith(prefix) else None
+            if rest is not None and (rest == "psi" or rest.startswith("attention.")):
+                tensors[rest] = tuple(value.shape)
+    return blocks
+
+
+def matching_attention(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered attention network whose blocks have exactly the keys and shapes of the ``asr.*``
+    blocks in ``state_dict`` (each built at its block's channels, with the widths the state_dict has),
+    or None when no registered network fits every block."""
+    blocks = _site_tensors(state_dict)
+    if not blocks:
+        return None
+    for name in names():
+        widths = widths_from_state_dict(name, state_dict)
+        fits = True
+        for tensors in blocks.values():
+            psi = tensors.get("psi")
+            if not psi or len(psi) < 2:
+                fits = False
+                break
+            try:
+                net = create(name, int(psi[1]), **widths)
+            except Exception:  # noqa: BLE001 - a registered factory that cannot be built at these widths does not fit
+                fits = False
+                break
+            built = {"psi": tuple(net.psi_shape), **{f"attention.{k}": tuple(v.shape) for k, v in net.state_dict().items()}}
+            if built != tensors:
+                fits = False
+                break
+        if fits:
+            return name
+    return None
 
 
 register("se", SqueezeExcite)
@@ -146,6 +188,7 @@ __all__ = [
     "UnknownAttentionError",
     "create",
     "hidden_width",
+    "matching_attention",
     "names",
     "register",
     "resolved_widths",

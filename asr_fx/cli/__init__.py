@@ -5,16 +5,17 @@ and ``run(args) -> exit code``, listed in :data:`COMMANDS`. Building the parser 
 ``asr-fx --help`` and every ``asr-fx CMD --help`` answer at once; a command's ``run`` imports what it
 needs. This module parses, runs the command and turns errors into exit codes and one-line messages:
 
-Exit codes: 0 success; 1 verification failed (onnxruntime disagrees with torch, or --strict found
-an unfolded site or a difference from the vanilla model); 2 usage or input error (bad arguments,
-missing or unreadable checkpoint, keys that do not fit, untraceable model, exporter failure).
+Exit codes: 0 success; 1 verification failed (onnxruntime disagrees with torch, --strict found an
+unfolded site or a difference from the vanilla model, or --state-dict-out found a fold the vanilla
+class has no place for); 2 usage or input error (bad arguments, missing or unreadable checkpoint,
+keys that do not fit, untraceable model, exporter failure). A library error's way out is given in
+flags (:mod:`asr_fx.cli.advice`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -22,8 +23,9 @@ from typing import Any
 
 from asr_fx import __version__
 from asr_fx.cli import demo, fuse, inspect, options, stripe, verify
-from asr_fx.cli.options import EPILOG_VERIFY, EXIT_USAGE, EXIT_VERIFY, Parser, UsageError, one_line
-from asr_fx.errors import ASRError, FusionError, TraceError, VerificationError
+from asr_fx.cli.advice import cli_message
+from asr_fx.cli.options import EPILOG_VERIFY, EXIT_USAGE, EXIT_VERIFY, Parser, one_line
+from asr_fx.errors import ASRError, FusionError, UsageError, VanillaModelError, VerificationError
 
 #: the subcommands, in the order ``asr-fx --help`` lists them
 COMMANDS = (demo, fuse, verify, inspect, stripe)
@@ -46,15 +48,12 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     return parser, commands
 
 
-def report_error(args: argparse.Namespace, exc: BaseException, code: int, label: str,
-                 cause: BaseException | None = None) -> int:
-    """One line on stderr (the whole message for a verification failure); with --json also the JSON object."""
+def report_error(args: argparse.Namespace, exc: BaseException, code: int, label: str) -> int:
+    """One line on stderr (the whole message for a verification failure), with the flags that get past a
+    library error (:func:`asr_fx.cli.advice.cli_message`); with --json also the JSON object."""
     if getattr(args, "verbose", False):
-        if cause is not None:
-            traceback.print_exception(cause)
-        else:
-            traceback.print_exc()
-    message = str(exc) if code == EXIT_VERIFY else one_line(exc)
+        traceback.print_exc()
+    message = cli_message(exc, str(exc) if code == EXIT_VERIFY else one_line(exc))
     options.print_error(f"asr-fx: {label}: {message}")
     if getattr(args, "json", False):
         summary = getattr(args, "summary", None)
@@ -62,7 +61,8 @@ def report_error(args: argparse.Namespace, exc: BaseException, code: int, label:
         for tolerance in ("rtol", "atol"):
             if payload.get(tolerance) is None and hasattr(args, tolerance):
                 payload[tolerance] = getattr(args, tolerance, None)
-        print(json.dumps({"ok": False, "exit_code": code, "error": one_line(exc), **payload}, indent=2))
+        print(json.dumps({"ok": False, "exit_code": code, "error": cli_message(exc, one_line(exc)), **payload},
+                         indent=2))
     return code
 
 
@@ -72,19 +72,6 @@ def usage_error(argv: Sequence[str], error: UsageError) -> int:
     if "--json" in argv:
         print(json.dumps(options.json_usage_error(argv, error, TOLERANCE_COMMANDS), indent=2))
     return EXIT_USAGE
-
-
-_TRACE_HINT = re.compile(r"pass leaf_modules=\[(?P<quoted>'(?P<name>[^']*)')\] \(or its class (?P<cls>\w+)\)")
-
-
-def trace_message(exc: BaseException) -> str:
-    """A TraceError's way out in the CLI's words: ``--leaf-modules NAME`` rather than ``leaf_modules=[...]``.
-
-    Lead, at merge: when the "lib"/"core" TraceError carries the module name as data, build the
-    sentence from it here instead of matching the message.
-    """
-    return _TRACE_HINT.sub(lambda m: f"pass --leaf-modules {m['name']} (leaf_modules=[{m['quoted']}] or "
-                                     f"[{m['cls']}] in Python)", str(exc))
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -107,9 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except UsageError as exc:
         return usage_error(argv, exc)
-    except TraceError as exc:
-        return report_error(args, TraceError(trace_message(exc)), EXIT_USAGE, "error", cause=exc)
-    except (VerificationError, FusionError) as exc:
+    except (VerificationError, FusionError, VanillaModelError) as exc:
         summary: Any = getattr(args, "summary", None)
         if isinstance(exc, VerificationError) and summary is not None and exc.report is not None \
                 and summary.export is None:

@@ -19,6 +19,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 import asr_fx
+from asr_fx.atomic import check_writable
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK, EXIT_VERIFY, say
 
@@ -108,7 +109,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module) -> float:
 def demo(args: argparse.Namespace) -> int:
     """Run the demo into ``args.out``; the folder is removed again if the demo created it and fails before writing."""
     source.check_opset_option(args.opset)
-    source.check_writable_folder(args.out.parent, f"demo -o {str(args.out)!r}")
+    check_writable(args.out / "asr_resnet.pt" if args.out.is_dir() else args.out)  # the folder the files go to
     created = not args.out.exists()
     args.out.mkdir(exist_ok=True)
     try:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from asr_fx import atomic
 from asr_fx.cli import options
 from asr_fx.cli.options import EPILOG_VERIFY
 from asr_fx.errors import ASRError
@@ -27,6 +28,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    "fused model's parameter count or ONNX op multiset differs from the vanilla model's (with "
                    "--fold-bn: the vanilla model with BN folded too); exports the vanilla model for its op multiset")
     p.add_argument("--fold-bn", action="store_true", help="also fold BatchNorm into the conv before it")
+    p.add_argument("--state-dict-out", type=Path, default=None, metavar="VANILLA.pt",
+                   help="also write the fused weights as a state_dict of the vanilla model the checkpoint's factory "
+                   "builds (model.load_state_dict(torch.load(VANILLA.pt, weights_only=True)) with strict=True); "
+                   "checked to compute what the fused model computes, written atomically after the ONNX file "
+                   "verifies; refused (exit 1, nothing written) where a site has no place in the vanilla class")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check and the comparison "
                    "(--strict's checks still run)")
     add_compare_options(p)
@@ -50,7 +56,7 @@ def add_onnx_options(p: argparse.ArgumentParser) -> None:
                    "uses the same names)")
     p.add_argument("--dynamic-shape", type=options.dynamic_dims, default=None, metavar="DIMS",
                    help="input dimensions left symbolic: any of batch,height,width (verified at several sizes: "
-                   "batch 1 and 7 besides the example)")
+                   "batch 1 and 7 besides the example; 1.5x the height and 1.25x the width)")
     p.add_argument("--dynamic-batch", dest="dynamic_shape", action="store_const", const=["batch"],
                    help="the same as --dynamic-shape batch")
 
@@ -75,14 +81,16 @@ def add_runtime_option(p: argparse.ArgumentParser) -> None:
 
 
 def check_output(args: argparse.Namespace) -> None:
-    """Refuse a bad ``-o`` before any work: a folder, not ``.onnx``, the checkpoint itself, or not writable."""
-    out: Path = args.output
-    if out.is_dir():
-        raise ASRError(f"the output {str(out)!r} is a folder: name the .onnx file to write, e.g. -o {out / 'model.onnx'}")
-    if out.suffix.lower() != ".onnx":
-        raise ASRError(f"the output {str(out)!r} should end in .onnx")
+    """Refuse a bad ``-o`` or ``--state-dict-out`` before any work: a folder, a missing or read-only folder, not
+    ``.onnx``, or the checkpoint (or the other output) itself."""
+    out = atomic.check_writable(args.output, suffix=".onnx")
     if out.resolve() == args.checkpoint.resolve():
         raise ASRError(f"refusing to write the ONNX model over the input checkpoint {str(args.checkpoint)!r}")
+    if args.state_dict_out is not None:
+        state_dict_out = atomic.check_writable(args.state_dict_out)
+        if state_dict_out.resolve() in (args.checkpoint.resolve(), out.resolve()):
+            raise ASRError(f"--state-dict-out {str(state_dict_out)!r} would overwrite the checkpoint or the ONNX "
+                           "output: name another file")
 
 
 def run(args: argparse.Namespace) -> int:

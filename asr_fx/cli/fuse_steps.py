@@ -3,34 +3,44 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
+import copy
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import asr_fx
-from asr_fx.cli import onnx_io, source
+from asr_fx.atomic import temp_folder
+from asr_fx.cli import source
 from asr_fx.cli.options import say
-from asr_fx.cli.report import (
-    ModelRow,
-    Stages,
-    VerificationSummary,
-    compare_models,
-    finish,
-    measure_latency,
-    name_outputs_as_in_file,
-)
-from asr_fx.errors import FusionError
-from asr_fx.export import flatten_outputs
+from asr_fx.cli.report import ModelRow, Stages, VerificationSummary, compare_models, finish, measure_latency
+from asr_fx.errors import ASRError, FusionError
+from asr_fx.foreign_checkpoints import LoadedCheckpoint
+from asr_fx.into_vanilla import fuse_into
+from asr_fx.verify import flatten_outputs
+
+
+def default_output_names(count: int) -> list[str]:
+    """``output0``, ``output1``, ...: what the file calls the outputs when ``--output-names`` is not given."""
+    return [f"output{i}" for i in range(count)]
+
+
+def vanilla_into(args: argparse.Namespace, loaded: LoadedCheckpoint, model: nn.Module, fused: nn.Module,
+                 x: torch.Tensor) -> nn.Module:
+    """For ``--state-dict-out``: a fresh copy of the factory's vanilla model holding the fused weights
+    (:func:`asr_fx.into_vanilla.fuse_into`, which refuses with the site's name where one has no place)."""
+    if loaded.vanilla is None:
+        raise ASRError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no factory "
+                       "that builds it: pass --model package.module:factory (and --factory-args)")
+    return fuse_into(fused, copy.deepcopy(loaded.vanilla), model, example_inputs=(x,),
+                     config=asr_fx.get_config(model), leaf_modules=args.leaf_modules)
 
 
 def fuse(args: argparse.Namespace) -> int:
     """Load CKPT, fuse, export OUT verified; every cheap check runs before the checkpoint is loaded."""
     out: Path = args.output
-    source.check_writable_folder(out.parent, f"-o {str(out)!r}")
     source.check_opset_option(args.opset)
     source.torch_device(args.device)
-    dynamic = onnx_io.export_dynamic_options(args.dynamic_shape)
     summary = VerificationSummary("fuse", str(args.checkpoint), output=str(out), device=args.device,
                                   rtol=args.rtol, atol=args.atol)
     args.summary = summary
@@ -49,6 +59,7 @@ def fuse(args: argparse.Namespace) -> int:
     fusion = asr_fx.fusion_report(fused)
     summary.fusion = fusion.to_dict() if fusion else None
     say(args, f"        folded {len(fusion.folded) if fusion else 0} scale(s): {fusion.summary() if fusion else {}}")
+    into = vanilla_into(args, loaded, model, fused, x) if args.state_dict_out is not None else None
     vanilla = loaded.vanilla
     if args.fold_bn and vanilla is not None:  # compare like with like: the vanilla model with BN folded too
         vanilla = asr_fx.fuse(vanilla.eval(), fold_bn=True, example_inputs=(x,), leaf_modules=args.leaf_modules)
@@ -61,9 +72,12 @@ def fuse(args: argparse.Namespace) -> int:
     if args.strict and "vanilla" in n_params and n_params["fused"] != n_params["vanilla"]:
         raise FusionError(f"--strict: the fused model has {n_params['fused']:,} parameters, the vanilla model"
                           f"{' (BN folded)' if args.fold_bn else ''} {n_params['vanilla']:,}")
+    with torch.no_grad():
+        n_outputs = len(flatten_outputs(fused(x)))
+    source.check_name_counts(args.input_names, args.output_names, 1, n_outputs)
     compare = args.compare and not args.no_verify
     stages.start("export", f"{out}" + (" (and the vanilla and instrumented models, for comparison)" if compare else ""))
-    with tempfile.TemporaryDirectory(prefix="asr-fx-fuse-") as workdir:
+    with temp_folder(name="fuse") as workdir:
         if compare:
             summary.models = compare_models({"vanilla": vanilla, "instrumented": model}, x, workdir, args.opset)
         elif args.strict and vanilla is not None:  # --strict's op check needs the vanilla model's ops
@@ -76,24 +90,21 @@ def fuse(args: argparse.Namespace) -> int:
         vanilla_ops = summary.models["vanilla"].op_counts if "vanilla" in summary.models else None
         summary.models.setdefault("fused", ModelRow())
         summary.models["fused"].params = n_params["fused"]
-        with torch.no_grad():
-            n_outputs = len(flatten_outputs(fused(x)))
-        onnx_io.check_name_counts(args.input_names, args.output_names, 1, n_outputs)
-        exported = Path(workdir) / "fused.onnx"  # verified there, then written to OUT with its input/output names
         report = asr_fx.export_onnx(
-            fused, exported, x, reference=model, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
-            opset=args.opset, expected_op_counts=vanilla_ops if args.strict else None, runtime=args.runtime,
-            on_verify=lambda: stages.start("verify", f"in {args.runtime} against the unfused model in torch"),
-            **dynamic)
-        onnx_io.publish_renamed(exported, out, args.input_names,
-                                args.output_names or onnx_io.default_output_names(n_outputs))
-        report.path = str(out)
-        name_outputs_as_in_file(report, out)
+            fused, out, x, reference=model, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
+            opset=args.opset, dynamic=args.dynamic_shape or (), input_names=args.input_names,
+            output_names=args.output_names or default_output_names(n_outputs),
+            expected_op_counts=vanilla_ops if args.strict else None, runtime=args.runtime,
+            on_verify=lambda: stages.start("verify", f"in {args.runtime} against the unfused model in torch"))
         summary.export = report
         summary.models["fused"].op_counts = report.op_counts
         if compare:
-            measure_latency(summary.models, {"vanilla": f"{workdir}/vanilla.onnx",
-                                             "instrumented": f"{workdir}/instrumented.onnx", "fused": str(out)},
+            measure_latency(summary.models, {"vanilla": workdir / "vanilla.onnx",
+                                             "instrumented": workdir / "instrumented.onnx", "fused": out},
                             x.cpu(), runs=args.runs)
     stages.stop()
+    if into is not None:
+        asr_fx.save_vanilla_state_dict(into, args.state_dict_out)
+        summary.notes.append(f"wrote the vanilla-format state_dict {args.state_dict_out}")
+        say(args, f"wrote {args.state_dict_out} (state_dict of {type(into).__name__}, checked against the fused model)")
     return finish(args, summary)

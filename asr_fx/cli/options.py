@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from asr_fx.errors import UsageError
+
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE = 0, 1, 2
 
 #: the epilog of a command whose exit codes are 0, 1 and 2 (fuse, verify, demo)
@@ -31,18 +33,6 @@ CHECKPOINT_HELP = (
     "instrumented and is instrumented again with the ASR options. Pickled whole modules load only "
     "with --trust-checkpoint."
 )
-
-
-class UsageError(Exception):
-    """argparse refused the command line (raised instead of exiting, so that ``main()`` reports it on one line).
-
-    Lead, at merge: the "lib" branch moves this class to ``asr_fx.errors.UsageError`` (an ASRError with the
-    same ``(prog, usage, message)`` constructor); import it from there and delete this one.
-    """
-
-    def __init__(self, prog: str, usage: str, message: str) -> None:
-        super().__init__(message)
-        self.prog, self.usage = prog, usage
 
 
 class Parser(argparse.ArgumentParser):

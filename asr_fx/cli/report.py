@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from tabulate import tabulate
 from torch import nn
 
+from asr_fx import onnx_runtime
 from asr_fx.cli.options import EXIT_OK, say
 from asr_fx.errors import ASRError
-from asr_fx.export import ExportReport, export_onnx, onnx_op_counts
+from asr_fx.export import export_onnx
+from asr_fx.verify import ExportReport, onnx_op_counts
 
 #: the A/A control: the vanilla file run in a second session
 CONTROL = "vanilla (A/A)"
@@ -175,7 +175,7 @@ def export_for_comparison(model: nn.Module, path: str, x: torch.Tensor, opset: i
     return row
 
 
-def compare_models(models: dict[str, nn.Module | None], x: torch.Tensor, workdir: str,
+def compare_models(models: dict[str, nn.Module | None], x: torch.Tensor, workdir: str | os.PathLike,
                    opset: int | None = None) -> dict[str, ModelRow]:
     """Export each model (``None``: unknown, reported as such) into ``workdir`` for op counts."""
     rows = {}
@@ -187,50 +187,20 @@ def compare_models(models: dict[str, nn.Module | None], x: torch.Tensor, workdir
     return rows
 
 
-def measure_latency(rows: dict[str, ModelRow], paths: dict[str, str], x: torch.Tensor, runs: int = 20) -> None:
+def measure_latency(rows: dict[str, ModelRow], paths: dict[str, str | os.PathLike], x: torch.Tensor,
+                    runs: int = 20) -> None:
     """Fill the latency of every row with an ONNX file, and add the A/A control row (a second session of
-    the vanilla file). One thread per session; the sessions take turns run by run, so a busy machine
-    slows them alike; 3 warm-up runs are not counted."""
-    paths = {name: path for name, path in paths.items() if name in rows and os.path.isfile(path)}
+    the vanilla file), through :func:`asr_fx.onnx_runtime.latency_ms`: one thread per session, the
+    sessions take turns run by run (a busy machine slows them alike), 3 warm-up runs not counted."""
+    paths = {name: str(path) for name, path in paths.items() if name in rows and os.path.isfile(path)}
     if "vanilla" in paths:
         rows[CONTROL] = ModelRow(params=rows["vanilla"].params, op_counts=rows["vanilla"].op_counts,
                                  note="A/A control")
         paths = {"vanilla": paths["vanilla"], CONTROL: paths["vanilla"], **paths}
-    sessions = {}
-    for name, path in paths.items():
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        sessions[name] = (session, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for step in range(runs + 3):
-        for name, (session, feeds) in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds)
-            if step >= 3:
-                times[name].append(time.perf_counter() - start)
-    for name, values in times.items():
-        p25, median, p75 = np.percentile(np.array(values) * 1e3, [25, 50, 75])
+    samples = onnx_runtime.latency_ms(paths, (x,), runs=runs, warmup=3, threads=1)
+    for name, values in samples.items():
+        p25, median, p75 = np.percentile(np.array(values), [25, 50, 75])
         rows[name].latency_ms, rows[name].latency_p25_ms, rows[name].latency_p75_ms = float(median), float(p25), float(p75)
-
-
-def output_names(path: str | os.PathLike) -> list[str]:
-    """The graph output names of an ONNX file."""
-    return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
-
-
-def name_outputs_as_in_file(report: ExportReport, path: str | os.PathLike) -> None:
-    """Relabel ``report.outputs`` (``output0``, ``output0 (batch 7)``, ...) with the file's output names, so
-    the report names what a user of the file sees.
-
-    Lead, at merge: if the "lib" branch's ExportReport already uses the file's names, this is a no-op; delete it.
-    """
-    file_names = output_names(path)
-    for error in report.outputs:
-        head, _, rest = error.name.partition(" ")
-        if head.startswith("output") and head[6:].isdigit() and int(head[6:]) < len(file_names):
-            error.name = f"{file_names[int(head[6:])]} {rest}".rstrip()
 
 
 def finish(args: argparse.Namespace, summary: VerificationSummary) -> int:

@@ -1,27 +1,25 @@
 """The model a command works on, from the model-source options (:func:`asr_fx.cli.options.add_model_source`).
 
 Imports torch: the command modules import this module only when a command runs. Every check that
-costs nothing (the output folder, the opset, the device) has a function here that the commands call
-before loading the model.
+costs nothing (the opset, the device, the names) has a function here that the commands call before
+loading the model; output paths are checked with :func:`asr_fx.atomic.check_writable`.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch
 from torch import nn
 
 import asr_fx
-from asr_fx.foreign_checkpoints import LoadedCheckpoint, load_checkpoint
 from asr_fx.errors import ASRError
+from asr_fx.foreign_checkpoints import LoadedCheckpoint, load_checkpoint
+from asr_fx.input_shapes import default_input_shape
 from asr_fx.passes import trace
 
 
@@ -67,22 +65,6 @@ def check_opset_option(opset: int | None) -> None:
                        "torch's exporter writes 18 and newer, older ones where it can convert the model")
 
 
-def check_writable_folder(folder: Path, option: str) -> None:
-    """Refuse an output folder that is missing or not writable, before any expensive step.
-
-    Lead, at merge: the "lib" branch adds a writability check to the library; call it here instead.
-    """
-    if not folder.is_dir():
-        raise ASRError(f"the output folder {str(folder)!r} (of {option}) does not exist: create it first")
-    try:  # the real test (os.access is wrong for root and on some network file systems)
-        fd, probe = tempfile.mkstemp(prefix=".asr-fx-write-check-", dir=folder)
-    except OSError as exc:
-        raise ASRError(f"the output folder {str(folder)!r} (of {option}) is not writable ({exc.strerror}): "
-                       "choose another folder or fix its permissions") from None
-    os.close(fd)
-    os.remove(probe)
-
-
 def check_leaf_modules(model: nn.Module, names: Sequence[str] | None) -> None:
     """Refuse ``--leaf-modules`` names that are not module paths of ``model``."""
     if not names:
@@ -96,60 +78,23 @@ def check_leaf_modules(model: nn.Module, names: Sequence[str] | None) -> None:
                        f"(give module paths as named by model.named_modules(), such as {paths[0]!r}){hints}")
 
 
-def factory_of(model: nn.Module, given: str | None) -> str | None:
-    """The ``PKG.MODULE:FACTORY`` that built ``model``: ``--model``, or what ``asr_fx.build`` / the config recorded."""
-    if given:
-        return given
-    recorded = getattr(model, "_asr_fx_factory", None) or (asr_fx.get_config(model) or {}).get("factory") or {}
-    return recorded.get("factory")
-
-
-def default_input_shape(model: nn.Module, factory: str | None = None) -> list[int] | None:
-    """The input shape (batch 1) a model documents: timm's ``pretrained_cfg["input_size"]``, a Hugging Face
-    config's ``image_size``/``num_channels``, or torchvision's weights metadata for its builder; else None.
-
-    Lead, at merge: the "lib" branch adds ``default_input_shape(model)`` to the library; this local copy
-    is the CLI's fallback until then. Delete it and call the library's (passing ``factory`` if it takes it).
-    """
-    for module in (model, *(m for _, m in model.named_children())):
-        cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
-        if isinstance(cfg, dict) and _whole_numbers(cfg.get("input_size"), 3):
-            return [1, *cfg["input_size"]]
-        config = getattr(module, "config", None)
-        size = getattr(config, "image_size", None)
-        if config is not None and size is not None:
-            height, width = (size, size) if isinstance(size, int) else tuple(size)[:2]
-            return [1, int(getattr(config, "num_channels", 3)), int(height), int(width)]
-    if factory and factory.split(":", 1)[0].startswith("torchvision.models"):
-        return _torchvision_shape(factory.split(":", 1)[1])
-    return None
-
-
-def _whole_numbers(value: Any, length: int) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == length and all(isinstance(v, int) for v in value)
-
-
-def _torchvision_shape(builder: str) -> list[int] | None:
-    """torchvision's documented input size for ``builder``: the crop of its default weights' transforms
-    (metadata only; nothing is downloaded)."""
-    from torchvision import models  # optional dependency: only for a torchvision factory
-
-    try:
-        weights = models.get_model_weights(builder).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        return None
-    crop = getattr(weights.transforms(), "crop_size", None)
-    if not crop:
-        return None
-    return [1, 3, crop[0], crop[-1]]
+def check_name_counts(input_names: Sequence[str] | None, output_names: Sequence[str] | None, n_inputs: int,
+                      n_outputs: int) -> None:
+    """Refuse ``--input-names``/``--output-names`` with the wrong number of names, before the export."""
+    for option, given, count in (("--input-names", input_names, n_inputs), ("--output-names", output_names, n_outputs)):
+        if given is not None and len(given) != count:
+            raise ASRError(f"{option}: {len(given)} name(s) for {count} {option[2:-6]}(s) of the model")
+        if given is not None and len(set(given)) != len(given):
+            raise ASRError(f"{option}: each name once, got {','.join(given)}")
 
 
 def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[int]:
     """``--input-shape``, else the checkpoint's, else the model's documented one; refused when none is known."""
-    shape = args.input_shape or loaded.input_shape or default_input_shape(loaded.model, factory_of(loaded.model, args.model))
+    shape = (args.input_shape or loaded.input_shape or default_input_shape(loaded.model)
+             or (default_input_shape(loaded.vanilla) if loaded.vanilla is not None else None))  # its own class says
     if not shape:
         raise ASRError("no input shape: the checkpoint records none and the model documents none (timm's "
-                       "pretrained_cfg, a Hugging Face config's image_size, torchvision's weights); pass "
+                       "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); pass "
                        "--input-shape, e.g. 1,3,224,224")
     return list(shape)
 

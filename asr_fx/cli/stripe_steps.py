@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from asr_fx import plot
+from asr_fx.atomic import check_writable
 from asr_fx import stripe as observation
 from asr_fx.checkpoint import read_checkpoint
 from asr_fx.cli import source
@@ -63,7 +64,7 @@ def site_key(text: str) -> int | str:
 def stripe(args: argparse.Namespace) -> int:
     """Collect the attention statistics, write the figures and summary.md, print the table."""
     existing = next(folder for folder in (args.out, *args.out.parents) if folder.exists())
-    source.check_writable_folder(existing, f"-o {str(args.out)!r}")  # before the model loads
+    check_writable(existing / "summary.md")  # the nearest existing folder, before the model loads
     model = source.load_model_source(args.source, args)
     random_weights = not Path(args.source).exists()
     device = next(model.parameters(), torch.zeros(0)).device
