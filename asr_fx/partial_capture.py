@@ -151,7 +151,8 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     example_inputs = options.get("example_inputs")
     if example_inputs is None:
         raise TraceError(f"{error} Or pass example_inputs=(...) and asr-fx instruments the parts of the model "
-                         "it can capture, leaving the rest as the model's own Python.") from error
+                         "it can capture, leaving the rest as the model's own Python.",
+                         module=error.module, module_class=error.module_class) from error
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     calls = record_calls(model, example_inputs)
     work = copy.deepcopy(model)
@@ -188,7 +189,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     if not parts:  # nothing captured alone either: the root's own error says what to do
         detail = f"; refused: {refused[:3]}" if refused else ""
         raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
-                         f"alone either{detail}.)") from error
+                         f"alone either{detail}.)", module=error.module, module_class=error.module_class) from error
     sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg.sites]
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None

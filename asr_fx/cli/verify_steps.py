@@ -83,7 +83,7 @@ def verify(args: argparse.Namespace) -> int:
         summary.export = report
         try:
             verify_onnx(onnx_path, model, x, rtol=args.rtol, atol=args.atol, batches=batches, sizes=sizes,
-                        report=report)
+                        report=report, runtime=args.runtime)
         except DifferentModelError:
             raise
         except VerificationError as exc:
