@@ -32,9 +32,10 @@ import torch
 import torch.fx as fx
 
 from .constant_fold import FOLDED_PREFIX
+from .aliases import erase_refusal
 from .fold_plan import apply_plan, cat_pieces, match, plan_kinds, plan_labels, producer_target
 from .fold_targets import TensorUsage
-from .graph_queries import is_add, is_inplace, is_mul, site_of
+from .graph_queries import is_add, is_inplace, site_of
 from .infra import PassResult
 from .records import LEFT_AS_MUL, FoldRecord
 from .scale_algebra import Plan, State, constant_mul_input, constant_node, constant_operand, map_through, \
@@ -105,6 +106,9 @@ def _fold_one(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     others = other_users(x, mul)
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
         return f"`{x.name}` has {len(others)} other user(s); folding into it would change them"
+    aliased = erase_refusal(gm, mul, x, order)
+    if aliased:
+        return aliased
     with torch.no_grad():
         plan = plan_backward(gm, x, state, usage, [64])
     if isinstance(plan, str):
@@ -126,8 +130,6 @@ def fold_scales(gm: fx.GraphModule) -> PassResult:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     records: list[FoldRecord] = []
     for mul in list(gm.graph.nodes):
-        if not is_mul(mul):
-            continue
         operands = constant_operand(gm, mul)
         if operands is None:
             continue
