@@ -16,13 +16,21 @@ from torch import nn
 
 from .fold_targets import Target, TensorUsage, in_channels, input_refusal, scale_inputs, scale_outputs
 from .functional_fold_targets import input_target, output_target
-from .graph_queries import channel_info, is_add, output_shape
+from .graph_queries import channel_info, is_add, output_dtype, output_shape
 from .op_tables import CAT_FUNCTIONS
 from .scale_algebra import Plan, State, is_reshape, map_through, permuted
 
 
 def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The layer whose output ``node`` is, as a fold target, or ``None``."""
+    """The layer whose output ``node`` is, as a fold target, or ``None``; a layer without floating
+    parameters (a norm without affine) computes in the recorded dtype of ``node``."""
+    target = _producer_target(gm, node)
+    if target is not None and target.dtype is None:
+        target.dtype = output_dtype(node)
+    return target
+
+
+def _producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         found = None if isinstance(module, nn.MultiheadAttention) else scale_outputs(module)
@@ -71,6 +79,12 @@ def match(target: Target, state: State, usage: TensorUsage) -> torch.Tensor | st
         return f"the scale ({v.numel()} values at dim {pos}) does not lie along `{target.label}`'s {target.channels} channels"
     else:
         vec = v
+    if target.dtype is None:
+        return (f"the dtype `{target.label}` computes in is unknown (it has no floating parameters); "
+                "pass example_inputs to fuse")
+    if v.dim() and torch.promote_types(v.dtype, target.dtype) != target.dtype:
+        return (f"the {v.dtype} scale promotes `{target.label}`'s {target.dtype} values; folding it would change "
+                f"the output dtype (cast the scale to {target.dtype}, or convert the model)")
     return target.refuse(vec) or vec
 
 
@@ -151,7 +165,7 @@ def plan_labels(plan: Plan) -> str:
 
 
 def apply_plan(plan: Plan) -> None:
-    """Fold each 1-D scale into its target (in the target's dtype)."""
+    """Fold each 1-D scale into its target, cast to the target's dtype (:func:`match` checked it is known)."""
     with torch.no_grad():
         for target, vec in plan:
-            target.apply(vec.to(target.tensors[0].dtype) if target.tensors else vec)
+            target.apply(vec.to(target.dtype))
