@@ -21,6 +21,8 @@ from torch import nn
 
 from asr_fx.errors import TraceError
 
+from .inplace_proxy import InplaceProxy
+
 LeafSpec = Iterable["str | type[nn.Module]"] | Callable[[nn.Module, str], bool] | None
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -84,6 +86,9 @@ class ASRTracer(fx.Tracer):
             for name, p in self.root.named_parameters():
                 self._names.setdefault(id(p), name)
         return self._names
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)  # records `a += b` / `a *= b` as in-place ops
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))
