@@ -79,12 +79,9 @@ def match(target: Target, state: State, usage: TensorUsage) -> torch.Tensor | st
         return f"the scale ({v.numel()} values at dim {pos}) does not lie along `{target.label}`'s {target.channels} channels"
     else:
         vec = v
-    if target.dtype is None:
-        return (f"the dtype `{target.label}` computes in is unknown (it has no floating parameters); "
-                "pass example_inputs to fuse")
-    if v.dim() and torch.promote_types(v.dtype, target.dtype) != target.dtype:
-        return (f"the {v.dtype} scale promotes `{target.label}`'s {target.dtype} values; folding it would change "
-                f"the output dtype (cast the scale to {target.dtype}, or convert the model)")
+    if target.dtype is None and v.dtype != torch.get_default_dtype():
+        return (f"the dtype `{target.label}` computes in is unknown (it has no floating parameters) and the "
+                f"scale is {v.dtype}; pass example_inputs to fuse")
     return target.refuse(vec) or vec
 
 
@@ -154,6 +151,19 @@ def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: State) 
     return torch.cat(parts), pos
 
 
+def dtype_refusal(c: torch.Tensor, plan: Plan) -> str | None:
+    """Why folding the constant ``c`` by ``plan`` would change a dtype, or ``None``: a ``c`` with
+    dimensions (even all of size 1) takes part in type promotion, so a float64 ``c`` makes ``x * c``
+    float64 where ``x`` is float32, and a fold would return float32 (a 0-dim ``c`` never promotes)."""
+    if c.dim() == 0:
+        return None
+    for target, _ in plan:
+        if target.dtype is not None and torch.promote_types(c.dtype, target.dtype) != target.dtype:
+            return (f"the {c.dtype} scale promotes `{target.label}`'s {target.dtype} values to {c.dtype}; "
+                    f"folding it would change the output dtype (cast the scale to {target.dtype}, or convert the model)")
+    return None
+
+
 def plan_kinds(plan: Plan) -> str:
     """Where a plan puts its scales, as the report says it: ``bn``, ``next-conv+next-linear``, ..."""
     return "+".join(sorted({t.kind for t, _ in plan}))
@@ -165,7 +175,8 @@ def plan_labels(plan: Plan) -> str:
 
 
 def apply_plan(plan: Plan) -> None:
-    """Fold each 1-D scale into its target, cast to the target's dtype (:func:`match` checked it is known)."""
+    """Fold each 1-D scale into its target, cast to the target's dtype (where that is unknown,
+    :func:`match` let only a scale in the default dtype through)."""
     with torch.no_grad():
         for target, vec in plan:
-            target.apply(vec.to(target.dtype))
+            target.apply(vec.to(target.dtype) if target.dtype is not None else vec)
