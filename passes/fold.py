@@ -17,7 +17,8 @@ pieces of a channel ``cat``, as long as each value on the way has no other user.
 Refuses (records the reason and leaves the ``mul`` for :func:`propagate_scales`): a value on the
 way with other users (folding would change them), a module called at more than one place,
 parameters shared with another module or call (tied weights), an in-place ``mul_`` of a value that
-something reads before it, scales that vary along more than one dimension or not along the layer's
+something reads before it, an erase that would redirect an in-place write into storage something
+else reads (:func:`asr_fx.passes.aliases.erase_refusal`), a scale that would change a dtype, scales that vary along more than one dimension or not along the layer's
 channels, scales that broadcast the value to a larger shape, and layers without a rule.
 
 Shapes: with recorded shapes (``example_inputs`` to :func:`asr_fx.fuse`) every broadcast is

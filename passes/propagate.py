@@ -13,8 +13,9 @@ nothing changes and the reason is reported.
 The scale also goes through a ``cat`` along its channel dimension (the other pieces get a scale
 of 1) and through another constant ``mul`` (scales commute).
 
-Refuses too: a next layer called at more than one place or sharing a parameter, an in-place op in
-the way while the unscaled value has other users, and reshapes whose shapes are unknown (pass
+Refuses too: a next layer called at more than one place or sharing a parameter, an erase that would
+redirect or drop an in-place write into storage something else reads, a model input included
+(:func:`asr_fx.passes.aliases.erase_refusal`), a scale that would change a dtype, and reshapes whose shapes are unknown (pass
 ``example_inputs`` to :func:`asr_fx.fuse`). Modifies ``gm`` in place. Emits a new record for each
 scale it moves or tried to move; it never edits the fold pass's records.
 """
