@@ -147,3 +147,30 @@ def test_torchvision_resnet_with_inplace_add_instruments_and_trains():
     opt.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(psi, asr_fx.asr_parameters(model)))
+
+
+class WriteIntoScaledInputLater(nn.Module):
+    """``m = y * v`` is a fresh value; ``y.relu_()`` afterwards changes ``y`` only. Pushing ``v`` into
+    ``conv2`` and giving ``m``'s use to ``y`` would make ``conv2`` read the ReLU'd ``y``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+        self.v = nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 3.0]).reshape(1, 4, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        m = y * self.v
+        y.relu_()
+        return self.conv2(m) + y
+
+
+def test_a_later_inplace_write_into_the_scaled_input_is_refused_and_reported():
+    torch.manual_seed(0)
+    model, x = WriteIntoScaledInputLater().eval(), torch.randn(2, 3, 4, 4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = asr_fx.fuse(model, example_inputs=(x,))
+        torch.testing.assert_close(fused(x), model(x))
+    record = asr_fx.fusion_report(fused).records[0]
+    assert not record.folded and "in-place" in record.reason, record.reason
