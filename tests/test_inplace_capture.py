@@ -14,6 +14,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx.passes.trace import trace
+from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; return z + y
 
 INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
@@ -50,27 +51,12 @@ def test_augmented_assignments_are_traced_as_inplace_ops():
             torch.testing.assert_close(got, want)
 
 
-class ImulReadAgain(nn.Module):
-    """``z = y; z *= p`` writes into ``y``: eager returns ``2 p y`` (``4 conv(x)`` for ``p = 2``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 1)
-        self.p = nn.Parameter(torch.full((1, 4, 1, 1), 2.0))
-
-    def forward(self, x):
-        y = self.conv(x)
-        z = y
-        z *= self.p
-        return z + y
-
-
 def test_imul_of_a_value_read_again_eager_traced_and_fused_agree():
     torch.manual_seed(0)
     model, x = ImulReadAgain().eval(), torch.randn(2, 3, 4, 4)
     with torch.no_grad():
         eager = model(x)
-        torch.testing.assert_close(eager, 4 * model.conv(x))
+        torch.testing.assert_close(eager, 4 * model.conv(x))  # p = 2: 2 p conv(x)
         torch.testing.assert_close(trace(model)(x), eager)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
