@@ -121,7 +121,7 @@ def test_residual_inplace_add_stays_in_place_after_instrument_and_fuse():
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in vanilla.parameters())
 
 
-def test_torchvision_resnet_with_inplace_add_instruments_and_trains():
+def test_torchvision_resnet_with_inplace_add_instruments_trains_and_fuses_in_place():
     torch.manual_seed(0)
     model = asr_fx.instrument(torchvision.models.resnet18(num_classes=10)).train()
     assert len(_inplace_nodes(model)) == 8  # one `out += identity` per BasicBlock
@@ -133,6 +133,11 @@ def test_torchvision_resnet_with_inplace_add_instruments_and_trains():
     opt.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(psi, asr_fx.asr_parameters(model)))
+    model.eval()
+    fused = asr_fx.fuse(model, strict=True, example_inputs=(x,))
+    assert len(_inplace_nodes(fused)) == 8
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 class WriteIntoScaledInputLater(nn.Module):
