@@ -89,13 +89,15 @@ RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 RESHAPE_TARGETS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
                    "squeeze", "unsqueeze", "unflatten")
 
-# --- views: the result shares its input's storage (a write into one is seen through the other) ----
+# --- views: the result shares (or may share) its input's storage: a write into one is seen through
+# the other. ``to``/``float``/``type_as``... return their input itself when nothing changes -----------
 VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                   torch.movedim, torch.t, torch.narrow, torch.select, torch.as_strided, torch.unflatten,
                   torch.swapaxes, torch.swapdims, torch.diagonal, operator.getitem)
 VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "movedim",
                 "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "t", "narrow", "select", "as_strided",
-                "swapaxes", "swapdims", "diagonal", "unfold", "detach", "view_as_real", "mT", "T")
+                "swapaxes", "swapdims", "diagonal", "unfold", "detach", "view_as_real", "mT", "T",
+                "to", "type", "type_as", "float", "double", "half", "bfloat16")
 
 # --- uses that read only metadata --------------------------------------------------------------------
 SHAPE_QUERY_METHODS = ("size", "dim", "numel", "ndimension")
