@@ -317,8 +317,28 @@ def attention_name(attention: Any) -> Any:
     return f"{module}:{qualname}" if module and qualname and "<" not in qualname else None
 
 
+def _floating_dtype(module: nn.Module | None) -> torch.dtype | None:
+    for t in (*module.parameters(), *module.buffers()) if module is not None else ():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _site_dtype(gm: fx.GraphModule, block_call: fx.Node) -> torch.dtype | None:
+    """The dtype of the value an ASR block scales: recorded by shape propagation, else the dtype of the
+    parameters of the layer that produced it."""
+    value = block_call.args[0] if block_call.args else None
+    if not isinstance(value, fx.Node):
+        return None
+    recorded = getattr(value.meta.get("tensor_meta"), "dtype", None)
+    if recorded is not None:
+        return recorded
+    return _floating_dtype(gm.get_submodule(str(value.target))) if value.op == "call_module" else None
+
+
 def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Put the new ASR state on the model's device, and ASR blocks in its floating dtype."""
+    """Put the new ASR state on the model's device, and each ASR block in the dtype of the value it
+    scales at its own site (not the dtype of some other parameter of the model)."""
     ref = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
@@ -327,5 +347,10 @@ def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
     if ref.device.type != "cpu":
         gm.to(ref.device)
     blocks = getattr(gm, "asr", None)
-    if isinstance(blocks, nn.Module) and ref.is_floating_point() and ref.dtype != torch.float32:
-        blocks.to(ref.dtype)
+    if not isinstance(blocks, nn.Module):
+        return
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith("asr."):
+            dtype = _site_dtype(gm, node) or (ref.dtype if ref.is_floating_point() else None)
+            if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
+                gm.get_submodule(str(node.target)).to(dtype)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .global_pooling import pooled_dims
-from .graph_queries import channel_info, is_mul, module_of, skip_identity
+from .graph_queries import channel_info, module_of, mul_operands, skip_identity
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32
@@ -113,8 +113,9 @@ def _over_six(node: fx.Node) -> fx.Node | None:
     if node.op == "call_function" and node.target in _DIV_FUNCTIONS and len(node.args) == 2:
         r, d = node.args
         return r if isinstance(r, fx.Node) and _number(d) == 6.0 else None
-    if is_mul(node):
-        for r, k in (node.args, node.args[::-1]):
+    operands = mul_operands(node)
+    if operands is not None:
+        for r, k in (operands, operands[::-1]):
             if isinstance(r, fx.Node) and _number(k) is not None and abs(_number(k) - 1 / 6) < 1e-12:
                 return r
     return None
@@ -297,9 +298,10 @@ def find_channel_attention(gm: fx.GraphModule) -> list[ChannelAttention]:
     """Every ``x * act(F(global_pool(x)))`` in ``gm``, in graph order (a report; ``gm`` is unchanged)."""
     found: list[ChannelAttention] = []
     for mul in gm.graph.nodes:
-        if not is_mul(mul) or not all(isinstance(a, fx.Node) for a in mul.args):
+        operands = mul_operands(mul)
+        if operands is None or not all(isinstance(a, fx.Node) for a in operands):
             continue
-        for gate_side, feature in ((mul.args[1], mul.args[0]), (mul.args[0], mul.args[1])):
+        for gate_side, feature in (operands[::-1], operands):
             feature = skip_identity(gm, feature)
             hit = _gate_of(gm, gate_side, feature)
             if hit is None:

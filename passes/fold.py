@@ -17,7 +17,8 @@ pieces of a channel ``cat``, as long as each value on the way has no other user.
 Refuses (records the reason and leaves the ``mul`` for :func:`propagate_scales`): a value on the
 way with other users (folding would change them), a module called at more than one place,
 parameters shared with another module or call (tied weights), an in-place ``mul_`` of a value that
-something reads before it, scales that vary along more than one dimension or not along the layer's
+something reads before it, an erase that would redirect an in-place write into storage something
+else reads (:func:`asr_fx.passes.aliases.erase_refusal`), a scale that would change a dtype, scales that vary along more than one dimension or not along the layer's
 channels, scales that broadcast the value to a larger shape, and layers without a rule.
 
 Shapes: with recorded shapes (``example_inputs`` to :func:`asr_fx.fuse`) every broadcast is
@@ -32,9 +33,10 @@ import torch
 import torch.fx as fx
 
 from .constant_fold import FOLDED_PREFIX
-from .fold_plan import apply_plan, cat_pieces, match, plan_kinds, plan_labels, producer_target
+from .aliases import erase_refusal
+from .fold_plan import apply_plan, cat_pieces, dtype_refusal, match, plan_kinds, plan_labels, producer_target
 from .fold_targets import TensorUsage
-from .graph_queries import is_add, is_inplace, is_mul, site_of
+from .graph_queries import is_add, is_inplace, site_of
 from .infra import PassResult
 from .records import LEFT_AS_MUL, FoldRecord
 from .scale_algebra import Plan, State, constant_mul_input, constant_node, constant_operand, map_through, \
@@ -105,10 +107,16 @@ def _fold_one(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     others = other_users(x, mul)
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
         return f"`{x.name}` has {len(others)} other user(s); folding into it would change them"
+    aliased = erase_refusal(gm, mul, x, order)
+    if aliased:
+        return aliased
     with torch.no_grad():
         plan = plan_backward(gm, x, state, usage, [64])
     if isinstance(plan, str):
         return plan
+    promoted = dtype_refusal(c, plan)
+    if promoted:
+        return promoted
     apply_plan(plan)
     mul.replace_all_uses_with(x)
     gm.graph.erase_node(mul)
@@ -126,8 +134,6 @@ def fold_scales(gm: fx.GraphModule) -> PassResult:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     records: list[FoldRecord] = []
     for mul in list(gm.graph.nodes):
-        if not is_mul(mul):
-            continue
         operands = constant_operand(gm, mul)
         if operands is None:
             continue

@@ -16,13 +16,21 @@ from torch import nn
 
 from .fold_targets import Target, TensorUsage, in_channels, input_refusal, scale_inputs, scale_outputs
 from .functional_fold_targets import input_target, output_target
-from .graph_queries import channel_info, is_add, output_shape
+from .graph_queries import channel_info, is_add, output_dtype, output_shape
 from .op_tables import CAT_FUNCTIONS
 from .scale_algebra import Plan, State, is_reshape, map_through, permuted
 
 
 def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The layer whose output ``node`` is, as a fold target, or ``None``."""
+    """The layer whose output ``node`` is, as a fold target, or ``None``; a layer without floating
+    parameters (a norm without affine) computes in the recorded dtype of ``node``."""
+    target = _producer_target(gm, node)
+    if target is not None and target.dtype is None:
+        target.dtype = output_dtype(node)
+    return target
+
+
+def _producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         found = None if isinstance(module, nn.MultiheadAttention) else scale_outputs(module)
@@ -71,6 +79,9 @@ def match(target: Target, state: State, usage: TensorUsage) -> torch.Tensor | st
         return f"the scale ({v.numel()} values at dim {pos}) does not lie along `{target.label}`'s {target.channels} channels"
     else:
         vec = v
+    if target.dtype is None and v.dtype != torch.get_default_dtype():
+        return (f"the dtype `{target.label}` computes in is unknown (it has no floating parameters) and the "
+                f"scale is {v.dtype}; pass example_inputs to fuse")
     return target.refuse(vec) or vec
 
 
@@ -140,6 +151,19 @@ def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: State) 
     return torch.cat(parts), pos
 
 
+def dtype_refusal(c: torch.Tensor, plan: Plan) -> str | None:
+    """Why folding the constant ``c`` by ``plan`` would change a dtype, or ``None``: a ``c`` with
+    dimensions (even all of size 1) takes part in type promotion, so a float64 ``c`` makes ``x * c``
+    float64 where ``x`` is float32, and a fold would return float32 (a 0-dim ``c`` never promotes)."""
+    if c.dim() == 0:
+        return None
+    for target, _ in plan:
+        if target.dtype is not None and torch.promote_types(c.dtype, target.dtype) != target.dtype:
+            return (f"the {c.dtype} scale promotes `{target.label}`'s {target.dtype} values to {c.dtype}; "
+                    f"folding it would change the output dtype (cast the scale to {target.dtype}, or convert the model)")
+    return None
+
+
 def plan_kinds(plan: Plan) -> str:
     """Where a plan puts its scales, as the report says it: ``bn``, ``next-conv+next-linear``, ..."""
     return "+".join(sorted({t.kind for t, _ in plan}))
@@ -151,7 +175,8 @@ def plan_labels(plan: Plan) -> str:
 
 
 def apply_plan(plan: Plan) -> None:
-    """Fold each 1-D scale into its target (in the target's dtype)."""
+    """Fold each 1-D scale into its target, cast to the target's dtype (where that is unknown,
+    :func:`match` let only a scale in the default dtype through)."""
     with torch.no_grad():
         for target, vec in plan:
-            target.apply(vec.to(target.tensors[0].dtype) if target.tensors else vec)
+            target.apply(vec.to(target.dtype) if target.dtype is not None else vec)

@@ -128,11 +128,43 @@ def scale_outputs(module: nn.Module) -> tuple[str, Callable[[torch.Tensor], None
     return None
 
 
+def _bn_statistics_for_input_scale(bn: _BatchNorm, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean / s, (var + eps) / s^2 - eps)`` computed in float64, cast to the buffers' dtype."""
+    s64, eps = s.detach().double(), bn.eps
+    mean = bn.running_mean.double() / s64
+    var = (bn.running_var.double() + eps) / (s64 * s64) - eps
+    return mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
+
+
+def _bn_input_scale_error(bn: _BatchNorm, s: torch.Tensor) -> str | None:
+    """Why the cast statistics of :func:`_bn_statistics_for_input_scale` would not give the exact BN of
+    ``x * s`` (overflow, or ``var + eps`` lost to rounding), checked per channel, or ``None``."""
+    mean, var = _bn_statistics_for_input_scale(bn, s)
+    s64, eps = s.detach().double(), bn.eps
+    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+        bad = int((~torch.isfinite(var) | ~torch.isfinite(mean)).nonzero()[0, 0])
+        return f"scale entry s[{bad}] = {float(s64[bad]):.3g} overflows `BatchNorm`'s running statistics"
+    # the affine the folded BN computes on x, against the exact one (|s| / std, mean / std)
+    got_a = 1 / torch.sqrt(var.double() + eps)
+    want_a = s64.abs() / torch.sqrt(bn.running_var.double() + eps)
+    got_b = got_a * mean.double()
+    want_b = torch.sign(s64) * bn.running_mean.double() / torch.sqrt(bn.running_var.double() + eps)
+    tol = 64 * torch.finfo(bn.running_var.dtype).eps
+    err = torch.maximum((got_a - want_a).abs() / want_a.abs().clamp_min(1e-300),
+                        (got_b - want_b).abs() / want_b.abs().clamp_min(1e-300))
+    if bool((err > tol).any()) or not bool(torch.isfinite(err).all()):
+        bad = int(torch.nan_to_num(err, nan=float("inf")).argmax())
+        return (f"scale entry s[{bad}] = {float(s64[bad]):.3g} cannot be folded into `BatchNorm`'s running "
+                f"statistics in {bn.running_var.dtype} (var/s^2 loses precision); the mul stays")
+    return None
+
+
 def _scale_bn_in(bn: _BatchNorm, s: torch.Tensor) -> None:
-    """Eval BN of ``x * s``: ``mean' = mean / s``, ``var' + eps = (var + eps) / s^2``, ``gamma' = gamma * sign(s)``."""
-    std = torch.sqrt(bn.running_var + bn.eps)
-    replace_tensor(bn, "running_mean", bn.running_mean / s)
-    replace_tensor(bn, "running_var", (std / s.abs()) ** 2 - bn.eps)
+    """Eval BN of ``x * s``: ``mean' = mean / s``, ``var' + eps = (var + eps) / s^2``, ``gamma' = gamma * sign(s)``
+    (computed in float64; :func:`input_refusal` checked the cast values are exact)."""
+    mean, var = _bn_statistics_for_input_scale(bn, s)
+    replace_tensor(bn, "running_mean", mean)
+    replace_tensor(bn, "running_var", var)
     sign = torch.sign(s)
     if bool((sign > 0).all()):
         return
@@ -169,6 +201,7 @@ def input_refusal(module: nn.Module, s: torch.Tensor) -> str | None:
             return f"`{type(module).__name__}` uses batch statistics; only an eval BN with running stats takes it"
         if bool((s == 0).any()):
             return "the scale has zero entries, which a following BatchNorm cannot undo"
+        return _bn_input_scale_error(module, s)
     return None
 
 
@@ -191,17 +224,22 @@ class Target:
     counted from the right, ``None`` where unknown) on the scaled side; ``tensors``: the parameters
     and buffers ``apply`` replaces (checked to be used nowhere else); ``module``: the module called,
     if any (checked to be called once); ``refuse(v)``: why a 1-D ``v`` cannot fold (or ``None``),
-    asked before anything changes; ``apply(v)`` folds it.
+    asked before anything changes; ``apply(v)`` folds it. ``dtype``: the dtype the layer computes
+    in (its first floating parameter/buffer's, else the recorded dtype of its output, else ``None``:
+    unknown, and a fold is refused); every scale is cast to it before it folds.
     """
 
-    __slots__ = ("label", "kind", "channels", "position", "tensors", "apply", "module", "refuse")
+    __slots__ = ("label", "kind", "channels", "position", "tensors", "apply", "module", "refuse", "dtype")
 
     def __init__(self, label: str, kind: str, channels: int, position: int | None, tensors: list[torch.Tensor],
                  apply: Callable[[torch.Tensor], None], module: nn.Module | None = None,
-                 refuse: Callable[[torch.Tensor], str | None] | None = None) -> None:
+                 refuse: Callable[[torch.Tensor], str | None] | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         self.label, self.kind, self.channels, self.position = label, kind, channels, position
         self.tensors, self.apply, self.module = tensors, apply, module
         self.refuse = refuse or (lambda v: None)
+        floating = [t.dtype for t in tensors if t.is_floating_point()]
+        self.dtype = floating[0] if floating else dtype
 
 
 class TensorUsage:

@@ -7,7 +7,6 @@ Nothing here changes a graph. The op lists these read are in :mod:`asr_fx.passes
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from .op_tables import (
     ADD_FUNCTIONS,
     ADD_METHODS,
     IDENTITY_MODULES,
+    INPLACE_OPERATORS,
     META_ATTRIBUTES,
     MUL_FUNCTIONS,
     MUL_METHODS,
@@ -38,13 +38,29 @@ def fetch_attr(module: nn.Module, target: str) -> Any:
     return obj
 
 
-def is_mul(node: fx.Node) -> bool:
-    """``a * b`` in any spelling: ``operator.mul``/``imul``, ``torch.mul``, ``Tensor.mul(_)``."""
+def mul_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    """The two operands of ``a * b`` in any spelling, else ``None``.
+
+    Spellings: ``a * b`` / ``operator.mul``, ``a *= b`` / ``operator.imul``, ``torch.mul`` /
+    ``torch.multiply``, ``Tensor.mul`` / ``multiply`` / ``mul_`` / ``multiply_``, with the second
+    operand positional or ``other=`` (``input=`` for the functions); an operand may be a Python
+    number. A call with ``out=`` (or any other keyword) is not a plain multiply.
+    """
     if node.op == "call_function" and node.target in MUL_FUNCTIONS:
-        return len(node.args) == 2 and not node.kwargs
-    if node.op == "call_method" and node.target in MUL_METHODS:
-        return len(node.args) == 2 and not node.kwargs
-    return False
+        names = ("input", "other")
+    elif node.op == "call_method" and node.target in MUL_METHODS:
+        names = ("self", "other")
+    else:
+        return None
+    if set(node.kwargs) - set(names[len(node.args):]) or len(node.args) > 2:
+        return None
+    operands = [*node.args, *(node.kwargs[n] for n in names[len(node.args):] if n in node.kwargs)]
+    return (operands[0], operands[1]) if len(operands) == 2 else None
+
+
+def is_mul(node: fx.Node) -> bool:
+    """``a * b`` in any spelling (:func:`mul_operands`)."""
+    return mul_operands(node) is not None
 
 
 def is_add(node: fx.Node) -> bool:
@@ -65,6 +81,11 @@ def output_shape(node: Any) -> tuple[int, ...] | None:
     """A node's output shape when shape propagation recorded it (``node.meta['tensor_meta']``)."""
     shape = getattr(getattr(node, "meta", {}).get("tensor_meta"), "shape", None)
     return tuple(shape) if shape is not None else None
+
+
+def output_dtype(node: Any) -> Any:
+    """A node's output dtype when shape propagation recorded it, else ``None``."""
+    return getattr(getattr(node, "meta", {}).get("tensor_meta"), "dtype", None)
 
 
 def output_rank(node: fx.Node) -> int | None:
@@ -89,7 +110,7 @@ def is_inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_")
     return node.op == "call_function" and (getattr(node.target, "__name__", "").endswith("_")
-                                           or node.target in (operator.imul, operator.iadd))
+                                           or node.target in INPLACE_OPERATORS)
 
 
 def reads_only_metadata(node: fx.Node) -> bool:

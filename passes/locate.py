@@ -27,7 +27,7 @@ from torch import nn
 
 from .attention_patterns import find_channel_attention
 from .context_add import is_pooled_context
-from .graph_queries import channel_info, is_add, is_mul, module_of, skip_identity
+from .graph_queries import channel_info, is_add, module_of, mul_operands, skip_identity
 from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
                         IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
 
@@ -182,9 +182,10 @@ def _scaled_operand(node: fx.Node, limit: int = 64) -> fx.Node | None:
     or from ``x`` itself and parameters (a gate ``g(x)``: SE and any other channel attention, matched or
     not). The product is still the branch ``x`` is on, so the walk follows ``x``.
     """
-    if not is_mul(node) or not all(isinstance(a, fx.Node) for a in node.args):
+    operands = mul_operands(node)
+    if operands is None or not all(isinstance(a, fx.Node) for a in operands):
         return None
-    a, b = node.args
+    a, b = operands
     for x, scale in ((a, b), (b, a)):
         if x.op != "get_attr" and _scale_kind(scale, x, limit) is not None:
             return x

@@ -17,9 +17,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 # --- arithmetic spellings ----------------------------------------------------------------------------
-MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
-MUL_METHODS = ("mul", "mul_")
+MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul, torch.multiply)
+MUL_METHODS = ("mul", "mul_", "multiply", "multiply_")
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+#: Python's augmented assignments, which write into their left operand (recorded by the tracer)
+INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 ADD_METHODS = ("add", "add_")
 #: ``torch.cat`` and its aliases
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
@@ -86,6 +88,16 @@ TRANSPOSE_TARGETS = (torch.transpose, "transpose")
 RESHAPE_MODULES = (nn.Flatten, nn.Unflatten)
 RESHAPE_TARGETS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, "flatten", "view", "reshape",
                    "squeeze", "unsqueeze", "unflatten")
+
+# --- views: the result shares (or may share) its input's storage: a write into one is seen through
+# the other. ``to``/``float``/``type_as``... return their input itself when nothing changes -----------
+VIEW_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+                  torch.movedim, torch.t, torch.narrow, torch.select, torch.as_strided, torch.unflatten,
+                  torch.swapaxes, torch.swapdims, torch.diagonal, operator.getitem)
+VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "movedim",
+                "squeeze", "unsqueeze", "expand", "expand_as", "contiguous", "t", "narrow", "select", "as_strided",
+                "swapaxes", "swapdims", "diagonal", "unfold", "detach", "view_as_real", "mT", "T",
+                "to", "type", "type_as", "float", "double", "half", "bfloat16")
 
 # --- uses that read only metadata --------------------------------------------------------------------
 SHAPE_QUERY_METHODS = ("size", "dim", "numel", "ndimension")

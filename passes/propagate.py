@@ -13,8 +13,9 @@ nothing changes and the reason is reported.
 The scale also goes through a ``cat`` along its channel dimension (the other pieces get a scale
 of 1) and through another constant ``mul`` (scales commute).
 
-Refuses too: a next layer called at more than one place or sharing a parameter, an in-place op in
-the way while the unscaled value has other users, and reshapes whose shapes are unknown (pass
+Refuses too: a next layer called at more than one place or sharing a parameter, an erase that would
+redirect or drop an in-place write into storage something else reads, a model input included
+(:func:`asr_fx.passes.aliases.erase_refusal`), a scale that would change a dtype, and reshapes whose shapes are unknown (pass
 ``example_inputs`` to :func:`asr_fx.fuse`). Modifies ``gm`` in place. Emits a new record for each
 scale it moves or tried to move; it never edits the fold pass's records.
 """
@@ -26,9 +27,10 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .fold_plan import apply_plan, match, module_input_target, plan_kinds, plan_labels, through_cat
+from .aliases import erase_refusal
+from .fold_plan import apply_plan, dtype_refusal, match, module_input_target, plan_kinds, plan_labels, through_cat
 from .fold_targets import TensorUsage
-from .graph_queries import is_inplace, is_mul, node_label, reads_only_metadata
+from .graph_queries import node_label, reads_only_metadata
 from .infra import PassResult
 from .op_tables import CAT_FUNCTIONS
 from .records import FoldRecord
@@ -42,68 +44,69 @@ def _occurrences(user: fx.Node, node: fx.Node) -> int:
 
 
 def plan_forward(gm: fx.GraphModule, root: fx.Node, state: State, usage: TensorUsage,
-                 budget: int = 256) -> tuple[Plan | str, bool]:
-    """Every layer that must take the scale on ``root``'s value, with its 1-D scale (or the reason),
-    and whether an in-place op lies on the way."""
+                 budget: int = 256) -> Plan | str:
+    """Every layer that must take the scale on ``root``'s value, with its 1-D scale, or the reason."""
     plan: Plan = []
-    inplace = False
     stack = [(root, state)]
     while stack:
         node, st = stack.pop()
         for user in node.users:
             budget -= 1
             if budget < 0:
-                return "the scaled value reaches too many nodes", False
+                return "the scaled value reaches too many nodes"
             if reads_only_metadata(user):
                 continue
             if user.op == "output":
-                return "the scaled value is a model output", False
+                return "the scaled value is a model output"
             if user.op == "call_function" and user.target in CAT_FUNCTIONS and _occurrences(user, node) == 1:
                 moved = through_cat(gm, user, node, st)
                 if isinstance(moved, str):
-                    return moved, False
+                    return moved
                 stack.append((user, moved))
                 continue
             if constant_mul_input(gm, user) is node and _occurrences(user, node) == 1:
                 stack.append((user, st))  # another constant scale commutes with this one
                 continue
             if not user.args or user.args[0] is not node or _occurrences(user, node) > 1:
-                return f"the scaled value flows into `{node_label(user)}`, which does not commute with a scale", False
+                return f"the scaled value flows into `{node_label(user)}`, which does not commute with a scale"
             target = module_input_target(gm, user)
             if target is not None:
                 vec = match(target, st, usage)
                 if isinstance(vec, str):
-                    return vec, False
+                    return vec
                 plan.append((target, vec))
                 continue
             moved = map_through(gm, user, st, forward=True)
             if moved is None:
-                return f"the scaled value flows into `{node_label(user)}`, which does not commute with a scale", False
+                return f"the scaled value flows into `{node_label(user)}`, which does not commute with a scale"
             if isinstance(moved, str):
-                return moved, False
-            inplace = inplace or is_inplace(gm, user)
+                return moved
             stack.append((user, moved))
     if not plan:
-        return "the scaled value reaches no conv/linear/BN", False
-    return plan, inplace
+        return "the scaled value reaches no conv/linear/BN"
+    return plan
 
 
 def _push_forward(gm: fx.GraphModule, mul: fx.Node, usage: TensorUsage) -> Plan | str | None:
     """Push ``mul``'s constant into the layers after it: the plan applied, why not, or ``None``
     (not a per-channel constant ``mul``: nothing to say beyond the fold pass's record)."""
-    operands = constant_operand(gm, mul) if is_mul(mul) else None
+    operands = constant_operand(gm, mul)
     if operands is None:
         return None
     x, c = operands
     state = per_channel_scale(c, mul, x)
     if isinstance(state, str):
         return None
-    if is_inplace(gm, mul) and len(x.users) > 1:
-        return "an in-place multiply of a value with other users"
+    aliased = erase_refusal(gm, mul, x)
+    if aliased:
+        return aliased
     with torch.no_grad():
-        plan, inplace = plan_forward(gm, mul, (state[0].detach(), state[1]), usage)
-    if isinstance(plan, str) or (inplace and len(x.users) > 1):
-        return plan if isinstance(plan, str) else "an in-place op follows while the unscaled value has other users"
+        plan = plan_forward(gm, mul, (state[0].detach(), state[1]), usage)
+    if isinstance(plan, str):
+        return plan
+    promoted = dtype_refusal(c, plan)
+    if promoted:
+        return promoted
     apply_plan(plan)
     mul.replace_all_uses_with(x)
     gm.graph.erase_node(mul)

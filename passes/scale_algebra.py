@@ -17,13 +17,14 @@ changes a graph or a parameter.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .fold_targets import Target
-from .graph_queries import fetch_attr, is_adapted_constant, is_mul, node_label, output_shape, reads_only_metadata
+from .graph_queries import fetch_attr, is_adapted_constant, mul_operands, node_label, output_shape, reads_only_metadata
 from .op_tables import (ADAPTER_METHODS, ANY_SCALE, COMMUTING_FUNCTIONS, COMMUTING_METHODS,
                         COMMUTING_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, MAX_POOL_INDICES_AT_6,
                         META_ATTRIBUTES, NON_NEGATIVE_SCALE, PERMUTE_TARGETS, RESHAPE_MODULES, RESHAPE_TARGETS,
@@ -58,14 +59,36 @@ def adapted_constant(node: object, x: fx.Node) -> fx.Node | None:
     return c if all(_reads_only_meta_of(a, x) for a in rest) else None
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_tensor_value(x: fx.Node) -> bool:
+    """Whether ``x`` may be a tensor (not a shape, a size or a number computed from them)."""
+    if reads_only_metadata(x) or x.op == "get_attr":
+        return False
+    if x.op == "call_function" and x.target is operator.getitem and isinstance(x.args[0], fx.Node) \
+            and reads_only_metadata(x.args[0]):
+        return False
+    recorded = x.meta.get("type")
+    return recorded is None or isinstance(recorded, type) and issubclass(recorded, torch.Tensor)
+
+
 def constant_operand(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.Tensor] | None:
-    """``(x, c)`` for a ``mul`` of a graph value by a ``get_attr`` tensor (or by ``c.expand_as(x)``,
-    ``c.type_as(x)``, ``c.to(x.dtype)``), else ``None``."""
-    a, b = mul.args
+    """``(x, c)`` for a multiply (any spelling, :func:`~asr_fx.passes.graph_queries.mul_operands`) of a
+    graph value by a ``get_attr`` tensor (or by ``c.expand_as(x)``, ``c.type_as(x)``,
+    ``c.to(x.dtype)``), or by a Python number (a 0-dim scale), else ``None``."""
+    operands = mul_operands(mul)
+    if operands is None:
+        return None
+    a, b = operands
     for x, c in ((a, b), (b, a)):
-        if isinstance(x, fx.Node):
-            c = adapted_constant(c, x) or c
-        if isinstance(c, fx.Node) and c.op == "get_attr" and isinstance(x, fx.Node) and x.op != "get_attr":
+        if not isinstance(x, fx.Node) or not _is_tensor_value(x):
+            continue
+        if _is_number(c):
+            return x, torch.tensor(float(c))
+        c = adapted_constant(c, x) or c
+        if isinstance(c, fx.Node) and c.op == "get_attr":
             value = fetch_attr(gm, str(c.target))
             if isinstance(value, torch.Tensor):
                 return x, value
@@ -73,16 +96,15 @@ def constant_operand(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.T
 
 
 def constant_node(mul: fx.Node, x: fx.Node) -> fx.Node | None:
-    """The ``get_attr`` node of the constant that ``mul`` multiplies ``x`` by."""
-    c = mul.args[1] if mul.args[0] is x else mul.args[0]
+    """The ``get_attr`` node of the constant that ``mul`` multiplies ``x`` by (``None`` for a number)."""
+    operands = mul_operands(mul) or (None, None)
+    c = operands[1] if operands[0] is x else operands[0]
     c = adapted_constant(c, x) or c
     return c if isinstance(c, fx.Node) else None
 
 
 def constant_mul_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The graph operand of a ``mul`` by a constant (which commutes with any other scale), else ``None``."""
-    if not is_mul(node):
-        return None
     found = constant_operand(gm, node)
     return found[0] if found is not None else None
 
@@ -142,6 +164,8 @@ def is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def reshape_forward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor, pos: int) -> State | str:
     """Map a channel dim through a row-major reshape: it keeps its size or is merged with the dims after it."""
+    if not -len(before) <= pos < 0 or before[pos] != v.numel():
+        return f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's input {before}"
     i = len(before) + pos
     outer = math.prod(before[:i])
     channels = before[i]
@@ -156,6 +180,8 @@ def reshape_forward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Te
 
 def reshape_backward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor, pos: int) -> State | str:
     """Inverse of :func:`reshape_forward`: a scale on a merged dim must be constant within each channel."""
+    if not -len(after) <= pos < 0 or after[pos] != v.numel():
+        return f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's output {after}"
     j = len(after) + pos
     outer = math.prod(after[:j])
     size = after[j]
@@ -228,7 +254,7 @@ def map_through(gm: fx.GraphModule, node: fx.Node, state: State, forward: bool) 
         before, after = output_shape(node.args[0]), output_shape(node)
         if before is None or after is None:
             return f"`{node_label(node)}` reshapes a scaled value of unknown shape; pass example_inputs to fuse"
-        return reshape_forward(before, after, v, pos) if forward else reshape_backward(after, before, v, pos)
+        return reshape_forward(before, after, v, pos) if forward else reshape_backward(before, after, v, pos)
     kind = commuting_kind(gm, node)
     if kind is None or isinstance(kind, str):
         return kind

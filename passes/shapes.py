@@ -38,7 +38,8 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
     inputs = as_input_tuple(example_inputs)
     try:
         with preserved_training_modes(gm), torch.no_grad():
-            ShapeProp(gm.eval()).propagate(*inputs)
+            # on copies: an in-place op on a model input must not write into the caller's tensors
+            ShapeProp(gm.eval()).propagate(*(t.clone() if isinstance(t, torch.Tensor) else t for t in inputs))
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -23,6 +23,7 @@ from torch import nn
 
 from asr_fx.errors import TraceError
 
+from .inplace_proxy import InplaceProxy
 from .plain_layers import plain_layers
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
 
@@ -136,6 +137,9 @@ class ASRTracer(fx.Tracer):
             return self.create_node("call_function", type(a), (), {k: super(ASRTracer, self).create_arg(v)
                                                                    for k, v in a.items()})
         return super().create_arg(a)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)  # records `a += b` / `a *= b` as in-place ops
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         self.module_stack_names.append(self.path_of_module(m))

@@ -30,28 +30,7 @@ from fuzz_model import Program, build, example_input
 
 #: Features the generator leaves out because they hit an open bug of issue 14. Each entry names the
 #: item. Remove an entry once its fix lands; the fuzzer then covers the feature again.
-KNOWN_BUGS: dict[str, str] = {
-    "inplace_after_scale": "issue 14 item 1: an in-place op on the result of a constant mul is redirected "
-                           "into the mul's input once the mul is folded/pushed away",
-    "inplace_on_input": "issue 14 item 1 (and fuzz finding F1): an in-place op on the model input is dropped "
-                        "with the folded mul, and fuse(example_inputs=) writes into the caller's tensors",
-    "imul_read_again": "issue 14 item 2: `*=` / `+=` are traced as out-of-place operator.mul/add, wrong "
-                       "when the value is read again (a residual, an output, the model input)",
-    "extreme_scale": "issue 14 item 3 and fuzz finding F2: a scale pushed into a following eval BN "
-                     "(_fold_rules._scale_bn_in, float32): entries <= 1e-19 overflow var/s^2, entries >= 1e4 "
-                     "lose var + eps to cancellation in (std/|s|)^2 - eps",
-    "float64_scale": "issue 14 item 4: a float64 scale folded into a float32 layer changes the dtype or "
-                     "makes a mixed-dtype GroupNorm/LayerNorm",
-    "reshape_round_trip": "issue 14 item 5: a reshape round trip (flatten/unflatten, reshape, "
-                          "channels-last transpose) then a per-channel mul, with example_inputs: "
-                          "propagate.map_through passes _reshape_backward its shapes swapped (crash, or a "
-                          "silently wrong fold when batch == channels)",
-    "instrument_float64_param": "fuzz finding F3: instrument (api._place_like) casts every ASR block to the "
-                                "dtype of the model's FIRST parameter; a float64 parameter registered first "
-                                "gives float64 blocks and an instrumented float32 model that raises",
-    "unmatched_spellings": "issue 14 item 6: torch.multiply, torch.mul(other=), Tensor.multiply and "
-                           "Python-literal scales are neither folded nor reported",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 SPELLINGS = ("*", "r*", "operator.mul", "torch.mul", "Tensor.mul", "mul_", "*=",
              "torch.mul(other=)", "torch.multiply", "Tensor.multiply", "literal")

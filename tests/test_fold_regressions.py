@@ -3,9 +3,7 @@
 Each test states what must hold: ``fuse`` returns a model equal to the original in eval mode (outputs,
 output dtypes, and what the model writes into its input), leaves the caller's tensors alone, and
 every constant multiply left in the fused graph is in the fusion report, or ``fuse`` refuses with an
-``asr_fx.ASRError``. The cases that fail on current code are ``xfail(strict=True)`` with the
-diagnosis (details in notes/fuzz-findings.md); a fix flips them to XPASS, which fails the run until
-the mark is removed.
+``asr_fx.ASRError``. Each was an open bug (diagnosis in notes/fuzz-findings.md) and is fixed.
 """
 
 from __future__ import annotations
@@ -87,9 +85,6 @@ class InplaceAfterScale(nn.Module):
         return self.conv(y), x + 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 1: propagate._plan_forward walks through the in-place "
-                   "`y.mul_(b)` as a commuting constant mul without marking it in-place; erasing `x * a` "
-                   "makes mul_ write into x (the caller's input, read again by `x + 1`)")
 def test_inplace_op_after_a_folded_mul_does_not_write_into_its_input():
     torch.manual_seed(0)
     assert_equivalent(InplaceAfterScale(), torch.randn(2, 4, 5, 5))
@@ -107,15 +102,11 @@ class InplaceScaleOfInput(nn.Module):
         return self.conv(x.mul_(self.c))
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding F1: fold_scales/propagate_scales drop an in-place mul_ of "
-                   "a placeholder, so the caller's tensor is no longer written as the original writes it")
 def test_inplace_scale_of_the_model_input_keeps_writing_it():
     torch.manual_seed(0)
     assert_equivalent(InplaceScaleOfInput(), torch.randn(2, 4, 5, 5))
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding F1: api._propagate_shapes runs ShapeProp on the caller's "
-                   "example_inputs, so a model that writes into its input in place changes them")
 def test_fuse_does_not_write_into_example_inputs():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 5)
@@ -142,9 +133,6 @@ class ImulReadAgain(nn.Module):
         return z + y
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 2: torch.fx.Proxy has no __imul__, so trace.ASRTracer "
-                   "records `z *= p` as an out-of-place operator.mul and `y` keeps the unscaled value; "
-                   "the traced (and fused) model computes 3 conv(x) instead of 4 conv(x)")
 def test_imul_of_a_value_read_again_is_traced_in_place_or_refused():
     torch.manual_seed(0)
     model = ImulReadAgain()
@@ -175,11 +163,6 @@ class TinyScaleIntoBN(nn.Module):
 
 
 @pytest.mark.parametrize("tiny", [1e-20, 1e-30, -1e-20, 1e4, 1e6])
-@pytest.mark.xfail(strict=True, reason="issue 14 item 3 (tiny) and fuzz finding F2 (huge): "
-                   "_fold_rules._scale_bn_in computes running_var' = (sqrt(var + eps) / |s|)^2 - eps in float32; "
-                   "for |s| <= 1e-19 it overflows to inf (BN then outputs beta where it should give "
-                   "beta - gamma * mean / sqrt(var + eps)); for |s| >= 1e4, var' + eps = (var + eps) / s^2 is "
-                   "lost to cancellation against eps; input_refusal only refuses s == 0")
 def test_extreme_scale_into_next_bn_is_refused_or_exact(tiny):
     torch.manual_seed(0)
     assert_equivalent(TinyScaleIntoBN(tiny), torch.randn(2, 3, 4, 4))
@@ -209,10 +192,6 @@ class Float64ScaleAfter(nn.Module):
 
 
 @pytest.mark.parametrize("layer", ["groupnorm_no_affine", "conv", "batchnorm"])
-@pytest.mark.xfail(strict=True, reason="issue 14 item 4: fold.apply_plan casts the scale to the target's dtype "
-                   "only when the target has tensors (GroupNorm(affine=False) gets a float64 weight buffer: "
-                   "'mixed dtype' at run time), and fold_scales never checks that `x * s` promotes float32 to "
-                   "float64, so the folded model returns float32 where the original returned float64")
 def test_float64_per_channel_scale_keeps_dtypes(layer):
     torch.manual_seed(0)
     module = {"groupnorm_no_affine": nn.GroupNorm(2, 4, affine=False), "conv": nn.Conv2d(3, 4, 1),
@@ -221,10 +200,6 @@ def test_float64_per_channel_scale_keeps_dtypes(layer):
     assert_equivalent(Float64ScaleAfter(module, (1, 4, 1, 1)), x, example_inputs=(x,))
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 4: a 0-dim float64 scale does not promote a float32 "
-                   "value, but match() expands it into a float64 vector that _scale_norm_out registers as "
-                   "GroupNorm's weight buffer (no tensors to take the dtype from): 'mixed dtype' at run time "
-                   "(GroupNorm needs example_inputs for its channel position, so only then)")
 def test_float64_scalar_after_groupnorm_without_affine():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 4, 4)
@@ -259,10 +234,6 @@ class ChannelsLastRoundTrip(nn.Module):
 
 @pytest.mark.parametrize("batch", [1, 2, 3])
 @pytest.mark.parametrize("transpose", [True, False], ids=["channels_last", "flatten_unflatten"])
-@pytest.mark.xfail(strict=True, reason="issue 14 item 5: propagate.map_through calls "
-                   "_reshape_backward(after, before, ...) with the shapes swapped: the scale's position, "
-                   "taken on the reshape's output, indexes its input (the batch dim), and v.reshape("
-                   "batch, 1) raises a raw RuntimeError")
 def test_reshape_round_trip_then_scale_with_example_inputs(batch, transpose):
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 4, 4)
@@ -285,16 +256,10 @@ class SpelledScale(nn.Module):
         return multiply(self.conv(x), 0.5 if self.spelling == "literal" else self.v, self.spelling)
 
 
-_MISSED = pytest.mark.xfail(strict=True, reason="issue 14 item 6: _patterns.is_mul knows only operator.mul/imul, "
-                            "torch.mul and Tensor.mul/mul_ with two positional args, and fold.constant_operand "
-                            "only get_attr constants: torch.multiply, other=, Tensor.multiply and Python "
-                            "literals get no FoldRecord at all (neither folded nor reported)")
-
-
 @pytest.mark.parametrize("spelling", [
     "*", "r*", "operator.mul", "torch.mul", "Tensor.mul", "mul_",
-    pytest.param("torch.multiply", marks=_MISSED), pytest.param("torch.mul(other=)", marks=_MISSED),
-    pytest.param("Tensor.multiply", marks=_MISSED), pytest.param("literal", marks=_MISSED),
+    "torch.multiply", "torch.mul(other=)",
+    "Tensor.multiply", "literal",
 ])
 def test_every_multiply_spelling_is_folded_or_reported(spelling):
     torch.manual_seed(0)
@@ -322,10 +287,6 @@ class Float64ParameterFirst(nn.Module):
 
 
 @pytest.mark.parametrize("norm_fused", [False, True])
-@pytest.mark.xfail(strict=True, reason="fuzz finding F3: api._place_like takes the dtype of "
-                   "next(iter(model.parameters())) (here the float64 gain) and casts every ASR block to it; "
-                   "the float64 v then promotes the float32 activations: conv2 raises 'Input type (double) and "
-                   "bias type (float)', or (norm_fused) BN raises 'mixed dtype'; fuse later refuses it")
 def test_instrument_keeps_blocks_in_the_dtype_of_their_site(norm_fused):
     torch.manual_seed(0)
     model, x = Float64ParameterFirst().eval(), torch.randn(2, 3, 4, 4)
