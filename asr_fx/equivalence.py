@@ -88,10 +88,13 @@ def _saved_state(*models: nn.Module) -> Iterator[None]:
 
 
 def _run(model: nn.Module, inputs: Sequence[Any], training: bool) -> Any:
+    """``model(*inputs)`` on fresh copies of the inputs: a forward that writes into its input (an in-place
+    op on it) neither changes the caller's tensors nor what the next model is given."""
     model.train(training)
     torch.manual_seed(_SEED)
+    fresh = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tuple(inputs))
     with torch.no_grad():
-        return model(*inputs)
+        return model(*fresh)
 
 
 def _first_divergence(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool) -> str:

@@ -63,7 +63,7 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
     try:
         with _restored(model), torch.no_grad():
             model.eval()
-            model(*example_inputs)
+            model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))  # caller's stay as they are
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
         raise ASRError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
                        "Pass inputs its forward accepts") from exc
