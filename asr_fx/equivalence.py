@@ -24,6 +24,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 
 from asr_fx.asr import ASR
+from asr_fx.config import asr_config
 from asr_fx.errors import EquivalenceError
 
 #: max |a - b| <= RTOL * max |reference| (+ ATOL): fp32 reassociation in folds and traced graphs
@@ -188,11 +189,11 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
 
 
 def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[Any, ...] | None:
-    """``example_inputs``, else a random input of the shape ``instrument`` recorded, else ``None``."""
+    """``example_inputs``, else a random input of the shape ``instrument`` recorded on ``model``, else ``None``."""
     if example_inputs is not None:
         return tuple(example_inputs)
-    config = getattr(model, "asr_fx_config", None) or {}
-    shape = config.get("input_shape") if isinstance(config, dict) else None
+    config = asr_config(model)
+    shape = config.input_shape if config is not None else None
     ref = next(iter(model.parameters()), None)
     if shape and ref is not None and ref.is_floating_point():
         gen = torch.Generator().manual_seed(_SEED)

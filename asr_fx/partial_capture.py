@@ -228,6 +228,6 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
     records = [r for report in reports if report is not None for r in report.records]
     work.meta = {"asr_fx.fusion": type(reports[0])(records) if reports and reports[0] is not None else None}
-    if options.get("check", True) and example_inputs is not None:
-        check_fused(model, work, tuple(example_inputs))
+    if options.get("check", True):  # on example_inputs, else the recorded input shape
+        check_fused(model, work, example_inputs)
     return work.eval()
