@@ -500,3 +500,62 @@ def test_cli_state_dict_out_path_checked_before_any_work(tmp_path, capsys):
                      "--state-dict-out", str(tmp_path / "nope" / "vanilla.pt")]) != 0
     assert "does not exist: create it first" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+PARTIAL_FACTORY = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(x))
+        out += x
+        return F.relu(out)
+
+
+class Checked(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.body = Body()
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        if x.shape[1] != 3:  # data-dependent at the top level: the whole forward does not trace
+            raise ValueError("expected 3 channels")
+        return self.head(self.body(x))
+
+
+def build(classes=4):
+    return Checked(classes)
+'''
+
+
+def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path, monkeypatch):
+    (tmp_path / "checked_models.py").write_text(PARTIAL_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import checked_models
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    asr = _trained(asr_fx.build("checked_models:build", classes=4), x)
+    assert asr_fx.get_config(asr)["parts"] == ["body"] and type(asr) is checked_models.Checked
+    asr_fx.save(asr, tmp_path / "ckpt.pt")
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote vanilla.pt" in proc.stdout
+    vanilla = checked_models.build(classes=4).eval()
+    vanilla.load_state_dict(torch.load(tmp_path / "vanilla.pt", weights_only=True), strict=True)
+    with torch.no_grad():
+        assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".py" and p.name != "__pycache__") == \
+        ["ckpt.pt", "m.onnx", "vanilla.pt"]
