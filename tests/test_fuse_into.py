@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FUSE_RTOL, ORT_RTOL, SharedBN, n_params, perturb_asr, rel_err, train_step
+from into_models import CheckedResidual, SmallResidual
 from torch import nn
 
 import asr_fx
@@ -84,23 +85,6 @@ def test_probe_input_from_the_recorded_shape_or_the_first_conv():
     assert asr_fx.fuse(asr.eval(), into=vanilla) is vanilla
     with torch.no_grad():
         assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
-
-
-class SmallResidual(nn.Module):
-    """conv-BN-ReLU-conv-BN with ``out += identity`` (a site after bn2, folds into its affine)."""
-
-    def __init__(self, affine: bool = True) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8, affine=affine)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(x))
-        out += x
-        return F.relu(out)
 
 
 class Squeezed(nn.Module):
@@ -372,21 +356,6 @@ def test_yolo_into_then_ultralytics_onnx_matches_asr_fx_onnx(tmp_path, monkeypat
 # ---------------------------------------------------------------- models instrumented part by part
 
 
-class CheckedResidual(nn.Module):
-    """A shape check at the top (the whole forward does not trace), a traceable body with a site, and
-    a head conv without one (left as the model's own, outside the parts)."""
-
-    def __init__(self, affine: bool = True, classes: int = 4) -> None:
-        super().__init__()
-        self.body = SmallResidual(affine)
-        self.head = nn.Conv2d(8, classes, 1)
-
-    def forward(self, x):
-        if x.shape[1] != 3:
-            raise ValueError("expected 3 channels")
-        return self.head(self.body(x))
-
-
 def test_partial_model_into_fills_parts_and_the_rest():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
@@ -461,8 +430,10 @@ def test_save_vanilla_state_dict_is_atomic(tmp_path, monkeypatch):
 CLI_FACTORY, CLI_KWARGS = "asr_fx.models:cifar_resnet", {"depth": 11, "num_classes": 10}
 
 
-def _cli(*argv: str, cwd) -> subprocess.CompletedProcess:
+def _cli(*argv: str, cwd, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:  # where the checkpoint's factory module lives
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "asr_fx.cli", *argv], capture_output=True, text=True, timeout=300,
                           cwd=cwd, env=env)
 
@@ -502,60 +473,20 @@ def test_cli_state_dict_out_path_checked_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 
-PARTIAL_FACTORY = '''
-import torch
-from torch import nn
-import torch.nn.functional as F
-
-
-class Body(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(x))
-        out += x
-        return F.relu(out)
-
-
-class Checked(nn.Module):
-    def __init__(self, classes=4):
-        super().__init__()
-        self.body = Body()
-        self.head = nn.Conv2d(8, classes, 1)
-
-    def forward(self, x):
-        if x.shape[1] != 3:  # data-dependent at the top level: the whole forward does not trace
-            raise ValueError("expected 3 channels")
-        return self.head(self.body(x))
-
-
-def build(classes=4):
-    return Checked(classes)
-'''
-
-
-def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path, monkeypatch):
-    (tmp_path / "checked_models.py").write_text(PARTIAL_FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import checked_models
-
+def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path):
+    """A factory model whose top-level forward does not trace (a shape check): captured part by part,
+    saved, and ``--state-dict-out`` writes the state_dict its factory's model loads strictly."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
-    asr = _trained(asr_fx.build("checked_models:build", classes=4), x)
-    assert asr_fx.get_config(asr)["parts"] == ["body"] and type(asr) is checked_models.Checked
+    asr = _trained(asr_fx.build("into_models:checked_residual", classes=4), x)
+    assert asr_fx.get_config(asr)["parts"] == ["body"] and type(asr) is CheckedResidual
     asr_fx.save(asr, tmp_path / "ckpt.pt")
-    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path)
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path,
+                pythonpath=os.path.dirname(__file__))
     assert proc.returncode == 0, proc.stderr
     assert "wrote vanilla.pt" in proc.stdout
-    vanilla = checked_models.build(classes=4).eval()
+    vanilla = CheckedResidual(classes=4).eval()
     vanilla.load_state_dict(torch.load(tmp_path / "vanilla.pt", weights_only=True), strict=True)
     with torch.no_grad():
         assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".py" and p.name != "__pycache__") == \
-        ["ckpt.pt", "m.onnx", "vanilla.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "m.onnx", "vanilla.pt"]
