@@ -72,7 +72,7 @@ def _error(ref: Any, got: Any) -> float | None:
 
 
 @contextlib.contextmanager
-def _saved_state(*models: nn.Module) -> Iterator[None]:
+def saved_state(*models: nn.Module) -> Iterator[None]:
     """Restore buffers (BN running stats), modes and the RNG state after the block."""
     buffers = [(b, b.detach().clone()) for m in models for b in m.buffers()]
     modes = [(m, m.training) for model in models for m in model.modules()]
@@ -114,7 +114,7 @@ def _first_divergence(reference: nn.Module, checked: nn.Module, inputs: Sequence
     handles += [m.register_forward_hook(record(theirs, n)) for n, m in checked.named_modules()
                 if n in names and not isinstance(m, ASR)]
     try:
-        with _saved_state(reference, checked):
+        with saved_state(reference, checked):
             _run(reference, inputs, training)
             _run(checked, inputs, training)
     except Exception:  # noqa: BLE001 - localisation is best effort; the mismatch itself is already known
@@ -151,7 +151,7 @@ def _on_meta(model: nn.Module, inputs: Sequence[Any]) -> bool:
 def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool, what: str) -> None:
     if _on_meta(reference, inputs):
         return  # nothing to compute with: a model on the meta device has no values yet
-    with _saved_state(reference, checked):
+    with saved_state(reference, checked):
         try:
             expected = _run(reference, inputs, training)
         except Exception:  # noqa: BLE001 - the probe does not suit the reference in this mode: nothing to check
