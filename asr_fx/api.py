@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.equivalence import check_fused
-from asr_fx.errors import FusionError, InvalidOptionError
+from asr_fx.errors import FusionError
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
@@ -55,7 +55,9 @@ def fuse(
 
     ``into=vanilla``: write the folded weights into ``vanilla`` (a freshly built model of the vanilla
     class), check it computes what the fused graph computes and return ``vanilla`` itself
-    (:func:`asr_fx.into_vanilla.fuse_into`; :class:`asr_fx.VanillaModelError` names what refuses).
+    (:func:`asr_fx.into_vanilla.fuse_into`; :class:`asr_fx.VanillaModelError` names what refuses). For a
+    model instrumented part by part, each fused part goes into the matching submodule of ``vanilla`` and
+    every other tensor of ``model`` with it.
 
     ``check`` (default): the result is checked against ``model`` in eval mode on ``example_inputs`` (or the
     input shape ``instrument`` recorded) and :class:`asr_fx.EquivalenceError` names the first layer that
@@ -63,11 +65,9 @@ def fuse(
     part by part, in place in a copy of the model's own class.
     """
     if is_partial(model):
-        if into is not None:
-            raise InvalidOptionError("fuse(into=...) takes a model instrumented as a whole; this one was "
-                                     "instrumented part by part (its forward does not trace): fuse(model) returns "
-                                     "the model's own class with the parts fused")
-        return fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=example_inputs, check=check)
+        inputs = as_input_tuple(example_inputs)
+        fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
+        return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
     work = copy.deepcopy(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     report = FusionReport.from_pass_records(records)
@@ -81,7 +81,7 @@ def fuse(
         check_fused(model, gm.eval(), example_inputs)
     if into is not None:
         return fuse_into(gm.eval(), into, model, example_inputs=as_input_tuple(example_inputs),
-                         config=get_config(model), leaf_modules=leaf_modules)
+                         leaf_modules=leaf_modules)
     return gm.eval()
 
 

@@ -24,6 +24,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.utils import _pytree as pytree
 
 from asr_fx.asr import ASR
+from asr_fx.config import asr_config
 from asr_fx.errors import EquivalenceError
 
 #: max |a - b| <= RTOL * max |reference| (+ ATOL): fp32 reassociation in folds and traced graphs
@@ -71,7 +72,7 @@ def _error(ref: Any, got: Any) -> float | None:
 
 
 @contextlib.contextmanager
-def _saved_state(*models: nn.Module) -> Iterator[None]:
+def saved_state(*models: nn.Module) -> Iterator[None]:
     """Restore buffers (BN running stats), modes and the RNG state after the block."""
     buffers = [(b, b.detach().clone()) for m in models for b in m.buffers()]
     modes = [(m, m.training) for model in models for m in model.modules()]
@@ -116,7 +117,7 @@ def _first_divergence(reference: nn.Module, checked: nn.Module, inputs: Sequence
     handles += [m.register_forward_hook(record(theirs, n)) for n, m in checked.named_modules()
                 if n in names and not isinstance(m, ASR)]
     try:
-        with _saved_state(reference, checked):
+        with saved_state(reference, checked):
             _run(reference, inputs, training)
             _run(checked, inputs, training)
     except Exception:  # noqa: BLE001 - localisation is best effort; the mismatch itself is already known
@@ -153,7 +154,7 @@ def _on_meta(model: nn.Module, inputs: Sequence[Any]) -> bool:
 def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool, what: str) -> None:
     if _on_meta(reference, inputs):
         return  # nothing to compute with: a model on the meta device has no values yet
-    with _saved_state(reference, checked):
+    with saved_state(reference, checked):
         try:
             expected = _run(reference, inputs, training)
         except Exception:  # noqa: BLE001 - the probe does not suit the reference in this mode: nothing to check
@@ -191,11 +192,11 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
 
 
 def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[Any, ...] | None:
-    """``example_inputs``, else a random input of the shape ``instrument`` recorded, else ``None``."""
+    """``example_inputs``, else a random input of the shape ``instrument`` recorded on ``model``, else ``None``."""
     if example_inputs is not None:
         return tuple(example_inputs)
-    config = getattr(model, "asr_fx_config", None) or {}
-    shape = config.get("input_shape") if isinstance(config, dict) else None
+    config = asr_config(model)
+    shape = config.input_shape if config is not None else None
     ref = next(iter(model.parameters()), None)
     if shape and ref is not None and ref.is_floating_point():
         gen = torch.Generator().manual_seed(_SEED)

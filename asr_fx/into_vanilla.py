@@ -35,8 +35,10 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from asr_fx import atomic
+from asr_fx import atomic, equivalence
+from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
+from asr_fx.partial_capture import is_partial
 from asr_fx.passes import trace
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
 from asr_fx.report import FusionReport
@@ -181,20 +183,19 @@ def _more(items: Sequence[Any]) -> str:
     return f" (and {len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
 
 
-def probe_inputs(fused: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None,
-                 config: Mapping[str, Any] | None) -> tuple[torch.Tensor, ...]:
-    """The input the check runs: ``example_inputs``, else the recorded input shape, else one derived
-    from the layer that reads a single input (a conv's channels at 32 pixels a side, a linear's
-    features); raises :class:`VanillaModelError` asking for ``example_inputs`` otherwise."""
-    if example_inputs is not None:
-        return tuple(example_inputs)
-    shape = (config or {}).get("input_shape")
+def probe_inputs(fused: nn.Module, source: nn.Module,
+                 example_inputs: Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    """The input the check runs: ``example_inputs``, else the input shape ``instrument`` recorded on
+    ``source`` (:func:`asr_fx.equivalence.probe_inputs`), else, for a fused GraphModule, one derived from
+    the layer that reads its single input (a conv's channels at 32 pixels a side, a linear's features);
+    raises :class:`VanillaModelError` asking for ``example_inputs`` otherwise."""
+    known = equivalence.probe_inputs(source, example_inputs)
+    if known is not None:
+        return known
     ref = next(iter(fused.parameters()), None)
     kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None and ref.is_floating_point() else {}
     generator = torch.Generator().manual_seed(0)
-    if shape:
-        return (torch.randn(*shape, generator=generator).to(**kwargs),)
-    placeholders = [n for n in fused.graph.nodes if n.op == "placeholder"]
+    placeholders = [n for n in fused.graph.nodes if n.op == "placeholder"] if isinstance(fused, fx.GraphModule) else []
     first = next(iter(placeholders[0].users), None) if len(placeholders) == 1 else None
     module = fused.get_submodule(str(first.target)) if first is not None and first.op == "call_module" else None
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -247,19 +248,71 @@ def check_same_outputs(reference: nn.Module, model: nn.Module, inputs: tuple[tor
                                 "one (a fold it has no place for?). Use the fused GraphModule instead")
 
 
-def fuse_into(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
-              example_inputs: Sequence[torch.Tensor] | None = None, config: Mapping[str, Any] | None = None,
-              leaf_modules: Any = None) -> nn.Module:
+def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
+                     leaf_modules: Any = None) -> dict[str, torch.Tensor]:
+    """:func:`vanilla_state_dict` for a model instrumented part by part (:mod:`asr_fx.partial_capture`):
+    each fused part's weights for the matching submodule of ``vanilla`` (refusals name the part), and
+    every other tensor of ``source`` (outside the parts) under its own key, key sets and shapes checked."""
+    parts = asr_config(source).parts
+    state: dict[str, torch.Tensor] = {}
+    for path in parts:
+        try:
+            target = vanilla.get_submodule(path)
+        except AttributeError:
+            raise VanillaModelError(f"{type(vanilla).__name__} has no submodule `{path}`, where the instrumented "
+                                    "model has an instrumented part: another architecture; build the vanilla "
+                                    "model with the same factory and arguments") from None
+        try:
+            part = model_state_dict(fused.get_submodule(path), target, source.get_submodule(path),
+                                    leaf_modules=leaf_modules)
+        except VanillaModelError as exc:
+            raise VanillaModelError(f"part `{path}`: {exc}") from None
+        state.update({f"{path}.{k}": v for k, v in part.items()})
+
+    def outside(key: str) -> bool:
+        return not any(key.startswith(f"{path}.") for path in parts)
+
+    rest = {k: v.detach() for k, v in source.state_dict().items() if outside(k)}
+    target = {k: v for k, v in vanilla.state_dict().items() if outside(k)}
+    only_source, only_vanilla = [k for k in rest if k not in target], [k for k in target if k not in rest]
+    shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in rest.items()
+              if k in target and v.shape != target[k].shape]
+    if only_source or only_vanilla or shapes:
+        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the instrumented model "
+                                f"outside its instrumented parts {list(parts)}: keys only in the instrumented model "
+                                f"{only_source[:_SHOWN]}{_more(only_source)}, only in the vanilla model "
+                                f"{only_vanilla[:_SHOWN]}{_more(only_vanilla)}, shapes (instrumented vs vanilla) "
+                                f"{shapes[:_SHOWN]}{_more(shapes)}; build the vanilla model with the same factory "
+                                "and arguments")
+    state.update(rest)
+    return state
+
+
+def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
+                     leaf_modules: Any = None) -> dict[str, torch.Tensor]:
+    """:func:`parts_state_dict` for a model instrumented part by part (a part may be so itself: a part
+    whose own forward does not trace whole), else :func:`vanilla_state_dict`."""
+    if is_partial(source):
+        return parts_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+    return vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+
+
+def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
+              example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Any = None) -> nn.Module:
     """Load ``fused``'s weights into ``vanilla`` (strict), check it computes what ``fused`` computes
     on a probe input, and return ``vanilla`` itself in eval mode; on any refusal ``vanilla`` is left
-    as it was. See the module docstring for what refuses."""
+    as it was. See the module docstring for what refuses.
+
+    ``source`` is the model :func:`asr_fx.fuse` was given. When it was instrumented part by part,
+    ``fused`` is :func:`asr_fx.partial_capture.fuse_parts`'s result: each part goes into the matching
+    submodule of ``vanilla`` and the rest of ``source``'s tensors with it (:func:`parts_state_dict`)."""
     if not isinstance(vanilla, nn.Module):
         raise VanillaModelError(f"into= takes the vanilla nn.Module to fill, got {type(vanilla).__name__}")
     if any(m is vanilla for m in source.modules()) or any(m is vanilla for m in fused.modules()):
         raise VanillaModelError("into= must be a freshly built vanilla model, not the model given to fuse or a "
                                 "part of it: build one with the same factory, e.g. into=torchvision.models.resnet50()")
-    state = vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
-    inputs = probe_inputs(fused, example_inputs, config)
+    state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+    inputs = probe_inputs(fused, source, example_inputs)
     backup = {k: v.detach().clone() for k, v in vanilla.state_dict().items()}
     modes = {m: m.training for m in vanilla.modules()}
     try:

@@ -17,11 +17,10 @@ eval and train mode), and the fused parts against the instrumented ones.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,25 +28,8 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.config import asr_config, set_config
-from asr_fx.equivalence import check_fused
+from asr_fx.equivalence import check_fused, saved_state
 from asr_fx.errors import ASRError, NoSitesError, TraceError
-
-
-
-@contextlib.contextmanager
-def _restored(model: nn.Module) -> Iterator[None]:
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    modes = [(m, m.training) for m in model.modules()]
-    rng = torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, mode in modes:
-            m.training = mode
-        torch.random.set_rng_state(rng)
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
@@ -61,7 +43,7 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
 
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in model.named_modules() if n]
     try:
-        with _restored(model), torch.no_grad():
+        with saved_state(model), torch.no_grad():
             model.eval()
             model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))  # caller's stay as they are
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
@@ -228,6 +210,6 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
     records = [r for report in reports if report is not None for r in report.records]
     work.meta = {"asr_fx.fusion": type(reports[0])(records) if reports and reports[0] is not None else None}
-    if options.get("check", True) and example_inputs is not None:
-        check_fused(model, work, tuple(example_inputs))
+    if options.get("check", True):  # on example_inputs, else the recorded input shape
+        check_fused(model, work, example_inputs)
     return work.eval()

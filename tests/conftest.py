@@ -50,7 +50,7 @@ def perturb_asr(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith("asr."):
+            if name.startswith("asr.") or ".asr." in name:  # a part's blocks: <part>.asr.*
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FUSE_RTOL, ORT_RTOL, SharedBN, n_params, perturb_asr, rel_err, train_step
+from into_models import CheckedResidual, SmallResidual
 from torch import nn
 
 import asr_fx
@@ -84,23 +85,6 @@ def test_probe_input_from_the_recorded_shape_or_the_first_conv():
     assert asr_fx.fuse(asr.eval(), into=vanilla) is vanilla
     with torch.no_grad():
         assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
-
-
-class SmallResidual(nn.Module):
-    """conv-BN-ReLU-conv-BN with ``out += identity`` (a site after bn2, folds into its affine)."""
-
-    def __init__(self, affine: bool = True) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(8, affine=affine)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(x))
-        out += x
-        return F.relu(out)
 
 
 class Squeezed(nn.Module):
@@ -233,25 +217,26 @@ def test_into_the_instrumented_model_itself_refuses():
 # ---------------------------------------------------------------- timm, Hugging Face, ultralytics
 
 
+def _train_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One SGD step on every float output (nested outputs: HF ModelOutput, YOLO's list of maps)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = sum((t - 0.1).pow(2).mean() for _, t in flat_outputs(model(x)) if t.is_floating_point())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def test_timm_efficientnet_into():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     make = lambda: timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)  # noqa: E731
-    model = make()
-    # instrument's rules find no site on timm's EfficientNet on this main (issue 13): name the sites,
-    # the last (pointwise-linear) conv of every residual inverted-bottleneck block
-    sites = [f"{name}.conv_pwl" for name, block in model.named_modules()
-             if type(block).__name__ == "InvertedResidual" and block.has_skip]
-    assert len(sites) >= 5
-    # traced through, timm's BatchNormAct2d records `training=True` in F.batch_norm (the mode it was
-    # traced in) on this main, so the graph uses batch statistics in eval: into='s check refuses that
-    # (test below); keep the norm+act layers as opaque calls
-    from timm.layers import BatchNormAct2d
-
     x = torch.randn(2, 3, 32, 32)
-    asr = _trained(model, x, sites=sites, leaf_modules=[BatchNormAct2d])
+    asr = _trained(make(), x)  # instrumented directly: no sites, no leaf list
+    assert len(asr_fx.get_config(asr)["sites"]) >= 5
     vanilla = make()
-    assert asr_fx.fuse(asr, strict=True, into=vanilla, example_inputs=(x,), leaf_modules=[BatchNormAct2d]) is vanilla
+    assert asr_fx.fuse(asr, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
+    assert type(vanilla) is type(make())
     with torch.no_grad():
         assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
 
@@ -285,62 +270,29 @@ def _convnext():
 def test_hf_convnext_into_then_save_and_from_pretrained(tmp_path):
     cls, config = _convnext()
     torch.manual_seed(0)
-    model = cls(config).eval()
     x = torch.randn(2, 3, 32, 32)
-    # ConvNextModel does not trace whole on this main (issue 13): instrument each stage in place,
-    # the way a user trains it; the HF model runs them as its own stages
-    stages = model.convnext.encoder.stages
-    inputs = []
-    hooks = [s.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for s in stages]
+    asr = asr_fx.instrument(cls(config), example_inputs=(x,))  # directly: captured part by part
+    assert isinstance(asr, cls) and asr_fx.get_config(asr)["parts"]
+    perturb_asr(asr)
+    _train_step(asr, x)
+    asr.eval()
     with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    for i, stage_input in enumerate(inputs):
-        stages[i] = asr_fx.instrument(stages[i], example_inputs=(stage_input,))
-        perturb_asr(stages[i], seed=i)
-    with torch.no_grad():
-        ref = model(x).logits
-
-    vanilla = cls(config).eval()
-    vanilla.load_state_dict({k: v for k, v in model.state_dict().items()
-                             if not k.startswith("convnext.encoder.")}, strict=False)
-    for i, stage_input in enumerate(inputs):
-        target = vanilla.convnext.encoder.stages[i]
-        assert asr_fx.fuse(stages[i], strict=True, into=target, example_inputs=(stage_input,)) is target
+        ref = asr(x).logits
+    vanilla = cls(config)
+    before = _state(vanilla)
+    assert asr_fx.fuse(asr, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
+    assert type(vanilla) is cls and not _same_state(vanilla, before)
+    assert n_params(vanilla) == n_params(cls(config))
     # layer scales folded into pwconv2 were written as ones (the vanilla forward still multiplies by them)
     assert torch.equal(vanilla.convnext.encoder.stages[1].layers[0].layer_scale_parameter, torch.ones(16))
+    # tensors outside the parts (the classifier, moved by the SGD step) came from the instrumented model
+    assert torch.equal(vanilla.classifier.weight, asr.classifier.weight)
     with torch.no_grad():
         assert rel_err(ref, vanilla(x).logits) <= FUSE_RTOL
     vanilla.save_pretrained(tmp_path)
     loaded = cls.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert rel_err(ref, loaded(x).logits) <= FUSE_RTOL
-
-
-def _yolo_instrumented():
-    """YOLOv8n from the package's yaml, ASR after every residual Bottleneck's last BN (the
-    DetectionModel does not trace whole on this main, issue 13: each Bottleneck is instrumented in place)."""
-    ultralytics = pytest.importorskip("ultralytics")
-    from ultralytics.nn.modules.block import Bottleneck
-
-    torch.manual_seed(0)
-    model = ultralytics.YOLO("yolov8n.yaml").model.eval()
-    paths = [n for n, m in model.named_modules() if isinstance(m, Bottleneck) and m.add]
-    x = torch.randn(1, 3, 64, 64)
-    inputs = {}
-    hooks = [model.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: inputs.__setitem__(p, a[0]))
-             for p in paths]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    for i, path in enumerate(paths):
-        parent, _, name = path.rpartition(".")
-        block = asr_fx.instrument(model.get_submodule(path), example_inputs=(inputs[path],))
-        perturb_asr(block, seed=i)
-        model.get_submodule(parent)._modules[name] = block
-    return ultralytics, model.eval(), paths, inputs, x
 
 
 def _yolo_features(out) -> torch.Tensor:
@@ -350,22 +302,27 @@ def _yolo_features(out) -> torch.Tensor:
 
 
 def _yolo_into():
-    """The instrumented YOLO, and a fresh one from the yaml filled by into= (checked here)."""
-    ultralytics, model, paths, inputs, x = _yolo_instrumented()
+    """YOLOv8n from the package's yaml instrumented directly (captured part by part), and a fresh
+    ``YOLO`` from the yaml whose DetectionModel ``into=`` fills (checked here)."""
+    ultralytics = pytest.importorskip("ultralytics")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    model = asr_fx.instrument(ultralytics.YOLO("yolov8n.yaml").model, example_inputs=(x,))
+    config = asr_fx.get_config(model)
+    assert config["parts"] and type(model).__name__ == "DetectionModel"
+    perturb_asr(model)
+    model.eval()
     with torch.no_grad():
         out = model(x)
     ref, ref_maps = out[0], _yolo_features(out)
     yolo = ultralytics.YOLO("yolov8n.yaml")
     vanilla = yolo.model
-    vanilla.load_state_dict({k: v for k, v in model.state_dict().items() if k in vanilla.state_dict()}, strict=False)
-    for path in paths:
-        target = vanilla.get_submodule(path)
-        assert asr_fx.fuse(model.get_submodule(path), strict=True, into=target,
-                           example_inputs=(inputs[path],)) is target
-        # the scale went into the block's last BN (randomly initialised YOLO features are too small
-        # at the head for the scales to show in its outputs)
-        trained_gamma = model.get_submodule(path).get_submodule("cv2.bn").weight
-        assert not torch.allclose(target.cv2.bn.weight, trained_gamma, rtol=1e-3)
+    assert asr_fx.fuse(model, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
+    # the sites' scales went into their layers: what differs from the instrumented model's tensors lies
+    # inside the instrumented parts, and everything outside them is the instrumented model's own
+    ours, theirs = vanilla.state_dict(), model.state_dict()
+    changed = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    assert changed and all(any(k.startswith(p + ".") for p in config["parts"]) for k in changed)
     with torch.no_grad():
         out = vanilla.eval()(x)
     assert rel_err(ref_maps, _yolo_features(out)) <= FUSE_RTOL and rel_err(ref, out[0]) <= FUSE_RTOL
@@ -394,6 +351,49 @@ def test_yolo_into_then_ultralytics_onnx_matches_asr_fx_onnx(tmp_path, monkeypat
         assert np.abs(a[:, rows] - b[:, rows]).max() <= ORT_RTOL * np.abs(b[:, rows]).max()
         assert np.abs(a[:, rows] - ref[:, rows].numpy()).max() <= to_torch * ref[:, rows].abs().max().item()
     assert report.verified
+
+
+# ---------------------------------------------------------------- models instrumented part by part
+
+
+def test_partial_model_into_fills_parts_and_the_rest():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    asr = _trained(CheckedResidual(), x)
+    assert asr_fx.get_config(asr)["parts"] == ["body"]
+    vanilla = CheckedResidual()
+    assert asr_fx.fuse(asr, strict=True, into=vanilla) is vanilla  # probe: the recorded input shape
+    assert type(vanilla) is CheckedResidual and not vanilla.training
+    assert torch.equal(vanilla.head.weight, asr.head.weight)  # outside the parts, moved by the SGD step
+    assert not torch.equal(vanilla.body.bn2.weight, asr.get_submodule("body.bn2").weight)  # the site folded in
+    with torch.no_grad():
+        assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
+    again = CheckedResidual().eval()
+    again.load_state_dict(vanilla.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_err(asr(x), again(x)) <= FUSE_RTOL
+
+
+def test_partial_model_refusals_name_the_part_and_leave_vanilla_untouched():
+    x = torch.randn(2, 3, 8, 8)
+    asr = _trained(CheckedResidual(), x)
+    vanilla = CheckedResidual()
+    before = _state(vanilla)
+    with pytest.raises(VanillaModelError, match=r"part `body`: .*`conv1` \(Conv2d\) gained a `bias`"):
+        asr_fx.fuse(asr, into=vanilla, fold_bn=True)
+    assert _same_state(vanilla, before) and vanilla.training
+    asr = _trained(CheckedResidual(affine=False), x)
+    with pytest.raises(VanillaModelError, match=r"part `body`: .*gained a `weight`"):
+        asr_fx.fuse(asr, into=CheckedResidual(affine=False))
+    asr = _trained(CheckedResidual(), x)
+    vanilla = CheckedResidual(classes=5)
+    before = _state(vanilla)
+    with pytest.raises(VanillaModelError, match=r"outside its instrumented parts \['body'\].*`head.weight` "
+                                                r"\(4, 8, 1, 1\) vs \(5, 8, 1, 1\)"):
+        asr_fx.fuse(asr, into=vanilla)
+    assert _same_state(vanilla, before)
+    with pytest.raises(VanillaModelError, match="freshly built"):
+        asr_fx.fuse(asr, into=asr.body)
 
 
 # ---------------------------------------------------------------- save_vanilla_state_dict
@@ -430,8 +430,10 @@ def test_save_vanilla_state_dict_is_atomic(tmp_path, monkeypatch):
 CLI_FACTORY, CLI_KWARGS = "asr_fx.models:cifar_resnet", {"depth": 11, "num_classes": 10}
 
 
-def _cli(*argv: str, cwd) -> subprocess.CompletedProcess:
+def _cli(*argv: str, cwd, pythonpath: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:  # where the checkpoint's factory module lives
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "asr_fx.cli", *argv], capture_output=True, text=True, timeout=300,
                           cwd=cwd, env=env)
 
@@ -469,3 +471,22 @@ def test_cli_state_dict_out_path_checked_before_any_work(tmp_path, capsys):
                      "--state-dict-out", str(tmp_path / "nope" / "vanilla.pt")]) != 0
     assert "does not exist: create it first" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path):
+    """A factory model whose top-level forward does not trace (a shape check): captured part by part,
+    saved, and ``--state-dict-out`` writes the state_dict its factory's model loads strictly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    asr = _trained(asr_fx.build("into_models:checked_residual", classes=4), x)
+    assert asr_fx.get_config(asr)["parts"] == ["body"] and type(asr) is CheckedResidual
+    asr_fx.save(asr, tmp_path / "ckpt.pt")
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path,
+                pythonpath=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote vanilla.pt" in proc.stdout
+    vanilla = CheckedResidual(classes=4).eval()
+    vanilla.load_state_dict(torch.load(tmp_path / "vanilla.pt", weights_only=True), strict=True)
+    with torch.no_grad():
+        assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "m.onnx", "vanilla.pt"]

@@ -32,8 +32,7 @@ def vanilla_into(args: argparse.Namespace, loaded: LoadedCheckpoint, model: nn.M
     if loaded.vanilla is None:
         raise ASRError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no factory "
                        "that builds it: pass --model package.module:factory (and --factory-args)")
-    return fuse_into(fused, copy.deepcopy(loaded.vanilla), model, example_inputs=(x,),
-                     config=asr_fx.get_config(model), leaf_modules=args.leaf_modules)
+    return fuse_into(fused, copy.deepcopy(loaded.vanilla), model, example_inputs=(x,), leaf_modules=args.leaf_modules)
 
 
 def fuse(args: argparse.Namespace) -> int:

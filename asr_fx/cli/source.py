@@ -20,6 +20,7 @@ import asr_fx
 from asr_fx.errors import ASRError
 from asr_fx.foreign_checkpoints import LoadedCheckpoint, load_checkpoint
 from asr_fx.input_shapes import default_input_shape
+from asr_fx.partial_capture import is_partial
 from asr_fx.passes import trace
 
 
@@ -106,7 +107,8 @@ def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint, shape: Seq
     if loaded.vanilla is not None:
         loaded.vanilla.to(device)
     check_leaf_modules(model, args.leaf_modules)
-    trace(model, args.leaf_modules)
+    if not is_partial(model):  # instrumented part by part: its own forward does not trace, its parts are traced
+        trace(model, args.leaf_modules)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
     try:
         with torch.no_grad():
