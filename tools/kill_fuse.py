@@ -7,7 +7,8 @@ old file byte for byte, or complete and valid (``onnx.checker`` passes and onnxr
 The tool builds a small checkpoint (the built-in CIFAR ResNet, depth 11, instrumented), times one unkilled
 ``asr-fx fuse`` (full export and onnxruntime verification), then ``--kills`` times: puts an old valid OUT
 in place (every other run), starts ``asr-fx fuse CKPT -o OUT``, sends SIGKILL or SIGTERM (alternately) at
-a random moment between 0 and the measured duration, runs ``asr-fx fuse`` again to completion and checks.
+a random moment between 0 and the measured duration (a run that ends first is not counted as a kill: it
+draws again until ``--kills`` runs were killed), runs ``asr-fx fuse`` again to completion and checks.
 The phase is the last stage line the killed run printed. Every run gets a private ``TMPDIR``.
 
     OMP_NUM_THREADS=1 python tools/kill_fuse.py --kills 20 --seed 0
@@ -144,8 +145,8 @@ def run_kills(args: argparse.Namespace, rng: random.Random, work: Path) -> int:
     header = "| run | signal | moment s | phase | exit | OUT after kill | leftovers after kill | after next run | OUT after next run |"
     rows = [header, "|" + "---|" * 9]
     print(header, flush=True)
-    failures = 0
-    for i in range(args.kills):
+    failures = kills = i = 0
+    while kills < args.kills and i < 3 * args.kills:  # a run that ends before its moment is no kill: draw again
         signum = signal.SIGKILL if i % 2 == 0 else signal.SIGTERM
         has_old = (i // 2) % 2 == 0  # both signals with and without an old file
         if out.exists():
@@ -154,6 +155,8 @@ def run_kills(args: argparse.Namespace, rng: random.Random, work: Path) -> int:
             shutil.copyfile(old_file, out)
         moment = rng.uniform(0, duration)
         phase, code = kill_at(fuse_command(args.asr_fx, ckpt, out), env, moment, signum, work / "run.log")
+        kills += phase != "finished"
+        i += 1
         state = out_state(out, old_bytes if has_old else None)
         after_kill, _ = leftovers(out_dir, tmp_dir)
         next_code, _, err = run_to_end(fuse_command(args.asr_fx, ckpt, out), env)
@@ -162,15 +165,15 @@ def run_kills(args: argparse.Namespace, rng: random.Random, work: Path) -> int:
         ok = (state in ("absent", "old", "new-valid") and not (has_old and state == "absent")  # never lose the old file
               and not after_next and next_state == "new-valid")
         failures += not ok
-        row = (f"| {i + 1} | {signal.Signals(signum).name} | {moment:.2f} | {phase} | {code} | "
+        row = (f"| {i} | {signal.Signals(signum).name} | {moment:.2f} | {phase} | {code} | "
                f"{state}{' (old in place)' if has_old else ''} | {', '.join(after_kill) or '-'} | "
                f"{', '.join(after_next) or '-'}{' (other: ' + ', '.join(other) + ')' if other else ''} | "
                f"{next_state}{'' if ok else ' **FAIL**'} |")
         rows.append(row)
         print(row, flush=True)
-    summary = (f"{args.kills - failures}/{args.kills} kills passed: OUT absent, old or complete and valid after every "
+    summary = (f"{kills} kills in {i} runs ({i - kills} ended before their moment), {i - failures}/{i} passed: OUT absent, old or complete and valid after every "
                f"kill; nothing asr-fx left beside OUT or in TMPDIR after the next run" if not failures
-               else f"{failures}/{args.kills} kills FAILED (see rows marked FAIL)")
+               else f"{failures}/{i} runs FAILED (see rows marked FAIL)")
     print(summary, flush=True)
     args.write.parent.mkdir(parents=True, exist_ok=True)
     args.write.write_text(f"# Kills of `asr-fx fuse`\n\n`{' '.join(['tools/kill_fuse.py', *sys.argv[1:]])}`\n\n"
