@@ -167,7 +167,8 @@ def check_writable(path: str | os.PathLike, *, suffix: str | None = None) -> Pat
         raise OutputPathError(f"the output {str(path)!r} is a folder: name the file to write", path=str(path))
     parent = path.parent
     if not parent.is_dir():
-        raise OutputPathError(f"cannot write {str(path)!r}: the folder {str(parent)!r} does not exist", path=str(path))
+        problem = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise OutputPathError(f"cannot write {str(path)!r}: the folder {str(parent)!r} {problem}", path=str(path))
     remove_stale_temp_folders(parent)
     try:
         folder = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-check-", dir=parent)

@@ -20,6 +20,7 @@ from asr_fx.errors import (
     StateDictMismatchError,
     TraceError,
     UnknownAttentionError,
+    UnsupportedModelError,
 )
 
 
@@ -63,10 +64,12 @@ def advice(exc: BaseException) -> str | None:
             return "pass an --opset in that range, or leave --opset out"
         return ("Try another --opset, fixed shapes (no --dynamic-shape or --dynamic-batch), or fuse with --strict to "
                 "see which site stayed unfolded; -v prints the exporter's full message")
+    if isinstance(exc, UnsupportedModelError) and exc.reason == "dtype":
+        return "on the command line: save a float32 checkpoint, or pass --no-verify to export it unverified"
     if isinstance(exc, DifferentModelError):
         return "pass the checkpoint it was exported from as --against"
     if isinstance(exc, OutputPathError):
-        if not Path(exc.path).parent.is_dir():
+        if not Path(exc.path).parent.exists():
             return "create it first"
         return "choose another folder or fix its permissions"
     return None

@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 import asr_fx
-from asr_fx.errors import ASRError
+from asr_fx._util import meta_tensors
+from asr_fx.errors import ASRError, UnsupportedModelError
 from asr_fx.foreign_checkpoints import LoadedCheckpoint, load_checkpoint
 from asr_fx.input_shapes import default_input_shape
 from asr_fx.partial_capture import is_partial
 from asr_fx.passes import trace
+from asr_fx.verify import model_dtype
 
 
 def load_from_args(args: argparse.Namespace, path: Path) -> LoadedCheckpoint:
@@ -103,18 +105,27 @@ def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[
 def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint, shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
     """Move the model to ``--device``, check it traces and runs on an input of ``shape``; ``(model, x)``."""
     device = torch_device(args.device)
+    meta = meta_tensors(loaded.model)
+    if meta:  # .to() would fail with "Cannot copy out of meta tensor"; a checkpoint does not fill them either
+        raise UnsupportedModelError(
+            f"the model has {len(meta)} parameter(s)/buffer(s) on the meta device ({meta[0]}, ...), which hold no "
+            "values: make the --model factory build it on a real device (cpu)", reason="meta")
     model = loaded.model.to(device).eval()
     if loaded.vanilla is not None:
         loaded.vanilla.to(device)
     check_leaf_modules(model, args.leaf_modules)
     if not is_partial(model):  # instrumented part by part: its own forward does not trace, its parts are traced
         trace(model, args.leaf_modules)
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = model_dtype(model)  # an fp16/bf16 model gets an input in its own dtype
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     try:
         with torch.no_grad():
             model(x)
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as a shape problem
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in first.lower():
+            raise ASRError(f"the model ran out of memory on an input of shape {list(shape)} ({type(exc).__name__}: "
+                           f"{first}): pass a smaller --input-shape (batch 1, a smaller image)") from exc
         raise ASRError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: {first}; "
                        "pass the shape it expects with --input-shape") from exc
     return model, x

@@ -1,0 +1,68 @@
+"""``asr-fx fuse`` killed mid-run (issue 14, item 8): the old OUT survives, and the next run leaves nothing.
+
+test_export_files.py covers the library (a SIGTERM during ``export_onnx``, a SIGKILLed temp folder removed
+by the next export); here the installed command is killed at its own progress markers (the stage lines),
+with a private TMPDIR: SIGKILL once the verify stage starts, then SIGTERM once the export stage starts in
+the next run, then a run to completion. tools/kill_fuse.py does the same at 20 random moments.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import asr_fx
+
+
+def kill_at_stage(cmd: list[str], env: dict, stage: str, signum: int) -> int:
+    """Run ``cmd``; send ``signum`` when it prints the ``stage`` line; return its exit code."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.split("] ")[-1].startswith(stage) and line.startswith("["):
+            proc.send_signal(signum)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=300)
+
+
+def leftovers(out_dir: Path, tmp_dir: Path) -> list[str]:
+    return sorted([p.name for p in out_dir.iterdir() if p.name != "model.onnx"]
+                  + [f"TMPDIR/{p.name}" for p in tmp_dir.iterdir() if p.name.startswith("asr-fx-")])
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    torch.manual_seed(0)
+    model = asr_fx.instrument(asr_fx.build("asr_fx.models:cifar_resnet", depth=11, num_classes=10),
+                              example_inputs=(torch.zeros(1, 3, 32, 32),))
+    ckpt = tmp_path / "model.pt"
+    asr_fx.save(model.eval(), ckpt)
+    out_dir, tmp_dir = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmp_dir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_dir), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [str(Path(sys.executable).parent / "asr-fx"), "fuse", str(ckpt), "-o", str(out_dir / "model.onnx")]
+    return cmd, env, out_dir, tmp_dir
+
+
+def test_killed_fuse_keeps_the_old_output_and_the_next_runs_leave_nothing(setup):
+    cmd, env, out_dir, tmp_dir = setup
+    old = b"the old output"
+    (out_dir / "model.onnx").write_bytes(old)
+    assert kill_at_stage(cmd, env, "verify", signal.SIGKILL) == -signal.SIGKILL
+    assert (out_dir / "model.onnx").read_bytes() == old
+    assert leftovers(out_dir, tmp_dir) != []  # SIGKILL cannot be caught: its temporary folders stay, for now
+    # a SIGTERM cleans up after itself; the next run's start removed what the SIGKILL left (its process is gone)
+    assert kill_at_stage(cmd, env, "export", signal.SIGTERM) == -signal.SIGTERM
+    assert (out_dir / "model.onnx").read_bytes() == old and leftovers(out_dir, tmp_dir) == []
+    proc = subprocess.run(cmd + ["-q"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert leftovers(out_dir, tmp_dir) == []
+    onnx.checker.check_model(str(out_dir / "model.onnx"))
