@@ -4,7 +4,9 @@ Equivalence: none by design (this is the training-time change); the graph is oth
 Each block is registered as ``<container>.<site.node>`` (e.g. ``asr.layer1_0_bn3``), so submodule
 and state_dict names are derived from the site and stable across runs.
 
-Refuses: a site naming a node that is not in the graph, and two sites at the same node.
+Refuses: a site naming a node that is not in the graph (:class:`~asr_fx.errors.UnknownSiteError`), two
+sites at the same node, and a container name the model already uses for something else
+(:class:`~asr_fx.errors.InvalidOptionError`).
 Modifies ``gm`` in place and returns it.
 """
 
