@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _ERRORS = (
-    "ASRError", "CheckpointError", "DifferentModelError", "EquivalenceError", "ExportError", "FactoryError",
-    "FusionError", "InputShapeError", "InvalidOptionError", "MissingDependencyError", "NoSitesError",
-    "OutputPathError", "StateDictMismatchError", "TraceError", "UnknownAttentionError", "UnsupportedModelError",
-    "UsageError", "VanillaModelError", "VerificationError",
+    "ASRError", "AttentionNetworkError", "CheckpointError", "DifferentModelError", "EquivalenceError",
+    "ExportError", "FactoryError", "FusionError", "InputShapeError", "InvalidOptionError", "MissingDependencyError",
+    "NoSitesError", "OutputPathError", "StateDictMismatchError", "TraceError", "UnknownAttentionError",
+    "UnknownSiteError", "UnsupportedModelError", "UsageError", "VanillaModelError", "VerificationError",
 )
 
 #: public name -> the module that defines it (imported on first access)
@@ -78,11 +78,11 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx.asr import ASR, NormFusedASR
     from asr_fx.checkpoint import load, save
     from asr_fx.config import ASRConfig, asr_config
-    from asr_fx.errors import (ASRError, CheckpointError, DifferentModelError, EquivalenceError, ExportError,
+    from asr_fx.errors import (ASRError, AttentionNetworkError, CheckpointError, DifferentModelError, EquivalenceError, ExportError,
                                FactoryError, FusionError, InputShapeError, InvalidOptionError,
                                MissingDependencyError, NoSitesError, OutputPathError, StateDictMismatchError,
-                               TraceError, UnknownAttentionError, UnsupportedModelError, UsageError, VanillaModelError,
-                               VerificationError)
+                               TraceError, UnknownAttentionError, UnknownSiteError, UnsupportedModelError, UsageError,
+                               VanillaModelError, VerificationError)
     from asr_fx.export import export_onnx
     from asr_fx.factory import build
     from asr_fx.freeze import freeze_attention

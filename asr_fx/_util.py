@@ -1,9 +1,7 @@
-"""Small helpers shared by the library modules: parameter counts, train/eval save-and-restore, NaN/Inf checks."""
+"""Small helpers shared by the library modules: parameter counts, NaN/Inf checks, meta-device tensors.
+(Train/eval save-and-restore is ``asr_fx.passes.modes.preserved_training_modes``.)"""
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -12,17 +10,6 @@ from torch import nn
 def count_parameters(model: nn.Module) -> int:
     """The number of parameter elements of ``model`` (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-@contextlib.contextmanager
-def modes_restored(*models: nn.Module | None) -> Iterator[None]:
-    """Remember the train/eval flag of every submodule of ``models`` (``None`` skipped) and restore it on exit."""
-    modes = {m: m.training for owner in models if owner is not None for m in owner.modules()}
-    try:
-        yield
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
 
 
 def non_finite_kind(value: torch.Tensor) -> str | None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from asr_fx import attention as registry
+from asr_fx.errors import InvalidOptionError
 from asr_fx.passes.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
                                       computes_like_batch_norm, init_psi, is_affine_batch_norm)
 from asr_fx.passes.modes import preserved_training_modes
@@ -43,11 +44,11 @@ def resolve_preset(preset: str | None, activation: str, psi_init: PsiInit) -> tu
     if preset is None:
         return activation, psi_init, None
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise InvalidOptionError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     chosen = PRESETS[preset]
     for knob, value in (("activation", activation), ("psi_init", psi_init)):
         if value != _DEFAULTS[knob] and value != chosen[knob]:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"preset={preset!r} sets {knob}={chosen[knob]!r}, but {knob}={value!r} was also given; "
                 f"drop one of them"
             )
@@ -67,7 +68,7 @@ def check_attention_output(net: nn.Module, channels: int) -> None:
         out = net.eval()(torch.zeros(tuple(net.psi_shape)))
     if not isinstance(out, torch.Tensor) or out.numel() != channels:
         got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
+        raise InvalidOptionError(
             f"attention {type(net).__name__} returned {got} for a site of {channels} channels: forward(psi) "
             "must return one value per channel (before the activation)"
         )
@@ -90,7 +91,7 @@ def make_site_block(
     ``preset`` names an entry of :data:`PRESETS` (e.g. ``"transformer"``); see :func:`resolve_preset`.
     """
     if delta < 1:
-        raise ValueError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
+        raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
     activation, psi_init, attention_init = resolve_preset(preset, activation, psi_init)
 
     def one() -> ASR:

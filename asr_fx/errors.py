@@ -165,3 +165,13 @@ class StateDictMismatchError(CheckpointError):
         super().__init__(message, path=path, reason="keys")
         self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
         self.asr_keys, self.attention = asr_keys, attention
+
+
+class UnknownSiteError(ASRError, KeyError):
+    """A site asked for by name that is not there: a site node missing from the graph, a stripe site
+    not measured (also a ``KeyError``, as before)."""
+
+
+class AttentionNetworkError(ASRError, TypeError):
+    """An attention network that does not fit ASR: built without the ``psi_shape`` it must declare
+    (also a ``TypeError``, as before)."""

@@ -17,15 +17,15 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
 from asr_fx import atomic
-from asr_fx._util import count_parameters, modes_restored
+from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
+from asr_fx.passes.modes import preserved_training_modes
 from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names before verify.py existed
     ExportReport,
     Inputs,
@@ -222,7 +222,7 @@ def export_onnx(
         check_runnable(model)
     if external_data is None:
         external_data = weight_bytes(model) > EXTERNAL_DATA_BYTES
-    with modes_restored(model, reference), atomic.temp_folder(path.parent, "export") as folder:
+    with preserved_training_modes(model, reference), atomic.temp_folder(path.parent, "export") as folder:
         model.eval()
         report = ExportReport(str(path), param_count=count_parameters(model),
                               rtol=default_rtol(reference or model) if rtol is None else rtol, atol=atol)

@@ -16,9 +16,9 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx._util import modes_restored
 from asr_fx.errors import ASRError
 from asr_fx.passes import trace
+from asr_fx.passes.modes import preserved_training_modes
 from asr_fx.stripe import FROZEN_PREFIX, Batches, SiteStats, StripeStats, batch_inputs, collect
 
 FREEZE_KEY = "asr_fx.freeze"
@@ -94,7 +94,7 @@ def _broadcast_shape(site: SiteStats) -> tuple[int, ...]:
 def output_change(reference: nn.Module, changed: nn.Module, batches: Batches) -> dict[str, float]:
     """How far ``changed``'s outputs are from ``reference``'s on ``batches`` (both in eval mode)."""
     max_abs, max_ref, agree, total = 0.0, 0.0, 0, 0
-    with modes_restored(reference, changed):
+    with preserved_training_modes(reference, changed):
         reference.eval(), changed.eval()
         with torch.no_grad():
             for batch in batches:

@@ -28,16 +28,16 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx._util import modes_restored
 from asr_fx.api import instrument
 from asr_fx.asr import ACTIVATIONS, ASR
 from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
-from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.errors import ASRError, NoSitesError, UnknownSiteError
 from asr_fx.passes import trace
 from asr_fx.passes.attention_patterns import find_channel_attention
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
 from asr_fx.passes.hoist_attention_values import unhoist_attention_values
+from asr_fx.passes.modes import preserved_training_modes
 
 #: prefix of the buffers holding frozen attention values; a kind of folded constant, so
 #: :func:`asr_fx.fuse` reports the sites as attention sites and cleans up buffers it folded
@@ -142,7 +142,7 @@ class StripeStats:
         for s in self.sites:
             if key in (s.site, s.mul):
                 return s
-        raise KeyError(f"no attention site {key!r}; sites: {[s.site for s in self.sites]}")
+        raise UnknownSiteError(f"no attention site {key!r}; sites: {[s.site for s in self.sites]}")
 
     def table(self, tablefmt: str = "github") -> str:
         """One row per site: channels, attention std (mean/max over channels), feature std, their ratio."""
@@ -273,7 +273,7 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
     values: list[list[torch.Tensor]] = [[] for _ in sites]
     pooled: list[list[torch.Tensor]] = [[] for _ in sites]
     seen = 0
-    with modes_restored(model):
+    with preserved_training_modes(model):
         model.eval()
         with torch.no_grad():
             for batch in batches:

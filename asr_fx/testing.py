@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from asr_fx._util import count_parameters, modes_restored, non_finite_kind
+from asr_fx._util import count_parameters, non_finite_kind
 from asr_fx.api import asr_parameters, fuse, fusion_report
 from asr_fx.atomic import temp_folder
 from asr_fx.errors import ASRError, FusionError, VerificationError
 from asr_fx.export import export_onnx
+from asr_fx.passes.modes import preserved_training_modes
 from asr_fx.verify import flatten_outputs, fp32_matmul_precision, op_count_diff
 
 #: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch
@@ -95,7 +96,7 @@ def assert_fusion_equivalent(
     __tracebackhide__ = True  # pytest shows the caller's line, not this function's
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with modes_restored(model), fp32_matmul_precision():
+    with preserved_training_modes(model), fp32_matmul_precision():
         model.eval()
         try:
             fused = fuse(model, strict=strict, fold_bn=fold_bn, example_inputs=inputs, leaf_modules=leaf_modules)

@@ -26,7 +26,7 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx import onnx_runtime, openvino_runtime
-from asr_fx._util import count_parameters, meta_tensors, modes_restored
+from asr_fx._util import count_parameters, meta_tensors
 from asr_fx.errors import (
     ASRError,
     DifferentModelError,
@@ -35,6 +35,7 @@ from asr_fx.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from asr_fx.passes.modes import preserved_training_modes
 
 #: default ``rtol`` per reference dtype: float32's is DESIGN.md's; float16 keeps ~3 significant digits
 #: per op and bfloat16 ~2, so errors of a deep net reach those sizes relative to max|reference|
@@ -293,7 +294,7 @@ def verify_onnx(
     _check_inputs_fit(proto, path, args, kwargs, runtime)
     mismatch = weight_mismatch(proto, path, reference)
     start = time.perf_counter()
-    with modes_restored(reference):
+    with preserved_training_modes(reference):
         reference.eval()
         sess = _open(path, runtime, providers, report)
         try:

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .graph_queries import is_inplace, module_of, node_label, reads_only_metadata
+from .graph_queries import calls_one_of, is_inplace, node_label, reads_only_metadata
 from .op_tables import RESHAPE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS
 
 
 def is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node``'s result may share storage with its first argument (a view or a reshape)."""
-    if node.op == "call_module":
-        return isinstance(module_of(gm, node), RESHAPE_MODULES)
-    if node.op == "call_function":
-        return node.target in VIEW_FUNCTIONS
-    return node.op == "call_method" and node.target in VIEW_METHODS
+    return calls_one_of(gm, node, RESHAPE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS)
 
 
 def aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:

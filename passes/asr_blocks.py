@@ -18,6 +18,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from asr_fx.errors import InvalidOptionError
+
 from .op_tables import BATCH_NORM_CLASSES
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -38,7 +40,7 @@ def init_psi(shape: tuple[int, ...], psi_init: PsiInit) -> torch.Tensor:
         return torch.randn(shape) * float(value)
     if kind == "constant":
         return torch.full(shape, float(value))
-    raise ValueError(f"psi_init must be a number, ('constant', c) or ('normal', std); got {psi_init!r}")
+    raise InvalidOptionError(f"psi_init must be a number, ('constant', c) or ('normal', std); got {psi_init!r}")
 
 
 class ASR(nn.Module):
@@ -67,9 +69,9 @@ class ASR(nn.Module):
     ) -> None:
         super().__init__()
         if channel_pos >= 0:
-            raise ValueError(f"channel_pos counts from the right and must be negative, got {channel_pos}")
+            raise InvalidOptionError(f"channel_pos counts from the right and must be negative, got {channel_pos}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+            raise InvalidOptionError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
         self.channels = channels
         self.channel_pos = channel_pos
         self.activation = activation

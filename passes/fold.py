@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from .constant_fold import FOLDED_PREFIX
 from .aliases import erase_refusal
-from .fold_plan import apply_plan, cat_pieces, dtype_refusal, match, plan_kinds, plan_labels, producer_target
+from .fold_plan import cat_pieces, fold_mul, match, plan_kinds, plan_labels, producer_target
 from .fold_targets import TensorUsage
 from .graph_queries import is_add, is_inplace, site_of
 from .infra import PassResult
@@ -112,15 +112,7 @@ def _fold_one(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
         return aliased
     with torch.no_grad():
         plan = plan_backward(gm, x, state, usage, [64])
-    if isinstance(plan, str):
-        return plan
-    promoted = dtype_refusal(c, plan)
-    if promoted:
-        return promoted
-    apply_plan(plan)
-    mul.replace_all_uses_with(x)
-    gm.graph.erase_node(mul)
-    return plan
+    return plan if isinstance(plan, str) else fold_mul(gm, plan, c, mul, x)
 
 
 def fold_scales(gm: fx.GraphModule) -> PassResult:

@@ -3,7 +3,7 @@ and applying the finished plan. Shared by :mod:`~asr_fx.passes.fold` (backward, 
 and :mod:`~asr_fx.passes.propagate` (forward, into the next layers); built on
 :mod:`~asr_fx.passes.scale_algebra` and :mod:`~asr_fx.passes.fold_targets`.
 
-Nothing here changes the graph or a parameter except :func:`apply_plan`.
+Nothing here changes the graph or a parameter except :func:`apply_plan` and :func:`fold_mul`.
 """
 
 from __future__ import annotations
@@ -180,3 +180,15 @@ def apply_plan(plan: Plan) -> None:
     with torch.no_grad():
         for target, vec in plan:
             target.apply(vec.to(target.dtype) if target.dtype is not None else vec)
+
+
+def fold_mul(gm: fx.GraphModule, plan: Plan, c: torch.Tensor, mul: fx.Node, x: fx.Node) -> Plan | str:
+    """Finish a fold of ``mul = x * c``: unless :func:`dtype_refusal` refuses it (then nothing changes
+    and the reason is returned), apply ``plan`` and drop ``mul`` (its users read ``x``); returns ``plan``."""
+    promoted = dtype_refusal(c, plan)
+    if promoted:
+        return promoted
+    apply_plan(plan)
+    mul.replace_all_uses_with(x)
+    gm.graph.erase_node(mul)
+    return plan

@@ -77,6 +77,16 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target))
 
 
+def calls_one_of(gm: fx.GraphModule, node: fx.Node, modules: tuple[type, ...], functions: Any, methods: Any) -> bool:
+    """Whether ``node`` calls a module of one of the types ``modules``, one of ``functions`` or one of
+    the Tensor ``methods`` (an op table's three spellings of one op)."""
+    if node.op == "call_module":
+        return isinstance(module_of(gm, node), modules)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
 def output_shape(node: Any) -> tuple[int, ...] | None:
     """A node's output shape when shape propagation recorded it (``node.meta['tensor_meta']``)."""
     shape = getattr(getattr(node, "meta", {}).get("tensor_meta"), "shape", None)

@@ -27,18 +27,14 @@ from torch import nn
 
 from .attention_patterns import find_channel_attention
 from .context_add import is_pooled_context
-from .graph_queries import channel_info, is_add, module_of, mul_operands, skip_identity
+from .graph_queries import calls_one_of, channel_info, is_add, module_of, mul_operands, skip_identity
 from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
                         IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A pointwise activation (ReLU family, Hardswish, SiLU, GELU, ...) as a module, function or method."""
-    if node.op == "call_module":
-        return isinstance(module_of(gm, node), ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in ACTIVATION_FUNCTIONS
-    return node.op == "call_method" and node.target in ACTIVATION_METHODS
+    return calls_one_of(gm, node, ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS)
 
 
 def norm_before_activation(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:

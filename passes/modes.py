@@ -1,4 +1,5 @@
-"""Save and restore train/eval modes around work that needs one mode (shape propagation, calibration)."""
+"""Save and restore train/eval modes around work that needs one mode (shape propagation, calibration,
+verification, export). The one such helper: the library modules in asr_fx/ use it too."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from torch import nn
 
 
 @contextmanager
-def preserved_training_modes(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the block ``module`` may be switched to eval (or train); afterwards every submodule
-    has its own ``training`` flag back, whatever the block did or raised."""
-    modes = {m: m.training for m in module.modules()}
+def preserved_training_modes(*modules: nn.Module | None) -> Iterator[None]:
+    """Within the block the ``modules`` (``None`` skipped) may be switched to eval (or train);
+    afterwards every submodule of each has its own ``training`` flag back, whatever the block did or raised."""
+    modes = {m: m.training for owner in modules if owner is not None for m in owner.modules()}
     try:
-        yield module
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode

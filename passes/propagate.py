@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .aliases import erase_refusal
-from .fold_plan import apply_plan, dtype_refusal, match, module_input_target, plan_kinds, plan_labels, through_cat
+from .fold_plan import fold_mul, match, module_input_target, plan_kinds, plan_labels, through_cat
 from .fold_targets import TensorUsage
 from .graph_queries import node_label, reads_only_metadata
 from .infra import PassResult
@@ -102,15 +102,7 @@ def _push_forward(gm: fx.GraphModule, mul: fx.Node, usage: TensorUsage) -> Plan 
         return aliased
     with torch.no_grad():
         plan = plan_forward(gm, mul, (state[0].detach(), state[1]), usage)
-    if isinstance(plan, str):
-        return plan
-    promoted = dtype_refusal(c, plan)
-    if promoted:
-        return promoted
-    apply_plan(plan)
-    mul.replace_all_uses_with(x)
-    gm.graph.erase_node(mul)
-    return plan
+    return plan if isinstance(plan, str) else fold_mul(gm, plan, c, mul, x)
 
 
 def propagate_scales(gm: fx.GraphModule, fold_records: list[FoldRecord]) -> PassResult:

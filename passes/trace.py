@@ -1,4 +1,4 @@
-"""Pass 1, trace: ``nn.Module -> GraphModule`` with torch.fx symbolic tracing.
+"""Trace pass: ``nn.Module -> GraphModule`` with torch.fx symbolic tracing.
 
 Equivalence: the GraphModule computes what the module's ``forward`` computes for inputs that take
 the same Python control flow as the symbolic trace (the usual torch.fx contract).

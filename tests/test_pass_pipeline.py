@@ -1,6 +1,7 @@
 """The pass contract and the declared pipelines: one runner that lints after each pass and names the
 failing one; immutable fold records (a later pass adds its own); one registry of placement rules;
-passes/ importing nothing above it; the README's pipeline listing equal to the declared lists."""
+passes/ importing nothing above it; the README's pipeline listing equal to the declared lists, and its
+module lists naming every module file once."""
 
 from __future__ import annotations
 
@@ -33,6 +34,33 @@ def test_readme_lists_the_declared_pipelines():
     listed = dict(re.findall(r"^(instrument|fuse): (.+)$", section, flags=re.M))
     assert listed["instrument"].split(" -> ") == INSTRUMENT_PIPELINE.pass_names()
     assert listed["fuse"].split(" -> ") == FUSE_PIPELINE.pass_names()
+
+
+def _readme_module_lists() -> dict[str, list[str]]:
+    """The README's "How the code is laid out" lists: folder -> the module names of its lines, in order.
+    A list starts at a line naming its folder in backticks and ending with a colon."""
+    section = (ROOT / "README.md").read_text().split("### How the code is laid out", 1)[1].split("\n### ", 1)[0]
+    lists: dict[str, list[str]] = {}
+    folder = None
+    for line in section.splitlines():
+        heading = re.search(r"\(`((?:asr_fx|passes)[\w/]*/)`.*\):$", line)
+        if heading:
+            folder = heading.group(1)
+            lists[folder] = []
+        elif folder and line.startswith("- `"):
+            lists[folder].append(re.match(r"- `([\w.]+\.py)`", line).group(1))
+    return lists
+
+
+def test_readme_lists_every_module_once():
+    lists = _readme_module_lists()
+    folders = sorted({str(p.parent.relative_to(ROOT)) + "/" for base in ("asr_fx", "passes")
+                      for p in (ROOT / base).rglob("*.py")})
+    assert sorted(lists) == folders
+    for folder, listed in lists.items():
+        on_disk = sorted(p.name for p in (ROOT / folder).glob("*.py"))
+        assert sorted(listed) == on_disk, folder
+        assert len(listed) == len(set(listed)), folder
 
 
 def _small() -> fx.GraphModule:

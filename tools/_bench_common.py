@@ -7,6 +7,7 @@ noisy neighbour slows all variants alike; a variant's ratio to vanilla is the me
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import platform
@@ -22,7 +23,10 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx.attention import hidden_width
+import asr_fx
+from asr_fx import count_parameters as n_params  # the benches' short name for it
+from asr_fx.passes import insert_asr, trace
+from asr_fx.stripe import input_se
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,7 +48,7 @@ def machine() -> str:
     except OSError:
         pass
     try:
-        import onnxruntime
+        import onnxruntime  # optional dependency: only to name its version
 
         ort = onnxruntime.__version__
     except ImportError:  # pragma: no cover
@@ -144,21 +148,12 @@ def report(name: str, title: str, settings: Sequence[str], body: str, notes: Seq
         print(f"wrote {write_results(name, title, settings, body)}")
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def with_se(model: nn.Module, sites: Sequence[Any], min_hidden: int = 8) -> fx.GraphModule:
     """``model`` traced, with input-dependent SE (:func:`asr_fx.stripe.input_se`: ``x * sigmoid(F(GAP(x)))``
     with the ``SqueezeExcite`` network ASR feeds with psi) after each of the ASR sites (as ``se.<key>``).
 
     ``min_hidden`` defaults to 8, the floor the benchmark tables were measured with (asr-fx's SE default
     before it took the paper's width ``round(C / 16)``); ``min_hidden=1`` gives the paper's width."""
-    import copy
-
-    from asr_fx.passes import insert_asr, trace
-    from asr_fx.stripe import input_se
-
     gm = trace(copy.deepcopy(model))
     return insert_asr(gm, sites, lambda site: input_se(site.channels, site.channel_pos, min_hidden=min_hidden),
                       container="se")
@@ -166,8 +161,6 @@ def with_se(model: nn.Module, sites: Sequence[Any], min_hidden: int = 8) -> fx.G
 
 def sites_of(instrumented: nn.Module) -> list[Any]:
     """The :class:`asr_fx.Site` list ``instrument`` recorded on a model."""
-    import asr_fx
-
     return [asr_fx.Site(**s) for s in asr_fx.get_config(instrumented)["sites"]]
 
 

@@ -21,11 +21,7 @@ from tabulate import tabulate
 from torch import nn
 
 import asr_fx
-from asr_fx import attention
-
-
-def _n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from asr_fx import attention, count_parameters
 
 
 def one_site_net(channels: int) -> nn.Module:
@@ -52,8 +48,8 @@ def measure(name: str, channels: int) -> dict[str, object]:
         "attention": name,
         "network": type(attention.create(name, channels)).__name__,
         "psi shape": str(tuple(attention.create(name, channels).psi_shape)),
-        "added in training": _n_params(model) - _n_params(vanilla),
-        "added after fusion": _n_params(fused) - _n_params(vanilla),
+        "added in training": count_parameters(model) - count_parameters(vanilla),
+        "added after fusion": count_parameters(fused) - count_parameters(vanilla),
         "fuse error": f"{((out - ref).abs().max() / ref.abs().max()).item():.1e}",
     }
 

@@ -19,6 +19,7 @@ import torch
 import torchvision
 
 import asr_fx
+from asr_fx import count_parameters
 from asr_fx.passes import fold_constants, trace
 
 MUL_TARGETS = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
@@ -29,10 +30,6 @@ def _muls(gm: torch.fx.GraphModule) -> tuple[int, int]:
     muls = [n for n in gm.graph.nodes if n.target in MUL_TARGETS]
     constant = [n for n in muls if any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.args)]
     return len(muls), len(constant)
-
-
-def _n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _err(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -59,7 +56,7 @@ def measure_uninstrumented(name: str, shape: tuple[int, ...]) -> list[str]:
     with torch.no_grad():
         err = _err(model(x), fused(x))
     return [name, str(all_before), str(const_before), str(report.muls_removed), str(const_after), str(all_after),
-            f"{_n_params(model):,} -> {_n_params(fused):,}", f"{seconds:.2f}", f"{err:.1e}"]
+            f"{count_parameters(model):,} -> {count_parameters(fused):,}", f"{seconds:.2f}", f"{err:.1e}"]
 
 
 def measure_resnet152() -> list[str]:
@@ -76,7 +73,7 @@ def measure_resnet152() -> list[str]:
         err = _err(asr(x), fused(x))
     return [f"{mid - start:.2f} ({cpu_mid - cpu_start:.2f})", f"{end - mid:.2f} ({cpu_end - cpu_mid:.2f})",
             f"{end - start:.2f} ({cpu_end - cpu_start:.2f})", str(report.muls_removed),
-            f"{_n_params(fused) == _n_params(model)}", f"{err:.1e}"]
+            f"{count_parameters(fused) == count_parameters(model)}", f"{err:.1e}"]
 
 
 def main() -> None:

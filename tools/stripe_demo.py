@@ -30,7 +30,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx import freeze as freezing
-from asr_fx import plot, stripe
+from asr_fx import count_parameters, plot, stripe
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,10 +140,6 @@ def train(model: nn.Module, args: argparse.Namespace, data, label: str, on_epoch
     return time.perf_counter() - start
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=24)
@@ -216,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
 
     sites_table = stats.table()
     models_table = tabulate([
-        ("SE-ResNet (input-dependent SE)", n_params(se_model), f"{100 * se_acc:.2f}"),
-        ("SE frozen to mean v, fused", n_params(fused_frozen), f"{100 * frozen_acc:.2f}"),
-        ("ASR(SE) from scratch, before fusion", n_params(asr_model), f"{100 * asr_acc:.2f}"),
-        ("ASR(SE) from scratch, fused", n_params(fused_asr), f"{100 * fused_asr_acc:.2f}"),
-        ("vanilla ResNet (no attention)", n_params(vanilla_trained), f"{100 * vanilla_acc:.2f}"),
+        ("SE-ResNet (input-dependent SE)", count_parameters(se_model), f"{100 * se_acc:.2f}"),
+        ("SE frozen to mean v, fused", count_parameters(fused_frozen), f"{100 * frozen_acc:.2f}"),
+        ("ASR(SE) from scratch, before fusion", count_parameters(asr_model), f"{100 * asr_acc:.2f}"),
+        ("ASR(SE) from scratch, fused", count_parameters(fused_asr), f"{100 * fused_asr_acc:.2f}"),
+        ("vanilla ResNet (no attention)", count_parameters(vanilla_trained), f"{100 * vanilla_acc:.2f}"),
     ], headers=["model", "parameters", f"held-out top-1 % ({len(y_test)} images)"], tablefmt="github")
     change = freeze.output_change
     settings = (f"SmallResNet widths (16, 32, 64), 2 basic blocks per stage, SE (reduction 4) after bn2 of every "

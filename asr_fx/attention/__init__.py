@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from asr_fx.errors import InvalidOptionError, UnknownAttentionError
+from asr_fx.errors import AttentionNetworkError, InvalidOptionError, UnknownAttentionError
 
 from .cbam import CBAMChannel
 from .eca import EfficientChannelAttention
@@ -80,7 +80,7 @@ def create(name: str | AttentionFactory, channels: int, **kwargs) -> nn.Module:
             ) from None
         module = factory(channels, **kwargs)
     if not hasattr(module, "psi_shape"):
-        raise TypeError(
+        raise AttentionNetworkError(
             f"attention {name!r} built {type(module).__name__} without a `psi_shape` attribute: "
             "an attention network for ASR declares the shape of the psi it takes"
         )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from asr_fx.errors import InvalidOptionError
+
 PerChannel = int | Mapping[int | str, int] | None
 
 
@@ -26,7 +28,7 @@ def per_channel(value: PerChannel, channels: int, name: str) -> int | None:
         for key, width in value.items():
             if int(key) == channels:
                 return int(width)
-        raise ValueError(f"{name}={dict(value)!r} gives no width for a site of {channels} channels; "
+        raise InvalidOptionError(f"{name}={dict(value)!r} gives no width for a site of {channels} channels; "
                          f"add an entry {channels}: <width>, or leave {name} out for the default")
     return int(value)
 
@@ -37,8 +39,8 @@ def hidden_width(channels: int, reduction: float = 16, min_hidden: int = 1, hidd
     given = per_channel(hidden, channels, "hidden")
     if given is not None:
         if given < 1:
-            raise ValueError(f"hidden must be >= 1, got {given} for {channels} channels")
+            raise InvalidOptionError(f"hidden must be >= 1, got {given} for {channels} channels")
         return given
     if reduction <= 0:
-        raise ValueError(f"reduction must be > 0, got {reduction}")
+        raise InvalidOptionError(f"reduction must be > 0, got {reduction}")
     return max(round(channels / reduction), min(min_hidden, channels), 1)

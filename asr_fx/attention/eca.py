@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from asr_fx.errors import InvalidOptionError
+
 from ._width import PerChannel, per_channel
 
 
@@ -30,7 +32,7 @@ class EfficientChannelAttention(nn.Module):
         given = per_channel(kernel_size, channels, "kernel_size")
         k = given if given is not None else eca_kernel_size(channels, gamma, b)
         if k < 1 or k % 2 == 0:
-            raise ValueError(f"ECA's kernel_size must be a positive odd number, got {k}")
+            raise InvalidOptionError(f"ECA's kernel_size must be a positive odd number, got {k}")
         self.channels = channels
         self.psi_shape = (1, channels, 1, 1)
         self.kernel_size = k

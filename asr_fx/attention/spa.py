@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asr_fx.errors import InvalidOptionError
+
 from ._width import PerChannel, hidden_width
 
 
@@ -24,7 +26,7 @@ class SpatialPyramidAttention(nn.Module):
                  min_hidden: int = 1, hidden: PerChannel = None) -> None:
         super().__init__()
         if not scales or any(int(s) < 1 for s in scales):
-            raise ValueError(f"SPA's scales are pooled grid sizes >= 1, got {scales!r}")
+            raise InvalidOptionError(f"SPA's scales are pooled grid sizes >= 1, got {scales!r}")
         self.channels = channels
         self.scales = tuple(int(s) for s in scales)
         cells = sum(s * s for s in self.scales)

@@ -52,10 +52,6 @@ def recalibrate_batchnorm(model: torch.nn.Module, batches) -> None:
         m.momentum = 0.1
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class StageProgress:
     """One tqdm bar over the demo's stages on a terminal; a ``[k/N] stage`` line each elsewhere."""
 
@@ -154,13 +150,13 @@ def run_demo(args: argparse.Namespace) -> int:
     finally:
         stages.close()
     same_ops = report.op_counts == vanilla_report.op_counts
-    same_params = count_params(fused) == count_params(vanilla)
+    same_params = asr_fx.count_parameters(fused) == asr_fx.count_parameters(vanilla)
     rows = [
         ("sites (one per residual block)", len(sites)),
         ("training steps", args.steps),
-        ("parameters vanilla", f"{count_params(vanilla):,}"),
-        ("parameters instrumented (training)", f"{count_params(model):,}"),
-        ("parameters fused", f"{count_params(fused):,}"),
+        ("parameters vanilla", f"{asr_fx.count_parameters(vanilla):,}"),
+        ("parameters instrumented (training)", f"{asr_fx.count_parameters(model):,}"),
+        ("parameters fused", f"{asr_fx.count_parameters(fused):,}"),
         ("fused == vanilla parameter count", same_params),
         ("torch: max|fused - instrumented| / max|ref|", f"{torch_err:.2e}"),
         ("onnxruntime: max rel err vs instrumented", f"{report.outputs[0].max_rel:.2e}"),

@@ -62,7 +62,7 @@ def fuse(args: argparse.Namespace) -> int:
     vanilla = loaded.vanilla
     if args.fold_bn and vanilla is not None:  # compare like with like: the vanilla model with BN folded too
         vanilla = asr_fx.fuse(vanilla.eval(), fold_bn=True, example_inputs=(x,), leaf_modules=args.leaf_modules)
-    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in
+    n_params = {name: asr_fx.count_parameters(m) for name, m in
                 (("vanilla", vanilla), ("instrumented", model), ("fused", fused)) if m is not None}
     if args.strict and vanilla is None:
         summary.notes.append("--strict: no vanilla model is known for this checkpoint, so only the folding of "

@@ -24,6 +24,7 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx import onnx_runtime
+from asr_fx._util import count_parameters
 from asr_fx.cli.options import EXIT_OK, say
 from asr_fx.errors import ASRError
 from asr_fx.export import export_onnx
@@ -166,7 +167,7 @@ class Stages:
 
 def export_for_comparison(model: nn.Module, path: str, x: torch.Tensor, opset: int | None) -> ModelRow:
     """Export ``model`` without verification, for its op counts (a failure is a note, not an error)."""
-    row = ModelRow(params=sum(p.numel() for p in model.parameters()))
+    row = ModelRow(params=count_parameters(model))
     try:
         export_onnx(model, path, x, verify=False, opset=opset)
         row.op_counts = onnx_op_counts(path)

@@ -27,7 +27,7 @@ from asr_fx.verify import model_dtype
 
 
 def load_from_args(args: argparse.Namespace, path: Path) -> LoadedCheckpoint:
-    """:func:`asr_fx.checkpoint.load_checkpoint` with the model-source and ASR options."""
+    """:func:`asr_fx.foreign_checkpoints.load_checkpoint` with the model-source and ASR options."""
     options = {"attention": args.attention, "attention_kwargs": args.attention_args,
                "rule": getattr(args, "rule", None), "sites": getattr(args, "sites", None),
                "delta": getattr(args, "delta", None), "activation": getattr(args, "activation", None)}

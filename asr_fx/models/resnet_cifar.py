@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asr_fx.errors import InvalidOptionError
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -61,7 +63,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         per_block = 9 if bottleneck else 6
         if (depth - 2) % per_block:
-            raise ValueError(f"a CIFAR ResNet with {'bottleneck' if bottleneck else 'basic'} blocks has depth "
+            raise InvalidOptionError(f"a CIFAR ResNet with {'bottleneck' if bottleneck else 'basic'} blocks has depth "
                              f"{per_block}n+2 (e.g. {per_block * 18 + 2 if bottleneck else 56}); got {depth}")
         n = (depth - 2) // per_block
         block = Bottleneck if bottleneck else BasicBlock
