@@ -53,22 +53,18 @@ def _rel(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     return worst
 
 
-def _n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple | None) -> int:
     """The parameter count of ``fuse(vanilla)``; for a partially captured ``model``, of the vanilla model with
     the same parts fused (its own constant scales folded there, as in the ASR model)."""
     config = asr_fx.get_config(model) or {}
     parts = config.get("parts")
     if not parts:
-        return _n_params(asr_fx.fuse(vanilla, example_inputs=x, check=False))
-    total = _n_params(vanilla)
+        return asr_fx.count_parameters(asr_fx.fuse(vanilla, example_inputs=x, check=False))
+    total = asr_fx.count_parameters(vanilla)
     for path in parts:
         part = vanilla.get_submodule(path)
         probe = tuple(torch.randn(s) for s in config["part_input_shapes"][path])
-        total += _reference_params(part, model.get_submodule(path), probe) - _n_params(part)
+        total += _reference_params(part, model.get_submodule(path), probe) - asr_fx.count_parameters(part)
     return total
 
 
@@ -100,8 +96,9 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             vanilla = entry.build().eval()
-        if _n_params(vanilla) > MAX_PARAMS:
-            row.status = f"skipped: {_n_params(vanilla) / 1e6:.0f}M parameters, over this CPU sweep's {MAX_PARAMS // 10**6}M"
+        size = asr_fx.count_parameters(vanilla)
+        if size > MAX_PARAMS:
+            row.status = f"skipped: {size / 1e6:.0f}M parameters, over this CPU sweep's {MAX_PARAMS // 10**6}M"
             return row
         entry = _fitting(entry, vanilla)
         x = entry.inputs(2, 1)
@@ -134,7 +131,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
             want = _reference_params(vanilla, model, x)
         with torch.no_grad():
             row.fuse_err = _rel(ref, _tensors(fused(*x)))
-        row.params_ok = _n_params(fused) == want
+        row.params_ok = asr_fx.count_parameters(fused) == want
         lap("onnx")
         if onnx and not entry.detector:
             with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +142,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         if not row.fuse_err <= 1e-5:
             problems.append(f"fuse error {row.fuse_err:.2g} > 1e-5")
         if not row.params_ok:
-            problems.append(f"parameters {_n_params(fused)} != fuse(vanilla) {want}")
+            problems.append(f"parameters {asr_fx.count_parameters(fused)} != fuse(vanilla) {want}")
         if onnx and not entry.detector and not row.ort_err <= 1e-4:
             problems.append(f"onnxruntime error {row.ort_err:.2g} > 1e-4")
         row.status = "ok" if not problems else "FAIL: " + "; ".join(problems)

@@ -104,10 +104,6 @@ def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
-def _n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -151,7 +147,7 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             vanilla = torchvision.models.get_model(name, weights=None, **MODEL_KWARGS.get(name, {})).eval()
-        row.params_vanilla = _n_params(vanilla)
+        row.params_vanilla = asr_fx.count_parameters(vanilla)
         if row.params_vanilla * 4 >= ONNX_LIMIT_BYTES:
             row.status = (f"skipped: {row.params_vanilla / 1e6:.0f}M parameters exceed ONNX's 2 GiB single-file "
                           "limit (export_onnx writes no external data)")
@@ -175,11 +171,11 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         row.notes += unfolded[:1]
         with torch.no_grad():
             row.fuse_err = _rel(ref, fused(x))
-        row.params_fused = _n_params(fused)
+        row.params_fused = asr_fx.count_parameters(fused)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             reference = asr_fx.fuse(vanilla, example_inputs=(x,))
-        row.params_reference = _n_params(reference)
+        row.params_reference = asr_fx.count_parameters(reference)
         if onnx:
             report = asr_fx.export_onnx(fused, Path(tmp.name) / "fused.onnx", x, reference=model)
             row.ort_err = max(o.max_rel for o in report.outputs)
