@@ -5,7 +5,8 @@ example's values as it records it (:class:`ConcreteValues`). Python that needs a
 traced expression then gets one, and the graph keeps the expression itself plus a guard:
 
 - ``bool(p)`` (``if x.dim() == 4``, ``if pixel_values.dtype != expected``, ``if w % patch != 0``);
-- ``int(p)``, ``float(p)``, ``operator.index(p)`` (``int(math.sqrt(n))``, ``range(h)``);
+- ``int(p)``, ``float(p)`` (``int(math.sqrt(n))``); not ``__index__``: torch's argument parser would take
+  such a proxy for an int (``torch.ones(b, h, w)`` would specialise ``b``), so sizes passed to torch stay symbolic;
 - ``len(p)`` and iteration (``(*input_shape, -1)``, ``for img in images``).
 
 Each such value becomes ``torch._assert(<expr> == <value>, ...)`` in the graph: on inputs where Python
@@ -188,9 +189,6 @@ class _ConcreteDunders:
 
     def __int__(self) -> int:
         return self.tracer.concrete_value(self, int)
-
-    def __index__(self) -> int:
-        return self.tracer.concrete_value(self, operator.index)
 
     def __float__(self) -> float:
         return self.tracer.concrete_value(self, float)

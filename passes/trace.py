@@ -192,7 +192,7 @@ class ASRTracer(fx.Tracer):
         return value
 
     def concrete_value(self, obj: Any, convert: Callable[[Any], Any]) -> Any:
-        """``int(p)``, ``float(p)``, ``operator.index(p)`` of a data-independent value, guarded in the graph."""
+        """``int(p)``, ``float(p)`` of a data-independent value, guarded in the graph."""
         value = convert(self._known(obj, f"{convert.__name__}()"))
         self._guard(self.create_proxy("call_function", operator.eq, (obj, value), {}), (obj, value))
         return value
