@@ -24,7 +24,7 @@ from _zoo_run import run_entry  # noqa: E402
 HANDFUL = [
     ("timm", "efficientnet/tinynet_e", "timm"),  # BatchNormAct2d traced through, drop-path
     ("timm", "convnext/convnext_atto", "timm"),  # LayerNorm2d, layer scale
-    ("hf", "ResNet", "transformers"),  # return_dict flags, shape check, ModelOutput (partial capture)
+    ("hf", "ResNet", "transformers"),  # return_dict flags, shape check (shape-aware tracing), ModelOutput
     ("smp", "FPN", "segmentation_models_pytorch"),  # input-shape check: parts captured in place
     ("yolo", "yolov8n.yaml", "ultralytics"),  # the head loop: layers and head convs captured in place
 ]
