@@ -72,6 +72,14 @@ def _proxies(value: Any) -> list[Any]:
     return found
 
 
+def tensor_like(value: Any) -> bool:
+    """A tensor, or a tuple/list of tensors (``unbind``, ``split``, ``chunk``): data whose *shapes* may still be
+    data-independent."""
+    if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
+        return all(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
 def _name(target: Any) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", "")
 
@@ -103,7 +111,7 @@ class ConcreteValues:
                 return proxy.attr not in _META_ATTRIBUTES or self._shape_from_data(proxy.root)
             return root is MISSING or self.from_data(proxy.root)
         value = self.value(proxy)
-        return value is MISSING or isinstance(value, torch.Tensor) or proxy.node in self.data_dependent
+        return value is MISSING or tensor_like(value) or proxy.node in self.data_dependent
 
     def record(self, node: fx.Node, kind: str, target: Any, args: tuple, kwargs: dict) -> None:
         if kind == "output":
@@ -123,10 +131,10 @@ class ConcreteValues:
         reads_metadata = (target is sequence_length) or (kind == "call_method" and name in _META_METHODS) or \
             (kind == "call_function" and (target in _META_FUNCTIONS or (target is getattr and args[1] in _META_ATTRIBUTES)))
         shaped = any(self._shape_from_data(p) for p in inputs)
-        if isinstance(value, torch.Tensor):
+        if tensor_like(value):
             if shaped or name in _DATA_SHAPED or self._data_shaped_call(name, args) or \
                     self._mask_index(kind, target, args) or \
-                    any(self.from_data(p) and not isinstance(self.value(p), torch.Tensor) for p in inputs):
+                    any(self.from_data(p) and not tensor_like(self.value(p)) for p in inputs):
                 self.data_shaped.add(node)
         elif reads_metadata:
             if shaped or any(self.from_data(p) for p in inputs[1:]):

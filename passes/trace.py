@@ -24,7 +24,8 @@ from torch import nn
 
 from asr_fx.errors import TraceError
 
-from .concrete_values import ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept
+from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
+                              tensor_like)
 from .inplace_proxy import InplaceProxy
 from .plain_layers import plain_layers
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -174,8 +175,7 @@ class ASRTracer(fx.Tracer):
             raise refuse(what)
         if self.concrete.from_data(obj):
             value = self.concrete.value(obj)
-            if not (what == "iteration" and isinstance(value, torch.Tensor)
-                    and not self.concrete._shape_from_data(obj)):
+            if not (what == "iteration" and tensor_like(value) and not self.concrete._shape_from_data(obj)):
                 raise refuse(what)
         return self.concrete.value(obj)
 
