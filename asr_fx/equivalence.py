@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 
 from asr_fx.asr import ASR
 from asr_fx.errors import EquivalenceError
+from asr_fx.passes.concrete_values import state_kept
 
 #: max |a - b| <= RTOL * max |reference| (+ ATOL): fp32 reassociation in folds and traced graphs
 RTOL = 1e-4
@@ -73,18 +74,15 @@ def _error(ref: Any, got: Any) -> float | None:
 @contextlib.contextmanager
 def _saved_state(*models: nn.Module) -> Iterator[None]:
     """Restore buffers (BN running stats), modes and the RNG state after the block."""
-    buffers = [(b, b.detach().clone()) for m in models for b in m.buffers()]
     modes = [(m, m.training) for model in models for m in model.modules()]
-    rng = torch.random.get_rng_state()
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(state_kept(model))
+            yield
     finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
         for m, mode in modes:
             m.training = mode
-        torch.random.set_rng_state(rng)
 
 
 def _run(model: nn.Module, inputs: Sequence[Any], training: bool) -> Any:

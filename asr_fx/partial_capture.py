@@ -31,23 +31,19 @@ from torch import nn
 from asr_fx.config import asr_config, set_config
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import ASRError, NoSitesError, TraceError
+from asr_fx.passes.concrete_values import state_kept
 
 
 
 @contextlib.contextmanager
 def _restored(model: nn.Module) -> Iterator[None]:
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
-    rng = torch.random.get_rng_state()
     try:
-        yield
+        with state_kept(model):  # buffers and the RNG state
+            yield
     finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
         for m, mode in modes:
             m.training = mode
-        torch.random.set_rng_state(rng)
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:

@@ -108,7 +108,7 @@ class ConcreteValues:
         if isinstance(proxy, Attribute):
             root = self.value(proxy.root)
             if isinstance(root, torch.Tensor):
-                return proxy.attr not in _META_ATTRIBUTES or self._shape_from_data(proxy.root)
+                return proxy.attr not in _META_ATTRIBUTES or self.shape_from_data(proxy.root)
             return root is MISSING or self.from_data(proxy.root)
         value = self.value(proxy)
         return value is MISSING or tensor_like(value) or proxy.node in self.data_dependent
@@ -130,7 +130,7 @@ class ConcreteValues:
         name = _name(target)
         reads_metadata = (target is sequence_length) or (kind == "call_method" and name in _META_METHODS) or \
             (kind == "call_function" and (target in _META_FUNCTIONS or (target is getattr and args[1] in _META_ATTRIBUTES)))
-        shaped = any(self._shape_from_data(p) for p in inputs)
+        shaped = any(self.shape_from_data(p) for p in inputs)
         if tensor_like(value):
             if shaped or name in _DATA_SHAPED or self._data_shaped_call(name, args) or \
                     self._mask_index(kind, target, args) or \
@@ -142,9 +142,9 @@ class ConcreteValues:
         elif any(self.from_data(p) for p in inputs):
             self.data_dependent.add(node)
 
-    def _shape_from_data(self, proxy: Any) -> bool:
+    def shape_from_data(self, proxy: Any) -> bool:
         if isinstance(proxy, Attribute):
-            return self._shape_from_data(proxy.root)
+            return self.shape_from_data(proxy.root)
         return isinstance(proxy, Proxy) and proxy.node in self.data_shaped
 
     def _data_shaped_call(self, name: str, args: tuple) -> bool:

@@ -175,7 +175,7 @@ class ASRTracer(fx.Tracer):
             raise refuse(what)
         if self.concrete.from_data(obj):
             value = self.concrete.value(obj)
-            if not (what == "iteration" and tensor_like(value) and not self.concrete._shape_from_data(obj)):
+            if not (what == "iteration" and tensor_like(value) and not self.concrete.shape_from_data(obj)):
                 raise refuse(what)
         return self.concrete.value(obj)
 
