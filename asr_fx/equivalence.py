@@ -88,7 +88,8 @@ def _saved_state(*models: nn.Module) -> Iterator[None]:
 def _run(model: nn.Module, inputs: Sequence[Any], training: bool) -> Any:
     model.train(training)
     torch.manual_seed(_SEED)
-    with torch.no_grad():
+    inputs = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(inputs))
+    with torch.no_grad():  # on copies: an in-place op on the input changes neither the caller's nor the next run's
         return model(*inputs)
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.proxy import Attribute, Proxy, TraceError as FxTraceError
+from torch.utils import _pytree as pytree
 
 from .inplace_proxy import InplaceProxy
 
@@ -187,7 +188,8 @@ def _bind(root: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return dict(zip(names, example_inputs))
+    copies = pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(example_inputs))
+    return dict(zip(names, copies))  # copies: an in-place op in forward must not write into the user's inputs
 
 
 class _ConcreteDunders:
