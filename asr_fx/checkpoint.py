@@ -24,6 +24,7 @@ from asr_fx import atomic
 from asr_fx.api import instrument
 from asr_fx.attention import names as attention_names, widths_from_state_dict
 from asr_fx.config import ASRConfig, asr_config, set_config
+from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, OutputPathError
 from asr_fx.factory import build, import_factory
 from asr_fx.state_dicts import check_finite_asr, check_keys
@@ -167,7 +168,7 @@ def instrument_from_config(model: nn.Module, config: ASRConfig | dict[str, Any],
     config = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
     options = config.instrument_options()
     options["attention"] = resolve_attention(options["attention"])
-    example = (torch.zeros(input_shape),) if input_shape else None
+    example = (random_probe(input_shape),) if input_shape else None
     return instrument(model, example_inputs=example, leaf_modules=leaf_modules, **options)
 
 

@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from asr_fx.asr import ASR
 from asr_fx.config import asr_config
 from asr_fx.errors import EquivalenceError
+from asr_fx.passes.concrete_values import state_kept
 
 #: max |a - b| <= RTOL * max |reference| (+ ATOL): fp32 reassociation in folds and traced graphs
 RTOL = 1e-4
@@ -74,18 +75,15 @@ def _error(ref: Any, got: Any) -> float | None:
 @contextlib.contextmanager
 def saved_state(*models: nn.Module) -> Iterator[None]:
     """Restore buffers (BN running stats), modes and the RNG state after the block."""
-    buffers = [(b, b.detach().clone()) for m in models for b in m.buffers()]
     modes = [(m, m.training) for model in models for m in model.modules()]
-    rng = torch.random.get_rng_state()
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for model in models:
+                stack.enter_context(state_kept(model))
+            yield
     finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
         for m, mode in modes:
             m.training = mode
-        torch.random.set_rng_state(rng)
 
 
 def _run(model: nn.Module, inputs: Sequence[Any], training: bool) -> Any:
@@ -199,9 +197,15 @@ def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tupl
     shape = config.input_shape if config is not None else None
     ref = next(iter(model.parameters()), None)
     if shape and ref is not None and ref.is_floating_point():
-        gen = torch.Generator().manual_seed(_SEED)
-        return (torch.randn(shape, generator=gen).to(ref.device, ref.dtype),)
+        return (random_probe(shape, ref),)
     return None  # no derived probe: fuse specializes to the shapes it was given, a guessed rank could differ
+
+
+def random_probe(shape: Sequence[int], like: torch.Tensor | None = None) -> torch.Tensor:
+    """A seeded standard-normal input of ``shape`` (on ``like``'s device and dtype when given). Never
+    zeros: a forward may check its input's values (an all-zero image refused, a mask from ``x != 0``)."""
+    x = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_SEED))
+    return x.to(like.device, like.dtype) if like is not None else x
 
 
 def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None) -> None:

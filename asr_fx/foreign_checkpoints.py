@@ -19,6 +19,7 @@ from torch import nn
 
 from asr_fx.api import get_config, instrument
 from asr_fx.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, resolve_attention
+from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, InputShapeError
 from asr_fx.attention import widths_from_state_dict
 from asr_fx.factory import build
@@ -55,8 +56,8 @@ def _shape_hint(*sources: Any) -> list[int] | None:
 
 
 def _runs_on(model: nn.Module, shape: list[int]) -> torch.Tensor:
-    """A zero input of ``shape`` after checking that ``model`` runs on it (one clear error if not)."""
-    x = torch.zeros(shape)
+    """A random input of ``shape`` after checking that ``model`` runs on it (one clear error if not)."""
+    x = random_probe(shape)
     try:
         with torch.no_grad():
             model.eval()(x)

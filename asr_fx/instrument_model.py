@@ -85,7 +85,8 @@ def find_sites(
     ``rule="existing"`` and ``node`` = their multiply: ``instrument(..., convert_existing=True)``
     turns those into ASR form.
     """
-    gm = trace(copy.deepcopy(model), leaf_modules)
+    example_inputs = as_input_tuple(example_inputs)
+    gm = trace(copy.deepcopy(model), leaf_modules, example_inputs=example_inputs)
     if example_inputs is not None:
         record_shapes(gm, example_inputs)
     chosen = select_sites(gm, rule, sites, exclude)
@@ -122,7 +123,8 @@ class PooledMeans:
 
 def trace_model(module: nn.Module, context: PassContext) -> PassResult:
     """Trace the (copied) model with asr-fx's leaf rules (:func:`asr_fx.passes.trace`)."""
-    return PassResult(trace(module, context.options["leaf_modules"]), True)
+    return PassResult(trace(module, context.options["leaf_modules"], example_inputs=context.options["example_inputs"]),
+                      True)
 
 
 def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -299,7 +301,8 @@ def instrument(
         norm_fused=norm_fused,
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
-        input_shape=list(example_inputs[0].shape) if example_inputs else None,
+        input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
+        else None,
     )
     set_config(gm, config)
     place_like(gm, model)

@@ -83,20 +83,22 @@ def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionRepo
 def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, value: torch.Tensor,
                        report: FusionReport | None) -> str | None:
     """Why the fused tensor ``key``, absent from the vanilla state_dict, cannot be dropped; ``None``
-    when the vanilla model holds the same value outside its state_dict (a non-persistent buffer)."""
+    when the vanilla model holds the same value outside its state_dict (a non-persistent buffer), or
+    when no fold went into its owner: a constant the trace or constant folding made (torch.fx's
+    ``_tensor_constantN``, anchors computed from shapes), which the vanilla forward computes itself;
+    the output check then holds the vanilla model to computing the same without it."""
     if key.split(".")[-1].startswith(FOLDED_PREFIX):
         return _folded_constant_problem(fused, key, report)
     owner, name = _owner_and_name(key)
-    module = vanilla.get_submodule(owner)
+    module, sites = vanilla.get_submodule(owner), _records_into(report, owner)
     held = getattr(module, name, None)
-    if isinstance(held, torch.Tensor):
-        if held.shape == value.shape and torch.equal(held.detach().cpu(), value.detach().cpu()):
-            return None  # a non-persistent buffer / tensor attribute that fusion left as it was
-        return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
-    sites = _records_into(report, owner)
-    return (f"`{owner}` ({type(module).__name__}) gained a `{name}` in fusion"
-            f"{' from site(s) ' + str(sites) if sites else ''}, which the vanilla class does not have "
-            "(an affine=False norm given an affine, a bias=False conv given a bias by fold_bn=True)")
+    if name in module._parameters or (sites and not isinstance(held, torch.Tensor)):
+        return (f"`{owner}` ({type(module).__name__}) gained a `{name}` in fusion"
+                f"{' from site(s) ' + str(sites) if sites else ''}, which the vanilla class does not have "
+                "(an affine=False norm given an affine, a bias=False conv given a bias by fold_bn=True)")
+    if not sites or (held.shape == value.shape and torch.equal(held.detach().cpu(), value.detach().cpu())):
+        return None  # a derived constant, or a non-persistent buffer that fusion left as it was
+    return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
 
 
 def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
@@ -109,15 +111,16 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     return True if all(getattr(u.target, "__name__", u.target) in muls for u in users) else None
 
 
-def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str],
-                        leaf_modules: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
+                        example_inputs: tuple[Any, ...] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion
     folded into its layer; for a tensor the eval forward never reads (``num_batches_tracked`` of a
     traced-through BN, an unused parameter) the source model's value, else the vanilla model's own;
-    problems for the rest."""
+    problems for the rest. The vanilla model is traced shape-aware on ``example_inputs`` when given."""
     source_state, own = source.state_dict(), vanilla.state_dict()
     try:
-        graph = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False).graph
+        graph = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False,
+                      example_inputs=example_inputs).graph
     except Exception as exc:  # noqa: BLE001 - named in the refusal
         return {}, [f"vanilla keys {missing[:_SHOWN]} are not in the fused model, and the vanilla model does not "
                     f"trace to tell why ({type(exc).__name__})"]
@@ -140,7 +143,8 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
 
 
 def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
-                       leaf_modules: Any = None) -> dict[str, torch.Tensor]:
+                       leaf_modules: Any = None,
+                       example_inputs: tuple[Any, ...] | None = None) -> dict[str, torch.Tensor]:
     """The state_dict, with the vanilla model's keys, that makes ``vanilla`` compute ``fused``.
 
     ``source`` is the model :func:`asr_fx.fuse` was given (for tensors the fused graph no longer
@@ -172,7 +176,8 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
                                 f"differ (fused vs vanilla) at {', '.join(shapes[:_SHOWN])}{_more(shapes)}; build "
                                 "the vanilla model with the same factory and arguments")
     missing = [k for k in target if k not in fused_state]
-    extra_values, problems = _missing_key_values(vanilla, source, missing, leaf_modules) if missing else ({}, [])
+    extra_values, problems = (_missing_key_values(vanilla, source, missing, leaf_modules, example_inputs)
+                              if missing else ({}, []))
     if problems:
         raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
                                 + "; ".join(problems[:_SHOWN]) + _more(problems))
@@ -288,13 +293,14 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     return state
 
 
-def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
-                     leaf_modules: Any = None) -> dict[str, torch.Tensor]:
+def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *, leaf_modules: Any = None,
+                     example_inputs: tuple[Any, ...] | None = None) -> dict[str, torch.Tensor]:
     """:func:`parts_state_dict` for a model instrumented part by part (a part may be so itself: a part
-    whose own forward does not trace whole), else :func:`vanilla_state_dict`."""
+    whose own forward does not trace whole), else :func:`vanilla_state_dict` (``example_inputs``: the
+    whole model's input, for tracing the vanilla model shape-aware)."""
     if is_partial(source):
         return parts_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
-    return vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+    return vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=example_inputs)
 
 
 def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
@@ -311,7 +317,9 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     if any(m is vanilla for m in source.modules()) or any(m is vanilla for m in fused.modules()):
         raise VanillaModelError("into= must be a freshly built vanilla model, not the model given to fuse or a "
                                 "part of it: build one with the same factory, e.g. into=torchvision.models.resnet50()")
-    state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+    known = equivalence.probe_inputs(source, example_inputs)
+    state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules,
+                             example_inputs=tuple(known) if known is not None else None)
     inputs = probe_inputs(fused, source, example_inputs)
     backup = {k: v.detach().clone() for k, v in vanilla.state_dict().items()}
     modes = {m: m.training for m in vanilla.modules()}

@@ -204,7 +204,10 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         ref = next(iter(part.parameters()))
         probe = tuple(torch.randn(s, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
                       for s in shapes) if shapes else None
-        fused = fuse(part, **{**options, "example_inputs": probe})
+        whole_check = options.get("check", True) and example_inputs is not None
+        # with example_inputs the whole model is checked below: a per-part check would run each part again
+        # (a detector's backbone at its transform's 800 px, once more per part)
+        fused = fuse(part, **{**options, "example_inputs": probe, "check": options.get("check", True) and not whole_check})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
         reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))

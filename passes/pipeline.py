@@ -23,7 +23,7 @@ from .hoist_attention_values import unhoist_attention_values
 from .infra import PassContext, PassResult, Pipeline, graph_modules
 from .propagate import propagate_scales
 from .records import FoldRecord
-from .shapes import record_example_shapes
+from .shapes import as_input_tuple, record_example_shapes
 from .trace import trace
 
 
@@ -40,7 +40,9 @@ def leave_bn_affine_form(module: nn.Module, context: PassContext) -> PassResult:
 
 def trace_for_inference(module: nn.Module, context: PassContext) -> PassResult:
     """Trace with ASR blocks inlined and training flags as they are (the fused graph is for inference)."""
-    return PassResult(trace(module, context.options.get("leaf_modules"), bind_training=False), True)
+    inputs = as_input_tuple(context.options.get("example_inputs"))  # shape-aware tracing (a model not instrumented)
+    return PassResult(trace(module, context.options.get("leaf_modules"), bind_training=False, example_inputs=inputs),
+                      True)
 
 
 def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult:

@@ -11,9 +11,10 @@ call).
 from __future__ import annotations
 
 import inspect
+import operator
 import os
-from collections import OrderedDict
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,6 +24,8 @@ from torch import nn
 
 from asr_fx.errors import TraceError
 
+from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
+                              tensor_like)
 from .inplace_proxy import InplaceProxy
 from .plain_layers import plain_layers
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -55,8 +58,11 @@ class ASRTracer(fx.Tracer):
     even though the default tracer would keep them as leaves.
     """
 
-    def __init__(self, leaf_modules: LeafSpec = None, inline: tuple[type, ...] = ()) -> None:
-        super().__init__()
+    def __init__(self, leaf_modules: LeafSpec = None, inline: tuple[type, ...] = (),
+                 example_inputs: tuple[Any, ...] | None = None) -> None:
+        super().__init__(autowrap_functions=(sequence_length,))  # a retraced length guard stays a call
+        self._example_inputs = example_inputs
+        self.concrete: ConcreteValues | None = None
         self._leaf_predicate: Callable[[nn.Module, str], bool] | None = None
         self._leaf_names: set[str] = set()
         self._leaf_types: tuple[type, ...] = ()
@@ -88,6 +94,8 @@ class ASRTracer(fx.Tracer):
         torch.fx's default scans every parameter of the model on each access, which makes tracing
         quadratic in depth for models that read parameters in ``forward`` (as ASR's ``psi`` is).
         """
+        if self.concrete is not None and self.concrete.running:
+            return attr_val
         if isinstance(attr_val, nn.Parameter):
             names = self._parameter_names()
             name = names.get(id(attr_val))
@@ -139,9 +147,75 @@ class ASRTracer(fx.Tracer):
         return super().create_arg(a)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
+        if self.concrete is not None:  # shape-aware: carries its value on example_inputs
+            return ConcreteProxy(node, self)
         return InplaceProxy(node, self)  # records `a += b` / `a *= b` as in-place ops
 
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        """With ``example_inputs``: every operation also runs on the example's values
+        (:mod:`asr_fx.passes.concrete_values`); buffers and the RNG state are restored afterwards."""
+        if self._example_inputs is None or not isinstance(root, nn.Module):
+            return super().trace(root, concrete_args)
+        self.concrete = ConcreteValues(root, self._example_inputs)
+        try:
+            with state_kept(root):
+                graph = super().trace(root, concrete_args)
+                constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
+                             if n.op == "get_attr" and n.target in vars(root)}
+        finally:
+            self.concrete = None
+        for name, value in constants.items():  # state_kept removed them with the forward's own attributes
+            setattr(root, name, value)
+        return graph
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: str | None = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.concrete is not None:
+            self.concrete.record(proxy.node, kind, target, args, kwargs)
+        return proxy
+
+    def _known(self, obj: Any, what: str) -> Any:
+        if self.concrete is None:
+            raise refuse(what)
+        if self.concrete.from_data(obj):
+            value = self.concrete.value(obj)
+            if not (what == "iteration" and tensor_like(value) and not self.concrete.shape_from_data(obj)):
+                raise refuse(what)
+        return self.concrete.value(obj)
+
+    def _guard(self, condition: Any, node_value: tuple[Any, Any]) -> None:
+        node = node_value[0].node
+        self.create_proxy("call_function", torch._assert, (condition, guard_message(node, node_value[1])), {})
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A data-independent condition takes its value on example_inputs, guarded in the graph."""
+        known = self._known(obj, "a condition")
+        condition = self.create_proxy("call_function", operator.eq, (obj, known), {})  # a proxy when retraced
+        self._guard(condition, (obj, known))
+        value = bool(known)
+        return value
+
+    def concrete_value(self, obj: Any, convert: Callable[[Any], Any]) -> Any:
+        """``int(p)``, ``float(p)`` of a data-independent value, guarded in the graph."""
+        value = convert(self._known(obj, f"{convert.__name__}()"))
+        self._guard(self.create_proxy("call_function", operator.eq, (obj, value), {}), (obj, value))
+        return value
+
+    def concrete_length(self, obj: Any) -> int:
+        value = self._known(obj, "iteration")
+        n = len(value)
+        size = self.create_proxy("call_function", sequence_length, (obj,), {})
+        self._guard(self.create_proxy("call_function", operator.eq, (size, n), {}), (obj, n))
+        return n
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        """Iterating a sequence or tensor of data-independent length: its items, the length guarded."""
+        return iter([obj[i] for i in range(self.concrete_length(obj))])
+
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self.concrete is not None and self.concrete.running:
+            return forward(*args, **kwargs)  # computing a value on example_inputs, not tracing
         self.module_stack_names.append(self.path_of_module(m))
         result = super().call_module(m, forward, args, kwargs)
         self.module_stack_names.pop()
@@ -190,8 +264,9 @@ def default_flags(model: nn.Module) -> dict[str, Any]:
 
 
 def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ...],
-                concrete_args: dict[str, Any] | None) -> fx.GraphModule:
-    tracer = ASRTracer(leaf_modules, inline)
+                concrete_args: dict[str, Any] | None,
+                example_inputs: tuple[Any, ...] | None = None) -> fx.GraphModule:
+    tracer = ASRTracer(leaf_modules, inline, example_inputs)
     flags = default_flags(model) if concrete_args is None else {}
     try:
         graph = tracer.trace(model, concrete_args=concrete_args if concrete_args is not None else flags or None)
@@ -236,6 +311,7 @@ def trace(
     inline: tuple[type, ...] = (),
     concrete_args: dict[str, Any] | None = None,
     bind_training: bool = True,
+    example_inputs: tuple[Any, ...] | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` into a ``GraphModule`` whose submodules keep their names.
 
@@ -249,18 +325,22 @@ def trace(
     ``False``: one trace in the model's current mode, flags kept as tracing saw them (for
     inference-only graphs).
 
+    ``example_inputs``: shape-aware tracing (:mod:`asr_fx.passes.concrete_values`): Python that needs a
+    value of a size, dtype or length (shape checks, ``(*shape, -1)``, ``int(math.sqrt(n))``) gets its value on
+    these inputs, guarded in the graph by a ``torch._assert``.
+
     Raises :class:`asr_fx.errors.TraceError` naming the module and the Python line where tracing
     failed (the library's own line, not torch's).
     """
     if not bind_training:
-        gm = _trace_once(model, leaf_modules, inline, concrete_args)
+        gm = _trace_once(model, leaf_modules, inline, concrete_args, example_inputs)
     else:
         mode_leaves: set[str] = set()
         while True:
             spec = _combine_leaves(leaf_modules, mode_leaves)
-            gm_eval = _trace_in_mode(model, False, spec, inline, concrete_args)
+            gm_eval = _trace_in_mode(model, False, spec, inline, concrete_args, example_inputs)
             try:
-                gm = _trace_in_mode(model, True, spec, inline, concrete_args)
+                gm = _trace_in_mode(model, True, spec, inline, concrete_args, example_inputs)
             except TraceError as exc:  # traces in eval only: the failing module's train branch stays its own call
                 where = exc.module or ""
                 if not where or where in mode_leaves or len(mode_leaves) >= _MAX_MODE_LEAVES:

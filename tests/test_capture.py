@@ -177,13 +177,38 @@ class ShapeChecked(nn.Module):
         return self.body(x)
 
 
-def test_shape_check_in_forward_instruments_the_parts_in_place():
+class ValueChecked(ShapeChecked):
+    """A check on tensor *values*: no example input decides it for every input."""
+
+    def forward(self, x):
+        if x.abs().sum() == 0:
+            raise ValueError("empty image")
+        return self.body(x)
+
+
+def test_shape_check_in_forward_is_traced_with_example_inputs_and_guarded():
     model = ShapeChecked().eval()
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(TraceError, match=r"test_capture\.py:\d+ \(`if x.shape\[1\] != 3:`\).*example_inputs"):
         asr_fx.instrument(model)  # names the user's line, and the way out
     inst = asr_fx.instrument(model, example_inputs=(x,))
-    assert isinstance(inst, ShapeChecked)  # the model's own Python stays; its parts are captured
+    assert isinstance(inst, torch.fx.GraphModule) and not asr_fx.get_config(inst).get("parts")  # whole forward
+    assert any(n.target is torch._assert for n in inst.graph.nodes)  # the check is kept as a guard
+    _randomize(inst)
+    inst.eval()
+    fused = asr_fx.fuse(inst, strict=True, example_inputs=(x,))
+    x1 = torch.randn(1, 3, 8, 8)  # another batch size: the batch dimension was only passed through
+    with torch.no_grad():
+        assert torch.allclose(fused(x1), inst(x1), atol=1e-5)
+        with pytest.raises(AssertionError, match="asr-fx captured this model for inputs where"):
+            inst(torch.randn(1, 4, 8, 8))  # the other path of the check: refused, never computed
+
+
+def test_value_check_in_forward_instruments_the_parts_in_place():
+    model = ValueChecked().eval()
+    x = torch.randn(2, 3, 8, 8)
+    inst = asr_fx.instrument(model, example_inputs=(x,))
+    assert isinstance(inst, ValueChecked)  # the model's own Python stays; its parts are captured
     parts = asr_fx.get_config(inst)["parts"]
     assert parts and all(isinstance(inst.get_submodule(p), torch.fx.GraphModule) for p in parts)
     assert set(model.state_dict()) <= set(inst.state_dict())
@@ -192,7 +217,7 @@ def test_shape_check_in_forward_instruments_the_parts_in_place():
     fused = asr_fx.fuse(inst, strict=True, example_inputs=(x,))
     with torch.no_grad():
         assert torch.allclose(fused(x), inst(x), atol=1e-5)
-    reloaded = ShapeChecked()
+    reloaded = ValueChecked()
     reloaded = asr_fx.instrument(reloaded, example_inputs=(x,))
     reloaded.load_state_dict(inst.state_dict())  # stable keys: a state_dict round trip
 
@@ -208,8 +233,35 @@ class ListInput(nn.Module):
         return {"logits": self.head(torch.cat(feats))}
 
 
+class FilteredListInput(ListInput):
+    def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        feats = [self.stem(im[None]).mean((2, 3)) for im in images if im.abs().sum() > 0]  # on values
+        return {"logits": self.head(torch.cat(feats))}
+
+
+class StackedListInput(ListInput):
+    def forward(self, images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        batch = torch.stack([im[:, :4, :4] for im in images])  # iterates the list: its length is guarded
+        return {"logits": self.head(self.stem(batch).mean((2, 3)))}
+
+
+def test_list_input_of_example_length_is_traced_whole_and_its_length_guarded():
+    model = StackedListInput().eval()
+    images = [torch.randn(3, 8, 8), torch.randn(3, 6, 6)]
+    inst = asr_fx.instrument(model, example_inputs=(images,))
+    assert isinstance(inst, torch.fx.GraphModule) and list(inst.asr.keys()) == ["stem_1"]
+    _randomize(inst)
+    inst.eval()
+    fused = asr_fx.fuse(inst, strict=True, example_inputs=(images,))
+    other = [torch.randn(3, 5, 5), torch.randn(3, 7, 7)]  # other sizes, same length
+    with torch.no_grad():
+        assert torch.allclose(fused(other)["logits"], inst(other)["logits"], atol=1e-5)
+        with pytest.raises(AssertionError, match="asr-fx captured this model"):
+            inst(images + images)  # another length: refused
+
+
 def test_list_input_and_dict_output():
-    model = ListInput().eval()
+    model = FilteredListInput().eval()
     images = [torch.randn(3, 8, 8), torch.randn(3, 6, 6)]
     inst = asr_fx.instrument(model, example_inputs=(images,))
     assert asr_fx.get_config(inst)["parts"] == ["stem"]

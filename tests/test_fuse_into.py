@@ -271,8 +271,7 @@ def test_hf_convnext_into_then_save_and_from_pretrained(tmp_path):
     cls, config = _convnext()
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
-    asr = asr_fx.instrument(cls(config), example_inputs=(x,))  # directly: captured part by part
-    assert isinstance(asr, cls) and asr_fx.get_config(asr)["parts"]
+    asr = asr_fx.instrument(cls(config), example_inputs=(x,))  # directly, no wrapper
     perturb_asr(asr)
     _train_step(asr, x)
     asr.eval()
@@ -302,14 +301,15 @@ def _yolo_features(out) -> torch.Tensor:
 
 
 def _yolo_into():
-    """YOLOv8n from the package's yaml instrumented directly (captured part by part), and a fresh
+    """YOLOv8n from the package's yaml instrumented directly (captured whole, shape-aware), and a fresh
     ``YOLO`` from the yaml whose DetectionModel ``into=`` fills (checked here)."""
     ultralytics = pytest.importorskip("ultralytics")
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     model = asr_fx.instrument(ultralytics.YOLO("yolov8n.yaml").model, example_inputs=(x,))
     config = asr_fx.get_config(model)
-    assert config["parts"] and type(model).__name__ == "DetectionModel"
+    folded = {s["fold_target"] for s in config["sites"]}
+    assert folded and type(model).__name__ == "DetectionModel"
     perturb_asr(model)
     model.eval()
     with torch.no_grad():
@@ -318,11 +318,11 @@ def _yolo_into():
     yolo = ultralytics.YOLO("yolov8n.yaml")
     vanilla = yolo.model
     assert asr_fx.fuse(model, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
-    # the sites' scales went into their layers: what differs from the instrumented model's tensors lies
-    # inside the instrumented parts, and everything outside them is the instrumented model's own
+    # the sites' scales went into their layers: what differs from the instrumented model's tensors is
+    # the affine of a layer a site folded into, everything else is the instrumented model's own
     ours, theirs = vanilla.state_dict(), model.state_dict()
     changed = [k for k in ours if not torch.equal(ours[k], theirs[k])]
-    assert changed and all(any(k.startswith(p + ".") for p in config["parts"]) for k in changed)
+    assert changed and all(k.rsplit(".", 1)[0] in folded for k in changed)
     with torch.no_grad():
         out = vanilla.eval()(x)
     assert rel_err(ref_maps, _yolo_features(out)) <= FUSE_RTOL and rel_err(ref, out[0]) <= FUSE_RTOL
@@ -474,7 +474,7 @@ def test_cli_state_dict_out_path_checked_before_any_work(tmp_path, capsys):
 
 
 def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path):
-    """A factory model whose top-level forward does not trace (a shape check): captured part by part,
+    """A factory model whose top-level forward does not trace (a check on input values): captured part by part,
     saved, and ``--state-dict-out`` writes the state_dict its factory's model loads strictly."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,3 +53,51 @@ def test_traced_graph_reads_the_training_flag():
     gm.eval()
     with torch.no_grad():
         assert torch.equal(gm(x), gm(x))
+
+
+class _TokenMixer(nn.Module):
+    """Shape arithmetic a transformer does in Python: a dtype check, ``int(math.sqrt(n))``, ``(*shape, -1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            x = x.float()
+        side = int(math.sqrt(x.shape[1]))
+        grid = x.transpose(1, 2).reshape(*x.shape[:1], -1, side, side)
+        tokens = grid.flatten(2).transpose(1, 2)
+        return (tokens + self.proj(F.gelu(self.norm(tokens)))).reshape((*tokens.shape[:-1], -1))
+
+
+class _NonzeroCount(nn.Module):
+    def forward(self, x):
+        if x.nonzero().shape[0] > 3:  # the size of nonzero()'s result depends on the values
+            return x * 2
+        return x
+
+
+def test_shape_arithmetic_traces_with_example_inputs_and_keeps_the_batch_free():
+    model = _TokenMixer().eval()
+    x = torch.randn(2, 16, 8)
+    gm = trace(model, example_inputs=(x,))
+    for batch in (1, 3):  # the batch size was only passed on to reshape: still free
+        other = torch.randn(batch, 16, 8)
+        assert torch.allclose(gm(other), model(other), atol=1e-6)
+    with pytest.raises(AssertionError, match="asr-fx captured this model for inputs where"):
+        gm(torch.randn(2, 9, 8))  # sqrt(9) = 3, not 4: refused, never computed with the old grid
+    instrumented = asr_fx.instrument(model, example_inputs=(x,)).eval()
+    assert len(instrumented.asr) == 1
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=(x,))
+    other = torch.randn(3, 16, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(other), instrumented(other), atol=1e-5)
+
+
+def test_a_condition_on_tensor_values_is_still_refused():
+    from asr_fx.errors import TraceError
+
+    with pytest.raises(TraceError, match="depends on tensor values"):
+        trace(_NonzeroCount(), example_inputs=(torch.randn(2, 4),), bind_training=False)

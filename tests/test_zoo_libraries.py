@@ -24,7 +24,7 @@ from _zoo_run import run_entry  # noqa: E402
 HANDFUL = [
     ("timm", "efficientnet/tinynet_e", "timm"),  # BatchNormAct2d traced through, drop-path
     ("timm", "convnext/convnext_atto", "timm"),  # LayerNorm2d, layer scale
-    ("hf", "ResNet", "transformers"),  # return_dict flags, shape check, ModelOutput (partial capture)
+    ("hf", "ResNet", "transformers"),  # return_dict flags, shape check (shape-aware tracing), ModelOutput
     ("smp", "FPN", "segmentation_models_pytorch"),  # input-shape check: parts captured in place
     ("yolo", "yolov8n.yaml", "ultralytics"),  # the head loop: layers and head convs captured in place
 ]
@@ -59,3 +59,45 @@ def _all_entries():
 def test_zoo_full(zoo, name):
     row = run_entry(name, _zoos.ZOOS[zoo]()[name])
     assert row.ok or row.status.startswith("skipped"), row.status
+
+
+def _perturb_asr(model):
+    """Every ASR parameter moved off its start, so the blocks compute something the fold must keep."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".asr." in f".{name}":
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+
+
+def test_torchvision_detector_fused_boxes_scores_and_labels_match_the_instrumented_ones():
+    """Faster R-CNN as torchvision builds it (eval, score threshold 0 so random weights detect something):
+    sites in the backbone, and the fused detector returns the instrumented one's boxes, scores and labels."""
+    import torch
+    import torchvision
+
+    import asr_fx
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                         weights_backbone=None, num_classes=3, box_score_thresh=0.0,
+                                         box_detections_per_img=5).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 96, 96, generator=gen), torch.rand(3, 80, 96, generator=gen)]
+    inst = asr_fx.instrument(model, example_inputs=(images,))
+    sites = asr_fx.get_config(inst)["sites"]
+    assert sum(s["node"].startswith("backbone/") for s in sites) >= 10
+    _perturb_asr(inst)
+    inst.eval()
+    fused = asr_fx.fuse(inst, strict=True, example_inputs=(images,))
+    assert not any(".asr." in f".{n}" for n, _ in fused.named_parameters())
+    with torch.no_grad():
+        vanilla, got, want = model(images), fused(images), inst(images)
+    assert any(not torch.equal(v["boxes"], w["boxes"]) for v, w in zip(vanilla, want))  # the blocks act
+    for g, w in zip(got, want):
+        assert len(w["boxes"]) == 5
+        assert torch.equal(g["labels"], w["labels"])
+        torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g["scores"], w["scores"], rtol=1e-4, atol=1e-5)
