@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.errors import TraceError
+from asr_fx.errors import InvalidOptionError, TraceError
 
 from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
                               tensor_like)
@@ -75,7 +75,8 @@ class ASRTracer(fx.Tracer):
                 elif isinstance(item, type):
                     self._leaf_types += (item,)
                 else:
-                    raise TypeError(f"leaf_modules takes module names or classes, got {item!r}")
+                    raise InvalidOptionError(f"leaf_modules takes module paths (str) or module classes, got {item!r} "
+                                             f"({type(item).__name__}); e.g. leaf_modules=['head', MyBlock]")
         self._inline = inline
         self.module_stack_names: list[str] = []
 

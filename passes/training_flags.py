@@ -29,6 +29,8 @@ from torch.fx.node import map_aggregate
 
 from asr_fx.errors import TraceError
 
+from .graph_queries import fetch_attr
+
 
 class ModeDifference(Exception):
     """The train and eval graphs differ at ``train_node`` / ``eval_node`` beyond a boolean argument."""
@@ -40,10 +42,11 @@ class ModeDifference(Exception):
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
+    """What a ``get_attr`` node reads, or ``None`` where ``gm`` has no such attribute."""
+    try:
+        return fetch_attr(gm, target)
+    except AttributeError:
+        return None
 
 
 def _same_target(a: fx.Node, b: fx.Node, gm_a: fx.GraphModule, gm_b: fx.GraphModule) -> bool:

@@ -101,3 +101,10 @@ def test_a_condition_on_tensor_values_is_still_refused():
 
     with pytest.raises(TraceError, match="depends on tensor values"):
         trace(_NonzeroCount(), example_inputs=(torch.randn(2, 4),), bind_training=False)
+
+
+def test_a_bad_leaf_modules_item_names_it_and_the_accepted_forms():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(asr_fx.InvalidOptionError, match=r"leaf_modules takes module paths \(str\) or module classes, "
+                                                        r"got 3 \(int\)"):
+        asr_fx.instrument(model, leaf_modules=[3])
