@@ -32,7 +32,7 @@ PREFIX = "asr-fx-"
 STALE_SECONDS = 3600
 
 _live: set[str] = set()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: the signal handler may run while the main thread holds it
 _previous_handlers: dict[int, object] = {}
 
 
@@ -115,19 +115,34 @@ def temp_folder(parent: str | os.PathLike | None = None, name: str = "tmp") -> I
 
     ``parent`` None: in the system temp folder, named ``asr-fx-<pid>-<name>-XXXX``; otherwise hidden
     inside ``parent`` (``.asr-fx-<pid>-<name>-XXXX``), on the same file system as the outputs there."""
-    if parent is None:
-        folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-{name}-")
-    else:
-        folder = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-{name}-", dir=parent)
-    with _lock:
-        _live.add(folder)
-    _install_handlers()
+    _install_handlers()  # before the folder exists: a signal from here on finds it registered or not created
+    with _signals_deferred():
+        if parent is None:
+            folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-{name}-")
+        else:
+            folder = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-{name}-", dir=parent)
+        with _lock:
+            _live.add(folder)
     try:
         yield Path(folder)
     finally:
+        shutil.rmtree(folder, ignore_errors=True)  # then forget it: a signal in between removes it again
         with _lock:
             _live.discard(folder)
-        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGTERM/SIGINT held back (delivered when the block ends) in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _fsync(path: str | os.PathLike) -> None:
