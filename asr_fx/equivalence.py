@@ -86,7 +86,7 @@ def saved_state(*models: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def _run(model: nn.Module, inputs: Sequence[Any], training: bool) -> Any:
+def run_on_copies(model: nn.Module, inputs: Sequence[Any], training: bool) -> Any:
     """``model(*inputs)`` on fresh copies of the inputs: a forward that writes into its input (an in-place
     op on it) neither changes the caller's tensors nor what the next model is given."""
     model.train(training)
@@ -116,8 +116,8 @@ def _first_divergence(reference: nn.Module, checked: nn.Module, inputs: Sequence
                 if n in names and not isinstance(m, ASR)]
     try:
         with saved_state(reference, checked):
-            _run(reference, inputs, training)
-            _run(checked, inputs, training)
+            run_on_copies(reference, inputs, training)
+            run_on_copies(checked, inputs, training)
     except Exception:  # noqa: BLE001 - localisation is best effort; the mismatch itself is already known
         return ""
     finally:
@@ -154,11 +154,11 @@ def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], tr
         return  # nothing to compute with: a model on the meta device has no values yet
     with saved_state(reference, checked):
         try:
-            expected = _run(reference, inputs, training)
+            expected = run_on_copies(reference, inputs, training)
         except Exception:  # noqa: BLE001 - the probe does not suit the reference in this mode: nothing to check
             return
         try:
-            got = _run(checked, inputs, training)
+            got = run_on_copies(checked, inputs, training)
         except Exception as exc:  # noqa: BLE001 - re-raised as the check's error
             raise EquivalenceError(f"{what} fails on a probe input the model runs on ({'train' if training else 'eval'}"
                                    f" mode): {type(exc).__name__}: {exc}") from exc

@@ -226,9 +226,12 @@ def flat_outputs(value: Any, path: str = "output") -> list[tuple[str, torch.Tens
 def check_same_outputs(reference: nn.Module, model: nn.Module, inputs: tuple[torch.Tensor, ...],
                        rtol: float = RTOL) -> None:
     """Raise :class:`VanillaModelError` naming the worst output unless ``model(*inputs)`` matches
-    ``reference(*inputs)``: same outputs, max abs error <= ``rtol * max|reference|`` each."""
-    with torch.no_grad():
-        want, got = flat_outputs(reference(*inputs)), flat_outputs(model(*inputs))
+    ``reference(*inputs)`` in eval mode: same outputs, integer outputs (labels) equal, float outputs
+    with max abs error <= ``rtol * max|reference|`` each. Both run as the equivalence checks run them
+    (:func:`asr_fx.equivalence.run_on_copies`: copied inputs, one seed, state restored)."""
+    with equivalence.saved_state(reference, model):
+        want = flat_outputs(equivalence.run_on_copies(reference, inputs, False))
+        got = flat_outputs(equivalence.run_on_copies(model, inputs, False))
     if [(p, tuple(t.shape)) for p, t in want] != [(p, tuple(t.shape)) for p, t in got]:
         raise VanillaModelError(f"{type(model).__name__} returns other outputs than the fused model: "
                                 f"{[(p, tuple(t.shape)) for p, t in got][:_SHOWN]} vs "
