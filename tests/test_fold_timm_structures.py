@@ -1,0 +1,95 @@
+"""Structures of timm models that used to fail in ``fuse(strict=True)``, each as a small hand-written model.
+
+- a layer shared by several blocks (CoaT's conv position encoding, its parallel blocks' shared MLP):
+  a scale after one call cannot fold into it, so ``auto`` places no site there;
+- the model's own scales computed from its parameters (EfficientViM's ``sigmoid(alpha)`` branch gates,
+  MetaFormer's res-scale, Swin V2's ``logit_scale.exp()``, RDNet's layer scale on a concatenated
+  feature): they are not ASR sites, so ``strict`` does not count them; they stay a reported ``mul``.
+
+Each model: ``instrument`` (rule ``auto``), one SGD step with the ASR blocks moved off their start, eval,
+``fuse(strict=True)`` equal to the instrumented model within DESIGN.md's tolerance, and the parameter
+count of ``fuse(vanilla)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import asr_fx
+from conftest import FUSE_RTOL, n_params, perturb_asr, rel_err, train_step
+
+
+def _block(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                         nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+
+class SharedPositionEncoding(nn.Module):
+    """``x + pos(x)`` before every block with one depthwise ``pos`` conv for all of them (CoaT's ConvPosEnc)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.pos = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.blocks = nn.ModuleList([_block(c), _block(c)])
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + self.pos(x)
+            x = torch.relu(x + block(x))
+        return self.head(x.mean((2, 3)))
+
+
+class TiedBranchWeights(nn.Module):
+    """Two residual blocks whose last convs share one weight (tied weights, not one module), and a third."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.a = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 1))
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 1))
+        self.b[2].weight = self.a[2].weight
+        self.c = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.a(x)
+        x = x + self.b(x)
+        return x + self.c(x)
+
+
+def _instrument_train_fuse(vanilla: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
+    model = asr_fx.instrument(vanilla, example_inputs=(x,))
+    perturb_asr(model)
+    train_step(model, x)
+    model.eval()
+    return model, asr_fx.fuse(model, strict=True, example_inputs=(x,))
+
+
+@pytest.mark.parametrize("factory, shared", [(SharedPositionEncoding, "pos"), (TiedBranchWeights, "b.2")])
+def test_auto_places_no_site_after_a_shared_layer(factory, shared):
+    torch.manual_seed(0)
+    vanilla, x = factory().eval(), torch.randn(2, 3, 12, 12)
+    every = asr_fx.find_sites(vanilla, rule="residual", example_inputs=(x,))
+    assert any(s.module == shared for s in every), "the residual rule lists the shared layer's sites"
+    auto = asr_fx.find_sites(vanilla, example_inputs=(x,))
+    assert auto and not any(s.module == shared for s in auto)
+    model, fused = _instrument_train_fuse(vanilla, x)
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
+    assert n_params(fused) == n_params(asr_fx.fuse(vanilla, example_inputs=(x,)))
+
+
+def test_a_site_after_a_shared_layer_still_refuses_strict():
+    """Named explicitly (``sites=``), a site after the shared conv is placed and ``strict`` refuses it."""
+    torch.manual_seed(0)
+    vanilla, x = SharedPositionEncoding().eval(), torch.randn(2, 3, 12, 12)
+    model = asr_fx.instrument(vanilla, sites=["pos"], example_inputs=(x,)).eval()
+    with pytest.raises(asr_fx.FusionError, match="called at 2 places"):
+        asr_fx.fuse(model, strict=True, example_inputs=(x,))
