@@ -64,6 +64,31 @@ class TiedBranchWeights(nn.Module):
         return x + self.c(x)
 
 
+class OwnComputedScales(nn.Module):
+    """The model's own scales computed from parameters, next to ordinary residual blocks:
+    ``x + sigmoid(alpha) * (dw(x) - x)`` (EfficientViM), a res-scale ``x * gamma.view(...)`` on the
+    shortcut (MetaFormer) and ``(q @ k^T) * logit_scale.exp()`` (Swin V2's cosine attention)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.dw = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.alpha = nn.Parameter(torch.linspace(-1, 1, c))
+        self.res_scale = nn.Parameter(torch.linspace(0.5, 1.5, c))
+        self.block = _block(c)
+        self.logit_scale = nn.Parameter(torch.tensor(0.3))
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + torch.sigmoid(self.alpha).view(-1, 1, 1) * (self.dw(x) - x)
+        x = x * self.res_scale.view(-1, 1, 1) + self.block(x)
+        t = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        q = nn.functional.normalize(t, dim=-1)
+        attn = ((q @ q.transpose(1, 2)) * self.logit_scale.exp()).softmax(-1)
+        return t + self.proj(attn @ t)
+
+
 def _instrument_train_fuse(vanilla: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
     model = asr_fx.instrument(vanilla, example_inputs=(x,))
     perturb_asr(model)
@@ -93,3 +118,31 @@ def test_a_site_after_a_shared_layer_still_refuses_strict():
     model = asr_fx.instrument(vanilla, sites=["pos"], example_inputs=(x,)).eval()
     with pytest.raises(asr_fx.FusionError, match="called at 2 places"):
         asr_fx.fuse(model, strict=True, example_inputs=(x,))
+
+
+def test_the_models_own_computed_scales_are_not_asr_sites():
+    torch.manual_seed(0)
+    vanilla, x = OwnComputedScales().eval(), torch.randn(2, 3, 8, 8)
+    model, fused = _instrument_train_fuse(vanilla, x)
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
+    report = asr_fx.fusion_report(fused)
+    own = [r for r in report.records if not r.folded]
+    assert len(own) == 3 and all(r.from_attention and not report.is_asr_site(r) for r in own)
+    assert not report.unfolded
+    sites = {s["node"] for s in asr_fx.asr_config(model).sites}
+    assert sites and all(r.folded for r in report.records if r.site.removeprefix("asr.") in sites)
+    assert n_params(fused) == n_params(asr_fx.fuse(vanilla, example_inputs=(x,)))
+
+
+def test_without_asr_blocks_every_computed_scale_counts():
+    """A model with no ASR block (ASR written by hand on a plain psi): a computed scale that stays a
+    ``mul`` is counted, as before."""
+    torch.manual_seed(0)
+    model, x = OwnComputedScales().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(asr_fx.FusionError, match="3 ASR site"):
+        asr_fx.fuse(model, strict=True, example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = asr_fx.fuse(model, example_inputs=(x,))
+    assert len(asr_fx.fusion_report(fused).unfolded) == 3
