@@ -89,6 +89,25 @@ class OwnComputedScales(nn.Module):
         return t + self.proj(attn @ t)
 
 
+class TokenMixerLayerScale(nn.Module):
+    """SwiftFormer's block end: ``x + layer_scale * final(tokens).permute(0, 2, 1).reshape(B, -1, H, W)``;
+    the layer scale moves back through the reshape and the permute into ``final``'s rows."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.block = _block(c)
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.final = nn.Linear(c, c)
+        self.layer_scale = nn.Parameter(torch.linspace(0.5, 1.5, c).reshape(c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.block(x))
+        b, _, h, w = x.shape
+        tokens = x.flatten(2).permute(0, 2, 1)
+        return x + self.layer_scale * self.final(tokens).permute(0, 2, 1).reshape(b, -1, h, w)
+
+
 def _instrument_train_fuse(vanilla: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
     model = asr_fx.instrument(vanilla, example_inputs=(x,))
     perturb_asr(model)
@@ -146,3 +165,17 @@ def test_without_asr_blocks_every_computed_scale_counts():
         warnings.simplefilter("ignore")
         fused = asr_fx.fuse(model, example_inputs=(x,))
     assert len(asr_fx.fusion_report(fused).unfolded) == 3
+
+
+def test_a_layer_scale_folds_back_through_reshape_and_permute_into_a_linear():
+    """SwiftFormer crashed here (``shape '[2, 1]' is invalid``): the backward map through a reshape had
+    its input and output shapes swapped (fixed with the scale-algebra refactor); the scale must fold into
+    ``final``, channel for channel."""
+    torch.manual_seed(0)
+    vanilla, x = TokenMixerLayerScale().eval(), torch.randn(2, 3, 6, 5)
+    model, fused = _instrument_train_fuse(vanilla, x)
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
+    into = [r.into for r in asr_fx.fusion_report(fused).records if r.folded]
+    assert "final" in into
+    assert n_params(fused) == n_params(vanilla) - 8 == n_params(asr_fx.fuse(vanilla, example_inputs=(x,)))
