@@ -108,6 +108,36 @@ class TokenMixerLayerScale(nn.Module):
         return x + self.layer_scale * self.final(tokens).permute(0, 2, 1).reshape(b, -1, h, w)
 
 
+class CachedAttentionBias(nn.Module):
+    """A block that caches a tensor in a dict on its first eval call and starts a new cache in
+    ``train()`` (EfficientFormer's ``attention_bias_cache``), then a residual block."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bias = nn.Parameter(torch.randn(c, 4))
+        self.index = nn.Parameter(torch.tensor([0, 1, 0]), requires_grad=False)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.block = _block(c)
+
+    def train(self, mode: bool = True) -> CachedAttentionBias:
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def biases(self) -> torch.Tensor:
+        if torch.jit.is_tracing() or self.training:
+            return self.bias[:, self.index]
+        if "b" not in self.cache:
+            self.cache["b"] = self.bias[:, self.index]
+        return self.cache["b"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.biases().sum(1).view(-1, 1, 1)
+        return x + self.block(x)
+
+
 def _instrument_train_fuse(vanilla: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
     model = asr_fx.instrument(vanilla, example_inputs=(x,))
     perturb_asr(model)
@@ -179,3 +209,17 @@ def test_a_layer_scale_folds_back_through_reshape_and_permute_into_a_linear():
     into = [r.into for r in asr_fx.fusion_report(fused).records if r.folded]
     assert "final" in into
     assert n_params(fused) == n_params(vanilla) - 8 == n_params(asr_fx.fuse(vanilla, example_inputs=(x,)))
+
+
+def test_a_forward_that_caches_tensors_in_a_dict_instruments():
+    """The model was run before (its cache holds a tensor): restoring the cache after tracing and the
+    checks compared the dicts, and so two tensors (``Boolean value of Tensor ... is ambiguous``)."""
+    torch.manual_seed(0)
+    vanilla, x = CachedAttentionBias().eval(), torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        vanilla(x)
+    cached = vanilla.cache["b"]
+    model, fused = _instrument_train_fuse(vanilla, x)
+    assert list(vanilla.cache) == ["b"] and vanilla.cache["b"] is cached
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
