@@ -184,6 +184,31 @@ def test_the_models_own_computed_scales_are_not_asr_sites():
     assert n_params(fused) == n_params(asr_fx.fuse(vanilla, example_inputs=(x,)))
 
 
+class ValueCheckedOwnScales(nn.Module):
+    """:class:`OwnComputedScales` behind a check on input values: instrumented part by part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = OwnComputedScales()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().sum() == 0:
+            raise ValueError("empty image")
+        return self.body(x)
+
+
+def test_the_models_own_computed_scales_in_a_captured_part_are_not_asr_sites():
+    """Fused part by part: the joined report knows the parts' ASR blocks too."""
+    torch.manual_seed(0)
+    vanilla, x = ValueCheckedOwnScales().eval(), torch.randn(2, 3, 8, 8)
+    model, fused = _instrument_train_fuse(vanilla, x)
+    assert asr_fx.get_config(model)["parts"] == ["body"]
+    with torch.no_grad():
+        assert rel_err(model(x), fused(x)) <= FUSE_RTOL
+    report = asr_fx.fusion_report(fused)
+    assert report.blocks and len([r for r in report.records if not r.folded]) == 3 and not report.unfolded
+
+
 def test_without_asr_blocks_every_computed_scale_counts():
     """A model with no ASR block (ASR written by hand on a plain psi): a computed scale that stays a
     ``mul`` is counted, as before."""
