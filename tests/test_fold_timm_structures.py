@@ -4,7 +4,11 @@
   a scale after one call cannot fold into it, so ``auto`` places no site there;
 - the model's own scales computed from its parameters (EfficientViM's ``sigmoid(alpha)`` branch gates,
   MetaFormer's res-scale, Swin V2's ``logit_scale.exp()``, RDNet's layer scale on a concatenated
-  feature): they are not ASR sites, so ``strict`` does not count them; they stay a reported ``mul``.
+  feature): they are not ASR sites, so ``strict`` does not count them; they stay a reported ``mul``;
+- SwiftFormer's layer scale after ``reshape(B, -1, H, W)`` of a permuted linear output: it folds back
+  into the linear (the fuse used to crash there);
+- EfficientFormer's tensor cache in a dict, started anew by ``train()``: restoring it after tracing
+  compared tensors and raised in ``instrument``.
 
 Each model: ``instrument`` (rule ``auto``), one SGD step with the ASR blocks moved off their start, eval,
 ``fuse(strict=True)`` equal to the instrumented model within DESIGN.md's tolerance, and the parameter
