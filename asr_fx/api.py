@@ -70,7 +70,8 @@ def fuse(
         return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
     work = copy.deepcopy(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
-    report = FusionReport.from_pass_records(records)
+    blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
+    report = FusionReport.from_pass_records(records, blocks)
     gm.meta[FUSION_KEY] = report
     if report.unfolded:
         message = report.unfolded_message()

@@ -212,7 +212,8 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         _set_submodule(work, path, fused)
         reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
     records = [r for report in reports if report is not None for r in report.records]
-    work.meta = {"asr_fx.fusion": type(reports[0])(records) if reports and reports[0] is not None else None}
+    blocks = tuple(b for report in reports if report is not None for b in report.blocks)
+    work.meta = {"asr_fx.fusion": type(reports[0])(records, blocks) if reports and reports[0] is not None else None}
     if options.get("check", True):  # on example_inputs, else the recorded input shape
         check_fused(model, work, example_inputs)
     return work.eval()

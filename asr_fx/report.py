@@ -13,15 +13,29 @@ from asr_fx.passes.records import FoldRecord
 
 @dataclass
 class FusionReport:
-    """One :class:`~asr_fx.passes.records.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw."""
+    """One :class:`~asr_fx.passes.records.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw.
+
+    ``blocks``: the module paths of the model's ASR blocks (:class:`~asr_fx.passes.asr_blocks.ASR`), when
+    it has any. Then only their scales are ASR sites (:attr:`unfolded`); a scale the model computes from
+    its own parameters elsewhere (a gate ``sigmoid(alpha)``, a layer scale) is reported but not counted.
+    Without blocks (ASR written by hand on a plain ``psi``), every scale computed from parameters counts.
+    """
 
     records: list[FoldRecord] = field(default_factory=list)
+    blocks: tuple[str, ...] = ()
 
     @classmethod
-    def from_pass_records(cls, records: list[FoldRecord]) -> FusionReport:
+    def from_pass_records(cls, records: list[FoldRecord], blocks: tuple[str, ...] = ()) -> FusionReport:
         """The report of one fusion run: the newest record per constant ``mul`` (a later pass, such as
         propagation, emits a new record for a ``mul`` an earlier pass left), in first-seen order."""
-        return cls(latest_by(records, lambda r: (r.mul, r.site, r.target)))
+        return cls(latest_by(records, lambda r: (r.mul, r.site, r.target)), tuple(blocks))
+
+    def is_asr_site(self, record: FoldRecord) -> bool:
+        """Whether ``record``'s scale is an ASR site's: made inside one of :attr:`blocks`, or (a model
+        without blocks) computed from parameters."""
+        if not self.blocks:
+            return record.from_attention
+        return any(record.site == b or record.site.startswith(b + ".") for b in self.blocks)
 
     @property
     def folded(self) -> list[FoldRecord]:
@@ -29,8 +43,8 @@ class FusionReport:
 
     @property
     def unfolded(self) -> list[FoldRecord]:
-        """Scales computed by attention networks (ASR sites) that are still a ``mul``."""
-        return [r for r in self.records if not r.folded and r.from_attention]
+        """ASR sites (:meth:`is_asr_site`) that are still a ``mul``."""
+        return [r for r in self.records if not r.folded and self.is_asr_site(r)]
 
     @property
     def muls_removed(self) -> int:

@@ -235,9 +235,9 @@ def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
     for key, value in saved.items():
         current = own.get(key, _MISSING)
         if type(value) in (list, dict, set) and type(current) is type(value):
-            if current != value:  # a container filled in place: same object, old items
-                current.clear()
-                current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
+            # a container filled in place: same object, old items (never compared: its items may be tensors)
+            current.clear()
+            current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
         elif current is not value:
             own[key] = value
 

@@ -27,6 +27,8 @@ from torch import nn
 
 from .attention_patterns import find_channel_attention
 from .context_add import is_pooled_context
+from .fold_plan import producer_target
+from .fold_targets import TensorUsage
 from .graph_queries import calls_one_of, channel_info, is_add, module_of, mul_operands, skip_identity
 from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
                         IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
@@ -135,6 +137,21 @@ def site_at(gm: fx.GraphModule, node: fx.Node, rule: str) -> Site | None:
                     reason="Swin's shifted_window_attention applies its output projection inside one function "
                     "call, which the fold pass cannot rewrite")
     return None
+
+
+def without_shared_layers(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
+    """``sites`` less those right after a layer that is called at another place too, or shares a
+    parameter with another call or module (tied weights): the fold pass refuses to fold a scale on one
+    call into such a layer, since that would change the other calls
+    (:meth:`~asr_fx.passes.fold_targets.TensorUsage.refusal`)."""
+    usage = TensorUsage(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kept = []
+    for site in sites:
+        target = producer_target(gm, nodes[site.node]) if site.node in nodes else None
+        if target is None or usage.refusal(target) is None:
+            kept.append(site)
+    return kept
 
 
 def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -42,6 +42,7 @@ from .locate import (
     residual_site,
     site_at,
     window_attention_of,
+    without_shared_layers,
 )
 from .op_tables import NORM_MODULES
 
@@ -154,8 +155,9 @@ def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
       SqueezeNet, MobileNet, EfficientNet, MNASNet, DenseNet, GoogLeNet, Inception): ``norm-act``
       everywhere.
 
-    Sites that cannot fold (Swin's window attention) are left out: ``auto`` promises a model that
-    fuses back to the vanilla structure; ``rule="transformer"`` lists them.
+    Sites that cannot fold (Swin's window attention; a layer called at several places or with tied
+    weights, e.g. a conv position encoding shared by the blocks) are left out: ``auto`` promises a model
+    that fuses back to the vanilla structure; the other rules list them.
     """
     features = {a.mul: a.feature for a in find_channel_attention(gm)}
     excluded = _attention_network_nodes(gm)
@@ -176,7 +178,7 @@ def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
     structured = structured or bool(branch)
     sites += branch
     sites += _norm_act_sites(gm, inverted if structured else None, excluded)
-    return _in_graph_order(gm, sites)
+    return _in_graph_order(gm, without_shared_layers(gm, sites))
 
 
 @dataclass(frozen=True)
