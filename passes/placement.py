@@ -165,39 +165,54 @@ def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
     Sites that cannot fold (Swin's window attention) are left out: ``auto`` promises a model that
     fuses back to the vanilla structure; ``rule="transformer"`` lists them.
     """
-    features = {a.mul: a.feature for a in find_channel_attention(gm)}
     excluded = _attention_network_nodes(gm)
     sites: list[Site] = []
     inverted: set[fx.Node] = set()
-    placed: list[ResidualBlock] = []  # the residual blocks a paper rule placed
+    placed = _placed_blocks(gm)
     structured = False
-    for block in residual_blocks(gm, features):
-        site = _transformer_site(gm, block)
-        if site is None and _is_inverted_residual(gm, block):
+    for block, site in placed:
+        if site is None:  # an inverted residual: norm-act inside it
             inverted.update(block.nodes)
-            placed.append(block)
             continue
-        site = site or residual_site(gm, block)
-        if site is not None:
-            structured = True
-            placed.append(block)
-            if site.foldable:
-                sites.append(site)
+        structured = True
+        if site.foldable:
+            sites.append(site)
     branch = _concat_branch_sites(gm, need_depthwise=True)
     structured = structured or bool(branch)
     sites += branch
-    plain = plain_stretch_nodes(gm, placed) if structured else None
+    blocks = [block for block, _ in placed]
+    plain = plain_stretch_nodes(gm, blocks) if structured else None
     sites += _norm_act_sites(gm, inverted | plain if plain is not None else None, excluded)
-    inside = set().union(*(b.nodes for b in placed))
     taken = {s.node for s in sites}
-    sites += [s for s in find_neck_sites(gm, (n for n in gm.graph.nodes if n not in inside), excluded,
-                                         {b.add for b in placed}) if s.node not in taken]
+    sites += [s for s in _neck_sites(gm, blocks, excluded) if s.node not in taken]
     return _in_graph_order(gm, sites)
+
+
+def _placed_blocks(gm: fx.GraphModule) -> list[tuple[ResidualBlock, Site | None]]:
+    """The residual blocks a paper rule places, each with its ``transformer``/``residual`` site, or
+    ``None`` for an inverted residual (whose norm -> activation pairs are the sites), in graph order."""
+    features = {a.mul: a.feature for a in find_channel_attention(gm)}
+    placed: list[tuple[ResidualBlock, Site | None]] = []
+    for block in residual_blocks(gm, features):
+        site = _transformer_site(gm, block)
+        if site is None and _is_inverted_residual(gm, block):
+            placed.append((block, None))
+            continue
+        site = site or residual_site(gm, block)
+        if site is not None:
+            placed.append((block, site))
+    return placed
+
+
+def _neck_sites(gm: fx.GraphModule, blocks: list[ResidualBlock], excluded: set[str]) -> list[Site]:
+    """``neck`` sites outside the placed residual ``blocks``, whose adds are no merges."""
+    inside = set().union(*(b.nodes for b in blocks))
+    return find_neck_sites(gm, (n for n in gm.graph.nodes if n not in inside), excluded, {b.add for b in blocks})
 
 
 def _find_neck_sites(gm: fx.GraphModule) -> list[Site]:
     """Sites of the ``neck`` rule alone (see :mod:`asr_fx.passes.neck_placement`)."""
-    return find_neck_sites(gm, excluded=_attention_network_nodes(gm))
+    return _neck_sites(gm, [block for block, _ in _placed_blocks(gm)], _attention_network_nodes(gm))
 
 
 @dataclass(frozen=True)
