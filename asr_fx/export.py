@@ -95,8 +95,9 @@ def _dynamic_shapes(args: tuple, kwargs: dict, axes: Sequence[str]) -> tuple | d
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
-    """The exporters print graph dumps, warnings and log lines: keep the terminal to our one-line error."""
+def _quiet_exporter(errors: tuple[type[Warning], ...] = ()):
+    """The exporters print graph dumps, warnings and log lines: keep the terminal to our one-line error.
+    Warnings of the classes in ``errors`` are raised as exceptions instead."""
     loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "torch.fx")]
     levels = [logger.level for logger in loggers]
     try:
@@ -105,6 +106,8 @@ def _quiet_exporter():
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
+            for category in errors:
+                warnings.simplefilter("error", category)
             yield
     finally:
         for logger, level in zip(loggers, levels):
@@ -153,7 +156,9 @@ def _without_guards(model: nn.Module) -> nn.Module:
 def _export_torchscript(model: nn.Module, args: tuple, path: str, opset: int | None, dynamic: Sequence[str],
                         input_names: Sequence[str] | None, output_names: Sequence[str] | None) -> None:
     """torch's TorchScript-based exporter (``dynamo=False``) on the model without its shape guards:
-    positional inputs; dynamic axes as ``dynamic_axes``."""
+    positional inputs; dynamic axes as ``dynamic_axes``. TorchScript traces one run: a Python value read
+    from a tensor (``if x.sum() > 0``, ``int(x.size(0))`` turned into a constant) would be frozen into the
+    file, so every ``TracerWarning`` (the tracer's "might cause the trace to be incorrect") is an error."""
     model = _without_guards(model)
     options: dict = {"dynamo": False, "verbose": False}
     if opset is not None:
@@ -172,7 +177,7 @@ def _export_torchscript(model: nn.Module, args: tuple, path: str, opset: int | N
         options["input_names"] = list(input_names)
     if output_names is not None:
         options["output_names"] = list(output_names)
-    with _quiet_exporter():
+    with _quiet_exporter(errors=(torch.jit.TracerWarning,)):
         torch.onnx.export(model, args, path, **options)
 
 

@@ -72,3 +72,16 @@ def test_hugging_face_swin_exports_through_the_fallback(tmp_path):
     assert report.exporter in ("dynamo", "torchscript")  # dynamo where a later torch fixes it
     if report.exporter == "torchscript":
         assert "Cannot view a tensor" in report.exporter_note
+
+
+def test_the_fallback_refuses_to_freeze_data_dependent_control_flow(tmp_path):
+    """TorchScript would trace one branch of ``if x.sum() > 0`` and the file would pass verification on
+    that input: every TracerWarning is an error, so both exporters refuse and nothing is written."""
+
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ExportError, match="TorchScript exporter .dynamo=False. failed too: .*TracerWarning"):
+        asr_fx.export_onnx(Branchy(), tmp_path / "m.onnx", torch.ones(1, 3))
+    assert os.listdir(tmp_path) == []
