@@ -26,9 +26,12 @@ def _dynamo_fails(*_args, **_kwargs):
 
 def test_dynamo_failure_falls_back_to_torchscript_verified_and_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "_export_dynamo", _dynamo_fails)
-    report = asr_fx.export_onnx(small(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), dynamic_batch=True)
+    report = asr_fx.export_onnx(small(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8),
+                                dynamic=("batch", "height", "width"))
     assert report.exporter == "torchscript" and "dynamo cannot export this" in report.exporter_note
     assert report.verified and report.ok and report.to_dict()["exporter"] == "torchscript"
+    assert [o.name for o in report.outputs] == ["output_0", "output_0 (batch 1)", "output_0 (batch 7)",
+                                               "output_0 (12x10)"]  # verified at other batch sizes and sizes
     assert os.listdir(tmp_path) == ["m.onnx"]
 
 
