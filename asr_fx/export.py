@@ -2,7 +2,11 @@
 
 The model is exported into a private temporary folder beside ``path`` under its final file name,
 checked with ``onnx.checker``, verified with :func:`asr_fx.verify.verify_onnx`, and only then
-renamed into place. A model too big for one protobuf (2 GiB) is written as two files, ``NAME.onnx``
+renamed into place. torch's dynamo exporter writes the file; where it fails (torch 2.14 cannot export
+Hugging Face's Swin: its ONNX decomposition views a transposed attention output) and the inputs are
+positional and the weights fit in one file, torch's TorchScript exporter (``dynamo=False``) writes it,
+:attr:`ExportReport.exporter` says which one did, and verification is the same.
+A model too big for one protobuf (2 GiB) is written as two files, ``NAME.onnx``
 and ``NAME.onnx.data`` (its weights): both are renamed into place, the data file first, and must stay
 together (move or copy them as a pair). Any failure leaves ``path`` as it was.
 """
@@ -17,9 +21,12 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from copy import deepcopy
+from pathlib import Path
 
 import onnx
 import torch
+import torch.fx as fx
 from torch import nn
 
 from asr_fx import atomic
@@ -87,8 +94,29 @@ def _dynamic_shapes(args: tuple, kwargs: dict, axes: Sequence[str]) -> tuple | d
     return {k: spec(t) for k, t in kwargs.items()} if kwargs else tuple(spec(t) for t in args)
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int | None, dynamic: Sequence[str],
-            external_data: bool, input_names: Sequence[str] | None, output_names: Sequence[str] | None) -> None:
+@contextlib.contextmanager
+def _quiet_exporter(errors: tuple[type[Warning], ...] = ()):
+    """The exporters print graph dumps, warnings and log lines: keep the terminal to our one-line error.
+    Warnings of the classes in ``errors`` are raised as exceptions instead."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "torch.fx")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            for category in errors:
+                warnings.simplefilter("error", category)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int | None,
+                   dynamic: Sequence[str], external_data: bool, input_names: Sequence[str] | None,
+                   output_names: Sequence[str] | None) -> None:
     options: dict = {"dynamo": True, "verbose": False, "external_data": external_data}
     if opset is not None:
         options["opset_version"] = opset
@@ -105,19 +133,83 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int |
             args = tuple(two(a) for a in args)
             options["kwargs"] = {k: two(v) for k, v in kwargs.items()} if kwargs else None
         options["dynamic_shapes"] = _dynamic_shapes(args, kwargs, dynamic)
-    # the exporter prints graph dumps and log lines on failure: keep the terminal to our one-line error
-    loggers = [logging.getLogger(name) for name in ("torch", "torch.onnx", "torch.export", "torch.fx")]
-    levels = [logger.level for logger in loggers]
+    with _quiet_exporter():
+        torch.onnx.export(model, args, path, **options)
+
+
+def _without_guards(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose GraphModules have no shape guards (``torch._assert`` nodes, which shape-aware
+    capture adds): TorchScript's tracer cannot trace a guard's comparison of a traced size with a bool. The
+    guarded expressions stay symbolic, so the copy computes what ``model`` computes wherever the guards hold."""
+    copy = deepcopy(model)
+    for module in copy.modules():
+        if isinstance(module, fx.GraphModule):
+            guards = [n for n in module.graph.nodes if n.op == "call_function" and n.target is torch._assert]
+            for node in guards:
+                module.graph.erase_node(node)
+            if guards:
+                module.graph.eliminate_dead_code()
+                module.recompile()
+    return copy
+
+
+def _export_torchscript(model: nn.Module, args: tuple, path: str, opset: int | None, dynamic: Sequence[str],
+                        input_names: Sequence[str] | None, output_names: Sequence[str] | None) -> None:
+    """torch's TorchScript-based exporter (``dynamo=False``) on the model without its shape guards:
+    positional inputs; dynamic axes as ``dynamic_axes``. TorchScript traces one run: a Python value read
+    from a tensor (``if x.sum() > 0``, ``int(x.size(0))`` turned into a constant) would be frozen into the
+    file, so every ``TracerWarning`` (the tracer's "might cause the trace to be incorrect") is an error."""
+    model = _without_guards(model)
+    options: dict = {"dynamo": False, "verbose": False}
+    if opset is not None:
+        options["opset_version"] = opset
+    if dynamic:
+        input_names = list(input_names or (f"input_{i}" for i in range(len(args))))
+        if output_names is None:
+            with torch.no_grad():
+                output_names = [f"output_{i}" for i in range(len(flatten_outputs(model(*args))))]
+        axes = {name: {int(d) % t.dim(): str(dim) for d, dim in spec.items()}
+                for name, t, spec in zip(input_names, args, _dynamic_shapes(args, {}, dynamic))}
+        if "batch" in dynamic:
+            axes.update({name: {0: "batch"} for name in output_names})
+        options["dynamic_axes"] = axes
+    if input_names is not None:
+        options["input_names"] = list(input_names)
+    if output_names is not None:
+        options["output_names"] = list(output_names)
+    with _quiet_exporter(errors=(torch.jit.TracerWarning,)):
+        torch.onnx.export(model, args, path, **options)
+
+
+class _ExportFailed(Exception):
+    """Both exporters failed: ``errors`` is ``{exporter: exception}``."""
+
+    def __init__(self, errors: dict[str, BaseException]) -> None:
+        super().__init__("; ".join(f"{k}: {_exporter_message(e)}" for k, e in errors.items()))
+        self.errors = errors
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int | None, dynamic: Sequence[str],
+            external_data: bool, input_names: Sequence[str] | None,
+            output_names: Sequence[str] | None) -> tuple[str, str]:
+    """Export with torch's dynamo exporter; where it fails, retry with the TorchScript exporter
+    (``dynamo=False``) when the call has positional inputs only and its weights fit in one file.
+    Returns the exporter that wrote ``path`` (``"dynamo"`` or ``"torchscript"``) and why the first one was
+    not used (empty for dynamo); the caller verifies the file in a runtime either way. Raises :class:`_ExportFailed` with each exporter's error."""
     try:
-        for logger in loggers:
-            logger.setLevel(logging.CRITICAL)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, path, **options)
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+        _export_dynamo(model, args, kwargs, path, opset, dynamic, external_data, input_names, output_names)
+        return "dynamo", ""
+    except Exception as exc:  # noqa: BLE001 - retried, then re-raised with the retry's error
+        if kwargs or external_data:
+            raise _ExportFailed({"dynamo": exc}) from exc
+        first = exc
+    for stale in Path(path).parent.iterdir():  # anything the failed export left in the private folder
+        stale.unlink()
+    try:
+        _export_torchscript(model, args, path, opset, dynamic, input_names, output_names)
+    except Exception as exc:  # noqa: BLE001
+        raise _ExportFailed({"dynamo": first, "torchscript": exc}) from first
+    return "torchscript", f"the dynamo exporter failed: {_exporter_message(first)}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -229,13 +321,18 @@ def export_onnx(
         tmp = folder / path.name
         start = time.perf_counter()
         try:
-            _export(model, args, kwargs, str(tmp), opset, axes, external_data, input_names, output_names)
-        except Exception as exc:  # noqa: BLE001
+            report.exporter, report.exporter_note = _export(model, args, kwargs, str(tmp), opset, axes,
+                                                            external_data, input_names, output_names)
+        except _ExportFailed as exc:
+            cause = exc.errors["dynamo"]
+            retried = exc.errors.get("torchscript")
+            retry = f"; the TorchScript exporter (dynamo=False) failed too: {_exporter_message(retried)}" \
+                if retried is not None else ""
             raise ExportError(
-                f"torch.onnx.export failed: {_exporter_message(exc)}. "
+                f"torch.onnx.export failed: {_exporter_message(cause)}{retry}. "
                 "Try another opset=, fixed shapes (no dynamic= axes), or rewriting data-dependent Python control "
                 "flow (torch.export cannot follow it); fuse(..., strict=True) shows a site that stayed unfolded; "
-                "the exception's __cause__ holds the exporter's full message", opset=opset) from exc
+                "the exception's __cause__ holds the exporter's full message", opset=opset) from cause
         report.seconds["export"] = time.perf_counter() - start
         check_opset(tmp, opset)
         onnx.checker.check_model(str(tmp))

@@ -75,6 +75,10 @@ class ExportReport:
     output_names: list[str] = field(default_factory=list)
     external_data: list[str] = field(default_factory=list)
     """files beside ``path`` that hold its weights (empty when the file holds them itself)"""
+    exporter: str = "dynamo"
+    """torch's exporter that wrote the file: ``"dynamo"``, or ``"torchscript"`` where dynamo failed"""
+    exporter_note: str = ""
+    """why the TorchScript exporter was used (the dynamo exporter's error), else empty"""
 
     @property
     def ok(self) -> bool:
@@ -101,6 +105,8 @@ class ExportReport:
             "input_names": self.input_names,
             "output_names": self.output_names,
             "external_data": self.external_data,
+            "exporter": self.exporter,
+            "exporter_note": self.exporter_note,
         }
 
 

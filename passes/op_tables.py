@@ -45,6 +45,10 @@ DROPOUT_FUNCTION_NAMES = tuple(f.__name__ for f in DROPOUT_FUNCTIONS)
 #: modules whose output equals their input at inference (walked through when looking for a producer)
 IDENTITY_MODULES = (nn.Identity, *DROPOUT_MODULES)
 
+# --- resampling: each output value is a per-channel mix of its input's values (a scale passes) -------
+UPSAMPLE_MODULES = (nn.Upsample,)  # UpsamplingNearest2d and UpsamplingBilinear2d are subclasses
+UPSAMPLE_FUNCTIONS = (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+
 # --- activations -------------------------------------------------------------------------------------
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardtanh,
                       nn.SELU, nn.CELU, nn.PReLU)

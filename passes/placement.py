@@ -14,6 +14,7 @@ The paper's placements (Appendix B.2):
   (ShuffleNetV2).
 - ``transformer``: after multi-head attention and after the MLP, before each residual add, on the
   feature (last) dimension (ViT, Swin, MaxViT's attention blocks).
+- ``neck``: a feature pyramid's norm-free lateral and output convs (:mod:`asr_fx.passes.neck_placement`).
 - ``auto``: per block, from the graph's structure (see :func:`find_auto_sites`).
 
 Layers inside an existing channel attention's network (an SE block's ``fc1 -> ReLU``) are never sites.
@@ -44,6 +45,7 @@ from .locate import (
     window_attention_of,
     without_shared_layers,
 )
+from .neck_placement import find_neck_sites, plain_stretch_nodes
 from .op_tables import NORM_MODULES
 
 
@@ -153,32 +155,66 @@ def find_auto_sites(gm: fx.GraphModule) -> list[Site]:
     - a concatenation of branches with depthwise convs: ``branch`` (ShuffleNetV2);
     - a model with none of the residual, transformer or branch blocks above (VGG, AlexNet,
       SqueezeNet, MobileNet, EfficientNet, MNASNet, DenseNet, GoogLeNet, Inception): ``norm-act``
-      everywhere.
+      everywhere;
+    - in a model with such residual blocks, the layers outside them past the stem (necks, decoders,
+      heads, CSP transitions: :func:`~asr_fx.passes.neck_placement.plain_stretch_nodes`): ``norm-act``.
+      The stem keeps no site, as in the paper's ResNets; so the torchvision classifiers keep their
+      paper sites exactly (none has a norm -> activation pair outside its blocks past the stem);
+    - anywhere: a feature pyramid's norm-free lateral and output convs: ``neck``
+      (:func:`~asr_fx.passes.neck_placement.find_neck_sites`).
 
     Sites that cannot fold (Swin's window attention; a layer called at several places or with tied
     weights, e.g. a conv position encoding shared by the blocks) are left out: ``auto`` promises a model
     that fuses back to the vanilla structure; the other rules list them.
     """
-    features = {a.mul: a.feature for a in find_channel_attention(gm)}
     excluded = _attention_network_nodes(gm)
     sites: list[Site] = []
     inverted: set[fx.Node] = set()
+    placed = _placed_blocks(gm)
     structured = False
-    for block in residual_blocks(gm, features):
-        site = _transformer_site(gm, block)
-        if site is None and _is_inverted_residual(gm, block):
+    for block, site in placed:
+        if site is None:  # an inverted residual: norm-act inside it
             inverted.update(block.nodes)
             continue
-        site = site or residual_site(gm, block)
-        if site is not None:
-            structured = True
-            if site.foldable:
-                sites.append(site)
+        structured = True
+        if site.foldable:
+            sites.append(site)
     branch = _concat_branch_sites(gm, need_depthwise=True)
     structured = structured or bool(branch)
     sites += branch
-    sites += _norm_act_sites(gm, inverted if structured else None, excluded)
+    blocks = [block for block, _ in placed]
+    plain = plain_stretch_nodes(gm, blocks) if structured else None
+    sites += _norm_act_sites(gm, inverted | plain if plain is not None else None, excluded)
+    taken = {s.node for s in sites}
+    sites += [s for s in _neck_sites(gm, blocks, excluded) if s.node not in taken]
     return _in_graph_order(gm, without_shared_layers(gm, sites))
+
+
+def _placed_blocks(gm: fx.GraphModule) -> list[tuple[ResidualBlock, Site | None]]:
+    """The residual blocks a paper rule places, each with its ``transformer``/``residual`` site, or
+    ``None`` for an inverted residual (whose norm -> activation pairs are the sites), in graph order."""
+    features = {a.mul: a.feature for a in find_channel_attention(gm)}
+    placed: list[tuple[ResidualBlock, Site | None]] = []
+    for block in residual_blocks(gm, features):
+        site = _transformer_site(gm, block)
+        if site is None and _is_inverted_residual(gm, block):
+            placed.append((block, None))
+            continue
+        site = site or residual_site(gm, block)
+        if site is not None:
+            placed.append((block, site))
+    return placed
+
+
+def _neck_sites(gm: fx.GraphModule, blocks: list[ResidualBlock], excluded: set[str]) -> list[Site]:
+    """``neck`` sites outside the placed residual ``blocks``, whose adds are no merges."""
+    inside = set().union(*(b.nodes for b in blocks))
+    return find_neck_sites(gm, (n for n in gm.graph.nodes if n not in inside), excluded, {b.add for b in blocks})
+
+
+def _find_neck_sites(gm: fx.GraphModule) -> list[Site]:
+    """Sites of the ``neck`` rule alone (see :mod:`asr_fx.passes.neck_placement`)."""
+    return _neck_sites(gm, [block for block, _ in _placed_blocks(gm)], _attention_network_nodes(gm))
 
 
 @dataclass(frozen=True)
@@ -211,12 +247,18 @@ _TRANSFORMER = PlacementRule(
     "residual adds whose branch ends in nn.MultiheadAttention, Swin window attention, or the last linear layer of a "
     "conv-free MLP",
     aliases=("vit",))
+_NECK = PlacementRule(
+    "neck", _find_neck_sites,
+    "convs (or norms) without a norm or activation after them whose outputs are summed, maybe upsampled, into a "
+    "feature map that goes on to another layer (a feature pyramid's lateral convs), and convs without a norm or "
+    "activation that read such a sum (its output convs)",
+    aliases=("fpn",))
 _AUTO = PlacementRule(
     "auto", find_auto_sites,
-    "any of: " + "; ".join(f"{r.name}: {r.looks_for}" for r in (_RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER)))
+    "any of: " + "; ".join(f"{r.name}: {r.looks_for}" for r in (_RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER, _NECK)))
 
 #: every placement rule by name (the one registry: ``instrument``, ``find_sites`` and the CLI read it)
-PLACEMENT_RULES: dict[str, PlacementRule] = {r.name: r for r in (_AUTO, _RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER)}
+PLACEMENT_RULES: dict[str, PlacementRule] = {r.name: r for r in (_AUTO, _RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER, _NECK)}
 #: other names of the rules: ``{alias: rule name}``
 RULE_ALIASES: dict[str, str] = {alias: r.name for r in PLACEMENT_RULES.values() for alias in r.aliases}
 

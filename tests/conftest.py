@@ -45,6 +45,16 @@ def fuse_and_check(model: nn.Module, x: torch.Tensor, vanilla: nn.Module | None 
     return fused
 
 
+def assert_same_detections(got: list[dict], want: list[dict], count: int) -> None:
+    """A fused detector's per-image detections equal the instrumented one's: ``count`` each, the same
+    labels, boxes within 1e-3 px and scores within 1e-5."""
+    for g, w in zip(got, want, strict=True):
+        assert len(w["boxes"]) == count
+        assert torch.equal(g["labels"], w["labels"])
+        torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(g["scores"], w["scores"], rtol=1e-4, atol=1e-5)
+
+
 def perturb_asr(model: nn.Module, seed: int = 0) -> None:
     """Move psi and attention weights away from their init so v differs per channel."""
     g = torch.Generator().manual_seed(seed)

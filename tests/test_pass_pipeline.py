@@ -134,7 +134,7 @@ def test_fold_records_are_immutable_and_propagation_adds_its_own():
 
 
 def test_one_registry_of_placement_rules():
-    assert list(RULES) == list(PLACEMENT_RULES) == ["auto", "residual", "norm-act", "branch", "transformer"]
+    assert list(RULES) == list(PLACEMENT_RULES) == ["auto", "residual", "norm-act", "branch", "transformer", "neck"]
     for alias, name in RULE_ALIASES.items():
         assert placement_rule(alias) is PLACEMENT_RULES[name]
     assert all(rule.looks_for for rule in PLACEMENT_RULES.values())

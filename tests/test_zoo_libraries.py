@@ -19,6 +19,7 @@ _zoos = importlib.util.module_from_spec(_spec)
 sys.modules["_zoos"] = _zoos
 _spec.loader.exec_module(_zoos)
 from _zoo_run import run_entry  # noqa: E402
+from conftest import assert_same_detections  # noqa: E402
 
 #: (zoo, entry, the module it needs): small and quick; each stands for a capture category
 HANDFUL = [
@@ -96,8 +97,4 @@ def test_torchvision_detector_fused_boxes_scores_and_labels_match_the_instrument
     with torch.no_grad():
         vanilla, got, want = model(images), fused(images), inst(images)
     assert any(not torch.equal(v["boxes"], w["boxes"]) for v, w in zip(vanilla, want))  # the blocks act
-    for g, w in zip(got, want):
-        assert len(w["boxes"]) == 5
-        assert torch.equal(g["labels"], w["labels"])
-        torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-4, atol=1e-3)
-        torch.testing.assert_close(g["scores"], w["scores"], rtol=1e-4, atol=1e-5)
+    assert_same_detections(got, want, 5)
