@@ -25,6 +25,7 @@ from torch import nn
 from asr_fx import atomic
 from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
+from asr_fx.passes.export_forms import for_export
 from asr_fx.passes.modes import preserved_training_modes
 from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names before verify.py existed
     ExportReport,
@@ -114,7 +115,9 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int |
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, args, path, **options)
+            # attention calls in forms the exporter takes (passes/export_forms.py); the model is not changed
+            exported = for_export(model) if isinstance(model, torch.fx.GraphModule) else model
+            torch.onnx.export(exported, args, path, **options)
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)

@@ -1,0 +1,60 @@
+"""Export forms: a GraphModule's calls rewritten into forms torch's ONNX exporter takes, for export only.
+
+``F.scaled_dot_product_attention`` trips torch's dynamo ONNX exporter in two ways that its eager
+result does not: inputs of rank 5 (timm Twins' grouped attention: "only 4D query, key, and value are
+supported"), and an output whose layout the exporter's decomposition assumes differently from the
+trace, so a later ``reshape`` is recorded as a ``view`` it cannot do (timm BEiT:
+"Cannot view a tensor with shape ... as a tensor with shape ..."). Each call becomes a call of
+:func:`attention_4d`: leading dimensions flattened into one batch dimension (where the mask, if
+any, has at most the last two dimensions, so it broadcasts the same way), the attention computed on
+rank-4 tensors, the result unflattened and copied into a contiguous tensor (a ``clone``: the exporter
+drops ``.contiguous()`` of a tensor its trace takes for contiguous already).
+
+Equivalence: the same values up to float rounding (attention is computed independently per leading
+index, but one rank-4 batch may be blocked differently by the kernel; the clone and the reshapes copy
+values only); the export's verification in onnxruntime checks the file against the model. The result
+shares the model's submodules, parameters and buffers (a new graph, nothing copied); the model passed
+in is not changed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+_ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
+
+
+def attention_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 *args: object, **kwargs: object) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` on rank-4 tensors, the result contiguous (see the module docstring)."""
+    lead = query.shape[:-3]
+    mask_broadcasts = attn_mask is None or attn_mask.dim() <= 2
+    if query.dim() > 4 and key.shape[:-3] == lead and value.shape[:-3] == lead and mask_broadcasts:
+        out = F.scaled_dot_product_attention(query.flatten(0, query.dim() - 4), key.flatten(0, key.dim() - 4),
+                                             value.flatten(0, value.dim() - 4), attn_mask, *args, **kwargs)
+        return out.unflatten(0, lead).clone(memory_format=torch.contiguous_format)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs).clone(
+        memory_format=torch.contiguous_format)
+
+
+def for_export(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every attention call in the form of :func:`attention_4d`; ``gm`` itself when it has none."""
+    if not any(n.op == "call_function" and n.target in _ATTENTION for n in gm.graph.nodes):
+        return gm
+    graph = _copied(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in _ATTENTION:
+            node.target = attention_4d
+    copy = fx.GraphModule(gm, graph, type(gm).__name__)
+    copy.meta.update(gm.meta)
+    copy.train(gm.training)
+    return copy
+
+
+def _copied(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new
