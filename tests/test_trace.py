@@ -101,3 +101,30 @@ def test_a_condition_on_tensor_values_is_still_refused():
 
     with pytest.raises(TraceError, match="depends on tensor values"):
         trace(_NonzeroCount(), example_inputs=(torch.randn(2, 4),), bind_training=False)
+
+
+class _FactoryFromShape(nn.Module):
+    """``torch.ones(batch, tokens)`` / ``torch.arange(tokens)`` from the input's shape (timm's Gemma4 patch
+    embedding): torch's argument parser takes no proxy as a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):  # (B, N, 4)
+        b, n = x.shape[0], x.shape[1]
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        position = torch.arange(n, device=x.device).float().unsqueeze(-1)
+        return self.proj(x) * valid.unsqueeze(-1) + position
+
+
+def test_tensor_factories_with_traced_sizes_are_recorded_and_keep_the_batch_free():
+    model, ones = _FactoryFromShape().eval(), torch.ones
+    gm = trace(model, example_inputs=(torch.randn(2, 5, 4),))
+    assert torch.ones is ones  # the patch lasts one trace
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ones in targets and torch.arange in targets
+    for shape in ((2, 5, 4), (3, 7, 4)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x))
