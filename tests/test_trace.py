@@ -128,3 +128,26 @@ def test_tensor_factories_with_traced_sizes_are_recorded_and_keep_the_batch_free
         x = torch.randn(shape)
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x))
+
+
+class _BufferExpand(nn.Module):
+    """A buffer expanded to the input's batch (Gemma4's rotary ``inv_freq[None, :, None].expand(b, -1, 1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.arange(4.0), persistent=False)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):  # (B, 4)
+        return self.proj(x) * self.freq[None, :].expand(x.shape[0], -1)
+
+
+def test_size_methods_of_an_untraced_tensor_with_traced_sizes_are_recorded():
+    model, expand = _BufferExpand().eval(), torch.Tensor.expand
+    gm = trace(model, example_inputs=(torch.randn(2, 4),))
+    assert torch.Tensor.expand is expand
+    assert "expand" in [n.target for n in gm.graph.nodes if n.op == "call_method"]
+    for batch in (2, 5):
+        x = torch.randn(batch, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x))
