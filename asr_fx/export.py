@@ -116,7 +116,7 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int |
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             # attention calls in forms the exporter takes (passes/export_forms.py); the model is not changed
-            exported = for_export(model) if isinstance(model, torch.fx.GraphModule) else model
+            exported = for_export(model)
             torch.onnx.export(exported, args, path, **options)
     finally:
         for logger, level in zip(loggers, levels):

@@ -10,6 +10,9 @@ any, has at most the last two dimensions, so it broadcasts the same way), the at
 rank-4 tensors, the result unflattened and copied into a contiguous tensor (a ``clone``: the exporter
 drops ``.contiguous()`` of a tensor its trace takes for contiguous already).
 
+A module that holds GraphModules (a partially captured model) is shallow-copied with the rewritten parts
+in their places (timm NesT, captured in parts).
+
 Equivalence: the same values up to float rounding (attention is computed independently per leading
 index, but one rank-4 batch may be blocked differently by the kernel; the clone and the reshapes copy
 values only); the export's verification in onnxruntime checks the file against the model. The result
@@ -19,9 +22,12 @@ in is not changed.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 _ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
@@ -39,18 +45,38 @@ def attention_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
         memory_format=torch.contiguous_format)
 
 
-def for_export(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm`` with every attention call in the form of :func:`attention_4d`; ``gm`` itself when it has none."""
+def for_export(model: nn.Module) -> nn.Module:
+    """``model`` with every attention call of its GraphModules in the form of :func:`attention_4d`.
+
+    A GraphModule is rewritten on a new graph; a module that holds GraphModules (a partially captured
+    model: the library's class with captured parts) is shallow-copied with the rewritten parts in their
+    places. ``model`` itself is returned when nothing needs rewriting; it is never changed."""
+    if isinstance(model, fx.GraphModule):
+        return _rewritten(model)
+    changed = {}
+    for name, child in model._modules.items():
+        if child is not None:
+            exported = for_export(child)
+            if exported is not child:
+                changed[name] = exported
+    if not changed:
+        return model
+    clone = copy.copy(model)
+    clone._modules = {**model._modules, **changed}
+    return clone
+
+
+def _rewritten(gm: fx.GraphModule) -> fx.GraphModule:
     if not any(n.op == "call_function" and n.target in _ATTENTION for n in gm.graph.nodes):
         return gm
     graph = _copied(gm.graph)
     for node in graph.nodes:
         if node.op == "call_function" and node.target in _ATTENTION:
             node.target = attention_4d
-    copy = fx.GraphModule(gm, graph, type(gm).__name__)
-    copy.meta.update(gm.meta)
-    copy.train(gm.training)
-    return copy
+    rewritten = fx.GraphModule(gm, graph, type(gm).__name__)
+    rewritten.meta.update(gm.meta)
+    rewritten.train(gm.training)
+    return rewritten
 
 
 def _copied(graph: fx.Graph) -> fx.Graph:

@@ -91,3 +91,17 @@ def test_masked_attention_with_transpose_reshape_exports_to_onnx_after_fuse(tmp_
     inst, fused = _fused(MaskedAttention(), x)
     report = asr_fx.export_onnx(fused, tmp_path / "masked.onnx", x, reference=inst)
     assert max(o.max_rel for o in report.outputs) <= 1e-4
+
+
+def test_a_model_holding_a_captured_part_exports_with_the_part_rewritten(tmp_path):
+    """A partially captured model is the library's own module with GraphModule parts (timm NesT)."""
+    torch.manual_seed(0)
+    part = trace(GroupedAttention().eval())
+    outer = nn.Sequential(nn.Identity(), part).eval()
+    exported = for_export(outer)
+    assert exported is not outer and outer[1] is part and "attention_4d" in exported[1].code
+    x = torch.randn(2, 3, 4, 8)
+    report = asr_fx.export_onnx(outer, tmp_path / "outer.onnx", x)
+    assert max(o.max_rel for o in report.outputs) <= 1e-4
+    plain = nn.Sequential(nn.Linear(2, 2))
+    assert for_export(plain) is plain  # nothing to rewrite: the model itself
