@@ -275,7 +275,10 @@ def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float |
             for r in rows]
     headers = ["model", "input", "config", "sites", "parts", "max fuse err", "max ORT err", "params == fuse(vanilla)",
                "seconds: " + " / ".join(STAGES), "status"]
-    took = f" Wall time of this run: {minutes:.0f} min." if minutes is not None else ""
+    total_s = sum(sum(r.seconds.values()) for r in rows)
+    took = f" Time: {total_s / 60:.0f} min, the sum of every row's stage times" + (
+        f"; this run's wall time {minutes:.0f} min." if minutes is not None else
+        " (rows rerun with --update keep their new times).")
     return "\n".join([
         f"# asr-fx on the {zoo} zoo", "",
         f"Written by `tools/zoo_sweep.py --zoo {zoo}` (torch {torch.__version__}, random weights, CPU, batch 2). "
