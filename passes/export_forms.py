@@ -1,14 +1,15 @@
 """Export forms: a GraphModule's calls rewritten into forms torch's ONNX exporter takes, for export only.
 
 ``F.scaled_dot_product_attention`` trips torch's dynamo ONNX exporter in two ways that its eager
-result does not: inputs of rank 5 (timm Twins' grouped attention: "only 4D query, key, and value are
-supported"), and an output whose layout the exporter's decomposition assumes differently from the
-trace, so a later ``reshape`` is recorded as a ``view`` it cannot do (timm BEiT:
-"Cannot view a tensor with shape ... as a tensor with shape ..."). Each call becomes a call of
-:func:`attention_4d`: leading dimensions flattened into one batch dimension (where the mask, if
-any, has at most the last two dimensions, so it broadcasts the same way), the attention computed on
-rank-4 tensors, the result unflattened and copied into a contiguous tensor (a ``clone``: the exporter
-drops ``.contiguous()`` of a tensor its trace takes for contiguous already).
+result does not: inputs of rank 5 or 3 (timm Twins' grouped attention; SAM's ViT, heads folded into
+the batch: "only 4D query, key, and value are supported"), and an output whose layout the exporter's
+decomposition assumes differently from the trace, so a later ``reshape`` is recorded as a ``view`` it
+cannot do (timm BEiT: "Cannot view a tensor with shape ... as a tensor with shape ..."). Each call
+becomes a call of :func:`attention_4d`: leading dimensions flattened into one batch dimension (where
+the mask, if any, has at most the last two dimensions, so it broadcasts the same way), or a leading
+dimension of 1 added to rank-3 inputs (and a rank-3 mask); the attention computed on rank-4 tensors,
+the result reshaped back and copied into a contiguous tensor (a ``clone``: the exporter drops
+``.contiguous()`` of a tensor its trace takes for contiguous already).
 
 A module that holds GraphModules (a partially captured model) is shallow-copied with the rewritten parts
 in their places (timm NesT, captured in parts).
@@ -35,6 +36,11 @@ _ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_at
 def attention_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
                  *args: object, **kwargs: object) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on rank-4 tensors, the result contiguous (see the module docstring)."""
+    if query.dim() == 3 and key.dim() == 3 and value.dim() == 3:  # (batch * heads, tokens, dim): SAM's ViT
+        mask = attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
+        out = F.scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), mask,
+                                             *args, **kwargs)
+        return out.squeeze(0).clone(memory_format=torch.contiguous_format)
     lead = query.shape[:-3]
     mask_broadcasts = attn_mask is None or attn_mask.dim() <= 2
     if query.dim() > 4 and key.shape[:-3] == lead and value.shape[:-3] == lead and mask_broadcasts:

@@ -62,6 +62,9 @@ def test_attention_4d_computes_what_attention_computes():
     q, k, v = (torch.randn(2, 3, 2, 4, 8, generator=gen) for _ in range(3))
     # rank 5 runs as one rank-4 batch: the kernel may block it differently, so equal up to float rounding
     torch.testing.assert_close(attention_4d(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    q3, k3, v3, mask3 = q[0, 0], k[0, 0], v[0, 0], torch.randn(2, 4, 4, generator=gen)  # rank 3: SAM's ViT
+    torch.testing.assert_close(attention_4d(q3, k3, v3, attn_mask=mask3),
+                               F.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask3), rtol=1e-5, atol=1e-6)
     mask = torch.randn(3, 2, 4, 4, generator=gen)
     torch.testing.assert_close(attention_4d(q[0], k[0], v[0], attn_mask=mask),
                                F.scaled_dot_product_attention(q[0], k[0], v[0], attn_mask=mask), rtol=0, atol=0)
