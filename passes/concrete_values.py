@@ -235,14 +235,26 @@ def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
     for key, value in saved.items():
         current = own.get(key, _MISSING)
         if type(value) in (list, dict, set) and type(current) is type(value):
-            # a container filled in place: same object, old items (never compared: its items may be tensors)
-            current.clear()
-            current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
+            if not _same_items(current, value):  # a container filled in place: same object, old items
+                current.clear()
+                current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
         elif current is not value:
             own[key] = value
 
 
 _MISSING = object()
+
+
+def _same_items(current: Any, saved: Any) -> bool:
+    """Whether a container holds the very objects it held (by identity: ``==`` on tensor items would compare
+    their values, and a cache of tensors, such as EfficientFormer's attention biases, is common)."""
+    if len(current) != len(saved):
+        return False
+    if isinstance(saved, dict):
+        return all(k in current and current[k] is v for k, v in saved.items())
+    if isinstance(saved, list):
+        return all(a is b for a, b in zip(current, saved))
+    return {id(v) for v in current} == {id(v) for v in saved}
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@
 A functional call can take a scale when its weight (and bias) are ``get_attr`` tensors, i.e.
 parameters or buffers of the model; the folded values replace those attributes, so the same
 formulas as for the modules hold (:mod:`asr_fx.passes.fold_targets`). A norm called without a
-weight gets one as a new buffer. Weights computed in the graph (not attributes) are refused: the
-caller finds no target and reports the site.
+weight gets one as a new buffer. A weight-standardized conv with a gain takes the scale in its gain
+and bias (:mod:`asr_fx.passes.standardized_conv`). Other weights computed in the graph (not attributes)
+are refused: the caller finds no target and reports the site.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .graph_queries import fetch_attr, output_rank
 from .op_tables import CONV_FUNCTIONS as CONV
 from .op_tables import CONV_TRANSPOSE_FUNCTIONS as CONV_TRANSPOSE
 from .op_tables import NORM_FUNCTION_WEIGHT_INDEX as NORM_WEIGHT_INDEX
+from .standardized_conv import output_target as standardized_output_target
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -65,6 +67,9 @@ def output_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
     """The target that folds ``node(x) * v`` for a functional call on attribute weights, else ``None``."""
     if node.op != "call_function":
         return None
+    standardized = standardized_output_target(gm, node)  # a weight-standardized conv: into its gain
+    if standardized is not None:
+        return standardized
     fn = node.target
     if fn in CONV or fn in CONV_TRANSPOSE or fn is F.linear:
         weight = _attr(gm, _arg(node, 1, "weight"))

@@ -32,6 +32,8 @@ from .fold_targets import TensorUsage
 from .graph_queries import calls_one_of, channel_info, is_add, module_of, mul_operands, skip_identity
 from .op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
                         IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
+from .parallel_branches import parallel_sum, parallel_sums
+from .standardized_conv import channel_layout
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -121,11 +123,21 @@ def site_at(gm: fx.GraphModule, node: fx.Node, rule: str) -> Site | None:
     Layers: conv/norm/linear module calls (:func:`channel_info`), and the attention output
     ``mha(...)[0]`` of an ``nn.MultiheadAttention`` (channel dim -1, folds into ``out_proj``).
     torchvision's Swin attention (``shifted_window_attention``) is a site that cannot fold: its
-    output projection is computed inside one traced function call.
+    output projection is computed inside one traced function call. A sum of parallel conv/norm branches
+    (RepVGG, MobileOne, ACNet while training; :mod:`asr_fx.passes.parallel_branches`) is one layer: its
+    scale folds into the last layer of every branch. A weight-standardized conv with a gain (NF-Nets;
+    :mod:`asr_fx.passes.standardized_conv`) is a site whose scale folds into that gain.
     """
     info = channel_info(gm, node)
     if info is not None:
         return _site(node, rule, info)
+    summed = parallel_sum(gm, node)
+    if summed is not None:
+        return _site(node, rule, summed.info)
+    standardized = channel_layout(gm, node)
+    if standardized is not None:  # a weight-standardized conv with a gain (NF-Nets): folds into the gain
+        owner, layout = standardized
+        return Site(node.name, owner, rule, layout.channels, layout.position, owner)
     mha = mha_of(gm, node)
     if mha is not None:
         path, module = mha
@@ -193,12 +205,18 @@ def _scaled_operand(node: fx.Node, limit: int = 64) -> fx.Node | None:
 
     By dataflow: ``s`` is computed from parameters only (a layer scale, an ASR block written by hand),
     or from ``x`` itself and parameters (a gate ``g(x)``: SE and any other channel attention, matched or
-    not). The product is still the branch ``x`` is on, so the walk follows ``x``.
+    not), or is a number (``x * 0.2``). The product is still the branch ``x`` is on, so the walk follows ``x``.
     """
     operands = mul_operands(node)
-    if operands is None or not all(isinstance(a, fx.Node) for a in operands):
+    if operands is None:
         return None
     a, b = operands
+    for x, number in ((a, b), (b, a)):  # x * 0.2 (NF-Nets' alpha, a res-scale written as a number)
+        if isinstance(x, fx.Node) and x.op != "get_attr" and isinstance(number, (int, float)) \
+                and not isinstance(number, bool):
+            return x
+    if not all(isinstance(a, fx.Node) for a in operands):
+        return None
     for x, scale in ((a, b), (b, a)):
         if x.op != "get_attr" and _scale_kind(scale, x, limit) is not None:
             return x
@@ -292,10 +310,20 @@ def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Nod
 
 
 def residual_blocks(gm: fx.GraphModule, attention_features: dict[str, str] | None = None) -> list[ResidualBlock]:
-    """Every residual add of ``gm`` whose branch is longer than its shortcut, in graph order."""
+    """Every residual add of ``gm`` whose branch is longer than its shortcut, in graph order.
+
+    A sum of parallel conv/norm branches of one input (RepVGG, MobileOne, ACNet while training) is one
+    block whose branch ends in the sum (:mod:`asr_fx.passes.parallel_branches`): its adds are not residual
+    adds of one branch and a shortcut (a shorter branch is no shortcut)."""
     blocks = []
+    sums = {s.node: s for s in parallel_sums(gm)}
+    inside = {a for s in sums.values() for a in s.adds}
     for add in gm.graph.nodes:
-        if not is_add(add):
+        if add in sums:
+            s = sums[add]
+            blocks.append(ResidualBlock(add, add, add, s.start, add, s.nodes))
+            continue
+        if not is_add(add) or add in inside:
             continue
         lhs, rhs = add.args
         found = _bfs_meet(lhs, rhs)

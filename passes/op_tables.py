@@ -20,8 +20,8 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul, torch.multiply)
 MUL_METHODS = ("mul", "mul_", "multiply", "multiply_")
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
-#: Python's augmented assignments, which write into their left operand (recorded by the tracer)
-INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+#: Python's augmented assignments and item assignment, which write into their left operand (recorded by the tracer)
+INPLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
 ADD_METHODS = ("add", "add_")
 #: ``torch.cat`` and its aliases
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)

@@ -26,6 +26,7 @@ from asr_fx.errors import InvalidOptionError, TraceError
 
 from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
                               tensor_like)
+from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
 from .plain_layers import plain_layers
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -159,7 +160,7 @@ class ASRTracer(fx.Tracer):
             return super().trace(root, concrete_args)
         self.concrete = ConcreteValues(root, self._example_inputs)
         try:
-            with state_kept(root):
+            with state_kept(root), recorded_factories(self):  # torch.ones(batch, n): a node, not an error
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
                              if n.op == "get_attr" and n.target in vars(root)}

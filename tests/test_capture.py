@@ -17,6 +17,7 @@ import asr_fx
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import EquivalenceError, NoSitesError, TraceError
 from asr_fx.passes import trace
+from asr_fx.passes.concrete_values import state_kept
 
 
 class NormAct(nn.BatchNorm2d):
@@ -348,3 +349,54 @@ def test_broadcast_add_of_a_pooled_context_is_not_a_residual_branch_and_res_scal
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in reference.parameters())
     with torch.no_grad():
         assert torch.allclose(fused(x), gm.eval()(x), atol=1e-5)
+
+
+class CachedBias(nn.Module):
+    """An eval-mode cache of a tensor computed from parameters (EfficientFormer's attention biases): filled by
+    the first call, so a model that has run once holds a tensor in ``self.cache``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.cache:
+            self.cache = {}  # training moves the bias: the cache is stale
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return x + self.bias * 2
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return x + self.cache[key]
+
+
+class BiasCache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.add_bias = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), CachedBias()
+
+    def forward(self, x):
+        return torch.relu(self.add_bias(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_a_tensor_cache_refilled_while_tracing_is_restored_with_its_old_tensors():
+    """A trace that refills a cache dict in place (EfficientFormer: emptied by train(), refilled by an eval
+    forward) left a new tensor beside the saved one; restoring compared them with ``==`` (an error)."""
+    torch.manual_seed(0)
+    model, x = BiasCache().eval(), torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        want = model(x)
+    cache = model.add_bias.cache
+    cached = cache["cpu"]
+    with state_kept(model):
+        cache["cpu"] = cached * 3  # the same dict object, a new tensor
+    assert model.add_bias.cache is cache and list(cache) == ["cpu"] and cache["cpu"] is cached
+    inst = asr_fx.instrument(model, example_inputs=(x,))
+    assert asr_fx.get_config(inst)["sites"] and model.add_bias.cache["cpu"] is cached
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want)

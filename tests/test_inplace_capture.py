@@ -8,6 +8,7 @@ import copy
 import operator
 import warnings
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -156,12 +157,61 @@ class WriteIntoScaledInputLater(nn.Module):
         return self.conv2(m) + y
 
 
-def test_a_later_inplace_write_into_the_scaled_input_is_refused_and_reported():
+@pytest.mark.parametrize("write", ["relu_", "setitem"])
+def test_a_later_inplace_write_into_the_scaled_input_is_refused_and_reported(write):
     torch.manual_seed(0)
-    model, x = WriteIntoScaledInputLater().eval(), torch.randn(2, 3, 4, 4)
+    model = (WriteIntoScaledInputLater() if write == "relu_" else WriteIntoScaledInputBySlice()).eval()
+    x = torch.randn(2, 3, 4, 4)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused = asr_fx.fuse(model, example_inputs=(x,))
         torch.testing.assert_close(fused(x), model(x))
     record = asr_fx.fusion_report(fused).records[0]
     assert not record.folded and "in-place" in record.reason, record.reason
+
+
+class SliceAssign(nn.Module):
+    """``a[:, :, 1:, 1:] = a[:, :, 1:, 1:] + rel`` (MViTv2's relative positions): torch.fx's Proxy has no
+    ``__setitem__``; the write is read again by ``softmax(a)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.rel = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        a = self.bn(self.conv(x)).relu()  # a norm-act site at bn
+        a[:, :, 1:, 1:] = a[:, :, 1:, 1:] + self.rel
+        return a.softmax(-1) + x.mean(1, keepdim=True)
+
+
+class WriteIntoScaledInputBySlice(WriteIntoScaledInputLater):
+    """As its parent, the later write being ``y[:, :2] = 0``."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        m = y * self.v
+        y[:, :2] = 0.0
+        return self.conv2(m) + y
+
+
+def test_item_assignment_is_traced_as_an_inplace_setitem_and_fuses():
+    torch.manual_seed(0)
+    vanilla, x = SliceAssign(), torch.randn(2, 3, 6, 6)
+    _randomize_bn(vanilla)
+    vanilla.eval()
+    gm = trace(vanilla)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(operator.setitem) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), vanilla(x))
+    model = asr_fx.instrument(vanilla, example_inputs=(x,)).eval()
+    assert asr_fx.get_config(model)["sites"]
+    for m in model.modules():
+        if hasattr(m, "psi"):
+            nn.init.normal_(m.psi, std=0.5)
+    with torch.no_grad():
+        ref = model(x)
+        fused = asr_fx.fuse(model, strict=True, example_inputs=(x,))
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in vanilla.parameters())

@@ -108,3 +108,51 @@ def test_a_bad_leaf_modules_item_names_it_and_the_accepted_forms():
     with pytest.raises(asr_fx.InvalidOptionError, match=r"leaf_modules takes module paths \(str\) or module classes, "
                                                         r"got 3 \(int\)"):
         asr_fx.instrument(model, leaf_modules=[3])
+class _FactoryFromShape(nn.Module):
+    """``torch.ones(batch, tokens)`` / ``torch.arange(tokens)`` from the input's shape (timm's Gemma4 patch
+    embedding): torch's argument parser takes no proxy as a size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):  # (B, N, 4)
+        b, n = x.shape[0], x.shape[1]
+        valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        position = torch.arange(n, device=x.device).float().unsqueeze(-1)
+        return self.proj(x) * valid.unsqueeze(-1) + position
+
+
+def test_tensor_factories_with_traced_sizes_are_recorded_and_keep_the_batch_free():
+    model, ones = _FactoryFromShape().eval(), torch.ones
+    gm = trace(model, example_inputs=(torch.randn(2, 5, 4),))
+    assert torch.ones is ones  # the patch lasts one trace
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ones in targets and torch.arange in targets
+    for shape in ((2, 5, 4), (3, 7, 4)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x))
+
+
+class _BufferExpand(nn.Module):
+    """A buffer expanded to the input's batch (Gemma4's rotary ``inv_freq[None, :, None].expand(b, -1, 1)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("freq", torch.arange(4.0), persistent=False)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):  # (B, 4)
+        return self.proj(x) * self.freq[None, :].expand(x.shape[0], -1)
+
+
+def test_size_methods_of_an_untraced_tensor_with_traced_sizes_are_recorded():
+    model, expand = _BufferExpand().eval(), torch.Tensor.expand
+    gm = trace(model, example_inputs=(torch.randn(2, 4),))
+    assert torch.Tensor.expand is expand
+    assert "expand" in [n.target for n in gm.graph.nodes if n.op == "call_method"]
+    for batch in (2, 5):
+        x = torch.randn(batch, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x))

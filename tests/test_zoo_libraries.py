@@ -33,7 +33,7 @@ HANDFUL = [
 
 def _entry(zoo: str, name: str):
     if zoo == "timm":
-        return _zoos.Entry(_zoos._timm_model(name.split("/")[1]))
+        return _zoos.timm_entry(name.split("/")[1])
     return _zoos.ZOOS[zoo]()[name]
 
 

@@ -22,8 +22,12 @@ import torch
 import asr_fx
 from asr_fx.equivalence import _tensors
 
-#: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies)
-MAX_PARAMS = 60_000_000
+#: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies).
+#: timm models over 60M parameters are first built from a reduced config (tools/_zoos.SHRINK_KWARGS);
+#: one whose constructor takes none of those keywords runs as it is up to this limit (PNASNet, 82M)
+MAX_PARAMS = 100_000_000
+#: sizes tried for an entry without its own list, after its own size
+FALLBACK_SIZES = (96, 128, 160, 224)
 STAGES = ("build", "instrument", "train", "eval", "fuse", "onnx")
 
 
@@ -37,6 +41,8 @@ class ZooRow:
     params_ok: bool = False
     status: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    input: str = ""  # the input size the model ran at
+    config: str = ""  # constructor keywords of a reduced config
 
     @property
     def ok(self) -> bool:
@@ -68,17 +74,36 @@ def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple
     return total
 
 
-def _fitting(entry, vanilla: torch.nn.Module):  # noqa: ANN001, ANN202 - tools/_zoos.Entry
-    """The entry at the smallest input size (its own, then 96 ... 224) the vanilla model runs on."""
-    for size in (entry.size, 96, 128, 160, 224):
+def _runs(model: torch.nn.Module, entry) -> Exception | None:  # noqa: ANN001 - tools/_zoos.Entry
+    try:
+        with torch.no_grad():
+            model(*entry.inputs(2, 1))
+        return None
+    except Exception as exc:  # noqa: BLE001 - does not take this size
+        return exc
+
+
+def _built(entry):  # noqa: ANN001, ANN202 - tools/_zoos.Entry
+    """``(vanilla model in eval mode, entry at its input size)``: the smallest size the model runs a batch of 2
+    at, from the entry's ``sizes`` (built for each size with ``entry.sized``), else its own size and then
+    :data:`FALLBACK_SIZES`. Raises when none fits, naming the sizes tried and the last error."""
+    sizes = entry.sizes or (entry.size, *(s for s in FALLBACK_SIZES if s > entry.size))
+    last: Exception | None = None
+    vanilla = None
+    for size in sizes:
         candidate = dataclasses.replace(entry, size=size)
-        try:
-            with torch.no_grad():
-                vanilla(*candidate.inputs(2, 1))
-            return candidate
-        except Exception:  # noqa: BLE001 - too small: try the next size
-            continue
-    return entry
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if entry.sized is not None or vanilla is None:
+                vanilla = (entry.sized(size) if entry.sized is not None else entry.build()).eval()
+        if asr_fx.count_parameters(vanilla) > MAX_PARAMS:
+            return vanilla, candidate  # skipped by the caller; no need to run it
+        last = _runs(vanilla, candidate)
+        if last is None:
+            return vanilla, candidate
+        gc.collect()
+    raise RuntimeError(f"the model runs at none of the input sizes {list(sizes)} (batch 2): "
+                       f"{type(last).__name__}: {str(last).strip().splitlines()[0] if str(last).strip() else ''}")
 
 
 def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - tools/_zoos.Entry
@@ -93,14 +118,13 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
 
     try:
         torch.manual_seed(0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            vanilla = entry.build().eval()
+        vanilla, entry = _built(entry)
+        row.input = f"{entry.size}"
+        row.config = ", ".join(f"{k}={v}" for k, v in entry.shrunk.items())
         size = asr_fx.count_parameters(vanilla)
         if size > MAX_PARAMS:
             row.status = f"skipped: {size / 1e6:.0f}M parameters, over this CPU sweep's {MAX_PARAMS // 10**6}M"
             return row
-        entry = _fitting(entry, vanilla)
         x = entry.inputs(2, 1)
         lap("instrument")
         model = asr_fx.instrument(vanilla, example_inputs=x)

@@ -6,14 +6,31 @@ Each zoo is a function returning ``{name: Entry}``; an entry builds the model la
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 #: timm names that suggest a small member of a family, best first
 _SMALL = ("atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "mobile", "b0", "18", "s0", "050", "lite")
+#: input sizes tried for a timm model, smallest first (the model's pretrained_cfg input size is added)
+TIMM_SIZES = (64, 96, 128, 160, 192, 224, 240, 256)
+#: a model over this many parameters is built from a reduced config (:data:`SHRINK_KWARGS`)
+SHRINK_ABOVE = 60_000_000
+#: constructor keywords that make a timm model smaller, tried in this order on models over
+#: :data:`SHRINK_ABOVE` parameters; each is kept when the model builds with it and has fewer parameters,
+#: until it is under the limit (a constructor without the keyword raises TypeError: skipped)
+SHRINK_KWARGS: tuple[dict, ...] = (
+    {"depth": 2},  # ViT-style: number of blocks
+    {"embed_dim": 192, "num_heads": 3},  # ViT-style width (head dim 64)
+    {"intermediate_size": 768},  # Gemma/Qwen-style MLP width
+    {"channel_multiplier": 0.25},  # EfficientNet-style builders (MobileNetV5)
+    {"num_features": 2016},  # NASNet: cell width is num_features // 24 (84; 42 does not run)
+    {"num_blocks": 2},  # MLP-Mixer / gMLP: number of blocks
+    {"mlp_ratio": 0.25},  # VGG's pre-logits ConvMlp, MLP widths
+)
 
 
 @dataclass
@@ -22,6 +39,12 @@ class Entry:
     size: int = 64
     detector: bool = False  # takes a list of images, returns post-processed boxes: eval outputs are compared
     frames: int = 0  # video models: clips of this many frames
+    #: builds the model for one input size (timm: ``img_size=``); with ``sizes``, the sweep takes the first
+    #: size whose model runs a batch of 2
+    sized: Callable[[int], torch.nn.Module] | None = None
+    sizes: tuple[int, ...] = ()
+    #: the constructor keywords that reduced the model (:data:`SHRINK_KWARGS`), for the results table
+    shrunk: dict = field(default_factory=dict)
 
     def inputs(self, batch: int, seed: int) -> tuple:
         gen = torch.Generator().manual_seed(seed)
@@ -41,18 +64,85 @@ def _smallest(names: list[str]) -> str:
     return min(names, key=score)
 
 
-def _timm_model(name: str) -> Callable[[], torch.nn.Module]:
-    def build() -> torch.nn.Module:
-        import timm  # optional dependency: the test extra
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
-        for kwargs in ({"img_size": 64}, {}):
+
+def _timm_create(name: str, **kwargs: object) -> torch.nn.Module:
+    import timm  # optional dependency: the test extra
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def _timm_size(name: str, **kwargs: object) -> int:
+    """The parameter count of ``name`` built with ``kwargs``, built on the meta device (no memory, no init cost)
+    where its constructor allows it."""
+    try:
+        with torch.device("meta"):
+            return _count(_timm_create(name, **kwargs))
+    except TypeError:
+        raise
+    except Exception:  # noqa: BLE001 - an init that needs real tensors: build it for real
+        return _count(_timm_create(name, **kwargs))
+
+
+def timm_shrink_kwargs(name: str) -> dict:
+    """The keywords of :data:`SHRINK_KWARGS` that bring ``name`` under :data:`SHRINK_ABOVE` parameters (greedy,
+    in order; ``{}`` for a model already under it or one whose constructor takes none of them)."""
+    kept: dict = {}
+    size = _timm_size(name)
+    for extra in SHRINK_KWARGS:
+        if size <= SHRINK_ABOVE:
+            break
+        try:
+            smaller = _timm_size(name, **kept, **extra)
+        except Exception:  # noqa: BLE001 - the constructor does not take it (or not this value): next
+            continue
+        if smaller < size:
+            kept, size = {**kept, **extra}, smaller
+        gc.collect()
+    return kept
+
+
+def _timm_model(name: str, shrink: dict | None = None) -> Callable[..., torch.nn.Module]:
+    """A builder of ``name`` for one input size: ``img_size=size`` where the constructor takes it."""
+    def build(size: int = 64) -> torch.nn.Module:
+        for kwargs in ({"img_size": size}, {}):
             try:
-                return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+                return _timm_create(name, **(shrink or {}), **kwargs)
             except TypeError:
                 continue
         raise RuntimeError(f"timm could not build {name}")
 
     return build
+
+
+def timm_sizes(name: str) -> tuple[int, ...]:
+    """:data:`TIMM_SIZES` and the model's pretrained_cfg input size, ascending."""
+    import timm  # optional dependency
+
+    sizes = set(TIMM_SIZES)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is not None and cfg.input_size:
+        sizes.add(int(cfg.input_size[-1]))
+    return tuple(sorted(sizes))
+
+
+def timm_entry(name: str) -> Entry:
+    """One timm model: reduced where it is large (:func:`timm_shrink_kwargs`, decided on the first build and
+    recorded in ``Entry.shrunk``), built for the smallest input size it runs on (:func:`timm_sizes`)."""
+    shrunk: dict = {}
+    decided: list[bool] = []
+
+    def sized(size: int = 64) -> torch.nn.Module:
+        if not decided:
+            shrunk.update(timm_shrink_kwargs(name))
+            decided.append(True)
+        return _timm_model(name, shrunk)(size)
+
+    return Entry(sized, sized=sized, sizes=timm_sizes(name), shrunk=shrunk)
 
 
 def timm_zoo(per_family: int = 1) -> dict[str, Entry]:
@@ -69,7 +159,7 @@ def timm_zoo(per_family: int = 1) -> dict[str, Entry]:
             picked.append(best)
             names = [n for n in names if n != best]
         for name in picked:
-            out[f"{family}/{name}"] = Entry(_timm_model(name))
+            out[f"{family}/{name}"] = timm_entry(name)
     return out
 
 

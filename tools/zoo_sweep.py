@@ -19,6 +19,17 @@ Usage::
     python tools/zoo_sweep.py resnet18 vgg11_bn --out /tmp/x.md  # a few
     python tools/zoo_sweep.py --zoo timm                         # -> tools/results/zoo_timm.md
     python tools/zoo_sweep.py --zoo hf ViT Swin --no-onnx        # zoos: timm hf yolo tvtasks smp (tools/_zoos.py)
+
+The other zoos (``--zoo``, tools/_zoo_run.py) run batch 2 with ONNX on (``--no-onnx`` turns it off) at the
+smallest input size the model runs on. timm: one model per architecture family, built for each of the
+sizes 64, 96, 128, 160, 192, 224, 240, 256 and its pretrained_cfg input size (``img_size=`` where the
+constructor takes it), smallest first, until one runs; a model over 60M parameters is built from a reduced
+config: the constructor keywords of ``tools/_zoos.SHRINK_KWARGS`` (``depth=2``, ``embed_dim=192,
+num_heads=3``, ``intermediate_size=768``, ``channel_multiplier=0.25``, ``num_features=2016``,
+``num_blocks=2``, ``mlp_ratio=0.25``) are tried in order, each kept when the model builds with it and has
+fewer parameters (counted on the meta device), until it is under 60M; one whose constructor takes none of
+them runs as it is up to 100M parameters (``tools/_zoo_run.MAX_PARAMS``). The results table lists the input
+size and the keywords used.
 """
 
 from __future__ import annotations
@@ -245,19 +256,37 @@ def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
     path.write_text("\n".join(lines))
 
 
-def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool) -> str:
+#: how the zoo sweeps choose sizes and configs (the results header says it)
+_ZOO_INPUTS = (
+    "Inputs: batch 2 at the smallest input size the model runs on: a timm model is built for each size "
+    "(`img_size=` where its constructor takes it) of 64, 96, 128, 160, 192, 224, 240, 256 and its "
+    "pretrained_cfg input size, smallest first; other zoos: the entry's own size, then 96, 128, 160, 224. "
+    "A timm model over 60M parameters is built from a reduced config: the constructor keywords of "
+    "`tools/_zoos.SHRINK_KWARGS` (depth=2; embed_dim=192, num_heads=3; intermediate_size=768; "
+    "channel_multiplier=0.25; num_features=2016; num_blocks=2; mlp_ratio=0.25) are tried in that order and each one kept "
+    "when the model builds with it and gets smaller, until it is under 60M (column `config`); a model whose "
+    "constructor takes none of them runs as it is up to 100M parameters, larger ones are skipped.")
+
+
+def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float | None = None) -> str:
     ok = sum(r.ok for r in rows)
-    body = [(r.model, r.sites, r.parts or "", _fmt(r.fuse_err), _fmt(r.ort_err), "yes" if r.params_ok else "no",
-             " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300]) for r in rows]
-    headers = ["model", "sites", "parts", "max fuse err", "max ORT err", "params == fuse(vanilla)",
+    body = [(r.model, r.input, r.config, r.sites, r.parts or "", _fmt(r.fuse_err), _fmt(r.ort_err),
+             "yes" if r.params_ok else "no", " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300])
+            for r in rows]
+    headers = ["model", "input", "config", "sites", "parts", "max fuse err", "max ORT err", "params == fuse(vanilla)",
                "seconds: " + " / ".join(STAGES), "status"]
+    total_s = sum(sum(r.seconds.values()) for r in rows)
+    took = f" Time: {total_s / 60:.0f} min, the sum of every row's stage times" + (
+        f"; this run's wall time {minutes:.0f} min." if minutes is not None else
+        " (rows rerun with --update keep their new times).")
     return "\n".join([
         f"# asr-fx on the {zoo} zoo", "",
         f"Written by `tools/zoo_sweep.py --zoo {zoo}` (torch {torch.__version__}, random weights, CPU, batch 2). "
         "Per model: instrument -> one SGD step -> eval (batch independence) -> fuse(strict=True) -> parameters "
-        "against fuse(vanilla)" + (" -> ONNX in onnxruntime" if onnx else " (ONNX not run: --no-onnx)")
+        "against fuse(vanilla)" + (" -> ONNX verified in onnxruntime" if onnx else " (ONNX not run: --no-onnx)")
         + "; detectors: eval outputs of the fused model against the instrumented one. `parts`: captured parts "
-        "when the whole forward does not trace (partial capture).", "",
+        "when the whole forward does not trace (partial capture)." + took, "",
+        _ZOO_INPUTS, "",
         f"**{ok} of {len(rows)} pass**" + (f" ({len(rows)} of {total} swept)" if len(rows) < total else ""), "",
         tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""])
 
@@ -272,12 +301,14 @@ def zoo_main(zoo: str, names: list[str], onnx: bool, out: Path | None, update: b
     if update and saved.exists():
         rows = [ZooRow(**r) for r in json.loads(saved.read_text()) if r["model"] not in chosen]
     order = list(entries)
+    began = time.perf_counter()
     for name in tqdm(chosen, desc=zoo):
         row = run_entry(name, entries[name], onnx=onnx)
         rows.append(row)
         rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
         print(f"{name:40s} {row.status[:160]} {row.seconds}", flush=True)
-        out.write_text(_zoo_markdown(zoo, rows, len(entries) if update else len(chosen), onnx))
+        out.write_text(_zoo_markdown(zoo, rows, len(entries) if update else len(chosen), onnx,
+                                     None if update else (time.perf_counter() - began) / 60))
         saved.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     print(f"\n{sum(r.ok for r in rows)} of {len(rows)} ok; wrote {out}")
     return 0 if all(r.ok or r.status.startswith("skipped") for r in rows) else 1
