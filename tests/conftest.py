@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import asr_fx
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 FUSE_RTOL = 1e-5
@@ -53,6 +55,20 @@ def assert_same_detections(got: list[dict], want: list[dict], count: int) -> Non
         assert torch.equal(g["labels"], w["labels"])
         torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(g["scores"], w["scores"], rtol=1e-4, atol=1e-5)
+
+
+def fuse_checked(model: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> nn.Module:
+    """``model`` (instrumented) with psi moved off its start, in eval mode, fused with ``strict=True``; the
+    fused model's output on ``x`` is asserted equal to the instrumented one's (rtol = atol = ``tol``)."""
+    model.eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "psi"):
+                nn.init.normal_(m.psi, std=0.5)
+        ref = model(x)
+        fused = asr_fx.fuse(model, strict=True, example_inputs=(x,))
+        torch.testing.assert_close(fused(x), ref, rtol=tol, atol=tol)
+    return fused
 
 
 def perturb_asr(model: nn.Module, seed: int = 0) -> None:

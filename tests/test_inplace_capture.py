@@ -15,6 +15,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx.passes.trace import trace
+from conftest import fuse_checked
 from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; return z + y
 
 INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
@@ -110,13 +111,7 @@ def test_residual_inplace_add_stays_in_place_after_instrument_and_fuse():
     _randomize_bn(vanilla)
     assert len(_inplace_nodes(trace(vanilla))) == 2
     model = asr_fx.instrument(vanilla, example_inputs=(x,)).eval()
-    for m in model.modules():
-        if hasattr(m, "psi"):
-            nn.init.normal_(m.psi, std=0.5)
-    with torch.no_grad():
-        ref = model(x)
-        fused = asr_fx.fuse(model, strict=True, example_inputs=(x,))
-        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    fused = fuse_checked(model, x)
     assert len(_inplace_nodes(fused)) == 2
     assert not [n for n in fused.graph.nodes if n.target is operator.add]
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in vanilla.parameters())
@@ -207,11 +202,5 @@ def test_item_assignment_is_traced_as_an_inplace_setitem_and_fuses():
         torch.testing.assert_close(gm(x), vanilla(x))
     model = asr_fx.instrument(vanilla, example_inputs=(x,)).eval()
     assert asr_fx.get_config(model)["sites"]
-    for m in model.modules():
-        if hasattr(m, "psi"):
-            nn.init.normal_(m.psi, std=0.5)
-    with torch.no_grad():
-        ref = model(x)
-        fused = asr_fx.fuse(model, strict=True, example_inputs=(x,))
-        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    fused = fuse_checked(model, x)
     assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in vanilla.parameters())
