@@ -321,9 +321,8 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
         raise VanillaModelError("into= must be a freshly built vanilla model, not the model given to fuse or a "
                                 "part of it: build one with the same factory, e.g. into=torchvision.models.resnet50()")
     known = equivalence.probe_inputs(source, example_inputs)
-    state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules,
-                             example_inputs=tuple(known) if known is not None else None)
-    inputs = probe_inputs(fused, source, example_inputs)
+    state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=known)
+    inputs = known if known is not None else probe_inputs(fused, source, None)
     backup = {k: v.detach().clone() for k, v in vanilla.state_dict().items()}
     modes = {m: m.training for m in vanilla.modules()}
     try:

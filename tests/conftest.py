@@ -57,6 +57,22 @@ def assert_same_detections(got: list[dict], want: list[dict], count: int) -> Non
         torch.testing.assert_close(g["scores"], w["scores"], rtol=1e-4, atol=1e-5)
 
 
+def fuse_detector_checked(vanilla: nn.Module, instrumented: nn.Module, images: list[torch.Tensor], count: int,
+                          acting: str, seed: int = 0, scale: float = 0.5) -> nn.Module:
+    """``instrumented`` (from ``vanilla``, a torchvision detector) with its ASR parameters moved off their start,
+    fused with ``strict=True``: no ASR parameter is left, the blocks change the detections' ``acting`` field
+    against ``vanilla``, and the fused detector returns the instrumented one's detections."""
+    perturb_asr(instrumented, seed, scale)
+    instrumented.eval()
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=(images,))
+    assert not any(".asr." in f".{n}" for n, _ in fused.named_parameters())
+    with torch.no_grad():
+        before, want, got = vanilla(images), instrumented(images), fused(images)
+    assert any(not torch.equal(b[acting], w[acting]) for b, w in zip(before, want))  # the blocks act
+    assert_same_detections(got, want, count)
+    return fused
+
+
 def fuse_checked(model: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> nn.Module:
     """``model`` (instrumented) with psi moved off its start, in eval mode, fused with ``strict=True``; the
     fused model's output on ``x`` is asserted equal to the instrumented one's (rtol = atol = ``tol``)."""
@@ -71,13 +87,13 @@ def fuse_checked(model: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> nn.Mod
     return fused
 
 
-def perturb_asr(model: nn.Module, seed: int = 0) -> None:
+def perturb_asr(model: nn.Module, seed: int = 0, scale: float = 0.5) -> None:
     """Move psi and attention weights away from their init so v differs per channel."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("asr.") or ".asr." in name:  # a part's blocks: <part>.asr.*
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 class SharedBN(nn.Module):

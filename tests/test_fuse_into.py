@@ -208,6 +208,27 @@ def test_a_vanilla_that_computes_otherwise_refuses_naming_the_output():
     assert _same_state(vanilla, before) and vanilla.training
 
 
+class _ScalesItsInput(SmallResidual):
+    """Writes into its input (``x.mul_(2)``) before the residual body."""
+
+    def forward(self, x):
+        x.mul_(2)
+        return super().forward(x)
+
+
+def test_into_a_model_that_writes_into_its_input_checks_both_on_the_same_input():
+    """The output check gives each model its own copy of the probe: run on one shared tensor, the fused
+    model's in-place write doubled the vanilla model's input and the check refused a correct model."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    asr = _trained(_ScalesItsInput(), x)
+    vanilla = _ScalesItsInput()
+    assert asr_fx.fuse(asr, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
+    probe = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(asr(probe.clone()), vanilla(probe.clone())) <= FUSE_RTOL
+
+
 def test_into_the_instrumented_model_itself_refuses():
     asr = asr_fx.instrument(SmallResidual()).eval()
     with pytest.raises(VanillaModelError, match="freshly built"):

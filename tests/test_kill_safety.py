@@ -67,3 +67,25 @@ def test_killed_fuse_keeps_the_old_output_and_the_next_runs_leave_nothing(setup)
     assert proc.returncode == 0, proc.stderr
     assert leftovers(out_dir, tmp_dir) == []
     onnx.checker.check_model(str(out_dir / "model.onnx"))
+
+
+_SIGNAL_WHILE_LOCKED = """
+import os, signal, sys
+from asr_fx import atomic
+with atomic.temp_folder(sys.argv[1], "locked") as folder:
+    print(folder, flush=True)
+    with atomic._lock:  # the handler runs while the main thread holds the lock that guards the folder list
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10 ** 6):
+            pass
+"""
+
+
+def test_sigterm_while_the_folder_list_is_locked_still_removes_the_folder(tmp_path):
+    """The handler takes the lock the interrupted code holds: a plain Lock deadlocked (the run hung until
+    SIGKILLed, leaving its folder); the re-entrant one removes the folder and dies of the signal."""
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_LOCKED, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.stdout.strip() and not Path(proc.stdout.strip()).exists()
+    assert list(tmp_path.iterdir()) == []

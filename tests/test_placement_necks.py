@@ -13,7 +13,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import asr_fx
-from conftest import assert_same_detections, perturb_asr, rel_err
+from conftest import fuse_detector_checked, perturb_asr, rel_err
 
 
 def _cbr(cin: int, cout: int) -> nn.Sequential:
@@ -154,11 +154,4 @@ def test_torchvision_retinanet_gets_sites_in_backbone_and_fpn_and_fused_boxes_ma
     assert by_rule["neck"] == [f"fpn.{kind}_blocks.{i}.0" for i in (2, 1, 0) for kind in ("inner", "layer")]
     assert "fpn.extra_blocks.p6" in by_rule["norm-act"] and not any(m.startswith("body.conv1") or m == "body.bn1"
                                                                    for m in by_rule["norm-act"])
-    perturb_asr(inst)
-    inst.eval()
-    fused = asr_fx.fuse(inst, strict=True, example_inputs=(images,))
-    assert not any(".asr." in f".{n}" for n, _ in fused.named_parameters())
-    with torch.no_grad():
-        vanilla, want, got = model(images), inst(images), fused(images)
-    assert any(not torch.equal(v["scores"], w["scores"]) for v, w in zip(vanilla, want))  # the blocks act
-    assert_same_detections(got, want, 5)
+    fuse_detector_checked(model, inst, images, 5, acting="scores")
