@@ -10,6 +10,7 @@ call).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
@@ -154,13 +155,15 @@ class ASRTracer(fx.Tracer):
         return InplaceProxy(node, self)  # records `a += b` / `a *= b` as in-place ops
 
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        """With ``example_inputs``: every operation also runs on the example's values
-        (:mod:`asr_fx.passes.concrete_values`); buffers and the RNG state are restored afterwards."""
-        if self._example_inputs is None or not isinstance(root, nn.Module):
+        """torch.fx's trace, leaving ``root`` as it was (:func:`~asr_fx.passes.concrete_values.state_kept`:
+        buffers, module attributes a forward caches, the RNG state). With ``example_inputs`` every operation
+        also runs on the example's values (:mod:`asr_fx.passes.concrete_values`)."""
+        if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
-        self.concrete = ConcreteValues(root, self._example_inputs)
-        try:
-            with state_kept(root), recorded_factories(self):  # torch.ones(batch, n): a node, not an error
+        shape_aware = self._example_inputs is not None
+        self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
+        try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
+            with state_kept(root), (recorded_factories(self) if shape_aware else contextlib.nullcontext()):
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
                              if n.op == "get_attr" and n.target in vars(root)}

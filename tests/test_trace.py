@@ -156,3 +156,25 @@ def test_size_methods_of_an_untraced_tensor_with_traced_sizes_are_recorded():
         x = torch.randn(batch, 4)
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x))
+
+
+class _CachesItsInputShape(nn.Module):
+    """Caches ``x.shape`` on every call (YOLO's ``Detect`` caches ``self.shape`` and its anchors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.seen: list = []
+
+    def forward(self, x):
+        self.last_shape = x.shape
+        self.seen.append(x.shape)
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("example", [None, (torch.randn(2, 3, 4, 4),)], ids=["plain", "shape-aware"])
+def test_tracing_leaves_attributes_a_forward_caches_as_they_were(example):
+    model = _CachesItsInputShape()
+    gm = trace(model, example_inputs=example)
+    assert not hasattr(model, "last_shape") and model.seen == []  # no tracer proxy left on the model
+    assert isinstance(gm, torch.fx.GraphModule)
