@@ -24,7 +24,7 @@ from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_con
 from asr_fx.equivalence import check_instrumented, expected_outputs
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
-from asr_fx.partial_capture import instrument_parts
+from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
 from asr_fx.passes import Site, insert_asr, trace
 from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
 from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
@@ -319,6 +319,8 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, gr
                             leaf_modules=o["leaf_modules"], preset=o["preset"],
                             convert_existing=o["convert_existing"], norm_fused=norm_fused)
     try:
+        if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
+            raise TraceError("the sites name parts of the model")
         gm, records = READ_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
         return instrument_parts(model, exc, instrument_one, {**options, "norm_fused": norm_fused})
@@ -326,6 +328,10 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, gr
     config = _config(model, gm, chosen, pipeline_options)
     found = graph_form or (plan(gm, chosen, model, norm_fused) if not o["convert_existing"] else
                            "convert_existing=True rewrites the model's own attention inside its forward")
+    parts = in_parts(model, found, gm, chosen, instrument_one, {**options, "norm_fused": norm_fused}) \
+        if isinstance(found, str) and not graph_form and not o["convert_existing"] else None
+    if parts is not None:
+        return parts
     if isinstance(found, str):
         return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok or bool(graph_form),
                            o["check"], warn=not graph_form)

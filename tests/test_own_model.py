@@ -190,3 +190,30 @@ def test_fuse_of_a_model_trained_one_step_matches_in_eval():
         fused = asr_fx.fuse(model)
     with torch.no_grad():
         assert rel_err(model.eval()(X), fused(X)) <= FUSE_RTOL
+
+
+class WithParallelBlock(nn.Module):
+    """A model whose functional site (a parallel sum) is inside a child: that child is captured alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+        self.block = ParallelBranches()
+        self.label = "outer"
+
+    def forward(self, x, scale: float = 1.0):
+        return self.block(self.stem(x)) * scale
+
+
+def test_a_functional_site_inside_a_child_is_captured_there_and_the_model_keeps_its_class():
+    vanilla = WithParallelBlock().eval()
+    chosen = asr_fx.find_sites(vanilla, example_inputs=(X,))
+    with pytest.warns(UserWarning, match=r"captures \['block'\] as GraphModules inside it"):
+        model = asr_fx.instrument(vanilla, example_inputs=(X,))
+    assert type(model) is WithParallelBlock and isinstance(model.block, torch.fx.GraphModule)
+    assert len(asr_fx.asr_config(model).sites) == len(chosen) and model.label == "outer"
+    perturb_asr(model)
+    fused = asr_fx.fuse(model.eval(), example_inputs=(X,))
+    assert type(fused) is WithParallelBlock and not any(".asr." in k for k in fused.state_dict())
+    with torch.no_grad():
+        assert rel_err(model(X, scale=2.0), fused(X, scale=2.0)) <= FUSE_RTOL
