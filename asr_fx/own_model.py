@@ -38,7 +38,8 @@ from asr_fx.errors import ASRError
 from asr_fx.passes import Site, trace
 from asr_fx.passes.asr_blocks import ASR
 from asr_fx.passes.insert import insert_asr
-from asr_fx.passes.module_form import CONTAINER, Attachment, attach, attachments, bn_form_fits, strip_module_form
+from asr_fx.passes.module_form import (CONTAINER, Attachment, affine_form_fits, attach, attachments, bn_form_fits,
+                                      strip_module_form)
 
 #: ``model.__dict__`` entry with the ``leaf_modules`` instrument traced with (fuse traces with them again)
 LEAVES = "_asr_fx_leaf_modules"
@@ -88,6 +89,8 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
         return f"site `{site.node}`: the model has no module `{path}` (the trace made it)"
     traced = gm.get_submodule(path)
     if type(own) is not type(traced):
+        if index is None and affine_form_fits(own, traced):  # a composite layer: its norm/linear output scaled
+            return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "
                 "(a composite layer traced through), so the module's own output is another value")
     kind = "bn" if norm_fused and index is None and bn_form_fits(own) else "hook"
