@@ -80,6 +80,8 @@ def _value(block: nn.Module) -> torch.Tensor | None:
     held = block.__dict__.get(_VALUE)
     if held is None or held.v is None:
         return None
+    if torch.compiler.is_compiling():  # compiled: the value of this forward only (no data pointers to compare)
+        return held.v if held.live else None
     if not (held.live or torch._C._current_graph_task_id() != -1) or held.stamp != _stamp(block):
         return None
     return held.v
@@ -104,7 +106,8 @@ class HoistValues:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         for block in self.blocks.values():
             if isinstance(block, ASR):
-                block.__dict__[_VALUE] = _Held(block.attention_value(), _stamp(block), True)
+                stamp = () if torch.compiler.is_compiling() else _stamp(block)
+                block.__dict__[_VALUE] = _Held(block.attention_value(), stamp, True)
 
 
 class EndOfForward:
