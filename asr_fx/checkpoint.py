@@ -163,7 +163,7 @@ def instrument_from_config(model: nn.Module, config: ASRConfig | dict[str, Any],
                            leaf_modules: Any = None) -> nn.Module:
     """Re-instrument a vanilla model exactly as recorded: same sites, attention and options.
 
-    ``norm_fused`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
+    ``bn_affine_form`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
     ``delta == 1`` (as :func:`asr_fx.instrument`); absent from a config older than the option, off."""
     config = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
     options = config.instrument_options()

@@ -34,16 +34,13 @@ from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
 from asr_fx.passes.export_forms import for_export
 from asr_fx.passes.modes import preserved_training_modes
-from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names before verify.py existed
+from asr_fx.verify import (
     ExportReport,
     Inputs,
-    OutputError,
     as_args,
     check_runnable,
-    compare,
     default_rtol,
     flatten_outputs,
-    fp32_matmul_precision,
     onnx_op_counts,
     op_count_diff,
     verify_onnx,

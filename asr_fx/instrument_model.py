@@ -18,9 +18,9 @@ from torch import nn
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
-from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
+from asr_fx.config import ASRConfig, set_config
 from asr_fx.equivalence import check_instrumented
-from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
+from asr_fx.errors import InvalidOptionError, NoSitesError, TraceError, UnfoldableSiteError, UnknownSiteError
 from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, insert_asr, trace
 from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
@@ -55,7 +55,7 @@ def select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: Si
             known = {n for s in candidates for n in (s.node, s.module)}
             missing = [name for name in sites if name not in known]
             if missing:
-                raise ASRError(
+                raise UnknownSiteError(
                     f"sites={missing} name no conv/norm/linear call in the traced graph; "
                     f"candidates include {[s.module or s.node for s in candidates[:8]]}"
                 )
@@ -143,8 +143,9 @@ def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
         )
     unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
     if unfoldable:
-        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
-                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
+        raise UnfoldableSiteError(
+            f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
+            + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""), sites=unfoldable)
     return PassResult(gm, False, (*chosen, *existing))
 
 
@@ -184,8 +185,8 @@ def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassRes
 
 
 def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``norm_fused``: blocks right after an affine BatchNorm take the BN-affine training form."""
-    return to_bn_affine_form(gm) if context.options["norm_fused"] else PassResult(gm, False)
+    """With ``bn_affine_form``: blocks right after an affine BatchNorm take the BN-affine training form."""
+    return to_bn_affine_form(gm) if context.options["bn_affine_form"] else PassResult(gm, False)
 
 
 def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -222,7 +223,7 @@ def instrument(
     leaf_modules: Any = None,
     preset: str | None = None,
     convert_existing: bool = False,
-    norm_fused: bool | None = None,
+    bn_affine_form: bool | None = None,
     check: bool = True,
 ) -> nn.Module:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
@@ -250,10 +251,10 @@ def instrument(
             found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
             ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
             at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
-        norm_fused: the BN-affine *training form* at BatchNorm sites (not a fused model; the name is
-            kept for compatibility). ``True``: a block right after an affine
+        bn_affine_form: the BN-affine *training form* at BatchNorm sites (a way to train, not a fused
+            model). ``True``: a block right after an affine
             ``nn.BatchNorm`` computes that BN with affine ``weight * v, bias * v``
-            (:class:`asr_fx.asr.NormFusedASR`: the same function, but BN's output is not kept for the
+            (:class:`asr_fx.asr.BatchNormAffineASR`: the same function, but BN's output is not kept for the
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
@@ -266,11 +267,11 @@ def instrument(
     is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
     """
     options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
-    if norm_fused is None:
-        norm_fused = delta == 1
-    if norm_fused and delta != 1:
-        raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
-                                 f"delta={delta}; drop norm_fused or use delta=1")
+    if bn_affine_form is None:
+        bn_affine_form = delta == 1
+    if bn_affine_form and delta != 1:
+        raise InvalidOptionError(f"bn_affine_form=True puts one block inside each BatchNorm and needs delta=1, got "
+                                 f"delta={delta}; drop bn_affine_form or use delta=1")
     resolve_preset(preset, activation, psi_init)  # refuses a preset that contradicts activation/psi_init
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
@@ -279,7 +280,7 @@ def instrument(
                             exclude=exclude, delta=delta, activation=activation, psi_init=psi_init,
                             learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
                             example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
-                            convert_existing=convert_existing, norm_fused=norm_fused)
+                            convert_existing=convert_existing, bn_affine_form=bn_affine_form)
     try:
         gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
@@ -298,7 +299,7 @@ def instrument(
         learnable_psi=learnable_psi,
         preset=settings.preset,
         convert_existing=convert_existing,
-        norm_fused=norm_fused,
+        bn_affine_form=bn_affine_form,
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)

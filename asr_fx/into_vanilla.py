@@ -41,7 +41,7 @@ from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.partial_capture import is_partial
 from asr_fx.passes import trace
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
-from asr_fx.report import FusionReport
+from asr_fx.fusion import FusionReport, fusion_report
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
 RTOL = 1e-5
@@ -151,7 +151,7 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
     reads). Raises :class:`VanillaModelError` naming the site and reason where a fold has no place
     in the vanilla class, or the first key/shape mismatches for another architecture.
     """
-    report = fused.meta.get("asr_fx.fusion") if isinstance(fused.meta, dict) else None
+    report = fusion_report(fused)
     fused_state, target = fused.state_dict(), vanilla.state_dict()
     modules = {name for name, _ in vanilla.named_modules()}
     foreign = [k for k in fused_state if k not in target and _owner_and_name(k)[0] not in modules

@@ -27,9 +27,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.config import asr_config, set_config
+from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.equivalence import check_fused, saved_state
-from asr_fx.errors import ASRError, NoSitesError, TraceError
+from asr_fx.errors import ASRError, InputShapeError, NoSitesError, TraceError
+from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
@@ -47,8 +48,9 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
             model.eval()
             model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))  # caller's stay as they are
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
-        raise ASRError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
-                       "Pass inputs its forward accepts") from exc
+        raise InputShapeError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
+                              "Pass inputs its forward accepts", shape=next((list(t.shape) for t in example_inputs
+                                                   if isinstance(t, torch.Tensor)), None)) from exc
     finally:
         for h in handles:
             h.remove()
@@ -192,7 +194,7 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     """A copy of a partially captured ``model`` with every instrumented part fused in place (eval mode).
 
     ``options`` are :func:`asr_fx.fuse`'s keyword arguments; the fusion reports of the parts are joined
-    on the result (``fused.meta["asr_fx.fusion"]``).
+    on the result (:func:`asr_fx.fusion.fusion_report`).
     """
     example_inputs = options.get("example_inputs")
     work = copy.deepcopy(model).eval()
@@ -210,10 +212,10 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         fused = fuse(part, **{**options, "example_inputs": probe, "check": options.get("check", True) and not whole_check})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
-        reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
+        reports.append(fusion_report(fused))
     records = [r for report in reports if report is not None for r in report.records]
     blocks = tuple(b for report in reports if report is not None for b in report.blocks)
-    work.meta = {"asr_fx.fusion": type(reports[0])(records, blocks) if reports and reports[0] is not None else None}
+    work.meta = {FUSION_KEY: FusionReport(records, blocks) if any(r is not None for r in reports) else None}
     if options.get("check", True):  # on example_inputs, else the recorded input shape
         check_fused(model, work, example_inputs)
     return work.eval()

@@ -28,10 +28,10 @@ from torch import nn
 from asr_fx import onnx_runtime, openvino_runtime
 from asr_fx._util import count_parameters, meta_tensors
 from asr_fx.errors import (
-    ASRError,
     DifferentModelError,
     InputShapeError,
     InvalidOptionError,
+    OnnxFileError,
     UnsupportedModelError,
     VerificationError,
 )
@@ -335,7 +335,7 @@ def _open(path: str, runtime: str, providers: Sequence[str] | None, report: Expo
             sess = onnx_runtime.session(path, providers)
             report.provider = sess.get_providers()[0]
     except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
-        raise ASRError(f"{runtime} cannot load {path!r}: {_first_line(exc)}") from exc
+        raise OnnxFileError(f"{runtime} cannot load {path!r}: {_first_line(exc)}", path=path, runtime=runtime) from exc
     return sess
 
 
@@ -386,7 +386,8 @@ def _compare_on(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: flo
     try:
         actual = _run(sess, kwargs if kwargs else args)
     except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
-        raise ASRError(f"{_runtime_name(sess)} cannot run the ONNX file{label}: {_first_line(exc)}") from exc
+        raise OnnxFileError(f"{_runtime_name(sess)} cannot run the ONNX file{label}: {_first_line(exc)}",
+                            runtime=_runtime_name(sess)) from exc
     errors = compare(expected, actual, rtol, atol, names)
     for e in errors:
         e.name += label

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import InputShapeError
 
 from .infra import PassContext, PassResult
 from .modes import preserved_training_modes
@@ -43,8 +43,9 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
         shapes = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ASRError(f"example_inputs of shape(s) {shapes} do not fit the model: {first}. "
-                       "Pass inputs the model's forward accepts, e.g. (torch.randn(1, 3, 224, 224),)") from None
+        raise InputShapeError(f"example_inputs of shape(s) {shapes} do not fit the model: {first}. "
+                              "Pass inputs the model's forward accepts, e.g. (torch.randn(1, 3, 224, 224),)",
+                              shape=list(shapes[0]) if shapes else None) from None
     return gm
 
 

@@ -79,7 +79,7 @@ def formats(tmp_path_factory):
 def cli_runs(formats):
     """One subprocess runs ``asr-fx fuse`` (its ``main``) on every format; torch starts once."""
     _, folder, written = formats
-    runs = {name: ["fuse", path, "-o", os.path.join(folder, f"{i}.onnx"), "--json", "--no-compare", *args]
+    runs = {name: ["fuse", path, "-o", os.path.join(folder, f"{i}.onnx"), "--json", *args]
             for i, (name, (path, args)) in enumerate(written.items())}
     script = (
         "import contextlib, io, json, sys\n"

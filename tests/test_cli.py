@@ -63,7 +63,7 @@ def files(trained, tmp_path_factory):
 def exported(files):
     """``asr-fx fuse`` of the training checkpoint, once for the verify tests."""
     out = files / "exported.onnx"
-    assert cli.main(["fuse", str(files / "train.pt"), "-o", str(out), "--no-compare", "-q", *MODEL_ARGS]) == 0
+    assert cli.main(["fuse", str(files / "train.pt"), "-o", str(out), "-q", *MODEL_ARGS]) == 0
     return out
 
 
@@ -131,14 +131,14 @@ def test_verify_against_another_checkpoint_fails_with_exit_1(exported, trained, 
     key = "asr.layer1_0_bn3.psi"
     other[key] = other[key] + 1.0
     torch.save(other, work / "other.pt")
-    assert cli.main(["verify", str(out), "--against", str(work / "other.pt"), "--no-compare", "-q", *MODEL_ARGS]) == 1
+    assert cli.main(["verify", str(out), "--against", str(work / "other.pt"), "-q", *MODEL_ARGS]) == 1
     assert "disagrees with" in capsys.readouterr().err
 
 
 def test_verify_against_a_different_model_says_so(exported, work, capsys):
     bigger = asr_fx.instrument(asr_fx.build(FACTORY, depth=20, num_classes=10), example_inputs=(torch.zeros(1, 3, 32, 32),))
     asr_fx.save(bigger.eval(), work / "depth20.pt")
-    assert cli.main(["verify", str(exported), "--against", str(work / "depth20.pt"), "--no-compare", "-q"]) == 1
+    assert cli.main(["verify", str(exported), "--against", str(work / "depth20.pt"), "-q"]) == 1
     err = capsys.readouterr().err
     assert "is a different model" in err and "weights" in err and "pass the checkpoint it was exported from as --against" in err
 
@@ -149,14 +149,13 @@ def test_verify_refuses_a_file_that_is_not_onnx_or_does_not_fit(files, exported,
     assert "is not a readable ONNX model" in err
     err = _fails(capsys, ["verify", str(work / "missing.onnx"), "--against", str(files / "asrfx.pt")])
     assert "does not exist" in err
-    err = _fails(capsys, ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--input-shape", "2,3,32,32",
-                          "--no-compare"])
+    err = _fails(capsys, ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--input-shape", "2,3,32,32"])
     assert "onnxruntime cannot run" in err and "[2, 3, 32, 32]" in err
 
 
 def test_dynamic_batch_runs_at_batch_1_and_7_with_the_same_per_sample_results(files, trained, work, capsys):
     out = work / "dyn.onnx"
-    assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(out), "--dynamic-batch", "--no-compare", "-q"]) == 0
+    assert cli.main(["fuse", str(files / "asrfx.pt"), "-o", str(out), "--dynamic-batch", "-q"]) == 0
     assert capsys.readouterr().out == ""
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -289,7 +288,7 @@ def test_exporter_failure_gives_its_message_and_what_to_try(files, work, capsys,
         raise RuntimeError("Unsupported operator aten::frobnicate\nmore detail")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--no-compare"])
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx")])
     assert "torch.onnx.export failed: RuntimeError: Unsupported operator aten::frobnicate" in err
     assert "Try another --opset" in err
     assert os.listdir(work) == []
@@ -299,7 +298,7 @@ def test_leaf_modules_gets_past_tracing_and_the_real_exporter_failure_is_one_lin
     model = asr_fx.instrument(Untraceable(), sites=["bn"], leaf_modules=["gate"]).eval()
     torch.save(model.state_dict(), work / "u.pt")
     err = _fails(capsys, ["fuse", str(work / "u.pt"), "-o", str(work / "u.onnx"), "--model", "test_cli:Untraceable",
-                          "--input-shape", "1,3,8,8", "--leaf-modules", "gate", "--no-compare"])
+                          "--input-shape", "1,3,8,8", "--leaf-modules", "gate"])
     assert "torch.onnx.export failed" in err and "data-dependent" in err and "Try another --opset" in err
     assert "\x1b[" not in err  # no terminal colour codes from the exporter
     assert os.listdir(work) == ["u.pt"]
@@ -399,15 +398,15 @@ def test_opset_the_exporter_does_not_write_is_refused(trained, work):
 
 
 def test_cli_opset_13_exits_2_and_an_impossible_one_before_any_work(files, work, capsys):
-    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--opset", "13", "--no-compare"])
+    err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--opset", "13"])
     assert "asked for ONNX opset 13" in err and "supports opsets 18 to" in err
     err = _fails(capsys, ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--opset", "99"])
     assert "--opset 99" in err
     assert os.listdir(work) == []
 
 
-def test_strict_with_no_compare_still_checks_ops_against_vanilla(files, work, capsys):
-    argv = ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--strict", "--no-compare", "--json"]
+def test_strict_without_compare_still_checks_ops_against_vanilla(files, work, capsys):
+    argv = ["fuse", str(files / "asrfx.pt"), "-o", str(work / "o.onnx"), "--strict", "--json"]
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["models"]["vanilla"]["op_counts"] is not None
@@ -442,8 +441,8 @@ def test_strict_with_fold_bn_compares_with_the_vanilla_model_with_bn_folded(file
 
 
 @pytest.mark.slow  # the same vanilla export as fuse's test above, through `verify`
-def test_verify_strict_with_no_compare_still_checks_ops(files, exported, capsys):
-    argv = ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--strict", "--no-compare", "--json"]
+def test_verify_strict_without_compare_still_checks_ops(files, exported, capsys):
+    argv = ["verify", str(exported), "--against", str(files / "asrfx.pt"), "--strict", "--json"]
     assert cli.main(argv) == 0
     payload = json.loads(capsys.readouterr().out)
     assert payload["same_as_vanilla"]["op_counts"] is True
@@ -567,10 +566,10 @@ def test_checkpoint_with_a_registered_only_attention_says_how_to_import_it(work,
         asr_fx.save(model.eval(), work / "c.pt")
     finally:
         attention.unregister("my_se")
-    err = _fails(capsys, ["fuse", str(work / "c.pt"), "-o", str(work / "o.onnx"), "--no-compare"])
+    err = _fails(capsys, ["fuse", str(work / "c.pt"), "-o", str(work / "o.onnx")])
     assert "'my_se' is not registered" in err and "--attention package.module:Factory" in err
     assert os.listdir(work) == ["c.pt"]
-    argv = ["fuse", str(work / "c.pt"), "-o", str(work / "o.onnx"), "--no-compare", "-q",
+    argv = ["fuse", str(work / "c.pt"), "-o", str(work / "o.onnx"), "-q",
             "--attention", "asr_fx.attention.se:SqueezeExcite"]
     assert cli.main(argv) == 0 and (work / "o.onnx").is_file()
 
@@ -582,8 +581,8 @@ def test_version(capsys):
 
 
 def test_reports_have_docstrings():
-    from asr_fx.export import ExportReport
-    from asr_fx.report import FusionReport
+    from asr_fx.verify import ExportReport
+    from asr_fx.fusion import FusionReport
 
     for method in (FusionReport.table, FusionReport.to_dict, FusionReport.unfolded_message, ExportReport.table,
                    ExportReport.to_dict):

@@ -307,9 +307,9 @@ def _hand_trained(se: bool, seed: int = 0) -> nn.Module:
     return hand
 
 
-def _mapped(hand: nn.Module, se: bool, norm_fused: bool) -> nn.Module:
+def _mapped(hand: nn.Module, se: bool, bn_affine_form: bool) -> nn.Module:
     """``instrument(vanilla)`` with the hand-written model's weights: psi and F move under ``asr.<site>``."""
-    gm = asr_fx.instrument(authors_resnet(DEPTH, se=se).double(), norm_fused=norm_fused)
+    gm = asr_fx.instrument(authors_resnet(DEPTH, se=se).double(), bn_affine_form=bn_affine_form)
     state = {}
     for key, value in hand.state_dict().items():
         path, _, leaf = key.rpartition(".")
@@ -325,14 +325,14 @@ def _mapped(hand: nn.Module, se: bool, norm_fused: bool) -> nn.Module:
     return gm, state
 
 
-@pytest.mark.parametrize("norm_fused", [False, True], ids=["plain", "norm-fused"])
+@pytest.mark.parametrize("bn_affine_form", [False, True], ids=["plain", "BN-affine"])
 @pytest.mark.parametrize("se", [False, True], ids=["asr", "asr+se"])
-def test_instrumented_computes_the_hand_written_function_and_gradients(se, norm_fused):
+def test_instrumented_computes_the_hand_written_function_and_gradients(se, bn_affine_form):
     hand = _hand_trained(se)
-    gm, state = _mapped(hand, se, norm_fused)
+    gm, state = _mapped(hand, se, bn_affine_form)
     names = {v.data_ptr(): k for k, v in state.items()}
     x = torch.randn(X, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    tol = 1e-12 if not norm_fused else 1e-10
+    tol = 1e-12 if not bn_affine_form else 1e-10
     for train in (True, False):
         hand.train(train), gm.train(train)
         hand.zero_grad(), gm.zero_grad()
@@ -358,7 +358,7 @@ def test_instrumented_computes_the_hand_written_function_and_gradients(se, norm_
 @pytest.mark.parametrize("se", [False, True], ids=["asr", "asr+se"])
 def test_fuse_equals_the_hand_written_deploy_folding(se):
     hand = _hand_trained(se).eval()
-    gm, _ = _mapped(hand, se, norm_fused=True)
+    gm, _ = _mapped(hand, se, bn_affine_form=True)
     fused = asr_fx.fuse(gm.eval(), strict=True)
     deployed = copy.deepcopy(hand)
     deployed.switch_to_deploy()

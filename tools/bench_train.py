@@ -4,7 +4,7 @@ Variants, all with the attention at the same sites (the last BN of every bottlen
 - vanilla: torchvision ResNet-50;
 - ASR(SE) via ``asr_fx.instrument`` (the default: each block at a BN site computes that BN with
   affine ``gamma * v, beta * v``, the same function, so no ``x * v`` activation is kept for backward);
-- ASR(SE) via ``asr_fx.instrument(..., norm_fused=False)`` (every block is ``x * v``);
+- ASR(SE) via ``asr_fx.instrument(..., bn_affine_form=False)`` (every block is ``x * v``);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
 - SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline).
@@ -167,13 +167,13 @@ def main() -> None:
     instrumented = asr_fx.instrument(vanilla)
     instrument_s = time.perf_counter() - start
     sites = sites_of(instrumented)
-    ordinary = asr_fx.instrument(vanilla, norm_fused=False)
+    ordinary = asr_fx.instrument(vanilla, bn_affine_form=False)
     ordinary.load_state_dict(instrumented.state_dict())
     default, hand = "ASR(SE) asr_fx.instrument (default)", "ASR(SE) hand-written ASRBatchNorm2d"
     models = {
         "vanilla": vanilla,
         default: instrumented,
-        "ASR(SE) asr_fx.instrument(norm_fused=False)": ordinary,
+        "ASR(SE) asr_fx.instrument(bn_affine_form=False)": ordinary,
         hand: hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
     }

@@ -14,7 +14,7 @@ from asr_fx.atomic import temp_folder
 from asr_fx.cli import source
 from asr_fx.cli.options import say
 from asr_fx.cli.report import ModelRow, Stages, VerificationSummary, compare_models, finish, measure_latency
-from asr_fx.errors import ASRError, FusionError
+from asr_fx.errors import CheckpointError, FusionError
 from asr_fx.foreign_checkpoints import LoadedCheckpoint
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.verify import flatten_outputs
@@ -30,8 +30,9 @@ def vanilla_into(args: argparse.Namespace, loaded: LoadedCheckpoint, model: nn.M
     """For ``--state-dict-out``: a fresh copy of the factory's vanilla model holding the fused weights
     (:func:`asr_fx.into_vanilla.fuse_into`, which refuses with the site's name where one has no place)."""
     if loaded.vanilla is None:
-        raise ASRError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no factory "
-                       "that builds it: pass --model package.module:factory (and --factory-args)")
+        raise CheckpointError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no "
+                              "factory that builds it: pass --model package.module:factory (and --factory-args)",
+                              reason="no-factory")
     return fuse_into(fused, copy.deepcopy(loaded.vanilla), model, example_inputs=(x,), leaf_modules=args.leaf_modules)
 
 

@@ -14,7 +14,7 @@ from asr_fx.atomic import temp_folder
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK
 from asr_fx.cli.report import ModelRow, Stages, VerificationSummary, compare_models, finish, measure_latency
-from asr_fx.errors import ASRError, DifferentModelError, VerificationError
+from asr_fx.errors import ASRError, DifferentModelError, OnnxFileError, VerificationError
 from asr_fx.verify import ExportReport, onnx_inputs, op_count_diff, verify_onnx
 
 
@@ -23,11 +23,11 @@ def onnx_input_shape(path: str | Path) -> list[int | str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's errors vary by version; the file is not ONNX
-        raise ASRError(f"{str(path)!r} is not a readable ONNX model: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise OnnxFileError(f"{str(path)!r} is not a readable ONNX model: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}", path=str(path)) from exc
     inputs = onnx_inputs(proto)
     if not inputs:
-        raise ASRError(f"{str(path)!r} has no graph inputs")
+        raise OnnxFileError(f"{str(path)!r} has no graph inputs", path=str(path))
     return inputs[0][1]
 
 
@@ -47,7 +47,7 @@ def verify(args: argparse.Namespace) -> int:
     """Load ``--against``, run ``OUT.onnx`` in onnxruntime or OpenVINO, compare; exit 1 when they disagree."""
     onnx_path: Path = args.onnx
     if not onnx_path.is_file():
-        raise ASRError(f"ONNX file {str(onnx_path)!r} does not exist")
+        raise OnnxFileError(f"ONNX file {str(onnx_path)!r} does not exist", path=str(onnx_path))
     source.check_opset_option(args.opset)
     source.torch_device(args.device)
     summary = VerificationSummary("verify", str(args.against), output=str(onnx_path), device=args.device,
