@@ -414,7 +414,7 @@ def test_strict_without_compare_still_checks_ops_against_vanilla(files, work, ca
 
 
 def test_strict_with_no_verify_still_checks_ops(files, work, capsys, monkeypatch):
-    from asr_fx.cli import report
+    from asr_fx.cli import summary as report
 
     real = report.export_for_comparison
 
