@@ -281,7 +281,8 @@ def verify_onnx(
     :class:`DifferentModelError` when the outputs disagree and the file's weight count cannot be the
     reference's (the count is checked first; it names both counts instead of an error size), and
     :class:`VerificationError` (``.report``) when the numbers disagree or ``expected_op_counts`` is
-    given and the op multiset differs; :class:`MissingDependencyError` for ``runtime="openvino"`` without
+    given and the op multiset differs; :class:`OnnxFileError` for a file that is not ONNX or that ``runtime``
+    cannot load or run; :class:`MissingDependencyError` for ``runtime="openvino"`` without
     OpenVINO installed. Both runtimes are held to the same tolerances. The reference's train/eval modes
     are restored afterwards.
     """
@@ -293,7 +294,11 @@ def verify_onnx(
     report = report or ExportReport(path)
     report.rtol, report.atol = rtol, atol
     args, kwargs = as_args(inputs)
-    proto = onnx.load(path, load_external_data=False)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors vary by version: the file is not ONNX
+        raise OnnxFileError(f"{path!r} is not a readable ONNX model: {_first_line(exc)}", path=path,
+                            runtime=runtime) from exc
     report.op_counts = onnx_op_counts(proto)
     report.input_names = [name for name, _ in onnx_inputs(proto)]
     report.output_names = [o.name for o in proto.graph.output]

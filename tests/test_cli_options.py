@@ -183,7 +183,7 @@ def test_input_shape_from_what_the_model_documents():
                              intermediate_size=64, num_channels=1))
     assert shape(vit) == [1, 1, 64, 64]
     assert shape(torchvision.models.resnet18(num_classes=10)) == [1, 3, 224, 224]
-    with pytest.raises(asr_fx.ASRError, match="no input shape.*--input-shape"):
+    with pytest.raises(asr_fx.InputShapeError, match="no input shape.*--input-shape"):
         shape(nn.Linear(2, 2))
 
 

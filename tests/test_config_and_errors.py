@@ -142,3 +142,18 @@ def test_default_input_shape_from_what_models_document():
     assert shape(nn.Linear(3, 4)) is None
     model = asr_fx.instrument(asr_fx.build(FACTORY, depth=11), example_inputs=(torch.zeros(4, 3, 32, 32),))
     assert shape(model) == [1, 3, 32, 32]
+
+
+def test_unknown_sites_are_unknown_site_errors_with_a_plain_message():
+    with pytest.raises(asr_fx.UnknownSiteError) as info:
+        asr_fx.instrument(asr_fx.build(FACTORY, depth=11), sites=["layer9"])
+    assert isinstance(info.value, KeyError) and str(info.value).startswith("sites=['layer9'] name no")
+
+
+def test_an_onnx_file_the_runtime_cannot_load_is_an_onnx_file_error(tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not a protobuf")
+    model = nn.Conv2d(3, 4, 1)
+    with pytest.raises(asr_fx.OnnxFileError) as info:
+        asr_fx.verify_onnx(path, model, torch.randn(1, 3, 4, 4))
+    assert info.value.runtime == "onnxruntime" and info.value.path == str(path)

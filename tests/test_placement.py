@@ -170,7 +170,7 @@ def test_auto_swin_uses_the_mlp_sites_and_transformer_lists_attention_as_unfolda
     attention = [s for s in listed if not s.foldable]
     assert [s.module for s in attention] == [f"{b}.attn" for b in blocks]
     assert all("shifted_window_attention" in s.reason for s in attention)
-    with pytest.raises(asr_fx.ASRError, match="cannot fold"):
+    with pytest.raises(asr_fx.UnfoldableSiteError, match="cannot fold"):
         asr_fx.instrument(model, rule="transformer")
 
 

@@ -16,7 +16,7 @@ from torch import nn
 import asr_fx
 from asr_fx import freeze as freezing
 from asr_fx import stripe
-from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.errors import AttentionNetworkError, InvalidOptionError, NoSitesError
 
 
 class SE(nn.Module):
@@ -263,18 +263,18 @@ def test_plain_attention_puts_input_dependent_se_at_the_asr_sites():
     assert all((s.std > 0).all() for s in stats)
     fused = asr_fx.fuse(freezing.freeze_attention(model, make_batches((5,))), strict=True)
     assert n_params(fused) == n_params(TinyNet(attention=None))
-    with pytest.raises(ASRError, match="one pooled descriptor, not a batch"):
+    with pytest.raises(AttentionNetworkError, match="one pooled descriptor, not a batch"):
         stripe.plain_attention(TinyNet(attention=None), "eca")
-    with pytest.raises(ASRError, match="no plain pooled form"):
+    with pytest.raises(AttentionNetworkError, match="no plain pooled form"):
         stripe.plain_attention(TinyNet(attention=None), "srm")
 
 
 def test_a_model_without_attention_is_refused_with_the_pattern_named():
     with pytest.raises(NoSitesError, match="sigmoid/hardsigmoid"):
         stripe.collect(TinyNet(attention=None), make_batches((2,)))
-    with pytest.raises(ASRError, match="no batches"):
+    with pytest.raises(InvalidOptionError, match="no batches"):
         stripe.collect(tiny_net("se"), [])
-    with pytest.raises(ASRError, match="a batch must be"):
+    with pytest.raises(InvalidOptionError, match="a batch must be"):
         stripe.collect(tiny_net("se"), ["not a tensor"])
 
 
@@ -324,7 +324,7 @@ def test_figures_are_written(se_model, tmp_path):
     assert [p.name for p in paths] == ["stripes.png", "std_histogram.png", "epoch_difference.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size < 100_000
-    with pytest.raises(ASRError, match="at least two checkpoints"):
+    with pytest.raises(InvalidOptionError, match="at least two checkpoints"):
         stripe.values_over_checkpoints(runs[:1])
 
 
