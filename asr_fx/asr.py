@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from asr_fx import attention as registry
+from asr_fx._util import psi_shape_of
 from asr_fx.errors import InvalidOptionError
 from asr_fx.passes.asr_blocks import (ACTIVATIONS, ASR, BatchNormAffineASR, PsiInit, batch_norm_forward,
                                       computes_like_batch_norm, init_psi, is_affine_batch_norm)
@@ -65,7 +66,7 @@ def fill_parameters(module: nn.Module, value: float) -> None:
 def check_attention_output(net: nn.Module, channels: int) -> None:
     """Run ``net`` once on a zero psi (eval mode, no grad) and refuse it unless it returns ``channels`` values."""
     with preserved_training_modes(net), torch.no_grad():
-        out = net.eval()(torch.zeros(tuple(net.psi_shape)))
+        out = net.eval()(torch.zeros(psi_shape_of(net)))
     if not isinstance(out, torch.Tensor) or out.numel() != channels:
         got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise InvalidOptionError(

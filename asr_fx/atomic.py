@@ -51,7 +51,7 @@ def _on_signal(signum: int, frame: object) -> None:
     if callable(previous):
         previous(signum, frame)
         return
-    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    signal.signal(signum, previous if isinstance(previous, (int, signal.Handlers)) else signal.SIG_DFL)
     signal.raise_signal(signum)
 
 

@@ -135,7 +135,7 @@ def _unit_attention(model: nn.Module) -> Iterator[None]:
     """Every ASR block's ``v`` is 1 inside the block."""
     blocks = [m for m in model.modules() if isinstance(m, ASR)]
     for block in blocks:
-        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,  # type: ignore
+        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,
                                                             device=b.psi.device))
     try:
         yield

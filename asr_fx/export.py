@@ -21,6 +21,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 from copy import deepcopy
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def weight_bytes(model: nn.Module) -> int:
 def _dynamic_shapes(args: tuple, kwargs: dict, axes: Sequence[str]) -> tuple | dict:
     dims = {name: torch.export.Dim(name, min=1) for name in axes}
 
-    def spec(t: torch.Tensor) -> dict[int, object]:
+    def spec(t: torch.Tensor) -> dict[int, Any]:
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return {}
         out = {0: dims["batch"]} if "batch" in dims else {}

@@ -94,7 +94,7 @@ def load_checkpoint(
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         options = asr_options or {}
         model = model_from_checkpoint(raw, path, leaf_modules, options.get("attention"), options.get("attention_kwargs"))
-        vanilla = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
+        vanilla: nn.Module | None = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
         return LoadedCheckpoint(model, vanilla, "asr-fx", input_shape or raw.get("input_shape"))
     weights, kind = find_state_dict(raw, repr(str(path)))
     kwargs = dict(factory_kwargs or {})
@@ -117,7 +117,7 @@ def load_checkpoint(
     shape = input_shape or _shape_hint(raw, base)
     sites, delta = asr_layout(state_dict)
     hint = f"Check the factory {factory!r} and its factory_kwargs"
-    attention = None
+    attention, instrumented = None, True
     if sites and get_config(base) is None and not any(k.startswith("asr.") for k in base.state_dict()):
         options = dict(asr_options or {})
         if options.get("sites") is None and options.get("rule") is None:
@@ -134,13 +134,11 @@ def load_checkpoint(
         attention = options.get("attention", "se")
         notes.append(f"instrumented again at {len(sites)} site(s) from the checkpoint's asr.* keys")
     else:
-        model, base = base, None
+        model, instrumented = base, False
         if not sites:
             notes.append("no asr.* keys: the model is fused as the factory builds it")
     check_finite_asr(state_dict)
     check_keys(model, state_dict, hint=hint, attention=attention)
     model.load_state_dict(state_dict)
-    vanilla = None
-    if base is not None:
-        vanilla = _vanilla_with_weights(factory, kwargs, state_dict)
+    vanilla = _vanilla_with_weights(factory, kwargs, state_dict) if instrumented else None
     return LoadedCheckpoint(model.eval(), vanilla, kind, shape, notes)

@@ -310,7 +310,7 @@ def instrument(
     gm.train(model.training)
     if check and not convert_existing:  # converted existing attention changes the function on purpose
         check_instrumented(model, gm, example_inputs)
-    return gm  # type: ignore[return-value]
+    return gm
 
 
 def attention_name(attention: Any) -> Any:
@@ -343,7 +343,7 @@ def _site_dtype(gm: fx.GraphModule, block_call: fx.Node) -> torch.dtype | None:
 def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
     """Put the new ASR state on the model's device, and each ASR block in the dtype of the value it
     scales at its own site (not the dtype of some other parameter of the model)."""
-    ref = next(iter(model.parameters()), None)
+    ref: torch.Tensor | None = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
     if ref is None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.equivalence import check_fused, saved_state
-from asr_fx.errors import ASRError, InputShapeError, NoSitesError, TraceError
+from asr_fx.errors import ASRError, InputShapeError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 
 
@@ -164,7 +164,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 else:
                     _keep_attributes(part, child)
                     _set_submodule(work, child_path, part)
-                    parts[child_path] = asr_config(part)
+                    parts[child_path] = part_config(part)
                     shapes[child_path] = [list(t.shape) for t in inputs]
                     continue
             visit(child_path, child)
@@ -174,7 +174,8 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
         detail = f"; refused: {refused[:3]}" if refused else ""
         raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
                          f"alone either{detail}.)", module=error.module, module_class=error.module_class) from error
-    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg.sites]
+    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items()
+             for s in cfg.sites or []]
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
     set_config(work, dataclasses.replace(first, sites=sites, parts=sorted(parts), refused_parts=refused,
@@ -182,6 +183,20 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                                          factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
+
+
+def part_config(model: nn.Module) -> ASRConfig:
+    """The config of an instrumented model (a part, or a model instrumented part by part)."""
+    config = asr_config(model)
+    if config is None:
+        raise InvalidOptionError(f"{type(model).__name__} records no ASR config: it is not an instrumented model")
+    return config
+
+
+def part_paths(model: nn.Module) -> list[str]:
+    """The paths of the instrumented parts of a model instrumented part by part (empty: none)."""
+    config = asr_config(model)
+    return list(config.parts or []) if config is not None else []
 
 
 def is_partial(model: nn.Module) -> bool:
@@ -199,8 +214,8 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     example_inputs = options.get("example_inputs")
     work = copy.deepcopy(model).eval()
     reports = []
-    config = asr_config(model)
-    for path in config.parts:
+    config = part_config(model)
+    for path in config.parts or []:
         part = work.get_submodule(path)
         shapes = (config.part_input_shapes or {}).get(path)
         ref = next(iter(part.parameters()))
@@ -215,7 +230,7 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         reports.append(fusion_report(fused))
     records = [r for report in reports if report is not None for r in report.records]
     blocks = tuple(b for report in reports if report is not None for b in report.blocks)
-    work.meta = {FUSION_KEY: FusionReport(records, blocks) if any(r is not None for r in reports) else None}
+    work.__dict__["meta"] = {FUSION_KEY: FusionReport(records, blocks) if any(r is not None for r in reports) else None}
     if options.get("check", True):  # on example_inputs, else the recorded input shape
         check_fused(model, work, example_inputs)
     return work.eval()

@@ -28,11 +28,12 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from asr_fx._util import psi_shape_of
 from asr_fx.api import instrument
 from asr_fx.asr import ACTIVATIONS, ASR
 from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
-from asr_fx.errors import AttentionNetworkError, InvalidOptionError, NoSitesError, UnknownSiteError
+from asr_fx.errors import AttentionNetworkError, InvalidOptionError, NoSitesError, TraceError, UnknownSiteError
 from asr_fx.passes import trace
 from asr_fx.passes.attention_patterns import find_channel_attention
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
@@ -209,13 +210,18 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     reshapes to one descriptor) and sites without a dimension to pool (channels last).
     """
     gm = instrument(model, attention, **{**instrument_kwargs, "bn_affine_form": False})  # blocks are replaced below
+    if not isinstance(gm, fx.GraphModule):
+        raise TraceError(f"{type(model).__name__} does not trace whole: plain attention needs one graph",
+                         module=None, module_class=type(model).__name__)
     unhoist_attention_values(gm)  # a plain attention block takes x only
-    for key, block in list(gm.asr.items()):
+    container = gm.get_submodule("asr")
+    assert isinstance(container, nn.ModuleDict)
+    for key, block in list(container.items()):
         blocks = list(block) if isinstance(block, nn.Sequential) else [block]
         plain = []
         for asr in blocks:
             assert isinstance(asr, ASR)
-            shape = tuple(asr.attention.psi_shape)
+            shape = psi_shape_of(asr.attention)
             if asr.channel_pos == -1 or shape[0] != 1 or any(d != 1 for d in shape[2:]):
                 raise AttentionNetworkError(f"site {key}: attention {attention!r} with psi shape {shape} at channel "
                                             f"dim {asr.channel_pos} has no plain pooled form; use an SE-like attention on NCHW sites")
@@ -229,7 +235,7 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
                 raise AttentionNetworkError(f"site {key}: attention {attention!r} handles one pooled descriptor, not a "
                                             f"batch ({why}); use one that does, such as 'se'")
             plain.append(PooledAttention(asr.attention, asr.activation, asr.channel_pos))
-        gm.asr[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
+        container[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
     set_config(gm, None)  # not ASR: asr_fx.save must not record it as such
     return gm
 

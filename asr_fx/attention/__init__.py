@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from asr_fx._util import psi_shape_of
 from asr_fx.errors import AttentionNetworkError, InvalidOptionError, UnknownAttentionError
 
 from .cbam import CBAMChannel
@@ -162,7 +163,8 @@ def matching_attention(state_dict: Mapping[str, torch.Tensor]) -> str | None:
             except Exception:  # noqa: BLE001 - a registered factory that cannot be built at these widths does not fit
                 fits = False
                 break
-            built = {"psi": tuple(net.psi_shape), **{f"attention.{k}": tuple(v.shape) for k, v in net.state_dict().items()}}
+            built = {"psi": tuple(psi_shape_of(net)),
+                     **{f"attention.{k}": tuple(v.shape) for k, v in net.state_dict().items()}}
             if built != tensors:
                 fits = False
                 break

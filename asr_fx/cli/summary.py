@@ -207,12 +207,12 @@ def measure_latency(rows: dict[str, ModelRow], paths: dict[str, str | os.PathLik
     """Fill the latency of every row with an ONNX file, and add the A/A control row (a second session of
     the vanilla file), through :func:`asr_fx.onnx_runtime.latency_ms`: one thread per session, the
     sessions take turns run by run (a busy machine slows them alike), 3 warm-up runs not counted."""
-    paths = {name: str(path) for name, path in paths.items() if name in rows and os.path.isfile(path)}
-    if "vanilla" in paths:
+    files = {name: str(path) for name, path in paths.items() if name in rows and os.path.isfile(path)}
+    if "vanilla" in files:
         rows[CONTROL] = ModelRow(params=rows["vanilla"].params, op_counts=rows["vanilla"].op_counts,
                                  note="A/A control")
-        paths = {"vanilla": paths["vanilla"], CONTROL: paths["vanilla"], **paths}
-    samples = onnx_runtime.latency_ms(paths, (x,), runs=runs, warmup=3, threads=1)
+        files = {"vanilla": files["vanilla"], CONTROL: files["vanilla"], **files}
+    samples = onnx_runtime.latency_ms(files, (x,), runs=runs, warmup=3, threads=1)
     for name, values in samples.items():
         p25, median, p75 = np.percentile(np.array(values), [25, 50, 75])
         rows[name].latency_ms, rows[name].latency_p25_ms, rows[name].latency_p75_ms = float(median), float(p25), float(p75)

@@ -83,14 +83,14 @@ def verify_steps(args: argparse.Namespace, summary: CommandSummary) -> None:
     loaded = source.load_from_args(args, args.against)
     summary.checkpoint_format, summary.notes = loaded.kind, loaded.notes
     fixed = [d for d in dims if isinstance(d, int)]
-    shape = args.input_shape or (dims if len(fixed) == len(dims) else None)
+    shape: list[int] | None = args.input_shape or (fixed if len(fixed) == len(dims) else None)
     if shape is None:
         try:
             shape = source.input_shape_for(args, loaded)
         except ASRError:
-            if not all(isinstance(d, int) for d in dims[1:]):
+            if len(fixed) < len(dims) - 1 or isinstance(dims[0], int):  # more than the batch is symbolic
                 raise
-            shape = [1, *dims[1:]]  # only the batch is symbolic
+            shape = [1, *fixed]  # only the batch is symbolic
     shape = list(shape)
     stages.start("trace", f"input {shape}")
     model, x = source.prepare_model(args, loaded, shape)
