@@ -79,17 +79,36 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx.asr import ASR, BatchNormAffineASR
     from asr_fx.checkpoint import load, save
     from asr_fx.config import ASRConfig, asr_config
-    from asr_fx.errors import (ASRError, AttentionNetworkError, CheckpointError, DifferentModelError,
-                               EquivalenceError, ExportError, FactoryError, FusionError, InputShapeError,
-                               InvalidOptionError, MissingDependencyError, NoSitesError, OnnxFileError,
-                               OutputPathError, StateDictMismatchError, TraceError, UnfoldableSiteError,
-                               UnknownAttentionError, UnknownSiteError, UnsupportedModelError, UsageError,
-                               VanillaModelError, VerificationError)
+    from asr_fx.errors import (
+        ASRError,
+        AttentionNetworkError,
+        CheckpointError,
+        DifferentModelError,
+        EquivalenceError,
+        ExportError,
+        FactoryError,
+        FusionError,
+        InputShapeError,
+        InvalidOptionError,
+        MissingDependencyError,
+        NoSitesError,
+        OnnxFileError,
+        OutputPathError,
+        StateDictMismatchError,
+        TraceError,
+        UnfoldableSiteError,
+        UnknownAttentionError,
+        UnknownSiteError,
+        UnsupportedModelError,
+        UsageError,
+        VanillaModelError,
+        VerificationError,
+    )
     from asr_fx.export import export_onnx
     from asr_fx.factory import build
     from asr_fx.freeze import freeze_attention
+    from asr_fx.fusion import FusionReport
     from asr_fx.input_shapes import default_input_shape
     from asr_fx.into_vanilla import save_vanilla_state_dict
     from asr_fx.passes import Site
-    from asr_fx.fusion import FusionReport
     from asr_fx.verify import ExportReport, onnx_op_counts, verify_onnx

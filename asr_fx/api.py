@@ -16,17 +16,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx.config import get_config, set_config
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import FusionError
+from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
+from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.partial_capture import fuse_parts, is_partial
-from asr_fx.config import get_config, set_config
-from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.passes.asr_blocks import ASR
 from asr_fx.passes.pipeline import fuse_pipeline
 from asr_fx.passes.placement import PLACEMENT_RULES, RULE_ALIASES
 from asr_fx.passes.shapes import as_input_tuple
-from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 
 #: placement rules by name (a view of :data:`asr_fx.passes.placement.PLACEMENT_RULES`)
 RULES = {name: rule.find for name, rule in PLACEMENT_RULES.items()}
@@ -65,7 +65,9 @@ def fuse(
     if is_partial(model):
         inputs = as_input_tuple(example_inputs)
         fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
-        return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
+        if into is None:
+            return fused
+        return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
     work = copy.deepcopy(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))

@@ -17,11 +17,20 @@ from torch import nn
 from asr_fx import attention as registry
 from asr_fx._util import psi_shape_of
 from asr_fx.errors import InvalidOptionError
-from asr_fx.passes.asr_blocks import (ACTIVATIONS, ASR, BatchNormAffineASR, PsiInit, batch_norm_forward,
-                                      computes_like_batch_norm, init_psi, is_affine_batch_norm)
+from asr_fx.passes.asr_blocks import (
+    ACTIVATIONS,
+    ASR,
+    BatchNormAffineASR,
+    PsiInit,
+    batch_norm_forward,
+    computes_like_batch_norm,
+    init_psi,
+    is_affine_batch_norm,
+)
 from asr_fx.passes.modes import preserved_training_modes
 
-__all__ = ["ACTIVATIONS", "ASR", "BatchNormAffineASR", "PRESETS", "PsiInit", "batch_norm_forward", "check_attention_output",
+__all__ = ["ACTIVATIONS", "ASR", "BatchNormAffineASR", "PRESETS", "PsiInit", "batch_norm_forward",
+           "check_attention_output",
            "computes_like_batch_norm", "fill_parameters", "init_psi", "is_affine_batch_norm", "make_site_block",
            "resolve_preset"]
 
@@ -68,7 +77,8 @@ def check_attention_output(net: nn.Module, channels: int) -> None:
     with preserved_training_modes(net), torch.no_grad():
         out = net.eval()(torch.zeros(psi_shape_of(net)))
     if not isinstance(out, torch.Tensor) or out.numel() != channels:
-        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
+            else type(out).__name__
         raise InvalidOptionError(
             f"attention {type(net).__name__} returned {got} for a site of {channels} channels: forward(psi) "
             "must return one value per channel (before the activation)"

@@ -22,7 +22,8 @@ from torch import nn
 
 from asr_fx import atomic
 from asr_fx.api import instrument
-from asr_fx.attention import names as attention_names, widths_from_state_dict
+from asr_fx.attention import names as attention_names
+from asr_fx.attention import widths_from_state_dict
 from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, OutputPathError
@@ -87,7 +88,8 @@ def save(
     """
     config = asr_config(model)
     if config is None:
-        raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save instead")
+        raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save "
+                              "instead")
     recorded = config.factory or {}
     factory = factory or recorded.get("factory")
     if factory is None:
@@ -177,7 +179,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
     """The instrumented model an asr-fx checkpoint describes, weights loaded (strict). ``attention``
     (a name or ``"package.module:Factory"``) and ``attention_kwargs`` replace the recorded ones."""
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads {VERSION}",
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads "
+                              f"{VERSION}",
                               path=str(path))
     model = build(ckpt["factory"], **ckpt.get("factory_kwargs", {}))
     recorded = ASRConfig.from_dict(ckpt["asr"])

@@ -8,7 +8,8 @@
 A mismatch raises :class:`asr_fx.errors.EquivalenceError` naming the first layer (in the checked
 model's execution order) whose output differs. The probe is ``example_inputs``, or, for a model whose
 first layer is a conv or linear, a random input derived from that layer (``instrument``), or the input
-shape ``instrument`` recorded (``fuse``); with none of them the check is skipped. ``check=False`` on ``instrument``/``fuse`` turns it off (huge models).
+shape ``instrument`` recorded (``fuse``); with none of them the check is skipped. ``check=False`` on
+``instrument``/``fuse`` turns it off (huge models).
 """
 
 from __future__ import annotations

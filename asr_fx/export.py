@@ -21,9 +21,9 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -195,7 +195,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int |
     """Export with torch's dynamo exporter; where it fails, retry with the TorchScript exporter
     (``dynamo=False``) when the call has positional inputs only and its weights fit in one file.
     Returns the exporter that wrote ``path`` (``"dynamo"`` or ``"torchscript"``) and why the first one was
-    not used (empty for dynamo); the caller verifies the file in a runtime either way. Raises :class:`_ExportFailed` with each exporter's error."""
+    not used (empty for dynamo); the caller verifies the file in a runtime either way. Raises
+    :class:`_ExportFailed` with each exporter's error."""
     try:
         _export_dynamo(model, args, kwargs, path, opset, dynamic, external_data, input_names, output_names)
         return "dynamo", ""

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from asr_fx.api import get_config, instrument
+from asr_fx.attention import widths_from_state_dict
 from asr_fx.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, resolve_attention
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, InputShapeError
-from asr_fx.attention import widths_from_state_dict
 from asr_fx.factory import build
 from asr_fx.state_dicts import asr_layout, check_finite_asr, check_keys, find_state_dict, normalize_keys
 
@@ -93,8 +93,10 @@ def load_checkpoint(
     raw = read_checkpoint(path, trust=trust)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         options = asr_options or {}
-        model = model_from_checkpoint(raw, path, leaf_modules, options.get("attention"), options.get("attention_kwargs"))
-        vanilla: nn.Module | None = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
+        model = model_from_checkpoint(raw, path, leaf_modules, options.get("attention"),
+                                      options.get("attention_kwargs"))
+        vanilla: nn.Module | None = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}),
+                                                          raw["state_dict"])
         return LoadedCheckpoint(model, vanilla, "asr-fx", input_shape or raw.get("input_shape"))
     weights, kind = find_state_dict(raw, repr(str(path)))
     kwargs = dict(factory_kwargs or {})
@@ -104,7 +106,8 @@ def load_checkpoint(
         recorded = (get_config(model) or {}).get("factory") or {}
         vanilla = None
         if factory or recorded.get("factory"):
-            vanilla = _vanilla_with_weights(factory or recorded["factory"], kwargs if factory else recorded.get("kwargs") or {},
+            vanilla = _vanilla_with_weights(factory or recorded["factory"],
+                                            kwargs if factory else recorded.get("kwargs") or {},
                                             model.state_dict())
         shape = input_shape or _shape_hint(get_config(model) or {}, raw if isinstance(raw, dict) else None, model)
         return LoadedCheckpoint(model, vanilla, kind, shape)

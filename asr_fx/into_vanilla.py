@@ -37,10 +37,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from asr_fx import atomic, equivalence
 from asr_fx.errors import OutputPathError, VanillaModelError
+from asr_fx.fusion import FusionReport, fusion_report
 from asr_fx.partial_capture import is_partial, part_paths
 from asr_fx.passes import trace
 from asr_fx.passes.constant_fold import FOLDED_PREFIX
-from asr_fx.fusion import FusionReport, fusion_report
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
 RTOL = 1e-5
@@ -95,7 +95,8 @@ def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, valu
         return (f"`{owner}` ({type(module).__name__}) gained a `{name}` in fusion"
                 f"{' from site(s) ' + str(sites) if sites else ''}, which the vanilla class does not have "
                 "(an affine=False norm given an affine, a bias=False conv given a bias by fold_bn=True)")
-    if not sites or (isinstance(held, torch.Tensor) and held.shape == value.shape and torch.equal(held.detach().cpu(), value.detach().cpu())):
+    if not sites or (isinstance(held, torch.Tensor) and held.shape == value.shape
+                     and torch.equal(held.detach().cpu(), value.detach().cpu())):
         return None  # a derived constant, or a non-persistent buffer that fusion left as it was
     return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
 

@@ -46,7 +46,8 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
     try:
         with saved_state(model), torch.no_grad():
             model.eval()
-            model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))  # caller's stay as they are
+            # on copies: the caller's inputs stay as they are
+            model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
         raise InputShapeError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
                               "Pass inputs its forward accepts", shape=next((list(t.shape) for t in example_inputs
@@ -99,7 +100,8 @@ def _captured_class(library_class: type) -> type:
     for klass in reversed(library_class.__mro__):
         if klass in (nn.Module, object):
             continue
-        props.update({k: v for k, v in vars(klass).items() if isinstance(v, property) and not hasattr(fx.GraphModule, k)})
+        props.update({k: v for k, v in vars(klass).items()
+                      if isinstance(v, property) and not hasattr(fx.GraphModule, k)})
     return type(f"Captured{library_class.__name__}", (fx.GraphModule,), props)
 
 
@@ -224,7 +226,8 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         whole_check = options.get("check", True) and example_inputs is not None
         # with example_inputs the whole model is checked below: a per-part check would run each part again
         # (a detector's backbone at its transform's 800 px, once more per part)
-        fused = fuse(part, **{**options, "example_inputs": probe, "check": options.get("check", True) and not whole_check})
+        fused = fuse(part, **{**options, "example_inputs": probe,
+                              "check": options.get("check", True) and not whole_check})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
         reports.append(fusion_report(fused))

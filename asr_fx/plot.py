@@ -27,7 +27,8 @@ def _figure(width: float, height: float) -> Any:
     try:
         from matplotlib.figure import Figure  # optional dependency (the plot extra): imported when drawing
     except ImportError:
-        raise MissingDependencyError("the figures need matplotlib: pip install 'asr-fx[plot]' (or pip install matplotlib)",
+        raise MissingDependencyError("the figures need matplotlib: pip install 'asr-fx[plot]' (or pip install "
+                                     "matplotlib)",
                                      package="matplotlib") from None
     return Figure(figsize=(width, height), layout="constrained")
 

@@ -9,7 +9,8 @@ inputs is near 0 while the pooled input features vary a lot.
   :func:`asr_fx.passes.attention_patterns.find_channel_attention`, the attention values per input
   (``N x C``) and the pooled input of the attention network (``N x C``), with their per-channel
   statistics (:class:`SiteStats`, :class:`StripeStats`).
-- :func:`asr_fx.freeze.freeze_attention` (in :mod:`asr_fx.freeze`) replaces each such attention by the mean ``v`` it produced on the data:
+- :func:`asr_fx.freeze.freeze_attention` (in :mod:`asr_fx.freeze`) replaces each such attention by the mean ``v``
+  it produced on the data:
   ``x * act(F(GAP(x)))`` becomes ``x * v`` with ``v`` a constant buffer, so :func:`asr_fx.fuse`
   folds ``v`` into the layer that produced ``x`` (or reports the site where it cannot). The
   attention's inference cost is gone with no retraining; :class:`FreezeReport` says per site the
@@ -148,7 +149,8 @@ class StripeStats:
     def table(self, tablefmt: str = "github") -> str:
         """One row per site: channels, attention std (mean/max over channels), feature std, their ratio."""
         rows = [(s["site"], s["channels"], s["inputs"], f"{s['attention_std_mean']:.3g}",
-                 f"{s['attention_std_max']:.3g}", f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}", f"{s['v_min']:.3f}..{s['v_max']:.3f}")
+                 f"{s['attention_std_max']:.3g}", f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}",
+                 f"{s['v_min']:.3f}..{s['v_max']:.3f}")
                 for s in (site.summary() for site in self.sites)]
         headers = ["site", "C", "inputs", "attn std (mean)", "attn std (max)", "feature std (mean)",
                    "std ratio", "mean v range"]
@@ -224,7 +226,8 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
             shape = psi_shape_of(asr.attention)
             if asr.channel_pos == -1 or shape[0] != 1 or any(d != 1 for d in shape[2:]):
                 raise AttentionNetworkError(f"site {key}: attention {attention!r} with psi shape {shape} at channel "
-                                            f"dim {asr.channel_pos} has no plain pooled form; use an SE-like attention on NCHW sites")
+                                            f"dim {asr.channel_pos} has no plain pooled form; use an SE-like "
+                                            f"attention on NCHW sites")
             try:
                 out = asr.attention(torch.zeros((2,) + shape[1:]))
             except RuntimeError as exc:

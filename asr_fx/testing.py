@@ -59,7 +59,8 @@ def _output_problems(reference: list[torch.Tensor], actual: list[torch.Tensor], 
         if worst > bound:
             index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
             problems.append(f"output{i}: max|fused - original| = {worst:.3g} > {bound:.3g} "
-                            f"(atol {atol:g} + rtol {rtol:g} * max|original| {scale:.3g}; rel {worst / max(scale, 1e-30):.3g}) "
+                            f"(atol {atol:g} + rtol {rtol:g} * max|original| {scale:.3g}; rel "
+                            f"{worst / max(scale, 1e-30):.3g}) "
                             f"at index {index}: fused {out[index].item():.6g}, original {ref[index].item():.6g}")
     return problems
 
@@ -133,7 +134,8 @@ def _check_parameters(model: nn.Module, fused: nn.Module, vanilla: nn.Module | N
         expected, what = count_parameters(model) - sum(p.numel() for p in asr_parameters(model)), \
             "the original's less its ASR parameters"
     if count_parameters(fused) != expected:
-        raise AssertionError(f"the fused model has {count_parameters(fused):,} parameters, {what} count is {expected:,}: "
+        raise AssertionError(f"the fused model has {count_parameters(fused):,} parameters, {what} count is "
+                             f"{expected:,}: "
                              "something stayed that should have folded")
 
 

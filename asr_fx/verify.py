@@ -320,7 +320,8 @@ def verify_onnx(
         raise DifferentModelError(f"{mismatch}; {runtime} disagrees with it:\n{report.table()}", report)
     if not report.ok:
         raise VerificationError(
-            f"{runtime} ({report.provider}) disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
+            f"{runtime} ({report.provider}) disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * "
+            f"max|ref|:\n{report.table()}",
             report)
     if expected_op_counts is not None and report.op_counts != expected_op_counts:
         raise VerificationError("the ONNX op multiset differs from the expected (vanilla) one: "

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fuzz_model import build, example_input
 from torch import nn
 
 import asr_fx
-from fuzz_model import build, example_input
 
 CATEGORIES = ("equivalence", "unreported leftover", "crash", "input mutated", "dtype")
 

@@ -23,10 +23,9 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hypothesis import strategies as st
-
 from fuzz_check import CATEGORIES, Failure, check_program, constant_muls, reproducer
 from fuzz_model import Program, build, example_input
+from hypothesis import strategies as st
 
 #: Features the generator leaves out because they hit an open bug of issue 14. Each entry names the
 #: item. Remove an entry once its fix lands; the fuzzer then covers the feature again.
@@ -111,7 +110,7 @@ def _draw_scale(ch: Any, channels: int, exclude: set[str], layout: str) -> dict:
 
 
 def _draw_op(ch: Any, state: dict, exclude: set[str]) -> dict | None:
-    c, dim = state["channels"], state["dim"]
+    c = state["channels"]
     kinds = ["conv", "conv", "norm", "act", "act", "pool", "scale", "scale", "scale", "round_trip", "residual",
              "concat", "reuse", "save", "output", "inplace_add", "channels_last"]
     kind = ch.choice(kinds)

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import SharedBN, perturb_asr  # SharedBN: the CLI imports it as `test_cli:SharedBN`
@@ -136,11 +136,13 @@ def test_verify_against_another_checkpoint_fails_with_exit_1(exported, trained, 
 
 
 def test_verify_against_a_different_model_says_so(exported, work, capsys):
-    bigger = asr_fx.instrument(asr_fx.build(FACTORY, depth=20, num_classes=10), example_inputs=(torch.zeros(1, 3, 32, 32),))
+    bigger = asr_fx.instrument(asr_fx.build(FACTORY, depth=20, num_classes=10),
+                               example_inputs=(torch.zeros(1, 3, 32, 32),))
     asr_fx.save(bigger.eval(), work / "depth20.pt")
     assert cli.main(["verify", str(exported), "--against", str(work / "depth20.pt"), "-q"]) == 1
     err = capsys.readouterr().err
-    assert "is a different model" in err and "weights" in err and "pass the checkpoint it was exported from as --against" in err
+    assert "is a different model" in err and "weights" in err
+    assert "pass the checkpoint it was exported from as --against" in err
 
 
 def test_verify_refuses_a_file_that_is_not_onnx_or_does_not_fit(files, exported, work, capsys):
@@ -217,13 +219,15 @@ def test_missing_and_unexpected_keys_are_listed_with_nearest_matches(trained, wo
     err = _fails(capsys, ["fuse", str(work / "renamed.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS])
     assert "1 missing key(s)" in err and "fc.weight (nearest: fc2.weight)" in err
     assert "1 unexpected key(s)" in err and "fc2.weight (nearest: fc.weight)" in err
-    err = _fails(capsys, ["fuse", str(work / "renamed.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS, "--attention", "eca"])
+    err = _fails(capsys, ["fuse", str(work / "renamed.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS,
+                          "--attention", "eca"])
     assert "asr.layer1_0_bn3.attention.conv.weight" in err and "--attention" in err
     assert os.listdir(work) == ["renamed.pt"]
 
 
 def test_a_state_dict_loaded_with_the_wrong_attention_names_the_attention_its_keys_match(work, capsys):
-    model = asr_fx.instrument(asr_fx.build(FACTORY, **SMALL), attention="eca", example_inputs=(torch.zeros(1, 3, 32, 32),))
+    model = asr_fx.instrument(asr_fx.build(FACTORY, **SMALL), attention="eca",
+                              example_inputs=(torch.zeros(1, 3, 32, 32),))
     torch.save(model.state_dict(), work / "eca.pt")
     err = _fails(capsys, ["fuse", str(work / "eca.pt"), "-o", str(work / "o.onnx"), *MODEL_ARGS])  # default se
     assert "keys look like the attention network 'eca', not 'se'" in err and "pass --attention eca" in err
@@ -581,8 +585,8 @@ def test_version(capsys):
 
 
 def test_reports_have_docstrings():
-    from asr_fx.verify import ExportReport
     from asr_fx.fusion import FusionReport
+    from asr_fx.verify import ExportReport
 
     for method in (FusionReport.table, FusionReport.to_dict, FusionReport.unfolded_message, ExportReport.table,
                    ExportReport.to_dict):

@@ -16,7 +16,7 @@ from torch import nn
 import asr_fx
 from asr_fx import errors
 from asr_fx.checkpoint import instrument_from_config
-from asr_fx.config import ASRConfig, META_KEY
+from asr_fx.config import META_KEY, ASRConfig
 
 FACTORY = "asr_fx.models.resnet_cifar:cifar_resnet"
 

@@ -183,7 +183,8 @@ SPELLINGS = [  # every spelling at least once, each with both operand orders bel
     dict(flatten="-", expand="-", layer="conv", act="relu", gate="relu6"),
     # global pooling written as a window over the whole map (CIFAR code); nn.AvgPool2d(6) needs shapes
     dict(flatten="view", expand="view", layer="linear", act="relu", gate="sigmoid", pool="avg_pool2d(x, x.size(2))"),
-    dict(flatten="flatten", expand="none", layer="linear", act="relu", gate="sigmoid", pool="avg_pool2d(x, x.size()[2:])"),
+    dict(flatten="flatten", expand="none", layer="linear", act="relu", gate="sigmoid",
+         pool="avg_pool2d(x, x.size()[2:])"),
     dict(flatten="-", expand="-", layer="conv", act="relu", gate="sigmoid", pool="max_pool2d(x, (h, w))"),
     dict(flatten="view", expand="view", layer="linear", act="relu", gate="sigmoid", pool="AvgPool2d(6)"),
 ]
@@ -298,7 +299,7 @@ def _hand_trained(se: bool, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     hand = authors_resnet(DEPTH, asr=True, se=se).double()
     with torch.no_grad():
-        for name, p in hand.named_parameters():
+        for p in hand.parameters():
             p.add_(0.1 * torch.randn_like(p))
         for m in hand.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -401,7 +402,8 @@ def test_cli_fuses_the_authors_checkpoint_file(tmp_path):
     cli = Path(sys.executable).with_name("asr-fx")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run([str(cli), "fuse", str(ckpt), "-o", str(out), "--json", "--model",
-                           "fidelity_models:authors_resnet", "--factory-args", json.dumps({"depth": DEPTH, "asr": True}),
+                           "fidelity_models:authors_resnet",
+                           "--factory-args", json.dumps({"depth": DEPTH, "asr": True}),
                            "--input-shape", "1,3,32,32"], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(proc.stdout)

@@ -121,7 +121,8 @@ def test_wrong_architecture_names_the_first_mismatches():
     with pytest.raises(VanillaModelError, match=r"another architecture.*`fc.weight` \(10, 512\) vs \(5, 512\)"):
         asr_fx.fuse(asr, into=vanilla)
     assert _same_state(vanilla, before)
-    with pytest.raises(VanillaModelError, match=r"another architecture.*only in the fused model \['layer1.0.conv1.weight'"):
+    with pytest.raises(VanillaModelError, match=r"another architecture.*only in the fused model "
+                                                r"\['layer1.0.conv1.weight'"):
         asr_fx.fuse(asr, into=SmallResidual())
 
 

@@ -14,10 +14,10 @@ import copy
 
 import pytest
 import torch
+from fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
 from hypothesis import HealthCheck, given, note, settings
 
 import asr_fx
-from fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
 
 
 def _assert_passes(spec: dict) -> None:

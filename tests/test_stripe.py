@@ -345,7 +345,8 @@ def test_cli_stripe_writes_figures_and_summary(tmp_path, monkeypatch, capsys):
         torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / f"e{i}.pt")
     out = tmp_path / "out"
     code = cli.main(["stripe", "stripe_factories:tiny_net", "--data", "random", "--input-shape", "4,3,8,8",
-                     "--batches", "2", "-o", str(out), "--checkpoints", ",".join(str(tmp_path / f"e{i}.pt") for i in range(3)),
+                     "--batches", "2", "-o", str(out),
+                     "--checkpoints", ",".join(str(tmp_path / f"e{i}.pt") for i in range(3)),
                      "--model", "stripe_factories:tiny_net", "--site", "b1.att"])
     printed = capsys.readouterr().out
     assert code == 0, printed

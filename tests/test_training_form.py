@@ -15,8 +15,8 @@ import asr_fx
 from asr_fx.asr import ASR, BatchNormAffineASR
 from asr_fx.errors import InvalidOptionError
 from asr_fx.export import export_onnx
-from asr_fx.verify import onnx_op_counts
 from asr_fx.models import cifar_resnet
+from asr_fx.verify import onnx_op_counts
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 

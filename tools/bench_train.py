@@ -146,7 +146,7 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
     try:
         return [(int(s), int(b)) for s, b in (item.split("x") for item in text.split(",") if item)]
     except ValueError:
-        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}")
+        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}") from None
 
 
 def main() -> None:
@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' skips it")
+    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' "
+                                                                    "skips it")
     parser.add_argument("--sweep-rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
@@ -210,7 +211,8 @@ def main() -> None:
         "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
         f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
         "and whatever x * v saves for backward",
-        "sweep, 'instrument, v at the sites': the default instrument after asr_fx.passes.hoist_attention_values.unhoist_attention_values, so each "
+        "sweep, 'instrument, v at the sites': the default instrument after "
+        "asr_fx.passes.hoist_attention_values.unhoist_attention_values, so each "
         "block computes v where it is called and the attention backward runs right after the site's "
         "(what instrument did before it computed all v first)",
         f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads}`",

@@ -241,7 +241,8 @@ def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
         "Per model: instrument (rule auto) -> one SGD step -> eval -> fuse -> ONNX -> onnxruntime verify; "
         "parameters and ONNX op multiset compared with `fuse(vanilla)`.",
         "",
-        f"**{ok} of {len(rows)} models pass**" + (f" ({len(rows)} of {total} swept so far)" if len(rows) < total else ""),
+        f"**{ok} of {len(rows)} models pass**"
+        + (f" ({len(rows)} of {total} swept so far)" if len(rows) < total else ""),
         "",
         table(rows),
         "",
@@ -263,7 +264,8 @@ _ZOO_INPUTS = (
     "pretrained_cfg input size, smallest first; other zoos: the entry's own size, then 96, 128, 160, 224. "
     "A timm model over 60M parameters is built from a reduced config: the constructor keywords of "
     "`tools/_zoos.SHRINK_KWARGS` (depth=2; embed_dim=192, num_heads=3; intermediate_size=768; "
-    "channel_multiplier=0.25; num_features=2016; num_blocks=2; mlp_ratio=0.25) are tried in that order and each one kept "
+    "channel_multiplier=0.25; num_features=2016; num_blocks=2; mlp_ratio=0.25) are tried in that order and each one "
+    "kept "
     "when the model builds with it and gets smaller, until it is under 60M (column `config`); a model whose "
     "constructor takes none of them runs as it is up to 100M parameters, larger ones are skipped.")
 

@@ -51,7 +51,8 @@ def torch_device(name: str) -> torch.device:
     """``--device`` as a torch device, refused when this machine does not have it."""
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InvalidOptionError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
+            raise InvalidOptionError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is "
+                                     f"False); "
                                      "use --device cpu")
         index = int(name[5:]) if ":" in name else 0
         if index >= torch.cuda.device_count():
@@ -77,7 +78,8 @@ def check_leaf_modules(model: nn.Module, names: Sequence[str] | None) -> None:
     if unknown:
         hints = "".join(f"; {n!r}: did you mean {m[0]!r}?" for n in unknown
                         if (m := difflib.get_close_matches(n, paths, n=1)))
-        raise InvalidOptionError(f"--leaf-modules: {', '.join(repr(n) for n in unknown)} match(es) no module of the model "
+        raise InvalidOptionError(f"--leaf-modules: {', '.join(repr(n) for n in unknown)} match(es) no module of the "
+                                 f"model "
                                  f"(give module paths as named by model.named_modules(), such as {paths[0]!r}){hints}")
 
 
@@ -97,12 +99,14 @@ def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[
              or (default_input_shape(loaded.vanilla) if loaded.vanilla is not None else None))  # its own class says
     if not shape:
         raise InputShapeError("no input shape: the checkpoint records none and the model documents none (timm's "
-                              "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); pass "
+                              "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); "
+                              "pass "
                               "--input-shape, e.g. 1,3,224,224", shape=None)
     return list(shape)
 
 
-def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint, shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
+def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint,
+                  shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
     """Move the model to ``--device``, check it traces and runs on an input of ``shape``; ``(model, x)``."""
     device = torch_device(args.device)
     meta = meta_tensors(loaded.model)
@@ -124,7 +128,8 @@ def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint, shape: Seq
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as a shape problem
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in first.lower():
-            raise InputShapeError(f"the model ran out of memory on an input of shape {list(shape)} ({type(exc).__name__}: "
+            raise InputShapeError(f"the model ran out of memory on an input of shape {list(shape)} "
+                                  f"({type(exc).__name__}: "
                                   f"{first}): pass a smaller --input-shape (batch 1, a smaller image)",
                                   shape=list(shape)) from exc
         raise InputShapeError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: "

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from asr_fx import plot
-from asr_fx.atomic import check_writable
 from asr_fx import stripe as observation
+from asr_fx.atomic import check_writable
 from asr_fx.checkpoint import read_checkpoint
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK, say
 from asr_fx.errors import InputShapeError, InvalidOptionError, MissingDependencyError
-
 
 RANDOM_WEIGHTS_NOTE = ("note: MODEL is a factory, so its weights are random: an untrained attention gives about "
                        "the same value for every input, and these numbers say nothing about the Stripe Observation. "
@@ -53,7 +52,8 @@ def load_data(args: argparse.Namespace) -> list[torch.Tensor]:
     elif isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
         obj = obj[0]
     if not isinstance(obj, torch.Tensor) or obj.dim() < 2:
-        raise InvalidOptionError(f"--data {str(path)!r} should hold a tensor of inputs (N x ...), an (inputs, targets) pair "
+        raise InvalidOptionError(f"--data {str(path)!r} should hold a tensor of inputs (N x ...), an (inputs, "
+                                 f"targets) pair "
                        "or a dict with 'x'/'inputs'")
     return list(obj.float().split(args.input_shape[0] if args.input_shape else 32))
 
@@ -80,7 +80,8 @@ def stripe(args: argparse.Namespace) -> int:
     if args.checkpoints:
         tracked = [torch.cat(data)[:64]]
         runs = [observation.collect(source.load_model_source(path, args), tracked, leaf_modules=args.leaf_modules)
-                for path in tqdm(args.checkpoints, desc="checkpoints", disable=None if not quiet else True, leave=False)]
+                for path in tqdm(args.checkpoints, desc="checkpoints", disable=None if not quiet else True,
+                                 leave=False)]
         over_epochs = observation.values_over_checkpoints(runs, site)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = plot.plot_all(stats, args.out, site=site, over_epochs=over_epochs)

@@ -32,6 +32,7 @@ from asr_fx.errors import ASRError, VerificationError
 from asr_fx.export import export_onnx
 from asr_fx.verify import ExportReport, onnx_op_counts
 
+
 @contextmanager
 def summary_on_failure(summary: CommandSummary) -> Iterator[CommandSummary]:
     """Run a command's steps; an error leaves as :class:`CommandFailed` with ``summary`` (a verification
@@ -94,7 +95,8 @@ class CommandSummary:
         if not base or not fused:
             return {"op_counts": None, "params": None}
         return {
-            "op_counts": None if base.op_counts is None or fused.op_counts is None else base.op_counts == fused.op_counts,
+            "op_counts": None if base.op_counts is None or fused.op_counts is None
+            else base.op_counts == fused.op_counts,
             "params": None if base.params is None or fused.params is None else base.params == fused.params,
         }
 
@@ -215,7 +217,8 @@ def measure_latency(rows: dict[str, ModelRow], paths: dict[str, str | os.PathLik
     samples = onnx_runtime.latency_ms(files, (x,), runs=runs, warmup=3, threads=1)
     for name, values in samples.items():
         p25, median, p75 = np.percentile(np.array(values), [25, 50, 75])
-        rows[name].latency_ms, rows[name].latency_p25_ms, rows[name].latency_p75_ms = float(median), float(p25), float(p75)
+        row = rows[name]
+        row.latency_ms, row.latency_p25_ms, row.latency_p75_ms = float(median), float(p25), float(p75)
 
 
 def finish(args: argparse.Namespace, summary: CommandSummary) -> int:
