@@ -49,7 +49,9 @@ def derive_probe(model: nn.Module, size: int = 64) -> tuple[torch.Tensor, ...] |
     return (torch.randn(shape, generator=gen).to(ref.device, ref.dtype),)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def floating_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output, in order: a tensor, nested tuples/lists/dicts, or a
+    transformers ``ModelOutput`` (what the equivalence checks compare)."""
     if hasattr(out, "to_tuple"):  # transformers' ModelOutput
         out = out.to_tuple()
     elif isinstance(out, dict):
@@ -59,7 +61,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 def _error(ref: Any, got: Any) -> float | None:
     """The largest relative error over the outputs' float tensors, or ``None`` if they do not pair up."""
-    a, b = _tensors(ref), _tensors(got)
+    a, b = floating_tensors(ref), floating_tensors(got)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return None
     worst = 0.0

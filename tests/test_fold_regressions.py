@@ -13,11 +13,11 @@ import warnings
 
 import pytest
 import torch
-from fuzz_check import constant_muls
-from fuzz_model import multiply
 from torch import nn
 
 import asr_fx
+from testkit.fuzz_check import constant_muls
+from testkit.fuzz_model import multiply
 
 RTOL = 1e-5
 
