@@ -53,11 +53,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def check_out(out: Path) -> None:
     """``-o`` must be a folder (existing, or new in an existing parent): refused before any work."""
     if out.exists() and not out.is_dir():
-        raise OutputPathError(f"demo -o {str(out)!r}: that is a file, not a folder; name a folder for the demo's "
-                              "files", path=str(out))
+        raise OutputPathError(f"demo -o {str(out)!r}: that is a file, not a folder", path=str(out))
     if not out.parent.is_dir():
-        raise OutputPathError(f"demo -o {str(out)!r}: its parent folder {str(out.parent)!r} does not exist; create it "
-                              "first", path=str(out))
+        raise OutputPathError(f"demo -o {str(out)!r}: its parent folder {str(out.parent)!r} does not exist",
+                              path=str(out))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from asr_fx import atomic
 from asr_fx.cli import options
 from asr_fx.cli.options import EPILOG_VERIFY
-from asr_fx.errors import OutputPathError
+from asr_fx.errors import InvalidOptionError
 
 NAME = "fuse"
 
@@ -83,13 +83,13 @@ def check_output(args: argparse.Namespace) -> None:
     ``.onnx``, or the checkpoint (or the other output) itself."""
     out = atomic.check_writable(args.output, suffix=".onnx")
     if out.resolve() == args.checkpoint.resolve():
-        raise OutputPathError(f"refusing to write the ONNX model over the input checkpoint {str(args.checkpoint)!r}",
-                              path=str(out))
+        raise InvalidOptionError(f"refusing to write the ONNX model over the input checkpoint "
+                                 f"{str(args.checkpoint)!r}: name another -o")
     if args.state_dict_out is not None:
         state_dict_out = atomic.check_writable(args.state_dict_out)
         if state_dict_out.resolve() in (args.checkpoint.resolve(), out.resolve()):
-            raise OutputPathError(f"--state-dict-out {str(state_dict_out)!r} would overwrite the checkpoint or the "
-                                  "ONNX output: name another file", path=str(state_dict_out))
+            raise InvalidOptionError(f"--state-dict-out {str(state_dict_out)!r} would overwrite the checkpoint or the "
+                                     "ONNX output: name another file")
 
 
 def run(args: argparse.Namespace) -> int:

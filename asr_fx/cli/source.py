@@ -100,8 +100,7 @@ def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[
     if not shape:
         raise InputShapeError("no input shape: the checkpoint records none and the model documents none (timm's "
                               "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); "
-                              "pass "
-                              "--input-shape, e.g. 1,3,224,224", shape=None)
+                              "pass --input-shape, e.g. 1,3,224,224", shape=None)
     return list(shape)
 
 
@@ -129,8 +128,8 @@ def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint,
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in first.lower():
             raise InputShapeError(f"the model ran out of memory on an input of shape {list(shape)} "
-                                  f"({type(exc).__name__}: "
-                                  f"{first}): pass a smaller --input-shape (batch 1, a smaller image)",
+                                  f"({type(exc).__name__}: {first}): pass a smaller --input-shape (batch 1, a smaller "
+                                  "image)",
                                   shape=list(shape)) from exc
         raise InputShapeError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: "
                               f"{first}; pass the shape it expects with --input-shape", shape=list(shape)) from exc
