@@ -1,6 +1,6 @@
 """The ASR block and how one is made for a site: ``x * act(F(psi))`` with a learnable constant input ``psi``.
 
-The block classes (:class:`ASR`, :class:`BatchNormAffineASR`) live in :mod:`asr_fx.passes.asr_blocks`,
+The block classes (:class:`ASR`, :class:`BatchNormAffineASR`) live in :mod:`asr_fx.passes.forms.asr_blocks`,
 so the graph passes that insert and undo them import nothing above ``asr_fx.passes``; this module
 re-exports them and adds the paper's presets and :func:`make_site_block` (attention network from
 the registry, checked, wrapped in a block).
@@ -17,7 +17,7 @@ from torch import nn
 from asr_fx import attention as registry
 from asr_fx._util import psi_shape_of
 from asr_fx.errors import InvalidOptionError
-from asr_fx.passes.asr_blocks import (
+from asr_fx.passes.forms.asr_blocks import (
     ACTIVATIONS,
     ASR,
     BatchNormAffineASR,
@@ -27,7 +27,7 @@ from asr_fx.passes.asr_blocks import (
     init_psi,
     is_affine_batch_norm,
 )
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.graph.modes import preserved_training_modes
 
 __all__ = ["ACTIVATIONS", "ASR", "BatchNormAffineASR", "PRESETS", "PsiInit", "batch_norm_forward",
            "check_attention_output",

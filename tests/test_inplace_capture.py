@@ -16,7 +16,7 @@ from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; r
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.trace import trace
+from asr_fx.passes.capture.trace import trace
 
 INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 
