@@ -25,6 +25,7 @@ from torch import nn
 
 from asr_fx.errors import InvalidOptionError, TraceError
 
+from .autograd_functions import functions_kept_opaque
 from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
                               tensor_like)
 from .factory_calls import recorded_factories
@@ -157,13 +158,15 @@ class ASRTracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """torch.fx's trace, leaving ``root`` as it was (:func:`~asr_fx.passes.concrete_values.state_kept`:
         buffers, module attributes a forward caches, the RNG state). With ``example_inputs`` every operation
-        also runs on the example's values (:mod:`asr_fx.passes.concrete_values`)."""
+        also runs on the example's values (:mod:`asr_fx.passes.concrete_values`). A custom autograd Function's
+        ``apply`` stays one call (:mod:`asr_fx.passes.autograd_functions`: its backward is kept)."""
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         shape_aware = self._example_inputs is not None
         self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
-            with state_kept(root), (recorded_factories(self) if shape_aware else contextlib.nullcontext()):
+            with state_kept(root), functions_kept_opaque(), \
+                    (recorded_factories(self) if shape_aware else contextlib.nullcontext()):
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
                              if n.op == "get_attr" and n.target in vars(root)}
