@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.proxy import Attribute, Proxy, TraceError as FxTraceError
+from torch.fx.proxy import Attribute, Proxy
+from torch.fx.proxy import TraceError as FxTraceError
 from torch.utils import _pytree as pytree
 
 from .inplace_proxy import InplaceProxy
@@ -75,10 +76,11 @@ def _proxies(value: Any) -> list[Any]:
 
 
 def tensor_like(value: Any) -> bool:
-    """A tensor, or a tuple/list of tensors (``unbind``, ``split``, ``chunk``): data whose *shapes* may still be
-    data-independent."""
+    """A tensor, or a tuple/list of tensors (``unbind``, ``split``, ``chunk``; a module's ``(output, None)``):
+    data whose *shapes* may still be data-independent."""
     if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
-        return all(isinstance(v, torch.Tensor) for v in value)
+        return all(isinstance(v, torch.Tensor) or v is None or tensor_like(v) for v in value) and \
+            any(isinstance(v, torch.Tensor) or tensor_like(v) for v in value)
     return isinstance(value, torch.Tensor)
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import operator
 import os
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -26,12 +27,26 @@ from torch import nn
 from asr_fx.errors import InvalidOptionError, TraceError
 
 from .autograd_functions import functions_kept_opaque
-from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
-                              tensor_like)
+from .concrete_values import (
+    ConcreteProxy,
+    ConcreteValues,
+    guard_message,
+    refuse,
+    sequence_length,
+    state_kept,
+    tensor_like,
+)
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
+from .opaque_libraries import is_opaque_library_layer, opaque_function_modules
 from .plain_layers import plain_layers
-from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
+from .traced_indexing import indexing_traced
+from .training_flags import (
+    ModeDifference,
+    align,
+    bind_mode_flags,
+    mode_dependent_module,
+)
 
 LeafSpec = Iterable["str | type[nn.Module]"] | Callable[[nn.Module, str], bool] | None
 
@@ -63,7 +78,8 @@ class ASRTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: LeafSpec = None, inline: tuple[type, ...] = (),
                  example_inputs: tuple[Any, ...] | None = None) -> None:
-        super().__init__(autowrap_functions=(sequence_length,))  # a retraced length guard stays a call
+        super().__init__(autowrap_modules=(math, *opaque_function_modules()),  # einops' functions stay calls
+                         autowrap_functions=(sequence_length,))  # a retraced length guard stays a call
         self._example_inputs = example_inputs
         self.concrete: ConcreteValues | None = None
         self._leaf_predicate: Callable[[nn.Module, str], bool] | None = None
@@ -90,6 +106,8 @@ class ASRTracer(fx.Tracer):
             return True
         if self._inline and isinstance(m, self._inline):
             return False
+        if is_opaque_library_layer(m):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
@@ -119,15 +137,16 @@ class ASRTracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
         """A forward wrapped by a ``(*args, **kwargs)`` decorator (transformers' ``can_return_tuple``, output
-        capturing) gets placeholders from the function it wraps and is called with those, positionally."""
+        capturing) gets placeholders from the function it wraps and is called with those (``self`` positionally,
+        the others by name)."""
         inner = inspect.unwrap(root_fn)
         if inner is root_fn or not root_fn.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         _, args = super().create_args_for_root(inner, is_module, concrete_args)
-        named = inner.__code__.co_argcount
+        names = inner.__code__.co_varnames[:inner.__code__.co_argcount]
 
-        def call_wrapper(*values: Any) -> Any:
-            return root_fn(*values[:named])
+        def call_wrapper(*values: Any) -> Any:  # by name: a decorator may set some itself (`use_cache`)
+            return root_fn(values[0], **dict(zip(names[1:], values[1:len(names)])))
 
         return call_wrapper, args
 
@@ -165,8 +184,9 @@ class ASRTracer(fx.Tracer):
         shape_aware = self._example_inputs is not None
         self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
-            with state_kept(root), functions_kept_opaque(), \
-                    (recorded_factories(self) if shape_aware else contextlib.nullcontext()):
+            with state_kept(root), functions_kept_opaque(), indexing_traced(), \
+                    (recorded_factories(self) if shape_aware else contextlib.nullcontext()), \
+                    (_dtype_info_traced(self) if shape_aware else contextlib.nullcontext()):
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
                              if n.op == "get_attr" and n.target in vars(root)}
@@ -210,6 +230,10 @@ class ASRTracer(fx.Tracer):
         self._guard(self.create_proxy("call_function", operator.eq, (obj, value), {}), (obj, value))
         return value
 
+    def dtype_info(self, info: Any, obj: Any) -> Any:
+        """``torch.finfo(x.dtype)`` / ``torch.iinfo(...)`` of a traced dtype: of its value, guarded in the graph."""
+        return info(self.concrete_value(obj, _dtype))
+
     def concrete_length(self, obj: Any) -> int:
         value = self._known(obj, "iteration")
         n = len(value)
@@ -228,6 +252,33 @@ class ASRTracer(fx.Tracer):
         result = super().call_module(m, forward, args, kwargs)
         self.module_stack_names.pop()
         return result
+
+
+def _dtype(value: Any) -> Any:
+    """A dtype's own value (named: the refusal message says ``dtype()``)."""
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"expected a dtype, got {type(value).__name__}")
+    return value
+
+
+@contextlib.contextmanager
+def _dtype_info_traced(tracer: ASRTracer) -> Iterator[None]:
+    """``torch.finfo``/``torch.iinfo`` take a traced dtype (``torch.finfo(key.dtype).min`` in transformers'
+    sdpa path) when shape-aware: its value on the example, guarded."""
+    originals = torch.finfo, torch.iinfo
+
+    def wrap(info: Any) -> Any:
+        def call(*args: Any) -> Any:
+            if args and isinstance(args[0], (fx.Proxy, fx.proxy.Attribute)):
+                return tracer.dtype_info(info, args[0])
+            return info(*args)
+        return call
+
+    torch.finfo, torch.iinfo = wrap(originals[0]), wrap(originals[1])  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        torch.finfo, torch.iinfo = originals  # type: ignore[misc]
 
 
 def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
@@ -257,7 +308,9 @@ _FLAG_TYPES = (type(None), bool, int, float, str)
 def default_flags(model: nn.Module) -> dict[str, Any]:
     """Arguments of ``model.forward`` after the first that default to a flag value (None/bool/number/str):
     the captured graph computes ``forward(input)`` with them at their defaults (a call that passes another
-    value fails on an assertion torch.fx puts in the graph, never computes something else)."""
+    value fails on an assertion torch.fx puts in the graph, never computes something else). ``use_cache=None``
+    (transformers' decoders: "as the config says") is taken as ``False``: the captured model returns no
+    key/value cache (an object, not a tensor), and a call asking for one fails on that assertion."""
     try:
         params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -268,6 +321,8 @@ def default_flags(model: nn.Module) -> dict[str, Any]:
             continue
         if isinstance(p.default, _FLAG_TYPES):
             flags[p.name] = p.default
+    if "use_cache" in flags and flags["use_cache"] is None:
+        flags["use_cache"] = False  # a key/value cache object is no graph value; a call with use_cache=True fails
     return flags
 
 
@@ -283,6 +338,10 @@ def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ..
     for node in graph.nodes:  # torch.fx names a specialized argument `flag_1`: callers pass it as `flag=`
         if node.op == "placeholder" and str(node.target).endswith("_1") and str(node.target)[:-2] in flags:
             node.target = node.name = str(node.target)[:-2]
+        if node.op == "placeholder" and node.target in flags:
+            node.args = (flags[node.target],)  # its default: the value it was specialized to
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # read for its metadata only (`self.wo.weight.dtype`): not a use of the weight
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     plain_layers(gm, model)
     return gm

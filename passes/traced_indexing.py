@@ -1,0 +1,48 @@
+"""Indexing a real tensor (a buffer) with traced sizes records a graph node instead of failing.
+
+torch.fx keeps buffers read in ``forward`` as real tensors, so ``self.position_ids[:, :seq_length]``
+with a traced ``seq_length`` (BERT's embeddings) calls ``Tensor.__getitem__`` with a proxy inside a
+slice, which torch rejects (``slice indices must be integers``). While :func:`indexing_traced` is
+active, such an index records ``operator.getitem(buffer, index)``; torch.fx's ``create_arg`` turns the
+buffer into a ``get_attr`` of its path (or a tensor constant).
+
+Equivalence: the node computes the same indexing on the same tensor at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+def _proxy_in(index: Any) -> fx.Proxy | None:
+    items = index if isinstance(index, (tuple, list)) else (index,)
+    for item in items:
+        parts = (item.start, item.stop, item.step) if isinstance(item, slice) else (item,)
+        for part in parts:
+            if isinstance(part, fx.Proxy):
+                return part
+    return None
+
+
+@contextlib.contextmanager
+def indexing_traced() -> Iterator[None]:
+    """Inside the block, ``tensor[... proxy ...]`` on a real tensor records a ``getitem`` node."""
+    original = torch.Tensor.__getitem__
+
+    def getitem(self: torch.Tensor, index: Any) -> Any:
+        proxy = None if isinstance(self, fx.Proxy) else _proxy_in(index)
+        if proxy is None:
+            return original(self, index)
+        return proxy.tracer.create_proxy("call_function", operator.getitem, (self, index), {})
+
+    torch.Tensor.__getitem__ = getitem  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.__getitem__ = original  # type: ignore[method-assign]
