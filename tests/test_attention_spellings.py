@@ -11,7 +11,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx.passes import trace
-from asr_fx.passes.attention_patterns import find_channel_attention
+from asr_fx.passes.placement.attention_patterns import find_channel_attention
 
 
 class _HSigmoid(nn.Module):

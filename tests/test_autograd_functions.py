@@ -13,7 +13,7 @@ from torch import nn
 import asr_fx
 from asr_fx.errors import EquivalenceError
 from asr_fx.passes import trace
-from asr_fx.passes.autograd_functions import autograd_function_of
+from asr_fx.passes.capture.autograd_functions import autograd_function_of
 
 
 class _SignSTE(torch.autograd.Function):
@@ -151,7 +151,7 @@ def test_the_binarized_conv_gets_the_straight_through_gradient():
 
 @pytest.mark.parametrize("make", [_BinaryNet, _DomainNet], ids=lambda m: m.__name__)  # swish's backward is exact
 def test_the_self_check_refuses_a_capture_that_loses_a_backward(make, monkeypatch):
-    trace_module = sys.modules["asr_fx.passes.trace"]
+    trace_module = sys.modules["asr_fx.passes.capture.trace"]
     monkeypatch.setattr(trace_module, "functions_kept_opaque", contextlib.nullcontext)  # inline, as torch.fx does
     with pytest.raises(EquivalenceError, match="does not train like the model"):
         asr_fx.instrument(make(), example_inputs=(torch.randn(2, 3, 8, 8),))
