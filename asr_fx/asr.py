@@ -1,6 +1,6 @@
 """The ASR block and how one is made for a site: ``x * act(F(psi))`` with a learnable constant input ``psi``.
 
-The block classes (:class:`ASR`, :class:`NormFusedASR`) live in :mod:`asr_fx.passes.asr_blocks`,
+The block classes (:class:`ASR`, :class:`NormFusedASR`) live in :mod:`asr_fx.passes.forms.asr_blocks`,
 so the graph passes that insert and undo them import nothing above ``asr_fx.passes``; this module
 re-exports them and adds the paper's presets and :func:`make_site_block` (attention network from
 the registry, checked, wrapped in a block).
@@ -16,9 +16,9 @@ from torch import nn
 
 from asr_fx import attention as registry
 from asr_fx.errors import InvalidOptionError
-from asr_fx.passes.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
+from asr_fx.passes.forms.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
                                       computes_like_batch_norm, init_psi, is_affine_batch_norm)
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.graph.modes import preserved_training_modes
 
 __all__ = ["ACTIVATIONS", "ASR", "NormFusedASR", "PRESETS", "PsiInit", "batch_norm_forward", "check_attention_output",
            "computes_like_batch_norm", "fill_parameters", "init_psi", "is_affine_batch_norm", "make_site_block",

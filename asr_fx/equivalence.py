@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from asr_fx.asr import ASR
 from asr_fx.config import asr_config
 from asr_fx.errors import EquivalenceError
-from asr_fx.passes.concrete_values import state_kept
+from asr_fx.passes.capture.concrete_values import state_kept
 
 #: max |a - b| <= RTOL * max |reference| (+ ATOL): fp32 reassociation in folds and traced graphs
 RTOL = 1e-4
