@@ -170,7 +170,7 @@ def option_row(action: argparse.Action) -> str:
     text = (action.help or "").replace("|", "\\|").replace("\n", " ")
     if action.choices:
         text += f" (one of: {', '.join(str(c) for c in action.choices)})"
-    return f"| {names.replace('|', chr(92) + '|')} | {default} | {text} |"
+    return f"| {names} | {default} | {text} |"  # a | inside `code` needs no escape in Python-Markdown
 
 
 def cli_reference() -> str:
