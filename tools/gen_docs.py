@@ -67,6 +67,8 @@ RESULTS_FILES = (
 
 DATE = re.compile(r"\b(20\d\d-\d\d-\d\d(?: \d\d:\d\d UTC)?)")
 MACHINE = re.compile(r"^(?:- )?machine: (.*?)(?:; load average| ; |$)", re.M | re.I)
+WRITTEN_BY = re.compile(r"^Written by `[^`]+` \(([^)]*)\)", re.M)  # zoo_sweep: "(torch ..., CPU, batch 2)"
+SETTINGS = re.compile(r"^Settings: .*; (torch [^;]+?)\.?$", re.M)  # stripe_demo: "...; torch 2.14.1, 1 thread(s), x86_64."
 SIMPLE_RULE = re.compile(r"^-{3,}(?:  +-{3,})+\s*$")  # tabulate's "simple" format: ----  ----
 
 
@@ -111,13 +113,14 @@ def body_of(text: str) -> list[str]:
 
 def provenance(result: Result, text: str) -> dict[str, str]:
     """Source, command, machine and date, as the results file records them."""
-    machine = MACHINE.search(text)
+    source = f"tools/results/{result.stem}.md"
+    machine = MACHINE.search(text) or WRITTEN_BY.search(text) or SETTINGS.search(text)
     dates = DATE.findall(text)
     return {
-        "source": f"tools/results/{result.stem}.md",
+        "source": source,
         "command": result.command,
         "machine": machine.group(1).strip() if machine else "not recorded in the file",
-        "date": dates[0] if dates else "not recorded in the file",
+        "date": dates[0] if dates else f"not recorded in the file (`git log -1 {source}`: when it last changed)",
     }
 
 
