@@ -38,11 +38,26 @@ def relative_links(text: str) -> list[str]:
     return [t for t in LINK.findall(prose) if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
 
 
+def slugs(markdown: str) -> set[str]:
+    """The anchors of a page's headings, as mkdocs' toc makes them (lower case, words joined by '-')."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), flags=re.M)
+    return {re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", h).strip().lower()) for h in headings}
+
+
 def test_readme_links_resolve():
     links = relative_links(README)
     assert len(links) >= 10  # the docs pages and the examples
     broken = [t for t in links if not (ROOT / t.split("#", 1)[0]).exists()]
     assert not broken, f"README links to missing files: {broken}"
+    anchored = [t.split("#", 1) for t in links if "#" in t]
+    assert anchored
+    missing = [f"{path}#{anchor}" for path, anchor in anchored if anchor not in slugs((ROOT / path).read_text())]
+    assert not missing, f"README links to missing headings: {missing}"
+
+
+def test_slugs_are_mkdocs_anchors():
+    assert slugs("# Title\n## Model zoos\n```\n# not a heading\n```\n### DDP, torch.compile and more") == \
+        {"title", "model-zoos", "ddp-torchcompile-and-more"}
 
 
 def test_relative_links_finds_a_broken_one():
