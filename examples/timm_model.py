@@ -1,7 +1,7 @@
 """A timm model: instrument it as timm builds it, train, fuse, and get timm's own class back.
 
-    python examples/timm_model.py                       # efficientnet_b0 at 64x64, a few seconds
-    python examples/timm_model.py --model resnet18 --steps 5
+    python examples/timm_model.py                       # resnet18 at 64x64, a few seconds
+    python examples/timm_model.py --model efficientnet_b0 --steps 5
 
 Random weights from timm's config: nothing is downloaded.
 """
@@ -15,7 +15,7 @@ from torch import nn
 import asr_fx
 
 
-def main(name: str = "efficientnet_b0", steps: int = 2, size: int = 64) -> None:
+def main(name: str = "resnet18", steps: int = 2, size: int = 64) -> None:
     torch.manual_seed(0)
     # --8<-- [start:timm]
     model = timm.create_model(name, num_classes=10)  # train mode, as timm returns it
@@ -43,7 +43,7 @@ def main(name: str = "efficientnet_b0", steps: int = 2, size: int = 64) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="efficientnet_b0")
+    parser.add_argument("--model", default="resnet18")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
