@@ -58,6 +58,7 @@ RESULTS_FILES = (
     Result("zoo_tvtasks", "Model zoos", "python tools/zoo_sweep.py --zoo tvtasks"),
     Result("zoo_smp", "Model zoos", "python tools/zoo_sweep.py --zoo smp"),
     Result("fold_counts", "Fusion", "python tools/count_folds.py"),
+    Result("attention_table", "Fusion", "python tools/attention_table.py"),
     Result("fuzz_fuse", "Fusion", "OMP_NUM_THREADS=1 python tools/fuzz_fuse.py --programs 10000 --seed 0"),
     Result("kill_fuse", "Robustness", "python tools/kill_fuse.py --kills 20 --seed 0"),
     Result("kill_fuse_seed1", "Robustness",
