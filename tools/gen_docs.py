@@ -8,7 +8,8 @@ its source, the command that regenerates it and the machine and date the file re
 (headings one level down). A hand-written reading of a table, where there is one, is
 ``docs/_notes/<stem>.md``; it is appended under "What it shows". The CLI reference comes from the argparse
 parsers of :mod:`asr_fx.cli`, so it cannot drift from ``asr-fx COMMAND --help``. The API reference lists
-``asr_fx.__all__`` as mkdocstrings directives; mkdocs renders them from the docstrings. Nothing here imports torch.
+``asr_fx.__all__`` as mkdocstrings directives; mkdocs renders them from the docstrings. The placement page includes
+``docs/_generated/placement_rules.md``, from the registry of placement rules.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's asr_fx, also when run as `python tools/gen_docs.py`
 
-import asr_fx  # noqa: E402  (imports no torch: the public names load on first use)
+import asr_fx  # noqa: E402
 from asr_fx.cli import build_parser  # noqa: E402  (builds the parser without torch)
+from asr_fx.passes.placement.rules import PLACEMENT_RULES  # noqa: E402
 RESULTS = ROOT / "tools" / "results"
 DOCS = ROOT / "docs"
 NOTES = DOCS / "_notes"
@@ -238,12 +240,23 @@ def api_reference() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def placement_rules() -> str:
+    """What each placement rule looks for, from the one registry of rules (a fragment placement.md includes)."""
+    lines = [GENERATED.format(source="asr_fx.passes.placement.rules.PLACEMENT_RULES"), "",
+             "| rule | also called | what it looks for |", "|---|---|---|"]
+    for rule in PLACEMENT_RULES.values():
+        if rule.name != "auto":  # auto's text is the others' joined
+            lines.append(f"| `{rule.name}` | {', '.join(f'`{a}`' for a in rule.aliases)} | {rule.looks_for} |")
+    return "\n".join(lines) + "\n"
+
+
 def pages() -> dict[Path, str]:
     """Every generated page and its text."""
     out = {DOCS / "results" / f"{r.stem}.md": results_page(r) for r in RESULTS_FILES}
     out[DOCS / "api.md"] = api_reference()
     out[DOCS / "results" / "index.md"] = results_index()
     out[DOCS / "cli-reference.md"] = cli_reference()
+    out[DOCS / "_generated" / "placement_rules.md"] = placement_rules()
     return out
 
 
