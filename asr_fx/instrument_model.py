@@ -1,7 +1,8 @@
 """``instrument`` and ``find_sites``: trace a model, choose the ASR sites, put a block at each.
 
 ``instrument`` runs :data:`asr_fx.passes.pipelines.INSTRUMENT_PIPELINE`, a declared list of passes
-(``(module, context) -> PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on the result.
+(``(module, context) -> PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on
+the result.
 The placement rules come from the one registry :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`.
 """
 
