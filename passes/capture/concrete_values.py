@@ -148,7 +148,7 @@ class ConcreteValues:
         """Drop the value of ``proxy``'s node when the proxy is garbage: only a live proxy (or one made from
         it) can ask for it, so the example's activations are freed as the traced forward drops them, as in
         a plain forward, instead of all being held until the trace ends."""
-        if isinstance(self.values.get(proxy.node), torch.Tensor):
+        if proxy.node in self.values and tensor_like(self.values[proxy.node]):
             weakref.finalize(proxy, self.values.pop, proxy.node, None)
 
     def shape_from_data(self, proxy: Any) -> bool:
