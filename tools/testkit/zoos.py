@@ -45,9 +45,13 @@ class Entry:
     sizes: tuple[int, ...] = ()
     #: the constructor keywords that reduced the model (:data:`SHRINK_KWARGS`), for the results table
     shrunk: dict = field(default_factory=dict)
+    #: text models: token ids below this, ``size`` tokens per sequence
+    vocab: int = 0
 
     def inputs(self, batch: int, seed: int) -> tuple:
         gen = torch.Generator().manual_seed(seed)
+        if self.vocab:
+            return (torch.randint(0, self.vocab, (batch, self.size), generator=gen),)
         if self.detector:
             return ([torch.rand(3, self.size, self.size, generator=gen) for _ in range(batch)],)
         shape = (batch, 3) + ((self.frames,) if self.frames else ()) + (self.size, self.size)
@@ -178,7 +182,7 @@ def _module_of(name: str) -> str | None:
 
 
 def hf_zoo() -> dict[str, Entry]:
-    """Hugging Face vision models from small configs."""
+    """Hugging Face vision and text models from small configs (text models take token ids)."""
     def make(config_name: str, model_name: str, **kwargs: object) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:
             import transformers  # optional dependency: the test extra
@@ -191,7 +195,12 @@ def hf_zoo() -> dict[str, Entry]:
     small = {"num_labels": 3}
     vit = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
            "intermediate_size": 64, **small}
+    text = {"vocab_size": 100, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     return {
+        "BERT": Entry(make("BertConfig", "BertForSequenceClassification", hidden_size=32, max_position_embeddings=64,
+                           **text, **small), size=16, vocab=100),
+        "T5-encoder": Entry(make("T5Config", "T5EncoderModel", vocab_size=100, d_model=32, d_kv=16, d_ff=64,
+                                 num_layers=2, num_heads=2), size=16, vocab=100),
         "ResNet": Entry(make("ResNetConfig", "ResNetForImageClassification", embedding_size=16, hidden_sizes=[16, 32],
                              depths=[1, 1], **small)),
         "ConvNeXt": Entry(make("ConvNextConfig", "ConvNextForImageClassification", num_stages=2, hidden_sizes=[16, 32],
@@ -214,7 +223,8 @@ def hf_zoo() -> dict[str, Entry]:
         "SegFormer": Entry(make("SegformerConfig", "SegformerForSemanticSegmentation", num_encoder_blocks=2,
                                 depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
                                 decoder_hidden_size=32, **small)),
-        "DETR": Entry(make("DetrConfig", "DetrForObjectDetection", use_pretrained_backbone=False, use_timm_backbone=True,
+        "DETR": Entry(make("DetrConfig", "DetrForObjectDetection", use_pretrained_backbone=False,
+                           use_timm_backbone=True,
                            backbone="resnet18", d_model=32, encoder_layers=1, decoder_layers=1,
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
                            decoder_ffn_dim=32, num_queries=5, **small)),
@@ -253,7 +263,8 @@ def torchvision_tasks_zoo() -> dict[str, Entry]:
         "fasterrcnn_mobilenet_v3_large_320_fpn": Entry(make("fasterrcnn_mobilenet_v3_large_320_fpn", **det), 96, True),
         "retinanet_resnet50_fpn": Entry(make("retinanet_resnet50_fpn", **det), 96, True),
         "keypointrcnn_resnet50_fpn": Entry(make("keypointrcnn_resnet50_fpn", **{**det, "num_classes": 2}), 96, True),
-        "ssdlite320_mobilenet_v3_large": Entry(make("ssdlite320_mobilenet_v3_large", num_classes=3), 96, True),  # 320 px
+        # 320 px
+        "ssdlite320_mobilenet_v3_large": Entry(make("ssdlite320_mobilenet_v3_large", num_classes=3), 96, True),
         "fcn_resnet50": Entry(make("fcn_resnet50", num_classes=3, aux_loss=False)),
         "deeplabv3_mobilenet_v3_large": Entry(make("deeplabv3_mobilenet_v3_large", num_classes=3, aux_loss=False)),
         "lraspp_mobilenet_v3_large": Entry(make("lraspp_mobilenet_v3_large", num_classes=3)),
