@@ -160,8 +160,8 @@ def big_table(names: list[str], write: bool) -> None:
         if len(vits) >= 2:
             xs = [math.log(r["params"]) for r in vits]
             k = slope(xs, [math.log(r[f"{step}_s"]) for r in vits])
-            fits.append({"step": step, "rows": ", ".join(r["model"] for r in vits), "exponent k (t ~ params^k)": f"{k:.2f}",
-                         "linear (k <= 1.1)": "yes" if k <= 1.1 else "NO"})
+            fits.append({"step": step, "rows": ", ".join(r["model"] for r in vits),
+                         "exponent k (t ~ params^k)": f"{k:.2f}", "linear (k <= 1.1)": "yes" if k <= 1.1 else "NO"})
     settings = [
         f"machine: {machine()}",
         "models: timm from configs (pretrained=False), random weights; CIFAR ResNet-164 from asr_fx.models; input "

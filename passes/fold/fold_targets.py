@@ -28,7 +28,6 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from ..graph.graph_queries import fetch_attr, is_plain_layer
 from ..graph.op_tables import NORM_MODULES
 
-
 _IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("asr_fx_fold_in_place", default=False)
 
 
