@@ -25,6 +25,7 @@ from asr_fx.into_vanilla import fuse_into
 from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
+from asr_fx.passes.fold.fold_targets import folding_in_place
 from asr_fx.passes.forms.asr_blocks import ASR
 from asr_fx.passes.pipelines import fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
@@ -86,8 +87,9 @@ def fuse(
     if inplace:
         raise ASRError("fuse(..., inplace=True) needs a model instrument() returned in the module form (the user's "
                        f"own class); {type(model).__name__} is a GraphModule: leave inplace off")
-    work = copy.deepcopy(model).eval()
-    gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    work = copy.deepcopy(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
+    with folding_in_place():
+        gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), example_inputs)
@@ -122,8 +124,9 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     inputs = probe_inputs(model, inputs)
     vanilla = copy.deepcopy(model).eval()
     blocks = remove(vanilla)
-    gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
-                                example_inputs=inputs, leaf_modules=leaves)
+    with folding_in_place():  # graph_form traces its own copy: no one else holds its tensors
+        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
+                                    example_inputs=inputs, leaf_modules=leaves)
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)
