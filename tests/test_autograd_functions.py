@@ -12,6 +12,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx.errors import EquivalenceError
+from asr_fx.instrument_model import instrument_graph_form
 from asr_fx.passes import trace
 from asr_fx.passes.capture.autograd_functions import autograd_function_of
 
@@ -153,8 +154,11 @@ def test_the_binarized_conv_gets_the_straight_through_gradient():
 def test_the_self_check_refuses_a_capture_that_loses_a_backward(make, monkeypatch):
     trace_module = sys.modules["asr_fx.passes.capture.trace"]
     monkeypatch.setattr(trace_module, "functions_kept_opaque", contextlib.nullcontext)  # inline, as torch.fx does
+    x = torch.randn(2, 3, 8, 8)
     with pytest.raises(EquivalenceError, match="does not train like the model"):
-        asr_fx.instrument(make(), example_inputs=(torch.randn(2, 3, 8, 8),))
+        instrument_graph_form(make(), example_inputs=(x,))  # the graph form trains the captured graph
+    model = asr_fx.instrument(make(), example_inputs=(x,))  # the module form trains the model's own forward
+    assert isinstance(model, make)
 
 
 def test_function_apply_is_restored_after_tracing_also_when_tracing_fails():
