@@ -1,7 +1,7 @@
 """Fold pass: ``mul(layer(x), c)`` with ``c`` a per-channel constant becomes ``layer'(x)``.
 
 Equivalence: ``layer'(x) == layer(x) * c`` for every input, by the formulas of
-:mod:`asr_fx.passes.fold.fold_targets` (the paper's Appendix A), up to float rounding.
+the layer rules (:mod:`asr_fx.passes.layers`, the paper's Appendix A), up to float rounding.
 
 Matches ``operator.mul``/``imul``, ``torch.mul``, ``Tensor.mul``/``mul_`` in either operand order,
 where ``c`` is a ``get_attr`` tensor (possibly through ``expand_as(x)``/``type_as(x)``/``to(x.dtype)``) (a parameter such as a layer scale, or what
@@ -9,7 +9,7 @@ where ``c`` is a ``get_attr`` tensor (possibly through ``expand_as(x)``/``type_a
 (``(1,C,1,1)``, ``(C,1,1)``, ``(C,)``, ``(1,1,C)``, ...). The layer is a call of a conv /
 conv-transpose (any groups), BN / SyncBN, GN, IN, LN or linear module, ``getitem(mha(...), 0)`` of
 an ``nn.MultiheadAttention`` (its output projection), or a functional form on attribute weights
-(:mod:`asr_fx.passes.fold.functional_fold_targets`). Between the layer and the ``mul`` the scale also moves back
+(:mod:`asr_fx.passes.layers.functional_conv_linear`, :mod:`asr_fx.passes.layers.functional_norm`). Between the layer and the ``mul`` the scale also moves back
 through ops that commute with it (ReLU / max pooling for ``c >= 0``, average pooling, dropout,
 identity, permutes and channel-preserving reshapes), into both inputs of an ``add`` and into the
 pieces of a channel ``cat``, as long as each value on the way has no other user.
@@ -34,8 +34,9 @@ import torch.fx as fx
 
 from .constant_fold import FOLDED_PREFIX
 from ..graph.aliases import erase_refusal
-from .fold_plan import cat_pieces, fold_mul, match, plan_kinds, plan_labels, producer_target
-from .fold_targets import TensorUsage
+from .fold_plan import cat_pieces, fold_mul, match, plan_kinds, plan_labels
+from ..layers.base import Target, TensorUsage
+from ..layers.registry import output_target
 from ..graph.graph_queries import is_add, is_inplace, site_of
 from ..infra import PassResult
 from ..graph.records import LEFT_AS_MUL, FoldRecord
@@ -56,8 +57,8 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: Tensor
     budget[0] -= 1
     if budget[0] < 0:
         return "the scale would have to move through too many nodes"
-    target = producer_target(gm, node)
-    if target is not None:
+    target = output_target(gm, node)
+    if isinstance(target, Target):
         vec = match(target, state, usage)
         return vec if isinstance(vec, str) else [(target, vec)]
     scaled = constant_mul_input(gm, node)

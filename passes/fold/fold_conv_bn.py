@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .fold_targets import TensorUsage
+from ..layers.base import TensorUsage
 from ..graph.graph_queries import module_of
 
 

@@ -1,68 +1,22 @@
-"""Planning a fold: which layer takes a scale at a node, how a scale splits over a channel ``cat``,
-and applying the finished plan. Shared by :mod:`~asr_fx.passes.fold.fold` (backward, into the producer)
-and :mod:`~asr_fx.passes.fold.propagate` (forward, into the next layers); built on
-:mod:`~asr_fx.passes.fold.scale_algebra` and :mod:`~asr_fx.passes.fold.fold_targets`.
+"""Planning a fold: whether a layer takes a scale (:func:`match`), how a scale splits over a channel
+``cat``, and applying the finished plan. Shared by :mod:`~asr_fx.passes.fold.fold` (backward, into the
+producer) and :mod:`~asr_fx.passes.fold.propagate` (forward, into the next layers); built on
+:mod:`~asr_fx.passes.fold.scale_algebra` and the layer registry (:mod:`asr_fx.passes.layers.registry`).
 
 Nothing here changes the graph or a parameter except :func:`apply_plan` and :func:`fold_mul`.
 """
 
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from .fold_targets import Target, TensorUsage, in_channels, input_refusal, scale_inputs, scale_outputs
-from .functional_fold_targets import input_target, output_target
-from ..graph.graph_queries import channel_info, is_add, output_dtype, output_shape
+from ..graph.graph_queries import is_add, output_shape
 from ..graph.op_tables import CAT_FUNCTIONS
+from ..layers.base import Target, TensorUsage
+from ..layers.registry import output_target
 from .scale_algebra import Plan, State, is_reshape, map_through, permuted
-
-
-def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The layer whose output ``node`` is, as a fold target, or ``None``; a layer without floating
-    parameters (a norm without affine) computes in the recorded dtype of ``node``."""
-    target = _producer_target(gm, node)
-    if target is not None and target.dtype is None:
-        target.dtype = output_dtype(node)
-    return target
-
-
-def _producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        found = None if isinstance(module, nn.MultiheadAttention) else scale_outputs(module)
-        info = channel_info(gm, node)
-        if found is None or info is None:
-            return None
-        kind, apply, tensors = found
-        return Target(str(node.target), kind, info.channels, info.position, tensors, apply, module)
-    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-        mha_node = node.args[0]
-        if isinstance(mha_node, fx.Node) and mha_node.op == "call_module":
-            mha = gm.get_submodule(str(mha_node.target))
-            if isinstance(mha, nn.MultiheadAttention):
-                kind, apply, tensors = scale_outputs(mha)  # type: ignore[misc]
-                return Target(f"{mha_node.target}.out_proj", kind, mha.embed_dim, -1, tensors, apply, mha)
-        return None
-    return output_target(gm, node)
-
-
-def module_input_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The target that folds a scale on the input of a conv/linear/BN call (module or functional)."""
-    if node.op != "call_module":
-        return input_target(gm, node)
-    module = gm.get_submodule(str(node.target))
-    found = scale_inputs(module)
-    if found is None:
-        return None
-    kind, apply, tensors = found
-    info = channel_info(gm, node)
-    position = -1 if isinstance(module, nn.Linear) else (info.position if info else None)
-    return Target(str(node.target), kind, in_channels(module), position, tensors, apply, module,
-                  refuse=lambda s: input_refusal(module, s))
 
 
 def match(target: Target, state: State, usage: TensorUsage) -> torch.Tensor | str:
@@ -92,8 +46,8 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
         return shape[pos] if -len(shape) <= pos < 0 else None
     if depth == 0:
         return None
-    target = producer_target(gm, node)
-    if target is not None:
+    target = output_target(gm, node)
+    if isinstance(target, Target):
         return target.channels if target.position == pos else None
     if is_add(node):
         return channels_of(gm, node.args[0], pos, depth - 1)  # type: ignore[arg-type]

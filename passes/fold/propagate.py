@@ -5,7 +5,7 @@ Equivalence: ``next(op(x * s)) == next'(op(x))`` where ``op`` commutes with the 
 ``op(x * s) == op(x) * s`` (dropout in eval, identity, average pooling, flatten and
 channel-preserving reshapes and permutes for any ``s``; ReLU, LeakyReLU and max pooling for
 ``s >= 0``; ReLU6, Hardtanh and clamp only for ``s == 1``) and ``next'`` has its input channels
-scaled (:func:`asr_fx.passes.fold.fold_targets.scale_inputs`; an eval BN takes ``mean/s`` and
+scaled (the layer rules' :meth:`~asr_fx.passes.layers.base.LayerRule.input_target`; an eval BN takes ``mean/s`` and
 ``(var + eps)/s^2``). Every user of the scaled value, transitively through those ops, must be such
 a layer: if one is not (an add, a model output, GELU, sigmoid, a negative scale through ReLU ...),
 nothing changes and the reason is reported.
@@ -28,8 +28,9 @@ import torch
 import torch.fx as fx
 
 from ..graph.aliases import erase_refusal
-from .fold_plan import fold_mul, match, module_input_target, plan_kinds, plan_labels, through_cat
-from .fold_targets import TensorUsage
+from .fold_plan import fold_mul, match, plan_kinds, plan_labels, through_cat
+from ..layers.base import Target, TensorUsage
+from ..layers.registry import input_target
 from ..graph.graph_queries import node_label, reads_only_metadata
 from ..infra import PassResult
 from ..graph.op_tables import CAT_FUNCTIONS
@@ -69,8 +70,8 @@ def plan_forward(gm: fx.GraphModule, root: fx.Node, state: State, usage: TensorU
                 continue
             if not user.args or user.args[0] is not node or _occurrences(user, node) > 1:
                 return f"the scaled value flows into `{node_label(user)}`, which does not commute with a scale"
-            target = module_input_target(gm, user)
-            if target is not None:
+            target = input_target(gm, user)
+            if isinstance(target, Target):
                 vec = match(target, st, usage)
                 if isinstance(vec, str):
                     return vec

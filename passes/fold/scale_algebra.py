@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .fold_targets import Target
+from ..layers.base import Target
 from ..graph.graph_queries import fetch_attr, is_adapted_constant, mul_operands, node_label, output_shape, reads_only_metadata
 from ..graph.op_tables import (ADAPTER_METHODS, ANY_SCALE, COMMUTING_FUNCTIONS, COMMUTING_METHODS,
                         COMMUTING_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, MAX_POOL_INDICES_AT_6,

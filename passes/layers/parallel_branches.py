@@ -8,7 +8,9 @@ passes do not move a scale through ``x + 0``, so a site there could not fold. Af
 the sum is the same scale after the last layer of every branch, and folds into each of them. It is not
 a residual add (its operands are branches of one block, not a branch and a shortcut).
 
-This module only reads the graph (:func:`parallel_sum`, :func:`parallel_sums`).
+This module only reads the graph (:func:`parallel_sum`, :func:`parallel_sums`). As a layer rule
+(:data:`PARALLEL_BRANCHES`) the sum is a site; it takes no scale itself: the fold moves a scale
+through the add into each branch, where the branch's last layer takes it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from ..graph.graph_queries import ChannelInfo, channel_info, is_add, module_of, reads_only_metadata
+from ..graph.graph_queries import ChannelInfo, is_add, module_of, reads_only_metadata
 from ..graph.op_tables import IDENTITY_MODULES
+from .base import LayerMatch, LayerRule, NoMatch, TargetOrRefusal, layout_match
+from .module_calls import channel_info
 
 
 @dataclass
@@ -115,3 +119,24 @@ def parallel_sums(gm: fx.GraphModule) -> list[ParallelSum]:
     found = [s for s in (parallel_sum(gm, n) for n in gm.graph.nodes) if s is not None]
     inner = {a for s in found for a in s.adds if a is not s.node}
     return [s for s in found if s.node not in inner]
+
+
+class ParallelBranchesRule(LayerRule):
+    """A sum of parallel conv/norm branches of one input: a site (the branches' channel layout) whose
+    scale the fold moves through the add into each branch's last layer."""
+
+    name = "parallel_branches"
+
+    def recognise(self, gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
+        summed = parallel_sum(gm, node)
+        if summed is None:
+            return NoMatch("not a sum of parallel conv/norm branches of one input")
+        module = str(node.target) if node.op == "call_module" else ""
+        return layout_match(self, node, summed.info, module, module or node.name)
+
+    def output_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
+        return NoMatch("a sum of branches is no layer of its own: the fold moves its scale through the add "
+                       "into each branch")
+
+
+PARALLEL_BRANCHES = ParallelBranchesRule()

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .global_pooling import pooled_dims
-from ..graph.graph_queries import channel_info, module_of, mul_operands, skip_identity
+from ..graph.graph_queries import module_of, mul_operands, skip_identity
+from ..layers.module_calls import channel_info
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32

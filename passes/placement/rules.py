@@ -37,15 +37,15 @@ from .locate import (
     Site,
     find_residual_sites,
     is_activation,
-    mha_of,
     norm_before_activation,
     residual_blocks,
     residual_site,
     site_at,
-    window_attention_of,
     without_shared_layers,
 )
 from .neck_placement import find_neck_sites, plain_stretch_nodes
+from ..layers.attention import mha_of
+from ..layers.window_attention import window_attention_of
 from ..graph.op_tables import NORM_MODULES
 
 
