@@ -32,16 +32,18 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .constant_fold import FOLDED_PREFIX
 from ..graph.aliases import erase_refusal
-from .fold_plan import cat_pieces, fold_mul, match, plan_kinds, plan_labels
+from ..graph.graph_queries import is_add, is_inplace, site_of
+from ..graph.records import LEFT_AS_MUL, FoldRecord
+from ..graph.refusals import Refusal
+from ..infra import PassResult
 from ..layers.base import Target, TensorUsage
 from ..layers.registry import output_target
-from ..graph.graph_queries import is_add, is_inplace, site_of
-from ..infra import PassResult
-from ..graph.records import LEFT_AS_MUL, FoldRecord
-from .scale_algebra import Plan, State, constant_mul_input, constant_node, constant_operand, map_through, \
-    other_users, per_channel_scale
+from .apply import apply_fold
+from .constant_fold import FOLDED_PREFIX
+from .fold_plan import cat_pieces, dtype_refusal, match, plan_kinds, plan_labels
+from .scale_algebra import (MulFold, Plan, ScaleState, constant_mul_input, constant_node, constant_operand, map_through,
+                            other_users, per_channel_scale)
 
 
 def _computed(mul: fx.Node, x: fx.Node) -> bool:
@@ -51,69 +53,73 @@ def _computed(mul: fx.Node, x: fx.Node) -> bool:
     return c is not None and str(c.target).startswith(FOLDED_PREFIX)
 
 
-def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: TensorUsage,
-                  budget: list[int]) -> Plan | str:
-    """The layers that must take ``state`` so that ``node``'s value comes out scaled, or the reason."""
+def plan_backward(gm: fx.GraphModule, node: fx.Node, state: ScaleState, usage: TensorUsage,
+                  budget: list[int]) -> Plan | Refusal:
+    """The layers that must take ``state`` so that ``node``'s value comes out scaled, or the reason.
+    Plans only: nothing changes."""
     budget[0] -= 1
     if budget[0] < 0:
-        return "the scale would have to move through too many nodes"
+        return Refusal("the scale would have to move through too many nodes")
     target = output_target(gm, node)
     if isinstance(target, Target):
         vec = match(target, state, usage)
-        return vec if isinstance(vec, str) else [(target, vec)]
+        return vec if isinstance(vec, Refusal) else [(target, vec)]
     scaled = constant_mul_input(gm, node)
     if scaled is not None:  # a constant mul left in place (another site) commutes with this scale
-        inputs: list[tuple[fx.Node, State]] = [(scaled, state)]
+        inputs: list[tuple[fx.Node, ScaleState]] = [(scaled, state)]
     elif is_add(node):
         inputs = [(a, state) for a in node.args]  # type: ignore[misc]
     else:
-        cat = cat_pieces(gm, node, state[1])
-        if isinstance(cat, str):
-            return f"`{node.name}` is {cat}"
-        if cat is not None:
+        cat = cat_pieces(gm, node, state.position)
+        if isinstance(cat, Refusal):
+            return Refusal(f"`{node.name}` is {cat.reason}")
+        if isinstance(cat, tuple):
             pieces, sizes = cat
             if sizes is None:
                 inputs = [(p, state) for p in pieces]
             else:
-                inputs = [(p, (v, state[1])) for p, v in zip(pieces, state[0].split(sizes))]
+                inputs = [(p, ScaleState(v, state.position)) for p, v in zip(pieces, state.values.split(sizes))]
         else:
             moved = map_through(gm, node, state, forward=False)
-            if moved is None:
-                return f"the value comes from `{node.name}`, which is not a layer that can take a scale"
-            if isinstance(moved, str):
+            if isinstance(moved, Refusal):
                 return moved
+            if not isinstance(moved, ScaleState):
+                return Refusal(f"the value comes from `{node.name}`, which is not a layer that can take a scale")
             if not isinstance(node.args[0], fx.Node):
-                return f"`{node.name}` has no graph input"
+                return Refusal(f"`{node.name}` has no graph input")
             inputs = [(node.args[0], moved)]
     if len({id(n) for n, _ in inputs}) != len(inputs):
-        return f"`{node.name}` uses the same value twice"
+        return Refusal(f"`{node.name}` uses the same value twice")
     plan: Plan = []
     for child, child_state in inputs:
         others = other_users(child, node)
         if others:
-            return f"`{child.name}` has {len(others)} other user(s); folding there would change them"
+            return Refusal(f"`{child.name}` has {len(others)} other user(s); folding there would change them")
         found = plan_backward(gm, child, child_state, usage, budget)
-        if isinstance(found, str):
+        if isinstance(found, Refusal):
             return found
         plan += found
     return plan
 
 
-def _fold_one(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usage: TensorUsage,
-              order: dict[fx.Node, int]) -> Plan | str:
-    """Fold ``mul = x * c`` back into ``x``'s producer(s); the plan applied, or why not (nothing changed)."""
+def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usage: TensorUsage,
+              order: dict[fx.Node, int]) -> MulFold | Refusal:
+    """The plan that folds ``mul = x * c`` back into ``x``'s producer(s), or why there is none
+    (nothing changes)."""
     state = per_channel_scale(c, mul, x)
-    if isinstance(state, str):
+    if isinstance(state, Refusal):
         return state
     others = other_users(x, mul)
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
-        return f"`{x.name}` has {len(others)} other user(s); folding into it would change them"
+        return Refusal(f"`{x.name}` has {len(others)} other user(s); folding into it would change them")
     aliased = erase_refusal(gm, mul, x, order)
     if aliased:
-        return aliased
+        return Refusal(aliased)
     with torch.no_grad():
         plan = plan_backward(gm, x, state, usage, [64])
-    return plan if isinstance(plan, str) else fold_mul(gm, plan, c, mul, x)
+    if isinstance(plan, Refusal):
+        return plan
+    return dtype_refusal(c, plan) or MulFold(mul, x, plan)
 
 
 def fold_scales(gm: fx.GraphModule) -> PassResult:
@@ -134,11 +140,12 @@ def fold_scales(gm: fx.GraphModule) -> PassResult:
         name, site = mul.name, site_of(mul)
         target = str(x.target) if x.op == "call_module" else x.name
         from_attention = _computed(mul, x)
-        outcome = _fold_one(gm, mul, x, c, usage, order)
-        if isinstance(outcome, str):
-            records.append(FoldRecord(name, site, target, LEFT_AS_MUL, outcome, from_attention))
+        fold = plan_fold(gm, mul, x, c, usage, order)
+        if isinstance(fold, Refusal):
+            records.append(FoldRecord(name, site, target, LEFT_AS_MUL, fold.reason, from_attention))
         else:
-            records.append(FoldRecord(name, site, target, plan_kinds(outcome), "", from_attention,
-                                      plan_labels(outcome)))
+            apply_fold(gm, fold)
+            records.append(FoldRecord(name, site, target, plan_kinds(fold.plan), "", from_attention,
+                                      plan_labels(fold.plan)))
     gm.recompile()
     return PassResult(gm, any(r.folded for r in records), tuple(records))

@@ -3,10 +3,11 @@
 A layer rule (:class:`LayerRule`, one per layer family, one file each in this folder) says of a graph node:
 
 - :meth:`~LayerRule.recognise`: a :class:`LayerMatch` (channels, channel axis, the module a site
-  names, the layer a scale folds into), or a :class:`NoMatch` saying why the node is not this layer;
+  names, the layer a scale folds into), or a :class:`~asr_fx.passes.graph.refusals.NoMatch` saying
+  why the node is not this layer;
 - :meth:`~LayerRule.output_target`: the :class:`Target` that folds ``layer(x) * v`` (the paper's
-  Appendix A), or a :class:`Refusal` saying why this layer cannot take it (a :class:`NoMatch` when
-  the node is not this layer);
+  Appendix A), or a :class:`~asr_fx.passes.graph.refusals.Refusal` saying why this layer cannot
+  take it (a ``NoMatch`` when the node is not this layer);
 - :meth:`~LayerRule.input_target`: the same for ``layer(x * s)``, a scale pushed forward into it.
 
 :class:`TensorUsage` is the one check every fold makes before it replaces a tensor: a fold may only
@@ -25,20 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..graph.graph_queries import ChannelInfo, fetch_attr, is_plain_layer, module_of
-
-
-@dataclass(frozen=True)
-class NoMatch:
-    """The node is not the layer a rule looks for; ``reason`` says what it looked for."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """The node is the rule's layer, but a scale cannot fold into it; ``reason`` says why."""
-
-    reason: str
+from ..graph.refusals import NoMatch, Refusal
 
 
 @dataclass(frozen=True)
