@@ -22,7 +22,7 @@ from asr_fx.into_vanilla import fuse_into
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
 from asr_fx.passes.forms.asr_blocks import ASR
-from asr_fx.passes.pipelines import fuse_pipeline
+from asr_fx.passes.pipelines import FuseOptions, fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
 from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.report import FusionReport
@@ -69,7 +69,7 @@ def fuse(
         fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
         return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
     work = copy.deepcopy(model).eval()
-    gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    gm, records = fuse_pipeline(work, FuseOptions(fold_bn, as_input_tuple(example_inputs), leaf_modules))
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
     report = FusionReport.from_pass_records(records, blocks)
     gm.meta[FUSION_KEY] = report

@@ -15,8 +15,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from asr_fx.errors import ASRError
 
-from ..infra import PassContext, PassResult
 from ..graph.modes import preserved_training_modes
+from ..infra import PassContext, PassResult
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -49,8 +49,8 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
 
 
 def record_example_shapes(module: fx.GraphModule, context: PassContext) -> PassResult:
-    """Record node shapes from ``example_inputs`` when given (:func:`record_shapes`)."""
-    example_inputs = context.options.get("example_inputs")
+    """Record node shapes from the options' ``example_inputs`` when given (:func:`record_shapes`)."""
+    example_inputs = context.options.example_inputs
     if example_inputs is None:
-        return PassResult(module, False)
-    return PassResult(record_shapes(module, example_inputs), False)
+        return PassResult(module)
+    return PassResult(record_shapes(module, example_inputs))

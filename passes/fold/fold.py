@@ -42,8 +42,17 @@ from ..layers.registry import output_target
 from .apply import apply_fold
 from .constant_fold import FOLDED_PREFIX
 from .fold_plan import cat_pieces, dtype_refusal, match, plan_kinds, plan_labels
-from .scale_algebra import (MulFold, Plan, ScaleState, constant_mul_input, constant_node, constant_operand, map_through,
-                            other_users, per_channel_scale)
+from .scale_algebra import (
+    MulFold,
+    Plan,
+    ScaleState,
+    constant_mul_input,
+    constant_node,
+    constant_operand,
+    map_through,
+    other_users,
+    per_channel_scale,
+)
 
 
 def _computed(mul: fx.Node, x: fx.Node) -> bool:
@@ -78,7 +87,7 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: ScaleState, usage: T
             if sizes is None:
                 inputs = [(p, state) for p in pieces]
             else:
-                inputs = [(p, ScaleState(v, state.position)) for p, v in zip(pieces, state.values.split(sizes))]
+                inputs = [(p, ScaleState(v, state.position)) for p, v in zip(pieces, state.values.split(sizes), strict=True)]
         else:
             moved = map_through(gm, node, state, forward=False)
             if isinstance(moved, Refusal):
@@ -148,4 +157,4 @@ def fold_scales(gm: fx.GraphModule) -> PassResult:
             records.append(FoldRecord(name, site, target, plan_kinds(fold.plan), "", from_attention,
                                       plan_labels(fold.plan)))
     gm.recompile()
-    return PassResult(gm, any(r.folded for r in records), tuple(records))
+    return PassResult(gm, tuple(records))

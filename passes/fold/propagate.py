@@ -37,7 +37,15 @@ from ..layers.base import Target, TensorUsage
 from ..layers.registry import input_target
 from .apply import apply_fold
 from .fold_plan import dtype_refusal, match, plan_kinds, plan_labels, through_cat
-from .scale_algebra import MulFold, Plan, ScaleState, constant_mul_input, constant_operand, map_through, per_channel_scale
+from .scale_algebra import (
+    MulFold,
+    Plan,
+    ScaleState,
+    constant_mul_input,
+    constant_operand,
+    map_through,
+    per_channel_scale,
+)
 
 
 def _occurrences(user: fx.Node, node: fx.Node) -> int:
@@ -119,7 +127,7 @@ def propagate_scales(gm: fx.GraphModule, fold_records: list[FoldRecord]) -> Pass
     with "; not pushed forward: <why>" added to the fold pass's reason."""
     left = [r for r in fold_records if not r.folded]
     if not left:
-        return PassResult(gm, False)
+        return PassResult(gm)
     usage = TensorUsage(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     records: list[FoldRecord] = []
@@ -136,4 +144,4 @@ def propagate_scales(gm: fx.GraphModule, fold_records: list[FoldRecord]) -> Pass
             records.append(dataclasses.replace(record, where=plan_kinds(fold.plan), into=plan_labels(fold.plan),
                                                reason=f"pushed forward ({record.reason})"))
     gm.recompile()
-    return PassResult(gm, any(r.folded for r in records), tuple(records))
+    return PassResult(gm, tuple(records))

@@ -14,10 +14,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .asr_blocks import ASR, NormFusedASR, is_affine_batch_norm
 from ..fold.check_finite import require_finite
-from ..infra import PassResult
 from ..graph.records import FoldRecord
+from ..infra import PassResult
+from .asr_blocks import ASR, NormFusedASR, is_affine_batch_norm
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
@@ -35,10 +35,9 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
     the same way); psi and the attention network are the same tensors, so state_dict keys do not change.
     Refuses (leaves as ordinary ``x * v`` blocks): blocks whose input is not a single-argument call of
     a plain affine ``nn.BatchNorm1d/2d/3d``, BNs called more than once or used by anything else, and
-    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place; changed when a block was converted.
+    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place.
     """
     calls = _module_calls(gm)
-    converted = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(f"{container}."):
             continue
@@ -58,10 +57,9 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
             norm_ref = gm.graph.get_attr(norm_node.target)
         node.args = (norm_node.args[0], norm_ref)
         gm.graph.erase_node(norm_node)
-        converted.append(str(node.target))
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(converted))
+    return PassResult(gm)
 
 
 def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
@@ -99,4 +97,4 @@ def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
     if records:
         gm.graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(records), tuple(records))
+    return PassResult(gm, tuple(records))
