@@ -24,6 +24,7 @@ dtype, device, ...), or from a tensor whose shape is data-dependent.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import operator
 from collections.abc import Iterator
@@ -74,10 +75,11 @@ def _proxies(value: Any) -> list[Any]:
 
 
 def tensor_like(value: Any) -> bool:
-    """A tensor, or a tuple/list of tensors (``unbind``, ``split``, ``chunk``): data whose *shapes* may still be
-    data-independent."""
+    """A tensor, or a tuple/list of tensors (``unbind``, ``split``, ``chunk``; a module's ``(output, None)``):
+    data whose *shapes* may still be data-independent."""
     if isinstance(value, (tuple, list)) and value and not isinstance(value, torch.Size):
-        return all(isinstance(v, torch.Tensor) for v in value)
+        return all(isinstance(v, torch.Tensor) or v is None or tensor_like(v) for v in value) and \
+            any(isinstance(v, torch.Tensor) or tensor_like(v) for v in value)
     return isinstance(value, torch.Tensor)
 
 
@@ -222,9 +224,13 @@ class ConcreteAttribute(_ConcreteDunders, Attribute):
 _MODULE_SLOTS = frozenset({"_parameters", "_buffers", "_modules"})
 
 
+_CONTAINERS = (list, dict, set)
+
+
 def _attributes(module: nn.Module) -> dict[str, Any]:
-    """A module's plain attributes, with list/dict/set values copied (a forward may append to a cache)."""
-    return {k: (type(v)(v) if type(v) in (list, dict, set) else v)
+    """A module's plain attributes, with list/dict/set values (and subclasses: the hook dicts are OrderedDicts)
+    copied: a forward may append to a cache, or register a hook."""
+    return {k: (copy.copy(v) if isinstance(v, _CONTAINERS) else v)
             for k, v in vars(module).items() if k not in _MODULE_SLOTS}
 
 
@@ -234,7 +240,7 @@ def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
         del own[key]  # set by the forward (a cache filled on the first call)
     for key, value in saved.items():
         current = own.get(key, _MISSING)
-        if type(value) in (list, dict, set) and type(current) is type(value):
+        if isinstance(value, _CONTAINERS) and type(current) is type(value):
             if not _same_items(current, value):  # a container filled in place: same object, old items
                 current.clear()
                 current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
@@ -261,9 +267,12 @@ def _same_items(current: Any, saved: Any) -> bool:
 def state_kept(model: nn.Module) -> Iterator[None]:
     """The model as it was after the block: buffers (BatchNorm statistics a train-mode trace would update),
     every module's plain attributes (a forward that caches ``self.shape``/``self.anchors`` on its first call
-    would keep a tracer's proxy, or the example's value) and the RNG state."""
+    would keep a tracer's proxy, or the example's value; a flag a forward sets), its hooks of every kind and
+    torch's global module hooks (a forward that registers hooks on its first call, as transformers' output
+    capture does, would add another set on each trace) and the RNG state."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     attributes = [(m, _attributes(m)) for m in model.modules()]
+    global_hooks = [(d, copy.copy(d)) for d in _global_hook_dicts()]
     rng = torch.random.get_rng_state()
     try:
         yield
@@ -273,7 +282,18 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                 b.copy_(saved)
         for m, saved_attributes in attributes:
             _restore_attributes(m, saved_attributes)
+        for hooks, saved_hooks in global_hooks:
+            if not _same_items(hooks, saved_hooks):
+                hooks.clear()
+                hooks.update(saved_hooks)
         torch.random.set_rng_state(rng)
+
+
+def _global_hook_dicts() -> list[dict[Any, Any]]:
+    """torch's global module hooks (``register_module_forward_hook`` and friends)."""
+    from torch.nn.modules import module as module_file
+    return [v for k, v in vars(module_file).items() if k.startswith("_global_") and "hooks" in k
+            and isinstance(v, dict)]
 
 
 def sequence_length(value: Any) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import operator
 import os
 import traceback
@@ -25,11 +26,15 @@ from torch import nn
 
 from asr_fx.errors import InvalidOptionError, TraceError
 
+from .autograd_functions import functions_kept_opaque
 from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
                               tensor_like)
+from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
+from .opaque_libraries import is_opaque_library_layer, opaque_function_modules
 from .plain_layers import plain_layers
+from .traced_indexing import dtype_info_traced, indexing_traced
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
 
 LeafSpec = Iterable["str | type[nn.Module]"] | Callable[[nn.Module, str], bool] | None
@@ -62,7 +67,8 @@ class ASRTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: LeafSpec = None, inline: tuple[type, ...] = (),
                  example_inputs: tuple[Any, ...] | None = None) -> None:
-        super().__init__(autowrap_functions=(sequence_length,))  # a retraced length guard stays a call
+        super().__init__(autowrap_modules=(math, *opaque_function_modules()),  # einops' functions stay calls
+                         autowrap_functions=(sequence_length,))  # a retraced length guard stays a call
         self._example_inputs = example_inputs
         self.concrete: ConcreteValues | None = None
         self._leaf_predicate: Callable[[nn.Module, str], bool] | None = None
@@ -89,6 +95,8 @@ class ASRTracer(fx.Tracer):
             return True
         if self._inline and isinstance(m, self._inline):
             return False
+        if is_opaque_library_layer(m):
+            return True
         return super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
@@ -118,15 +126,16 @@ class ASRTracer(fx.Tracer):
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
         """A forward wrapped by a ``(*args, **kwargs)`` decorator (transformers' ``can_return_tuple``, output
-        capturing) gets placeholders from the function it wraps and is called with those, positionally."""
+        capturing) gets placeholders from the function it wraps and is called with those (``self`` positionally,
+        the others by name)."""
         inner = inspect.unwrap(root_fn)
         if inner is root_fn or not root_fn.__code__.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         _, args = super().create_args_for_root(inner, is_module, concrete_args)
-        named = inner.__code__.co_argcount
+        names = inner.__code__.co_varnames[:inner.__code__.co_argcount]
 
-        def call_wrapper(*values: Any) -> Any:
-            return root_fn(*values[:named])
+        def call_wrapper(*values: Any) -> Any:  # by name: a decorator may set some itself (`use_cache`)
+            return root_fn(values[0], **dict(zip(names[1:], values[1:len(names)])))
 
         return call_wrapper, args
 
@@ -157,13 +166,16 @@ class ASRTracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         """torch.fx's trace, leaving ``root`` as it was (:func:`~asr_fx.passes.capture.concrete_values.state_kept`:
         buffers, module attributes a forward caches, the RNG state). With ``example_inputs`` every operation
-        also runs on the example's values (:mod:`asr_fx.passes.capture.concrete_values`)."""
+        also runs on the example's values (:mod:`asr_fx.passes.capture.concrete_values`). A custom autograd Function's
+        ``apply`` stays one call (:mod:`asr_fx.passes.capture.autograd_functions`: its backward is kept)."""
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         shape_aware = self._example_inputs is not None
         self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
-            with state_kept(root), (recorded_factories(self) if shape_aware else contextlib.nullcontext()):
+            with state_kept(root), functions_kept_opaque(), indexing_traced(), \
+                    (recorded_factories(self) if shape_aware else contextlib.nullcontext()), \
+                    (dtype_info_traced(self) if shape_aware else contextlib.nullcontext()):
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
                              if n.op == "get_attr" and n.target in vars(root)}
@@ -247,27 +259,6 @@ def _combine_leaves(leaf_modules: LeafSpec, extra: set[str]) -> LeafSpec:
     return [*leaf_modules, *extra]
 
 
-#: defaults of these types are option flags (``return_dict=None``, ``*, features_only=False``), not inputs
-_FLAG_TYPES = (type(None), bool, int, float, str)
-
-
-def default_flags(model: nn.Module) -> dict[str, Any]:
-    """Arguments of ``model.forward`` after the first that default to a flag value (None/bool/number/str):
-    the captured graph computes ``forward(input)`` with them at their defaults (a call that passes another
-    value fails on an assertion torch.fx puts in the graph, never computes something else)."""
-    try:
-        params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
-    except (TypeError, ValueError):
-        return {}
-    flags = {}
-    for i, p in enumerate(params):
-        if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
-            continue
-        if isinstance(p.default, _FLAG_TYPES):
-            flags[p.name] = p.default
-    return flags
-
-
 def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ...],
                 concrete_args: dict[str, Any] | None,
                 example_inputs: tuple[Any, ...] | None = None) -> fx.GraphModule:
@@ -280,6 +271,10 @@ def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ..
     for node in graph.nodes:  # torch.fx names a specialized argument `flag_1`: callers pass it as `flag=`
         if node.op == "placeholder" and str(node.target).endswith("_1") and str(node.target)[:-2] in flags:
             node.target = node.name = str(node.target)[:-2]
+        if node.op == "placeholder" and node.target in flags:
+            node.args = (flags[node.target],)  # its default: the value it was specialized to
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)  # read for its metadata only (`self.wo.weight.dtype`): not a use of the weight
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     plain_layers(gm, model)
     return gm

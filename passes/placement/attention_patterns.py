@@ -13,7 +13,9 @@ Found by dataflow, whatever the spelling: the gate may be either operand of the 
 network may flatten (``view(x.size(0), -1)``, ``flatten(1)``, ``reshape(b, -1)``, ``squeeze``)
 and expand back (``view(b, c, 1, 1)``, ``[:, :, None, None]``, ``unsqueeze``, ``expand_as``);
 its layers may be Linear or 1x1 conv with any activation between them; the gate is a sigmoid or
-a hard sigmoid, also spelled out as ``relu6(t + 3) / 6`` (or ``* (1/6)``).
+a hard sigmoid, also spelled out as ``relu6(t + 3) / 6`` (or ``* (1/6)``, ``* 1 / 6``, a clamp to
+``[0, 6]``, the in-place ``t.add_(3).clamp_(0, 6).div_(6)``); the expand step may read its sizes from the
+gate itself (``out.view(out.size(0), out.size(1), 1, 1)``).
 
 This is a report pass: it returns :class:`ChannelAttention` records and changes nothing.
 
@@ -132,16 +134,49 @@ def _plus_three(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def _times_one(node: fx.Node) -> fx.Node | None:
+    """``r`` when ``node`` is ``r * 1`` (an ``h_max`` of 1: ``relu6(t + 3) * self.h_max / 6``)."""
+    operands = mul_operands(node)
+    if operands is not None:
+        for r, k in (operands, operands[::-1]):
+            if isinstance(r, fx.Node) and _number(k) == 1.0:
+                return r
+    return None
+
+
+def _is_clamp_0_6(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``relu6(t)``, ``hardtanh(t, 0, 6)``, ``t.clamp(0, 6)`` / ``t.clamp_(0., 6.)``."""
+    if isinstance(module_of(gm, node), nn.ReLU6) or (node.op == "call_function" and node.target in _RELU6_FUNCTIONS):
+        return True
+    bounds = [_number(a) for a in node.args[1:3]] + [_number(node.kwargs.get(k)) for k in ("min", "max")]
+    clamps = (node.op == "call_method" and node.target in ("clamp", "clamp_", "clip", "clip_")) or \
+        (node.op == "call_function" and node.target in (torch.clamp, torch.clip, F.hardtanh))
+    return clamps and [b for b in bounds if b is not None] == [0.0, 6.0]
+
+
 def _spelled_hardsigmoid(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
-    """``(t, (t + 3, relu6(t + 3)))`` when ``node`` is ``relu6(t + 3) / 6``: a hard sigmoid of ``t``."""
+    """``(t, (t + 3, relu6(t + 3)))`` when ``node`` is ``relu6(t + 3) / 6``: a hard sigmoid of ``t``; also
+    ``relu6(t + 3) * 1 / 6``, ``(t + 3).clamp(0, 6) / 6`` and its in-place form ``t.add_(3).clamp_(0, 6).div_(6)``."""
     r = _over_six(node)
+    if r is None and node.op == "call_method" and node.target == "div_" and len(node.args) == 2 \
+            and _number(node.args[1]) == 6.0 and isinstance(node.args[0], fx.Node):
+        r = node.args[0]
     if r is None or len(r.users) != 1:
         return None
-    is_relu6 = isinstance(module_of(gm, r), nn.ReLU6) or (r.op == "call_function" and r.target in _RELU6_FUNCTIONS)
-    if not is_relu6 or not isinstance(r.args[0], fx.Node) or len(r.args[0].users) != 1:
+    steps: tuple[fx.Node, ...] = ()
+    one = _times_one(r)
+    if one is not None:
+        steps, r = (r,), one
+        if len(r.users) != 1:
+            return None
+    if not _is_clamp_0_6(gm, r) or not isinstance(r.args[0], fx.Node) or len(r.args[0].users) != 1:
         return None
-    t = _plus_three(r.args[0])
-    return (t, (r.args[0], r)) if t is not None else None
+    added = r.args[0]
+    t = _plus_three(added)
+    if t is None and added.op == "call_method" and added.target == "add_" and len(added.args) == 2 \
+            and _number(added.args[1]) == 3.0 and isinstance(added.args[0], fx.Node):
+        t = added.args[0]
+    return (t, (added, r, *steps)) if t is not None else None
 
 
 def _activated(gm: fx.GraphModule, node: fx.Node) -> tuple[str, fx.Node, tuple[fx.Node, ...]] | None:
@@ -196,8 +231,11 @@ def _gate_of(gm: fx.GraphModule, operand: fx.Node, feature: fx.Node
             return node, hit[0], hit[1], hit[2]
         if not _is_view(node) or not isinstance(node.args[0], fx.Node):
             return None
-        # expand_as(x) and view(b, c, 1, 1) with b, c = x.size() read x's shape only: fine
-        extra = [n for n in node.all_input_nodes[1:] if n is not feature and not is_shape_of(n, feature)]
+        # expand_as(x) and view(b, c, 1, 1) with b, c = x.size() read x's shape only: fine; so do sizes read from
+        # the gate itself (`out.view(out.size(0), out.size(1), 1, 1)`)
+        source = node.args[0]
+        extra = [n for n in node.all_input_nodes[1:] if n is not feature and not is_shape_of(n, feature)
+                 and not is_shape_of(n, source)]
         if extra:
             return None
         node = node.args[0]

@@ -31,18 +31,31 @@ from ..layers.parallel_branches import parallel_sums
 from ..layers.registry import layer_at, shared_layer_refusal
 from .attention_patterns import find_channel_attention
 from .context_add import is_pooled_context
+from .spelled_activations import function_activation_input, spelled_activation_input
+
+
+def activation_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input of the pointwise activation (ReLU family, Hardswish, SiLU, GELU, ...) ``node`` computes, as a
+    module, function or method, spelled out (``x * sigmoid(x)``) or as an autograd Function
+    (:mod:`asr_fx.passes.placement.spelled_activations`); ``None`` if ``node`` is none."""
+    if calls_one_of(gm, node, ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS):
+        return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op != "call_function":
+        return None
+    return spelled_activation_input(node) or function_activation_input(node)
 
 
 def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A pointwise activation (ReLU family, Hardswish, SiLU, GELU, ...) as a module, function or method."""
-    return calls_one_of(gm, node, ACTIVATION_MODULES, ACTIVATION_FUNCTIONS, ACTIVATION_METHODS)
+    """A pointwise activation (ReLU family, Hardswish, SiLU, GELU, ...): see :func:`activation_input`."""
+    return activation_input(gm, node) is not None
 
 
 def norm_before_activation(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The norm ``n`` when ``node`` is ``act(n(...))`` (identity steps between allowed), else ``None``."""
-    if not is_activation(gm, node) or not isinstance(node.args[0], fx.Node):
+    x = activation_input(gm, node)
+    if x is None:
         return None
-    inner = skip_identity(gm, node.args[0])
+    inner = skip_identity(gm, x)
     return inner if isinstance(module_of(gm, inner), NORM_MODULES) else None
 
 

@@ -35,8 +35,8 @@ from ..graph.graph_queries import module_of, skip_identity
 from .locate import (
     ResidualBlock,
     Site,
+    activation_input,
     find_residual_sites,
-    is_activation,
     norm_before_activation,
     residual_blocks,
     residual_site,
@@ -62,9 +62,10 @@ def _in_graph_order(gm: fx.GraphModule, sites: Iterable[Site]) -> list[Site]:
 def _norm_act_sites(gm: fx.GraphModule, within: set[fx.Node] | None, excluded: set[str]) -> list[Site]:
     sites = []
     for act in gm.graph.nodes:
-        if not is_activation(gm, act) or not isinstance(act.args[0], fx.Node):
+        x = activation_input(gm, act)
+        if x is None:
             continue
-        layer = skip_identity(gm, act.args[0])
+        layer = skip_identity(gm, x)
         if layer.name in excluded or (within is not None and layer not in within):
             continue
         if isinstance(module_of(gm, layer), (*NORM_MODULES, _ConvNd)):
