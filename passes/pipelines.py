@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.errors import NoSitesError, UnfoldableSiteError
 
 from .capture.shapes import as_input_tuple, record_example_shapes
 from .capture.trace import trace
@@ -63,7 +63,7 @@ class InstrumentOptions:
     """The options of one :data:`INSTRUMENT_PIPELINE` run. ``model_name`` names the model in messages;
     ``rule``/``sites``/``exclude`` choose the sites; ``blocks`` makes their blocks (the attention registry
     lives above ``passes/``, so ``instrument`` passes it in); ``convert_existing`` also converts the model's
-    own channel attention; ``norm_fused`` applies the BN-affine training form; ``example_inputs`` and
+    own channel attention; ``bn_affine_form`` applies the BN-affine training form; ``example_inputs`` and
     ``leaf_modules`` go to tracing."""
 
     model_name: str
@@ -73,7 +73,7 @@ class InstrumentOptions:
     exclude: SiteSelector = None
     learnable_psi: bool = True
     convert_existing: bool = False
-    norm_fused: bool = True
+    bn_affine_form: bool = True
     example_inputs: tuple[Any, ...] | None = None
     leaf_modules: Any = None
 
@@ -119,8 +119,9 @@ def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
         )
     unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
     if unfoldable:
-        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
-                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
+        raise UnfoldableSiteError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
+                                  + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable)
+                                     else ""), sites=unfoldable)
     return PassResult(gm, (*chosen, *existing))
 
 
@@ -153,8 +154,8 @@ def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassRes
 # --- the training forms, each applied by instrument and undone by fuse ---------------------------------
 
 def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``norm_fused``: blocks right after an affine BatchNorm take the BN-affine training form."""
-    return to_bn_affine_form(gm) if context.options.norm_fused else PassResult(gm)
+    """With ``bn_affine_form``: blocks right after an affine BatchNorm take the BN-affine training form."""
+    return to_bn_affine_form(gm) if context.options.bn_affine_form else PassResult(gm)
 
 
 def leave_bn_affine_form(module: nn.Module, context: PassContext) -> PassResult:

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.proxy import Attribute, Proxy, TraceError as FxTraceError
+from torch.fx.proxy import Attribute, Proxy
+from torch.fx.proxy import TraceError as FxTraceError
 from torch.utils import _pytree as pytree
 
 from .inplace_proxy import InplaceProxy

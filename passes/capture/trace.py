@@ -27,8 +27,15 @@ from torch import nn
 from asr_fx.errors import InvalidOptionError, TraceError
 
 from .autograd_functions import functions_kept_opaque
-from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
-                              tensor_like)
+from .concrete_values import (
+    ConcreteProxy,
+    ConcreteValues,
+    guard_message,
+    refuse,
+    sequence_length,
+    state_kept,
+    tensor_like,
+)
 from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy

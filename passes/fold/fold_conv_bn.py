@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..layers.base import TensorUsage
 from ..graph.graph_queries import module_of
+from ..layers.base import TensorUsage
 
 
 def _fused_conv(conv: _ConvNd, bn: _BatchNorm) -> _ConvNd:

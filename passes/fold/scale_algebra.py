@@ -27,14 +27,33 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..graph.graph_queries import (
+    fetch_attr,
+    is_adapted_constant,
+    mul_operands,
+    node_label,
+    output_shape,
+    reads_only_metadata,
+)
+from ..graph.op_tables import (
+    ADAPTER_METHODS,
+    ANY_SCALE,
+    COMMUTING_FUNCTIONS,
+    COMMUTING_METHODS,
+    COMMUTING_MODULES,
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    MAX_POOL_INDICES_AT_6,
+    META_ATTRIBUTES,
+    NON_NEGATIVE_SCALE,
+    PERMUTE_TARGETS,
+    RESHAPE_MODULES,
+    RESHAPE_TARGETS,
+    TRANSPOSE_TARGETS,
+    UNIT_SCALE,
+)
 from ..graph.refusals import NoMatch, Refusal
 from ..layers.base import Target
-from ..graph.graph_queries import fetch_attr, is_adapted_constant, mul_operands, node_label, output_shape, reads_only_metadata
-from ..graph.op_tables import (ADAPTER_METHODS, ANY_SCALE, COMMUTING_FUNCTIONS, COMMUTING_METHODS,
-                        COMMUTING_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, MAX_POOL_INDICES_AT_6,
-                        META_ATTRIBUTES, NON_NEGATIVE_SCALE, PERMUTE_TARGETS, RESHAPE_MODULES, RESHAPE_TARGETS,
-                        TRANSPOSE_TARGETS, UNIT_SCALE)
-
 
 
 @dataclass(frozen=True)

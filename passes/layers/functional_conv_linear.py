@@ -11,8 +11,17 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..graph.op_tables import CONV_FUNCTIONS, CONV_TRANSPOSE_FUNCTIONS
-from .base import (LayerMatch, LayerRule, NoMatch, Refusal, Target, TargetOrRefusal, attribute_tensor, call_arg,
-                   replace_tensor)
+from .base import (
+    LayerMatch,
+    LayerRule,
+    NoMatch,
+    Refusal,
+    Target,
+    TargetOrRefusal,
+    attribute_tensor,
+    call_arg,
+    replace_tensor,
+)
 from .conv import conv_weight_in_scaled, conv_weight_out_scaled
 
 _NOT_MINE = NoMatch("not a call of F.conv*d, F.conv_transpose*d or F.linear")

@@ -13,8 +13,18 @@ import torch.nn.functional as F
 
 from ..graph.graph_queries import output_rank
 from ..graph.op_tables import NORM_FUNCTION_WEIGHT_INDEX
-from .base import (LayerMatch, LayerRule, NoMatch, Refusal, Target, TargetOrRefusal, attribute_tensor, call_arg,
-                   replace_tensor, set_call_arg)
+from .base import (
+    LayerMatch,
+    LayerRule,
+    NoMatch,
+    Refusal,
+    Target,
+    TargetOrRefusal,
+    attribute_tensor,
+    call_arg,
+    replace_tensor,
+    set_call_arg,
+)
 
 _NOT_MINE = NoMatch("not a call of F.batch_norm, F.instance_norm, F.group_norm or F.layer_norm")
 

@@ -28,8 +28,17 @@ import torch.nn.functional as F
 
 from ..graph.graph_queries import fetch_attr
 from ..graph.op_tables import CONV_FUNCTIONS
-from .base import (LayerMatch, LayerRule, NoMatch, Refusal, Target, TargetOrRefusal, attribute_tensor, call_arg,
-                   replace_tensor)
+from .base import (
+    LayerMatch,
+    LayerRule,
+    NoMatch,
+    Refusal,
+    Target,
+    TargetOrRefusal,
+    attribute_tensor,
+    call_arg,
+    replace_tensor,
+)
 
 _RESHAPES = ("view", "reshape", "flatten")
 _MULS = (operator.mul, torch.mul)

@@ -37,9 +37,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .global_pooling import pooled_dims
 from ..graph.graph_queries import module_of, mul_operands, skip_identity
 from ..layers.module_calls import channel_info
+from .global_pooling import pooled_dims
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32

@@ -24,8 +24,16 @@ from typing import Any
 import torch.fx as fx
 
 from ..graph.graph_queries import calls_one_of, is_add, module_of, mul_operands, skip_identity
-from ..graph.op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
-                               IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
+from ..graph.op_tables import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    DROPOUT_FUNCTION_NAMES,
+    IDENTITY_MODULES,
+    NORM_MODULES,
+    PERMUTE_TARGETS,
+    TRANSPOSE_TARGETS,
+)
 from ..layers.base import TensorUsage
 from ..layers.parallel_branches import parallel_sums
 from ..layers.registry import layer_at, shared_layer_refusal

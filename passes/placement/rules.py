@@ -30,8 +30,11 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .attention_patterns import find_channel_attention
 from ..graph.graph_queries import module_of, skip_identity
+from ..graph.op_tables import NORM_MODULES
+from ..layers.attention import mha_of
+from ..layers.window_attention import window_attention_of
+from .attention_patterns import find_channel_attention
 from .locate import (
     ResidualBlock,
     Site,
@@ -44,9 +47,6 @@ from .locate import (
     without_shared_layers,
 )
 from .neck_placement import find_neck_sites, plain_stretch_nodes
-from ..layers.attention import mha_of
-from ..layers.window_attention import window_attention_of
-from ..graph.op_tables import NORM_MODULES
 
 
 def _attention_network_nodes(gm: fx.GraphModule) -> set[str]:

@@ -11,8 +11,14 @@ from hypothesis import strategies as st
 
 from asr_fx.passes.capture.shapes import record_shapes
 from asr_fx.passes.capture.trace import trace
-from asr_fx.passes.fold.scale_algebra import (ScaleState, constant_operand, map_through, per_channel_scale,
-                                              reshape_backward, reshape_forward)
+from asr_fx.passes.fold.scale_algebra import (
+    ScaleState,
+    constant_operand,
+    map_through,
+    per_channel_scale,
+    reshape_backward,
+    reshape_forward,
+)
 from asr_fx.passes.graph.refusals import NoMatch, Refusal
 
 

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.forms.asr_blocks import NormFusedASR
+from asr_fx.passes.forms.asr_blocks import BatchNormAffineASR
 from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values
 from asr_fx.passes.infra import PassContext, pass_name
 from asr_fx.passes.pipelines import FUSE_PIPELINE, INSTRUMENT_PIPELINE, TRAINING_FORMS, InstrumentOptions
 
-OPTIONS = InstrumentOptions("Sequential", blocks=None, norm_fused=True)  # type: ignore[arg-type]
+OPTIONS = InstrumentOptions("Sequential", blocks=None, bn_affine_form=True)  # type: ignore[arg-type]
 
 
 def test_instrument_ends_with_the_applies_and_fuse_starts_with_the_undos_in_reverse():
@@ -27,7 +27,7 @@ def _plain():
     """An instrumented model with no training form (blocks are ``x * v`` computing their own ``v``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
-    gm = asr_fx.instrument(model, rule="norm-act", example_inputs=(torch.randn(2, 3, 8, 8),), norm_fused=False)
+    gm = asr_fx.instrument(model, rule="norm-act", example_inputs=(torch.randn(2, 3, 8, 8),), bn_affine_form=False)
     unhoist_attention_values(gm)
     gm.recompile()
     torch.manual_seed(1)
@@ -47,7 +47,7 @@ def _with_forms(count):
 
 def _has_form(name, gm):
     if name == "bn_affine":
-        return any(isinstance(m, NormFusedASR) for m in gm.modules())
+        return any(isinstance(m, BatchNormAffineASR) for m in gm.modules())
     return unhoist_attention_values(copy.deepcopy(gm)) > 0  # counts the hoisted values
 
 

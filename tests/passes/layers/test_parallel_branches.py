@@ -4,6 +4,7 @@ after the sum, folded into the last layer of every branch (passes/layers/paralle
 from __future__ import annotations
 
 import torch
+from conftest import fuse_checked
 from torch import nn
 
 import asr_fx
@@ -11,7 +12,6 @@ from asr_fx.passes.capture.trace import trace
 from asr_fx.passes.layers.base import LayerMatch, NoMatch
 from asr_fx.passes.layers.parallel_branches import PARALLEL_BRANCHES, parallel_sums
 from asr_fx.passes.placement.locate import residual_blocks
-from conftest import fuse_checked
 
 
 def _conv_bn(cin: int, cout: int, k: int, groups: int = 1) -> nn.Sequential:
