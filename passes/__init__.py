@@ -15,7 +15,8 @@ At the root: the pass contract and runner (:mod:`.infra`) and the two declared p
 """
 
 if __name__ == "passes":  # pragma: no cover - guards a mis-configured sys.path
-    raise ImportError("the graph passes are the subpackage 'asr_fx.passes': `import asr_fx.passes`, not `import passes`")
+    raise ImportError("the graph passes are the subpackage 'asr_fx.passes': `import asr_fx.passes`, "
+                      "not `import passes`")
 
 from .capture.trace import ASRTracer, trace
 from .fold.cleanup import eliminate_dead_code

@@ -43,7 +43,16 @@ class PassContext:
         return [r for r in self.records if isinstance(r, kind)]
 
 
-Pass = Callable[[nn.Module, PassContext], PassResult]
+#: a pipeline step: ``(module, context) -> PassResult``; a step after tracing takes the GraphModule
+Pass = Callable[[Any, PassContext], PassResult]
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.11+), or the same ``__notes__`` list on Python 3.10."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def pass_name(p: Pass) -> str:
@@ -78,7 +87,7 @@ class Pipeline:
                 for gm in graph_modules(result.module):
                     gm.graph.lint()
             except Exception as exc:
-                exc.add_note(f"asr-fx: raised in pass `{pass_name(p)}` of the `{self.name}` pipeline")
+                _add_note(exc, f"asr-fx: raised in pass `{pass_name(p)}` of the `{self.name}` pipeline")
                 raise
             module = result.module
             context.records.extend(result.records)

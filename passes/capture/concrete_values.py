@@ -133,7 +133,8 @@ class ConcreteValues:
         inputs = _proxies((args, kwargs))
         name = _name(target)
         reads_metadata = (target is sequence_length) or (kind == "call_method" and name in _META_METHODS) or \
-            (kind == "call_function" and (target in _META_FUNCTIONS or (target is getattr and args[1] in _META_ATTRIBUTES)))
+            (kind == "call_function"
+             and (target in _META_FUNCTIONS or (target is getattr and args[1] in _META_ATTRIBUTES)))
         shaped = any(self.shape_from_data(p) for p in inputs)
         if tensor_like(value):
             if shaped or name in _DATA_SHAPED or self._data_shaped_call(name, args) or \

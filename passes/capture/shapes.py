@@ -88,7 +88,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
     Refuses inputs the captured model does not run on with :class:`~asr_fx.errors.InputShapeError` naming their
     shapes and the graph node that failed.
     """
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs) or ()
     try:
         with preserved_training_modes(gm), torch.no_grad():
             # on copies: an in-place op on a model input must not write into the caller's tensors

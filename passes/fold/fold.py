@@ -4,13 +4,15 @@ Equivalence: ``layer'(x) == layer(x) * c`` for every input, by the formulas of
 the layer rules (:mod:`asr_fx.passes.layers`, the paper's Appendix A), up to float rounding.
 
 Matches ``operator.mul``/``imul``, ``torch.mul``, ``Tensor.mul``/``mul_`` in either operand order,
-where ``c`` is a ``get_attr`` tensor (possibly through ``expand_as(x)``/``type_as(x)``/``to(x.dtype)``) (a parameter such as a layer scale, or what
-:func:`fold_constants` made of ``act(F(psi))``) that is one value, or varies along one dimension
+where ``c`` is a ``get_attr`` tensor (possibly through ``expand_as(x)``/``type_as(x)``/``to(x.dtype)``)
+(a parameter such as a layer scale, or what :func:`fold_constants` made of ``act(F(psi))``) that is
+one value, or varies along one dimension
 (``(1,C,1,1)``, ``(C,1,1)``, ``(C,)``, ``(1,1,C)``, ...). The layer is a call of a conv /
 conv-transpose (any groups), BN / SyncBN, GN, IN, LN or linear module, ``getitem(mha(...), 0)`` of
 an ``nn.MultiheadAttention`` (its output projection), or a functional form on attribute weights
-(:mod:`asr_fx.passes.layers.functional_conv_linear`, :mod:`asr_fx.passes.layers.functional_norm`). Between the layer and the ``mul`` the scale also moves back
-through ops that commute with it (ReLU / max pooling for ``c >= 0``, average pooling, dropout,
+(:mod:`asr_fx.passes.layers.functional_conv_linear`, :mod:`asr_fx.passes.layers.functional_norm`).
+Between the layer and the ``mul`` the scale also moves back through ops that commute with it (ReLU / max pooling for
+``c >= 0``, average pooling, dropout,
 identity, permutes and channel-preserving reshapes), into both inputs of an ``add`` and into the
 pieces of a channel ``cat``, as long as each value on the way has no other user.
 
@@ -18,8 +20,9 @@ Refuses (records the reason and leaves the ``mul`` for :func:`propagate_scales`)
 way with other users (folding would change them), a module called at more than one place,
 parameters shared with another module or call (tied weights), an in-place ``mul_`` of a value that
 something reads before it, an erase that would redirect an in-place write into storage something
-else reads (:func:`asr_fx.passes.graph.aliases.erase_refusal`), a scale that would change a dtype, scales that vary along more than one dimension or not along the layer's
-channels, scales that broadcast the value to a larger shape, and layers without a rule.
+else reads (:func:`asr_fx.passes.graph.aliases.erase_refusal`), a scale that would change a dtype,
+scales that vary along more than one dimension or not along the layer's channels, scales that broadcast the value to
+a larger shape, and layers without a rule.
 
 Shapes: with recorded shapes (``example_inputs`` to :func:`asr_fx.fuse`) every broadcast is
 checked. Without them, a scale with a leading batch dimension (``(1,C,1,1)``, ``(1,1,C)``) is taken
@@ -87,7 +90,8 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: ScaleState, usage: T
             if sizes is None:
                 inputs = [(p, state) for p in pieces]
             else:
-                inputs = [(p, ScaleState(v, state.position)) for p, v in zip(pieces, state.values.split(sizes), strict=True)]
+                parts = state.values.split(sizes)
+                inputs = [(p, ScaleState(v, state.position)) for p, v in zip(pieces, parts, strict=True)]
         else:
             moved = map_through(gm, node, state, forward=False)
             if isinstance(moved, Refusal):

@@ -11,6 +11,8 @@ with its reason (or ``NoMatch`` where the question does not apply).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -71,8 +73,8 @@ def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
     :class:`NoMatch` when ``node`` is no ``cat``, a :class:`Refusal` when it is one a scale cannot pass."""
     if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
         return NoMatch("not a cat")
-    pieces = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    pieces: Any = node.args[0]
+    dim: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
         return Refusal("a cat of non-graph values")
     shape = output_shape(node)
@@ -91,7 +93,7 @@ def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
 def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: ScaleState) -> ScaleState | Refusal:
     """The scale on a channel ``cat`` of the scaled ``piece`` with unscaled others: ones elsewhere."""
     v, pos = state.values, state.position
-    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    dim: Any = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if pos is None:
         shape = output_shape(cat)
         pos = dim if dim < 0 else (dim - len(shape) if shape is not None else None)

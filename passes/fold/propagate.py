@@ -15,8 +15,9 @@ of 1) and through another constant ``mul`` (scales commute).
 
 Refuses too: a next layer called at more than one place or sharing a parameter, an erase that would
 redirect or drop an in-place write into storage something else reads, a model input included
-(:func:`asr_fx.passes.graph.aliases.erase_refusal`), a scale that would change a dtype, and reshapes whose shapes are unknown (pass
-``example_inputs`` to :func:`asr_fx.fuse`). Modifies ``gm`` in place. Emits a new record for each
+(:func:`asr_fx.passes.graph.aliases.erase_refusal`), a scale that would change a dtype, and reshapes
+whose shapes are unknown (pass ``example_inputs`` to :func:`asr_fx.fuse`). Modifies ``gm`` in place. Emits a new
+record for each
 scale it moves or tried to move; it never edits the fold pass's records.
 """
 
@@ -50,7 +51,7 @@ from .scale_algebra import (
 
 def _occurrences(user: fx.Node, node: fx.Node) -> int:
     seen: list[fx.Node] = []
-    fx.node.map_arg((user.args, user.kwargs), lambda n: seen.append(n) or n)
+    fx.node.map_arg((user.args, user.kwargs), lambda n: seen.append(n) or n)  # type: ignore[func-returns-value]
     return sum(n is node for n in seen)
 
 
@@ -63,6 +64,7 @@ def plan_forward(gm: fx.GraphModule, root: fx.Node, state: ScaleState, usage: Te
     while stack:
         node, st = stack.pop()
         for user in node.users:
+            moved: ScaleState | Refusal | NoMatch
             budget -= 1
             if budget < 0:
                 return Refusal("the scaled value reaches too many nodes")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -185,7 +186,7 @@ def other_users(node: fx.Node, user: fx.Node) -> list[fx.Node]:
 def permuted(node: fx.Node) -> list[int] | None:
     """The ``dims`` of a permute, or of a transpose when its rank is known."""
     if node.target in PERMUTE_TARGETS:
-        dims = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else node.args[1:2]
+        dims: Any = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else node.args[1:2]
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
         if dims and all(isinstance(d, int) for d in dims):
             return [d % len(dims) for d in dims]
@@ -216,14 +217,15 @@ def reshape_forward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Te
     channels = before[i]
     prefix = 1
     for j, size in enumerate(after):
-        if prefix == outer and size % channels == 0 and size > 0 and math.prod(before[i + 1:]) % (size // channels) == 0 \
-                and (size > 1 or channels == 1):
+        if prefix == outer and size % channels == 0 and size > 0 \
+                and math.prod(before[i + 1:]) % (size // channels) == 0 and (size > 1 or channels == 1):
             return ScaleState(v.repeat_interleave(size // channels), j - len(after))
         prefix *= size
     return Refusal(f"the reshape {before} -> {after} does not keep the {channels} channels together")
 
 
-def reshape_backward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor, pos: int) -> ScaleState | Refusal:
+def reshape_backward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor,
+                     pos: int) -> ScaleState | Refusal:
     """Inverse of :func:`reshape_forward`: a scale on a merged dim must be constant within each channel."""
     if not -len(after) <= pos < 0 or after[pos] != v.numel():
         return Refusal(f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's output {after}")
@@ -301,7 +303,8 @@ def map_through(gm: fx.GraphModule, node: fx.Node, state: ScaleState,
             return state
         before, after = output_shape(node.args[0]), output_shape(node)
         if before is None or after is None:
-            return Refusal(f"`{node_label(node)}` reshapes a scaled value of unknown shape; pass example_inputs to fuse")
+            return Refusal(f"`{node_label(node)}` reshapes a scaled value of unknown shape; "
+                           "pass example_inputs to fuse")
         return reshape_forward(before, after, v, pos) if forward else reshape_backward(before, after, v, pos)
     kind = commuting_kind(gm, node)
     if not isinstance(kind, tuple):

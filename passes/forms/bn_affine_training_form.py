@@ -10,6 +10,8 @@ parameters, so the rest of :func:`asr_fx.fuse` sees a vanilla BN call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -47,14 +49,14 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
         norm_node = node.args[0]
         if not isinstance(norm_node, fx.Node) or norm_node.op != "call_module" or len(norm_node.users) != 1:
             continue
-        if len(norm_node.args) != 1 or norm_node.kwargs or calls.get(norm_node.target) != 1:
+        if len(norm_node.args) != 1 or norm_node.kwargs or calls.get(str(norm_node.target)) != 1:
             continue
-        if not is_affine_batch_norm(gm.get_submodule(norm_node.target)):
+        if not is_affine_batch_norm(gm.get_submodule(str(norm_node.target))):
             continue
         key = str(node.target)[len(container) + 1:]
         getattr(gm, container)[key] = BatchNormAffineASR.from_block(block, str(norm_node.target))
         with gm.graph.inserting_before(node):
-            norm_ref = gm.graph.get_attr(norm_node.target)
+            norm_ref = gm.graph.get_attr(str(norm_node.target))
         node.args = (norm_node.args[0], norm_ref)
         gm.graph.erase_node(norm_node)
     gm.graph.lint()
@@ -79,7 +81,7 @@ def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
         if not isinstance(block, BatchNormAffineASR):
             continue
         x, norm_ref = node.args
-        norm = gm.get_submodule(norm_ref.target)
+        norm: Any = gm.get_submodule(norm_ref.target)
         with torch.no_grad():
             v = block.attention_value().reshape(-1).to(norm.weight.dtype)
         require_finite(v, str(node.target))

@@ -7,6 +7,8 @@ where a scale entry is 0, and for a BN that uses batch statistics.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -17,7 +19,7 @@ from .base import ModuleLayerRule, replace_tensor
 from .norm import channels_first, scale_norm_affine
 
 
-def bn_statistics_for_input_scale(bn: _BatchNorm, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_statistics_for_input_scale(bn: Any, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean / s, (var + eps) / s^2 - eps)`` computed in float64, cast to the buffers' dtype."""
     s64, eps = s.detach().double(), bn.eps
     mean = bn.running_mean.double() / s64
@@ -25,7 +27,7 @@ def bn_statistics_for_input_scale(bn: _BatchNorm, s: torch.Tensor) -> tuple[torc
     return mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
 
 
-def _input_scale_error(bn: _BatchNorm, s: torch.Tensor) -> str | None:
+def _input_scale_error(bn: Any, s: torch.Tensor) -> str | None:
     """Why the cast statistics of :func:`bn_statistics_for_input_scale` would not give the exact BN of
     ``x * s`` (overflow, or ``var + eps`` lost to rounding), checked per channel, or ``None``."""
     mean, var = bn_statistics_for_input_scale(bn, s)
@@ -48,7 +50,7 @@ def _input_scale_error(bn: _BatchNorm, s: torch.Tensor) -> str | None:
     return None
 
 
-def bn_input_refusal(bn: _BatchNorm, s: torch.Tensor) -> str | None:
+def bn_input_refusal(bn: Any, s: torch.Tensor) -> str | None:
     """Why ``bn``'s input channels cannot take ``s`` (asked before anything changes), or ``None``."""
     if bn.training or bn.running_var is None:
         return f"`{type(bn).__name__}` uses batch statistics; only an eval BN with running stats takes it"
@@ -57,7 +59,7 @@ def bn_input_refusal(bn: _BatchNorm, s: torch.Tensor) -> str | None:
     return _input_scale_error(bn, s)
 
 
-def scale_bn_input(bn: _BatchNorm, s: torch.Tensor) -> None:
+def scale_bn_input(bn: Any, s: torch.Tensor) -> None:
     """Eval BN of ``x * s`` (:func:`bn_input_refusal` checked the cast values are exact)."""
     mean, var = bn_statistics_for_input_scale(bn, s)
     replace_tensor(bn, "running_mean", mean)
@@ -78,27 +80,27 @@ class BatchNormRule(ModuleLayerRule):
     kind = "bn"
     takes_input_scale = True
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: Any) -> bool:
         return isinstance(module, _BatchNorm)
 
-    def layout(self, module: nn.Module, node: fx.Node) -> ChannelInfo:
+    def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
         if isinstance(module, nn.BatchNorm2d):
             return ChannelInfo(module.num_features, -3)
         if isinstance(module, nn.BatchNorm3d):
             return ChannelInfo(module.num_features, -4)
-        return ChannelInfo(module.num_features, channels_first(node))  # type: ignore[arg-type]
+        return ChannelInfo(module.num_features, channels_first(node))
 
-    def scale_output(self, module: nn.Module, v: torch.Tensor) -> None:
+    def scale_output(self, module: Any, v: torch.Tensor) -> None:
         scale_norm_affine(module, v)
 
-    def input_channels(self, module: nn.Module) -> int:
-        return int(module.num_features)  # type: ignore[arg-type]
+    def input_channels(self, module: Any) -> int:
+        return int(module.num_features)
 
-    def input_refusal(self, module: nn.Module, s: torch.Tensor) -> str | None:
-        return bn_input_refusal(module, s)  # type: ignore[arg-type]
+    def input_refusal(self, module: Any, s: torch.Tensor) -> str | None:
+        return bn_input_refusal(module, s)
 
-    def scale_input(self, module: nn.Module, s: torch.Tensor) -> None:
-        scale_bn_input(module, s)  # type: ignore[arg-type]
+    def scale_input(self, module: Any, s: torch.Tensor) -> None:
+        scale_bn_input(module, s)
 
 
 BATCH_NORM = BatchNormRule()

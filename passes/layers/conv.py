@@ -7,9 +7,10 @@ transposed convs (:mod:`.deconv`) and the functional forms (:mod:`.functional_co
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
-from torch import nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from ..graph.graph_queries import ChannelInfo
@@ -44,7 +45,7 @@ def conv_weight_in_scaled(w: torch.Tensor, s: torch.Tensor, groups: int, transpo
     return (grouped * s.reshape(groups, 1, in_per_group, *k)).reshape(w.shape)
 
 
-def scale_conv_module_out(conv: _ConvNd, v: torch.Tensor) -> None:
+def scale_conv_module_out(conv: Any, v: torch.Tensor) -> None:
     """A conv module's (or transposed conv's) output channels scaled by ``v``: weight and bias."""
     transposed = isinstance(conv, _ConvTransposeNd)
     replace_tensor(conv, "weight", conv_weight_out_scaled(conv.weight, v, conv.groups, transposed))
@@ -52,7 +53,7 @@ def scale_conv_module_out(conv: _ConvNd, v: torch.Tensor) -> None:
         replace_tensor(conv, "bias", conv.bias * v)
 
 
-def scale_conv_module_in(conv: _ConvNd, s: torch.Tensor) -> None:
+def scale_conv_module_in(conv: Any, s: torch.Tensor) -> None:
     """A conv module's (or transposed conv's) input channels scaled by ``s``: the weight only."""
     transposed = isinstance(conv, _ConvTransposeNd)
     replace_tensor(conv, "weight", conv_weight_in_scaled(conv.weight, s, conv.groups, transposed))
@@ -65,20 +66,20 @@ class ConvRule(ModuleLayerRule):
     kind = "conv"
     takes_input_scale = True
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: Any) -> bool:
         return isinstance(module, _ConvNd) and not isinstance(module, _ConvTransposeNd)
 
-    def layout(self, module: nn.Module, node: fx.Node) -> ChannelInfo:
+    def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
         return ChannelInfo(module.out_channels, -(len(module.kernel_size) + 1))
 
-    def scale_output(self, module: nn.Module, v: torch.Tensor) -> None:
-        scale_conv_module_out(module, v)  # type: ignore[arg-type]
+    def scale_output(self, module: Any, v: torch.Tensor) -> None:
+        scale_conv_module_out(module, v)
 
-    def input_channels(self, module: nn.Module) -> int:
+    def input_channels(self, module: Any) -> int:
         return int(module.in_channels)
 
-    def scale_input(self, module: nn.Module, s: torch.Tensor) -> None:
-        scale_conv_module_in(module, s)  # type: ignore[arg-type]
+    def scale_input(self, module: Any, s: torch.Tensor) -> None:
+        scale_conv_module_in(module, s)
 
 
 CONV = ConvRule()

@@ -5,9 +5,10 @@ channels in the weight's first dimension. The formulas are :mod:`.conv`'s, with 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
-from torch import nn
 from torch.nn.modules.conv import _ConvTransposeNd
 
 from ..graph.graph_queries import ChannelInfo
@@ -22,20 +23,20 @@ class DeconvRule(ModuleLayerRule):
     kind = "conv"
     takes_input_scale = True
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: Any) -> bool:
         return isinstance(module, _ConvTransposeNd)
 
-    def layout(self, module: nn.Module, node: fx.Node) -> ChannelInfo:
+    def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
         return ChannelInfo(module.out_channels, -(len(module.kernel_size) + 1))
 
-    def scale_output(self, module: nn.Module, v: torch.Tensor) -> None:
-        scale_conv_module_out(module, v)  # type: ignore[arg-type]
+    def scale_output(self, module: Any, v: torch.Tensor) -> None:
+        scale_conv_module_out(module, v)
 
-    def input_channels(self, module: nn.Module) -> int:
+    def input_channels(self, module: Any) -> int:
         return int(module.in_channels)
 
-    def scale_input(self, module: nn.Module, s: torch.Tensor) -> None:
-        scale_conv_module_in(module, s)  # type: ignore[arg-type]
+    def scale_input(self, module: Any, s: torch.Tensor) -> None:
+        scale_conv_module_in(module, s)
 
 
 DECONV = DeconvRule()

@@ -66,6 +66,7 @@ class FunctionalNormRule(LayerRule):
         if (weight_arg is not None and weight is None) or (bias_arg is not None and bias is None):
             return Refusal(f"`{node.name}`'s weight or bias is computed in the graph, not a parameter")
         shape: tuple[int, ...] = ()
+        position: int | None
         if fn is F.layer_norm:
             shape = tuple(call_arg(node, 1, "normalized_shape"))
             if not all(isinstance(s, int) for s in shape):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -11,7 +13,7 @@ from ..graph.graph_queries import ChannelInfo
 from .base import ModuleLayerRule, replace_tensor
 
 
-def scale_linear_out(linear: nn.Linear, v: torch.Tensor) -> None:
+def scale_linear_out(linear: Any, v: torch.Tensor) -> None:
     """Eq. 12: rows of ``W`` and entries of ``b`` scaled."""
     replace_tensor(linear, "weight", linear.weight * v.reshape(-1, 1))
     if linear.bias is not None:
@@ -25,19 +27,19 @@ class LinearRule(ModuleLayerRule):
     kind = "linear"
     takes_input_scale = True
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: Any) -> bool:
         return isinstance(module, nn.Linear)
 
-    def layout(self, module: nn.Module, node: fx.Node) -> ChannelInfo:
+    def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
         return ChannelInfo(module.out_features, -1)
 
-    def scale_output(self, module: nn.Module, v: torch.Tensor) -> None:
-        scale_linear_out(module, v)  # type: ignore[arg-type]
+    def scale_output(self, module: Any, v: torch.Tensor) -> None:
+        scale_linear_out(module, v)
 
-    def input_channels(self, module: nn.Module) -> int:
+    def input_channels(self, module: Any) -> int:
         return int(module.in_features)
 
-    def scale_input(self, module: nn.Module, s: torch.Tensor) -> None:
+    def scale_input(self, module: Any, s: torch.Tensor) -> None:
         replace_tensor(module, "weight", module.weight * s.reshape(1, -1))
 
 

@@ -5,6 +5,8 @@ normalization undoes it). :func:`scale_norm_affine` is shared with BatchNorm (:m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -15,7 +17,7 @@ from ..graph.graph_queries import ChannelInfo, output_rank
 from .base import ModuleLayerRule, replace_tensor
 
 
-def scale_norm_affine(norm: nn.Module, v: torch.Tensor) -> None:
+def scale_norm_affine(norm: Any, v: torch.Tensor) -> None:
     """Eq. 7/11: ``gamma' = gamma * v``, ``beta' = beta * v`` (train mode too).
 
     A norm without an affine gets ``gamma = v`` as a buffer (and ``beta = 0`` for BN), so the
@@ -58,10 +60,10 @@ class NormRule(ModuleLayerRule):
     name = "norm"
     kind = "norm"
 
-    def accepts(self, module: nn.Module) -> bool:
+    def accepts(self, module: Any) -> bool:
         return isinstance(module, (nn.GroupNorm, _InstanceNorm, nn.LayerNorm))
 
-    def layout(self, module: nn.Module, node: fx.Node) -> ChannelInfo:
+    def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
         if isinstance(module, nn.InstanceNorm2d):
             return ChannelInfo(module.num_features, -3)
         if isinstance(module, nn.InstanceNorm3d):
@@ -70,9 +72,9 @@ class NormRule(ModuleLayerRule):
             return ChannelInfo(module.num_features, channels_first(node))
         if isinstance(module, nn.GroupNorm):
             return ChannelInfo(module.num_channels, channels_first(node))
-        return ChannelInfo(module.normalized_shape[-1], -1)  # type: ignore[index]
+        return ChannelInfo(module.normalized_shape[-1], -1)
 
-    def scale_output(self, module: nn.Module, v: torch.Tensor) -> None:
+    def scale_output(self, module: Any, v: torch.Tensor) -> None:
         scale_norm_affine(module, v)
 
 

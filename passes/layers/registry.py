@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph.graph_queries import output_dtype
-from .attention import MULTIHEAD_ATTENTION
 from .base import LayerMatch, LayerRule, NoMatch, Refusal, Target, TargetOrRefusal, TensorUsage
 from .functional_conv_linear import FUNCTIONAL_CONV_LINEAR
 from .functional_norm import FUNCTIONAL_NORM
 from .module_calls import MODULE_RULES
+from .multihead_attention import MULTIHEAD_ATTENTION
 from .parallel_branches import PARALLEL_BRANCHES
 from .standardized_conv import STANDARDIZED_CONV
 from .window_attention import WINDOW_ATTENTION

@@ -78,7 +78,7 @@ def _gain(gm: fx.GraphModule, node: Any) -> tuple[torch.nn.Module, str, torch.Te
         else:
             return None
     found = attribute_tensor(gm, node)
-    return found if found is not None and len(node.users) == 1 else None  # type: ignore[union-attr]
+    return found if found is not None and len(node.users) == 1 else None
 
 
 def _standardized_weight(gm: fx.GraphModule, node: Any) -> tuple[fx.Node, fx.Node] | None:

@@ -119,7 +119,8 @@ def _over_six(node: fx.Node) -> fx.Node | None:
     operands = mul_operands(node)
     if operands is not None:
         for r, k in (operands, operands[::-1]):
-            if isinstance(r, fx.Node) and _number(k) is not None and abs(_number(k) - 1 / 6) < 1e-12:
+            number = _number(k)
+            if isinstance(r, fx.Node) and number is not None and abs(number - 1 / 6) < 1e-12:
                 return r
     return None
 
@@ -199,7 +200,7 @@ def is_shape_of(node: fx.Node, feature: fx.Node) -> bool:
         return node.args[0] is feature or is_shape_of(node.args[0], feature)  # type: ignore[arg-type]
     if node.op == "call_function" and node.target in _SHAPE_ARITHMETIC:
         if node.target is getattr:
-            return node.args[0] is feature and node.args[1] == "shape"
+            return bool(node.args[0] is feature and node.args[1] == "shape")
         inputs = node.all_input_nodes
         return bool(inputs) and all(is_shape_of(n, feature) for n in inputs)
     return False
@@ -258,7 +259,8 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node, gate_input: fx
         if node.op == "get_attr":
             inner.append(node)
             continue
-        if pooled_dims(gm, node) is not None and skip_identity(gm, node.args[0]) is feature:
+        if pooled_dims(gm, node) is not None and isinstance(node.args[0], fx.Node) \
+                and skip_identity(gm, node.args[0]) is feature:
             pools.append(node)
             continue
         if is_shape_of(node, feature):

@@ -73,8 +73,9 @@ class Site:
 
     ``node`` also names the ASR block (``asr.<node>``): torch.fx derives it from the module path
     (``layer1.0.bn3`` -> ``layer1_0_bn3``; a second call of it -> ``layer1_0_bn3_1``), so it is stable.
-    ``module``: the module path of the layer that produced ``x`` (empty for a functional op); ``channels`` and ``channel_pos``
-    (counted from the right) describe the scale's broadcast; ``fold_target``: the layer the scale
+    ``module``: the module path of the layer that produced ``x`` (empty for a functional op);
+    ``channels`` and ``channel_pos`` (counted from the right) describe the scale's broadcast; ``fold_target``: the
+    layer the scale
     folds into; ``foldable``/``reason``: whether that is expected to work.
     """
 

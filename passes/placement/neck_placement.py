@@ -86,7 +86,7 @@ def _passes_value(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Back from ``node`` over upsampling, identity and dropout."""
     while _passes_value(gm, node):
-        node = node.args[0]
+        node = node.args[0]  # type: ignore[assignment]
     return node
 
 

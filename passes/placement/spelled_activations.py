@@ -52,7 +52,7 @@ def _hard_sigmoid_times_six_of(node: Any) -> fx.Node | None:
     if not isinstance(node, fx.Node):
         return None
     if _is_call(node, _RELU6) or (_is_call(node, (F.hardtanh,)) and tuple(node.args[1:3]) == (0, 6)):
-        inner = node.args[0]
+        inner: Any = node.args[0]
         if _is_call(inner, _ADD) and len(inner.args) == 2 and inner.args[1] == 3 and isinstance(inner.args[0], fx.Node):
             return inner.args[0]
     return None

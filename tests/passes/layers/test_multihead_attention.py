@@ -4,8 +4,8 @@ import torch
 from layer_rule_checks import check_output_fold, last_node, traced
 from torch import nn
 
-from asr_fx.passes.layers.attention import MULTIHEAD_ATTENTION
 from asr_fx.passes.layers.base import LayerMatch, NoMatch
+from asr_fx.passes.layers.multihead_attention import MULTIHEAD_ATTENTION
 
 
 class SelfAttention(nn.Module):
