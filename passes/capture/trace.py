@@ -32,7 +32,7 @@ from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refu
 from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
-from .opaque_libraries import is_opaque_library_layer, opaque_function_modules
+from .opaque_libraries import is_opaque_library_layer, mode_functions, opaque_function_modules
 from .plain_layers import plain_layers
 from .traced_indexing import dtype_info_traced, indexing_traced
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -171,6 +171,7 @@ class ASRTracer(fx.Tracer):
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         shape_aware = self._example_inputs is not None
+        self._autowrap_function_ids |= {id(fn) for fn in mode_functions(root)}  # drop_connect(x, training=...)
         self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
             with state_kept(root), functions_kept_opaque(), indexing_traced(), \
