@@ -19,8 +19,9 @@ from torch import nn
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
-from asr_fx.equivalence import check_instrumented
+from asr_fx.equivalence import check_instrumented, random_probe
 from asr_fx.errors import InvalidOptionError, TraceError
+from asr_fx.input_shapes import default_input_shape
 from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, trace
 from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
@@ -148,8 +149,10 @@ def instrument(
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
 
-    When the whole forward does not trace (detector post-processing, a YOLO head, shape checks torch.fx
-    cannot follow), the largest capturable children are instrumented in place and the model's own class
+    When the whole forward does not trace without ``example_inputs`` and the model documents its input size
+    (timm's ``pretrained_cfg["input_size"]``, a Hugging Face config's ``image_size`` and ``num_channels``), it
+    is captured shape-aware on a random input of that size. When the whole forward does not trace (detector
+    post-processing, a YOLO head, shape checks torch.fx cannot follow), the largest capturable children are instrumented in place and the model's own class
     is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
     """
     options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
@@ -171,6 +174,9 @@ def instrument(
     try:
         gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
+        documented = _documented_inputs(model) if example_inputs is None else None
+        if documented is not None:  # shape-aware capture on the input the model's own config documents
+            return instrument(model, **{**options, "example_inputs": documented})
         return instrument_parts(model, exc, instrument, options)
     chosen = [r for r in records if isinstance(r, Site)]
     kwargs = pipeline_options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
@@ -198,6 +204,16 @@ def instrument(
     if check and not convert_existing:  # converted existing attention changes the function on purpose
         check_instrumented(model, gm, example_inputs)
     return gm  # type: ignore[return-value]
+
+
+def _documented_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """A random input of the size the model documents (timm's ``pretrained_cfg``, a Hugging Face config's
+    ``image_size``/``num_channels``, ...: :func:`asr_fx.input_shapes.default_input_shape`), batch 2."""
+    shape = default_input_shape(model, batch=2)
+    ref = next(iter(model.parameters()), None)
+    if not shape or ref is None or not ref.is_floating_point() or ref.is_meta:
+        return None
+    return (random_probe(shape, ref),)
 
 
 def attention_name(attention: Any) -> Any:

@@ -30,6 +30,7 @@ from torch import nn
 from asr_fx.config import asr_config, set_config
 from asr_fx.equivalence import check_fused, saved_state
 from asr_fx.errors import ASRError, NoSitesError, TraceError
+from asr_fx.passes.capture.way_out import way_out
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
@@ -132,8 +133,9 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     """
     example_inputs = options.get("example_inputs")
     if example_inputs is None:
-        raise TraceError(f"{error} Or pass example_inputs=(...) and asr-fx instruments the parts of the model "
-                         "it can capture, leaving the rest as the model's own Python.",
+        tried = way_out(model, error, options.get("leaf_modules"))
+        raise TraceError(f"{error}{_line(tried)}\nOr pass example_inputs=(...) and asr-fx instruments the parts "
+                         "of the model it can capture, leaving the rest as the model's own Python.",
                          module=error.module, module_class=error.module_class) from error
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     calls = record_calls(model, example_inputs)
@@ -158,7 +160,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 except NoSitesError:
                     continue
                 except ASRError as exc:
-                    refused.append(f"{child_path}: {str(exc).splitlines()[0][:200]}")
+                    refused.append(f"{child_path}: {shorten(str(exc).splitlines()[0], 300)}")
                 else:
                     _keep_attributes(part, child)
                     _set_submodule(work, child_path, part)
@@ -169,9 +171,12 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
 
     visit("", model)
     if not parts:  # nothing captured alone either: the root's own error says what to do
-        detail = f"; refused: {refused[:3]}" if refused else ""
-        raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
-                         f"alone either{detail}.)", module=error.module, module_class=error.module_class) from error
+        tried = way_out(model, error, options.get("leaf_modules"), example_inputs)
+        detail = "".join(f"\n  - {r}" for r in refused[:5]) + (f"\n  ... and {len(refused) - 5} more"
+                                                               if len(refused) > 5 else "")
+        raise TraceError(f"{error}{_line(tried)}\nNo part of {type(model).__name__} takes an ASR site when "
+                         f"instrumented alone either" + (f"; refused parts:{detail}" if refused else "."),
+                         module=error.module, module_class=error.module_class) from error
     sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg.sites]
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
@@ -180,6 +185,18 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                                          factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary to at most ``limit`` characters, with an ellipsis when cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + "…"
+
+
+def _line(sentence: str) -> str:
+    return f"\n{sentence}" if sentence else ""
 
 
 def is_partial(model: nn.Module) -> bool:

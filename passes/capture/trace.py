@@ -27,8 +27,8 @@ from torch import nn
 from asr_fx.errors import InvalidOptionError, TraceError
 
 from .autograd_functions import functions_kept_opaque
-from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
-                              tensor_like)
+from .concrete_values import (MISSING, ConcreteProxy, ConcreteValues, guard_message, metadata_only, refuse,
+                              sequence_length, state_kept, tensor_like)
 from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
@@ -195,11 +195,11 @@ class ASRTracer(fx.Tracer):
 
     def _known(self, obj: Any, what: str) -> Any:
         if self.concrete is None:
-            raise refuse(what)
+            raise refuse(what, "shapes" if what == "iteration" or metadata_only(obj) else "values")
         if self.concrete.from_data(obj):
             value = self.concrete.value(obj)
             if not (what == "iteration" and tensor_like(value) and not self.concrete.shape_from_data(obj)):
-                raise refuse(what)
+                raise refuse(what, "unknown" if value is MISSING else "values")
         return self.concrete.value(obj)
 
     def _guard(self, condition: Any, node_value: tuple[Any, Any]) -> None:
@@ -292,6 +292,8 @@ def _trace_error(model: nn.Module, tracer: ASRTracer, exc: BaseException) -> Tra
         if where
         else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
     )
+    if "tracing without example_inputs" in str(exc):  # a shape condition: example inputs settle it
+        hint = "pass example_inputs=(...)" + (f", or {hint}" if where else "")
     return TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.",
                       module=where or None, module_class=type(module).__name__)
 
