@@ -107,7 +107,7 @@ def test_partial_capture_errors_are_readable_lines():
     assert all(len(line) < 1000 for line in lines)
     parts = [line for line in lines if line.startswith("  - ")]
     assert len(parts) == 5 and lines[-1] == "  ... and 2 more"
-    full = "symbolically traced variables cannot be used as inputs to control flow (a condition depends on tensor values"
+    full = "symbolically traced variables cannot be used as inputs to control flow"
     for line in parts:  # cut at a word boundary, marked
         assert len(line) <= 320 and line.endswith("…") and line[-2].isalnum()
-        assert full[:60] in line
+        assert full in line
