@@ -264,7 +264,7 @@ def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ..
                 concrete_args: dict[str, Any] | None,
                 example_inputs: tuple[Any, ...] | None = None) -> fx.GraphModule:
     tracer = ASRTracer(leaf_modules, inline, example_inputs)
-    flags = default_flags(model) if concrete_args is None else {}
+    flags = default_flags(model, example_inputs) if concrete_args is None else {}
     try:
         graph = tracer.trace(model, concrete_args=concrete_args if concrete_args is not None else flags or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
