@@ -1,15 +1,16 @@
 """The ASR block modules the passes insert and recognise: :class:`ASR` (``x * act(F(psi))``) and
-its BatchNorm-affine training form :class:`NormFusedASR`, with the BatchNorm forward the latter uses.
+its BatchNorm-affine training form :class:`BatchNormAffineASR`, with the BatchNorm forward the latter uses.
 
 At training time the attention network ``F`` sees a learnable ``psi`` instead of ``GAP(x)`` (the
 paper's Eq. 4 "without GAP"), so its output ``v`` does not depend on the input: after training ``v``
 is a constant vector and :func:`asr_fx.fuse` folds ``x * v`` into the layer that produced ``x``.
-Public as :mod:`asr_fx.asr` (``asr_fx.ASR``, ``asr_fx.NormFusedASR``); here so that the passes need
+Public as :mod:`asr_fx.asr` (``asr_fx.ASR``, ``asr_fx.BatchNormAffineASR``); here so that the passes need
 nothing above them.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -31,16 +32,58 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 PsiInit = float | tuple[str, float]
 
 
+def fill_psi_(psi: torch.Tensor, psi_init: PsiInit) -> torch.Tensor:
+    """Set ``psi`` in place (any device, no grad) to its initial value: a constant (the paper's 0.1),
+    ``("constant", c)`` or ``("normal", std)`` (drawn by ``normal_`` from the generator of ``psi``'s
+    device); returns ``psi``."""
+    if isinstance(psi_init, (int, float)) and not isinstance(psi_init, bool):
+        kind, value = "constant", psi_init
+    elif isinstance(psi_init, (tuple, list)) and len(psi_init) == 2 and psi_init[0] in ("normal", "constant"):
+        kind, value = psi_init
+    else:
+        raise InvalidOptionError(f"psi_init must be a number, ('constant', c) or ('normal', std); got {psi_init!r}")
+    with torch.no_grad():
+        if kind == "normal":
+            psi.normal_(0.0, float(value))
+        else:
+            psi.fill_(float(value))
+    return psi
+
+
 def init_psi(shape: tuple[int, ...], psi_init: PsiInit) -> torch.Tensor:
-    """``psi``'s initial value: a constant (the paper's 0.1) or ``("normal", std)``."""
-    if isinstance(psi_init, (int, float)):
-        return torch.full(shape, float(psi_init))
-    kind, value = psi_init
-    if kind == "normal":
-        return torch.randn(shape) * float(value)
-    if kind == "constant":
-        return torch.full(shape, float(value))
-    raise InvalidOptionError(f"psi_init must be a number, ('constant', c) or ('normal', std); got {psi_init!r}")
+    """``psi``'s initial value: a constant (the paper's 0.1) or ``("normal", std)``, as a new tensor."""
+    return fill_psi_(torch.empty(shape), psi_init)
+
+
+def _fill_own_parameters(module: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters(recurse=False):
+            p.fill_(value)
+
+
+def fill_attention(net: nn.Module, value: float) -> None:
+    """Set every parameter of the attention network ``net`` to ``value`` (the transformer preset's 1e-3), and
+    make each of its submodules that owns parameters reset to that value: its ``reset_parameters`` becomes
+    the fill, so a meta-device init loop (``for m in model.modules(): m.reset_parameters()``, in any order)
+    gives the same values as the fill did."""
+    for module in net.modules():
+        if next(module.parameters(recurse=False), None) is not None:
+            _fill_own_parameters(module, value)
+            module.reset_parameters = functools.partial(_fill_own_parameters, module, float(value))
+
+
+def reset_attention(net: nn.Module) -> None:
+    """Re-initialise an attention network as its constructor did: its own ``reset_parameters()`` (every
+    built-in network has one), else that of each submodule that has one (``nn.Conv2d``/``nn.Linear``
+    defaults; a fill installed by :func:`fill_attention` in either case)."""
+    reset = getattr(net, "reset_parameters", None)
+    if callable(reset):
+        reset()
+        return
+    for module in net.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if module is not net and callable(reset):
+            reset()
 
 
 class ASR(nn.Module):
@@ -55,6 +98,12 @@ class ASR(nn.Module):
         activation: ``"sigmoid"`` (default), ``"tanh"`` or ``"hardsigmoid"``.
         psi_init: initial ``psi``: a constant (default 0.1) or ``("normal", std)``.
         learnable_psi: ``False`` keeps ``psi`` fixed (a buffer, not a parameter).
+        attention_init: a constant every parameter of ``attention`` starts at (the transformer preset's
+            1e-3); ``None`` keeps the network's own init.
+
+    :meth:`reset_parameters` sets ``psi`` and the attention network back to these inits, on whatever
+    device they are: a model instrumented on the meta device, then ``to_empty``, then the usual
+    ``reset_parameters`` loop, starts as one instrumented on a real device.
     """
 
     def __init__(
@@ -66,6 +115,7 @@ class ASR(nn.Module):
         activation: str = "sigmoid",
         psi_init: PsiInit = 0.1,
         learnable_psi: bool = True,
+        attention_init: float | None = None,
     ) -> None:
         super().__init__()
         if channel_pos >= 0:
@@ -76,11 +126,20 @@ class ASR(nn.Module):
         self.channel_pos = channel_pos
         self.activation = activation
         self.attention = attention
+        self.psi_init = tuple(psi_init) if isinstance(psi_init, list) else psi_init
+        self.attention_init = None if attention_init is None else float(attention_init)
+        if self.attention_init is not None:
+            fill_attention(attention, self.attention_init)
         psi = init_psi(tuple(attention.psi_shape), psi_init)
         if learnable_psi:
             self.psi = nn.Parameter(psi)
         else:
             self.register_buffer("psi", psi)
+
+    def reset_parameters(self) -> None:
+        """``psi`` to ``psi_init`` and the attention network to its init (``attention_init`` when set), in place."""
+        reset_attention(self.attention)  # first, as the constructor draws: the same seed gives the same block
+        fill_psi_(self.psi, self.psi_init)
 
     @property
     def broadcast_shape(self) -> tuple[int, ...]:
@@ -130,7 +189,7 @@ def batch_norm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, w
                         weight, bias, use_batch_stats, factor, norm.eps)
 
 
-class NormFusedASR(ASR):
+class BatchNormAffineASR(ASR):
     """An ASR block computed inside the BatchNorm before it: ``BN(x)`` with affine ``weight * v, bias * v``.
 
     The same function as ``ASR()(bn(x))`` (``(x_hat * w + b) * v = x_hat * (w v) + b v``) in training
@@ -148,11 +207,13 @@ class NormFusedASR(ASR):
         self.norm_path = norm_path
 
     @classmethod
-    def from_block(cls, block: ASR, norm_path: str) -> NormFusedASR:
-        """The norm-fused form of ``block``: the same attention network and the same psi tensor."""
+    def from_block(cls, block: ASR, norm_path: str) -> BatchNormAffineASR:
+        """The BN-affine form of ``block``: the same attention network and the same psi tensor."""
         fused = cls(block.channels, block.attention, norm_path, channel_pos=block.channel_pos,
-                    activation=block.activation, learnable_psi=isinstance(block.psi, nn.Parameter))
+                    activation=block.activation, learnable_psi=isinstance(block.psi, nn.Parameter),
+                    psi_init=getattr(block, "psi_init", 0.1))
         fused.psi = block.psi
+        fused.attention_init = getattr(block, "attention_init", None)
         return fused
 
     def forward(self, x: torch.Tensor, norm: nn.modules.batchnorm._BatchNorm,  # type: ignore[override]

@@ -60,7 +60,7 @@ def _hard_sigmoid_times_six_of(node: Any) -> fx.Node | None:
         return None
     if _is_call(node, _RELU6) or _clamps_to_0_6(node):
         inner = node.args[0]
-        if _is_call(inner, _ADD) and len(inner.args) == 2 and inner.args[1] == 3 and isinstance(inner.args[0], fx.Node):
+        if isinstance(inner, fx.Node) and _is_call(inner, _ADD) and len(inner.args) == 2 and inner.args[1] == 3 and isinstance(inner.args[0], fx.Node):
             return inner.args[0]
     return None
 
