@@ -20,8 +20,9 @@ from torch import nn
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
-from asr_fx.equivalence import check_instrumented
+from asr_fx.equivalence import check_instrumented, random_probe
 from asr_fx.errors import InvalidOptionError, TraceError
+from asr_fx.input_shapes import default_input_shape
 from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, trace
 from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
@@ -162,14 +163,18 @@ def instrument(
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
 
-    When the whole forward does not trace (detector post-processing, a YOLO head, shape checks torch.fx
-    cannot follow), the largest capturable children are instrumented in place and the model's own class
-    is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
+    When the whole forward does not trace without ``example_inputs`` and the model documents its input size
+    (timm's ``pretrained_cfg["input_size"]``, a Hugging Face config's ``image_size`` and ``num_channels``), it
+    is captured shape-aware on a random input of that size. When the whole forward does not trace (detector
+    post-processing, a YOLO head, shape checks torch.fx cannot follow), the largest capturable children are
+    instrumented in place and the model's own class is returned with those parts replaced
+    (:mod:`asr_fx.partial_capture`).
     """
     arguments = dict(attention=attention, rule=rule, sites=sites, exclude=exclude, delta=delta, activation=activation,
                      psi_init=psi_init, learnable_psi=learnable_psi, attention_kwargs=attention_kwargs,
                      example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
-                     convert_existing=convert_existing, bn_affine_form=bn_affine_form, check=check)  # for instrument_parts
+                     convert_existing=convert_existing, bn_affine_form=bn_affine_form,
+                     check=check)  # this call's arguments, for instrument_parts and the documented-input retry
     if bn_affine_form is None:
         bn_affine_form = delta == 1
     if bn_affine_form and delta != 1:
@@ -187,6 +192,9 @@ def instrument(
     try:
         gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
+        documented = _documented_inputs(model) if example_inputs is None else None
+        if documented is not None:  # shape-aware capture on the input the model's own config documents
+            return instrument(model, **{**arguments, "example_inputs": documented})
         return instrument_parts(model, exc, instrument, arguments)
     chosen = [r for r in records if isinstance(r, Site)]
     kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
@@ -213,6 +221,16 @@ def instrument(
     if check and not convert_existing:  # converted existing attention changes the function on purpose
         check_instrumented(model, gm, example_inputs)
     return gm
+
+
+def _documented_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """A random input of the size the model documents (timm's ``pretrained_cfg``, a Hugging Face config's
+    ``image_size``/``num_channels``, ...: :func:`asr_fx.input_shapes.default_input_shape`), batch 2."""
+    shape = default_input_shape(model, batch=2)
+    ref = next(iter(model.parameters()), None)
+    if not shape or ref is None or not ref.is_floating_point() or ref.is_meta:
+        return None
+    return (random_probe(shape, ref),)
 
 
 def attention_name(attention: Any) -> Any:

@@ -16,8 +16,10 @@ replace a tensor nothing else uses. Nothing here changes a graph.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,9 +112,36 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
     return list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
 
 
+_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("asr_fx_fold_in_place", default=False)
+
+
+@contextlib.contextmanager
+def folding_in_place() -> Iterator[None]:
+    """Inside the block, :func:`replace_tensor` writes into the existing tensor when shape, dtype and device
+    allow. Only for a model whose tensors no one else holds (a private copy, or ``inplace=True``): the
+    folded tensors themselves are then changed, not replaced."""
+    token = _IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
+
+
 def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set ``owner.<name>`` to a fresh copy of ``value``, as a Parameter if it was one."""
+    """Set ``owner.<name>`` to a fresh copy of ``value``, as a Parameter if it was one (inside
+    :func:`folding_in_place`: ``value`` written into the tensor already there, when it fits).
+
+    Parameters are replaced by new ``nn.Parameter`` objects (never written into in place, so a tensor
+    that something else shares is never changed); callers check beforehand that no other call or module
+    uses them (:class:`TensorUsage`). Inside :func:`folding_in_place` (what :func:`asr_fx.fuse` uses on
+    its private copy, whose tensors nothing outside shares) the new values are written into the existing
+    tensors instead: no second copy of a folded layer is held while folding."""
     old = getattr(owner, name)
+    if _IN_PLACE.get() and isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype \
+            and old.device == value.device and not old._is_view() and old.data_ptr() != value.data_ptr():
+        with torch.no_grad():
+            old.copy_(value.detach())
+        return
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
     else:

@@ -149,7 +149,8 @@ def _is_clamp_0_6(gm: fx.GraphModule, node: fx.Node) -> bool:
     """``relu6(t)``, ``hardtanh(t, 0, 6)``, ``t.clamp(0, 6)`` / ``t.clamp_(0., 6.)``."""
     if isinstance(module_of(gm, node), nn.ReLU6) or (node.op == "call_function" and node.target in _RELU6_FUNCTIONS):
         return True
-    bounds = [_number(a) for a in node.args[1:3]] + [_number(node.kwargs.get(k)) for k in ("min", "max")]
+    bounds = [_number(a) for a in node.args[1:3]] + [_number(node.kwargs.get(k))
+                                                      for k in ("min", "max", "min_val", "max_val")]
     clamps = (node.op == "call_method" and node.target in ("clamp", "clamp_", "clip", "clip_")) or \
         (node.op == "call_function" and node.target in (torch.clamp, torch.clip, F.hardtanh))
     return clamps and [b for b in bounds if b is not None] == [0.0, 6.0]

@@ -257,7 +257,8 @@ class ResidualBlock:
 
 def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Node] | None:
     """The nodes from ``end`` back to (not including) ``start``; ``None`` if the branch reads the graph
-    input on another path or is larger than ``limit``."""
+    input on another path or is larger than ``limit``. Another input of the graph than its first (an
+    attention mask) is a side input of the branch, not another path."""
     seen, stack = {start}, [end]
     out: list[fx.Node] = []
     while stack:
@@ -265,7 +266,11 @@ def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Nod
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "placeholder" or len(out) > limit:
+        if node.op == "placeholder":
+            if node is next(iter(node.graph.nodes)):
+                return None
+            continue
+        if len(out) > limit:
             return None
         out.append(node)
         stack.extend(node.all_input_nodes)
