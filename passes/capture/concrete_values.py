@@ -47,7 +47,8 @@ _META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "la
                               "is_quantized", "is_meta", "is_floating_point", "is_complex"})
 _META_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
                            "get_device", "is_contiguous", "stride", "element_size"})
-_META_FUNCTIONS = frozenset({torch.numel, torch.is_floating_point, torch.is_complex, torch.is_tensor})
+_META_FUNCTIONS: frozenset[Any] = frozenset((torch.numel, torch.is_floating_point, torch.is_complex,
+                                             torch.is_tensor))
 #: operations whose result's *shape* depends on tensor data
 _DATA_SHAPED = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "nms",
                           "batched_nms", "bincount"})
@@ -72,7 +73,7 @@ def _map(value: Any, fn: Any) -> Any:
 
 def _proxies(value: Any) -> list[Any]:
     found: list[Any] = []
-    _map(value, lambda p: found.append(p) or p)
+    _map(value, lambda p: found.append(p) or p)  # type: ignore[func-returns-value]
     return found
 
 
@@ -252,8 +253,9 @@ def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
         current = own.get(key, _MISSING)
         if isinstance(value, _CONTAINERS) and type(current) is type(value):
             if not _same_items(current, value):  # a container filled in place: same object, old items
-                current.clear()
-                current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
+                container: Any = current
+                container.clear()
+                container.update(value) if isinstance(value, (dict, set)) else container.extend(value)
         elif current is not value:
             own[key] = value
 
