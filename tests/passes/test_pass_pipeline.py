@@ -25,7 +25,7 @@ from asr_fx.passes.fold.propagate import propagate_scales
 from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES, placement_rule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHITECTURE = ROOT / "docs" / "architecture.md"  # the docs site's "How the code is laid out" page
 
 

@@ -1,4 +1,4 @@
-"""Capture of real forwards, one small hand-written model per failure category (issue 13).
+"""Capture of real forwards, one small hand-written model per failure category.
 
 Composite norm-act layers, training flags, shape checks, list inputs, keyword-only flags, the
 equivalence check, and that a fold never crosses an activation hidden in a layer.

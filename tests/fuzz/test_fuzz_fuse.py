@@ -1,11 +1,11 @@
-"""Random programs through ``asr_fx.fuse`` (issue 14): equivalence in eval mode against a float64
+"""Random programs through ``asr_fx.fuse``: equivalence in eval mode against a float64
 reference, the input model and tensors unchanged, every constant multiply left in the graph reported,
 output dtypes kept. Programs and checks: ``tools/testkit/fuzz_programs.py``; the 10,000-program run is
 ``tools/fuzz_fuse.py`` and the ``slow`` test below.
 
-Status: ``fuzz_programs.KNOWN_BUGS`` is empty: the features it once left out (issue 14 items 1-6 and
-the fuzzer's findings F1-F3) are fixed and generated again. A new open bug gets an entry there (and a
-gate in the generator) until its fix lands.
+Status: ``fuzz_programs.KNOWN_BUGS`` is empty: the features it once left out (the fold bugs of
+test_fold_regressions.py and the fuzzer's findings F1-F3) are fixed and generated again. A new open bug
+gets an entry there (and a gate in the generator) until its fix lands.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def test_checker_accepts_asr_errors_as_refusals(monkeypatch):
     assert check_program(_SPEC) == ([], "refused: ASRError: no")
 
 
-#: the feature gates the generator knows (the keys issue 14's bugs had; KNOWN_BUGS entries use them)
+#: the feature gates the generator knows (the keys the fixed fold bugs had; KNOWN_BUGS entries use them)
 GATES = ("extreme_scale", "float64_scale", "imul_read_again", "inplace_after_scale", "inplace_on_input",
          "instrument_float64_param", "reshape_round_trip", "unmatched_spellings")
 
