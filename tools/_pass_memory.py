@@ -107,6 +107,11 @@ def measure_row(name: str, inplace: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters()), "bytes": size,
                            "inplace": inplace, "rss_built": rss()}
     extra = {"inplace": True} if inplace else {}
+    if not inplace:  # the passes alone, without the numerical self-check (forward and gradients)
+        unchecked, row["instrument_nocheck_s"], up = peak_of(
+            lambda: asr_fx.instrument(model, example_inputs=(x,), check=False))
+        row["instrument_nocheck_x"] = up / size
+        del unchecked
     asr, row["instrument_s"], up = peak_of(lambda: asr_fx.instrument(model, example_inputs=(x,), **extra))
     row["instrument_x"] = up / size
     if not inplace:

@@ -13,7 +13,8 @@ whose fitted ``k`` is 1.2 or more is flagged as superlinear; not judged when it 
 
 ``--big``: big models (timm ViT-S/B/L/H-14 and ConvNeXt-L from configs, random weights; the CIFAR
 ResNet-164), each in its own subprocess (:mod:`_pass_memory`), one after another: ``instrument`` and
-``fuse`` (with ``example_inputs``, checks on), each step's time and its **peak memory**: the peak
+``fuse`` (with ``example_inputs``, checks on; ``instrument`` also with ``check=False``: the passes
+without the numerical self-check), each step's time and its **peak memory**: the peak
 resident set above what was resident when the step started, as a multiple of the model's bytes
 (1.0x = one whole copy); with ``inplace=True`` on both where this asr-fx has it. Then the exponent
 ``k`` of pass time ``t ~ params^k`` fitted over the ViT rows.
@@ -148,6 +149,9 @@ def big_table(names: list[str], write: bool) -> None:
             rows.append({"model": name, "inplace": "yes" if inplace else "no",
                          "params (M)": f"{r['params'] / 1e6:.1f}" if "params" in r else "-",
                          "model MiB": f"{r['bytes'] / 2**20:.0f}" if "bytes" in r else "-",
+                         "instrument s (check=False)": fmt_s(r.get("instrument_nocheck_s")),
+                         "instrument peak, check=False (x model)": f"{r['instrument_nocheck_x']:.2f}"
+                         if "instrument_nocheck_x" in r else "-",
                          "instrument s": fmt_s(r.get("instrument_s")),
                          "instrument peak (x model)": f"{r['instrument_x']:.2f}" if "instrument_x" in r else "-",
                          "fuse s": fmt_s(r.get("fuse_s")),
