@@ -27,12 +27,21 @@ from torch import nn
 from asr_fx.errors import InvalidOptionError, TraceError
 
 from .autograd_functions import functions_kept_opaque
-from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
-                              tensor_like)
+from .concrete_values import (
+    MISSING,
+    ConcreteProxy,
+    ConcreteValues,
+    guard_message,
+    metadata_only,
+    refuse,
+    sequence_length,
+    state_kept,
+    tensor_like,
+)
 from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
-from .opaque_libraries import is_opaque_library_layer, opaque_function_modules
+from .opaque_libraries import is_opaque_library_layer, mode_functions, opaque_function_modules
 from .plain_layers import plain_layers
 from .traced_indexing import dtype_info_traced, indexing_traced
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -171,6 +180,7 @@ class ASRTracer(fx.Tracer):
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         shape_aware = self._example_inputs is not None
+        self._autowrap_function_ids |= {id(fn) for fn in mode_functions(root)}  # drop_connect(x, training=...)
         self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
             with state_kept(root), functions_kept_opaque(), indexing_traced(), \
@@ -195,11 +205,11 @@ class ASRTracer(fx.Tracer):
 
     def _known(self, obj: Any, what: str) -> Any:
         if self.concrete is None:
-            raise refuse(what)
+            raise refuse(what, "shapes" if what == "iteration" or metadata_only(obj) else "values")
         if self.concrete.from_data(obj):
             value = self.concrete.value(obj)
             if not (what == "iteration" and tensor_like(value) and not self.concrete.shape_from_data(obj)):
-                raise refuse(what)
+                raise refuse(what, "unknown" if value is MISSING else "values")
         return self.concrete.value(obj)
 
     def _guard(self, condition: Any, node_value: tuple[Any, Any]) -> None:
@@ -264,7 +274,7 @@ def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ..
                 concrete_args: dict[str, Any] | None,
                 example_inputs: tuple[Any, ...] | None = None) -> fx.GraphModule:
     tracer = ASRTracer(leaf_modules, inline, example_inputs)
-    flags = default_flags(model) if concrete_args is None else {}
+    flags = default_flags(model, example_inputs) if concrete_args is None else {}
     try:
         graph = tracer.trace(model, concrete_args=concrete_args if concrete_args is not None else flags or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
@@ -292,6 +302,8 @@ def _trace_error(model: nn.Module, tracer: ASRTracer, exc: BaseException) -> Tra
         if where
         else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
     )
+    if "tracing without example_inputs" in str(exc):  # a shape condition: example inputs settle it
+        hint = "pass example_inputs=(...)" + (f", or {hint}" if where else "")
     return TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.",
                       module=where or None, module_class=type(module).__name__)
 
