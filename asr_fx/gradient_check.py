@@ -80,7 +80,8 @@ def _stream_gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[s
         p.grad = None
 
         def hook(param: torch.Tensor, name: str = name) -> None:
-            consume(name, param.grad)
+            if param.grad is not None:
+                consume(name, param.grad)
             param.grad = None
 
         handles.append(p.register_post_accumulate_grad_hook(hook))
