@@ -25,9 +25,9 @@ from asr_fx.into_vanilla import fuse_into
 from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
-from asr_fx.passes.fold.fold_targets import folding_in_place
 from asr_fx.passes.forms.asr_blocks import ASR
-from asr_fx.passes.pipelines import fuse_pipeline
+from asr_fx.passes.layers.base import folding_in_place
+from asr_fx.passes.pipelines import FuseOptions, fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
 
 #: placement rules by name (a view of :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`)
@@ -90,7 +90,7 @@ def fuse(
                        f"own class); {type(model).__name__} is a GraphModule: leave inplace off")
     work = copy.deepcopy(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
     with folding_in_place():
-        gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+        gm, records = fuse_pipeline(work, FuseOptions(fold_bn, as_input_tuple(example_inputs), leaf_modules))
     _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), example_inputs)
@@ -126,8 +126,7 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     vanilla = copy.deepcopy(model).eval()
     blocks = remove(vanilla)
     with folding_in_place():  # graph_form traces its own copy: no one else holds its tensors
-        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
-                                    example_inputs=inputs, leaf_modules=leaves)
+        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)

@@ -22,15 +22,23 @@ from torch import nn
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
-from asr_fx.equivalence import check_instrumented, expected_outputs
+from asr_fx.equivalence import check_instrumented, expected_outputs, random_probe
 from asr_fx.errors import ASRError, InvalidOptionError, TraceError
+from asr_fx.input_shapes import default_input_shape
 from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
 from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
 from asr_fx.passes import Site, trace
 from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
 from asr_fx.passes.forms.convert_existing import existing_attention_sites
 from asr_fx.passes.infra import PassResult, Pipeline
-from asr_fx.passes.pipelines import GRAPH_FORM_PIPELINE, INSTRUMENT_PIPELINE, READ_PIPELINE, BlockFactory, SiteBlocks  # noqa: F401 - INSTRUMENT_PIPELINE: its old home
+from asr_fx.passes.pipelines import (  # noqa: F401 - INSTRUMENT_PIPELINE: its old home
+    GRAPH_FORM_PIPELINE,
+    INSTRUMENT_PIPELINE,
+    READ_PIPELINE,
+    BlockFactory,
+    InstrumentOptions,
+    SiteBlocks,
+)
 from asr_fx.passes.placement.select import SiteSelector, select_sites
 
 
@@ -59,6 +67,19 @@ def find_sites(
 
 
 @dataclass(frozen=True)
+class BlockOptions:
+    """What one ``instrument`` call asks of every block, before presets are applied."""
+
+    attention: str | Callable[..., nn.Module]
+    delta: int
+    activation: str
+    psi_init: PsiInit
+    learnable_psi: bool
+    attention_kwargs: dict[str, Any]
+    preset: str | None
+
+
+@dataclass(frozen=True)
 class BlockSettings:
     """The settings every block of one ``instrument`` call gets, after presets are applied."""
 
@@ -67,11 +88,11 @@ class BlockSettings:
     preset: str | None
 
 
-def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSettings:
+def block_settings(options: BlockOptions, sites: Sequence[Site]) -> BlockSettings:
     """``activation``/``psi_init``/``preset`` after the preset; with no preset and only ``transformer``-rule
     sites, the paper's ViT setting (the ``transformer`` preset) unless activation/psi_init were set."""
-    preset = options["preset"]
-    activation, psi_init, _ = resolve_preset(preset, options["activation"], options["psi_init"])
+    preset = options.preset
+    activation, psi_init, _ = resolve_preset(preset, options.activation, options.psi_init)
     if preset is None and sites and all(s.rule == "transformer" for s in sites) and \
             (activation, psi_init) == ("sigmoid", 0.1):
         preset = "transformer"
@@ -79,7 +100,7 @@ def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSetti
     return BlockSettings(activation, psi_init, preset)
 
 
-def site_blocks(options: dict[str, Any]) -> BlockFactory:
+def site_blocks(options: BlockOptions) -> BlockFactory:
     """The ``blocks`` option of :data:`INSTRUMENT_PIPELINE`: once the sites are chosen, each site's block
     from the registry (:func:`make_site_block`) with the settings after presets (:func:`block_settings`)."""
 
@@ -87,10 +108,10 @@ def site_blocks(options: dict[str, Any]) -> BlockFactory:
         settings = block_settings(options, sites)
 
         def make_block(site: Site) -> nn.Module:
-            return make_site_block(site.channels, site.channel_pos, options["attention"], delta=options["delta"],
+            return make_site_block(site.channels, site.channel_pos, options.attention, delta=options.delta,
                                    activation=settings.activation, psi_init=settings.psi_init,
-                                   learnable_psi=options["learnable_psi"],
-                                   attention_kwargs=options["attention_kwargs"], preset=settings.preset)
+                                   learnable_psi=options.learnable_psi, attention_kwargs=options.attention_kwargs,
+                                   preset=settings.preset)
 
         psi_init = settings.psi_init
         return SiteBlocks(make_block, psi_init if isinstance(psi_init, (int, float)) else 0.1)
@@ -164,9 +185,12 @@ def instrument(
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
 
-    When the whole forward does not trace (detector post-processing, a YOLO head, shape checks torch.fx
-    cannot follow), the largest capturable children are instrumented in place and the model's own class
-    is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
+    When the whole forward does not trace without ``example_inputs`` and the model documents its input size
+    (timm's ``pretrained_cfg["input_size"]``, a Hugging Face config's ``image_size`` and ``num_channels``), it
+    is captured shape-aware on a random input of that size. When the whole forward does not trace (detector
+    post-processing, a YOLO head, shape checks torch.fx cannot follow), the largest capturable children are
+    instrumented in place and the model's own class is returned with those parts replaced
+    (:mod:`asr_fx.partial_capture`).
     """
     options = {k: v for k, v in locals().items() if k != "model"}
     return instrument_one(model, options, graph_ok=not inplace)
@@ -195,21 +219,24 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
     resolve_preset(o["preset"], o["activation"], o["psi_init"])  # refuses a preset that contradicts the rest
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
-    pipeline_options = dict(model_name=type(model).__name__, attention=o["attention"], rule=o["rule"],
-                            sites=o["sites"], exclude=o["exclude"], delta=delta, activation=o["activation"],
-                            psi_init=o["psi_init"], learnable_psi=o["learnable_psi"],
-                            attention_kwargs=dict(o["attention_kwargs"] or {}), example_inputs=example_inputs,
-                            leaf_modules=o["leaf_modules"], preset=o["preset"],
-                            convert_existing=o["convert_existing"], bn_affine_form=bn_affine_form)
-    pipeline_options["blocks"] = site_blocks(pipeline_options)
+    kwargs = dict(o["attention_kwargs"] or {})  # the built widths are added by _config
+    block_options = BlockOptions(o["attention"], delta, o["activation"], o["psi_init"], o["learnable_psi"], kwargs,
+                                 o["preset"])
+    pipeline_options = InstrumentOptions(type(model).__name__, site_blocks(block_options), rule=o["rule"],
+                                         sites=o["sites"], exclude=o["exclude"], learnable_psi=o["learnable_psi"],
+                                         convert_existing=o["convert_existing"], bn_affine_form=bn_affine_form,
+                                         example_inputs=example_inputs, leaf_modules=o["leaf_modules"])
     try:
         if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
             raise TraceError("the sites name parts of the model")
-        gm, records = READ_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
+        gm, records = READ_PIPELINE.run(copy.deepcopy(model), pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
+        documented = _documented_inputs(model) if example_inputs is None and not names_parts(o["sites"]) else None
+        if documented is not None:  # shape-aware capture on the input the model's own config documents
+            return instrument_one(model, {**options, "example_inputs": documented}, graph_ok, graph_form)
         return instrument_parts(model, exc, instrument_one, {**options, "bn_affine_form": bn_affine_form})
     chosen = [r for r in records if isinstance(r, Site)]
-    config = _config(model, gm, chosen, pipeline_options)
+    config = _config(model, gm, chosen, block_options, pipeline_options)
     found = graph_form or (plan(gm, chosen, model, bn_affine_form) if not o["convert_existing"] else
                            "convert_existing=True rewrites the model's own attention inside its forward")
     parts = in_parts(model, found, gm, chosen, instrument_one, {**options, "bn_affine_form": bn_affine_form}) \
@@ -235,7 +262,7 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
 
 
 def _graph_form(model: nn.Module, gm: fx.GraphModule, records: list[Any], config: ASRConfig, reason: str,
-                pipeline_options: dict[str, Any], graph_ok: bool, check: bool, warn: bool = True) -> fx.GraphModule:
+                pipeline_options: InstrumentOptions, graph_ok: bool, check: bool, warn: bool = True) -> fx.GraphModule:
     """The graph form (a GraphModule holding the model's modules; earlier versions' only form), with a
     warning saying why; refused with :class:`ASRError` unless ``graph_ok``."""
     name = type(model).__name__
@@ -246,39 +273,50 @@ def _graph_form(model: nn.Module, gm: fx.GraphModule, records: list[Any], config
         warnings.warn(f"instrument returns a GraphModule, not a {name}: {reason}. The model's own methods, "
                       "attributes and keyword arguments are not kept; exclude=[...] those sites to keep them",
                       stacklevel=4)
-    seeded = Pipeline("instrument-graph-form", (lambda m, c: PassResult(m, False, tuple(records)),
+    seeded = Pipeline("instrument-graph-form", (lambda m, c: PassResult(m, tuple(records)),
                                                *GRAPH_FORM_PIPELINE.passes))
-    gm, _ = seeded.run(gm, **pipeline_options)
+    gm, _ = seeded.run(gm, pipeline_options)
     config.form, config.graph_reason = "graph", reason
     set_config(gm, config)
     place_like(gm, model)
     gm.train(model.training)
-    if check and not pipeline_options["convert_existing"]:  # converted existing attention changes the function
-        check_instrumented(model, gm, pipeline_options["example_inputs"])
-    return gm  # type: ignore[return-value]
+    if check and not pipeline_options.convert_existing:  # converted existing attention changes the function
+        check_instrumented(model, gm, pipeline_options.example_inputs)
+    return gm
 
 
-def _config(model: nn.Module, gm: fx.GraphModule, chosen: list[Site], o: dict[str, Any]) -> ASRConfig:
-    kwargs = o["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
+def _config(model: nn.Module, gm: fx.GraphModule, chosen: list[Site], block_options: BlockOptions,
+            o: InstrumentOptions) -> ASRConfig:
+    kwargs = block_options.attention_kwargs  # the built widths are recorded, so a checkpoint rebuilds them
     kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
-    settings = block_settings(o, chosen)
-    example_inputs = o["example_inputs"]
+    settings = block_settings(block_options, chosen)
+    example_inputs = o.example_inputs
     return ASRConfig(
-        attention=attention_name(o["attention"]),
+        attention=attention_name(block_options.attention),
         attention_kwargs=kwargs,
-        rule=o["rule"],
-        delta=o["delta"],
+        rule=o.rule,
+        delta=block_options.delta,
         activation=settings.activation,
         psi_init=list(settings.psi_init) if isinstance(settings.psi_init, tuple) else settings.psi_init,
-        learnable_psi=o["learnable_psi"],
+        learnable_psi=o.learnable_psi,
         preset=settings.preset,
-        convert_existing=o["convert_existing"],
-        bn_affine_form=o["bn_affine_form"],
+        convert_existing=o.convert_existing,
+        bn_affine_form=o.bn_affine_form,
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
         else None,
     )
+
+
+def _documented_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """A random input of the size the model documents (timm's ``pretrained_cfg``, a Hugging Face config's
+    ``image_size``/``num_channels``, ...: :func:`asr_fx.input_shapes.default_input_shape`), batch 2."""
+    shape = default_input_shape(model, batch=2)
+    ref = next(iter(model.parameters()), None)
+    if not shape or ref is None or not ref.is_floating_point() or ref.is_meta:
+        return None
+    return (random_probe(shape, ref),)
 
 
 def attention_name(attention: Any) -> Any:

@@ -159,7 +159,7 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
     return values, problems
 
 
-def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Module, *,
+def vanilla_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
                        leaf_modules: Any = None,
                        example_inputs: tuple[Any, ...] | None = None) -> dict[str, torch.Tensor]:
     """The state_dict, with the vanilla model's keys, that makes ``vanilla`` compute ``fused``.

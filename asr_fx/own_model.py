@@ -138,7 +138,7 @@ def _site_dtype(gm: fx.GraphModule, node_name: str) -> torch.dtype | None:
 def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
     """The graph form: the new ASR state on the model's device, each block in the dtype of the value it
     scales at its own site (not the dtype of some other parameter of the model)."""
-    ref = next(iter(model.parameters()), None)
+    ref: torch.Tensor | None = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
     if ref is None:
@@ -158,7 +158,7 @@ def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
 def attach_blocks(model: nn.Module, gm: fx.GraphModule, found: Sequence[Attachment]) -> None:
     """Move each block of ``gm.asr`` into ``model`` at its attachment, on the model's device and in the
     dtype of the value it scales."""
-    ref = next(iter(model.parameters()), None)
+    ref: torch.Tensor | None = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
     blocks = getattr(gm, CONTAINER)

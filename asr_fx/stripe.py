@@ -30,11 +30,11 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx._util import psi_shape_of
-from asr_fx.instrument_model import instrument_graph_form
 from asr_fx.asr import ACTIVATIONS, ASR
 from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
 from asr_fx.errors import AttentionNetworkError, InvalidOptionError, NoSitesError, TraceError, UnknownSiteError
+from asr_fx.instrument_model import instrument_graph_form
 from asr_fx.passes import trace
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
 from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values

@@ -13,7 +13,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx.models import cifar_resnet
-from asr_fx.passes.fold.fold_targets import folding_in_place, replace_tensor
+from asr_fx.passes.layers.base import folding_in_place, replace_tensor
 
 
 def _params(module: nn.Module) -> int:

@@ -93,6 +93,26 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+def available() -> int:
+    """Bytes the kernel says a new allocation can get (``MemAvailable``)."""
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def planned_bytes(name: str) -> int:
+    """The model's bytes, from a build on the meta device (no memory)."""
+    with torch.device("meta"):
+        return model_bytes(build(name))
+
+
+#: free memory needed, in model sizes: the model, instrument's copy, the gradient check's gradients and
+#: activations (with checks), or the model and one copy (check=False), with some room
+NEED_CHECKED, NEED_UNCHECKED = 5.0, 3.0
+
+
 def _has_inplace(fn: Callable[..., Any]) -> bool:
     return "inplace" in inspect.signature(fn).parameters
 
@@ -101,14 +121,28 @@ def measure_row(name: str, inplace: bool) -> dict[str, Any]:
     """One model: build, then instrument and fuse, each step's time and peak above its start."""
     if inplace and not (_has_inplace(asr_fx.instrument) and _has_inplace(asr_fx.fuse)):
         return {"model": name, "inplace": True, "note": "this asr-fx has no inplace= on instrument and fuse"}
+    planned, free = planned_bytes(name), available()
+    if free < NEED_UNCHECKED * planned:
+        return {"model": name, "inplace": inplace, "note": f"skipped: {free / 2**30:.1f} GiB free on the shared "
+                f"machine, {NEED_UNCHECKED * planned / 2**30:.1f} GiB needed"}
+    checks = free >= NEED_CHECKED * planned
     model = build(name)
     x = torch.randn(MODELS[name][1])
     size = model_bytes(model)
     row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in model.parameters()), "bytes": size,
                            "inplace": inplace, "rss_built": rss()}
     extra = {"inplace": True} if inplace else {}
-    asr, row["instrument_s"], up = peak_of(lambda: asr_fx.instrument(model, example_inputs=(x,), **extra))
-    row["instrument_x"] = up / size
+    if not checks:
+        row["note"] = (f"checks off: {free / 2**30:.1f} GiB free on the shared machine, "
+                       f"{NEED_CHECKED * planned / 2**30:.1f} GiB needed with them")
+    # the passes alone (check=False), then as called by default (the numerical self-check: forward and gradients)
+    asr, row["instrument_nocheck_s"], up = peak_of(
+        lambda: asr_fx.instrument(model, example_inputs=(x,), check=False, **extra))
+    row["instrument_nocheck_x"] = up / size
+    if checks:
+        del asr
+        asr, row["instrument_s"], up = peak_of(lambda: asr_fx.instrument(model, example_inputs=(x,), **extra))
+        row["instrument_x"] = up / size
     if not inplace:
         del model
     with torch.no_grad():  # psi off its init, so the folds are not trivial
@@ -118,8 +152,12 @@ def measure_row(name: str, inplace: bool) -> dict[str, Any]:
     asr.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused, row["fuse_s"], up = peak_of(lambda: asr_fx.fuse(asr, example_inputs=(x,), **extra))
-    row["fuse_x"] = up / size
+        fused, row["fuse_nocheck_s"], up = peak_of(lambda: asr_fx.fuse(asr, example_inputs=(x,), check=False, **extra))
+        row["fuse_nocheck_x"] = up / size
+        if checks:
+            del fused
+            fused, row["fuse_s"], up = peak_of(lambda: asr_fx.fuse(asr, example_inputs=(x,), **extra))
+            row["fuse_x"] = up / size
     row["rss_end"] = rss()
     return row
 

@@ -13,7 +13,8 @@ whose fitted ``k`` is 1.2 or more is flagged as superlinear; not judged when it 
 
 ``--big``: big models (timm ViT-S/B/L/H-14 and ConvNeXt-L from configs, random weights; the CIFAR
 ResNet-164), each in its own subprocess (:mod:`_pass_memory`), one after another: ``instrument`` and
-``fuse`` (with ``example_inputs``, checks on), each step's time and its **peak memory**: the peak
+``fuse`` (with ``example_inputs``, checks on; ``instrument`` also with ``check=False``: the passes
+without the numerical self-check), each step's time and its **peak memory**: the peak
 resident set above what was resident when the step started, as a multiple of the model's bytes
 (1.0x = one whole copy); with ``inplace=True`` on both where this asr-fx has it. Then the exponent
 ``k`` of pass time ``t ~ params^k`` fitted over the ViT rows.
@@ -148,31 +149,36 @@ def big_table(names: list[str], write: bool) -> None:
             rows.append({"model": name, "inplace": "yes" if inplace else "no",
                          "params (M)": f"{r['params'] / 1e6:.1f}" if "params" in r else "-",
                          "model MiB": f"{r['bytes'] / 2**20:.0f}" if "bytes" in r else "-",
-                         "instrument s": fmt_s(r.get("instrument_s")),
-                         "instrument peak (x model)": f"{r['instrument_x']:.2f}" if "instrument_x" in r else "-",
-                         "fuse s": fmt_s(r.get("fuse_s")),
-                         "fuse peak (x model)": f"{r['fuse_x']:.2f}" if "fuse_x" in r else "-",
+                         **{f"{step} {kind}{label}{unit}": (fmt_s(r.get(f"{step}{key}_s")) if kind == "s" else
+                                                             f"{r[f'{step}{key}_x']:.2f}" if f"{step}{key}_x" in r
+                                                             else "-")
+                            for step in ("instrument", "fuse")
+                            for key, label in (("_nocheck", ", check=False"), ("", ""))
+                            for kind, unit in (("s", ""), ("peak", " (x model)"))},
                          "note": r.get("note", "")})
             print(table(rows[-1:]), flush=True)
     fits = []
-    vits = [r for r in raw if r["model"].startswith("vit_") and not r["inplace"] and "fuse_s" in r]
-    for step in ("instrument", "fuse"):
+    vits = [r for r in raw if r["model"].startswith("vit_") and not r["inplace"] and "fuse_nocheck_s" in r]
+    for step in ("instrument", "fuse"):  # the passes' own time (check=False): measured on every row
         if len(vits) >= 2:
             xs = [math.log(r["params"]) for r in vits]
-            k = slope(xs, [math.log(r[f"{step}_s"]) for r in vits])
+            k = slope(xs, [math.log(r[f"{step}_nocheck_s"]) for r in vits])
             fits.append({"step": step, "rows": ", ".join(r["model"] for r in vits),
                          "exponent k (t ~ params^k)": f"{k:.2f}", "linear (k <= 1.1)": "yes" if k <= 1.1 else "NO"})
     settings = [
         f"machine: {machine()}",
         "models: timm from configs (pretrained=False), random weights; CIFAR ResNet-164 from asr_fx.models; input "
         "1x3x224x224 (ResNet-164: 1x3x32x32); instrument(model, example_inputs=(x,)) then fuse(instrumented, "
-        "example_inputs=(x,)), equivalence checks on; one run each, each model in its own subprocess",
+        "example_inputs=(x,)), each with check=False (the passes alone) then as called by default (with the numerical "
+        "self-check: forward and, for instrument, gradients), unless the shared machine lacks the memory (note); one "
+        "run each, each model in its own subprocess, one at a time",
         "peak: resident set (sampled every 2 ms) above what was resident when the step started (after gc and "
         "malloc_trim), divided by the model's parameter and buffer bytes; 1.00 = one whole copy of the model",
         "command: `OMP_NUM_THREADS=1 python tools/bench_passes.py --big`",
     ]
     body = "## Peak memory and time of instrument and fuse\n\n" + table(rows) + "\n\n"
-    body += "## Pass time against parameters (ViT rows)\n\n" + (table(fits) if fits else "(too few rows)") + "\n"
+    body += "## Pass time (check=False) against parameters (ViT rows)\n\n"
+    body += (table(fits) if fits else "(too few rows)") + "\n"
     report("bench_passes_memory.md", "bench_passes --big: memory and time of the passes on big models", settings, body,
            [], write=write)
 

@@ -109,7 +109,8 @@ _ZOO_INPUTS = (
 
 def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float | None = None) -> str:
     ok = sum(r.ok for r in rows)
-    body = [(r.model, r.input, r.config, r.sites, r.parts or "", getattr(r, "form", ""), _fmt(r.fuse_err), _fmt(r.ort_err),
+    body = [(r.model, r.input, r.config, r.sites, r.parts or "", getattr(r, "form", ""), _fmt(r.fuse_err),
+             _fmt(r.ort_err),
              "yes" if r.params_ok else "no", " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300])
             for r in rows]
     headers = ["model", "input", "config", "sites", "parts", "form", "max fuse err", "max ORT err", "params ok",

@@ -135,9 +135,10 @@ class ASRAffine:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         v = _value(self.block)
-        v = (self.block.attention_value() if v is None else v).reshape(-1)
+        v = (self.block.attention_value() if v is None else v).reshape(-1)  # type: ignore[operator]
         for name in ("weight", "bias"):
             p = module._parameters[name]
+            assert p is not None  # affine_form_fits: the layer has both
             module.__dict__[name] = p * v.reshape((-1,) + (1,) * (p.dim() - 1)).to(p.dtype)
 
 
@@ -167,7 +168,7 @@ class _ASRBatchNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.__dict__[_BLOCK]
         if isinstance(x, torch.fx.Proxy):  # traced by torch.fx: the ordinary form, BN then x * v
-            return block(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,  # type: ignore
+            return block(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                       self.training or self.running_mean is None, self.momentum or 0.0, self.eps))
         v = _value(block)
         v = (block.attention_value() if v is None else v).reshape(-1)
@@ -230,8 +231,8 @@ class Attachment:
 
 def bn_form_fits(module: nn.Module) -> bool:
     """``module`` is a plain affine BatchNorm1d/2d/3d without hooks: its class may be swapped for the form."""
-    return (type(module) in _FORM_OF and module.affine and module.weight is not None  # type: ignore[attr-defined]
-            and not module._forward_hooks and not module._forward_pre_hooks)
+    return bool(type(module) in _FORM_OF and module.affine and module.weight is not None
+                and not module._forward_hooks and not module._forward_pre_hooks)
 
 
 def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
@@ -245,7 +246,7 @@ def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
     getattr(root, CONTAINER)[attachment.key] = block
     module = root.get_submodule(attachment.path)
     if attachment.kind == "bn":
-        module.__class__ = _FORM_OF[type(module)]
+        module.__class__ = _FORM_OF[type(module)]  # type: ignore[index]
         module.__dict__[_BLOCK] = block
     elif attachment.kind == "affine":
         module.register_forward_pre_hook(ASRAffine(block))
@@ -284,7 +285,7 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
     for path, module in root.named_modules(remove_duplicate=False):
         if isinstance(module, _ASRBatchNorm):
             block = module.__dict__.pop(_BLOCK)
-            module.__class__ = _BASE_OF[type(module)]
+            module.__class__ = _BASE_OF[type(module)]  # type: ignore[index,assignment]
             found[str(id(block))] = (Attachment(path, "bn", ""), block)
         for handle_id, hook in list(module._forward_hooks.items()):
             if isinstance(hook, ASRHook):
@@ -309,7 +310,7 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
     if isinstance(blocks, nn.ModuleDict):
         del root._modules[CONTAINER]
     if type(root) is ASRSequential:
-        root.__class__ = nn.Sequential
+        root.__class__ = nn.Sequential  # type: ignore[assignment]
     out = {}
     for attachment, block in found.values():
         key = keys.get(id(block), attachment.path.replace(".", "_"))

@@ -13,10 +13,10 @@ from torch import nn
 
 import asr_fx
 from asr_fx.asr import ASR
-from asr_fx.passes.forms.module_form import ASRBatchNorm2d
 from asr_fx.errors import InvalidOptionError
 from asr_fx.export import export_onnx
 from asr_fx.models import cifar_resnet
+from asr_fx.passes.forms.module_form import ASRBatchNorm2d
 from asr_fx.verify import onnx_op_counts
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
