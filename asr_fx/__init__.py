@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _ERRORS = (
-    "ASRError", "AttentionNetworkError", "CheckpointError", "DifferentModelError", "EquivalenceError",
-    "ExportError", "FactoryError", "FusionError", "InputShapeError", "InvalidOptionError", "MissingDependencyError",
-    "NoSitesError", "OnnxFileError", "OutputPathError", "StateDictMismatchError", "TraceError",
-    "UnfoldableSiteError", "UnknownAttentionError", "UnknownSiteError", "UnsupportedModelError", "UsageError",
-    "VanillaModelError", "VerificationError",
+    "ASRError", "AttentionNetworkError", "CheckpointError", "DetachedBlockError", "DifferentModelError",
+    "EquivalenceError", "ExportError", "FactoryError", "FusionError", "InputShapeError", "InvalidOptionError",
+    "MissingDependencyError", "NoSitesError", "OnnxFileError", "OutputPathError", "StateDictMismatchError",
+    "TraceError", "UnfoldableSiteError", "UnknownAttentionError", "UnknownSiteError", "UnsupportedModelError",
+    "UsageError", "VanillaModelError", "VerificationError",
 )
 
 #: public name -> the module that defines it (imported on first access)
@@ -84,6 +84,7 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
         ASRError,
         AttentionNetworkError,
         CheckpointError,
+        DetachedBlockError,
         DifferentModelError,
         EquivalenceError,
         ExportError,

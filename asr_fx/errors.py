@@ -199,3 +199,13 @@ class OnnxFileError(ASRError):
 class AttentionNetworkError(ASRError, TypeError):
     """An attention network that does not fit ASR: built without the ``psi_shape`` it must declare
     (also a ``TypeError``, as before)."""
+
+
+class DetachedBlockError(ASRError):
+    """A module-form model whose ASR block lost its place after ``instrument``: its module was removed or
+    replaced (a library's own ``fuse()`` folding a BatchNorm into its conv, a swapped layer), so the model
+    would compute without that block. ``sites`` are the module paths."""
+
+    def __init__(self, message: str, *, sites: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.sites = list(sites or [])

@@ -27,6 +27,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from asr_fx.errors import DetachedBlockError
+
 from .asr_blocks import ASR, batch_norm_forward
 
 CONTAINER = "asr"
@@ -97,16 +99,85 @@ class HoistValues:
     attention networks' backward last, after the activations are freed, so their gradients do not add
     to the peak memory. The value is kept (not its use: :class:`EndOfForward`) so that gradient
     checkpointing recomputes a site with the same ``v``; a call outside the root's forward
-    (``model.forward_features(x)``), or after ``block`` changed, computes ``v`` at the site."""
+    (``model.forward_features(x)``), or after ``block`` changed, computes ``v`` at the site.
+
+    First it checks that every block is still in place (:class:`_Watch`: its module still at its path,
+    still carrying its hook or BN form; a few identity checks per block) and raises
+    :class:`~asr_fx.errors.DetachedBlockError` otherwise: a library's own ``fuse()`` that folds a BatchNorm
+    into its conv and deletes it (ultralytics) would leave a model that silently computes without ASR."""
 
     def __init__(self, blocks: nn.ModuleDict) -> None:
         self.blocks = blocks
+        self.watched: list[_Watch] = []
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
+        moved = [w for w in getattr(self, "watched", ()) if not w.in_place()]
+        lost = _relocate(module, moved) if moved else []
+        if lost:
+            raise DetachedBlockError(
+                f"the ASR blocks at {lost[:5]}{f' and {len(lost) - 5} more' if len(lost) > 5 else ''} of "
+                f"{type(module).__name__} are no longer attached: their modules were "
+                "removed or replaced after asr_fx.instrument (a library's own fuse() folding each BatchNorm into "
+                "its conv, e.g. ultralytics' model.fuse() in predict/val, or a swapped layer), so the model would "
+                "compute without ASR. Way out: asr_fx.fuse(model) first (ASR folded into the weights, your class "
+                "back), then the library's fuse(); or replace modules before instrument", sites=lost)
         for block in self.blocks.values():
             if isinstance(block, ASR):
                 stamp = () if torch.compiler.is_compiling() else _stamp(block)
                 block.__dict__[_VALUE] = _Held(block.attention_value(), stamp, True)
+
+
+@dataclass(eq=False)
+class _Watch:
+    """Where one block is attached: each ``(parent, name, child)`` step of its module path from the root,
+    and the hook (``hooks[hook_id] is hook``) or BN form (``hook is None``) on the module at its end."""
+
+    path: str
+    steps: tuple[tuple[nn.Module, str, nn.Module], ...]
+    module: nn.Module
+    hooks: str
+    hook_id: int
+    hook: object
+
+    def in_place(self) -> bool:
+        for parent, name, child in self.steps:
+            if parent._modules.get(name) is not child:
+                return False
+        return self.carries()
+
+    def carries(self) -> bool:
+        if self.hook is None:
+            return isinstance(self.module, _ASRBatchNorm)
+        return getattr(self.module, self.hooks).get(self.hook_id) is self.hook
+
+
+def _relocate(root: nn.Module, moved: list[_Watch]) -> list[str]:
+    """The paths of the ``moved`` blocks whose module left ``root``'s tree or lost its hook; the others (a
+    module wrapped since, e.g. for gradient checkpointing: still in the tree) are watched at their new path."""
+    paths: dict[int, str] = {}
+    for path, m in root.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), path)
+    lost = []
+    for w in moved:
+        path = paths.get(id(w.module))
+        if path is None or not w.carries():
+            lost.append(w.path)
+        else:
+            w.path, w.steps = path, _watch(root, path, w.module).steps
+    return lost
+
+
+def _watch(root: nn.Module, path: str, module: nn.Module, hooks: str = "", handle: object = None) -> _Watch:
+    """:class:`_Watch` of the module at ``path`` (``handle``: its hook's removable handle, None: BN form)."""
+    steps, parent = [], root
+    for name in path.split(".") if path else ():
+        child = parent._modules[name]
+        assert child is not None
+        steps.append((parent, name, child))
+        parent = child
+    hook_id = getattr(handle, "id", -1)
+    hook = getattr(module, hooks).get(hook_id) if handle is not None else None
+    return _Watch(path, tuple(steps), module, hooks, hook_id, hook)
 
 
 class EndOfForward:
@@ -248,11 +319,18 @@ def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
     if attachment.kind == "bn":
         module.__class__ = _FORM_OF[type(module)]  # type: ignore[index]
         module.__dict__[_BLOCK] = block
+        watch = _watch(root, attachment.path, module)
     elif attachment.kind == "affine":
-        module.register_forward_pre_hook(ASRAffine(block))
+        handle = module.register_forward_pre_hook(ASRAffine(block))
         module.register_forward_hook(ASRAffineEnd(), always_call=True)
+        watch = _watch(root, attachment.path, module, "_forward_pre_hooks", handle)
     else:
-        module.register_forward_hook(ASRHook(block, attachment.index))
+        handle = module.register_forward_hook(ASRHook(block, attachment.index))
+        watch = _watch(root, attachment.path, module, "_forward_hooks", handle)
+    hoist = next(h for h in root._forward_pre_hooks.values() if isinstance(h, HoistValues))
+    if not hasattr(hoist, "watched"):  # a model pickled before the check
+        hoist.watched = []
+    hoist.watched.append(watch)
 
 
 def attachments(root: nn.Module) -> list[Attachment]:
