@@ -241,11 +241,25 @@ def random_probe(shape: Sequence[int], like: torch.Tensor | None = None) -> torc
 def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None) -> None:
     """Raise :class:`EquivalenceError` unless ``fused`` computes what ``given`` computes in eval mode, on
     ``inputs``, else the recorded input shape, else a probe derived from the first conv/linear layer; warn
-    (:class:`UncheckedWarning`) when there is none the model runs on."""
+    (:class:`UncheckedWarning`) when there is none the model runs on.
+
+    A probe derived from a linear layer guesses the input's rank (2): a fused model that returns other
+    shapes on it (a ``(1, 1, C)`` scale folded for batched token inputs ``(B, L, C)``) is reported with a
+    warning naming the assumption, not refused; any other difference is refused."""
     probe = probe_inputs(given, inputs)
     derived = probe is None
     probe = derive_probe(given) if probe is None else probe
-    checked = probe is not None and _compare(given, fused, probe, False, "the fused model")
+    rank_guessed = derived and probe is not None and probe[0].dim() == 2
+    try:
+        checked = probe is not None and _compare(given, fused, probe, False, "the fused model")
+    except EquivalenceError as exc:
+        if not (rank_guessed and "same structure" in str(exc)):
+            raise
+        warnings.warn("fuse checked the fused model on a derived 2-d probe input, and its output shapes differ "
+                      "there: the fold assumed inputs of the rank the model's scales have (batched tokens). Pass "
+                      "example_inputs=(an input the model takes,) to fuse so the folds and the check use its shapes.",
+                      UncheckedWarning, stacklevel=3)
+        return
     if not checked:
         why = ("no probe input is known (no example_inputs, no input shape recorded by instrument, and the first "
                "layer is no conv or linear)" if probe is None else

@@ -32,6 +32,7 @@ from torch import nn
 from asr_fx import atomic
 from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
+from asr_fx.passes.cleanup import drop_dead_nodes
 from asr_fx.passes.export_forms import for_export
 from asr_fx.passes.modes import preserved_training_modes
 from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names before verify.py existed
@@ -150,7 +151,7 @@ def _without_guards(model: nn.Module) -> nn.Module:
             for node in guards:
                 module.graph.erase_node(node)
             if guards:
-                module.graph.eliminate_dead_code()
+                drop_dead_nodes(module)  # keeps writes into inputs and state
                 module.recompile()
     return copy
 
