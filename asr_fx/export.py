@@ -42,6 +42,7 @@ from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names b
     as_args,
     check_runnable,
     compare,
+    copied,
     default_rtol,
     flatten_outputs,
     fp32_matmul_precision,
@@ -324,7 +325,7 @@ def export_onnx(
         tmp = folder / path.name
         start = time.perf_counter()
         try:
-            report.exporter, report.exporter_note = _export(model, args, kwargs, str(tmp), opset, axes,
+            report.exporter, report.exporter_note = _export(model, *copied(args, kwargs), str(tmp), opset, axes,
                                                             external_data, input_names, output_names)
         except _ExportFailed as exc:
             cause = exc.errors["dynamo"]

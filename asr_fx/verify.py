@@ -17,6 +17,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,9 +174,15 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[np.ndarray], rto
         act = np.asarray(act, dtype=np.float32)
         if ref_np.shape != act.shape:
             raise VerificationError(f"output {i}: onnxruntime shape {act.shape} != torch shape {ref_np.shape}")
-        scale = float(np.abs(ref_np).max()) if ref_np.size else 0.0
-        max_abs = float(np.abs(ref_np - act).max()) if ref_np.size else 0.0
-        ok = bool(np.isfinite(act).all()) and max_abs <= atol + rtol * scale
+        finite = np.isfinite(ref_np)
+        # inf/-inf/nan where torch has them, at the same positions; finite values within the tolerance
+        same_nonfinite = bool((np.isfinite(act) == finite).all()) and \
+            bool(np.array_equal(np.nan_to_num(ref_np[~finite]), np.nan_to_num(act[~finite])))
+        scale = float(np.abs(ref_np[finite]).max()) if finite.any() else 0.0
+        max_abs = float(np.abs(ref_np[finite] - act[finite]).max()) if finite.any() else 0.0
+        if not same_nonfinite:
+            max_abs = float("inf")
+        ok = same_nonfinite and max_abs <= atol + rtol * scale
         name = names[i] if names is not None and i < len(names) else f"output{i}"
         errors.append(OutputError(name, max_abs, max_abs / scale if scale else max_abs, ok))
     return errors
@@ -217,12 +224,22 @@ def check_runnable(model: nn.Module, what: str = "the model") -> None:
 
 
 def as_args(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """``(positional, keyword)`` model inputs: a tensor or a sequence is positional, a mapping keyword."""
+    """``(positional, keyword)`` model inputs: a tensor or a sequence is positional, a mapping keyword.
+    Tensors are copies: a forward that writes into its input (in place) never changes the caller's."""
     if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
+        return (_copy(inputs),), {}
     if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    return tuple(inputs), {}
+        return (), {k: _copy(v) for k, v in inputs.items()}
+    return tuple(_copy(t) for t in inputs), {}
+
+
+def copied(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Fresh copies of model inputs (what a forward that writes into its input may change)."""
+    return tuple(_copy(a) for a in args), {k: _copy(v) for k, v in kwargs.items()}
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict,
@@ -381,8 +398,9 @@ def _runtime_name(sess: object) -> str:
 
 def _compare_on(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: float, atol: float,
                 names: list[str], label: str) -> list[OutputError]:
-    with torch.no_grad(), fp32_matmul_precision():
-        expected = flatten_outputs(reference(*args, **kwargs))
+    with torch.no_grad(), fp32_matmul_precision():  # on copies: the runtime gets the inputs as they were
+        fresh_args, fresh_kwargs = copied(args, kwargs)
+        expected = flatten_outputs(reference(*fresh_args, **fresh_kwargs))
     try:
         actual = _run(sess, kwargs if kwargs else args)
     except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
