@@ -7,7 +7,6 @@ eval-mode copy of the model, and attaches a :class:`~asr_fx.report.FusionReport`
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx._util import copy_of
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import FusionError
 from asr_fx.into_vanilla import fuse_into
@@ -68,7 +68,7 @@ def fuse(
         inputs = as_input_tuple(example_inputs)
         fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
         return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
-    work = copy.deepcopy(model).eval()
+    work = copy_of(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
     report = FusionReport.from_pass_records(records, blocks)

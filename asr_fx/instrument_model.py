@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx._util import copy_of
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
@@ -86,7 +87,7 @@ def find_sites(
     turns those into ASR form.
     """
     example_inputs = as_input_tuple(example_inputs)
-    gm = trace(copy.deepcopy(model), leaf_modules, example_inputs=example_inputs)
+    gm = trace(copy_of(model), leaf_modules, example_inputs=example_inputs)
     if example_inputs is not None:
         record_shapes(gm, example_inputs)
     chosen = select_sites(gm, rule, sites, exclude)
@@ -281,7 +282,7 @@ def instrument(
                             example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
                             convert_existing=convert_existing, norm_fused=norm_fused)
     try:
-        gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
+        gm, records = INSTRUMENT_PIPELINE.run(copy_of(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
         return instrument_parts(model, exc, instrument, options)
     chosen = [r for r in records if isinstance(r, Site)]

@@ -5,7 +5,7 @@ Equivalence: exact in eval mode (the folded subgraph is evaluated once with the 
 parameters); this is what makes ``act(F(psi))`` a constant ``v`` whether ASR was inserted by
 :func:`asr_fx.instrument` or written by hand.
 
-Refuses (leaves in the graph): random ops, values that are not tensors, and a lone ``get_attr``
+Refuses (leaves in the graph): tensors the forward writes into (``self.s.copy_(g)``), random ops, values that are not tensors, and a lone ``get_attr``
 (already a constant). Call it on a model in eval mode: a module in training mode (BatchNorm
 updating running statistics, dropout) is not a constant function of its inputs.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .fold_guards import written_attributes
 from .graph_queries import fetch_attr, is_mul
 from .op_tables import ADAPTER_METHODS, RANDOM_FUNCTIONS, RANDOM_METHODS
 
@@ -66,9 +67,10 @@ def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphM
     Modifies ``gm`` in place and returns it; dead nodes are left for :func:`eliminate_dead_code`.
     """
     constant: dict[fx.Node, bool] = {}
+    written = written_attributes(gm)  # a buffer the forward writes into is no constant
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            constant[node] = True
+            constant[node] = str(node.target) not in written
         elif node.op in ("placeholder", "output"):
             constant[node] = False
         else:

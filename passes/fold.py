@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from .constant_fold import FOLDED_PREFIX
 from .aliases import erase_refusal
+from .fold_guards import promotes, written_scale
 from .fold_plan import cat_pieces, fold_mul, match, plan_kinds, plan_labels, producer_target
 from .fold_targets import TensorUsage
 from .graph_queries import is_add, is_inplace, site_of
@@ -62,6 +63,8 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: Tensor
         return vec if isinstance(vec, str) else [(target, vec)]
     scaled = constant_mul_input(gm, node)
     if scaled is not None:  # a constant mul left in place (another site) commutes with this scale
+        if promotes(gm, node, scaled):
+            return f"`{node.name}` multiplies by a constant of another dtype (the scale would round in the other dtype)"
         inputs: list[tuple[fx.Node, State]] = [(scaled, state)]
     elif is_add(node):
         inputs = [(a, state) for a in node.args]  # type: ignore[misc]
@@ -104,6 +107,9 @@ def _fold_one(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     state = per_channel_scale(c, mul, x)
     if isinstance(state, str):
         return state
+    written = written_scale(gm, mul, x)
+    if written:
+        return written
     others = other_users(x, mul)
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
         return f"`{x.name}` has {len(others)} other user(s); folding into it would change them"

@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .fold_targets import Target, TensorUsage, in_channels, input_refusal, scale_inputs, scale_outputs
+from .fold_guards import instance_norm_refusal, layer_refusal, model_dtype
 from .functional_fold_targets import input_target, output_target
 from .graph_queries import channel_info, is_add, output_dtype, output_shape
 from .op_tables import CAT_FUNCTIONS
@@ -23,11 +24,22 @@ from .scale_algebra import Plan, State, is_reshape, map_through, permuted
 
 def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
     """The layer whose output ``node`` is, as a fold target, or ``None``; a layer without floating
-    parameters (a norm without affine) computes in the recorded dtype of ``node``."""
+    parameters (a norm without affine) computes in the recorded dtype of ``node``, else in the one
+    dtype of the model's tensors. A layer whose output is not what its weights suggest
+    (:mod:`~asr_fx.passes.fold_guards`) is a target that refuses every scale, with the reason."""
     target = _producer_target(gm, node)
     if target is not None and target.dtype is None:
-        target.dtype = output_dtype(node)
+        target.dtype = output_dtype(node) or model_dtype(gm)
+    if target is not None and node.op == "call_module":
+        _guard(target, layer_refusal(target.module) or
+               instance_norm_refusal(target.module, node, target.channels))  # type: ignore[arg-type]
     return target
+
+
+def _guard(target: Target, why: str | None) -> None:
+    """Make ``target`` refuse every scale with ``why`` (when given)."""
+    if why:
+        target.refuse = lambda v, why=f"`{target.label}`: {why}": why  # type: ignore[misc]
 
 
 def _producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
@@ -61,8 +73,9 @@ def module_input_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
     kind, apply, tensors = found
     info = channel_info(gm, node)
     position = -1 if isinstance(module, nn.Linear) else (info.position if info else None)
+    guarded = layer_refusal(module)
     return Target(str(node.target), kind, in_channels(module), position, tensors, apply, module,
-                  refuse=lambda s: input_refusal(module, s))
+                  refuse=lambda s: f"`{node.target}`: {guarded}" if guarded else input_refusal(module, s))
 
 
 def match(target: Target, state: State, usage: TensorUsage) -> torch.Tensor | str:

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from .aliases import erase_refusal
+from .fold_guards import written_scale
 from .fold_plan import fold_mul, match, module_input_target, plan_kinds, plan_labels, through_cat
 from .fold_targets import TensorUsage
 from .graph_queries import node_label, reads_only_metadata
@@ -97,6 +98,9 @@ def _push_forward(gm: fx.GraphModule, mul: fx.Node, usage: TensorUsage) -> Plan 
     state = per_channel_scale(c, mul, x)
     if isinstance(state, str):
         return None
+    written = written_scale(gm, mul, x)
+    if written:
+        return written
     aliased = erase_refusal(gm, mul, x)
     if aliased:
         return aliased
