@@ -15,10 +15,9 @@ import contextlib
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +34,12 @@ from asr_fx.errors import (
     InvalidOptionError,
     UnsupportedModelError,
     VerificationError,
+)
+from asr_fx.onnx_queries import (
+    onnx_inputs,
+    onnx_op_counts,
+    onnx_parameter_count,
+    op_count_diff,
 )
 from asr_fx.passes.modes import preserved_training_modes
 
@@ -111,28 +116,6 @@ class ExportReport:
         }
 
 
-def onnx_op_counts(model: str | os.PathLike | onnx.ModelProto) -> dict[str, int]:
-    """The op-type multiset of an ONNX model's main graph (and of its local functions)."""
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    counts = Counter(node.op_type for node in proto.graph.node)
-    for function in proto.functions:
-        counts.update(node.op_type for node in function.node)
-    return dict(sorted(counts.items()))
-
-
-def onnx_parameter_count(proto: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers (the weights) of an ONNX model; no data is read."""
-    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type in floating)
-
-
-def onnx_inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int | str]]]:
-    """``(name, dims)`` of each graph input; symbolic dims as their names (``"?"`` when unnamed)."""
-    initializers = {t.name for t in proto.graph.initializer}
-    return [(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                      for d in i.type.tensor_type.shape.dim]) for i in proto.graph.input if i.name not in initializers]
-
-
 @contextlib.contextmanager
 def fp32_matmul_precision():
     """Turn TF32 off (CUDA matmul and cuDNN) for the block and restore both flags afterwards: with TF32,
@@ -186,13 +169,6 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[np.ndarray], rto
         name = names[i] if names is not None and i < len(names) else f"output{i}"
         errors.append(OutputError(name, max_abs, max_abs / scale if scale else max_abs, ok))
     return errors
-
-
-def op_count_diff(expected: dict[str, int], actual: dict[str, int]) -> str:
-    """``"Mul: 3 (expected 0), Conv: 12 (expected 13)"``: the op types whose counts differ."""
-    ops = sorted(set(expected) | set(actual))
-    return ", ".join(f"{op}: {actual.get(op, 0)} (expected {expected.get(op, 0)})"
-                     for op in ops if actual.get(op, 0) != expected.get(op, 0)) or "none"
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -32,16 +32,31 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .constant_fold import FOLDED_PREFIX
 from .aliases import erase_refusal
+from .constant_fold import FOLDED_PREFIX
 from .fold_guards import promotes, written_scale
-from .fold_plan import cat_pieces, fold_mul, match, plan_kinds, plan_labels, producer_target
+from .fold_plan import (
+    cat_pieces,
+    fold_mul,
+    match,
+    plan_kinds,
+    plan_labels,
+    producer_target,
+)
 from .fold_targets import TensorUsage
 from .graph_queries import is_add, is_inplace, site_of
 from .infra import PassResult
 from .records import LEFT_AS_MUL, FoldRecord
-from .scale_algebra import Plan, State, constant_mul_input, constant_node, constant_operand, map_through, \
-    other_users, per_channel_scale
+from .scale_algebra import (
+    Plan,
+    State,
+    constant_mul_input,
+    constant_node,
+    constant_operand,
+    map_through,
+    other_users,
+    per_channel_scale,
+)
 
 
 def _computed(mul: fx.Node, x: fx.Node) -> bool:

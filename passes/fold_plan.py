@@ -14,8 +14,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .fold_targets import Target, TensorUsage, in_channels, input_refusal, scale_inputs, scale_outputs
 from .fold_guards import instance_norm_refusal, layer_refusal, model_dtype
+from .fold_targets import (
+    Target,
+    TensorUsage,
+    in_channels,
+    input_refusal,
+    scale_inputs,
+    scale_outputs,
+)
 from .functional_fold_targets import input_target, output_target
 from .graph_queries import channel_info, is_add, output_dtype, output_shape
 from .op_tables import CAT_FUNCTIONS

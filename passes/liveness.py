@@ -22,7 +22,6 @@ import math
 import operator
 
 import torch.fx as fx
-from torch import nn
 
 from .aliases import is_view
 from .graph_queries import is_inplace

@@ -24,11 +24,31 @@ import torch.fx as fx
 from torch import nn
 
 from .fold_targets import Target
-from .graph_queries import fetch_attr, is_adapted_constant, mul_operands, node_label, output_shape, reads_only_metadata
-from .op_tables import (ADAPTER_METHODS, ANY_SCALE, COMMUTING_FUNCTIONS, COMMUTING_METHODS,
-                        COMMUTING_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, MAX_POOL_INDICES_AT_6,
-                        META_ATTRIBUTES, NON_NEGATIVE_SCALE, PERMUTE_TARGETS, RESHAPE_MODULES, RESHAPE_TARGETS,
-                        TRANSPOSE_TARGETS, UNIT_SCALE)
+from .graph_queries import (
+    fetch_attr,
+    is_adapted_constant,
+    mul_operands,
+    node_label,
+    output_shape,
+    reads_only_metadata,
+)
+from .op_tables import (
+    ADAPTER_METHODS,
+    ANY_SCALE,
+    COMMUTING_FUNCTIONS,
+    COMMUTING_METHODS,
+    COMMUTING_MODULES,
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    MAX_POOL_INDICES_AT_6,
+    META_ATTRIBUTES,
+    NON_NEGATIVE_SCALE,
+    PERMUTE_TARGETS,
+    RESHAPE_MODULES,
+    RESHAPE_TARGETS,
+    TRANSPOSE_TARGETS,
+    UNIT_SCALE,
+)
 
 #: a scale in flight: ``(v, position)``; ``v`` 1-D per channel at ``position`` (counted from the
 #: right), or 0-D (the same for every channel) with ``position`` ``None``

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
 import asr_fx
-from asr_fx.errors import VerificationError
 from asr_fx.verify import compare
 
 

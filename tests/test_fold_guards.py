@@ -103,7 +103,7 @@ class _WrittenGate(nn.Module):
 @pytest.mark.parametrize("shapes", [True, False])
 def test_a_buffer_the_forward_writes_is_no_constant(shapes: bool) -> None:
     model = _WrittenGate()
-    fused, report = _fuse(model, torch.randn(2, 3, 4, 4), shapes=shapes)
+    fused, _report = _fuse(model, torch.randn(2, 3, 4, 4), shapes=shapes)
     for _ in range(2):  # another input: another gate
         _same(model, fused, torch.randn(2, 3, 4, 4))
 
@@ -123,7 +123,7 @@ def test_instance_norm_whose_num_features_differs_from_its_input_is_refused() ->
     x = torch.randn(2, 3, 5, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fused, report = _fuse(model, x)
+        fused, _report = _fuse(model, x)
         _same(model, fused, x)
 
 
