@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from .fold_guards import written_attributes
 from .graph_queries import fetch_attr, is_mul
+from .scale_spellings import is_scale_spelling
 from .op_tables import ADAPTER_METHODS, RANDOM_FUNCTIONS, RANDOM_METHODS
 
 FOLDED_PREFIX = "_folded_"
@@ -51,7 +52,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
 def _feeds_mul(node: fx.Node) -> bool:
     """``node`` is a multiply, or ``c.expand_as(x)`` / ``c.type_as(x)`` / ``c.to(x.dtype)`` feeding one
     (``x * c.expand_as(x)``, as SE code writes it)."""
-    if is_mul(node):
+    if is_mul(node) or is_scale_spelling(node):  # x / c, addcmul, einsum: made multiplies after this pass
         return True
     return node.op == "call_method" and node.target in ADAPTER_METHODS and \
         any(is_mul(u) for u in node.users)

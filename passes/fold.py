@@ -89,6 +89,8 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: State, usage: Tensor
             return f"`{node.name}` is {cat}"
         if cat is not None:
             pieces, sizes = cat
+            if sizes is not None and state[0].dim() and sum(sizes) != state[0].numel():
+                return f"`{node.name}` is a cat whose pieces' sizes do not add up to the scale's {state[0].numel()}"
             if sizes is None:
                 inputs = [(p, state) for p in pieces]
             else:

@@ -115,8 +115,9 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
     target = producer_target(gm, node)
     if target is not None:
         return target.channels if target.position == pos else None
-    if is_add(node):
-        return channels_of(gm, node.args[0], pos, depth - 1)  # type: ignore[arg-type]
+    if is_add(node):  # a broadcast add has its larger operand's size
+        sizes = [channels_of(gm, a, pos, depth - 1) for a in node.args]  # type: ignore[arg-type]
+        return None if None in sizes else max(sizes)  # type: ignore[type-var]
     cat = cat_pieces(gm, node, pos, depth - 1)
     if isinstance(cat, tuple) and cat[1] is not None:
         return sum(cat[1])
@@ -126,14 +127,20 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
     return None
 
 
+def cat_operands(node: fx.Node) -> tuple[object, int]:
+    """The tensors and the dim of a ``cat`` call, positional or keyword (``tensors=``, ``dim=``)."""
+    pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return pieces, dim if isinstance(dim, int) else 0
+
+
 def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
                depth: int = 8) -> tuple[list[fx.Node], list[int] | None] | str | None:
     """The inputs of a ``cat`` along the scaled dim and their sizes there (``None`` sizes: unknown);
     ``None`` when ``node`` is no ``cat``, a string when it is one a scale cannot pass."""
     if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
         return None
-    pieces = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    pieces, dim = cat_operands(node)
     if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
         return "a cat of non-graph values"
     shape = output_shape(node)
@@ -146,13 +153,15 @@ def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
     sizes = [channels_of(gm, p, dim, depth) for p in pieces] if pos is not None else None
     if sizes is not None and None in sizes:
         return "a cat of pieces of unknown size; pass example_inputs to fuse"
+    if shape is not None and sizes is not None and pos is not None and sum(sizes) != shape[pos]:  # type: ignore[arg-type]
+        return "a cat whose pieces' sizes do not add up to its own (a broadcast piece)"
     return list(pieces), sizes
 
 
 def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: State) -> State | str:
     """The scale on a channel ``cat`` of the scaled ``piece`` with unscaled others: ones elsewhere."""
     v, pos = state
-    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    _, dim = cat_operands(cat)
     if pos is None:
         shape = output_shape(cat)
         pos = dim if dim < 0 else (dim - len(shape) if shape is not None else None)

@@ -23,6 +23,7 @@ from .hoist_attention_values import unhoist_attention_values
 from .infra import PassContext, PassResult, Pipeline, graph_modules
 from .propagate import propagate_scales
 from .records import FoldRecord
+from .scale_spellings import normalize_scale_spellings
 from .shapes import as_input_tuple, record_example_shapes
 from .trace import trace
 
@@ -48,6 +49,11 @@ def trace_for_inference(module: nn.Module, context: PassContext) -> PassResult:
 def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Each ``act(F(psi))`` (any parameter-only value that is multiplied in) becomes one buffer."""
     return PassResult(fold_constants(gm), True)
+
+
+def spell_scales_as_muls(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """``x / c``, ``addcmul`` and ``einsum`` scales become multiplies (:func:`normalize_scale_spellings`)."""
+    return PassResult(gm, normalize_scale_spellings(gm))
 
 
 def refuse_non_finite_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -90,6 +96,7 @@ FUSE_PIPELINE = Pipeline("fuse", (
     trace_for_inference,
     record_example_shapes,
     fold_constant_values,
+    spell_scales_as_muls,
     refuse_non_finite_values,
     drop_unused_nodes,
     fold_into_producers,
