@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from asr_fx.asr import ASR
 from asr_fx.config import asr_config
+from asr_fx.detections import align_detections
 from asr_fx.errors import EquivalenceError
 from asr_fx.noise_floor import noise_of, perturbed_outputs, tensor_error
 from asr_fx.passes.concrete_values import state_kept
@@ -82,7 +83,10 @@ def _error(ref: Any, got: Any, noise: Sequence[Any] = ()) -> float | None:
 
 
 def _error_detail(ref: Any, got: Any, noise: Sequence[Any] = ()) -> tuple[float, str] | None:
-    """:func:`_error` and what differs in the worst output tensor (dtype, inf positions, values)."""
+    """:func:`_error` and what differs in the worst output tensor (dtype, inf positions, values); detections
+    compare as sets (:func:`asr_fx.detections.align_detections`)."""
+    got = align_detections(ref, got)
+    noise = [align_detections(ref, n) for n in noise]
     a, b = _leaves(ref), _leaves(got)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return None
@@ -199,11 +203,16 @@ def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], tr
     where = _first_divergence(reference, checked, inputs, training)
     detail = "its outputs do not have the same structure" if found is None else found[1]
     at = f"; the first layer whose output differs is `{where}`" if where else ""
+    sensitive = found is not None and "rounding noise" in found[1] and found[0] < 100
+    cause = ("This model's outputs move with rounding alone (see the noise above), and the difference is within "
+             "100 times that: it may be rounding amplified by the model (a sort, a top-k, a norm over very few "
+             "values) rather than a wrong capture; check on example_inputs where the outputs are stable" if sensitive
+             else "This is a bug in asr-fx's capture of this model: please report it")
     raise EquivalenceError(
         f"{what} does not compute what the model computes in {mode} mode on the probe input: {detail}{at}; "
-        "more than the model's own rounding noise (every weight moved by one ulp) explains. "
-        "This is a bug in asr-fx's capture of this model: please report it. Way out: keep the layer as one call "
-        "with leaf_modules=[...] (or exclude= its site); check=False skips this check."
+        f"more than the model's own rounding noise (every weight moved by one ulp) explains. {cause}. "
+        "Way out: keep the layer as one call with leaf_modules=[...] (or exclude= its site); check=False skips "
+        "this check."
     )
 
 

@@ -118,3 +118,50 @@ def test_fuse_says_so_when_it_cannot_check() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UncheckedWarning)
         asr_fx.fuse(Embed(), example_inputs=(torch.tensor([[1, 2]]),))
+
+
+class _Detector(nn.Module):
+    """Returns torchvision-style detections sorted by score; two scores tie within rounding."""
+
+    def __init__(self, swap: bool) -> None:
+        super().__init__()
+        self.swap = swap
+        self.head = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        boxes = self.head(x)
+        scores = torch.tensor([0.9, 0.5 + 6e-8, 0.5, 0.1])
+        labels = torch.tensor([1, 2, 2, 3])
+        order = torch.tensor([0, 2, 1, 3]) if self.swap else torch.arange(4)
+        return [{"boxes": boxes[order], "scores": scores[order], "labels": labels[order]}]
+
+
+def test_detections_that_swap_near_ties_are_the_same_detections() -> None:
+    model, swapped = _Detector(False).eval(), _Detector(True).eval()
+    swapped.load_state_dict(model.state_dict())
+    x = (torch.randn(4, 4),)
+    check_fused(model, swapped, x)
+    with torch.no_grad():
+        swapped.head.bias[0] += 0.5  # a real difference still shows
+    with pytest.raises(EquivalenceError):
+        check_fused(model, swapped, x)
+
+
+def test_a_model_whose_outputs_are_rounding_noise_is_not_blamed_on_capture() -> None:
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.load_state_dict(self.a.state_dict())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.a(x) - self.b(x)) * 1e6 + self.a(x)  # rounding noise amplified a millionfold
+
+    model = Noisy().eval()
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.a.weight.mul_(1 + 8 * torch.finfo(torch.float32).eps)
+    try:
+        check_fused(model, moved, (torch.randn(4, 8),))
+    except EquivalenceError as exc:
+        assert "please report" not in str(exc)
