@@ -19,6 +19,7 @@ from asr_fx._util import copy_of
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import FusionError
 from asr_fx.into_vanilla import fuse_into
+from asr_fx.leaf_spec import recorded_leaves
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
 from asr_fx.passes.asr_blocks import ASR
@@ -59,14 +60,19 @@ def fuse(
     model instrumented part by part, each fused part goes into the matching submodule of ``vanilla`` and
     every other tensor of ``model`` with it.
 
+    ``leaf_modules``: as for :func:`asr_fx.instrument`; by default the ones ``instrument`` recorded.
+
     ``check`` (default): the result is checked against ``model`` in eval mode on ``example_inputs`` (or the
     input shape ``instrument`` recorded) and :class:`asr_fx.EquivalenceError` names the first layer that
     differs; ``False`` skips it. A model instrumented part by part (:mod:`asr_fx.partial_capture`) is fused
     part by part, in place in a copy of the model's own class.
     """
+    given = {"leaf_modules": leaf_modules} if leaf_modules is not None else {}  # else each part's recorded ones
+    if leaf_modules is None:  # the ones instrument was given
+        leaf_modules = recorded_leaves(model)
     if is_partial(model):
         inputs = as_input_tuple(example_inputs)
-        fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
+        fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check, **given)
         return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
     work = copy_of(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)

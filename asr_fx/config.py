@@ -55,6 +55,8 @@ class ASRConfig:
     """each part's input shapes on the example inputs (its probe for ``fuse``)"""
     refused_parts: list[str] | None = None
     """parts that traced but were refused, each with its reason"""
+    leaf_modules: list[str] | None = None
+    """the ``leaf_modules`` instrument was given: module paths, classes as ``"package.module:Class"``"""
 
     @property
     def resolved_norm_fused(self) -> bool:

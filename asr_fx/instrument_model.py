@@ -21,6 +21,7 @@ from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
 from asr_fx.equivalence import check_instrumented
+from asr_fx.leaf_spec import record_leaves
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, insert_asr, trace
@@ -304,6 +305,7 @@ def instrument(
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
         else None,
+        leaf_modules=record_leaves(leaf_modules),
     )
     set_config(gm, config)
     place_like(gm, model)
