@@ -252,20 +252,20 @@ def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None
     ``inputs``, else the recorded input shape, else a probe derived from the first conv/linear layer; warn
     (:class:`UncheckedWarning`) when there is none the model runs on.
 
-    A probe derived from a linear layer guesses the input's rank (2): a fused model that returns other
-    shapes on it (a ``(1, 1, C)`` scale folded for batched token inputs ``(B, L, C)``) is reported with a
-    warning naming the assumption, not refused; any other difference is refused."""
+    A derived probe guesses the input's rank: a fused model that returns other shapes on it, or fails on it
+    (a ``(1, 1, C)`` scale folded for batched token inputs ``(B, L, C)``), is reported with a warning naming
+    the assumption, not refused; any difference in values is refused."""
     probe = probe_inputs(given, inputs)
     derived = probe is None
     probe = derive_probe(given) if probe is None else probe
-    rank_guessed = derived and probe is not None and probe[0].dim() == 2
     try:
         checked = probe is not None and _compare(given, fused, probe, False, "the fused model")
     except EquivalenceError as exc:
-        if not (rank_guessed and "same structure" in str(exc)):
+        if not (derived and ("same structure" in str(exc) or "fails on a probe" in str(exc))):
             raise
-        warnings.warn("fuse checked the fused model on a derived 2-d probe input, and its output shapes differ "
-                      "there: the fold assumed inputs of the rank the model's scales have (batched tokens). Pass "
+        warnings.warn(f"fuse checked the fused model on a probe input derived from the model's first layer, whose "
+                      f"rank is a guess, and the result differs in its shapes there ({str(exc)[:200]}): folds "
+                      "without example_inputs assume batched inputs of the rank the model's scales have. Pass "
                       "example_inputs=(an input the model takes,) to fuse so the folds and the check use its shapes.",
                       UncheckedWarning, stacklevel=3)
         return
