@@ -64,10 +64,14 @@ def _labels(record: Any) -> list[str]:
     return [label for label in str(getattr(record, "into", "") or "").split(", ") if label]
 
 
-def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionReport | None) -> str:
+def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionReport | None) -> str | None:
     """Why a ``_folded_*`` tensor of ``fused`` has no place in the vanilla model, naming its site."""
     users = [u for n in fused.graph.nodes if n.op == "get_attr" and n.target == key for u in n.users]
     by_mul = {r.mul: r for r in report.records} if report is not None else {}
+    own = [by_mul.get(u.name) for u in users]
+    if users and report is not None and all(r is not None and not r.folded and not any(
+            r.site == b or r.site.startswith(b + ".") for b in report.blocks) for r in own):
+        return None  # the model's own scale (a layer scale, logit_scale.exp()) left as it was: vanilla computes it
     for user in users:
         record = by_mul.get(user.name)
         if record is not None and not record.folded:
@@ -102,13 +106,22 @@ def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, valu
 
 
 def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
-    """``True`` when ``key`` is read only as a ``mul`` operand, ``False`` when not read at all,
-    ``None`` when read otherwise."""
+    """``True`` when ``key`` is read only as a ``mul`` operand (directly or through views: a layer scale
+    ``gamma.unsqueeze(-1)``), ``False`` when not read at all, ``None`` when read otherwise."""
     users = [u for n in graph.nodes if n.op == "get_attr" and n.target == key for u in n.users]
     if not users:
         return False
     muls = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
-    return True if all(getattr(u.target, "__name__", u.target) in muls for u in users) else None
+    views = {"unsqueeze", "reshape", "view", "expand", "expand_as", "squeeze", "flatten", "to", "type_as"}
+    while users:
+        name = getattr(users[0].target, "__name__", users[0].target)
+        if name in views and users[0].op in ("call_method", "call_function"):
+            users = [*users[1:], *users[0].users]
+        elif name in muls:
+            users = users[1:]
+        else:
+            return None
+    return True
 
 
 def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
@@ -131,6 +144,10 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
             values[key] = torch.ones_like(src)
         elif use is False:
             values[key] = src if src is not None and src.shape == own[key].shape else own[key]
+        elif src is not None and src.shape == own[key].shape and not isinstance(
+                vanilla.get_submodule(_owner_and_name(key)[0]), _BatchNorm):
+            values[key] = src  # a tensor the model computes a constant from (logit_scale.exp()): its own value;
+            # where fusion folded that constant into a layer, the output check refuses
         else:
             owner = _owner_and_name(key)[0]
             if isinstance(vanilla.get_submodule(owner), _BatchNorm):
@@ -270,9 +287,13 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
             raise VanillaModelError(f"{type(vanilla).__name__} has no submodule `{path}`, where the instrumented "
                                     "model has an instrumented part: another architecture; build the vanilla "
                                     "model with the same factory and arguments") from None
-        try:
-            part = model_state_dict(fused.get_submodule(path), target, source.get_submodule(path),
-                                    leaf_modules=leaf_modules)
+        shapes = (asr_config(source).part_input_shapes or {}).get(path)
+        part_source = source.get_submodule(path)
+        ref = next(iter(part_source.parameters()), None)
+        probe = tuple(equivalence.random_probe(s, ref) for s in shapes) if shapes and ref is not None else None
+        try:  # traced on the part's recorded input shapes, as instrument captured it
+            part = model_state_dict(fused.get_submodule(path), target, part_source,
+                                    leaf_modules=leaf_modules, example_inputs=probe)
         except VanillaModelError as exc:
             raise VanillaModelError(f"part `{path}`: {exc}") from None
         state.update({f"{path}.{k}": v for k, v in part.items()})
