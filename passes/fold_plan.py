@@ -193,6 +193,28 @@ def dtype_refusal(c: torch.Tensor, plan: Plan) -> str | None:
     return None
 
 
+def _max_rank(module: object) -> int | None:
+    """The largest rank a layer's output (and input) can have, where the layer fixes it."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return len(module.kernel_size) + 2
+    for classes, rank in (((nn.BatchNorm1d, nn.InstanceNorm1d), 3), ((nn.BatchNorm2d, nn.InstanceNorm2d), 4),
+                          ((nn.BatchNorm3d, nn.InstanceNorm3d), 5)):
+        if isinstance(module, classes):
+            return rank
+    return None
+
+
+def rank_refusal(c: torch.Tensor, plan: Plan) -> str | None:
+    """Why ``x * c`` is no per-channel scale of the planned layers' values: ``c`` has more dimensions than
+    they can have, so the multiply adds dimensions (a fold would drop them); ``None`` otherwise."""
+    for target, _ in plan:
+        rank = _max_rank(target.module)
+        if rank is not None and c.dim() > rank:
+            return (f"the scale has {c.dim()} dimensions and `{target.label}`'s values at most {rank}: the multiply "
+                    "broadcasts them to a larger shape")
+    return None
+
+
 def plan_kinds(plan: Plan) -> str:
     """Where a plan puts its scales, as the report says it: ``bn``, ``next-conv+next-linear``, ..."""
     return "+".join(sorted({t.kind for t, _ in plan}))
@@ -214,7 +236,7 @@ def apply_plan(plan: Plan) -> None:
 def fold_mul(gm: fx.GraphModule, plan: Plan, c: torch.Tensor, mul: fx.Node, x: fx.Node) -> Plan | str:
     """Finish a fold of ``mul = x * c``: unless :func:`dtype_refusal` refuses it (then nothing changes
     and the reason is returned), apply ``plan`` and drop ``mul`` (its users read ``x``); returns ``plan``."""
-    promoted = dtype_refusal(c, plan)
+    promoted = dtype_refusal(c, plan) or rank_refusal(c, plan)
     if promoted:
         return promoted
     apply_plan(plan)

@@ -197,3 +197,21 @@ def test_to_dtype_on_a_scale_is_kept() -> None:
     for shapes in (True, False):
         fused, _ = _fuse(model, x, shapes=shapes)
         _same(model, fused, x)
+
+
+def test_a_scale_that_adds_a_dimension_is_not_folded_without_shapes() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.scale = nn.Parameter(torch.rand(1, 1, 4, 1, 1) + 0.5)  # (B, C, H, W) * this: 5-d result
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * self.scale
+
+    model = Model()
+    x = torch.randn(2, 3, 4, 4)
+    for shapes in (True, False):
+        fused, report = _fuse(model, x, shapes=shapes)
+        assert not report.records[0].folded
+        _same(model, fused, x)
