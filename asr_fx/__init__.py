@@ -42,6 +42,7 @@ _EXPORTS: dict[str, str] = {
     "instrument": "asr_fx.api",
     "build": "asr_fx.factory",
     "load": "asr_fx.checkpoint",
+    "checkpoint_header": "asr_fx.checkpoint",
     "save": "asr_fx.checkpoint",
     "count_parameters": "asr_fx._util",
     "default_input_shape": "asr_fx.input_shapes",
@@ -76,7 +77,7 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx._util import count_parameters
     from asr_fx.api import asr_parameters, find_sites, fuse, fusion_report, get_config, instrument
     from asr_fx.asr import ASR, NormFusedASR
-    from asr_fx.checkpoint import load, save
+    from asr_fx.checkpoint import checkpoint_header, load, save
     from asr_fx.config import ASRConfig, asr_config
     from asr_fx.errors import (ASRError, AttentionNetworkError, CheckpointError, DifferentModelError, EquivalenceError, ExportError,
                                FactoryError, FusionError, InputShapeError, InvalidOptionError,

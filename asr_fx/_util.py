@@ -1,5 +1,5 @@
 """Small helpers shared by the library modules: parameter counts, NaN/Inf checks, meta-device tensors.
-(Train/eval save-and-restore is ``asr_fx.passes.modes.preserved_training_modes``.)"""
+(Train/eval save-and-restore is ``asr_fx.passes.graph.modes.preserved_training_modes``.)"""
 
 from __future__ import annotations
 

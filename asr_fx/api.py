@@ -1,7 +1,7 @@
 """The library's entry points: ``instrument`` / ``find_sites`` (:mod:`asr_fx.instrument_model`) and
 ``fuse`` / ``fusion_report`` / ``asr_parameters`` (here), like ``prepare_fx`` / ``convert_fx``.
 
-``fuse`` runs :data:`asr_fx.passes.pipeline.FUSE_PIPELINE`, a declared list of passes, on a private
+``fuse`` runs :data:`asr_fx.passes.pipelines.FUSE_PIPELINE`, a declared list of passes, on a private
 eval-mode copy of the model, and attaches a :class:`~asr_fx.report.FusionReport` to the result.
 """
 
@@ -22,13 +22,13 @@ from asr_fx.into_vanilla import fuse_into
 from asr_fx.leaf_spec import recorded_leaves
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
-from asr_fx.passes.asr_blocks import ASR
-from asr_fx.passes.pipeline import fuse_pipeline
-from asr_fx.passes.placement import PLACEMENT_RULES, RULE_ALIASES
-from asr_fx.passes.shapes import as_input_tuple
+from asr_fx.passes.forms.asr_blocks import ASR
+from asr_fx.passes.pipelines import fuse_pipeline
+from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
+from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.report import FusionReport
 
-#: placement rules by name (a view of :data:`asr_fx.passes.placement.PLACEMENT_RULES`)
+#: placement rules by name (a view of :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`)
 RULES = {name: rule.find for name, rule in PLACEMENT_RULES.items()}
 
 FUSION_KEY = "asr_fx.fusion"

@@ -1,6 +1,6 @@
 """The ASR block and how one is made for a site: ``x * act(F(psi))`` with a learnable constant input ``psi``.
 
-The block classes (:class:`ASR`, :class:`NormFusedASR`) live in :mod:`asr_fx.passes.asr_blocks`,
+The block classes (:class:`ASR`, :class:`NormFusedASR`) live in :mod:`asr_fx.passes.forms.asr_blocks`,
 so the graph passes that insert and undo them import nothing above ``asr_fx.passes``; this module
 re-exports them and adds the paper's presets and :func:`make_site_block` (attention network from
 the registry, checked, wrapped in a block).
@@ -16,9 +16,10 @@ from torch import nn
 
 from asr_fx import attention as registry
 from asr_fx.errors import InvalidOptionError
-from asr_fx.passes.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
-                                      computes_like_batch_norm, init_psi, is_affine_batch_norm)
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.forms.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
+                                            computes_like_batch_norm, fill_attention, init_psi,
+                                            is_affine_batch_norm)
+from asr_fx.passes.graph.modes import preserved_training_modes
 
 __all__ = ["ACTIVATIONS", "ASR", "NormFusedASR", "PRESETS", "PsiInit", "batch_norm_forward", "check_attention_output",
            "computes_like_batch_norm", "fill_parameters", "init_psi", "is_affine_batch_norm", "make_site_block",
@@ -56,10 +57,9 @@ def resolve_preset(preset: str | None, activation: str, psi_init: PsiInit) -> tu
 
 
 def fill_parameters(module: nn.Module, value: float) -> None:
-    """Set every parameter of ``module`` to the constant ``value`` (the transformer preset's init)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.fill_(value)
+    """Set every parameter of ``module`` to the constant ``value`` (the transformer preset's init); its
+    ``reset_parameters`` loop then restores that value (:func:`asr_fx.passes.forms.asr_blocks.fill_attention`)."""
+    fill_attention(module, value)
 
 
 def check_attention_output(net: nn.Module, channels: int) -> None:
@@ -97,9 +97,7 @@ def make_site_block(
     def one() -> ASR:
         net = registry.create(attention, channels, **(attention_kwargs or {}))
         check_attention_output(net, channels)
-        if attention_init is not None:
-            fill_parameters(net, attention_init)
         return ASR(channels, net, channel_pos=channel_pos, activation=activation, psi_init=psi_init,
-                   learnable_psi=learnable_psi)
+                   learnable_psi=learnable_psi, attention_init=attention_init)
 
     return one() if delta == 1 else nn.Sequential(*(one() for _ in range(delta)))

@@ -2,7 +2,8 @@
 
 - :func:`check_instrumented`: the instrumented model with every ASR block at ``v = 1`` computes what
   the original model computes on a probe input, in eval mode and in train mode (same RNG seed for
-  both, BatchNorm running statistics and the RNG state restored afterwards).
+  both, BatchNorm running statistics and the RNG state restored afterwards), and gives the original's
+  parameters the gradients the original gives them (:mod:`asr_fx.gradient_check`).
 - :func:`check_fused`: the fused model computes what the model it was given computes, in eval mode.
 
 A mismatch raises :class:`asr_fx.errors.EquivalenceError` naming the first layer (in the checked
@@ -33,8 +34,9 @@ from asr_fx.asr import ASR
 from asr_fx.config import asr_config
 from asr_fx.detections import align_detections
 from asr_fx.errors import EquivalenceError
+from asr_fx.gradient_check import check_gradients
 from asr_fx.noise_floor import noise_of, perturbed_outputs, tensor_error
-from asr_fx.passes.concrete_values import state_kept
+from asr_fx.passes.capture.concrete_values import state_kept
 
 #: max |a - b| <= RTOL * max |reference| in fp32 (:data:`asr_fx.noise_floor.RTOL` by dtype), or within the
 #: model's measured rounding noise; no absolute floor
@@ -226,6 +228,13 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
     with _unit_attention(work):
         for training in (False, True):
             _compare(original, work, inputs, training, "the instrumented model (every ASR block at v = 1)")
+        _compare_gradients(original, work, inputs)
+
+
+def _compare_gradients(original: nn.Module, work: nn.Module, inputs: Sequence[Any]) -> None:
+    """The original's parameters get the same gradients in ``work`` (:mod:`asr_fx.gradient_check`)."""
+    with saved_state(original, work):
+        check_gradients(original, work, inputs, "the instrumented model (every ASR block at v = 1)")
 
 
 def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[Any, ...] | None:

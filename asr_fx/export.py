@@ -32,9 +32,9 @@ from torch import nn
 from asr_fx import atomic
 from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
-from asr_fx.passes.cleanup import drop_dead_nodes
-from asr_fx.passes.export_forms import for_export
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.export.export_forms import for_export
+from asr_fx.passes.fold.cleanup import drop_dead_nodes
+from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names before verify.py existed
     ExportReport,
     Inputs,
@@ -137,7 +137,7 @@ def _export_dynamo(model: nn.Module, args: tuple, kwargs: dict, path: str, opset
             options["kwargs"] = {k: two(v) for k, v in kwargs.items()} if kwargs else None
         options["dynamic_shapes"] = _dynamic_shapes(args, kwargs, dynamic)
     with _quiet_exporter():
-        # attention calls in forms the exporter takes (passes/export_forms.py); the model is not changed
+        # attention calls in forms the exporter takes (passes/export/export_forms.py); the model is not changed
         torch.onnx.export(for_export(model), args, path, **options)
 
 

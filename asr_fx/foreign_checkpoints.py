@@ -19,6 +19,7 @@ from torch import nn
 
 from asr_fx.api import get_config, instrument
 from asr_fx.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, resolve_attention
+from asr_fx.dcp import is_dcp_dir
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, InputShapeError
 from asr_fx.attention import widths_from_state_dict
@@ -95,8 +96,11 @@ def load_checkpoint(
         options = asr_options or {}
         model = model_from_checkpoint(raw, path, leaf_modules, options.get("attention"), options.get("attention_kwargs"))
         vanilla = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
-        return LoadedCheckpoint(model, vanilla, "asr-fx", input_shape or raw.get("input_shape"))
+        kind = "asr-fx (torch.distributed.checkpoint folder)" if is_dcp_dir(path) else "asr-fx"
+        return LoadedCheckpoint(model, vanilla, kind, input_shape or raw.get("input_shape"))
     weights, kind = find_state_dict(raw, repr(str(path)))
+    if is_dcp_dir(path):
+        kind = f"torch.distributed.checkpoint folder, {kind}"
     kwargs = dict(factory_kwargs or {})
     if isinstance(weights, nn.Module):
         model = weights.eval()

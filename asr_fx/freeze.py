@@ -18,8 +18,8 @@ from torch import nn
 
 from asr_fx.errors import ASRError
 from asr_fx.passes import trace
-from asr_fx.passes.cleanup import drop_dead_nodes
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.fold.cleanup import drop_dead_nodes
+from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.stripe import FROZEN_PREFIX, Batches, SiteStats, StripeStats, batch_inputs, collect
 
 FREEZE_KEY = "asr_fx.freeze"

@@ -1,8 +1,8 @@
 """``instrument`` and ``find_sites``: trace a model, choose the ASR sites, put a block at each.
 
-``instrument`` runs :data:`INSTRUMENT_PIPELINE`, a declared list of passes (``(module, context) ->
+``instrument`` runs :data:`asr_fx.passes.pipelines.INSTRUMENT_PIPELINE`, a declared list of passes (``(module, context) ->
 PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on the result.
-The placement rules come from the one registry :data:`asr_fx.passes.placement.PLACEMENT_RULES`.
+The placement rules come from the one registry :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`.
 """
 
 from __future__ import annotations
@@ -21,54 +21,14 @@ from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
 from asr_fx.equivalence import check_instrumented
+from asr_fx.errors import InvalidOptionError, TraceError
 from asr_fx.leaf_spec import record_leaves
-from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.partial_capture import instrument_parts
-from asr_fx.passes import Site, insert_asr, trace
-from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
-from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
-from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
-from asr_fx.passes.hoist_attention_values import hoist_attention_values
-from asr_fx.passes.infra import PassContext, PassResult, Pipeline
-from asr_fx.passes.locate import site_at
-from asr_fx.passes.placement import PLACEMENT_RULES, placement_rule, rule_names
-from asr_fx.passes.shapes import as_input_tuple, record_example_shapes, record_shapes
-
-SiteSelector = Sequence[str] | Callable[[Site], bool] | None
-
-
-def _candidate_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every node a scale could follow: calls of conv/norm/linear modules, multi-head attention outputs."""
-    return [s for s in (site_at(gm, node, "explicit") for node in gm.graph.nodes) if s is not None]
-
-
-def _matches(site: Site, selector: Sequence[str] | Callable[[Site], bool]) -> bool:
-    if callable(selector):
-        return bool(selector(site))
-    return site.node in selector or site.module in selector
-
-
-def select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: SiteSelector) -> list[Site]:
-    """The sites named by ``sites`` (names or a predicate), else those of placement rule ``rule``; less ``exclude``."""
-    if sites is not None:
-        candidates = _candidate_sites(gm)
-        chosen = [s for s in candidates if _matches(s, sites)]
-        if not callable(sites):
-            known = {n for s in candidates for n in (s.node, s.module)}
-            missing = [name for name in sites if name not in known]
-            if missing:
-                raise ASRError(
-                    f"sites={missing} name no conv/norm/linear call in the traced graph; "
-                    f"candidates include {[s.module or s.node for s in candidates[:8]]}"
-                )
-    else:
-        found = placement_rule(rule)
-        if found is None:
-            raise InvalidOptionError(f"unknown rule {rule!r}; choose one of {rule_names()}")
-        chosen = found.find(gm)
-    if exclude is not None:
-        chosen = [s for s in chosen if not _matches(s, exclude)]
-    return chosen
+from asr_fx.passes import Site, trace
+from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
+from asr_fx.passes.forms.convert_existing import existing_attention_sites
+from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE, BlockFactory, SiteBlocks
+from asr_fx.passes.placement.select import SiteSelector, select_sites
 
 
 def find_sites(
@@ -116,96 +76,23 @@ def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSetti
     return BlockSettings(activation, psi_init, preset)
 
 
-@dataclass(frozen=True)
-class PooledMeans:
-    """The batch mean of each existing attention's pooled value on ``example_inputs`` (psi's start)."""
+def site_blocks(options: dict[str, Any]) -> BlockFactory:
+    """The ``blocks`` option of :data:`INSTRUMENT_PIPELINE`: once the sites are chosen, each site's block
+    from the registry (:func:`make_site_block`) with the settings after presets (:func:`block_settings`)."""
 
-    values: dict[str, torch.Tensor]
+    def blocks(sites: Sequence[Site]) -> SiteBlocks:
+        settings = block_settings(options, sites)
 
+        def make_block(site: Site) -> nn.Module:
+            return make_site_block(site.channels, site.channel_pos, options["attention"], delta=options["delta"],
+                                   activation=settings.activation, psi_init=settings.psi_init,
+                                   learnable_psi=options["learnable_psi"],
+                                   attention_kwargs=options["attention_kwargs"], preset=settings.preset)
 
-def trace_model(module: nn.Module, context: PassContext) -> PassResult:
-    """Trace the (copied) model with asr-fx's leaf rules (:func:`asr_fx.passes.trace`)."""
-    return PassResult(trace(module, context.options["leaf_modules"], example_inputs=context.options["example_inputs"]),
-                      True)
+        psi_init = settings.psi_init
+        return SiteBlocks(make_block, psi_init if isinstance(psi_init, (int, float)) else 0.1)
 
-
-def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """Report pass: the sites (``sites=``/``rule=``, less ``exclude=``) and, with ``convert_existing``, the
-    model's own channel attention. Refuses no site at all, and sites that could not fold after training."""
-    o = context.options
-    chosen = select_sites(gm, o["rule"], o["sites"], o["exclude"])
-    existing = find_channel_attention(gm) if o["convert_existing"] else []
-    if not chosen and not existing:
-        found = placement_rule(o["rule"])
-        looked = (found.looks_for if found else "the sites named by sites=") if o["sites"] is None else \
-            "the sites named by sites=, less exclude="
-        raise NoSitesError(
-            f"no ASR site found in {o['model_name']} with rule={o['rule']!r}: looked for {looked}. "
-            f"Pass sites=[module names] or another rule (one of {sorted(PLACEMENT_RULES)})."
-        )
-    unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
-    if unfoldable:
-        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
-                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
-    return PassResult(gm, False, (*chosen, *existing))
-
-
-def measure_existing_attention(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``example_inputs``: the pooled means that start each converted attention's psi (:func:`pooled_means`)."""
-    existing, inputs = context.records_of(ChannelAttention), context.options["example_inputs"]
-    if not existing or inputs is None:
-        return PassResult(gm, False)
-    return PassResult(gm, False, (PooledMeans(pooled_means(gm, existing, inputs)),))
-
-
-def insert_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """One ASR block (or ``delta`` of them) after each chosen site (:func:`asr_fx.passes.insert_asr`)."""
-    o, sites = context.options, context.records_of(Site)
-    settings = block_settings(o, sites)
-
-    def make_block(site: Site) -> nn.Module:
-        return make_site_block(site.channels, site.channel_pos, o["attention"], delta=o["delta"],
-                               activation=settings.activation, psi_init=settings.psi_init,
-                               learnable_psi=o["learnable_psi"], attention_kwargs=o["attention_kwargs"],
-                               preset=settings.preset)
-
-    return PassResult(insert_asr(gm, sites, make_block), bool(sites))
-
-
-def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``convert_existing``: each channel attention becomes an ASR block (:func:`convert_existing_attention`)."""
-    o = context.options
-    if not context.records_of(ChannelAttention):
-        return PassResult(gm, False)
-    psi_init = block_settings(o, context.records_of(Site)).psi_init
-    means = context.records_of(PooledMeans)
-    existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
-    keys = convert_existing_attention(gm, existing, psi_init=psi_init if isinstance(psi_init, (int, float)) else 0.1,
-                                      psi_values=means[0].values if means else None, learnable_psi=o["learnable_psi"])
-    return PassResult(gm, bool(keys))
-
-
-def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``norm_fused``: blocks right after an affine BatchNorm take the BN-affine training form."""
-    return to_bn_affine_form(gm) if context.options["norm_fused"] else PassResult(gm, False)
-
-
-def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """Every block's ``v`` is computed at the top of the graph (:func:`hoist_attention_values`)."""
-    return PassResult(gm, hoist_attention_values(gm) > 0)
-
-
-#: what :func:`instrument` runs, in order, on a copy of the model
-INSTRUMENT_PIPELINE = Pipeline("instrument", (
-    trace_model,
-    record_example_shapes,
-    choose_sites,
-    measure_existing_attention,
-    insert_blocks,
-    convert_existing_blocks,
-    into_bn_affine_form,
-    hoist_values,
-))
+    return blocks
 
 
 def instrument(
@@ -236,7 +123,7 @@ def instrument(
     Args:
         attention: a registered name (``asr_fx.attention.names()``) or a factory ``f(channels, **kw)``.
         rule: placement rule; ``"auto"`` picks the paper's placement (see
-            :data:`asr_fx.passes.placement.PLACEMENT_RULES`).
+            :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`).
         sites / exclude: node or module names, or a predicate on :class:`Site`, to choose sites.
         example_inputs: optional; shapes let layers whose channel dimension depends on the input
             rank (BatchNorm1d, GroupNorm, ...) take a site.
@@ -282,6 +169,7 @@ def instrument(
                             learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
                             example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
                             convert_existing=convert_existing, norm_fused=norm_fused)
+    pipeline_options["blocks"] = site_blocks(pipeline_options)
     try:
         gm, records = INSTRUMENT_PIPELINE.run(copy_of(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place

@@ -40,7 +40,7 @@ from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.partial_capture import is_partial
 from asr_fx.passes import trace
-from asr_fx.passes.constant_fold import FOLDED_PREFIX
+from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
 from asr_fx.report import FusionReport
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output

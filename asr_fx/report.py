@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from tabulate import tabulate
 
 from asr_fx.passes.infra import latest_by
-from asr_fx.passes.records import FoldRecord
+from asr_fx.passes.graph.records import FoldRecord
 
 
 @dataclass
 class FusionReport:
-    """One :class:`~asr_fx.passes.records.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw.
+    """One :class:`~asr_fx.passes.graph.records.FoldRecord` per constant ``mul`` that :func:`asr_fx.fuse` saw.
 
-    ``blocks``: the module paths of the model's ASR blocks (:class:`~asr_fx.passes.asr_blocks.ASR`), when
+    ``blocks``: the module paths of the model's ASR blocks (:class:`~asr_fx.passes.forms.asr_blocks.ASR`), when
     it has any. Then only their scales are ASR sites (:attr:`unfolded`); a scale the model computes from
     its own parameters elsewhere (a gate ``sigmoid(alpha)``, a layer scale) is reported but not counted.
     Without blocks (ASR written by hand on a plain ``psi``), every scale computed from parameters counts.

@@ -6,7 +6,7 @@ module (SE, ECA, ...) is nearly the same vector for every input; per channel, it
 inputs is near 0 while the pooled input features vary a lot.
 
 - :func:`collect` runs a model on batches and records, at every attention site found by
-  :func:`asr_fx.passes.attention_patterns.find_channel_attention`, the attention values per input
+  :func:`asr_fx.passes.placement.attention_patterns.find_channel_attention`, the attention values per input
   (``N x C``) and the pooled input of the attention network (``N x C``), with their per-channel
   statistics (:class:`SiteStats`, :class:`StripeStats`).
 - :func:`asr_fx.freeze.freeze_attention` (in :mod:`asr_fx.freeze`) replaces each such attention by the mean ``v`` it produced on the data:
@@ -34,10 +34,10 @@ from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
 from asr_fx.errors import ASRError, NoSitesError, UnknownSiteError
 from asr_fx.passes import trace
-from asr_fx.passes.attention_patterns import find_channel_attention
-from asr_fx.passes.constant_fold import FOLDED_PREFIX
-from asr_fx.passes.hoist_attention_values import unhoist_attention_values
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.placement.attention_patterns import find_channel_attention
+from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
+from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values
+from asr_fx.passes.graph.modes import preserved_training_modes
 
 #: prefix of the buffers holding frozen attention values; a kind of folded constant, so
 #: :func:`asr_fx.fuse` reports the sites as attention sites and cleans up buffers it folded

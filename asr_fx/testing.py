@@ -27,7 +27,7 @@ from asr_fx.api import asr_parameters, fuse, fusion_report
 from asr_fx.atomic import temp_folder
 from asr_fx.errors import ASRError, FusionError, VerificationError
 from asr_fx.export import export_onnx
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.verify import flatten_outputs, fp32_matmul_precision, op_count_diff
 
 #: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch

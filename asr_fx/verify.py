@@ -35,13 +35,8 @@ from asr_fx.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from asr_fx.onnx_queries import (
-    onnx_inputs,
-    onnx_op_counts,
-    onnx_parameter_count,
-    op_count_diff,
-)
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.onnx_queries import onnx_inputs, onnx_op_counts, onnx_parameter_count, op_count_diff
+from asr_fx.passes.graph.modes import preserved_training_modes
 
 #: default ``rtol`` per reference dtype: float32's is DESIGN.md's; float16 keeps ~3 significant digits
 #: per op and bfloat16 ~2, so errors of a deep net reach those sizes relative to max|reference|

@@ -17,7 +17,7 @@ import asr_fx
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import EquivalenceError, NoSitesError, TraceError
 from asr_fx.passes import trace
-from asr_fx.passes.concrete_values import state_kept
+from asr_fx.passes.capture.concrete_values import state_kept
 
 
 class NormAct(nn.BatchNorm2d):
@@ -301,7 +301,7 @@ def test_trace_errors_name_the_library_line_not_torchvision_as_torch():
     """A frame in torchvision (whose path starts with torch's directory name) is the library's line."""
     from torchvision.ops.boxes import box_area
 
-    from asr_fx.passes.trace import _user_frame
+    from asr_fx.passes.capture.trace import _user_frame
 
     try:
         box_area("not boxes")

@@ -26,7 +26,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 import asr_fx
 from asr_fx import attention
 from asr_fx.passes import trace
-from asr_fx.passes.attention_patterns import find_channel_attention
+from asr_fx.passes.placement.attention_patterns import find_channel_attention
 
 DEPTH = 11  # one bottleneck per stage: channels 64, 128, 256 as in ResNet-164
 BN3 = ["layer1_0_bn3", "layer2_0_bn3", "layer3_0_bn3"]

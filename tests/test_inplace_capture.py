@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.trace import trace
+from asr_fx.passes.capture.trace import trace
 from conftest import fuse_checked
 from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; return z + y
 

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from asr_fx.passes import trace
-from asr_fx.passes.attention_patterns import find_channel_attention
+from asr_fx.passes.placement.attention_patterns import find_channel_attention
 from conftest import perturb_asr, rel_err, train_step
 
 

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 import asr_fx
 from asr_fx.models import cifar_resnet
-from asr_fx.passes.hoist_attention_values import unhoist_attention_values
+from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values
 
 SHAPE = (4, 3, 32, 32)
 

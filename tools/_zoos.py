@@ -45,9 +45,13 @@ class Entry:
     sizes: tuple[int, ...] = ()
     #: the constructor keywords that reduced the model (:data:`SHRINK_KWARGS`), for the results table
     shrunk: dict = field(default_factory=dict)
+    #: text models: token ids below this, ``size`` tokens per sequence
+    vocab: int = 0
 
     def inputs(self, batch: int, seed: int) -> tuple:
         gen = torch.Generator().manual_seed(seed)
+        if self.vocab:
+            return (torch.randint(0, self.vocab, (batch, self.size), generator=gen),)
         if self.detector:
             return ([torch.rand(3, self.size, self.size, generator=gen) for _ in range(batch)],)
         shape = (batch, 3) + ((self.frames,) if self.frames else ()) + (self.size, self.size)
@@ -178,7 +182,7 @@ def _module_of(name: str) -> str | None:
 
 
 def hf_zoo() -> dict[str, Entry]:
-    """Hugging Face vision models from small configs."""
+    """Hugging Face vision and text models from small configs (text models take token ids)."""
     def make(config_name: str, model_name: str, **kwargs: object) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:
             import transformers  # optional dependency: the test extra
@@ -191,7 +195,12 @@ def hf_zoo() -> dict[str, Entry]:
     small = {"num_labels": 3}
     vit = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
            "intermediate_size": 64, **small}
+    text = {"vocab_size": 100, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
     return {
+        "BERT": Entry(make("BertConfig", "BertForSequenceClassification", hidden_size=32, max_position_embeddings=64,
+                           **text, **small), size=16, vocab=100),
+        "T5-encoder": Entry(make("T5Config", "T5EncoderModel", vocab_size=100, d_model=32, d_kv=16, d_ff=64,
+                                 num_layers=2, num_heads=2), size=16, vocab=100),
         "ResNet": Entry(make("ResNetConfig", "ResNetForImageClassification", embedding_size=16, hidden_sizes=[16, 32],
                              depths=[1, 1], **small)),
         "ConvNeXt": Entry(make("ConvNextConfig", "ConvNextForImageClassification", num_stages=2, hidden_sizes=[16, 32],

@@ -53,7 +53,7 @@ from _bench_common import (
 )
 
 import asr_fx
-import asr_fx.passes.placement
+import asr_fx.passes.placement.rules
 from asr_fx.models import resnet164
 from asr_fx.passes import trace
 
@@ -74,7 +74,7 @@ def build_variants(name: str, notes: list[str]) -> tuple[dict[str, torch.nn.Modu
     torch.manual_seed(0)
     vanilla = factory().eval()
     x1 = torch.randn(1, *chw)
-    if asr_fx.passes.placement.placement_rule(rule) is None:
+    if asr_fx.passes.placement.rules.placement_rule(rule) is None:
         notes.append(f"{name}: placement rule `{rule}` is not in asr_fx at run time; used rule `auto`")
         rule = "auto"
     try:

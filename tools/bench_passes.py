@@ -10,7 +10,7 @@ whose fitted ``k`` is 1.2 or more is flagged as superlinear; not judged when it 
     OMP_NUM_THREADS=1 python tools/bench_passes.py           # writes tools/results/bench_passes.md
     python tools/bench_passes.py --chain 50 100 200 --no-resnets --no-write
 
-- trace: ``asr_fx.passes.trace`` (torch.fx symbolic trace with asr-fx's leaf rules);
+- trace: ``asr_fx.passes.capture.trace`` (torch.fx symbolic trace with asr-fx's leaf rules);
 - instrument: ``asr_fx.instrument`` (deep copy, trace, locate, insert);
 - fuse: ``asr_fx.fuse`` of the instrumented model in eval mode (deep copy, trace, constant-fold,
   fold, cleanup);

@@ -19,7 +19,7 @@ The main table is ResNet-50's own input size (224x224) at batch 8; the sweep rep
 default instrument and the hand-written module at other sizes and batches, down to 64x64 at batch 8,
 where the gradients of the attention parameters (SE adds 10.8% parameters) weigh most, with one more
 variant: the default instrument with each ``v`` computed at its site instead of all before the first
-layer (an ablation of :mod:`asr_fx.passes.hoist_attention_values`).
+layer (an ablation of :mod:`asr_fx.passes.forms.hoist_attention_values`).
 
     OMP_NUM_THREADS=1 python tools/bench_train.py        # writes tools/results/bench_train.md (about 6 min)
 """
@@ -52,7 +52,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import asr_fx
-from asr_fx.passes.hoist_attention_values import unhoist_attention_values
+from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values
 
 
 class ASRBatchNorm2d(nn.BatchNorm2d):
@@ -210,7 +210,7 @@ def main() -> None:
         "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
         f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
         "and whatever x * v saves for backward",
-        "sweep, 'instrument, v at the sites': the default instrument after asr_fx.passes.hoist_attention_values.unhoist_attention_values, so each "
+        "sweep, 'instrument, v at the sites': the default instrument after asr_fx.passes.forms.hoist_attention_values.unhoist_attention_values, so each "
         "block computes v where it is called and the attention backward runs right after the site's "
         "(what instrument did before it computed all v first)",
         f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads}`",
