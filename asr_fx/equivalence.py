@@ -62,7 +62,9 @@ def derive_probe(model: nn.Module, size: int = 64) -> tuple[torch.Tensor, ...] |
     return (torch.randn(shape, generator=gen).to(ref.device, ref.dtype),)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def floating_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output, in order: a tensor, nested tuples/lists/dicts, or a
+    transformers ``ModelOutput`` (what the equivalence checks compare)."""
     if hasattr(out, "to_tuple"):  # transformers' ModelOutput
         out = out.to_tuple()
     elif isinstance(out, dict):
@@ -165,7 +167,7 @@ def _unit_attention(model: nn.Module) -> Iterator[None]:
     """Every ASR block's ``v`` is 1 inside the block."""
     blocks = [m for m in model.modules() if isinstance(m, ASR)]
     for block in blocks:
-        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,  # type: ignore
+        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,
                                                             device=b.psi.device))
     try:
         yield
