@@ -8,7 +8,6 @@ The placement rules come from the one registry :data:`asr_fx.passes.placement.ru
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from asr_fx import atomic, equivalence
+from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.fusion import FusionReport, fusion_report
 from asr_fx.partial_capture import is_partial, part_paths
@@ -288,10 +289,12 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
             raise VanillaModelError(f"{type(vanilla).__name__} has no submodule `{path}`, where the instrumented "
                                     "model has an instrumented part: another architecture; build the vanilla "
                                     "model with the same factory and arguments") from None
-        shapes = (asr_config(source).part_input_shapes or {}).get(path)
+        config = asr_config(source)
+        part_shapes = (config.part_input_shapes or {}).get(path) if config is not None else None
         part_source = source.get_submodule(path)
         ref = next(iter(part_source.parameters()), None)
-        probe = tuple(equivalence.random_probe(s, ref) for s in shapes) if shapes and ref is not None else None
+        probe = tuple(equivalence.random_probe(s, ref) for s in part_shapes) if part_shapes and ref is not None \
+            else None
         try:  # traced on the part's recorded input shapes, as instrument captured it
             part = model_state_dict(fused.get_submodule(path), target, part_source,
                                     leaf_modules=leaf_modules, example_inputs=probe)

@@ -5,7 +5,8 @@ Equivalence: exact in eval mode (the folded subgraph is evaluated once with the 
 parameters); this is what makes ``act(F(psi))`` a constant ``v`` whether ASR was inserted by
 :func:`asr_fx.instrument` or written by hand.
 
-Refuses (leaves in the graph): tensors the forward writes into (``self.s.copy_(g)``), random ops, values that are not tensors, and a lone ``get_attr``
+Refuses (leaves in the graph): tensors the forward writes into (``self.s.copy_(g)``),
+random ops, values that are not tensors, and a lone ``get_attr``
 (already a constant). Call it on a model in eval mode: a module in training mode (BatchNorm
 updating running statistics, dropout) is not a constant function of its inputs.
 """

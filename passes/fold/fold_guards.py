@@ -41,7 +41,7 @@ def layer_refusal(module: nn.Module | None) -> str | None:
         return (f"it has forward hooks or pre-hooks ({', '.join(kinds)}): they change its output after the fold "
                 "(old-style weight_norm is one); remove them before fuse")
     if parametrize.is_parametrized(module):
-        names = ", ".join(sorted(module.parametrizations.keys()))  # type: ignore[union-attr]
+        names = ", ".join(sorted(getattr(module, "parametrizations", {}).keys()))
         return (f"its {names} is computed by a parametrization (spectral_norm, weight_norm, ...) on every call; "
                 "bake it in first with torch.nn.utils.parametrize.remove_parametrizations(module, name)")
     if "forward" in vars(module):

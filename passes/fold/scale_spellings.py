@@ -1,9 +1,11 @@
 """Scales spelled other than as a multiply become one, so the fold passes see (and fold or report) them.
 
 - ``x / c`` (``operator.truediv``, ``torch.div``/``divide``/``true_divide``, ``Tensor.div``/``div_``,
-  ``x /= c``) with ``c`` a constant tensor (a ``get_attr``; a Python number is arithmetic) and no ``rounding_mode``
-  becomes ``x * (1 / c)`` (``1 / c`` a new buffer ``_reciprocal_<node>``; skipped where it is not finite);
-- ``torch.addcmul(y, a, b, value=k)`` with ``a`` or ``b`` a constant tensor becomes ``y + (a * b) * k`` (``y + a * b`` without ``value``);
+  ``x /= c``) with ``c`` a constant tensor (a ``get_attr``; a Python number is arithmetic) and no
+  ``rounding_mode`` becomes ``x * (1 / c)`` (``1 / c`` a new buffer ``_reciprocal_<node>``; skipped where
+  it is not finite);
+- ``torch.addcmul(y, a, b, value=k)`` with ``a`` or ``b`` a constant tensor becomes ``y + (a * b) * k``
+  (``y + a * b`` without ``value``);
 - ``torch.einsum("bchw,c->bchw", x, c)`` (two operands, the output spelled like the first, the second a
   constant whose letters appear in the first in the same order) becomes ``x * c.reshape(...)``, ``c`` put
   along its dimensions.
