@@ -215,3 +215,21 @@ def test_a_scale_that_adds_a_dimension_is_not_folded_without_shapes() -> None:
         fused, report = _fuse(model, x, shapes=shapes)
         assert not report.records[0].folded
         _same(model, fused, x)
+
+
+def test_no_scale_moves_back_across_a_dtype_promoting_multiply() -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 6).half()
+            self.register_buffer("up", torch.rand(1, 6) + 0.5)  # float32: h16 * up is float32
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) * self.up * 1.1  # 1.1 rounds in float16, not in float32
+
+    model = Model()
+    x = torch.randn(3, 4).half()
+    for shapes in (True, False):
+        fused, report = _fuse(model, x, shapes=shapes)
+        assert "another dtype" in " ".join(r.reason for r in report.records), report.table()
+        _same(model, fused, x, rtol=1e-6)
