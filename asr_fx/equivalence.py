@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -192,7 +193,8 @@ def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], tr
         except Exception:  # noqa: BLE001 - the probe does not suit the reference in this mode: nothing to check
             return False
         try:
-            got = run_on_copies(checked, inputs, training)
+            with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints a failing graph's code to stderr
+                got = run_on_copies(checked, inputs, training)
         except Exception as exc:  # noqa: BLE001 - re-raised as the check's error
             raise EquivalenceError(f"{what} fails on a probe input the model runs on ({'train' if training else 'eval'}"
                                    f" mode): {type(exc).__name__}: {exc}") from exc
