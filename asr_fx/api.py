@@ -26,7 +26,8 @@ from asr_fx.leaf_spec import recorded_leaves
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.passes.forms.asr_blocks import ASR
-from asr_fx.passes.pipelines import fuse_pipeline
+from asr_fx.passes.layers.base import folding_in_place
+from asr_fx.passes.pipelines import FuseOptions, fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
 
 #: placement rules by name (a view of :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`)
@@ -74,8 +75,9 @@ def fuse(
         if into is None:
             return fused
         return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
-    work = copy_of(model).eval()
-    gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    work = copy_of(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
+    with folding_in_place():
+        gm, records = fuse_pipeline(work, FuseOptions(fold_bn, as_input_tuple(example_inputs), leaf_modules))
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
     report = FusionReport.from_pass_records(records, blocks)
     gm.meta[FUSION_KEY] = report

@@ -54,7 +54,7 @@ class ASRConfig:
     input_shape: list[int] | None = None
     parts: list[str] | None = None
     """paths of the instrumented parts when the model's whole forward did not trace (partial capture)"""
-    part_input_shapes: dict[str, list[list[int]]] | None = None
+    part_input_shapes: dict[str, list[list[int] | None]] | None = None
     """each part's input shapes on the example inputs (its probe for ``fuse``)"""
     refused_parts: list[str] | None = None
     """parts that traced but were refused, each with its reason"""

@@ -11,13 +11,14 @@ the original's parameters and compares, parameter by parameter (matched by name)
   gradient is below ``GRAD_RTOL`` of the largest gradient in the model are compared against that
   level: their values are rounding noise of the others).
 
-Nothing is written into the models' ``.grad`` (``torch.autograd.grad``); buffers, modes and the RNG
-state are restored.
+The original's gradients come from ``torch.autograd.grad``; the checked model's are compared one
+parameter at a time as its backward produces them (each freed at once, so the check holds one model's
+gradients, not two). Every ``.grad`` is as it was afterwards; buffers, modes and the RNG state are restored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,20 +40,26 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[str]) -> list[torch.Tensor | None] | None:
-    """Gradients of a seeded random projection of ``model``'s outputs w.r.t. its parameters ``names``;
-    ``None`` when its outputs do not depend on any of them."""
+def _loss(model: nn.Module, inputs: Sequence[Any]) -> torch.Tensor | None:
+    """A seeded random projection of ``model``'s outputs (train mode), or ``None`` when no output has a gradient."""
     model.train(True)
     torch.manual_seed(_SEED)
     fresh = pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tuple(inputs))
+    outs = [t for t in _outputs(model(*fresh)) if t.requires_grad]
+    if not outs:
+        return None
+    gen = torch.Generator().manual_seed(_SEED)
+    loss = sum((t.double() * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)).sum()
+               for t in outs if torch.isfinite(t).all())
+    return loss if isinstance(loss, torch.Tensor) and loss.requires_grad else None
+
+
+def _gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[str]) -> list[torch.Tensor | None] | None:
+    """Gradients of a seeded random projection of ``model``'s outputs w.r.t. its parameters ``names``;
+    ``None`` when its outputs do not depend on any of them."""
     with torch.enable_grad():
-        outs = [t for t in _outputs(model(*fresh)) if t.requires_grad]
-        if not outs:
-            return None
-        gen = torch.Generator().manual_seed(_SEED)
-        loss = sum((t.double() * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)).sum()
-                   for t in outs if torch.isfinite(t).all())
-        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        loss = _loss(model, inputs)
+        if loss is None:
             return None
         params = dict(model.named_parameters())
         wanted = [params[n] for n in names]
@@ -60,9 +67,42 @@ def _gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[str]) ->
     return list(grads)
 
 
+def _stream_gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[str],
+                      consume: Callable[[str, torch.Tensor], None]) -> None:
+    """``consume(name, gradient)`` for each parameter ``names`` as the backward reaches it, each gradient freed
+    right after: only one parameter's gradient is held at a time, not a whole copy of the model's size.
+    Parameters the outputs do not depend on are never consumed. The parameters' ``.grad`` are restored."""
+    params = dict(model.named_parameters())
+    wanted = [params[n] for n in names]
+    saved = [p.grad for p in wanted]
+    handles = []
+    for name, p in zip(names, wanted):
+        p.grad = None
+
+        def hook(param: torch.Tensor, name: str = name) -> None:
+            if param.grad is not None:
+                consume(name, param.grad)
+            param.grad = None
+
+        handles.append(p.register_post_accumulate_grad_hook(hook))
+    try:
+        with torch.enable_grad():
+            loss = _loss(model, inputs)
+            if loss is not None:
+                torch.autograd.backward(loss, inputs=wanted)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in zip(wanted, saved):
+            p.grad = grad
+
+
 def gradient_mismatch(original: nn.Module, checked: nn.Module, inputs: Sequence[Any]) -> str:
     """What differs between the two models' parameter gradients on ``inputs`` (empty when they agree or
-    there is nothing to compare). The caller restores buffers, modes and the RNG state."""
+    there is nothing to compare). The caller restores buffers, modes and the RNG state.
+
+    The original's gradients are held (one model's size); ``checked``'s are compared one parameter at a
+    time as its backward produces them (:func:`_stream_gradients`), each expected gradient freed once compared."""
     theirs = dict(checked.named_parameters())
     names = [n for n, p in original.named_parameters() if p.requires_grad and n in theirs
              and theirs[n].requires_grad and theirs[n].shape == p.shape]
@@ -74,25 +114,31 @@ def gradient_mismatch(original: nn.Module, checked: nn.Module, inputs: Sequence[
         return ""
     if expected is None:
         return ""
-    try:
-        got = _gradients(checked, inputs, names)
-    except Exception as exc:  # noqa: BLE001 - reported as the mismatch
-        return f"its backward fails where the model's runs: {type(exc).__name__}: {exc}"
-    got = got if got is not None else [None] * len(names)
     scale = max((g.abs().max().item() for g in expected if g is not None and g.numel()), default=0.0)
     if scale == 0.0 or not torch.isfinite(torch.tensor(scale)):
         return ""
-    lost, off = [], []
-    for name, a, b in zip(names, expected, got):
-        if a is None or not a.numel() or not bool(a.ne(0).any()) or not torch.isfinite(a).all():
-            continue
-        if b is None or not bool(b.ne(0).any()):
-            lost.append(name)
-            continue
+    index = {n: i for i, n in enumerate(names)}
+    must = {n for n, a in zip(names, expected)  # a gradient in the original: one is due in the checked model
+            if a is not None and a.numel() and bool(a.ne(0).any()) and bool(torch.isfinite(a).all())}
+    got_some: set[str] = set()
+    off: list[tuple[float, str]] = []
+
+    def compare(name: str, b: torch.Tensor | None) -> None:
+        a = expected[index[name]]
+        expected[index[name]] = None
+        if name not in must or a is None or b is None or not bool(b.ne(0).any()):
+            return
+        got_some.add(name)
         ref = max(a.abs().max().item(), GRAD_RTOL * scale)
         err = (a.double() - b.double()).abs().max().item() / ref
         if not err <= GRAD_RTOL:
             off.append((err, name))
+
+    try:
+        _stream_gradients(checked, inputs, [n for n in names if n in must], compare)
+    except Exception as exc:  # noqa: BLE001 - reported as the mismatch
+        return f"its backward fails where the model's runs: {type(exc).__name__}: {exc}"
+    lost = [n for n in names if n in must and n not in got_some]
     if lost:
         more = f" (and {len(lost) - 5} more)" if len(lost) > 5 else ""
         return (f"parameters {lost[:5]}{more} get a gradient in the model but none in the instrumented model (a "

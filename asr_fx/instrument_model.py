@@ -20,14 +20,15 @@ from asr_fx._util import copy_of
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
-from asr_fx.equivalence import check_instrumented
+from asr_fx.equivalence import check_instrumented, random_probe
 from asr_fx.errors import InvalidOptionError, TraceError
+from asr_fx.input_shapes import default_input_shape
 from asr_fx.leaf_spec import record_leaves
 from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, trace
 from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
 from asr_fx.passes.forms.convert_existing import existing_attention_sites
-from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE, BlockFactory, SiteBlocks
+from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE, BlockFactory, InstrumentOptions, SiteBlocks
 from asr_fx.passes.placement.select import SiteSelector, select_sites
 
 
@@ -56,6 +57,19 @@ def find_sites(
 
 
 @dataclass(frozen=True)
+class BlockOptions:
+    """What one ``instrument`` call asks of every block, before presets are applied."""
+
+    attention: str | Callable[..., nn.Module]
+    delta: int
+    activation: str
+    psi_init: PsiInit
+    learnable_psi: bool
+    attention_kwargs: dict[str, Any]
+    preset: str | None
+
+
+@dataclass(frozen=True)
 class BlockSettings:
     """The settings every block of one ``instrument`` call gets, after presets are applied."""
 
@@ -64,11 +78,11 @@ class BlockSettings:
     preset: str | None
 
 
-def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSettings:
+def block_settings(options: BlockOptions, sites: Sequence[Site]) -> BlockSettings:
     """``activation``/``psi_init``/``preset`` after the preset; with no preset and only ``transformer``-rule
     sites, the paper's ViT setting (the ``transformer`` preset) unless activation/psi_init were set."""
-    preset = options["preset"]
-    activation, psi_init, _ = resolve_preset(preset, options["activation"], options["psi_init"])
+    preset = options.preset
+    activation, psi_init, _ = resolve_preset(preset, options.activation, options.psi_init)
     if preset is None and sites and all(s.rule == "transformer" for s in sites) and \
             (activation, psi_init) == ("sigmoid", 0.1):
         preset = "transformer"
@@ -76,7 +90,7 @@ def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSetti
     return BlockSettings(activation, psi_init, preset)
 
 
-def site_blocks(options: dict[str, Any]) -> BlockFactory:
+def site_blocks(options: BlockOptions) -> BlockFactory:
     """The ``blocks`` option of :data:`INSTRUMENT_PIPELINE`: once the sites are chosen, each site's block
     from the registry (:func:`make_site_block`) with the settings after presets (:func:`block_settings`)."""
 
@@ -84,10 +98,10 @@ def site_blocks(options: dict[str, Any]) -> BlockFactory:
         settings = block_settings(options, sites)
 
         def make_block(site: Site) -> nn.Module:
-            return make_site_block(site.channels, site.channel_pos, options["attention"], delta=options["delta"],
+            return make_site_block(site.channels, site.channel_pos, options.attention, delta=options.delta,
                                    activation=settings.activation, psi_init=settings.psi_init,
-                                   learnable_psi=options["learnable_psi"],
-                                   attention_kwargs=options["attention_kwargs"], preset=settings.preset)
+                                   learnable_psi=options.learnable_psi, attention_kwargs=options.attention_kwargs,
+                                   preset=settings.preset)
 
         psi_init = settings.psi_init
         return SiteBlocks(make_block, psi_init if isinstance(psi_init, (int, float)) else 0.1)
@@ -150,11 +164,18 @@ def instrument(
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
 
-    When the whole forward does not trace (detector post-processing, a YOLO head, shape checks torch.fx
-    cannot follow), the largest capturable children are instrumented in place and the model's own class
-    is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
+    When the whole forward does not trace without ``example_inputs`` and the model documents its input size
+    (timm's ``pretrained_cfg["input_size"]``, a Hugging Face config's ``image_size`` and ``num_channels``), it
+    is captured shape-aware on a random input of that size. When the whole forward does not trace (detector
+    post-processing, a YOLO head, shape checks torch.fx cannot follow), the largest capturable children are
+    instrumented in place and the model's own class is returned with those parts replaced
+    (:mod:`asr_fx.partial_capture`).
     """
-    options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
+    arguments = dict(attention=attention, rule=rule, sites=sites, exclude=exclude, delta=delta, activation=activation,
+                     psi_init=psi_init, learnable_psi=learnable_psi, attention_kwargs=attention_kwargs,
+                     example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
+                     convert_existing=convert_existing, bn_affine_form=bn_affine_form,
+                     check=check)  # this call's arguments, for instrument_parts and the documented-input retry
     if bn_affine_form is None:
         bn_affine_form = delta == 1
     if bn_affine_form and delta != 1:
@@ -164,20 +185,21 @@ def instrument(
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
     example_inputs = as_input_tuple(example_inputs)
-    pipeline_options = dict(model_name=type(model).__name__, attention=attention, rule=rule, sites=sites,
-                            exclude=exclude, delta=delta, activation=activation, psi_init=psi_init,
-                            learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
-                            example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
-                            convert_existing=convert_existing, bn_affine_form=bn_affine_form)
-    pipeline_options["blocks"] = site_blocks(pipeline_options)
+    kwargs = dict(attention_kwargs or {})  # the built widths are added below, so a checkpoint rebuilds them
+    block_options = BlockOptions(attention, delta, activation, psi_init, learnable_psi, kwargs, preset)
+    options = InstrumentOptions(type(model).__name__, site_blocks(block_options), rule=rule, sites=sites,
+                                exclude=exclude, learnable_psi=learnable_psi, convert_existing=convert_existing,
+                                bn_affine_form=bn_affine_form, example_inputs=example_inputs, leaf_modules=leaf_modules)
     try:
-        gm, records = INSTRUMENT_PIPELINE.run(copy_of(model), **pipeline_options)
+        gm, records = INSTRUMENT_PIPELINE.run(copy_of(model), options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
-        return instrument_parts(model, exc, instrument, options)
+        documented = _documented_inputs(model) if example_inputs is None else None
+        if documented is not None:  # shape-aware capture on the input the model's own config documents
+            return instrument(model, **{**arguments, "example_inputs": documented})
+        return instrument_parts(model, exc, instrument, arguments)
     chosen = [r for r in records if isinstance(r, Site)]
-    kwargs = pipeline_options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
     kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
-    settings = block_settings(pipeline_options, chosen)
+    settings = block_settings(block_options, chosen)
     config = ASRConfig(
         attention=attention_name(attention),
         attention_kwargs=kwargs,
@@ -201,6 +223,16 @@ def instrument(
     if check and not convert_existing:  # converted existing attention changes the function on purpose
         check_instrumented(model, gm, example_inputs)
     return gm
+
+
+def _documented_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """A random input of the size the model documents (timm's ``pretrained_cfg``, a Hugging Face config's
+    ``image_size``/``num_channels``, ...: :func:`asr_fx.input_shapes.default_input_shape`), batch 2."""
+    shape = default_input_shape(model, batch=2)
+    ref = next(iter(model.parameters()), None)
+    if not shape or ref is None or not ref.is_floating_point() or ref.is_meta:
+        return None
+    return (random_probe(shape, ref),)
 
 
 def attention_name(attention: Any) -> Any:

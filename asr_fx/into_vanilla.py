@@ -293,8 +293,8 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
         part_shapes = (config.part_input_shapes or {}).get(path) if config is not None else None
         part_source = source.get_submodule(path)
         ref = next(iter(part_source.parameters()), None)
-        probe = tuple(equivalence.random_probe(s, ref) for s in part_shapes) if part_shapes and ref is not None \
-            else None
+        probe = tuple(equivalence.random_probe(s, ref) if s is not None else None for s in part_shapes) \
+            if part_shapes and ref is not None else None
         try:  # traced on the part's recorded input shapes, as instrument captured it
             part = model_state_dict(fused.get_submodule(path), target, part_source,
                                     leaf_modules=leaf_modules, example_inputs=probe)

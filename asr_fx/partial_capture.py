@@ -7,7 +7,9 @@ called with; then, walking the module tree from the top, every child that is cal
 (keyword arguments at their defaults) and that ``instrument`` accepts is instrumented as a whole and
 replaces the child in a copy of the model, **in place**: the model keeps its class and its own Python
 forward, its state_dict keys stay as they were (plus ``<part>.asr.*``). A child that does not trace
-(or whose check fails) is descended into; a child without sites is left alone.
+(or whose check fails) is descended into; a child without sites is left alone. A child called with
+floating-point tensors by keyword (a transformer block's ``mask=``) takes them as inputs too, the arguments
+between them at their default ``None``.
 
 ``fuse`` on such a model fuses every part in place (:func:`fuse_parts`).
 
@@ -31,6 +33,7 @@ from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.equivalence import check_fused, saved_state
 from asr_fx.errors import ASRError, InputShapeError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
+from asr_fx.passes.capture.way_out import way_out
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
@@ -58,23 +61,39 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
     return calls
 
 
-def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
-    """The call's inputs as positional tensors, when every other argument is at its default, else ``None``."""
+def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
+    """The call's inputs as positional arguments: its floating-point tensors, positionally or by keyword
+    (``block(x, mask=mask)``), with the arguments between them at a default of ``None``; every other argument
+    at its default. ``None`` when the call does not have that form."""
     try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    except TypeError:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
         return None
-    params = inspect.signature(module.forward).parameters
-    tensors: list[torch.Tensor] = []
-    for name, value in bound.arguments.items():
-        param = params[name]
-        if isinstance(value, torch.Tensor) and param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            if len(tensors) != list(params).index(name):
-                return None  # a tensor after a non-tensor argument: not positional tensors only
-            tensors.append(value)
+    params = list(signature.parameters.values())
+    given = [bound.arguments.get(p.name, p.default) for p in params]
+    tensor_at = [i for i, v in enumerate(given) if isinstance(v, torch.Tensor)]
+    if not tensor_at or tensor_at[0] != 0:
+        return None
+    inputs: list[Any] = []
+    for i, (param, value) in enumerate(zip(params, given)):
+        if i <= tensor_at[-1]:
+            if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+                return None
+            if isinstance(value, torch.Tensor):
+                if i and not value.is_floating_point():  # a probe for it would be random floats
+                    return None
+                inputs.append(value)
+            elif value is None and param.default is None:
+                inputs.append(None)
+            else:
+                return None
+        elif param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            if value not in ((), {}, param.default):
+                return None
         elif param.default is inspect.Parameter.empty or not _same(value, param.default):
             return None
-    return tuple(tensors) if tensors else None
+    return tuple(inputs)
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -136,15 +155,16 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     """
     example_inputs = options.get("example_inputs")
     if example_inputs is None:
-        raise TraceError(f"{error} Or pass example_inputs=(...) and asr-fx instruments the parts of the model "
-                         "it can capture, leaving the rest as the model's own Python.",
+        tried = way_out(model, error, options.get("leaf_modules"))
+        raise TraceError(f"{error}{_line(tried)}\nOr pass example_inputs=(...) and asr-fx instruments the parts "
+                         "of the model it can capture, leaving the rest as the model's own Python.",
                          module=error.module, module_class=error.module_class) from error
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     calls = record_calls(model, example_inputs)
     work = copy.deepcopy(model)
     parts: dict[str, ASRConfig] = {}
     refused: list[str] = []
-    shapes: dict[str, list[list[int]]] = {}
+    shapes: dict[str, list[list[int] | None]] = {}
 
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -162,20 +182,23 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 except NoSitesError:
                     continue
                 except ASRError as exc:
-                    refused.append(f"{child_path}: {str(exc).splitlines()[0][:200]}")
+                    refused.append(f"{child_path}: {shorten(str(exc).splitlines()[0], 300)}")
                 else:
                     _keep_attributes(part, child)
                     _set_submodule(work, child_path, part)
                     parts[child_path] = part_config(part)
-                    shapes[child_path] = [list(t.shape) for t in inputs]
+                    shapes[child_path] = [list(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs]
                     continue
             visit(child_path, child)
 
     visit("", model)
     if not parts:  # nothing captured alone either: the root's own error says what to do
-        detail = f"; refused: {refused[:3]}" if refused else ""
-        raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
-                         f"alone either{detail}.)", module=error.module, module_class=error.module_class) from error
+        tried = way_out(model, error, options.get("leaf_modules"), example_inputs)
+        detail = "".join(f"\n  - {r}" for r in refused[:5]) + (f"\n  ... and {len(refused) - 5} more"
+                                                               if len(refused) > 5 else "")
+        raise TraceError(f"{error}{_line(tried)}\nNo part of {type(model).__name__} takes an ASR site when "
+                         f"instrumented alone either" + (f"; refused parts:{detail}" if refused else "."),
+                         module=error.module, module_class=error.module_class) from error
     sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items()
              for s in cfg.sites or []]
     first = next(iter(parts.values()))
@@ -201,6 +224,18 @@ def part_paths(model: nn.Module) -> list[str]:
     return list(config.parts or []) if config is not None else []
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary to at most ``limit`` characters, with an ellipsis when cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    return cut + "…"
+
+
+def _line(sentence: str) -> str:
+    return f"\n{sentence}" if sentence else ""
+
+
 def is_partial(model: nn.Module) -> bool:
     """``model`` came from :func:`instrument_parts` (its instrumented parts are GraphModules inside it)."""
     config = asr_config(model)
@@ -222,7 +257,7 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         shapes = (config.part_input_shapes or {}).get(path)
         ref = next(iter(part.parameters()))
         probe = tuple(torch.randn(s, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
-                      for s in shapes) if shapes else None
+                      if s is not None else None for s in shapes) if shapes else None
         whole_check = options.get("check", True) and example_inputs is not None
         # with example_inputs the whole model is checked below: a per-part check would run each part again
         # (a detector's backbone at its transform's 800 px, once more per part)

@@ -4,8 +4,9 @@ The paper (Appendix B.1, Table 10, ResNet164 column): SGD with momentum 0.9, lea
 by 10 (gamma 0.1) at epochs 81 and 122, weight decay 1e-4, 164 epochs, batch size 128, with
 normalisation, random cropping and horizontal flipping; psi starts at 0.1 with a sigmoid (Appendix C),
 and psi and the attention network train with the same optimizer, weight decay and schedule as every
-other parameter. Those are this script's defaults; ``--batch-size`` is the global batch, split over
-the processes.
+other parameter. Those are this script's defaults with ``--data``; ``--batch-size`` is the global
+batch, split over the processes. Without ``--data`` (torchvision's FakeData) it is a smoke run unless
+told otherwise: ``--depth 20 --epochs 1 --max-steps 2``.
 
     # CPU, 2 processes (gloo), synthetic data (torchvision's FakeData), 2 steps, a small ResNet:
     torchrun --nproc_per_node 2 examples/train_cifar.py --depth 20 --max-steps 2 --out ckpt.pt
@@ -41,24 +42,33 @@ STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder holding CIFAR (torchvision layout); none: FakeData")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
-    p.add_argument("--depth", type=int, default=164, help="bottleneck ResNet depth 9n+2 (164: the paper's; 20 for a test)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="bottleneck ResNet depth 9n+2 (default 164, the paper's; 20 without --data)")
     p.add_argument("--attention", default="se", help="ASR's attention network (se, eca, srm, ie, spa, cbam)")
-    p.add_argument("--epochs", type=int, default=164)
+    p.add_argument("--epochs", type=int, default=None, help="default 164, the paper's (1 without --data)")
     p.add_argument("--milestones", type=int, nargs="*", default=[81, 122], help="epochs at which lr *= gamma")
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=128, help="global batch size, over all processes")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in all")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps in all (default: none; 2 without --data)")
     p.add_argument("--fake-size", type=int, default=512, help="FakeData images (train; test gets a quarter)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="asr_cifar.pt", help="checkpoint written by asr_fx.save after every epoch")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    smoke = args.data is None  # FakeData: a smoke run unless the sizes are given
+    args.depth = args.depth or (20 if smoke else 164)
+    args.epochs = args.epochs or (1 if smoke else 164)
+    if smoke and args.max_steps is None:
+        args.max_steps = 2
+    return args
 
 
 def datasets(args: argparse.Namespace) -> tuple[Dataset, Dataset, int]:

@@ -15,23 +15,30 @@ At the root: the pass contract and runner (:mod:`.infra`) and the two declared p
 """
 
 if __name__ == "passes":  # pragma: no cover - guards a mis-configured sys.path
-    raise ImportError("the graph passes are the subpackage 'asr_fx.passes': `import asr_fx.passes`, not `import passes`")
+    raise ImportError("the graph passes are the subpackage 'asr_fx.passes': `import asr_fx.passes`, "
+                      "not `import passes`")
 
-from .placement.attention_patterns import ChannelAttention, find_channel_attention
+from .capture.trace import ASRTracer, trace
 from .fold.cleanup import eliminate_dead_code
 from .fold.constant_fold import fold_constants
-from .forms.convert_existing import convert_existing_attention
 from .fold.fold import fold_scales
 from .fold.fold_conv_bn import fold_conv_bn
-from .infra import PassContext, PassResult, Pipeline
-from .forms.insert import insert_asr
-from .placement.locate import Site, find_residual_sites
-from .pipelines import FUSE_PIPELINE, fuse_pipeline
-from .placement.rules import (PLACEMENT_RULES, PlacementRule, find_auto_sites, find_branch_sites, find_norm_act_sites,
-                        find_transformer_sites)
 from .fold.propagate import propagate_scales
+from .forms.convert_existing import convert_existing_attention
+from .forms.insert import insert_asr
 from .graph.records import FoldRecord
-from .capture.trace import ASRTracer, trace
+from .infra import PassContext, PassResult, Pipeline
+from .pipelines import FUSE_PIPELINE, fuse_pipeline
+from .placement.attention_patterns import ChannelAttention, find_channel_attention
+from .placement.locate import Site, find_residual_sites
+from .placement.rules import (
+    PLACEMENT_RULES,
+    PlacementRule,
+    find_auto_sites,
+    find_branch_sites,
+    find_norm_act_sites,
+    find_transformer_sites,
+)
 
 __all__ = [
     "ASRTracer",

@@ -1,11 +1,13 @@
 """The two declared pipelines, side by side: :data:`INSTRUMENT_PIPELINE` (what :func:`asr_fx.instrument`
-runs) and :data:`FUSE_PIPELINE` (what :func:`asr_fx.fuse` runs).
+runs) and :data:`FUSE_PIPELINE` (what :func:`asr_fx.fuse` runs), each with its typed options
+(:class:`InstrumentOptions`, :class:`FuseOptions`, read by the steps as ``context.options``).
 
-Each step is ``(module, context) -> PassResult`` over the pass it names; the options of a run are in
-``context.options``. The instrument steps work on a copy of the model: trace, choose sites, insert
-blocks, apply the training forms. The first two fuse steps undo those training forms on the
-instrumented model (every GraphModule in it), the rest work on the inference graph traced from it.
-Equivalence: each pass keeps the eval-mode function (see its docstring); so does their sequence.
+Each step is ``(module, context) -> PassResult`` over the pass it names. The instrument steps work on a
+copy of the model: trace, choose sites, insert blocks, then apply the :data:`TRAINING_FORMS`. Each
+training form is declared once as a pair (:class:`TrainingForm`): ``apply`` runs last in instrument,
+``undo`` first in fuse (in reverse order), on the instrumented model (every GraphModule in it); the
+rest of fuse works on the inference graph traced from it. Equivalence: each pass keeps the eval-mode
+function (see its docstring); so does their sequence.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ from .fold.propagate import propagate_scales
 from .fold.scale_spellings import normalize_scale_spellings
 from .forms.bn_affine_training_form import from_bn_affine_form, to_bn_affine_form
 from .forms.convert_existing import convert_existing_attention, pooled_means
-from .forms.hoist_attention_values import hoist_attention_values, unhoist_attention_values
+from .forms.hoist_attention_values import (
+    hoist_attention_values,
+    unhoist_attention_values,
+)
 from .forms.insert import insert_asr
 from .graph.records import FoldRecord
-from .infra import PassContext, PassResult, Pipeline, graph_modules
+from .infra import Pass, PassContext, PassResult, Pipeline, graph_modules
 from .placement.attention_patterns import ChannelAttention, find_channel_attention
 from .placement.locate import Site
 from .placement.rules import PLACEMENT_RULES, placement_rule
-from .placement.select import select_sites
+from .placement.select import SiteSelector, select_sites
 
 
 @dataclass(frozen=True)
@@ -55,30 +60,62 @@ BlockFactory = Callable[[Sequence[Site]], SiteBlocks]
 
 
 @dataclass(frozen=True)
+class InstrumentOptions:
+    """The options of one :data:`INSTRUMENT_PIPELINE` run. ``model_name`` names the model in messages;
+    ``rule``/``sites``/``exclude`` choose the sites; ``blocks`` makes their blocks (the attention registry
+    lives above ``passes/``, so ``instrument`` passes it in); ``convert_existing`` also converts the model's
+    own channel attention; ``bn_affine_form`` applies the BN-affine training form; ``example_inputs`` and
+    ``leaf_modules`` go to tracing."""
+
+    model_name: str
+    blocks: BlockFactory
+    rule: str = "auto"
+    sites: SiteSelector = None
+    exclude: SiteSelector = None
+    learnable_psi: bool = True
+    convert_existing: bool = False
+    bn_affine_form: bool = True
+    example_inputs: tuple[Any, ...] | None = None
+    leaf_modules: Any = None
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    """The options of one :data:`FUSE_PIPELINE` run: ``fold_bn`` folds eval BatchNorms into the convs
+    before them; ``example_inputs`` (recorded shapes, shape-aware tracing) and ``leaf_modules`` go to tracing."""
+
+    fold_bn: bool = False
+    example_inputs: tuple[Any, ...] | None = None
+    leaf_modules: Any = None
+
+
+@dataclass(frozen=True)
 class PooledMeans:
     """The batch mean of each existing attention's pooled value on ``example_inputs`` (psi's start)."""
 
     values: dict[str, torch.Tensor]
 
 
+# --- the instrument steps ------------------------------------------------------------------------------
+
 def trace_model(module: nn.Module, context: PassContext) -> PassResult:
     """Trace the (copied) model with asr-fx's leaf rules (:func:`~.capture.trace.trace`)."""
-    return PassResult(trace(module, context.options["leaf_modules"], example_inputs=context.options["example_inputs"]),
-                      True)
+    o: InstrumentOptions = context.options
+    return PassResult(trace(module, o.leaf_modules, example_inputs=o.example_inputs))
 
 
 def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Report pass: the sites (``sites=``/``rule=``, less ``exclude=``) and, with ``convert_existing``, the
     model's own channel attention. Refuses no site at all, and sites that could not fold after training."""
-    o = context.options
-    chosen = select_sites(gm, o["rule"], o["sites"], o["exclude"])
-    existing = find_channel_attention(gm) if o["convert_existing"] else []
+    o: InstrumentOptions = context.options
+    chosen = select_sites(gm, o.rule, o.sites, o.exclude)
+    existing = find_channel_attention(gm) if o.convert_existing else []
     if not chosen and not existing:
-        found = placement_rule(o["rule"])
-        looked = (found.looks_for if found else "the sites named by sites=") if o["sites"] is None else \
+        found = placement_rule(o.rule)
+        looked = (found.looks_for if found else "the sites named by sites=") if o.sites is None else \
             "the sites named by sites=, less exclude="
         raise NoSitesError(
-            f"no ASR site found in {o['model_name']} with rule={o['rule']!r}: looked for {looked}. "
+            f"no ASR site found in {o.model_name} with rule={o.rule!r}: looked for {looked}. "
             f"Pass sites=[module names] or another rule (one of {sorted(PLACEMENT_RULES)})."
         )
     unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
@@ -86,50 +123,78 @@ def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
         raise UnfoldableSiteError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
                                   + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable)
                                      else ""), sites=unfoldable)
-    return PassResult(gm, False, (*chosen, *existing))
+    return PassResult(gm, (*chosen, *existing))
 
 
 def measure_existing_attention(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """With ``example_inputs``: the pooled means that start each converted attention's psi (:func:`pooled_means`)."""
-    existing, inputs = context.records_of(ChannelAttention), context.options["example_inputs"]
+    existing, inputs = context.records_of(ChannelAttention), context.options.example_inputs
     if not existing or inputs is None:
-        return PassResult(gm, False)
-    return PassResult(gm, False, (PooledMeans(pooled_means(gm, existing, inputs)),))
+        return PassResult(gm)
+    return PassResult(gm, (PooledMeans(pooled_means(gm, existing, inputs)),))
 
 
 def insert_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """One ASR block (or ``delta`` of them) after each chosen site (:func:`~.forms.insert.insert_asr`)."""
     sites = context.records_of(Site)
-    blocks: BlockFactory = context.options["blocks"]
-    return PassResult(insert_asr(gm, sites, blocks(sites).make), bool(sites))
+    return PassResult(insert_asr(gm, sites, context.options.blocks(sites).make))
 
 
 def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """With ``convert_existing``: each channel attention becomes an ASR block (:func:`convert_existing_attention`)."""
-    o = context.options
+    o: InstrumentOptions = context.options
     if not context.records_of(ChannelAttention):
-        return PassResult(gm, False)
-    blocks: BlockFactory = o["blocks"]
+        return PassResult(gm)
     means = context.records_of(PooledMeans)
     existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
-    keys = convert_existing_attention(gm, existing, psi_init=blocks(context.records_of(Site)).existing_psi_init,
-                                      psi_values=means[0].values if means else None, learnable_psi=o["learnable_psi"])
-    return PassResult(gm, bool(keys))
+    convert_existing_attention(gm, existing, psi_init=o.blocks(context.records_of(Site)).existing_psi_init,
+                               psi_values=means[0].values if means else None, learnable_psi=o.learnable_psi)
+    return PassResult(gm)
 
+
+# --- the training forms, each applied by instrument and undone by fuse ---------------------------------
 
 def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """With ``bn_affine_form``: blocks right after an affine BatchNorm take the BN-affine training form."""
-    return to_bn_affine_form(gm) if context.options["bn_affine_form"] else PassResult(gm, False)
+    return to_bn_affine_form(gm) if context.options.bn_affine_form else PassResult(gm)
+
+
+def leave_bn_affine_form(module: nn.Module, context: PassContext) -> PassResult:
+    """BN-affine blocks go back to ``bn(x)`` with ``v`` in BN's affine (:func:`from_bn_affine_form`)."""
+    return PassResult(module, tuple(r for gm in graph_modules(module) for r in from_bn_affine_form(gm).records))
 
 
 def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Every block's ``v`` is computed at the top of the graph (:func:`hoist_attention_values`)."""
-    return PassResult(gm, hoist_attention_values(gm) > 0)
+    hoist_attention_values(gm)
+    return PassResult(gm)
 
 
-#: what :func:`asr_fx.instrument` runs, in order, on a copy of the model. Options: ``model_name``,
-#: ``rule``, ``sites``, ``exclude``, ``convert_existing``, ``learnable_psi``, ``bn_affine_form``,
-#: ``example_inputs``, ``leaf_modules`` and ``blocks`` (a :data:`BlockFactory`).
+def unhoist_values(module: nn.Module, context: PassContext) -> PassResult:
+    """Every ASR block computes its ``v`` at its site again (:func:`unhoist_attention_values`)."""
+    for gm in graph_modules(module):
+        unhoist_attention_values(gm)
+    return PassResult(module)
+
+
+@dataclass(frozen=True)
+class TrainingForm:
+    """A rewrite that keeps the function but makes training cheaper: ``apply`` is instrument's last step
+    (or one of them), ``undo`` takes it out again at the start of fuse, before the model is traced for
+    inference, so that fuse sees the ordinary ``x * v`` blocks."""
+
+    name: str
+    apply: Pass
+    undo: Pass
+
+
+#: the training forms, in the order instrument applies them (fuse undoes them in reverse)
+TRAINING_FORMS = (
+    TrainingForm("bn_affine", into_bn_affine_form, leave_bn_affine_form),
+    TrainingForm("hoisted_values", hoist_values, unhoist_values),
+)
+
+#: what :func:`asr_fx.instrument` runs, in order, on a copy of the model (:class:`InstrumentOptions`)
 INSTRUMENT_PIPELINE = Pipeline("instrument", (
     trace_model,
     record_example_shapes,
@@ -137,48 +202,39 @@ INSTRUMENT_PIPELINE = Pipeline("instrument", (
     measure_existing_attention,
     insert_blocks,
     convert_existing_blocks,
-    into_bn_affine_form,
-    hoist_values,
+    *(form.apply for form in TRAINING_FORMS),
 ))
 
 
-def unhoist_values(module: nn.Module, context: PassContext) -> PassResult:
-    """Every ASR block computes its ``v`` at its site again (:func:`unhoist_attention_values`)."""
-    return PassResult(module, sum(unhoist_attention_values(gm) for gm in graph_modules(module)) > 0)
-
-
-def leave_bn_affine_form(module: nn.Module, context: PassContext) -> PassResult:
-    """BN-affine blocks go back to ``bn(x)`` with ``v`` in BN's affine (:func:`from_bn_affine_form`)."""
-    records = tuple(r for gm in graph_modules(module) for r in from_bn_affine_form(gm).records)
-    return PassResult(module, bool(records), records)
-
+# --- the fuse steps ------------------------------------------------------------------------------------
 
 def trace_for_inference(module: nn.Module, context: PassContext) -> PassResult:
     """Trace with ASR blocks inlined and training flags as they are (the fused graph is for inference)."""
-    inputs = as_input_tuple(context.options.get("example_inputs"))  # shape-aware tracing (a model not instrumented)
-    return PassResult(trace(module, context.options.get("leaf_modules"), bind_training=False, example_inputs=inputs),
-                      True)
+    o: FuseOptions = context.options
+    inputs = as_input_tuple(o.example_inputs)  # shape-aware tracing (a model not instrumented)
+    return PassResult(trace(module, o.leaf_modules, bind_training=False, example_inputs=inputs))
 
 
 def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Each ``act(F(psi))`` (any parameter-only value that is multiplied in) becomes one buffer."""
-    return PassResult(fold_constants(gm), True)
+    return PassResult(fold_constants(gm))
 
 
 def spell_scales_as_muls(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """``x / c``, ``addcmul`` and ``einsum`` scales become multiplies (:func:`normalize_scale_spellings`)."""
-    return PassResult(gm, normalize_scale_spellings(gm))
+    normalize_scale_spellings(gm)
+    return PassResult(gm)
 
 
 def refuse_non_finite_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Refuse NaN/Inf constants before any fold (:func:`check_finite_constants`)."""
     check_finite_constants(gm)
-    return PassResult(gm, False)
+    return PassResult(gm)
 
 
 def drop_unused_nodes(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """The attention networks, now unused, leave the graph (:func:`drop_dead_nodes`)."""
-    return PassResult(drop_dead_nodes(gm), True)
+    return PassResult(drop_dead_nodes(gm))
 
 
 def fold_into_producers(gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -193,20 +249,19 @@ def push_into_next_layers(gm: fx.GraphModule, context: PassContext) -> PassResul
 
 def remove_dead_code(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Dead nodes, unused submodules, parameters and buffers go (:func:`eliminate_dead_code`)."""
-    return PassResult(eliminate_dead_code(gm), True)
+    return PassResult(eliminate_dead_code(gm))
 
 
 def fold_batch_norms(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """With ``fold_bn``: each eval BatchNorm after a conv folds into it (:func:`fold_conv_bn`), then cleanup."""
-    if not context.options.get("fold_bn"):
-        return PassResult(gm, False)
-    return PassResult(eliminate_dead_code(fold_conv_bn(gm)), True)
+    if not context.options.fold_bn:
+        return PassResult(gm)
+    return PassResult(eliminate_dead_code(fold_conv_bn(gm)))
 
 
-#: what :func:`asr_fx.fuse` runs, in order, on a private eval-mode copy of the model
+#: what :func:`asr_fx.fuse` runs, in order, on a private eval-mode copy of the model (:class:`FuseOptions`)
 FUSE_PIPELINE = Pipeline("fuse", (
-    unhoist_values,
-    leave_bn_affine_form,
+    *(form.undo for form in reversed(TRAINING_FORMS)),
     trace_for_inference,
     record_example_shapes,
     fold_constant_values,
@@ -220,9 +275,8 @@ FUSE_PIPELINE = Pipeline("fuse", (
 ))
 
 
-def fuse_pipeline(model: nn.Module, **options: Any) -> tuple[fx.GraphModule, list[FoldRecord]]:
+def fuse_pipeline(model: nn.Module, options: FuseOptions | None = None) -> tuple[fx.GraphModule, list[FoldRecord]]:
     """Run :data:`FUSE_PIPELINE` on ``model`` (an eval-mode copy; modified in place); returns the
-    fused GraphModule and every :class:`FoldRecord` the passes made, in order. Options: ``fold_bn``,
-    ``example_inputs``, ``leaf_modules``."""
-    gm, records = FUSE_PIPELINE.run(model, **options)
+    fused GraphModule and every :class:`FoldRecord` the passes made, in order."""
+    gm, records = FUSE_PIPELINE.run(model, options or FuseOptions())
     return gm, [r for r in records if isinstance(r, FoldRecord)]  # type: ignore[return-value]

@@ -1,4 +1,4 @@
-"""Issue 3: attention networks on psi (SE, ECA, SRM, IE, SPA, CBAM), the registry and the paper's options."""
+"""Attention networks on psi (SE, ECA, SRM, IE, SPA, CBAM), the registry and the paper's options."""
 
 from __future__ import annotations
 

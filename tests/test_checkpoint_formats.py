@@ -1,4 +1,4 @@
-"""Issue 6: every checkpoint format the CLI takes becomes a verified ONNX file; safe loading."""
+"""Every checkpoint format the CLI takes becomes a verified ONNX file; safe loading."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6: the asr-fx CLI as users expect: options, the report, clear errors, exit codes."""
+"""The asr-fx CLI as users expect: options, the report, clear errors, exit codes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input to ``asr-fx fuse`` (issue 14, item 9): one line on stderr, exit code 2, no file, no temp folder.
+"""Bad input to ``asr-fx fuse``: one line on stderr, exit code 2, no file, no temp folder.
 
 Each case runs the real command line (``cli.main`` in-process; the factories below are imported by the CLI
 as ``test_cli_bad_inputs:NAME``, pytest puts tests/ on sys.path). Dict inputs to ``export_onnx`` are

@@ -1,4 +1,4 @@
-"""Issue 2: checkpoints, the CLI round trip, atomic output and clear errors."""
+"""Checkpoints, the CLI round trip, atomic output and clear errors."""
 
 from __future__ import annotations
 

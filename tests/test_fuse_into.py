@@ -264,7 +264,7 @@ def test_timm_efficientnet_into():
 
 
 def test_timm_instrumented_in_train_mode_fuses_into_timm_s_own_eval_forward():
-    """timm's BatchNormAct2d traced in train mode keeps following train()/eval() (issue 13): the fused
+    """timm's BatchNormAct2d traced in train mode keeps following train()/eval(): the fused
     weights in timm's own class compute what the instrumented model computes in eval mode, which with
     every v at 1 is timm's own eval forward (checked against a copy of the vanilla weights)."""
     timm = pytest.importorskip("timm")

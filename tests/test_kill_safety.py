@@ -1,4 +1,4 @@
-"""``asr-fx fuse`` killed mid-run (issue 14, item 8): the old OUT survives, and the next complete run leaves nothing.
+"""``asr-fx fuse`` killed mid-run: the old OUT survives, and the next complete run leaves nothing.
 
 test_export_files.py covers the library (a SIGTERM during ``export_onnx``, a SIGKILLed temp folder removed
 by the next export); here the installed command is killed at its own progress markers (the stage lines),

@@ -30,3 +30,10 @@ def test_passes_folders_are_the_phases():
     assert folders == {"capture", "placement", "layers", "forms", "fold", "graph", "export"}
     root_modules = {p.stem for p in (ROOT / "passes").glob("*.py")}
     assert root_modules == {"__init__", "infra", "pipelines"}
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files without an ``__init__.py`` by their file name: two ``test_x.py`` in different
+    folders would clash (``import file mismatch``) when the whole suite runs."""
+    names = [p.name for p in (ROOT / "tests").rglob("*.py") if p.name != "conftest.py"]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

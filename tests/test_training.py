@@ -1,4 +1,4 @@
-"""Issue 7: the instrumented model is an ordinary nn.Module in real training.
+"""The instrumented model is an ordinary nn.Module in real training.
 
 DDP (2 gloo processes on CPU), torch.compile, autocast (bfloat16 on CPU), state_dict round trip,
 ``.to(torch.float64)``, train()/eval(), gradient checkpointing, ``asr_parameters`` as an optimizer

@@ -64,8 +64,8 @@ def functions_kept_opaque() -> Iterator[None]:
         except NotImplementedError:  # an argument a graph cannot hold (a callable): trace through
             return apply(cls, *args, **kwargs)
 
-    torch.autograd.Function.apply = classmethod(opaque_apply)  # type: ignore[assignment, method-assign]
+    torch.autograd.Function.apply = classmethod(opaque_apply)
     try:
         yield
     finally:
-        torch.autograd.Function.apply = original  # type: ignore[method-assign]
+        torch.autograd.Function.apply = original

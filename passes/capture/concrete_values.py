@@ -27,13 +27,15 @@ import contextlib
 import copy
 import inspect
 import operator
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.proxy import Attribute, Proxy, TraceError as FxTraceError
+from torch.fx.proxy import Attribute, Proxy
+from torch.fx.proxy import TraceError as FxTraceError
 from torch.utils import _pytree as pytree
 
 from .inplace_proxy import InplaceProxy
@@ -45,7 +47,8 @@ _META_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "la
                               "is_quantized", "is_meta", "is_floating_point", "is_complex"})
 _META_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "is_floating_point", "is_complex",
                            "get_device", "is_contiguous", "stride", "element_size"})
-_META_FUNCTIONS = frozenset({torch.numel, torch.is_floating_point, torch.is_complex, torch.is_tensor})
+_META_FUNCTIONS: frozenset[Any] = frozenset((torch.numel, torch.is_floating_point, torch.is_complex,
+                                             torch.is_tensor))
 #: operations whose result's *shape* depends on tensor data
 _DATA_SHAPED = frozenset({"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "nms",
                           "batched_nms", "bincount"})
@@ -70,7 +73,7 @@ def _map(value: Any, fn: Any) -> Any:
 
 def _proxies(value: Any) -> list[Any]:
     found: list[Any] = []
-    _map(value, lambda p: found.append(p) or p)
+    _map(value, lambda p: found.append(p) or p)  # type: ignore[func-returns-value]
     return found
 
 
@@ -132,7 +135,8 @@ class ConcreteValues:
         inputs = _proxies((args, kwargs))
         name = _name(target)
         reads_metadata = (target is sequence_length) or (kind == "call_method" and name in _META_METHODS) or \
-            (kind == "call_function" and (target in _META_FUNCTIONS or (target is getattr and args[1] in _META_ATTRIBUTES)))
+            (kind == "call_function"
+             and (target in _META_FUNCTIONS or (target is getattr and args[1] in _META_ATTRIBUTES)))
         shaped = any(self.shape_from_data(p) for p in inputs)
         if tensor_like(value):
             if shaped or name in _DATA_SHAPED or self._data_shaped_call(name, args) or \
@@ -144,6 +148,13 @@ class ConcreteValues:
                 self.data_dependent.add(node)
         elif any(self.from_data(p) for p in inputs):
             self.data_dependent.add(node)
+
+    def forget_with(self, proxy: Any) -> None:
+        """Drop the value of ``proxy``'s node when the proxy is garbage: only a live proxy (or one made from
+        it) can ask for it, so the example's activations are freed as the traced forward drops them, as in
+        a plain forward, instead of all being held until the trace ends."""
+        if proxy.node in self.values and tensor_like(self.values[proxy.node]):
+            weakref.finalize(proxy, self.values.pop, proxy.node, None)
 
     def shape_from_data(self, proxy: Any) -> bool:
         if isinstance(proxy, Attribute):
@@ -242,8 +253,9 @@ def _restore_attributes(module: nn.Module, saved: dict[str, Any]) -> None:
         current = own.get(key, _MISSING)
         if isinstance(value, _CONTAINERS) and type(current) is type(value):
             if not _same_items(current, value):  # a container filled in place: same object, old items
-                current.clear()
-                current.update(value) if isinstance(value, (dict, set)) else current.extend(value)
+                container: Any = current
+                container.clear()
+                container.update(value) if isinstance(value, (dict, set)) else container.extend(value)
         elif current is not value:
             own[key] = value
 
@@ -307,6 +319,42 @@ def guard_message(node: fx.Node, value: Any) -> str:
             "like these inputs")
 
 
-def refuse(what: str) -> FxTraceError:
-    return FxTraceError(f"symbolically traced variables cannot be used as inputs to control flow ({what} depends "
-                        "on tensor values, not only on shapes and dtypes)")
+def refuse(what: str, reason: str = "values") -> FxTraceError:
+    """torch.fx's refusal of Python control flow on a traced value, saying why: ``"values"`` (it depends on
+    tensor values), ``"shapes"`` (only on shapes and dtypes, unknown without example inputs) or ``"unknown"``
+    (its value could not be computed on the example inputs)."""
+    why = {
+        "values": f"{what} depends on tensor values, not only on shapes and dtypes",
+        "shapes": f"{what} depends on input shapes or dtypes only, which tracing without example_inputs does not "
+                  "know: pass example_inputs=(...) and asr-fx captures it shape-aware, guarded in the graph",
+        "unknown": f"{what} could not be computed on the example_inputs: an operation before it did not run "
+                   "on them",
+    }[reason]
+    return FxTraceError(f"symbolically traced variables cannot be used as inputs to control flow ({why})")
+
+
+_SHAPE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                               operator.truediv, operator.mod, operator.pow, operator.neg, operator.eq, operator.ne,
+                               operator.lt, operator.le, operator.gt, operator.ge, operator.not_, operator.and_,
+                               operator.or_, getattr, sequence_length})
+
+
+def metadata_only(value: Any) -> bool:
+    """Whether a traced value is computed from tensors' metadata only (``x.shape[-1] % 8``, ``x.dim() == 4``),
+    judged from the graph alone (no example values)."""
+    if isinstance(value, Attribute):
+        return value.attr in _META_ATTRIBUTES or metadata_only(value.root) and not isinstance(value.root, Proxy)
+    if not isinstance(value, Proxy):
+        return not isinstance(value, torch.Tensor)
+    return _node_metadata_only(value.node)
+
+
+def _node_metadata_only(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _META_METHODS:
+        return True
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in _META_ATTRIBUTES or _node_metadata_only(node.args[0])  # type: ignore[arg-type]
+    if node.op == "call_function" and (node.target in _SHAPE_ARITHMETIC or node.target in _META_FUNCTIONS):
+        inputs = node.all_input_nodes
+        return bool(inputs) and all(_node_metadata_only(n) for n in inputs)
+    return False

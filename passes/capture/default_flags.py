@@ -5,25 +5,28 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 #: defaults of these types are option flags (``return_dict=None``, ``*, features_only=False``), not inputs
 _FLAG_TYPES = (type(None), bool, int, float, str)
 
 
-def default_flags(model: nn.Module) -> dict[str, Any]:
+def default_flags(model: nn.Module, example_inputs: tuple[Any, ...] | None = None) -> dict[str, Any]:
     """Arguments of ``model.forward`` after the first that default to a flag value (None/bool/number/str):
     the captured graph computes ``forward(input)`` with them at their defaults (a call that passes another
     value fails on an assertion torch.fx puts in the graph, never computes something else). ``use_cache=None``
     (transformers' decoders: "as the config says") is taken as ``False``: the captured model returns no
-    key/value cache (an object, not a tensor), and a call asking for one fails on that assertion."""
+    key/value cache (an object, not a tensor), and a call asking for one fails on that assertion. An argument
+    that ``example_inputs`` gives a tensor (``mask=None`` given a mask) is an input, not a flag."""
     try:
         params = list(inspect.signature(inspect.unwrap(type(model).forward)).parameters.values())[1:]
     except (TypeError, ValueError):
         return {}
+    given = {p.name for p, value in zip(params, example_inputs or ()) if isinstance(value, torch.Tensor)}
     flags = {}
     for i, p in enumerate(params):
-        if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+        if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty or p.name in given:
             continue
         if isinstance(p.default, _FLAG_TYPES):
             flags[p.name] = p.default

@@ -111,7 +111,7 @@ _FUNCTIONS: dict[Callable[..., Any], tuple[dict[str, tuple[int, str]], Callable[
 }
 
 
-def _plain_twin(base: type, module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+def _plain_twin(base: Any, module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
     """A ``base`` instance with ``module``'s configuration, tensors and the given children."""
     twin = base.__new__(base)
     nn.Module.__init__(twin)
@@ -127,7 +127,7 @@ def _plain_twin(base: type, module: nn.Module, children: dict[str, nn.Module]) -
     return twin
 
 
-def _is_composite(module: nn.Module, base: type) -> bool:
+def _is_composite(module: nn.Module, base: Any) -> bool:
     return type(module).forward is not base.forward
 
 

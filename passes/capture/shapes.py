@@ -88,7 +88,7 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
     Refuses inputs the captured model does not run on with :class:`~asr_fx.errors.InputShapeError` naming their
     shapes and the graph node that failed.
     """
-    inputs = as_input_tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs) or ()
     try:
         with preserved_training_modes(gm), torch.no_grad():
             # on copies: an in-place op on a model input must not write into the caller's tensors
@@ -110,8 +110,8 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
 
 
 def record_example_shapes(module: fx.GraphModule, context: PassContext) -> PassResult:
-    """Record node shapes from ``example_inputs`` when given (:func:`record_shapes`)."""
-    example_inputs = context.options.get("example_inputs")
+    """Record node shapes from the options' ``example_inputs`` when given (:func:`record_shapes`)."""
+    example_inputs = context.options.example_inputs
     if example_inputs is None:
-        return PassResult(module, False)
-    return PassResult(record_shapes(module, example_inputs), False)
+        return PassResult(module)
+    return PassResult(record_shapes(module, example_inputs))

@@ -14,8 +14,6 @@ import contextlib
 import inspect
 import math
 import operator
-import os
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -27,21 +25,29 @@ from torch import nn
 from asr_fx.errors import InvalidOptionError, TraceError
 
 from .autograd_functions import functions_kept_opaque
-from .concrete_values import (ConcreteProxy, ConcreteValues, guard_message, refuse, sequence_length, state_kept,
-                              tensor_like)
+from .concrete_values import (
+    MISSING,
+    ConcreteProxy,
+    ConcreteValues,
+    guard_message,
+    metadata_only,
+    refuse,
+    sequence_length,
+    state_kept,
+    tensor_like,
+)
 from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
-from .opaque_libraries import is_opaque_library_layer, opaque_function_modules
+from .opaque_libraries import is_opaque_library_layer, mode_functions, opaque_function_modules
 from .plain_layers import plain_layers
+from .trace_errors import trace_error
 from .traced_indexing import dtype_info_traced, indexing_traced
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
 
 LeafSpec = Iterable["str | type[nn.Module]"] | Callable[[nn.Module, str], bool] | None
 
 #: the torch package's own directory, with a trailing separator: ``.../torchvision`` is not torch
-_TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")
-_THIS_DIR = os.path.join(os.path.dirname(__file__), "")
 #: how many modules a trace may keep as leaves because their forward branches on ``self.training``
 _MAX_MODE_LEAVES = 64
 #: GraphModule meta key: paths of modules kept as calls (they branch on ``self.training``) that are the
@@ -67,7 +73,7 @@ class ASRTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: LeafSpec = None, inline: tuple[type, ...] = (),
                  example_inputs: tuple[Any, ...] | None = None) -> None:
-        super().__init__(autowrap_modules=(math, *opaque_function_modules()),  # einops' functions stay calls
+        super().__init__(autowrap_modules=(math, *opaque_function_modules()),  # type: ignore[arg-type] # einops: calls
                          autowrap_functions=(sequence_length,))  # a retraced length guard stays a call
         self._example_inputs = example_inputs
         self.concrete: ConcreteValues | None = None
@@ -77,7 +83,7 @@ class ASRTracer(fx.Tracer):
         if callable(leaf_modules) and not isinstance(leaf_modules, type):
             self._leaf_predicate = leaf_modules
         elif leaf_modules is not None:
-            for item in leaf_modules:
+            for item in leaf_modules:  # type: ignore[union-attr]
                 if isinstance(item, str):
                     self._leaf_names.add(item)
                 elif isinstance(item, type):
@@ -171,7 +177,8 @@ class ASRTracer(fx.Tracer):
         if not isinstance(root, nn.Module):
             return super().trace(root, concrete_args)
         shape_aware = self._example_inputs is not None
-        self.concrete = ConcreteValues(root, self._example_inputs) if shape_aware else None
+        self._autowrap_function_ids |= {id(fn) for fn in mode_functions(root)}  # drop_connect(x, training=...)
+        self.concrete = ConcreteValues(root, self._example_inputs) if self._example_inputs is not None else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
             with state_kept(root), functions_kept_opaque(), indexing_traced(), \
                     (recorded_factories(self) if shape_aware else contextlib.nullcontext()), \
@@ -190,15 +197,16 @@ class ASRTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.concrete is not None:
             self.concrete.record(proxy.node, kind, target, args, kwargs)
+            self.concrete.forget_with(proxy)
         return proxy
 
     def _known(self, obj: Any, what: str) -> Any:
         if self.concrete is None:
-            raise refuse(what)
+            raise refuse(what, "shapes" if what == "iteration" or metadata_only(obj) else "values")
         if self.concrete.from_data(obj):
             value = self.concrete.value(obj)
             if not (what == "iteration" and tensor_like(value) and not self.concrete.shape_from_data(obj)):
-                raise refuse(what)
+                raise refuse(what, "unknown" if value is MISSING else "values")
         return self.concrete.value(obj)
 
     def _guard(self, condition: Any, node_value: tuple[Any, Any]) -> None:
@@ -228,7 +236,7 @@ class ASRTracer(fx.Tracer):
 
     def iter(self, obj: fx.Proxy) -> Any:
         """Iterating a sequence or tensor of data-independent length: its items, the length guarded."""
-        return iter([obj[i] for i in range(self.concrete_length(obj))])
+        return iter([obj[i] for i in range(self.concrete_length(obj))])  # type: ignore[index]
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self.concrete is not None and self.concrete.running:
@@ -239,15 +247,6 @@ class ASRTracer(fx.Tracer):
         return result
 
 
-def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    """The innermost traceback frame outside torch and asr-fx: the user's line."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
-        if not frame.filename.startswith((_TORCH_DIR, _THIS_DIR)):
-            return frame
-    return frames[-1] if frames else None
-
-
 def _combine_leaves(leaf_modules: LeafSpec, extra: set[str]) -> LeafSpec:
     if not extra:
         return leaf_modules
@@ -256,18 +255,18 @@ def _combine_leaves(leaf_modules: LeafSpec, extra: set[str]) -> LeafSpec:
     if callable(leaf_modules) and not isinstance(leaf_modules, type):
         predicate = leaf_modules
         return lambda m, name: name in extra or predicate(m, name)
-    return [*leaf_modules, *extra]
+    return [*leaf_modules, *extra]  # type: ignore[misc]
 
 
 def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ...],
                 concrete_args: dict[str, Any] | None,
                 example_inputs: tuple[Any, ...] | None = None) -> fx.GraphModule:
     tracer = ASRTracer(leaf_modules, inline, example_inputs)
-    flags = default_flags(model) if concrete_args is None else {}
+    flags = default_flags(model, example_inputs) if concrete_args is None else {}
     try:
         graph = tracer.trace(model, concrete_args=concrete_args if concrete_args is not None else flags or None)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise _trace_error(model, tracer, exc) from exc
+        raise trace_error(model, tracer, exc) from exc
     for node in graph.nodes:  # torch.fx names a specialized argument `flag_1`: callers pass it as `flag=`
         if node.op == "placeholder" and str(node.target).endswith("_1") and str(node.target)[:-2] in flags:
             node.target = node.name = str(node.target)[:-2]
@@ -278,21 +277,6 @@ def _trace_once(model: nn.Module, leaf_modules: LeafSpec, inline: tuple[type, ..
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     plain_layers(gm, model)
     return gm
-
-
-def _trace_error(model: nn.Module, tracer: ASRTracer, exc: BaseException) -> TraceError:
-    where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
-    module = model.get_submodule(where) if where else model
-    frame = _user_frame(exc)
-    line = f" at {frame.filename}:{frame.lineno} (`{(frame.line or '').strip()}`)" if frame else ""
-    label = f"`{where}` ({type(module).__name__})" if where else f"the model ({type(model).__name__})"
-    hint = (
-        f"pass leaf_modules=[{where!r}] (or its class {type(module).__name__}) to keep it as one opaque call"
-        if where
-        else "make forward traceable (no data-dependent Python control flow), or trace a submodule"
-    )
-    return TraceError(f"torch.fx could not trace {label}{line}: {type(exc).__name__}: {exc}. Way out: {hint}.",
-                      module=where or None, module_class=type(module).__name__)
 
 
 def _trace_in_mode(model: nn.Module, training: bool, *args: Any) -> fx.GraphModule:
@@ -332,6 +316,7 @@ def trace(
     Raises :class:`asr_fx.errors.TraceError` naming the module and the Python line where tracing
     failed (the library's own line, not torch's).
     """
+    gm: fx.GraphModule
     if not bind_training:
         gm = _trace_once(model, leaf_modules, inline, concrete_args, example_inputs)
     else:

@@ -74,7 +74,7 @@ def dtype_info_traced(tracer: Any) -> Iterator[None]:
             return info(*args)
         return call
 
-    torch.finfo, torch.iinfo = wrap(originals[0]), wrap(originals[1])  # type: ignore[misc, assignment]
+    torch.finfo, torch.iinfo = wrap(originals[0]), wrap(originals[1])  # type: ignore[misc]
     try:
         yield
     finally:

@@ -24,6 +24,7 @@ in is not changed.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -34,7 +35,7 @@ _ATTENTION = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_at
 
 
 def attention_4d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                 *args: object, **kwargs: object) -> torch.Tensor:
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` on rank-4 tensors, the result contiguous (see the module docstring)."""
     if query.dim() == 3 and key.dim() == 3 and value.dim() == 3:  # (batch * heads, tokens, dim): SAM's ViT
         mask = attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask

@@ -12,8 +12,8 @@ import torch.fx as fx
 
 from asr_fx.errors import UnsupportedModelError
 
-from .constant_fold import FOLDED_PREFIX
 from ..graph.graph_queries import fetch_attr, site_of
+from .constant_fold import FOLDED_PREFIX
 
 
 def require_finite(value: torch.Tensor, where: str) -> None:

@@ -20,11 +20,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .fold_targets import TensorUsage
 from ..graph.graph_queries import module_of
+from ..layers.base import TensorUsage
 
 
 def _fused_conv(conv: _ConvNd, bn: _BatchNorm) -> _ConvNd:
+    """``conv`` followed by the eval ``bn`` (which has running statistics: checked by the caller) as one conv."""
+    assert bn.running_mean is not None and bn.running_var is not None
     with torch.no_grad():
         std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
@@ -53,7 +55,8 @@ def fold_conv_bn(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if calls[str(conv_node.target)] > 1 or calls[str(node.target)] > 1 or conv.out_channels != bn.num_features:
             continue
-        if usage.calls[id(conv)] > 1 or usage.calls[id(bn)] > 1 or any(usage.count[id(p)] > 1 for p in conv.parameters()):
+        if usage.calls[id(conv)] > 1 or usage.calls[id(bn)] > 1 \
+                or any(usage.count[id(p)] > 1 for p in conv.parameters()):
             continue
         gm.set_submodule(str(conv_node.target), _fused_conv(conv, bn))
         node.replace_all_uses_with(conv_node)

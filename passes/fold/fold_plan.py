@@ -1,101 +1,50 @@
-"""Planning a fold: which layer takes a scale at a node, how a scale splits over a channel ``cat``,
-and applying the finished plan. Shared by :mod:`~asr_fx.passes.fold.fold` (backward, into the producer)
-and :mod:`~asr_fx.passes.fold.propagate` (forward, into the next layers); built on
-:mod:`~asr_fx.passes.fold.scale_algebra` and :mod:`~asr_fx.passes.fold.fold_targets`.
+"""Planning a fold: whether a layer takes a scale (:func:`match`), how a scale splits over a channel
+``cat`` (:func:`cat_pieces`, :func:`through_cat`), and whether a finished plan would change a dtype
+(:func:`dtype_refusal`) or drop a dimension (:func:`rank_refusal`). Shared by :mod:`~asr_fx.passes.fold.fold`
+(backward, into the producer) and :mod:`~asr_fx.passes.fold.propagate` (forward, into the next layers); built on
+:mod:`~asr_fx.passes.fold.scale_algebra` and the layer registry (:mod:`asr_fx.passes.layers.registry`).
 
-Nothing here changes the graph or a parameter except :func:`apply_plan` and :func:`fold_mul`.
+Nothing here changes the graph or a parameter: applying a plan is :mod:`~asr_fx.passes.fold.apply`.
+Every answer is a value: a plan or a scale, else a :class:`~asr_fx.passes.graph.refusals.Refusal`
+with its reason (or ``NoMatch`` where the question does not apply).
 """
 
 from __future__ import annotations
 
-import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .fold_guards import instance_norm_refusal, layer_refusal, model_dtype
-from .fold_targets import Target, TensorUsage, in_channels, input_refusal, scale_inputs, scale_outputs
-from .functional_fold_targets import input_target, output_target
-from ..graph.graph_queries import channel_info, is_add, output_dtype, output_shape
+from ..graph.graph_queries import is_add, output_shape
 from ..graph.op_tables import CAT_FUNCTIONS
-from .scale_algebra import Plan, State, is_reshape, map_through, permuted
+from ..graph.refusals import NoMatch, Refusal
+from ..layers.base import Target, TensorUsage
+from ..layers.registry import output_target
+from .scale_algebra import Plan, ScaleState, is_reshape, map_through, permuted
 
 
-def producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The layer whose output ``node`` is, as a fold target, or ``None``; a layer without floating
-    parameters (a norm without affine) computes in the recorded dtype of ``node``, else in the one
-    dtype of the model's tensors. A layer whose output is not what its weights suggest
-    (:mod:`~asr_fx.passes.fold.fold_guards`) is a target that refuses every scale, with the reason."""
-    target = _producer_target(gm, node)
-    if target is not None and target.dtype is None:
-        target.dtype = output_dtype(node) or model_dtype(gm)
-    if target is not None and node.op == "call_module":
-        _guard(target, layer_refusal(target.module) or
-               instance_norm_refusal(target.module, node, target.channels))  # type: ignore[arg-type]
-    return target
-
-
-def _guard(target: Target, why: str | None) -> None:
-    """Make ``target`` refuse every scale with ``why`` (when given)."""
-    if why:
-        target.refuse = lambda v, why=f"`{target.label}`: {why}": why  # type: ignore[misc]
-
-
-def _producer_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    if node.op == "call_module":
-        module = gm.get_submodule(str(node.target))
-        found = None if isinstance(module, nn.MultiheadAttention) else scale_outputs(module)
-        info = channel_info(gm, node)
-        if found is None or info is None:
-            return None
-        kind, apply, tensors = found
-        return Target(str(node.target), kind, info.channels, info.position, tensors, apply, module)
-    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
-        mha_node = node.args[0]
-        if isinstance(mha_node, fx.Node) and mha_node.op == "call_module":
-            mha = gm.get_submodule(str(mha_node.target))
-            if isinstance(mha, nn.MultiheadAttention):
-                kind, apply, tensors = scale_outputs(mha)  # type: ignore[misc]
-                return Target(f"{mha_node.target}.out_proj", kind, mha.embed_dim, -1, tensors, apply, mha)
-        return None
-    return output_target(gm, node)
-
-
-def module_input_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The target that folds a scale on the input of a conv/linear/BN call (module or functional)."""
-    if node.op != "call_module":
-        return input_target(gm, node)
-    module = gm.get_submodule(str(node.target))
-    found = scale_inputs(module)
-    if found is None:
-        return None
-    kind, apply, tensors = found
-    info = channel_info(gm, node)
-    position = -1 if isinstance(module, nn.Linear) else (info.position if info else None)
-    guarded = layer_refusal(module)
-    return Target(str(node.target), kind, in_channels(module), position, tensors, apply, module,
-                  refuse=lambda s: f"`{node.target}`: {guarded}" if guarded else input_refusal(module, s))
-
-
-def match(target: Target, state: State, usage: TensorUsage) -> torch.Tensor | str:
+def match(target: Target, state: ScaleState, usage: TensorUsage) -> torch.Tensor | Refusal:
     """The 1-D scale for ``target``, or why it cannot take ``state``."""
-    v, pos = state
+    v, pos = state.values, state.position
     why = usage.refusal(target)
     if why:
-        return why
+        return Refusal(why)
     if pos is None:
         vec = v.reshape(1).expand(target.channels).clone()
     elif target.position is None:
-        return f"`{target.label}`'s channel dimension depends on the input rank: pass example_inputs to fuse"
+        return Refusal(f"`{target.label}`'s channel dimension depends on the input rank: pass example_inputs to fuse")
     elif pos != target.position or v.numel() != target.channels:
-        return f"the scale ({v.numel()} values at dim {pos}) does not lie along `{target.label}`'s {target.channels} channels"
+        return Refusal(f"the scale ({v.numel()} values at dim {pos}) does not lie along `{target.label}`'s "
+                       f"{target.channels} channels")
     else:
         vec = v
     if target.dtype is None and v.dtype != torch.get_default_dtype():
-        return (f"the dtype `{target.label}` computes in is unknown (it has no floating parameters) and the "
-                f"scale is {v.dtype}; pass example_inputs to fuse")
-    return target.refuse(vec) or vec
+        return Refusal(f"the dtype `{target.label}` computes in is unknown (it has no floating parameters) and the "
+                       f"scale is {v.dtype}; pass example_inputs to fuse")
+    refused = target.refuse(vec)
+    return Refusal(refused) if refused else vec
 
 
 def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> int | None:
@@ -105,8 +54,8 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
         return shape[pos] if -len(shape) <= pos < 0 else None
     if depth == 0:
         return None
-    target = producer_target(gm, node)
-    if target is not None:
+    target = output_target(gm, node)
+    if isinstance(target, Target):
         return target.channels if target.position == pos else None
     if is_add(node):  # a broadcast add has its larger operand's size
         sizes = [channels_of(gm, a, pos, depth - 1) for a in node.args]  # type: ignore[arg-type]
@@ -114,13 +63,13 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
     cat = cat_pieces(gm, node, pos, depth - 1)
     if isinstance(cat, tuple) and cat[1] is not None:
         return sum(cat[1])
-    moved = map_through(gm, node, (torch.ones(()), None), forward=False)
-    if isinstance(moved, tuple) and permuted(node) is None and not is_reshape(gm, node):
+    moved = map_through(gm, node, ScaleState(torch.ones(()), None), forward=False)
+    if isinstance(moved, ScaleState) and permuted(node) is None and not is_reshape(gm, node):
         return channels_of(gm, node.args[0], pos, depth - 1)  # type: ignore[arg-type]
     return None
 
 
-def cat_operands(node: fx.Node) -> tuple[object, int]:
+def cat_operands(node: fx.Node) -> tuple[Any, int]:
     """The tensors and the dim of a ``cat`` call, positional or keyword (``tensors=``, ``dim=``)."""
     pieces = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -128,52 +77,53 @@ def cat_operands(node: fx.Node) -> tuple[object, int]:
 
 
 def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
-               depth: int = 8) -> tuple[list[fx.Node], list[int] | None] | str | None:
+               depth: int = 8) -> tuple[list[fx.Node], list[int] | None] | Refusal | NoMatch:
     """The inputs of a ``cat`` along the scaled dim and their sizes there (``None`` sizes: unknown);
-    ``None`` when ``node`` is no ``cat``, a string when it is one a scale cannot pass."""
+    :class:`NoMatch` when ``node`` is no ``cat``, a :class:`Refusal` when it is one a scale cannot pass."""
     if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
-        return None
+        return NoMatch("not a cat")
     pieces, dim = cat_operands(node)
     if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
-        return "a cat of non-graph values"
+        return Refusal("a cat of non-graph values")
     shape = output_shape(node)
     if pos is not None and dim >= 0:
         if shape is None:
-            return "a cat whose rank is unknown; pass example_inputs to fuse"
+            return Refusal("a cat whose rank is unknown; pass example_inputs to fuse")
         dim -= len(shape)
     if pos is not None and dim != pos:
-        return "a cat along another dimension than the scaled one"
+        return Refusal("a cat along another dimension than the scaled one")
     sizes = [channels_of(gm, p, dim, depth) for p in pieces] if pos is not None else None
     if sizes is not None and None in sizes:
-        return "a cat of pieces of unknown size; pass example_inputs to fuse"
+        return Refusal("a cat of pieces of unknown size; pass example_inputs to fuse")
     if shape is not None and sizes is not None and pos is not None and sum(sizes) != shape[pos]:  # type: ignore[arg-type]
-        return "a cat whose pieces' sizes do not add up to its own (a broadcast piece)"
-    return list(pieces), sizes
+        return Refusal("a cat whose pieces' sizes do not add up to its own (a broadcast piece)")
+    return list(pieces), sizes  # type: ignore[return-value]
 
 
-def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: State) -> State | str:
+def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: ScaleState) -> ScaleState | Refusal:
     """The scale on a channel ``cat`` of the scaled ``piece`` with unscaled others: ones elsewhere."""
-    v, pos = state
+    v, pos = state.values, state.position
     _, dim = cat_operands(cat)
     if pos is None:
         shape = output_shape(cat)
         pos = dim if dim < 0 else (dim - len(shape) if shape is not None else None)
         if pos is None:
-            return "the scaled value flows into a cat whose rank is unknown; pass example_inputs to fuse"
+            return Refusal("the scaled value flows into a cat whose rank is unknown; pass example_inputs to fuse")
     found = cat_pieces(gm, cat, pos)
     if not isinstance(found, tuple):
-        return f"the scaled value flows into `{cat.name}`, {found or 'which does not commute with a scale'}"
+        why = found.reason if isinstance(found, Refusal) else "which does not commute with a scale"
+        return Refusal(f"the scaled value flows into `{cat.name}`, {why}")
     pieces, sizes = found
     if sizes is None:
-        return f"the scaled value flows into `{cat.name}`, a cat of pieces of unknown size"
+        return Refusal(f"the scaled value flows into `{cat.name}`, a cat of pieces of unknown size")
     parts = [(v if v.dim() else v.expand(n)) if p is piece else torch.ones(n, dtype=v.dtype)
              for p, n in zip(pieces, sizes)]
     if v.dim() and v.numel() != sizes[pieces.index(piece)]:
-        return f"the scale does not match `{piece.name}`'s {sizes[pieces.index(piece)]} channels"
-    return torch.cat(parts), pos
+        return Refusal(f"the scale does not match `{piece.name}`'s {sizes[pieces.index(piece)]} channels")
+    return ScaleState(torch.cat(parts), pos)
 
 
-def dtype_refusal(c: torch.Tensor, plan: Plan) -> str | None:
+def dtype_refusal(c: torch.Tensor, plan: Plan) -> Refusal | None:
     """Why folding the constant ``c`` by ``plan`` would change a dtype, or ``None``: a ``c`` with
     dimensions (even all of size 1) takes part in type promotion, so a float64 ``c`` makes ``x * c``
     float64 where ``x`` is float32, and a fold would return float32 (a 0-dim ``c`` never promotes)."""
@@ -181,8 +131,9 @@ def dtype_refusal(c: torch.Tensor, plan: Plan) -> str | None:
         return None
     for target, _ in plan:
         if target.dtype is not None and torch.promote_types(c.dtype, target.dtype) != target.dtype:
-            return (f"the {c.dtype} scale promotes `{target.label}`'s {target.dtype} values to {c.dtype}; "
-                    f"folding it would change the output dtype (cast the scale to {target.dtype}, or convert the model)")
+            return Refusal(f"the {c.dtype} scale promotes `{target.label}`'s {target.dtype} values to {c.dtype}; "
+                           f"folding it would change the output dtype (cast the scale to {target.dtype}, or convert "
+                           "the model)")
     return None
 
 
@@ -197,15 +148,21 @@ def _max_rank(module: object) -> int | None:
     return None
 
 
-def rank_refusal(c: torch.Tensor, plan: Plan) -> str | None:
+def rank_refusal(c: torch.Tensor, plan: Plan) -> Refusal | None:
     """Why ``x * c`` is no per-channel scale of the planned layers' values: ``c`` has more dimensions than
     they can have, so the multiply adds dimensions (a fold would drop them); ``None`` otherwise."""
     for target, _ in plan:
         rank = _max_rank(target.module)
         if rank is not None and c.dim() > rank:
-            return (f"the scale has {c.dim()} dimensions and `{target.label}`'s values at most {rank}: the multiply "
-                    "broadcasts them to a larger shape")
+            return Refusal(f"the scale has {c.dim()} dimensions and `{target.label}`'s values at most {rank}: the "
+                           "multiply broadcasts them to a larger shape")
     return None
+
+
+def plan_refusal(c: torch.Tensor, plan: Plan) -> Refusal | None:
+    """Why a finished ``plan`` for the constant ``c`` must not be applied (:func:`dtype_refusal`,
+    :func:`rank_refusal`), or ``None``."""
+    return dtype_refusal(c, plan) or rank_refusal(c, plan)
 
 
 def plan_kinds(plan: Plan) -> str:
@@ -216,23 +173,3 @@ def plan_kinds(plan: Plan) -> str:
 def plan_labels(plan: Plan) -> str:
     """The layers a plan folds into, comma-separated."""
     return ", ".join(t.label for t, _ in plan)
-
-
-def apply_plan(plan: Plan) -> None:
-    """Fold each 1-D scale into its target, cast to the target's dtype (where that is unknown,
-    :func:`match` let only a scale in the default dtype through)."""
-    with torch.no_grad():
-        for target, vec in plan:
-            target.apply(vec.to(target.dtype) if target.dtype is not None else vec)
-
-
-def fold_mul(gm: fx.GraphModule, plan: Plan, c: torch.Tensor, mul: fx.Node, x: fx.Node) -> Plan | str:
-    """Finish a fold of ``mul = x * c``: unless :func:`dtype_refusal` refuses it (then nothing changes
-    and the reason is returned), apply ``plan`` and drop ``mul`` (its users read ``x``); returns ``plan``."""
-    promoted = dtype_refusal(c, plan) or rank_refusal(c, plan)
-    if promoted:
-        return promoted
-    apply_plan(plan)
-    mul.replace_all_uses_with(x)
-    gm.graph.erase_node(mul)
-    return plan

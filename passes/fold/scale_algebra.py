@@ -1,40 +1,86 @@
 """The scale algebra both fold passes share: what a per-channel constant is, how it moves through ops.
 
-A scale in flight is a :data:`State` ``(v, position)``: ``v`` 1-D with one entry per channel at
+A scale in flight is a :class:`ScaleState`: ``values`` 1-D with one entry per channel at
 ``position`` (the dimension counted from the right), or 0-D (the same for every channel) with
-``position`` ``None``. This module answers, without changing the graph:
+``position`` ``None``. This module answers, without changing the graph, with a new state, or a
+:class:`~asr_fx.passes.graph.refusals.Refusal` (the op is one a scale moves through, but not this
+scale) or :class:`~asr_fx.passes.graph.refusals.NoMatch` (a scale does not move through it):
 
-- which ``mul`` multiplies a graph value by a constant, and that constant as a ``State``
+- which ``mul`` multiplies a graph value by a constant, and that constant as a ``ScaleState``
   (:func:`constant_operand`, :func:`per_channel_scale`);
 - what the scale is on the other side of an op (:func:`map_through`): ops that commute with it
   (:data:`~asr_fx.passes.graph.op_tables.COMMUTING_MODULES` and friends, with their condition on the scale),
   permutes, and row-major reshapes that keep the channels together.
 
-Which layer takes the scale, and applying it, is :mod:`~asr_fx.passes.fold.fold_plan`. Nothing here
-changes a graph or a parameter.
+Which layer takes the scale is the layer registry's answer (:mod:`asr_fx.passes.layers.registry`),
+planning a fold is :mod:`~asr_fx.passes.fold.fold_plan`, applying it :mod:`~asr_fx.passes.fold.apply`.
+Nothing here changes a graph or a parameter.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .fold_targets import Target
-from ..graph.graph_queries import fetch_attr, is_adapted_constant, mul_operands, node_label, output_shape, reads_only_metadata
-from ..graph.op_tables import (ADAPTER_METHODS, ANY_SCALE, COMMUTING_FUNCTIONS, COMMUTING_METHODS,
-                        COMMUTING_MODULES, DROPOUT_FUNCTIONS, DROPOUT_MODULES, MAX_POOL_INDICES_AT_6,
-                        META_ATTRIBUTES, NON_NEGATIVE_SCALE, PERMUTE_TARGETS, RESHAPE_MODULES, RESHAPE_TARGETS,
-                        TRANSPOSE_TARGETS, UNIT_SCALE)
+from ..graph.graph_queries import (
+    fetch_attr,
+    is_adapted_constant,
+    mul_operands,
+    node_label,
+    output_shape,
+    reads_only_metadata,
+)
+from ..graph.op_tables import (
+    ADAPTER_METHODS,
+    ANY_SCALE,
+    COMMUTING_FUNCTIONS,
+    COMMUTING_METHODS,
+    COMMUTING_MODULES,
+    DROPOUT_FUNCTIONS,
+    DROPOUT_MODULES,
+    MAX_POOL_INDICES_AT_6,
+    META_ATTRIBUTES,
+    NON_NEGATIVE_SCALE,
+    PERMUTE_TARGETS,
+    RESHAPE_MODULES,
+    RESHAPE_TARGETS,
+    TRANSPOSE_TARGETS,
+    UNIT_SCALE,
+)
+from ..graph.refusals import NoMatch, Refusal
+from ..layers.base import Target
 
-#: a scale in flight: ``(v, position)``; ``v`` 1-D per channel at ``position`` (counted from the
-#: right), or 0-D (the same for every channel) with ``position`` ``None``
-State = tuple[torch.Tensor, "int | None"]
+
+@dataclass(frozen=True)
+class ScaleState:
+    """A scale in flight: ``values`` 1-D, one per channel at ``position`` (the dimension counted from
+    the right), or 0-D (the same for every channel) with ``position`` ``None``."""
+
+    values: torch.Tensor
+    position: int | None
+
+    def at(self, position: int | None) -> ScaleState:
+        """The same values at another position (after a permute)."""
+        return ScaleState(self.values, position)
+
+
 #: the layers that take a scale, each with its 1-D scale
 Plan = list[tuple[Target, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MulFold:
+    """A planned fold of ``mul = x * c``: the layers that take ``c`` (``plan``); applying it drops ``mul``."""
+
+    mul: fx.Node
+    x: fx.Node
+    plan: Plan
 
 
 # --- the constant operand of a multiply --------------------------------------------------------------
@@ -125,20 +171,20 @@ def constant_mul_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return found[0] if found is not None else None
 
 
-def per_channel_scale(c: torch.Tensor, mul: fx.Node, x: fx.Node) -> State | str:
-    """``c`` as a :data:`State`, or why it is not per-channel."""
+def per_channel_scale(c: torch.Tensor, mul: fx.Node, x: fx.Node) -> ScaleState | Refusal:
+    """``c`` as a :class:`ScaleState`, or why it is not per-channel."""
     if not c.is_floating_point():
-        return f"scale has dtype {c.dtype}, not floating point"
+        return Refusal(f"scale has dtype {c.dtype}, not floating point")
     before, after = output_shape(x), output_shape(mul)
     if before is not None and (c.dim() > len(before) or (after is not None and after != before)):
-        return f"scale of shape {tuple(c.shape)} broadcasts the value to a larger shape"
+        return Refusal(f"scale of shape {tuple(c.shape)} broadcasts the value to a larger shape")
     c = c.detach()
     big = [i for i, s in enumerate(c.shape) if s != 1]
     if not big:
-        return c.reshape(()), None
+        return ScaleState(c.reshape(()), None)
     if len(big) > 1:
-        return f"scale of shape {tuple(c.shape)} varies along more than one dimension"
-    return c.reshape(-1), big[0] - c.dim()
+        return Refusal(f"scale of shape {tuple(c.shape)} varies along more than one dimension")
+    return ScaleState(c.reshape(-1), big[0] - c.dim())
 
 
 def is_value_use(node: fx.Node) -> bool:
@@ -156,7 +202,7 @@ def other_users(node: fx.Node, user: fx.Node) -> list[fx.Node]:
 def permuted(node: fx.Node) -> list[int] | None:
     """The ``dims`` of a permute, or of a transpose when its rank is known."""
     if node.target in PERMUTE_TARGETS:
-        dims = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else node.args[1:2]
+        dims: Any = node.args[1:] if node.op == "call_method" and len(node.args) > 2 else node.args[1:2]
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
         if dims and all(isinstance(d, int) for d in dims):
             return [d % len(dims) for d in dims]
@@ -178,26 +224,27 @@ def is_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.target in RESHAPE_TARGETS
 
 
-def reshape_forward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor, pos: int) -> State | str:
+def reshape_forward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor, pos: int) -> ScaleState | Refusal:
     """Map a channel dim through a row-major reshape: it keeps its size or is merged with the dims after it."""
     if not -len(before) <= pos < 0 or before[pos] != v.numel():
-        return f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's input {before}"
+        return Refusal(f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's input {before}")
     i = len(before) + pos
     outer = math.prod(before[:i])
     channels = before[i]
     prefix = 1
     for j, size in enumerate(after):
-        if prefix == outer and size % channels == 0 and size > 0 and math.prod(before[i + 1:]) % (size // channels) == 0 \
-                and (size > 1 or channels == 1):
-            return v.repeat_interleave(size // channels), j - len(after)
+        if prefix == outer and size % channels == 0 and size > 0 \
+                and math.prod(before[i + 1:]) % (size // channels) == 0 and (size > 1 or channels == 1):
+            return ScaleState(v.repeat_interleave(size // channels), j - len(after))
         prefix *= size
-    return f"the reshape {before} -> {after} does not keep the {channels} channels together"
+    return Refusal(f"the reshape {before} -> {after} does not keep the {channels} channels together")
 
 
-def reshape_backward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor, pos: int) -> State | str:
+def reshape_backward(before: tuple[int, ...], after: tuple[int, ...], v: torch.Tensor,
+                     pos: int) -> ScaleState | Refusal:
     """Inverse of :func:`reshape_forward`: a scale on a merged dim must be constant within each channel."""
     if not -len(after) <= pos < 0 or after[pos] != v.numel():
-        return f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's output {after}"
+        return Refusal(f"the scale ({v.numel()} values at dim {pos}) does not lie along the reshape's output {after}")
     j = len(after) + pos
     outer = math.prod(after[:j])
     size = after[j]
@@ -208,9 +255,12 @@ def reshape_backward(before: tuple[int, ...], after: tuple[int, ...], v: torch.T
             if math.prod(before[i + 1:]) % inner == 0:
                 grouped = v.reshape(channels, inner)
                 if bool((grouped == grouped[:, :1]).all()):
-                    return grouped[:, 0].clone(), i - len(before)
+                    return ScaleState(grouped[:, 0].clone(), i - len(before))
         prefix *= channels
-    return f"the reshape {before} -> {after} does not keep the scaled channels together"
+    return Refusal(f"the reshape {before} -> {after} does not keep the scaled channels together")
+
+
+_NOT_COMMUTING = NoMatch("not an op a scale moves through")
 
 
 def _clamp_kind(node: fx.Node) -> tuple[str, int]:
@@ -219,66 +269,67 @@ def _clamp_kind(node: fx.Node) -> tuple[str, int]:
     return (NON_NEGATIVE_SCALE, 0) if lo == 0 and hi is None else (UNIT_SCALE, 0)
 
 
-def commuting_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | str | None:
-    """How ``node`` commutes with a scale: ``(condition, pooled trailing dims)``, a refusal, or ``None``."""
+def commuting_kind(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | Refusal | NoMatch:
+    """How ``node`` commutes with a scale: ``(condition, pooled trailing dims)``, why it does not although
+    it is such an op (returned indices, training mode), or :class:`NoMatch` (it does not commute)."""
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
         if getattr(module, "return_indices", False):
-            return f"`{node.target}` returns indices"
+            return Refusal(f"`{node.target}` returns indices")
         if module.training and isinstance(module, DROPOUT_MODULES):
-            return f"`{node.target}` is a dropout in training mode"
+            return Refusal(f"`{node.target}` is a dropout in training mode")
         if isinstance(module, nn.ReLU6) or type(module) is nn.Hardtanh:
             lo, hi = getattr(module, "min_val", 0.0), getattr(module, "max_val", 6.0)
             return (NON_NEGATIVE_SCALE, 0) if lo == 0 and math.isinf(hi) else (UNIT_SCALE, 0)
-        return COMMUTING_MODULES.get(type(module))
+        return COMMUTING_MODULES.get(type(module), _NOT_COMMUTING)
     if node.op == "call_function":
         if node.target in DROPOUT_FUNCTIONS:
             training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
-            return (ANY_SCALE, 0) if training is False else f"`{node_label(node)}` is in training mode"
+            return (ANY_SCALE, 0) if training is False else Refusal(f"`{node_label(node)}` is in training mode")
         if node.target in (torch.clamp, torch.clip):
             return _clamp_kind(node)
         indices_at = 6 if node.target in MAX_POOL_INDICES_AT_6 else 2
         if "max_pool" in node_label(node) and (node.kwargs.get("return_indices")
                                                or len(node.args) > indices_at and node.args[indices_at]):
-            return f"`{node_label(node)}` returns indices"
-        return COMMUTING_FUNCTIONS.get(node.target)
+            return Refusal(f"`{node_label(node)}` returns indices")
+        return COMMUTING_FUNCTIONS.get(node.target, _NOT_COMMUTING)
     if node.op == "call_method":
         if node.target in ("clamp", "clip"):
             return _clamp_kind(node)
-        return COMMUTING_METHODS.get(str(node.target))
-    return None
+        return COMMUTING_METHODS.get(str(node.target), _NOT_COMMUTING)
+    return _NOT_COMMUTING
 
 
-def map_through(gm: fx.GraphModule, node: fx.Node, state: State, forward: bool) -> State | str | None:
+def map_through(gm: fx.GraphModule, node: fx.Node, state: ScaleState,
+                forward: bool) -> ScaleState | Refusal | NoMatch:
     """The scale on the other side of ``node``: the state after it (``forward``) or before it.
 
-    Returns ``None`` when ``node`` is not an op a scale moves through, a string when it is one but
-    this scale cannot (the reason), else the new state.
+    Returns :class:`NoMatch` when ``node`` is not an op a scale moves through, a :class:`Refusal` when
+    it is one but this scale cannot, else the new state.
     """
-    v, pos = state
+    v, pos = state.values, state.position
     perm = permuted(node)
     if perm is not None:
         if pos is None:
             return state
         rank = len(perm)
-        if forward:
-            return v, perm.index(rank + pos) - rank
-        return v, perm[rank + pos] - rank
+        return state.at(perm.index(rank + pos) - rank if forward else perm[rank + pos] - rank)
     if is_reshape(gm, node):
         if pos is None:
             return state
         before, after = output_shape(node.args[0]), output_shape(node)
         if before is None or after is None:
-            return f"`{node_label(node)}` reshapes a scaled value of unknown shape; pass example_inputs to fuse"
+            return Refusal(f"`{node_label(node)}` reshapes a scaled value of unknown shape; "
+                           "pass example_inputs to fuse")
         return reshape_forward(before, after, v, pos) if forward else reshape_backward(before, after, v, pos)
     kind = commuting_kind(gm, node)
-    if kind is None or isinstance(kind, str):
+    if not isinstance(kind, tuple):
         return kind
     condition, pooled = kind
     if pooled and pos is not None and pos >= -pooled:
-        return f"`{node_label(node)}` pools over the scaled dimension"
+        return Refusal(f"`{node_label(node)}` pools over the scaled dimension")
     if condition == NON_NEGATIVE_SCALE and bool((v < 0).any()):
-        return f"the scale has negative entries, which do not commute with `{node_label(node)}`"
+        return Refusal(f"the scale has negative entries, which do not commute with `{node_label(node)}`")
     if condition == UNIT_SCALE and not bool((v == 1).all()):
-        return f"`{node_label(node)}` has bounds, which do not commute with a scale"
+        return Refusal(f"`{node_label(node)}` has bounds, which do not commute with a scale")
     return state

@@ -69,7 +69,8 @@ def fill_attention(net: nn.Module, value: float) -> None:
     for module in net.modules():
         if next(module.parameters(recurse=False), None) is not None:
             _fill_own_parameters(module, value)
-            module.reset_parameters = functools.partial(_fill_own_parameters, module, float(value))
+            module.reset_parameters = functools.partial(  # type: ignore[assignment]
+                _fill_own_parameters, module, float(value))
 
 
 def reset_attention(net: nn.Module) -> None:
@@ -130,7 +131,7 @@ class ASR(nn.Module):
         self.attention_init = None if attention_init is None else float(attention_init)
         if self.attention_init is not None:
             fill_attention(attention, self.attention_init)
-        psi = init_psi(tuple(attention.psi_shape), psi_init)
+        psi = init_psi(tuple(attention.psi_shape), psi_init)  # type: ignore[arg-type]
         if learnable_psi:
             self.psi = nn.Parameter(psi)
         else:
@@ -161,7 +162,8 @@ class ASR(nn.Module):
 
 def is_affine_batch_norm(module: Any) -> bool:
     """``module`` is a plain affine ``nn.BatchNorm1d/2d/3d`` (not a subclass with its own forward)."""
-    return type(module) in BATCH_NORM_CLASSES and module.affine and module.weight is not None and module.bias is not None
+    return (type(module) in BATCH_NORM_CLASSES and module.affine and module.weight is not None
+            and module.bias is not None)
 
 
 def computes_like_batch_norm(norm: Any) -> bool:

@@ -10,14 +10,16 @@ parameters, so the rest of :func:`asr_fx.fuse` sees a vanilla BN call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .asr_blocks import ASR, BatchNormAffineASR, is_affine_batch_norm
 from ..fold.check_finite import require_finite
-from ..infra import PassResult
 from ..graph.records import FoldRecord
+from ..infra import PassResult
+from .asr_blocks import ASR, BatchNormAffineASR, is_affine_batch_norm
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
@@ -35,10 +37,9 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
     the same way); psi and the attention network are the same tensors, so state_dict keys do not change.
     Refuses (leaves as ordinary ``x * v`` blocks): blocks whose input is not a single-argument call of
     a plain affine ``nn.BatchNorm1d/2d/3d``, BNs called more than once or used by anything else, and
-    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place; changed when a block was converted.
+    ``nn.Sequential`` blocks (``delta > 1``). Modifies ``gm`` in place.
     """
     calls = _module_calls(gm)
-    converted = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not str(node.target).startswith(f"{container}."):
             continue
@@ -48,20 +49,19 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
         norm_node = node.args[0]
         if not isinstance(norm_node, fx.Node) or norm_node.op != "call_module" or len(norm_node.users) != 1:
             continue
-        if len(norm_node.args) != 1 or norm_node.kwargs or calls.get(norm_node.target) != 1:
+        if len(norm_node.args) != 1 or norm_node.kwargs or calls.get(str(norm_node.target)) != 1:
             continue
-        if not is_affine_batch_norm(gm.get_submodule(norm_node.target)):
+        if not is_affine_batch_norm(gm.get_submodule(str(norm_node.target))):
             continue
         key = str(node.target)[len(container) + 1:]
         getattr(gm, container)[key] = BatchNormAffineASR.from_block(block, str(norm_node.target))
         with gm.graph.inserting_before(node):
-            norm_ref = gm.graph.get_attr(norm_node.target)
+            norm_ref = gm.graph.get_attr(str(norm_node.target))
         node.args = (norm_node.args[0], norm_ref)
         gm.graph.erase_node(norm_node)
-        converted.append(str(node.target))
     gm.graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(converted))
+    return PassResult(gm)
 
 
 def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
@@ -81,7 +81,7 @@ def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
         if not isinstance(block, BatchNormAffineASR):
             continue
         x, norm_ref = node.args
-        norm = gm.get_submodule(norm_ref.target)
+        norm: Any = gm.get_submodule(norm_ref.target)
         with torch.no_grad():
             v = block.attention_value().reshape(-1).to(norm.weight.dtype)
         require_finite(v, str(node.target))
@@ -99,4 +99,4 @@ def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
     if records:
         gm.graph.lint()
         gm.recompile()
-    return PassResult(gm, bool(records), tuple(records))
+    return PassResult(gm, tuple(records))

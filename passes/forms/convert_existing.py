@@ -29,11 +29,11 @@ from torch import nn
 
 from asr_fx.errors import InputShapeError, InvalidOptionError, UnknownSiteError
 
-from .asr_blocks import ASR
-from ..placement.attention_patterns import ChannelAttention, find_channel_attention, pooled_dims
 from ..graph.graph_queries import fetch_attr, module_of, output_shape, qualified_key
-from ..placement.locate import Site
 from ..graph.modes import preserved_training_modes
+from ..placement.attention_patterns import ChannelAttention, find_channel_attention, pooled_dims
+from ..placement.locate import Site
+from .asr_blocks import ASR
 
 
 def _psi_shape(gm: fx.GraphModule, att: ChannelAttention, pool: fx.Node) -> tuple[int, ...]:
@@ -74,7 +74,7 @@ def attention_network(gm: fx.GraphModule, att: ChannelAttention, psi_shape: tupl
     gate = nodes[att.gate]
     graph.output(env[nodes[att.gate_input]] if att.gate_input else env[gate.args[0]])
     net = fx.GraphModule(owners, graph, "AttentionNetwork")
-    net.psi_shape = psi_shape
+    net.psi_shape = psi_shape  # type: ignore[assignment]
     return net
 
 
@@ -118,7 +118,8 @@ def convert_existing_attention(
         nodes = {n.name: n for n in gm.graph.nodes}
         mul, pool, feature = nodes[att.mul], nodes[att.pool], nodes[att.feature]
         if any(pooled_dims(gm, nodes[p]) is None for p in att.pools):
-            raise UnknownSiteError(f"`{att.pool}` is not a global pooling; the graph changed since the attention was found")
+            raise UnknownSiteError(f"`{att.pool}` is not a global pooling; the graph changed since the attention "
+                                   "was found")
         key = qualified_key(att.module) if att.module else att.mul
         if key in blocks:
             raise InvalidOptionError(f"two blocks share the key {key!r}: the attention at `{att.module}` and a site")

@@ -21,7 +21,7 @@ from .asr_blocks import ASR, BatchNormAffineASR
 
 def _takes_value_first(gm: fx.GraphModule, node: fx.Node, container: str) -> bool:
     return node.op == "call_module" and str(node.target).startswith(f"{container}.") and not node.kwargs \
-        and isinstance(gm.get_submodule(node.target), ASR)
+        and isinstance(gm.get_submodule(str(node.target)), ASR)
 
 
 def hoist_attention_values(gm: fx.GraphModule, container: str = "asr") -> int:
@@ -70,7 +70,8 @@ def unhoist_attention_values(gm: fx.GraphModule, container: str = "asr") -> int:
     for node in list(gm.graph.nodes):
         if not _takes_value_first(gm, node, container):
             continue
-        if len(node.args) != _base_arity(gm.get_submodule(node.target)) + 1:
+        block = gm.get_submodule(str(node.target))
+        if not isinstance(block, ASR) or len(node.args) != _base_arity(block) + 1:
             continue
         value = node.args[-1]
         node.args = node.args[:-1]

@@ -12,9 +12,6 @@ from typing import Any
 
 import torch.fx as fx
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .op_tables import (
     ADAPTER_METHODS,
@@ -171,30 +168,6 @@ def is_plain_layer(module: nn.Module | None) -> bool:
         return False
     forward = type(module).forward
     return any(isinstance(module, base) and forward is base.forward for base in PLAIN_LAYERS)
-
-
-def channel_info(gm: fx.GraphModule, node: fx.Node) -> ChannelInfo | None:
-    """The channel layout of a node that is a call of a conv/norm/linear module, else ``None``."""
-    module = module_of(gm, node)
-    if not is_plain_layer(module):
-        return None
-    rank = output_rank(node)
-    channel_first = None if rank is None else 1 - rank
-    if isinstance(module, (_ConvNd, _ConvTransposeNd)):
-        return ChannelInfo(module.out_channels, -(len(module.kernel_size) + 1))
-    if isinstance(module, (nn.BatchNorm2d, nn.InstanceNorm2d)):
-        return ChannelInfo(module.num_features, -3)
-    if isinstance(module, (nn.BatchNorm3d, nn.InstanceNorm3d)):
-        return ChannelInfo(module.num_features, -4)
-    if isinstance(module, (_BatchNorm, _InstanceNorm)):
-        return ChannelInfo(module.num_features, channel_first)
-    if isinstance(module, nn.GroupNorm):
-        return ChannelInfo(module.num_channels, channel_first)
-    if isinstance(module, nn.LayerNorm):
-        return ChannelInfo(module.normalized_shape[-1], -1)
-    if isinstance(module, nn.Linear):
-        return ChannelInfo(module.out_features, -1)
-    return None
 
 
 def qualified_key(name: str) -> str:

@@ -4,22 +4,28 @@ RepVGG, MobileOne and ACNet train a block as a sum of parallel branches that all
 each end in a conv or norm layer: ``bn_3x3(conv_3x3(x)) + bn_1x1(conv_1x1(x)) + bn(x)``, written as a
 chain of adds (``out += branch(x)`` too). A sum that starts from a literal (MobileOne's ``scale_out +
 identity_out`` with ``identity_out = 0`` where the identity branch is absent) is not recognised: the fold
-passes do not move a scale through ``x + 0``, so a site there could not fold. After training they merge into one conv, so the sum is one layer: a per-channel scale after
-the sum is the same scale after the last layer of every branch, and folds into each of them. It is not
+passes do not move a scale through ``x + 0``, so a site there could not fold. After training they
+merge into one conv, so the sum is one layer: a per-channel scale after the sum is the same scale after the last
+layer of every branch, and folds into each of them. It is not
 a residual add (its operands are branches of one block, not a branch and a shortcut).
 
-This module only reads the graph (:func:`parallel_sum`, :func:`parallel_sums`).
+This module only reads the graph (:func:`parallel_sum`, :func:`parallel_sums`). As a layer rule
+(:data:`PARALLEL_BRANCHES`) the sum is a site; it takes no scale itself: the fold moves a scale
+through the add into each branch, where the branch's last layer takes it.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch.fx as fx
 
-from ..graph.graph_queries import ChannelInfo, channel_info, is_add, module_of, reads_only_metadata
+from ..graph.graph_queries import ChannelInfo, is_add, module_of, reads_only_metadata
 from ..graph.op_tables import IDENTITY_MODULES
+from .base import LayerMatch, LayerRule, NoMatch, TargetOrRefusal, layout_match
+from .module_calls import channel_info
 
 
 @dataclass
@@ -99,14 +105,14 @@ def parallel_sum(gm: fx.GraphModule, node: fx.Node) -> ParallelSum | None:
             terms.append(current)
     if len(terms) < 2:
         return None
-    infos = [channel_info(gm, t) for t in terms]
+    infos: list[Any] = [channel_info(gm, t) for t in terms]
     if any(i is None or (i.channels, i.position) != (infos[0].channels, infos[0].position) for i in infos):
         return None
     starts = {_branch_start(gm, t, seen) for t in terms}
     if len(starts) != 1:
         return None
     start = starts.pop()
-    return ParallelSum(node, terms, start, adds, [*adds, *seen], infos[0])  # type: ignore[arg-type]
+    return ParallelSum(node, terms, start, adds, [*adds, *seen], infos[0])
 
 
 def parallel_sums(gm: fx.GraphModule) -> list[ParallelSum]:
@@ -115,3 +121,24 @@ def parallel_sums(gm: fx.GraphModule) -> list[ParallelSum]:
     found = [s for s in (parallel_sum(gm, n) for n in gm.graph.nodes) if s is not None]
     inner = {a for s in found for a in s.adds if a is not s.node}
     return [s for s in found if s.node not in inner]
+
+
+class ParallelBranchesRule(LayerRule):
+    """A sum of parallel conv/norm branches of one input: a site (the branches' channel layout) whose
+    scale the fold moves through the add into each branch's last layer."""
+
+    name = "parallel_branches"
+
+    def recognise(self, gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
+        summed = parallel_sum(gm, node)
+        if summed is None:
+            return NoMatch("not a sum of parallel conv/norm branches of one input")
+        module = str(node.target) if node.op == "call_module" else ""
+        return layout_match(self, node, summed.info, module, module or node.name)
+
+    def output_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
+        return NoMatch("a sum of branches is no layer of its own: the fold moves its scale through the add "
+                       "into each branch")
+
+
+PARALLEL_BRANCHES = ParallelBranchesRule()

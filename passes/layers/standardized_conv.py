@@ -12,7 +12,7 @@ target. Norm-free networks have no norm layer to put ASR after; the conv that en
 branch is where the paper's placement (after the branch's last layer, before the add) puts it.
 
 :func:`standardized_conv` recognises the pattern by structure (not by module class);
-:func:`channel_layout` and :func:`output_target` are what placement and the fold pass ask.
+:data:`STANDARDIZED_CONV` is the layer rule placement and the fold pass ask.
 """
 
 from __future__ import annotations
@@ -26,9 +26,19 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..fold.fold_targets import Target, replace_tensor
-from ..graph.graph_queries import ChannelInfo, fetch_attr
+from ..graph.graph_queries import fetch_attr
 from ..graph.op_tables import CONV_FUNCTIONS
+from .base import (
+    LayerMatch,
+    LayerRule,
+    NoMatch,
+    Refusal,
+    Target,
+    TargetOrRefusal,
+    attribute_tensor,
+    call_arg,
+    replace_tensor,
+)
 
 _RESHAPES = ("view", "reshape", "flatten")
 _MULS = (operator.mul, torch.mul)
@@ -50,22 +60,6 @@ class StandardizedConv:
         return self.weight_path.rpartition(".")[0]
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _attr(gm: fx.GraphModule, node: Any) -> tuple[torch.nn.Module, str, torch.Tensor] | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value = fetch_attr(gm, str(node.target))
-    if not isinstance(value, torch.Tensor):
-        return None
-    owner, _, name = str(node.target).rpartition(".")
-    return (gm.get_submodule(owner) if owner else gm), name, value
-
-
 def _gain(gm: fx.GraphModule, node: Any) -> tuple[torch.nn.Module, str, torch.Tensor] | None:
     """The parameter ``g`` is computed from by multiplies with numbers and reshapes, each step used once."""
     while isinstance(node, fx.Node) and node.op != "get_attr":
@@ -83,8 +77,8 @@ def _gain(gm: fx.GraphModule, node: Any) -> tuple[torch.nn.Module, str, torch.Te
                 return None
         else:
             return None
-    found = _attr(gm, node)
-    return found if found is not None and len(node.users) == 1 else None  # type: ignore[union-attr]
+    found = attribute_tensor(gm, node)
+    return found if found is not None and len(node.users) == 1 else None
 
 
 def _standardized_weight(gm: fx.GraphModule, node: Any) -> tuple[fx.Node, fx.Node] | None:
@@ -105,14 +99,14 @@ def _standardized_weight(gm: fx.GraphModule, node: Any) -> tuple[fx.Node, fx.Nod
     source = flat.args[0]
     if weight is not None and source is not weight:
         return None
-    found = _attr(gm, source)
+    found = attribute_tensor(gm, source)
     if found is None:
         return None
     shape = tuple(found[2].shape)
     if weight is None and tuple(node.args[1:]) not in (shape, (shape,)):
         return None
-    stats = _arg(bn, 1, "running_mean"), _arg(bn, 2, "running_var")
-    if any(s is not None for s in stats) or _arg(bn, 5, "training", False) is not True:
+    stats = call_arg(bn, 1, "running_mean"), call_arg(bn, 2, "running_var")
+    if any(s is not None for s in stats) or call_arg(bn, 5, "training", False) is not True:
         return None
     if tuple(flat.args[1:]) not in ((1, shape[0], -1), ((1, shape[0], -1),)):
         return None
@@ -123,40 +117,57 @@ def standardized_conv(gm: fx.GraphModule, node: fx.Node) -> StandardizedConv | N
     """``node`` as a weight-standardized conv with a gain (see the module docstring), else ``None``."""
     if node.op != "call_function" or node.target not in CONV_FUNCTIONS:
         return None
-    found = _standardized_weight(gm, _arg(node, 1, "weight"))
+    found = _standardized_weight(gm, call_arg(node, 1, "weight"))
     if found is None:
         return None
     bn, weight = found
-    if _arg(bn, 4, "bias") is not None:
+    if call_arg(bn, 4, "bias") is not None:
         return None
-    gain = _gain(gm, _arg(bn, 3, "weight"))
+    gain = _gain(gm, call_arg(bn, 3, "weight"))
     w = fetch_attr(gm, str(weight.target))
     if gain is None or gain[2].numel() != w.shape[0]:
         return None  # no gain (StdConv2d): a scale cannot fold into the conv
-    bias_arg = _arg(node, 2, "bias")
-    bias = _attr(gm, bias_arg)
+    bias_arg = call_arg(node, 2, "bias")
+    bias = attribute_tensor(gm, bias_arg)
     if bias_arg is not None and (bias is None or len(bias_arg.users) != 1):
         return None
     return StandardizedConv(str(weight.target), gain, bias, int(w.shape[0]), -(w.dim() - 1))
 
 
-def channel_layout(gm: fx.GraphModule, node: fx.Node) -> tuple[str, ChannelInfo] | None:
-    """``(owner module path, channel layout)`` of a weight-standardized conv with a gain, else ``None``."""
-    conv = standardized_conv(gm, node)
-    return None if conv is None else (conv.owner, ChannelInfo(conv.channels, conv.position))
+_NOT_MINE = NoMatch("not a weight-standardized conv with a gain")
 
 
-def output_target(gm: fx.GraphModule, node: fx.Node) -> Target | None:
-    """The fold target of ``conv(x) * v`` for a weight-standardized conv: ``gain * v`` and ``bias * v``."""
-    conv = standardized_conv(gm, node)
-    if conv is None:
-        return None
-    gain, bias = conv.gain, conv.bias
+class StandardizedConvRule(LayerRule):
+    """A weight-standardized conv with a gain: channels first; the output takes a scale in the gain and
+    bias; the input takes none (the standardization undoes a scale of the weight)."""
 
-    def apply(v: torch.Tensor) -> None:
-        replace_tensor(gain[0], gain[1], gain[2] * v.reshape(gain[2].shape))
-        if bias is not None:
-            replace_tensor(bias[0], bias[1], bias[2] * v)
+    name = "standardized_conv"
 
-    tensors = [gain[2]] + ([bias[2]] if bias is not None else [])
-    return Target(node.name, "conv", conv.channels, conv.position, tensors, apply)
+    def recognise(self, gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
+        conv = standardized_conv(gm, node)
+        if conv is None:
+            return _NOT_MINE
+        return LayerMatch(self, conv.channels, conv.position, conv.owner, conv.owner)
+
+    def output_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
+        """The fold target of ``conv(x) * v``: ``gain * v`` and ``bias * v``."""
+        conv = standardized_conv(gm, node)
+        if conv is None:
+            return _NOT_MINE
+        gain, bias = conv.gain, conv.bias
+
+        def apply(v: torch.Tensor) -> None:
+            replace_tensor(gain[0], gain[1], gain[2] * v.reshape(gain[2].shape))
+            if bias is not None:
+                replace_tensor(bias[0], bias[1], bias[2] * v)
+
+        tensors = [gain[2]] + ([bias[2]] if bias is not None else [])
+        return Target(node.name, "conv", conv.channels, conv.position, tensors, apply)
+
+    def input_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
+        if standardized_conv(gm, node) is None:
+            return _NOT_MINE
+        return Refusal("a weight-standardized conv's standardization undoes a scale on its input channels")
+
+
+STANDARDIZED_CONV = StandardizedConvRule()

@@ -37,8 +37,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..graph.graph_queries import module_of, mul_operands, skip_identity
+from ..layers.module_calls import channel_info
 from .global_pooling import pooled_dims
-from ..graph.graph_queries import channel_info, module_of, mul_operands, skip_identity
 
 #: largest attention network (nodes between the pooling and the gate) that still counts as "small"
 MAX_NETWORK_NODES = 32
@@ -118,7 +119,8 @@ def _over_six(node: fx.Node) -> fx.Node | None:
     operands = mul_operands(node)
     if operands is not None:
         for r, k in (operands, operands[::-1]):
-            if isinstance(r, fx.Node) and _number(k) is not None and abs(_number(k) - 1 / 6) < 1e-12:
+            number = _number(k)
+            if isinstance(r, fx.Node) and number is not None and abs(number - 1 / 6) < 1e-12:
                 return r
     return None
 
@@ -147,7 +149,8 @@ def _is_clamp_0_6(gm: fx.GraphModule, node: fx.Node) -> bool:
     """``relu6(t)``, ``hardtanh(t, 0, 6)``, ``t.clamp(0, 6)`` / ``t.clamp_(0., 6.)``."""
     if isinstance(module_of(gm, node), nn.ReLU6) or (node.op == "call_function" and node.target in _RELU6_FUNCTIONS):
         return True
-    bounds = [_number(a) for a in node.args[1:3]] + [_number(node.kwargs.get(k)) for k in ("min", "max")]
+    bounds = [_number(a) for a in node.args[1:3]] + [_number(node.kwargs.get(k))
+                                                      for k in ("min", "max", "min_val", "max_val")]
     clamps = (node.op == "call_method" and node.target in ("clamp", "clamp_", "clip", "clip_")) or \
         (node.op == "call_function" and node.target in (torch.clamp, torch.clip, F.hardtanh))
     return clamps and [b for b in bounds if b is not None] == [0.0, 6.0]
@@ -198,7 +201,7 @@ def is_shape_of(node: fx.Node, feature: fx.Node) -> bool:
         return node.args[0] is feature or is_shape_of(node.args[0], feature)  # type: ignore[arg-type]
     if node.op == "call_function" and node.target in _SHAPE_ARITHMETIC:
         if node.target is getattr:
-            return node.args[0] is feature and node.args[1] == "shape"
+            return bool(node.args[0] is feature and node.args[1] == "shape")
         inputs = node.all_input_nodes
         return bool(inputs) and all(is_shape_of(n, feature) for n in inputs)
     return False
@@ -257,7 +260,8 @@ def _network(gm: fx.GraphModule, gate: fx.Node, feature: fx.Node, gate_input: fx
         if node.op == "get_attr":
             inner.append(node)
             continue
-        if pooled_dims(gm, node) is not None and skip_identity(gm, node.args[0]) is feature:
+        if pooled_dims(gm, node) is not None and isinstance(node.args[0], fx.Node) \
+                and skip_identity(gm, node.args[0]) is feature:
             pools.append(node)
             continue
         if is_shape_of(node, feature):

@@ -21,7 +21,8 @@ def is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     if pooled_dims(gm, node) is not None:
         return True
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and name in _KEEPDIM_REDUCTIONS and bool(node.kwargs.get("keepdim"))
+    return (node.op in ("call_method", "call_function") and name in _KEEPDIM_REDUCTIONS
+            and bool(node.kwargs.get("keepdim")))
 
 
 def is_pooled_context(gm: fx.GraphModule, branch: fx.Node, start: fx.Node) -> bool:

@@ -58,7 +58,7 @@ def _reads_spatial_size(node: Any, x: fx.Node) -> bool:
                                                 and whole.args[0] is x and whole.args[1] == "shape")
         index = node.args[1]
         first = index.start if isinstance(index, slice) and index.stop is None and index.step is None else index
-        return is_shape and isinstance(first, int) and (first >= 2 or first < 0)
+        return bool(is_shape and isinstance(first, int) and (first >= 2 or first < 0))
     return False
 
 
@@ -101,21 +101,21 @@ def pooled_dims(gm: fx.GraphModule, node: fx.Node) -> int | None:
     if (node.op == "call_function" and node.target in _REDUCE_FUNCTIONS) or (
         node.op == "call_method" and node.target in _REDUCE_METHODS
     ):
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
-        if not dims or not all(isinstance(d, int) for d in dims):
+        dim: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        reduced: Any = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (tuple, list)) else None
+        if not reduced or not all(isinstance(d, int) for d in reduced):
             return None
-        if any(0 <= d < 2 for d in dims):
+        if any(0 <= d < 2 for d in reduced):
             return None  # the batch or the channel dimension: not a spatial pooling
         rank = output_rank(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         if rank is not None:
-            dims = [d - rank if d >= 0 else d for d in dims]
-        elif any(d >= 0 for d in dims):
+            reduced = [d - rank if d >= 0 else d for d in reduced]
+        elif any(d >= 0 for d in reduced):
             # without shapes assume the reduced dims are the trailing ones (NCHW: dim=(2, 3))
-            dims = [d - (max(dims) + 1) if d >= 0 else d for d in dims]
-        if sorted(dims) != list(range(-len(dims), 0)):
+            reduced = [d - (max(reduced) + 1) if d >= 0 else d for d in reduced]
+        if sorted(reduced) != list(range(-len(reduced), 0)):
             return None  # not the trailing (spatial) dims
-        return len(dims)
+        return len(reduced)
     return None
 
 

@@ -18,22 +18,27 @@ scale is the site.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch.fx as fx
-from torch import nn
 
+from ..graph.graph_queries import calls_one_of, is_add, module_of, mul_operands, skip_identity
+from ..graph.op_tables import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    DROPOUT_FUNCTION_NAMES,
+    IDENTITY_MODULES,
+    NORM_MODULES,
+    PERMUTE_TARGETS,
+    TRANSPOSE_TARGETS,
+)
+from ..layers.base import TensorUsage
+from ..layers.parallel_branches import parallel_sums
+from ..layers.registry import layer_at, shared_layer_refusal
 from .attention_patterns import find_channel_attention
 from .context_add import is_pooled_context
-from ..fold.fold_plan import producer_target
-from ..fold.fold_targets import TensorUsage
-from ..graph.graph_queries import calls_one_of, channel_info, is_add, module_of, mul_operands, skip_identity
-from ..graph.op_tables import (ACTIVATION_FUNCTIONS, ACTIVATION_METHODS, ACTIVATION_MODULES, DROPOUT_FUNCTION_NAMES,
-                        IDENTITY_MODULES, NORM_MODULES, PERMUTE_TARGETS, TRANSPOSE_TARGETS)
-from ..layers.parallel_branches import parallel_sum, parallel_sums
-from ..layers.standardized_conv import channel_layout
 from .spelled_activations import function_activation_input, spelled_activation_input
 
 
@@ -68,8 +73,9 @@ class Site:
 
     ``node`` also names the ASR block (``asr.<node>``): torch.fx derives it from the module path
     (``layer1.0.bn3`` -> ``layer1_0_bn3``; a second call of it -> ``layer1_0_bn3_1``), so it is stable.
-    ``module``: the module path of the layer that produced ``x`` (empty for a functional op); ``channels`` and ``channel_pos``
-    (counted from the right) describe the scale's broadcast; ``fold_target``: the layer the scale
+    ``module``: the module path of the layer that produced ``x`` (empty for a functional op);
+    ``channels`` and ``channel_pos`` (counted from the right) describe the scale's broadcast; ``fold_target``: the
+    layer the scale
     folds into; ``foldable``/``reason``: whether that is expected to work.
     """
 
@@ -91,92 +97,36 @@ class Site:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
-def _site(node: fx.Node, rule: str, info: Any) -> Site:
-    module = str(node.target) if node.op == "call_module" else ""
-    foldable = info.position is not None
-    return Site(
-        node=node.name,
-        module=module,
-        rule=rule,
-        channels=info.channels,
-        channel_pos=info.position if info.position is not None else 0,
-        fold_target=module or node.name,
-        foldable=foldable,
-        reason="" if foldable else "channel dimension unknown: pass example_inputs",
-    )
-
-
-def mha_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.MultiheadAttention] | None:
-    """``(path, mha)`` when ``node`` is ``mha(...)[0]``, the attention output of an ``nn.MultiheadAttention``."""
-    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
-        return None
-    call = node.args[0]
-    module = module_of(gm, call) if isinstance(call, fx.Node) else None
-    return (str(call.target), module) if isinstance(module, nn.MultiheadAttention) else None
-
-
-def _function_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-
-
-def window_attention_of(gm: fx.GraphModule, node: fx.Node) -> tuple[str, int] | None:
-    """``(projection path, channels)`` for torchvision's ``shifted_window_attention(...)`` call (Swin)."""
-    if _function_name(node) != "shifted_window_attention":
-        return None
-    weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("proj_weight")
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
-        return None
-    path = str(weight.target).rsplit(".", 1)[0]
-    return path, int(gm.get_parameter(str(weight.target)).shape[0])
-
-
 def site_at(gm: fx.GraphModule, node: fx.Node, rule: str) -> Site | None:
-    """The site right after ``node`` when a scale there has a known layer to fold into, else ``None``.
+    """The site right after ``node`` when the layer registry (:func:`~asr_fx.passes.layers.registry.layer_at`)
+    recognises a layer there that placement may put a site after, else ``None``.
 
-    Layers: conv/norm/linear module calls (:func:`channel_info`), and the attention output
-    ``mha(...)[0]`` of an ``nn.MultiheadAttention`` (channel dim -1, folds into ``out_proj``).
-    torchvision's Swin attention (``shifted_window_attention``) is a site that cannot fold: its
-    output projection is computed inside one traced function call. A sum of parallel conv/norm branches
-    (RepVGG, MobileOne, ACNet while training; :mod:`asr_fx.passes.layers.parallel_branches`) is one layer: its
-    scale folds into the last layer of every branch. A weight-standardized conv with a gain (NF-Nets;
-    :mod:`asr_fx.passes.layers.standardized_conv`) is a site whose scale folds into that gain.
+    Layers: conv/norm/linear module calls, the attention output ``mha(...)[0]`` of an
+    ``nn.MultiheadAttention`` (folds into ``out_proj``), a sum of parallel conv/norm branches (RepVGG,
+    MobileOne, ACNet while training: its scale folds into the last layer of every branch), a
+    weight-standardized conv with a gain (NF-Nets: folds into the gain), and torchvision's Swin
+    attention, a site that cannot fold (``foldable=False`` with the rule's reason).
     """
-    info = channel_info(gm, node)
-    if info is not None:
-        return _site(node, rule, info)
-    summed = parallel_sum(gm, node)
-    if summed is not None:
-        return _site(node, rule, summed.info)
-    standardized = channel_layout(gm, node)
-    if standardized is not None:  # a weight-standardized conv with a gain (NF-Nets): folds into the gain
-        owner, layout = standardized
-        return Site(node.name, owner, rule, layout.channels, layout.position, owner)
-    mha = mha_of(gm, node)
-    if mha is not None:
-        path, module = mha
-        return Site(node.name, path, rule, module.embed_dim, -1, f"{path}.out_proj")
-    window = window_attention_of(gm, node)
-    if window is not None:
-        path, channels = window
-        return Site(node.name, path.rsplit(".", 1)[0], rule, channels, -1, path, foldable=False,
-                    reason="Swin's shifted_window_attention applies its output projection inside one function "
-                    "call, which the fold pass cannot rewrite")
-    return None
+    layer = layer_at(gm, node)
+    if layer is None:
+        return None
+    return Site(node.name, layer.module, rule, layer.channels, layer.position if layer.position is not None else 0,
+                layer.fold_target, foldable=layer.refusal is None,
+                reason=layer.refusal.reason if layer.refusal is not None else "")
 
 
 def without_shared_layers(gm: fx.GraphModule, sites: list[Site]) -> list[Site]:
     """``sites`` less those right after a layer that is called at another place too, or shares a
-    parameter with another call or module (tied weights): the fold pass refuses to fold a scale on one
-    call into such a layer, since that would change the other calls
-    (:meth:`~asr_fx.passes.fold.fold_targets.TensorUsage.refusal`)."""
+    parameter with another call or module (tied weights): the fold refuses to fold a scale on one call
+    into such a layer, since that would change the other calls (the registry's
+    :func:`~asr_fx.passes.layers.registry.shared_layer_refusal`)."""
     usage = TensorUsage(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
-    kept = []
-    for site in sites:
-        target = producer_target(gm, nodes[site.node]) if site.node in nodes else None
-        if target is None or usage.refusal(target) is None:
-            kept.append(site)
-    return kept
+    return [s for s in sites if s.node not in nodes or shared_layer_refusal(gm, nodes[s.node], usage) is None]
+
+
+def _function_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
 
 
 def _is_stochastic_depth(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -307,7 +257,8 @@ class ResidualBlock:
 
 def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Node] | None:
     """The nodes from ``end`` back to (not including) ``start``; ``None`` if the branch reads the graph
-    input on another path or is larger than ``limit``."""
+    input on another path or is larger than ``limit``. Another input of the graph than its first (an
+    attention mask) is a side input of the branch, not another path."""
     seen, stack = {start}, [end]
     out: list[fx.Node] = []
     while stack:
@@ -315,7 +266,11 @@ def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Nod
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "placeholder" or len(out) > limit:
+        if node.op == "placeholder":
+            if node is next(iter(node.graph.nodes)):
+                return None
+            continue
+        if len(out) > limit:
             return None
         out.append(node)
         stack.extend(node.all_input_nodes)

@@ -45,8 +45,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..graph.graph_queries import calls_one_of, is_add, module_of
-from .locate import ResidualBlock, Site, is_activation, site_at
 from ..graph.op_tables import IDENTITY_MODULES, NORM_MODULES, UPSAMPLE_FUNCTIONS, UPSAMPLE_MODULES
+from .locate import ResidualBlock, Site, is_activation, site_at
 
 #: layers whose output can take a neck's scale
 _NECK_LAYERS = (_ConvNd, *NORM_MODULES)
@@ -86,7 +86,7 @@ def _passes_value(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Back from ``node`` over upsampling, identity and dropout."""
     while _passes_value(gm, node):
-        node = node.args[0]
+        node = node.args[0]  # type: ignore[assignment]
     return node
 
 

@@ -30,23 +30,23 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .attention_patterns import find_channel_attention
 from ..graph.graph_queries import module_of, skip_identity
+from ..graph.op_tables import NORM_MODULES
+from ..layers.multihead_attention import mha_of
+from ..layers.window_attention import window_attention_of
+from .attention_patterns import find_channel_attention
 from .locate import (
     ResidualBlock,
     Site,
     activation_input,
     find_residual_sites,
-    mha_of,
     norm_before_activation,
     residual_blocks,
     residual_site,
     site_at,
-    window_attention_of,
     without_shared_layers,
 )
 from .neck_placement import find_neck_sites, plain_stretch_nodes
-from ..graph.op_tables import NORM_MODULES
 
 
 def _attention_network_nodes(gm: fx.GraphModule) -> set[str]:
@@ -259,7 +259,8 @@ _AUTO = PlacementRule(
     "any of: " + "; ".join(f"{r.name}: {r.looks_for}" for r in (_RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER, _NECK)))
 
 #: every placement rule by name (the one registry: ``instrument``, ``find_sites`` and the CLI read it)
-PLACEMENT_RULES: dict[str, PlacementRule] = {r.name: r for r in (_AUTO, _RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER, _NECK)}
+PLACEMENT_RULES: dict[str, PlacementRule] = {
+    r.name: r for r in (_AUTO, _RESIDUAL, _NORM_ACT, _BRANCH, _TRANSFORMER, _NECK)}
 #: other names of the rules: ``{alias: rule name}``
 RULE_ALIASES: dict[str, str] = {alias: r.name for r in PLACEMENT_RULES.values() for alias in r.aliases}
 

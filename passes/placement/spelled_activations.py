@@ -47,13 +47,21 @@ def _sigmoid_of(node: Any) -> fx.Node | None:
     return None
 
 
+def _clamps_to_0_6(node: fx.Node) -> bool:
+    """``hardtanh(t, 0, 6)``, ``t.clamp(0, 6)``, ``torch.clamp(t, min=0, max=6)`` (any spelling of the bounds)."""
+    clamps = _is_call(node, (F.hardtanh, torch.clamp, torch.clip), "clamp") or _is_call(node, (), "clip")
+    bounds = [*node.args[1:3], *(node.kwargs.get(k) for k in ("min", "max", "min_val", "max_val"))]
+    return clamps and [float(b) for b in bounds if isinstance(b, (int, float))] == [0.0, 6.0]
+
+
 def _hard_sigmoid_times_six_of(node: Any) -> fx.Node | None:
     """``x`` when ``node`` is ``relu6(x + 3)`` or ``hardtanh(x + 3, 0, 6)``."""
     if not isinstance(node, fx.Node):
         return None
-    if _is_call(node, _RELU6) or (_is_call(node, (F.hardtanh,)) and tuple(node.args[1:3]) == (0, 6)):
+    if _is_call(node, _RELU6) or _clamps_to_0_6(node):
         inner = node.args[0]
-        if _is_call(inner, _ADD) and len(inner.args) == 2 and inner.args[1] == 3 and isinstance(inner.args[0], fx.Node):
+        if isinstance(inner, fx.Node) and _is_call(inner, _ADD) and len(inner.args) == 2 and inner.args[1] == 3 \
+                and isinstance(inner.args[0], fx.Node):
             return inner.args[0]
     return None
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import asr_fx
 
-from .fuzz_model import build, example_input
+from .fuzz_model import Program, build, example_input
 
 CATEGORIES = ("equivalence", "unreported leftover", "crash", "input mutated", "dtype")
 
@@ -74,11 +74,16 @@ def _snapshot(model: nn.Module) -> tuple:
     state = {k: (v.dtype, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
     modes = [(n, type(m).__name__, m.training) for n, m in model.named_modules()]
     code = [getattr(m, "code", None) for m in model.modules() if isinstance(m, fx.GraphModule)]
-    return state, modes, code
+    hooks = [(n, k, len(v)) for n, m in model.named_modules() for k, v in vars(m).items()
+             if "hooks" in k and isinstance(v, dict)]
+    flags = [(n, sorted(k for k in vars(m) if k.startswith("_hooked"))) for n, m in model.named_modules()]
+    return state, modes, code, hooks, flags
 
 
 def _changed(before: tuple, model: nn.Module) -> str | None:
-    state, modes, code = _snapshot(model)
+    state, modes, code, hooks, flags = _snapshot(model)
+    if hooks != before[3] or flags != before[4]:
+        return "the model's hooks or the flags its forward sets changed"
     if state.keys() != before[0].keys():
         return f"state_dict keys changed: {sorted(set(state) ^ set(before[0]))}"
     for k, (dtype, value) in before[0].items():
@@ -103,12 +108,25 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
     ``"fused"``, ``"refused: <error>"`` (an ``asr_fx.ASRError``: a legitimate refusal) or
     ``"skipped: <why>"``."""
     failures: list[Failure] = []
+    x = example_input(spec)
+    if spec.get("instrument") and any(op["op"] in ("hook", "function") for op in spec["ops"]):
+        program = Program(spec)  # instrument leaves it exactly as it was, also when it refuses
+        kept = _snapshot(program)
+        try:
+            asr_fx.instrument(program, example_inputs=(x,))
+        except asr_fx.ASRError:
+            pass
+        changed = _changed(kept, program)
+        if changed:
+            failures.append(Failure("input mutated", f"instrument: {changed}"))
     try:
         model = build(spec)
+    except asr_fx.EquivalenceError as exc:  # instrument's self-check (outputs and gradients): a capture bug
+        return failures + [Failure("equivalence", f"instrument's self-check: {str(exc).splitlines()[0][:300]}")], \
+            "refused"
     except asr_fx.ASRError:
         spec = {**spec, "instrument": False}
         model = build(spec)
-    x = example_input(spec)
     if spec.get("instrument"):  # instrument's result must run before fuse is asked anything
         try:
             _run(copy.deepcopy(model).eval(), x)

@@ -19,6 +19,54 @@ def _activation(kind: str) -> nn.Module | None:
             "gelu": nn.GELU(), "silu": nn.SiLU(), "sigmoid": nn.Sigmoid(), "hardswish": nn.Hardswish()}.get(kind)
 
 
+class SwishFunction(torch.autograd.Function):
+    """A memory-efficient swish written as an autograd Function (its own backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return grad * s * (1 + x * (1 - s))
+
+
+class ReverseGradient(torch.autograd.Function):
+    """The identity forward, the negated gradient backward (domain-adversarial training)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return -grad
+
+
+FUNCTIONS = {"swish": SwishFunction, "reverse": ReverseGradient}
+
+
+class Observer(nn.Module):
+    """A step that the program's forward hooks on its first call (as transformers' output capture does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+
+def observe(module: nn.Module, _args: Any, out: torch.Tensor) -> None:
+    """A forward hook that only looks (records the output's rank on the module)."""
+    module.seen_rank = out.dim()
+
+
+def spelled_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "swish":
+        return h * torch.sigmoid(h)
+    return h * torch.nn.functional.relu6(h + 3) / 6
+
+
 def _norm(op: dict, c: int, dim: int) -> nn.Module:
     affine = op["affine"]
     if op["kind"] == "bn":
@@ -114,6 +162,8 @@ class Program(nn.Module):
                 c += saved[op["from"]]
             elif kind == "save":
                 saved.append(c)
+            elif kind == "hook":
+                self.layers[key] = Observer()
             elif kind == "channels_last":
                 if op["layer"] == "ln":
                     self.layers[key] = nn.LayerNorm(c)
@@ -223,6 +273,15 @@ class Program(nn.Module):
                 h = torch.cat([h, saved[op["from"]]], 1)
             elif kind == "save":
                 saved.append(h)
+            elif kind == "function":
+                h = FUNCTIONS[op["kind"]].apply(h)
+            elif kind == "spelled_act":
+                h = spelled_activation(h, op["kind"])
+            elif kind == "hook":
+                if not getattr(self, f"_hooked_{key}", False):  # once, behind a flag
+                    self.layers[key].register_forward_hook(observe)
+                    setattr(self, f"_hooked_{key}", True)
+                h = self.layers[key](h)
             elif kind == "output":
                 outputs.append(h)
             elif kind == "channels_last":
@@ -274,4 +333,4 @@ def build(spec: dict) -> nn.Module:
     return model
 
 
-__all__ = ["SPATIAL", "Program", "build", "example_input", "multiply"]
+__all__ = ["FUNCTIONS", "SPATIAL", "Observer", "Program", "build", "example_input", "multiply", "observe"]

@@ -69,7 +69,7 @@ def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple
     total = asr_fx.count_parameters(vanilla)
     for path in parts:
         part = vanilla.get_submodule(path)
-        probe = tuple(torch.randn(s) for s in config["part_input_shapes"][path])
+        probe = tuple(torch.randn(s) if s is not None else None for s in config["part_input_shapes"][path])
         total += _reference_params(part, model.get_submodule(path), probe) - asr_fx.count_parameters(part)
     return total
 

@@ -1,4 +1,4 @@
-"""Issue 2: instrument -> train -> fuse -> ONNX -> verify on torchvision ResNets and ResNet-164."""
+"""instrument -> train -> fuse -> ONNX -> verify on torchvision ResNets and ResNet-164."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Regression cases of issue 14 items 1-6 (and the fuzzer's own findings F1-F3), from the minimal programs.
+"""Fold regression cases, from the minimal programs that once failed (the fuzzer's findings among them).
 
 Each test states what must hold: ``fuse`` returns a model equal to the original in eval mode (outputs,
 output dtypes, and what the model writes into its input), leaves the caller's tensors alone, and
@@ -72,7 +72,7 @@ def _scale(c: int, *values: float) -> nn.Parameter:
 
 
 class InplaceAfterScale(nn.Module):
-    """issue 14 item 1: ``y = x * a; y = y.mul_(b); return conv(y), x + 1``."""
+    """``y = x * a; y = y.mul_(b); return conv(y), x + 1``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -119,7 +119,7 @@ def test_fuse_does_not_write_into_example_inputs():
 
 
 class ImulReadAgain(nn.Module):
-    """issue 14 item 2: ``y = conv(x); z = y; z *= p; return z + y`` (eager: 4 conv(x) for p = 2)."""
+    """``y = conv(x); z = y; z *= p; return z + y`` (eager: 4 conv(x) for p = 2)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,7 +146,7 @@ def test_imul_of_a_value_read_again_is_traced_in_place_or_refused():
 
 
 class TinyScaleIntoBN(nn.Module):
-    """issue 14 item 3: ``GELU -> x * s -> BN`` with an entry of s at 1e-20 (F2: or at 1e4)."""
+    """``GELU -> x * s -> BN`` with an entry of s at 1e-20 (F2: or at 1e4)."""
 
     def __init__(self, tiny: float) -> None:
         super().__init__()
@@ -180,7 +180,7 @@ def test_small_but_safe_scale_into_next_bn_still_folds():
 
 
 class Float64ScaleAfter(nn.Module):
-    """issue 14 item 4: ``layer(x) * s`` with ``s`` float64 in a float32 model."""
+    """``layer(x) * s`` with ``s`` float64 in a float32 model."""
 
     def __init__(self, layer: nn.Module, shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -217,7 +217,7 @@ def test_float64_scalar_after_conv_folds_and_keeps_float32():
 
 
 class ChannelsLastRoundTrip(nn.Module):
-    """issue 14 item 5: ``conv(x).flatten(2).transpose(1, 2)``, back with ``unflatten``, then ``* v``."""
+    """``conv(x).flatten(2).transpose(1, 2)``, back with ``unflatten``, then ``* v``."""
 
     def __init__(self, transpose: bool) -> None:
         super().__init__()

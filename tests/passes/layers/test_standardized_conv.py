@@ -9,11 +9,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from layer_rule_checks import check_output_fold, last_node, traced
 from torch import nn
 
 import asr_fx
 from asr_fx.passes.capture.trace import trace
-from asr_fx.passes.layers.standardized_conv import standardized_conv
+from asr_fx.passes.layers.base import LayerMatch, NoMatch, Refusal
+from asr_fx.passes.layers.standardized_conv import STANDARDIZED_CONV, standardized_conv
 
 
 class ScaledStdConv(nn.Conv2d):
@@ -102,3 +104,18 @@ def test_a_hand_written_scale_after_a_standardized_conv_without_gain_stays_and_i
         fused = asr_fx.fuse(model, example_inputs=(x,))
         torch.testing.assert_close(fused(x), model(x))
     assert not asr_fx.fusion_report(fused).records[0].folded
+
+
+# --- the layer rule on its own ---------------------------------------------------------------------------
+
+def test_rule_recognises_the_gain_conv_and_folds_into_the_gain():
+    x = torch.randn(2, 3, 6, 6)
+    gm = traced(ScaledStdConv(3, 5, 3), x)
+    node = last_node(gm)
+    found = STANDARDIZED_CONV.recognise(gm, node)
+    assert isinstance(found, LayerMatch) and (found.channels, found.position, found.module) == (5, -3, "0")
+    target = check_output_fold(STANDARDIZED_CONV, gm, node, x)
+    assert [t.shape for t in target.tensors] == [(5, 1, 1, 1), (5,)]  # the gain and the bias, not the weight
+    assert isinstance(STANDARDIZED_CONV.input_target(gm, node), Refusal)
+    gm = traced(ScaledStdConv(3, 5, 3, gain=False), x)
+    assert isinstance(STANDARDIZED_CONV.recognise(gm, last_node(gm)), NoMatch)

@@ -1,4 +1,4 @@
-"""Capture of real forwards, one small hand-written model per failure category (issue 13).
+"""Capture of real forwards, one small hand-written model per failure category.
 
 Composite norm-act layers, training flags, shape checks, list inputs, keyword-only flags, the
 equivalence check, and that a fold never crosses an activation hidden in a layer.
@@ -301,12 +301,12 @@ def test_trace_errors_name_the_library_line_not_torchvision_as_torch():
     """A frame in torchvision (whose path starts with torch's directory name) is the library's line."""
     from torchvision.ops.boxes import box_area
 
-    from asr_fx.passes.capture.trace import _user_frame
+    from asr_fx.passes.capture.trace_errors import user_frame
 
     try:
         box_area("not boxes")
     except Exception as exc:  # noqa: BLE001
-        frame = _user_frame(exc)
+        frame = user_frame(exc)
     assert "/torchvision/ops/" in frame.filename.replace("\\", "/")
 
 

@@ -1,11 +1,11 @@
-"""Random programs through ``asr_fx.fuse`` (issue 14): equivalence in eval mode against a float64
+"""Random programs through ``asr_fx.fuse``: equivalence in eval mode against a float64
 reference, the input model and tensors unchanged, every constant multiply left in the graph reported,
 output dtypes kept. Programs and checks: ``tools/testkit/fuzz_programs.py``; the 10,000-program run is
 ``tools/fuzz_fuse.py`` and the ``slow`` test below.
 
-Status: ``fuzz_programs.KNOWN_BUGS`` is empty: the features it once left out (issue 14 items 1-6 and
-the fuzzer's findings F1-F3) are fixed and generated again. A new open bug gets an entry there (and a
-gate in the generator) until its fix lands.
+Status: ``fuzz_programs.KNOWN_BUGS`` is empty: the features it once left out (the fold bugs of
+test_fold_regressions.py and the fuzzer's findings F1-F3) are fixed and generated again. A new open bug
+gets an entry there (and a gate in the generator) until its fix lands.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 
 import asr_fx
+from testkit.fuzz_model import Program, example_input
 from testkit.fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
 
 
@@ -134,7 +135,7 @@ def test_checker_accepts_asr_errors_as_refusals(monkeypatch):
     assert check_program(_SPEC) == ([], "refused: ASRError: no")
 
 
-#: the feature gates the generator knows (the keys issue 14's bugs had; KNOWN_BUGS entries use them)
+#: the feature gates the generator knows (the keys the fixed fold bugs had; KNOWN_BUGS entries use them)
 GATES = ("extreme_scale", "float64_scale", "imul_read_again", "inplace_after_scale", "inplace_on_input",
          "instrument_float64_param", "reshape_round_trip", "unmatched_spellings")
 
@@ -144,3 +145,38 @@ def test_each_known_bug_entry_leaves_something_out(key):
     """Every gate (and KNOWN_BUGS entry) changes some generated program (with the other features
     generated): leaving it out of ``exclude`` brings the feature back."""
     assert any(random_spec(seed, exclude={key}) != random_spec(seed, exclude=set()) for seed in range(500))
+
+
+# ---- the capture families: autograd Functions, hooks installed by forward, spelled activations -----------
+
+_CAPTURE_SPEC = {**_SPEC, "instrument": True, "ops": [
+    *_SPEC["ops"][:1], {"op": "norm", "kind": "bn", "affine": True}, {"op": "spelled_act", "kind": "swish"},
+    {"op": "hook"}, {"op": "function", "kind": "reverse"},
+    {"op": "conv", "out": 4, "k": 1, "groups": 1, "transpose": False, "bias": True}]}
+
+
+def test_the_generator_makes_the_capture_families():
+    ops = {op["op"] for seed in range(200) for op in random_spec(seed)["ops"]}
+    assert {"function", "spelled_act", "hook"} <= ops
+
+
+def test_checker_passes_the_capture_families():
+    instrumented = asr_fx.instrument(Program(_CAPTURE_SPEC), example_inputs=(example_input(_CAPTURE_SPEC),))
+    assert list(instrumented.asr) == ["layers_1"]  # the bn before the spelled swish
+    assert check_program(_CAPTURE_SPEC) == ([], "fused")
+
+
+def test_checker_sees_a_lost_backward(monkeypatch):
+    import contextlib
+    import sys
+
+    monkeypatch.setattr(sys.modules["asr_fx.passes.capture.trace"], "functions_kept_opaque", contextlib.nullcontext)
+    assert _categories(_CAPTURE_SPEC) == {"equivalence"}
+
+
+def test_checker_sees_hooks_added_by_capture(monkeypatch):
+    import sys
+
+    values = sys.modules["asr_fx.passes.capture.concrete_values"]
+    monkeypatch.setattr(values, "_CONTAINERS", ())  # hook dicts (and caches) no longer restored
+    assert "input mutated" in _categories(_CAPTURE_SPEC)

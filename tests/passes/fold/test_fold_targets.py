@@ -1,4 +1,4 @@
-"""Issue 5: one test per fold target; each fused model matches in eval mode and has no Mul left."""
+"""One test per fold target; each fused model matches in eval mode and has no Mul left."""
 
 from __future__ import annotations
 

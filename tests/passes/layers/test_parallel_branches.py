@@ -9,7 +9,8 @@ from torch import nn
 
 import asr_fx
 from asr_fx.passes.capture.trace import trace
-from asr_fx.passes.layers.parallel_branches import parallel_sums
+from asr_fx.passes.layers.base import LayerMatch, NoMatch
+from asr_fx.passes.layers.parallel_branches import PARALLEL_BRANCHES, parallel_sums
 from asr_fx.passes.placement.locate import residual_blocks
 
 
@@ -104,3 +105,16 @@ def test_a_residual_block_with_a_downsample_shortcut_is_no_parallel_sum():
     assert parallel_sums(gm) == []
     sites = asr_fx.find_sites(ResNetDownsample().eval())
     assert [s.module for s in sites] == ["b.1"], sites
+
+
+def test_rule_recognises_the_sum_and_leaves_the_scale_to_the_branches():
+    gm = trace(RepNet().eval())
+    sums = parallel_sums(gm)
+    found = PARALLEL_BRANCHES.recognise(gm, sums[0].node)
+    assert isinstance(found, LayerMatch) and found.channels == sums[0].info.channels
+    assert found.fold_target == sums[0].node.name and found.module == ""
+    assert isinstance(PARALLEL_BRANCHES.output_target(gm, sums[0].node), NoMatch)  # the fold goes through the add
+    gm = trace(ResNetDownsample().eval())
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and "add" in n.name)
+    refused = PARALLEL_BRANCHES.recognise(gm, add)
+    assert isinstance(refused, NoMatch) and refused.reason

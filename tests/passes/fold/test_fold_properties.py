@@ -1,4 +1,4 @@
-"""Issue 5, property-based: on random graphs of conv/BN/linear/ReLU/GELU/pool/add/concat/shared-module
+"""Property-based: on random graphs of conv/BN/linear/ReLU/GELU/pool/add/concat/shared-module
 calls with constant per-channel scales at random places (positive and negative, parameters, buffers
 or computed from parameters as ASR does), ``fuse`` is equivalent to its input and never leaves more
 parameters. 200 examples by default; ``-m slow`` runs 2,000."""

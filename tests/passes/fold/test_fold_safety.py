@@ -1,4 +1,4 @@
-"""Issue 5: folds never change another user or call; propagation; refusals with reasons; hand-written ASR."""
+"""Folds never change another user or call; propagation; refusals with reasons; hand-written ASR."""
 
 from __future__ import annotations
 

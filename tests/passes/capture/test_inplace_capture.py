@@ -1,4 +1,4 @@
-"""In-place capture (issue 16, issue 14 item 2): ``+=``, ``*=``, ``-=``, ``/=`` are traced as in-place
+"""In-place capture: ``+=``, ``*=``, ``-=``, ``/=`` are traced as in-place
 ops, the traced and fused graphs compute what eager computes where the written value is read again,
 and a residual ``out += identity`` stays in place through instrument and fuse."""
 
@@ -12,13 +12,27 @@ import pytest
 import torch
 import torchvision
 from conftest import fuse_checked
-from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; return z + y
 from torch import nn
 
 import asr_fx
 from asr_fx.passes.capture.trace import trace
 
 INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
+
+
+class ImulReadAgain(nn.Module):
+    """``y = conv(x); z = y; z *= p; return z + y`` (eager: 4 conv(x) for p = 2; also a fold regression case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.p = nn.Parameter(torch.full((1, 4, 1, 1), 2.0))
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = y
+        z *= self.p
+        return z + y
 
 
 def _inplace_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

@@ -1,0 +1,67 @@
+"""Partial capture instruments parts called with keyword tensors (a transformer block called with ``mask=``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import asr_fx
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x, cache=None, mask=None):
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, -1)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if mask is not None:
+            scores = scores + mask
+        x = x + self.proj(scores.softmax(-1) @ v)
+        return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+
+
+class _Encoder(nn.Module):
+    """Its own forward cannot be traced (a data-dependent early exit); its blocks get the mask by keyword."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(_Block(dim) for _ in range(2))
+
+    def forward(self, tokens, lengths):
+        x = self.embed(tokens)
+        positions = torch.arange(tokens.shape[1])
+        mask = torch.where(positions[None, :] < lengths[:, None], 0.0, -1e4)[:, None, :]
+        for block in self.blocks:
+            x = block(x, mask=mask)
+            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
+                break
+        return x
+
+
+def test_blocks_called_with_a_keyword_mask_are_instrumented():
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    inputs = (torch.randn(2, 6, 4), torch.tensor([6, 3]))
+    instrumented = asr_fx.instrument(model, example_inputs=inputs)
+    config = asr_fx.get_config(instrumented)
+    assert config["parts"] == ["blocks.0", "blocks.1"]
+    assert {s["node"] for s in config["sites"]} == {f"blocks.{i}/{n}" for i in range(2) for n in ("proj", "fc2")}
+    instrumented.eval()
+    other = (torch.randn(3, 6, 4), torch.tensor([2, 6, 4]))  # another mask: the parts take it as an input
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=inputs)
+    with torch.no_grad():
+        want = instrumented(*other)
+        assert ((fused(*other) - want).abs().max() / want.abs().max()).item() <= 1e-5
+        for block in instrumented.modules():
+            if isinstance(block, asr_fx.ASR):
+                block.attention_value = lambda b=block: torch.ones(b.broadcast_shape)
+        torch.testing.assert_close(instrumented(*other), model(*other), rtol=1e-5, atol=1e-6)
+    assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
