@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import cast
 
 import torch
 from torch import nn
+
+from asr_fx.errors import UnsupportedModelError
 
 
 def psi_shape_of(net: nn.Module) -> tuple[int, ...]:
@@ -33,3 +36,17 @@ def meta_tensors(model: nn.Module) -> list[str]:
     """Names of ``model``'s parameters and buffers that live on the meta device (no values)."""
     named = [*model.named_parameters(), *model.named_buffers()]
     return [name for name, t in named if t.device.type == "meta"]
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, or :class:`~asr_fx.errors.UnsupportedModelError` where torch cannot copy it
+    (the old-style ``torch.nn.utils.weight_norm`` keeps a computed, non-leaf ``weight``)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        if "deepcopy" not in str(exc):
+            raise
+        raise UnsupportedModelError(
+            f"asr-fx works on a copy of the model and torch cannot copy this one: {str(exc).splitlines()[0]} "
+            "This is the old-style torch.nn.utils.weight_norm: use torch.nn.utils.parametrizations.weight_norm, or "
+            "bake it in with torch.nn.utils.remove_weight_norm(module) first.", reason="copy") from exc

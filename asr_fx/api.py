@@ -7,7 +7,6 @@ eval-mode copy of the model, and attaches a :class:`~asr_fx.fusion.FusionReport`
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -16,12 +15,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx._util import copy_of
 from asr_fx.config import get_config, set_config
 from asr_fx.equivalence import check_fused, derive_probe, probe_inputs, run_on_copies, saved_state
 from asr_fx.errors import ASRError, FusionError, VanillaModelError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
+from asr_fx.leaf_spec import recorded_leaves
 from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
@@ -71,14 +72,19 @@ def fuse(
     model instrumented part by part, each fused part goes into the matching submodule of ``vanilla`` and
     every other tensor of ``model`` with it.
 
+    ``leaf_modules``: as for :func:`asr_fx.instrument`; by default the ones ``instrument`` recorded.
+
     ``check`` (default): the result is checked against ``model`` in eval mode on ``example_inputs`` (or the
     input shape ``instrument`` recorded) and :class:`asr_fx.EquivalenceError` names the first layer that
     differs; ``False`` skips it. A model instrumented part by part (:mod:`asr_fx.partial_capture`) is fused
     part by part, in place in a copy of the model's own class.
     """
+    given = {"leaf_modules": leaf_modules} if leaf_modules is not None else {}  # else each part's recorded ones
+    if leaf_modules is None:  # the ones instrument was given
+        leaf_modules = recorded_leaves(model)
     if is_partial(model):
         inputs = as_input_tuple(example_inputs)
-        fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
+        fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check, **given)
         if into is not None:
             return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
         return _in_place(model, fused) if inplace else fused
@@ -88,7 +94,7 @@ def fuse(
     if inplace:
         raise ASRError("fuse(..., inplace=True) needs a model instrument() returned in the module form (the user's "
                        f"own class); {type(model).__name__} is a GraphModule: leave inplace off")
-    work = copy.deepcopy(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
+    work = copy_of(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
     with folding_in_place():
         gm, records = fuse_pipeline(work, FuseOptions(fold_bn, as_input_tuple(example_inputs), leaf_modules))
     _report(model, gm, records, strict)
@@ -123,7 +129,7 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
                        "a new head?), so those blocks took no part in training. Replace modules before instrument")
     leaves = leaf_modules if leaf_modules is not None else model.__dict__.get(LEAVES)
     inputs = probe_inputs(model, inputs)
-    vanilla = copy.deepcopy(model).eval()
+    vanilla = copy_of(model).eval()
     blocks = remove(vanilla)
     with folding_in_place():  # graph_form traces its own copy: no one else holds its tensors
         gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))

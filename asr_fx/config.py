@@ -63,6 +63,8 @@ class ASRConfig:
     ``"graph"`` or None (configs written before the module form): the model is a GraphModule"""
     graph_reason: str | None = None
     """why the graph form was used (a site with no place in the model's modules)"""
+    leaf_modules: list[str] | None = None
+    """the ``leaf_modules`` instrument was given: module paths, classes as ``"package.module:Class"``"""
 
     @property
     def resolved_bn_affine_form(self) -> bool:

@@ -36,6 +36,7 @@ from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
 from asr_fx.own_model import LEAVES, graph_form, remove
 from asr_fx.passes import trace
 from asr_fx.passes.export.export_forms import for_export
+from asr_fx.passes.fold.cleanup import drop_dead_nodes
 from asr_fx.passes.forms.module_form import has_module_form
 from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.verify import (
@@ -43,6 +44,7 @@ from asr_fx.verify import (
     Inputs,
     as_args,
     check_runnable,
+    copied,
     default_rtol,
     flatten_outputs,
     onnx_op_counts,
@@ -151,7 +153,7 @@ def _without_guards(model: nn.Module) -> nn.Module:
             for node in guards:
                 module.graph.erase_node(node)
             if guards:
-                module.graph.eliminate_dead_code()
+                drop_dead_nodes(module)  # keeps writes into inputs and state
                 module.recompile()
     return copy
 
@@ -354,8 +356,8 @@ def export_onnx(
         tmp = folder / path.name
         start = time.perf_counter()
         try:
-            report.exporter, report.exporter_note = _export(exportable(model, args), args, kwargs, str(tmp), opset,
-                                                            axes, external_data, input_names, output_names)
+            report.exporter, report.exporter_note = _export(exportable(model, args), *copied(args, kwargs), str(tmp),
+                                                            opset, axes, external_data, input_names, output_names)
         except _ExportFailed as exc:
             cause = exc.errors["dynamo"]
             retried = exc.errors.get("torchscript")

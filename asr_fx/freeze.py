@@ -18,6 +18,7 @@ from torch import nn
 
 from asr_fx.errors import UnknownSiteError
 from asr_fx.passes import trace
+from asr_fx.passes.fold.cleanup import drop_dead_nodes
 from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.stripe import FROZEN_PREFIX, Batches, SiteStats, StripeStats, batch_inputs, collect
 
@@ -142,7 +143,7 @@ def _freeze(model: nn.Module, sites: Sequence[SiteStats], leaf_modules: Any) -> 
         frozen.append(FrozenSite(site=site.site, mul=site.mul, buffer=buffer, channels=site.channels,
                                  ignored_std_mean=float(std.mean()), ignored_std_max=float(std.max()),
                                  std_ratio=site.std_ratio))
-    gm.graph.eliminate_dead_code()
+    drop_dead_nodes(gm)  # keeps writes into inputs and state
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

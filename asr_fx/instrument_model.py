@@ -8,7 +8,6 @@ The placement rules come from the one registry :data:`asr_fx.passes.placement.ru
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,12 +18,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx._util import copy_of
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
 from asr_fx.equivalence import check_instrumented, expected_outputs, random_probe
 from asr_fx.errors import ASRError, InvalidOptionError, TraceError
 from asr_fx.input_shapes import default_input_shape
+from asr_fx.leaf_spec import record_leaves
 from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
 from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
 from asr_fx.passes import Site, trace
@@ -59,7 +60,7 @@ def find_sites(
     turns those into ASR form.
     """
     example_inputs = as_input_tuple(example_inputs)
-    gm = trace(copy.deepcopy(model), leaf_modules, example_inputs=example_inputs)
+    gm = trace(copy_of(model), leaf_modules, example_inputs=example_inputs)
     if example_inputs is not None:
         record_shapes(gm, example_inputs)
     chosen = select_sites(gm, rule, sites, exclude)
@@ -229,7 +230,7 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
     try:
         if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
             raise TraceError("the sites name parts of the model")
-        gm, records = READ_PIPELINE.run(copy.deepcopy(model), pipeline_options)
+        gm, records = READ_PIPELINE.run(copy_of(model), pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
         documented = _documented_inputs(model) if example_inputs is None and not names_parts(o["sites"]) else None
         if documented is not None:  # shape-aware capture on the input the model's own config documents
@@ -246,7 +247,7 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
     if isinstance(found, str):
         return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok or bool(graph_form),
                            o["check"], warn=not graph_form)
-    own = model if o["inplace"] else copy.deepcopy(model)
+    own = model if o["inplace"] else copy_of(model)
     expected = expected_outputs(model, example_inputs) if o["check"] and own is model else None
     attach_blocks(own, gm, found)
     config.form = "module"
@@ -306,6 +307,7 @@ def _config(model: nn.Module, gm: fx.GraphModule, chosen: list[Site], block_opti
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
         else None,
+        leaf_modules=record_leaves(o.leaf_modules),
     )
 
 

@@ -65,10 +65,14 @@ def _labels(record: Any) -> list[str]:
     return [label for label in str(getattr(record, "into", "") or "").split(", ") if label]
 
 
-def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionReport | None) -> str:
+def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionReport | None) -> str | None:
     """Why a ``_folded_*`` tensor of ``fused`` has no place in the vanilla model, naming its site."""
     users = [u for n in fused.graph.nodes if n.op == "get_attr" and n.target == key for u in n.users]
     by_mul = {r.mul: r for r in report.records} if report is not None else {}
+    own = [by_mul.get(u.name) for u in users]
+    if users and report is not None and all(r is not None and not r.folded and not any(
+            r.site == b or r.site.startswith(b + ".") for b in report.blocks) for r in own):
+        return None  # the model's own scale (a layer scale, logit_scale.exp()) left as it was: vanilla computes it
     for user in users:
         record = by_mul.get(user.name)
         if record is not None and not record.folded:
@@ -103,29 +107,23 @@ def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, valu
     return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
 
 
-_SHAPING = {"reshape", "view", "unsqueeze", "expand", "flatten", "to", "type_as"}
-
-
-def _past_shaping(users: list[fx.Node], sources: list[fx.Node]) -> list[fx.Node]:
-    """``users`` with each shaping op of its source (``gamma.reshape(1, -1, 1, 1)``) replaced by its users."""
-    out: list[fx.Node] = []
-    for u in users:
-        if getattr(u.target, "__name__", u.target) in _SHAPING and u.args and u.args[0] in sources:
-            out.extend(_past_shaping(list(u.users), [u]))
-        else:
-            out.append(u)
-    return out
-
-
 def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
-    """``True`` when ``key`` is read only as a ``mul`` operand, ``False`` when not read at all,
-    ``None`` when read otherwise."""
+    """``True`` when ``key`` is read only as a ``mul`` operand (directly or through views: a layer scale
+    ``gamma.unsqueeze(-1)``), ``False`` when not read at all, ``None`` when read otherwise."""
     users = [u for n in graph.nodes if n.op == "get_attr" and n.target == key for u in n.users]
     if not users:
         return False
     muls = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
-    users = _past_shaping(users, [n for n in graph.nodes if n.op == "get_attr" and n.target == key])
-    return True if all(getattr(u.target, "__name__", u.target) in muls for u in users) else None
+    views = {"unsqueeze", "reshape", "view", "expand", "expand_as", "squeeze", "flatten", "to", "type_as"}
+    while users:
+        name = getattr(users[0].target, "__name__", users[0].target)
+        if name in views and users[0].op in ("call_method", "call_function"):
+            users = [*users[1:], *users[0].users]
+        elif name in muls:
+            users = users[1:]
+        else:
+            return None
+    return True
 
 
 def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
@@ -148,6 +146,10 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
             values[key] = torch.ones_like(src)
         elif use is False:
             values[key] = src if src is not None and src.shape == own[key].shape else own[key]
+        elif src is not None and src.shape == own[key].shape and not isinstance(
+                vanilla.get_submodule(_owner_and_name(key)[0]), _BatchNorm):
+            values[key] = src  # a tensor the model computes a constant from (logit_scale.exp()): its own value;
+            # where fusion folded that constant into a layer, the output check refuses
         else:
             owner = _owner_and_name(key)[0]
             if isinstance(vanilla.get_submodule(owner), _BatchNorm):
@@ -204,18 +206,14 @@ def vanilla_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, 
 
 
 def _same_architecture(state: dict[str, torch.Tensor], vanilla: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` when its keys and shapes are ``vanilla``'s, else :class:`VanillaModelError` naming the first
-    mismatches."""
-    target = vanilla.state_dict()
-    only_fused, only_vanilla = [k for k in state if k not in target], [k for k in target if k not in state]
-    shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
-              if k in target and v.shape != target[k].shape]
-    if only_fused or only_vanilla or shapes:
-        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the fused model: keys only in "
-                                f"the fused model {only_fused[:_SHOWN]}{_more(only_fused)}, only in the vanilla model "
-                                f"{only_vanilla[:_SHOWN]}{_more(only_vanilla)}, shapes (fused vs vanilla) "
-                                f"{shapes[:_SHOWN]}{_more(shapes)}; build the vanilla model with the same factory "
-                                "and arguments")
+    target = vanilla.state_dict()  # the keys and shapes of ``state`` must be these, else VanillaModelError
+    diffs = ([k for k in state if k not in target], [k for k in target if k not in state], [f"`{k}` {tuple(v.shape)} "
+             f"vs {tuple(target[k].shape)}" for k, v in state.items() if k in target and v.shape != target[k].shape])
+    if any(diffs):
+        what = ("keys only in the fused model", "only in the vanilla model", "shapes (fused vs vanilla)")
+        listed = ", ".join(f"{w} {d[:_SHOWN]}{_more(d)}" for w, d in zip(what, diffs))
+        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the fused model: {listed}; "
+                                "build the vanilla model with the same factory and arguments")
     return {k: v.detach() for k, v in state.items()}
 
 
@@ -306,9 +304,15 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
             raise VanillaModelError(f"{type(vanilla).__name__} has no submodule `{path}`, where the instrumented "
                                     "model has an instrumented part: another architecture; build the vanilla "
                                     "model with the same factory and arguments") from None
-        try:
-            part = model_state_dict(fused.get_submodule(path), target, source.get_submodule(path),
-                                    leaf_modules=leaf_modules)
+        config = asr_config(source)
+        part_shapes = (config.part_input_shapes or {}).get(path) if config is not None else None
+        part_source = source.get_submodule(path)
+        ref = next(iter(part_source.parameters()), None)
+        probe = tuple(equivalence.random_probe(s, ref) if s is not None else None for s in part_shapes) \
+            if part_shapes and ref is not None else None
+        try:  # traced on the part's recorded input shapes, as instrument captured it
+            part = model_state_dict(fused.get_submodule(path), target, part_source,
+                                    leaf_modules=leaf_modules, example_inputs=probe)
         except VanillaModelError as exc:
             raise VanillaModelError(f"part `{path}`: {exc}") from None
         state.update({f"{path}.{k}": v for k, v in part.items()})

@@ -1,25 +1,71 @@
 """onnxruntime in one place: sessions, runs and latency.
 
 onnxruntime is imported when a model is first run, not with asr-fx (it takes a while to import and
-``asr-fx --help`` needs none of it).
+``asr-fx --help`` needs none of it). It comes from one of two extras, ``cpu`` (``onnxruntime``) or ``gpu``
+(``onnxruntime-gpu``), never both: the packages install the same ``onnxruntime`` module and overwrite each
+other's files. :func:`installed_runtimes` says which are installed; :func:`session` refuses when none is
+(:class:`~asr_fx.errors.MissingDependencyError`) and warns when several are.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from typing import Any
 
 import numpy as np
 import torch
 
+from asr_fx.errors import MissingDependencyError
+
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+#: the distributions that install the ``onnxruntime`` module (one environment must hold at most one)
+RUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino",
+                         "onnxruntime-silicon", "onnxruntime-training")
+INSTALL_HINT = 'pip install "asr-fx[cpu]" (or "asr-fx[gpu]" for onnxruntime-gpu, never both)'
+
+
+class RuntimeConflictWarning(UserWarning):
+    """More than one onnxruntime distribution is installed: they overwrite each other's files."""
+
+
+def installed_runtimes() -> list[str]:
+    """The onnxruntime distributions installed in this environment (normally exactly one)."""
+    found = []
+    for name in RUNTIME_DISTRIBUTIONS:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def _import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module; :class:`MissingDependencyError` naming the extras when none is installed,
+    :class:`RuntimeConflictWarning` when several distributions are."""
+    found = installed_runtimes()
+    if len(found) > 1:
+        keep = "onnxruntime-gpu" if "onnxruntime-gpu" in found else found[0]
+        drop = " ".join(n for n in found if n != keep)
+        warnings.warn(f"{' and '.join(found)} are installed side by side: they install the same `onnxruntime` "
+                      f"module and overwrite each other's files (a CUDA provider can go missing). Keep one: "
+                      f"pip uninstall -y {' '.join(found)} && pip install {keep}  (or pip uninstall {drop} and "
+                      f"reinstall {keep})", RuntimeConflictWarning, stacklevel=3)
+    try:
+        import onnxruntime  # noqa: PLC0415 - optional at import time: only needed to run a model
+    except ImportError as exc:
+        raise MissingDependencyError(f"verifying or running an ONNX file needs onnxruntime, which is not installed "
+                                     f"({exc}); install it with: {INSTALL_HINT}, or export with verify=False "
+                                     "(--no-verify)", package="onnxruntime") from exc
+    return onnxruntime
 
 
 def session(path: str, providers: Sequence[str] | None = None, *, threads: int | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` for ``path`` (its warnings quiet; ``threads`` intra-op threads)."""
-    import onnxruntime as ort  # noqa: PLC0415 - optional at import time: only needed to run a model
-
+    ort = _import_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:

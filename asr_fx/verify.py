@@ -15,9 +15,9 @@ import contextlib
 import os
 import time
 import warnings
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +35,7 @@ from asr_fx.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from asr_fx.onnx_queries import onnx_inputs, onnx_op_counts, onnx_parameter_count, op_count_diff
 from asr_fx.passes.graph.modes import preserved_training_modes
 
 #: default ``rtol`` per reference dtype: float32's is DESIGN.md's; float16 keeps ~3 significant digits
@@ -110,28 +111,6 @@ class ExportReport:
         }
 
 
-def onnx_op_counts(model: str | os.PathLike | onnx.ModelProto) -> dict[str, int]:
-    """The op-type multiset of an ONNX model's main graph (and of its local functions)."""
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-    counts = Counter(node.op_type for node in proto.graph.node)
-    for function in proto.functions:
-        counts.update(node.op_type for node in function.node)
-    return dict(sorted(counts.items()))
-
-
-def onnx_parameter_count(proto: onnx.ModelProto) -> int:
-    """Elements of the floating-point initializers (the weights) of an ONNX model; no data is read."""
-    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer if t.data_type in floating)
-
-
-def onnx_inputs(proto: onnx.ModelProto) -> list[tuple[str, list[int | str]]]:
-    """``(name, dims)`` of each graph input; symbolic dims as their names (``"?"`` when unnamed)."""
-    initializers = {t.name for t in proto.graph.initializer}
-    return [(i.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                      for d in i.type.tensor_type.shape.dim]) for i in proto.graph.input if i.name not in initializers]
-
-
 @contextlib.contextmanager
 def fp32_matmul_precision():
     """Turn TF32 off (CUDA matmul and cuDNN) for the block and restore both flags afterwards: with TF32,
@@ -173,19 +152,18 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[np.ndarray], rto
         act = np.asarray(act, dtype=np.float32)
         if ref_np.shape != act.shape:
             raise VerificationError(f"output {i}: onnxruntime shape {act.shape} != torch shape {ref_np.shape}")
-        scale = float(np.abs(ref_np).max()) if ref_np.size else 0.0
-        max_abs = float(np.abs(ref_np - act).max()) if ref_np.size else 0.0
-        ok = bool(np.isfinite(act).all()) and max_abs <= atol + rtol * scale
+        finite = np.isfinite(ref_np)
+        # inf/-inf/nan where torch has them, at the same positions; finite values within the tolerance
+        same_nonfinite = bool((np.isfinite(act) == finite).all()) and \
+            bool(np.array_equal(np.nan_to_num(ref_np[~finite]), np.nan_to_num(act[~finite])))
+        scale = float(np.abs(ref_np[finite]).max()) if finite.any() else 0.0
+        max_abs = float(np.abs(ref_np[finite] - act[finite]).max()) if finite.any() else 0.0
+        if not same_nonfinite:
+            max_abs = float("inf")
+        ok = same_nonfinite and max_abs <= atol + rtol * scale
         name = names[i] if names is not None and i < len(names) else f"output{i}"
         errors.append(OutputError(name, max_abs, max_abs / scale if scale else max_abs, ok))
     return errors
-
-
-def op_count_diff(expected: dict[str, int], actual: dict[str, int]) -> str:
-    """``"Mul: 3 (expected 0), Conv: 12 (expected 13)"``: the op types whose counts differ."""
-    ops = sorted(set(expected) | set(actual))
-    return ", ".join(f"{op}: {actual.get(op, 0)} (expected {expected.get(op, 0)})"
-                     for op in ops if actual.get(op, 0) != expected.get(op, 0)) or "none"
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -217,12 +195,22 @@ def check_runnable(model: nn.Module, what: str = "the model") -> None:
 
 
 def as_args(inputs: Inputs) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-    """``(positional, keyword)`` model inputs: a tensor or a sequence is positional, a mapping keyword."""
+    """``(positional, keyword)`` model inputs: a tensor or a sequence is positional, a mapping keyword.
+    Tensors are copies: a forward that writes into its input (in place) never changes the caller's."""
     if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
+        return (_copy(inputs),), {}
     if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    return tuple(inputs), {}
+        return (), {k: _copy(v) for k, v in inputs.items()}
+    return tuple(_copy(t) for t in inputs), {}
+
+
+def copied(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Fresh copies of model inputs (what a forward that writes into its input may change)."""
+    return tuple(_copy(a) for a in args), {k: _copy(v) for k, v in kwargs.items()}
+
+
+def _copy(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def _check_inputs_fit(proto: onnx.ModelProto, path: str, args: tuple, kwargs: dict,
@@ -387,8 +375,9 @@ def _runtime_name(sess: object) -> str:
 
 def _compare_on(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: float, atol: float,
                 names: list[str], label: str) -> list[OutputError]:
-    with torch.no_grad(), fp32_matmul_precision():
-        expected = flatten_outputs(reference(*args, **kwargs))
+    with torch.no_grad(), fp32_matmul_precision():  # on copies: the runtime gets the inputs as they were
+        fresh_args, fresh_kwargs = copied(args, kwargs)
+        expected = flatten_outputs(reference(*fresh_args, **fresh_kwargs))
     try:
         actual = _run(sess, kwargs if kwargs else args)
     except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line

@@ -30,6 +30,7 @@ from .fold.constant_fold import fold_constants
 from .fold.fold import fold_scales
 from .fold.fold_conv_bn import fold_conv_bn
 from .fold.propagate import propagate_scales
+from .fold.scale_spellings import normalize_scale_spellings
 from .forms.bn_affine_training_form import from_bn_affine_form, to_bn_affine_form
 from .forms.convert_existing import convert_existing_attention, pooled_means
 from .forms.hoist_attention_values import (
@@ -229,6 +230,12 @@ def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult
     return PassResult(fold_constants(gm))
 
 
+def spell_scales_as_muls(gm: fx.GraphModule, context: PassContext) -> PassResult:
+    """``x / c``, ``addcmul`` and ``einsum`` scales become multiplies (:func:`normalize_scale_spellings`)."""
+    normalize_scale_spellings(gm)
+    return PassResult(gm)
+
+
 def refuse_non_finite_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """Refuse NaN/Inf constants before any fold (:func:`check_finite_constants`)."""
     check_finite_constants(gm)
@@ -268,6 +275,7 @@ FUSE_PIPELINE = Pipeline("fuse", (
     trace_for_inference,
     record_example_shapes,
     fold_constant_values,
+    spell_scales_as_muls,
     refuse_non_finite_values,
     drop_unused_nodes,
     fold_into_producers,

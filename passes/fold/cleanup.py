@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..graph.graph_queries import is_inplace
+from ..graph.liveness import remove_dead_nodes
 
 
 def _used_state(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
@@ -39,22 +39,17 @@ def remove_unused_state(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _writes_into_a_live_value(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An unused in-place op (``y.mul_(c)``, ``relu(y, inplace=True)``) still matters when something
-    else reads ``y``; torch.fx's own dead-code elimination would drop it."""
-    target = node.args[0] if node.args else None
-    return is_inplace(gm, node) and isinstance(target, fx.Node) and len(target.users) > 1
-
-
 def drop_dead_nodes(gm: fx.GraphModule) -> fx.GraphModule:
     """Only the node part of :func:`eliminate_dead_code` (no recompile): unused values, e.g. the
-    attention networks after constant folding, or a scale whose result nothing reads."""
-    gm.graph.eliminate_dead_code(lambda n: n.is_impure() or _writes_into_a_live_value(gm, n))
+    attention networks after constant folding, or a scale whose result nothing reads. Writes into
+    storage that is read elsewhere, into model inputs or into module state stay
+    (:func:`asr_fx.passes.graph.liveness.live_nodes`: in-place chains, identity modules, opaque calls)."""
+    remove_dead_nodes(gm)
     return gm
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:
-    """Remove dead nodes (keeping in-place writes into values that are read elsewhere), unused
+    """Remove dead nodes (keeping writes into values that are read elsewhere, inputs and state), unused
     submodules and unused parameters and buffers."""
     drop_dead_nodes(gm)
     gm.delete_all_unused_submodules()

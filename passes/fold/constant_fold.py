@@ -5,7 +5,8 @@ Equivalence: exact in eval mode (the folded subgraph is evaluated once with the 
 parameters); this is what makes ``act(F(psi))`` a constant ``v`` whether ASR was inserted by
 :func:`asr_fx.instrument` or written by hand.
 
-Refuses (leaves in the graph): random ops, values that are not tensors, and a lone ``get_attr``
+Refuses (leaves in the graph): tensors the forward writes into (``self.s.copy_(g)``),
+random ops, values that are not tensors, and a lone ``get_attr``
 (already a constant). Call it on a model in eval mode: a module in training mode (BatchNorm
 updating running statistics, dropout) is not a constant function of its inputs.
 """
@@ -19,6 +20,8 @@ import torch.fx as fx
 
 from ..graph.graph_queries import fetch_attr, is_mul
 from ..graph.op_tables import ADAPTER_METHODS, RANDOM_FUNCTIONS, RANDOM_METHODS
+from .fold_guards import written_attributes
+from .scale_spellings import is_scale_spelling
 
 FOLDED_PREFIX = "_folded_"
 
@@ -50,7 +53,7 @@ def _evaluate(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any
 def _feeds_mul(node: fx.Node) -> bool:
     """``node`` is a multiply, or ``c.expand_as(x)`` / ``c.type_as(x)`` / ``c.to(x.dtype)`` feeding one
     (``x * c.expand_as(x)``, as SE code writes it)."""
-    if is_mul(node):
+    if is_mul(node) or is_scale_spelling(node):  # x / c, addcmul, einsum: made multiplies after this pass
         return True
     return node.op == "call_method" and node.target in ADAPTER_METHODS and \
         any(is_mul(u) for u in node.users)
@@ -66,9 +69,10 @@ def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphM
     Modifies ``gm`` in place and returns it; dead nodes are left for :func:`eliminate_dead_code`.
     """
     constant: dict[fx.Node, bool] = {}
+    written = written_attributes(gm)  # a buffer the forward writes into is no constant
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            constant[node] = True
+            constant[node] = str(node.target) not in written
         elif node.op in ("placeholder", "output"):
             constant[node] = False
         else:

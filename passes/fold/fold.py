@@ -44,7 +44,8 @@ from ..layers.base import Target, TensorUsage
 from ..layers.registry import output_target
 from .apply import apply_fold
 from .constant_fold import FOLDED_PREFIX
-from .fold_plan import cat_pieces, dtype_refusal, match, plan_kinds, plan_labels
+from .fold_guards import promotes, written_scale
+from .fold_plan import cat_pieces, match, plan_kinds, plan_labels, plan_refusal
 from .scale_algebra import (
     MulFold,
     Plan,
@@ -78,6 +79,9 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: ScaleState, usage: T
         return vec if isinstance(vec, Refusal) else [(target, vec)]
     scaled = constant_mul_input(gm, node)
     if scaled is not None:  # a constant mul left in place (another site) commutes with this scale
+        if promotes(gm, node, scaled):
+            return Refusal(f"`{node.name}` multiplies by a constant of another dtype (the scale would round in "
+                           "the other dtype)")
         inputs: list[tuple[fx.Node, ScaleState]] = [(scaled, state)]
     elif is_add(node):
         inputs = [(a, state) for a in node.args]  # type: ignore[misc]
@@ -87,6 +91,9 @@ def plan_backward(gm: fx.GraphModule, node: fx.Node, state: ScaleState, usage: T
             return Refusal(f"`{node.name}` is {cat.reason}")
         if isinstance(cat, tuple):
             pieces, sizes = cat
+            if sizes is not None and state.values.dim() and sum(sizes) != state.values.numel():
+                return Refusal(f"`{node.name}` is a cat whose pieces' sizes do not add up to the scale's "
+                               f"{state.values.numel()}")
             if sizes is None:
                 inputs = [(p, state) for p in pieces]
             else:
@@ -122,6 +129,9 @@ def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     state = per_channel_scale(c, mul, x)
     if isinstance(state, Refusal):
         return state
+    written = written_scale(gm, mul, x)
+    if written:
+        return written
     others = other_users(x, mul)
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
         return Refusal(f"`{x.name}` has {len(others)} other user(s); folding into it would change them")
@@ -132,7 +142,7 @@ def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
         plan = plan_backward(gm, x, state, usage, [64])
     if isinstance(plan, Refusal):
         return plan
-    return dtype_refusal(c, plan) or MulFold(mul, x, plan)
+    return plan_refusal(c, plan) or MulFold(mul, x, plan)
 
 
 def fold_scales(gm: fx.GraphModule) -> PassResult:

@@ -1,7 +1,7 @@
 """Planning a fold: whether a layer takes a scale (:func:`match`), how a scale splits over a channel
 ``cat`` (:func:`cat_pieces`, :func:`through_cat`), and whether a finished plan would change a dtype
-(:func:`dtype_refusal`). Shared by :mod:`~asr_fx.passes.fold.fold` (backward, into the producer) and
-:mod:`~asr_fx.passes.fold.propagate` (forward, into the next layers); built on
+(:func:`dtype_refusal`) or drop a dimension (:func:`rank_refusal`). Shared by :mod:`~asr_fx.passes.fold.fold`
+(backward, into the producer) and :mod:`~asr_fx.passes.fold.propagate` (forward, into the next layers); built on
 :mod:`~asr_fx.passes.fold.scale_algebra` and the layer registry (:mod:`asr_fx.passes.layers.registry`).
 
 Nothing here changes the graph or a parameter: applying a plan is :mod:`~asr_fx.passes.fold.apply`.
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..graph.graph_queries import is_add, output_shape
 from ..graph.op_tables import CAT_FUNCTIONS
@@ -56,8 +57,9 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
     target = output_target(gm, node)
     if isinstance(target, Target):
         return target.channels if target.position == pos else None
-    if is_add(node):
-        return channels_of(gm, node.args[0], pos, depth - 1)  # type: ignore[arg-type]
+    if is_add(node):  # a broadcast add has its larger operand's size
+        sizes = [channels_of(gm, a, pos, depth - 1) for a in node.args]  # type: ignore[arg-type]
+        return None if None in sizes else max(sizes)  # type: ignore[type-var]
     cat = cat_pieces(gm, node, pos, depth - 1)
     if isinstance(cat, tuple) and cat[1] is not None:
         return sum(cat[1])
@@ -67,14 +69,20 @@ def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> 
     return None
 
 
+def cat_operands(node: fx.Node) -> tuple[Any, int]:
+    """The tensors and the dim of a ``cat`` call, positional or keyword (``tensors=``, ``dim=``)."""
+    pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return pieces, dim if isinstance(dim, int) else 0
+
+
 def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
                depth: int = 8) -> tuple[list[fx.Node], list[int] | None] | Refusal | NoMatch:
     """The inputs of a ``cat`` along the scaled dim and their sizes there (``None`` sizes: unknown);
     :class:`NoMatch` when ``node`` is no ``cat``, a :class:`Refusal` when it is one a scale cannot pass."""
     if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
         return NoMatch("not a cat")
-    pieces: Any = node.args[0]
-    dim: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    pieces, dim = cat_operands(node)
     if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
         return Refusal("a cat of non-graph values")
     shape = output_shape(node)
@@ -87,13 +95,15 @@ def cat_pieces(gm: fx.GraphModule, node: fx.Node, pos: int | None,
     sizes = [channels_of(gm, p, dim, depth) for p in pieces] if pos is not None else None
     if sizes is not None and None in sizes:
         return Refusal("a cat of pieces of unknown size; pass example_inputs to fuse")
+    if shape is not None and sizes is not None and pos is not None and sum(sizes) != shape[pos]:  # type: ignore[arg-type]
+        return Refusal("a cat whose pieces' sizes do not add up to its own (a broadcast piece)")
     return list(pieces), sizes  # type: ignore[return-value]
 
 
 def through_cat(gm: fx.GraphModule, cat: fx.Node, piece: fx.Node, state: ScaleState) -> ScaleState | Refusal:
     """The scale on a channel ``cat`` of the scaled ``piece`` with unscaled others: ones elsewhere."""
     v, pos = state.values, state.position
-    dim: Any = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    _, dim = cat_operands(cat)
     if pos is None:
         shape = output_shape(cat)
         pos = dim if dim < 0 else (dim - len(shape) if shape is not None else None)
@@ -125,6 +135,34 @@ def dtype_refusal(c: torch.Tensor, plan: Plan) -> Refusal | None:
                            f"folding it would change the output dtype (cast the scale to {target.dtype}, or convert "
                            "the model)")
     return None
+
+
+def _max_rank(module: object) -> int | None:
+    """The largest rank a layer's output (and input) can have, where the layer fixes it."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return len(module.kernel_size) + 2
+    for classes, rank in (((nn.BatchNorm1d, nn.InstanceNorm1d), 3), ((nn.BatchNorm2d, nn.InstanceNorm2d), 4),
+                          ((nn.BatchNorm3d, nn.InstanceNorm3d), 5)):
+        if isinstance(module, classes):
+            return rank
+    return None
+
+
+def rank_refusal(c: torch.Tensor, plan: Plan) -> Refusal | None:
+    """Why ``x * c`` is no per-channel scale of the planned layers' values: ``c`` has more dimensions than
+    they can have, so the multiply adds dimensions (a fold would drop them); ``None`` otherwise."""
+    for target, _ in plan:
+        rank = _max_rank(target.module)
+        if rank is not None and c.dim() > rank:
+            return Refusal(f"the scale has {c.dim()} dimensions and `{target.label}`'s values at most {rank}: the "
+                           "multiply broadcasts them to a larger shape")
+    return None
+
+
+def plan_refusal(c: torch.Tensor, plan: Plan) -> Refusal | None:
+    """Why a finished ``plan`` for the constant ``c`` must not be applied (:func:`dtype_refusal`,
+    :func:`rank_refusal`), or ``None``."""
+    return dtype_refusal(c, plan) or rank_refusal(c, plan)
 
 
 def plan_kinds(plan: Plan) -> str:

@@ -37,7 +37,8 @@ from ..infra import PassResult
 from ..layers.base import Target, TensorUsage
 from ..layers.registry import input_target
 from .apply import apply_fold
-from .fold_plan import dtype_refusal, match, plan_kinds, plan_labels, through_cat
+from .fold_guards import written_scale
+from .fold_plan import match, plan_kinds, plan_labels, plan_refusal, through_cat
 from .scale_algebra import (
     MulFold,
     Plan,
@@ -112,6 +113,9 @@ def plan_push(gm: fx.GraphModule, mul: fx.Node, usage: TensorUsage) -> MulFold |
     state = per_channel_scale(c, mul, x)
     if isinstance(state, Refusal):
         return NoMatch(state.reason)
+    written = written_scale(gm, mul, x)
+    if written:
+        return written
     aliased = erase_refusal(gm, mul, x)
     if aliased:
         return Refusal(aliased)
@@ -119,7 +123,7 @@ def plan_push(gm: fx.GraphModule, mul: fx.Node, usage: TensorUsage) -> MulFold |
         plan = plan_forward(gm, mul, ScaleState(state.values.detach(), state.position), usage)
     if isinstance(plan, Refusal):
         return plan
-    return dtype_refusal(c, plan) or MulFold(mul, x, plan)
+    return plan_refusal(c, plan) or MulFold(mul, x, plan)
 
 
 def propagate_scales(gm: fx.GraphModule, fold_records: list[FoldRecord]) -> PassResult:

@@ -105,6 +105,21 @@ def adapted_constant(node: object, x: fx.Node) -> fx.Node | None:
     return c if all(_reads_only_meta_of(a, x) for a in rest) else None
 
 
+def _number(value: float) -> torch.Tensor:
+    """A Python number as a 0-dim scale: float32 where that holds it exactly, else float64 (``1e-50`` or
+    ``1e40`` in a float64 model); a fold casts it to the layer's dtype, as ``x * number`` computes in ``x``'s."""
+    single = torch.tensor(value, dtype=torch.float32)
+    return single if float(single) == value else torch.tensor(value, dtype=torch.float64)
+
+
+def _literal_dtype(node: object) -> torch.dtype | None:
+    """The dtype a ``c.to(..., dtype)`` / ``c.type(dtype)`` adapter names literally (it rounds ``c``), else ``None``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("to", "type")):
+        return None
+    found = [a for a in (*node.args[1:], *node.kwargs.values()) if isinstance(a, torch.dtype)]
+    return found[0] if found else None
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -132,12 +147,13 @@ def constant_operand(gm: fx.GraphModule, mul: fx.Node) -> tuple[fx.Node, torch.T
         if not isinstance(x, fx.Node) or not _is_tensor_value(x):
             continue
         if _is_number(c):
-            return x, torch.tensor(float(c))
+            return x, _number(float(c))
+        cast = _literal_dtype(c)
         c = adapted_constant(c, x) or c
         if isinstance(c, fx.Node) and c.op == "get_attr":
             value = fetch_attr(gm, str(c.target))
             if isinstance(value, torch.Tensor):
-                return x, value
+                return x, value if cast is None else value.to(cast)
     return None
 
 

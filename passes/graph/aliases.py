@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .graph_queries import calls_one_of, is_inplace, node_label, reads_only_metadata
-from .op_tables import RESHAPE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS
+from .graph_queries import calls_one_of, is_inplace, module_of, node_label, reads_only_metadata
+from .op_tables import IDENTITY_MODULES, RESHAPE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS
 
 
 def is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -26,8 +26,10 @@ def is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether ``node``'s result is (or may be) its first argument's storage: a view or an in-place op."""
-    return bool(node.args) and isinstance(node.args[0], fx.Node) and (is_view(gm, node) or is_inplace(gm, node))
+    """Whether ``node``'s result is (or may be) its first argument's storage: a view, an in-place op, or
+    a module that returns its input itself (Dropout in eval, Identity)."""
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and \
+        (is_view(gm, node) or is_inplace(gm, node) or isinstance(module_of(gm, node), IDENTITY_MODULES))
 
 
 def storage_root(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

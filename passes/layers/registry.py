@@ -6,6 +6,10 @@ fold both ask through it, so the two cannot disagree about what can take a scale
 - :func:`input_target` (fold, forward): what folds ``node(x * s)``;
 - :func:`shared_layer_refusal`: why a fold into the layer at ``node`` would change another call.
 
+A layer module whose output is not what its weights suggest (forward hooks, a parametrization, a replaced
+forward, an InstanceNorm corner case: :mod:`~.guards`) stays a :class:`Target` (its channels still count), but
+one that refuses every scale with the guard's reason.
+
 Adding a layer family is one file in this folder defining a :class:`~.base.LayerRule`, its entry in
 :data:`LAYER_RULES`, and its test in ``tests/passes/layers/``.
 """
@@ -18,6 +22,7 @@ from ..graph.graph_queries import output_dtype
 from .base import LayerMatch, LayerRule, NoMatch, Refusal, Target, TargetOrRefusal, TensorUsage
 from .functional_conv_linear import FUNCTIONAL_CONV_LINEAR
 from .functional_norm import FUNCTIONAL_NORM
+from .guards import instance_norm_refusal, layer_refusal, model_dtype
 from .module_calls import MODULE_RULES
 from .multihead_attention import MULTIHEAD_ATTENTION
 from .parallel_branches import PARALLEL_BRANCHES
@@ -51,15 +56,27 @@ def _first(answers: list[TargetOrRefusal], node: fx.Node) -> TargetOrRefusal:
     return refusals[0] if refusals else NoMatch(f"`{node.name}` is no layer any rule recognises")
 
 
+def _guarded(target: Target, why: str | None) -> Target:
+    """``target``, made to refuse every scale with ``why`` (when given)."""
+    if why:
+        reason = f"`{target.label}`: {why}"
+        target.refuse = lambda v: reason
+    return target
+
+
 def output_target(gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
     """What folds ``node(x) * v``: the first rule's :class:`Target`, else the first rule's refusal. A
-    layer without floating parameters (a norm without affine) computes in the recorded dtype of ``node``."""
+    layer without floating parameters (a norm without affine) computes in the recorded dtype of ``node``,
+    else in the one dtype of the model's tensors. A guarded layer module (:mod:`~.guards`) refuses every scale."""
     answers: list[TargetOrRefusal] = []
     for rule in LAYER_RULES:
         found = rule.output_target(gm, node)
         if isinstance(found, Target):
             if found.dtype is None:
-                found.dtype = output_dtype(node)
+                found.dtype = output_dtype(node) or model_dtype(gm)
+            if node.op == "call_module" and found.module is not None:
+                return _guarded(found, layer_refusal(found.module) or
+                                instance_norm_refusal(found.module, node, found.channels))
             return found
         answers.append(found)
     return _first(answers, node)
@@ -72,7 +89,7 @@ def input_target(gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
     for rule in LAYER_RULES:
         found = rule.input_target(gm, node)
         if isinstance(found, Target):
-            return found
+            return _guarded(found, layer_refusal(found.module)) if node.op == "call_module" else found
         answers.append(found)
     return _first(answers, node)
 

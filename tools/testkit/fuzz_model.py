@@ -123,6 +123,10 @@ def multiply(h: torch.Tensor, c: Any, spelling: str) -> torch.Tensor:
     raise AssertionError(spelling)
 
 
+def _shift_output(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+    return out + 0.25
+
+
 class Program(nn.Module):
     """The module a spec describes; ``forward(x)`` returns a tensor or a tuple of tensors."""
 
@@ -138,6 +142,12 @@ class Program(nn.Module):
             if kind == "conv":
                 self.layers[key] = _conv(op, c, dim)
                 c = op["out"]
+            elif kind == "inplace_chain":  # h.sub_(m).div_(s) / h.mul_(a).add_(1): the chain's result unused
+                self.register_buffer(f"chain_a_{key}", torch.linspace(-0.5, 0.5, c).reshape(1, -1, *([1] * dim)))
+                self.register_buffer(f"chain_b_{key}", torch.linspace(0.5, 1.5, c).reshape(1, -1, *([1] * dim)))
+            elif kind == "identity_alias":  # o = h; drop(h).mul_(s); h = o: Dropout/Identity return h itself
+                self.layers[key] = nn.Dropout(0.3) if op["module"] == "dropout" else nn.Identity()
+                self._add_scale(key, op["scale"], c, dim)
             elif kind == "norm":
                 self.layers[key] = _norm(op, c, dim)
             elif kind == "act" and _activation(op["kind"]) is not None:
@@ -168,7 +178,22 @@ class Program(nn.Module):
             self.fc = nn.Linear(c, 5)
             if "head_scale" in spec:
                 self._add_scale("head", spec["head_scale"], 5, 1)
+        for i, op in enumerate(spec["ops"]):
+            if op["op"] == "conv":
+                self._wrap_conv(str(i), op)
         self._randomize()
+        if spec.get("dtype", "float32") != "float32":
+            self.to(getattr(torch, spec["dtype"]))
+
+    def _wrap_conv(self, key: str, op: dict) -> None:
+        """A forward hook or a weight parametrization on a conv (a layer whose output is not its weights')."""
+        conv = self.layers[key]
+        if op.get("hook"):
+            conv.register_forward_hook(_shift_output)
+        if op.get("param") == "weight_norm":
+            nn.utils.parametrizations.weight_norm(conv)
+        elif op.get("param") == "spectral_norm":
+            nn.utils.parametrizations.spectral_norm(conv)
 
     def _add_scale(self, key: str, sc: dict, c: int, dim: int) -> None:
         dtype = getattr(torch, sc["dtype"])
@@ -219,6 +244,16 @@ class Program(nn.Module):
             key, kind = str(i), op["op"]
             if kind in ("conv", "norm", "pool"):
                 h = self.layers[key](h)
+            elif kind == "inplace_chain":
+                a, b = getattr(self, f"chain_a_{key}"), getattr(self, f"chain_b_{key}")
+                if op["kind"] == "sub_div":
+                    h.sub_(a).div_(b)
+                else:
+                    h.mul_(b).add_(1.0)
+            elif kind == "identity_alias":
+                kept = h
+                self.layers[key](h).mul_(self._scale_value(key, op["scale"]))
+                h = kept
             elif kind == "act":
                 h = h.relu_() if op["kind"] == "relu_" else self.layers[key](h)
             elif kind == "reuse":
@@ -280,7 +315,8 @@ class Program(nn.Module):
 
 def example_input(spec: dict) -> torch.Tensor:
     g = torch.Generator().manual_seed(spec["seed"] + 1)
-    return torch.randn(spec["batch"], spec["in_channels"], *SPATIAL[spec["dim"]], generator=g)
+    x = torch.randn(spec["batch"], spec["in_channels"], *SPATIAL[spec["dim"]], generator=g)
+    return x.to(getattr(torch, spec.get("dtype", "float32")))
 
 
 def build(spec: dict) -> nn.Module:

@@ -118,13 +118,24 @@ def _draw_scale(ch: Any, channels: int, exclude: set[str], layout: str) -> dict:
 def _draw_op(ch: Any, state: dict, exclude: set[str]) -> dict | None:
     c = state["channels"]
     kinds = ["conv", "conv", "norm", "act", "act", "pool", "scale", "scale", "scale", "round_trip", "residual",
-             "concat", "reuse", "save", "output", "inplace_add", "channels_last", "function", "spelled_act", "hook"]
+             "concat", "reuse", "save", "output", "inplace_add", "channels_last", "inplace_chain", "identity_alias",
+             "function", "spelled_act", "hook"]
     kind = ch.choice(kinds)
     if kind == "conv":
         out = ch.integer(1, 8) if c * 2 > MAX_CHANNELS else ch.integer(1, 12)
         divisors = [g for g in range(1, min(c, out) + 1) if c % g == 0 and out % g == 0]
-        return {"op": "conv", "out": out, "k": ch.choice((1, 3)), "groups": ch.choice(divisors),
-                "transpose": ch.boolean(0.25), "bias": ch.boolean(0.7)}
+        op = {"op": "conv", "out": out, "k": ch.choice((1, 3)), "groups": ch.choice(divisors),
+              "transpose": ch.boolean(0.25), "bias": ch.boolean(0.7)}
+        if ch.boolean(0.1):
+            op["hook"] = True
+        if ch.boolean(0.1):
+            op["param"] = ch.choice(("weight_norm", "spectral_norm"))
+        return op
+    if kind == "inplace_chain":
+        return {"op": "inplace_chain", "kind": ch.choice(("sub_div", "mul_add"))}
+    if kind == "identity_alias":
+        return {"op": "identity_alias", "module": ch.choice(("dropout", "identity")),
+                "scale": {**_draw_scale(ch, c, exclude, "channels_first"), "spelling": "mul_"}}
     if kind == "norm":
         norm = ch.choice(NORMS)
         op = {"op": "norm", "kind": norm, "affine": ch.boolean(0.7)}
@@ -234,6 +245,7 @@ def _draw_spec(ch: Any, exclude: set[str], max_ops: int = 8) -> dict:
         "seed": ch.integer(0, 2**31 - 1), "dim": dim, "in_channels": channels, "batch": ch.choice((1, 2, 3)),
         "train_mode": ch.boolean(0.3), "instrument": ch.boolean(0.2), "example_inputs": ch.boolean(0.6),
         "head": ch.boolean(0.3), "ops": [],
+        "dtype": "float64" if ch.boolean(0.1) else "float32",
     }
     state = {"channels": channels, "dim": dim, "saved": [], "convs": {}}
     for _ in range(ch.integer(1, max_ops)):
