@@ -279,7 +279,7 @@ def shorten(text: str, limit: int) -> str:
     """``text`` cut at a word boundary to at most ``limit`` characters, with an ellipsis when cut."""
     if len(text) <= limit:
         return text
-    cut = text[:limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:(")
+    cut = text[:limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:.()`'\"")
     return cut + "…"
 
 

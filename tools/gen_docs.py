@@ -54,6 +54,7 @@ RESULTS_FILES = (
     Result("digits", "Training cost",
            'pip install -c constraints.txt -e ".[examples]" && OMP_NUM_THREADS=1 python tools/digits_train.py'),
     Result("bench_passes", "Speed of the tool", "OMP_NUM_THREADS=1 python tools/bench_passes.py"),
+    Result("bench_passes_memory", "Speed of the tool", "OMP_NUM_THREADS=1 python tools/bench_passes.py --big"),
     Result("bench_cli_help", "Speed of the tool", "python tools/bench_cli_help.py"),
     Result("torchvision", "Model zoos", "python tools/zoo_sweep.py"),
     Result("zoo_timm", "Model zoos", "python tools/zoo_sweep.py --zoo timm"),
