@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.equivalence import check_fused
-from asr_fx.errors import FusionError
+from asr_fx.equivalence import check_fused, derive_probe, probe_inputs
+from asr_fx.errors import ASRError, FusionError, VanillaModelError
 from asr_fx.into_vanilla import fuse_into
+from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
 from asr_fx.passes.asr_blocks import ASR
@@ -42,10 +43,19 @@ def fuse(
     leaf_modules: Any = None,
     into: nn.Module | None = None,
     check: bool = True,
+    inplace: bool = False,
 ) -> fx.GraphModule | nn.Module:
-    """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
+    """Fold every constant per-channel scale (every ASR block) into its layer; returns the user's own model.
 
-    ``model`` is not modified. The result is in eval mode and computes what ``model.eval()``
+    For a model :func:`asr_fx.instrument` returned in the module form (the user's class with blocks
+    attached), the result is that class again, with the folded weights in the vanilla architecture: no
+    ASR submodules, no hooks, the vanilla state_dict keys (:mod:`asr_fx.own_model`). Where a fold has no
+    place in that class (a scale left as a ``mul``, ``fold_bn=True``, a norm without affine that gained
+    one), the fused GraphModule is returned with a warning saying why. A model in the graph form (a
+    GraphModule) gives a GraphModule, as before.
+
+    ``model`` is not modified, unless ``inplace=True``: then the folded weights go into ``model`` itself
+    (hooks and ``asr`` removed) and it is returned; that refuses where the result would be a GraphModule. The result is in eval mode and computes what ``model.eval()``
     computes. Every constant per-channel ``mul`` (ASR blocks, layer scales) folds into the layer
     before it, or is pushed forward through ReLU/pooling/flatten into the next conv/linear/BN
     (``example_inputs`` give the shapes that reshapes and rank-dependent norms need). Sites that
@@ -67,17 +77,18 @@ def fuse(
     if is_partial(model):
         inputs = as_input_tuple(example_inputs)
         fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
-        return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
+        if into is not None:
+            return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
+        return _in_place(model, fused) if inplace else fused
+    if is_module_form(model):
+        return _fuse_module_form(model, strict, fold_bn, as_input_tuple(example_inputs), leaf_modules, into, check,
+                                 inplace)
+    if inplace:
+        raise ASRError("fuse(..., inplace=True) needs a model instrument() returned in the module form (the user's "
+                       f"own class); {type(model).__name__} is a GraphModule: leave inplace off")
     work = copy.deepcopy(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
-    blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
-    report = FusionReport.from_pass_records(records, blocks)
-    gm.meta[FUSION_KEY] = report
-    if report.unfolded:
-        message = report.unfolded_message()
-        if strict:
-            raise FusionError(message)
-        warnings.warn(message, stacklevel=2)
+    _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), example_inputs)
     if into is not None:
@@ -86,9 +97,70 @@ def fuse(
     return gm.eval()
 
 
+def _report(model: nn.Module, gm: fx.GraphModule, records: list[Any], strict: bool) -> FusionReport:
+    """The fusion report of ``records``, on ``gm.meta``; warns (``strict``: raises) about unfolded sites."""
+    blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
+    report = FusionReport.from_pass_records(records, blocks)
+    gm.meta[FUSION_KEY] = report
+    if report.unfolded:
+        message = report.unfolded_message()
+        if strict:
+            raise FusionError(message)
+        warnings.warn(message, stacklevel=3)
+    return report
+
+
+def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tuple[Any, ...] | None,
+                      leaf_modules: Any, into: nn.Module | None, check: bool, inplace: bool) -> nn.Module:
+    """:func:`fuse` of a model in the module form (see :mod:`asr_fx.own_model`)."""
+    loose = unattached_blocks(model)
+    if loose:
+        raise ASRError(f"the ASR blocks {['asr.' + k for k in loose[:5]]} are attached to no module of "
+                       f"{type(model).__name__}: a module was replaced after instrument (convert_sync_batchnorm, "
+                       "a new head?), so those blocks took no part in training. Replace modules before instrument")
+    leaves = leaf_modules if leaf_modules is not None else model.__dict__.get(LEAVES)
+    inputs = probe_inputs(model, inputs)
+    vanilla = copy.deepcopy(model).eval()
+    blocks = remove(vanilla)
+    gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
+                                example_inputs=inputs, leaf_modules=leaves)
+    report = _report(model, gm, records, strict)
+    if check:
+        check_fused(model, gm.eval(), inputs)
+    probe = inputs if inputs is not None else derive_probe(vanilla)
+    if into is not None:
+        return fuse_into(gm.eval(), into, model, example_inputs=probe, leaf_modules=leaves)
+    try:
+        result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves)
+    except VanillaModelError as exc:
+        if inplace:
+            raise
+        warnings.warn(f"fuse returns a GraphModule, not a {type(model).__name__}: {exc}", stacklevel=3)
+        return gm.eval()
+    result.__dict__[FUSION_KEY] = report
+    return _in_place(model, result) if inplace else result
+
+
+def _in_place(model: nn.Module, fused: nn.Module) -> nn.Module:
+    """``fused``'s weights written into ``model`` itself, ASR removed from it (``fuse(..., inplace=True)``)."""
+    if isinstance(fused, fx.GraphModule) or type(fused) is not type(model):
+        raise ASRError(f"fuse(..., inplace=True): the fused model is a {type(fused).__name__}, which cannot go into "
+                       f"{type(model).__name__} itself; leave inplace off")
+    remove(model)
+    for path, part in fused.named_modules():
+        if isinstance(part, fx.GraphModule) and path:  # a fused captured part: put it in as it is
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, part)
+    model.load_state_dict(fused.state_dict())
+    model.__dict__[FUSION_KEY] = fusion_report(fused)
+    return model.eval()
+
+
 def fusion_report(fused: nn.Module) -> FusionReport | None:
     """The :class:`FusionReport` that :func:`fuse` attached to its result."""
-    meta = getattr(fused, "meta", {})
+    if FUSION_KEY in fused.__dict__:
+        return fused.__dict__[FUSION_KEY]
+    meta = fused.__dict__.get("meta", {})
     return meta.get(FUSION_KEY) if isinstance(meta, dict) else None
 
 

@@ -8,6 +8,7 @@ The placement rules come from the one registry :data:`asr_fx.passes.placement.PL
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,9 @@ from torch import nn
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
-from asr_fx.equivalence import check_instrumented
+from asr_fx.equivalence import check_instrumented, expected_outputs
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
+from asr_fx.own_model import LEAVES, attach_blocks, plan, remove
 from asr_fx.partial_capture import instrument_parts
 from asr_fx.passes import Site, insert_asr, trace
 from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
@@ -193,17 +195,24 @@ def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     return PassResult(gm, hoist_attention_values(gm) > 0)
 
 
-#: what :func:`instrument` runs, in order, on a copy of the model
-INSTRUMENT_PIPELINE = Pipeline("instrument", (
+#: the reading half of :func:`instrument`, on a copy of the model: the sites and their blocks (in the graph)
+READ_PIPELINE = Pipeline("instrument", (
     trace_model,
     record_example_shapes,
     choose_sites,
     measure_existing_attention,
     insert_blocks,
+))
+
+#: the rest of the graph form (a model whose sites have no place in its modules, or ``convert_existing``)
+GRAPH_FORM_PIPELINE = Pipeline("instrument-graph-form", (
     convert_existing_blocks,
     into_bn_affine_form,
     hoist_values,
 ))
+
+#: what :func:`instrument` runs, in order, on a copy of the model, for the graph form
+INSTRUMENT_PIPELINE = Pipeline("instrument", READ_PIPELINE.passes + GRAPH_FORM_PIPELINE.passes)
 
 
 def instrument(
@@ -224,12 +233,22 @@ def instrument(
     convert_existing: bool = False,
     norm_fused: bool | None = None,
     check: bool = True,
+    inplace: bool = False,
 ) -> nn.Module:
-    """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
+    """Trace ``model``, find the ASR sites and put an ASR block at each; returns the user's own model with ASR in it.
 
-    ``model`` is not modified (the result holds copies of its modules, under the same names).
-    Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``); with ``delta > 1`` each site
-    holds an ``nn.Sequential`` of ``delta`` blocks (the paper's Table 7).
+    The result is a copy of ``model`` (``inplace=True``: ``model`` itself), of the same class, with every
+    attribute, method, keyword argument and output type: the graph only reads the model, the blocks are
+    attached to its modules (:mod:`asr_fx.own_model`): a forward hook on the module whose output a site
+    is, or at an affine BatchNorm the BN-affine training form (``norm_fused``, a BatchNorm subclass).
+    Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``): state_dict keys are the vanilla
+    keys plus ``asr.*``; with ``delta > 1`` each site holds an ``nn.Sequential`` of ``delta`` blocks
+    (the paper's Table 7).
+
+    Where a site is no module's output (functional code, a module called twice, a composite layer the
+    trace went through) or with ``convert_existing=True``, the result is a GraphModule as in earlier
+    versions (the *graph form*), with a warning and the reason in the config (``graph_reason``);
+    ``inplace=True`` refuses that with :class:`~asr_fx.errors.ASRError` instead.
 
     Args:
         attention: a registered name (``asr_fx.attention.names()``) or a factory ``f(channels, **kw)``.
@@ -257,6 +276,7 @@ def instrument(
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
+        inplace: attach the blocks to ``model`` itself and return it (no copy: big models).
         check: before returning, check on ``example_inputs`` (or a probe derived from the first layer) that
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
@@ -265,51 +285,104 @@ def instrument(
     cannot follow), the largest capturable children are instrumented in place and the model's own class
     is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
     """
-    options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
+    options = {k: v for k, v in locals().items() if k != "model"}
+    return instrument_one(model, options, graph_ok=not inplace)
+
+
+def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool) -> nn.Module:
+    """:func:`instrument` with its keyword arguments in ``options``; ``graph_ok``: the graph form may be
+    returned where the module form has no place (else :class:`ASRError`)."""
+    o = options
+    norm_fused, delta, example_inputs = o["norm_fused"], o["delta"], as_input_tuple(o["example_inputs"])
     if norm_fused is None:
         norm_fused = delta == 1
     if norm_fused and delta != 1:
         raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
                                  f"delta={delta}; drop norm_fused or use delta=1")
-    resolve_preset(preset, activation, psi_init)  # refuses a preset that contradicts activation/psi_init
+    resolve_preset(o["preset"], o["activation"], o["psi_init"])  # refuses a preset that contradicts the rest
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
-    example_inputs = as_input_tuple(example_inputs)
-    pipeline_options = dict(model_name=type(model).__name__, attention=attention, rule=rule, sites=sites,
-                            exclude=exclude, delta=delta, activation=activation, psi_init=psi_init,
-                            learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
-                            example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
-                            convert_existing=convert_existing, norm_fused=norm_fused)
+    pipeline_options = dict(model_name=type(model).__name__, attention=o["attention"], rule=o["rule"],
+                            sites=o["sites"], exclude=o["exclude"], delta=delta, activation=o["activation"],
+                            psi_init=o["psi_init"], learnable_psi=o["learnable_psi"],
+                            attention_kwargs=dict(o["attention_kwargs"] or {}), example_inputs=example_inputs,
+                            leaf_modules=o["leaf_modules"], preset=o["preset"],
+                            convert_existing=o["convert_existing"], norm_fused=norm_fused)
     try:
-        gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
+        gm, records = READ_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
-        return instrument_parts(model, exc, instrument, options)
+        return instrument_parts(model, exc, instrument_one, {**options, "norm_fused": norm_fused})
     chosen = [r for r in records if isinstance(r, Site)]
-    kwargs = pipeline_options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
+    config = _config(model, gm, chosen, pipeline_options)
+    found = plan(gm, chosen, model, norm_fused) if not o["convert_existing"] else \
+        "convert_existing=True rewrites the model's own attention inside its forward"
+    if isinstance(found, str):
+        return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok, o["check"])
+    own = model if o["inplace"] else copy.deepcopy(model)
+    expected = expected_outputs(model, example_inputs) if o["check"] and own is model else None
+    attach_blocks(own, gm, found)
+    config.form = "module"
+    set_config(own, config)
+    if _plain_leaves(o["leaf_modules"]):
+        own.__dict__[LEAVES] = list(o["leaf_modules"])
+    if o["check"] and (own is not model or expected is not None):
+        try:
+            check_instrumented(model if expected is None else expected, own, example_inputs)
+        except BaseException:
+            remove(own)
+            raise
+    return own
+
+
+def _plain_leaves(leaf_modules: Any) -> bool:
+    """``leaf_modules`` is a list of names and classes (picklable with the model), not a predicate."""
+    return isinstance(leaf_modules, (list, tuple, set)) and bool(leaf_modules) and \
+        all(isinstance(x, (str, type)) for x in leaf_modules)
+
+
+def _graph_form(model: nn.Module, gm: fx.GraphModule, records: list[Any], config: ASRConfig, reason: str,
+                pipeline_options: dict[str, Any], graph_ok: bool, check: bool) -> fx.GraphModule:
+    """The graph form (a GraphModule holding the model's modules; earlier versions' only form), with a
+    warning saying why; refused with :class:`ASRError` unless ``graph_ok``."""
+    name = type(model).__name__
+    if not graph_ok:
+        raise ASRError(f"instrument(..., inplace=True) cannot keep {name} itself: {reason}. Way out: leave "
+                       "inplace off (a GraphModule is returned), or exclude=[...] those sites")
+    warnings.warn(f"instrument returns a GraphModule, not a {name}: {reason}. The model's own methods, attributes "
+                  "and keyword arguments are not kept; exclude=[...] those sites to keep them", stacklevel=3)
+    seeded = Pipeline("instrument-graph-form", (lambda m, c: PassResult(m, False, tuple(records)),
+                                               *GRAPH_FORM_PIPELINE.passes))
+    gm, _ = seeded.run(gm, **pipeline_options)
+    config.form, config.graph_reason = "graph", reason
+    set_config(gm, config)
+    place_like(gm, model)
+    gm.train(model.training)
+    if check and not pipeline_options["convert_existing"]:  # converted existing attention changes the function
+        check_instrumented(model, gm, pipeline_options["example_inputs"])
+    return gm  # type: ignore[return-value]
+
+
+def _config(model: nn.Module, gm: fx.GraphModule, chosen: list[Site], o: dict[str, Any]) -> ASRConfig:
+    kwargs = o["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
     kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
-    settings = block_settings(pipeline_options, chosen)
-    config = ASRConfig(
-        attention=attention_name(attention),
+    settings = block_settings(o, chosen)
+    example_inputs = o["example_inputs"]
+    return ASRConfig(
+        attention=attention_name(o["attention"]),
         attention_kwargs=kwargs,
-        rule=rule,
-        delta=delta,
+        rule=o["rule"],
+        delta=o["delta"],
         activation=settings.activation,
         psi_init=list(settings.psi_init) if isinstance(settings.psi_init, tuple) else settings.psi_init,
-        learnable_psi=learnable_psi,
+        learnable_psi=o["learnable_psi"],
         preset=settings.preset,
-        convert_existing=convert_existing,
-        norm_fused=norm_fused,
+        convert_existing=o["convert_existing"],
+        norm_fused=o["norm_fused"],
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
         else None,
     )
-    set_config(gm, config)
-    place_like(gm, model)
-    gm.train(model.training)
-    if check and not convert_existing:  # converted existing attention changes the function on purpose
-        check_instrumented(model, gm, example_inputs)
-    return gm  # type: ignore[return-value]
 
 
 def attention_name(attention: Any) -> Any:

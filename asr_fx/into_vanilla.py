@@ -151,6 +151,8 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
     reads). Raises :class:`VanillaModelError` naming the site and reason where a fold has no place
     in the vanilla class, or the first key/shape mismatches for another architecture.
     """
+    if not isinstance(fused, fx.GraphModule):  # fused into its own class already: the vanilla keys, checked
+        return _same_architecture(fused.state_dict(), vanilla)
     report = fused.meta.get("asr_fx.fusion") if isinstance(fused.meta, dict) else None
     fused_state, target = fused.state_dict(), vanilla.state_dict()
     modules = {name for name, _ in vanilla.named_modules()}
@@ -182,6 +184,21 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
         raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
                                 + "; ".join(problems[:_SHOWN]) + _more(problems))
     return {k: (fused_state[k] if k in fused_state else extra_values[k]).detach() for k in target}
+
+
+def _same_architecture(state: dict[str, torch.Tensor], vanilla: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` when its keys and shapes are ``vanilla``'s, else :class:`VanillaModelError` naming the first mismatches."""
+    target = vanilla.state_dict()
+    only_fused, only_vanilla = [k for k in state if k not in target], [k for k in target if k not in state]
+    shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+              if k in target and v.shape != target[k].shape]
+    if only_fused or only_vanilla or shapes:
+        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the fused model: keys only in "
+                                f"the fused model {only_fused[:_SHOWN]}{_more(only_fused)}, only in the vanilla model "
+                                f"{only_vanilla[:_SHOWN]}{_more(only_vanilla)}, shapes (fused vs vanilla) "
+                                f"{shapes[:_SHOWN]}{_more(shapes)}; build the vanilla model with the same factory "
+                                "and arguments")
+    return {k: v.detach() for k, v in state.items()}
 
 
 def _more(items: Sequence[Any]) -> str:

@@ -124,10 +124,12 @@ def _part_sites(sites: Any, path: str) -> Any:
 
 
 def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[..., nn.Module],
-                     options: dict[str, Any]) -> nn.Module:
+                     options: dict[str, Any]) -> nn.Module:  # noqa: C901 - one walk of the module tree
     """Instrument the largest capturable parts of ``model`` in place (in a copy); see the module docstring.
 
-    ``options`` are :func:`asr_fx.instrument`'s keyword arguments. Raises ``error`` (the root's trace
+    ``options`` are :func:`asr_fx.instrument`'s keyword arguments; ``instrument`` is
+    :func:`asr_fx.instrument_model.instrument_one`: each part is instrumented in place in the copy (in
+    ``model`` itself with ``inplace``), in the module form where it fits, else replaced by its graph form. Raises ``error`` (the root's trace
     error) when no example inputs are given, or when no part takes a site (with that added).
     """
     example_inputs = options.get("example_inputs")
@@ -137,13 +139,13 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                          module=error.module, module_class=error.module_class) from error
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     calls = record_calls(model, example_inputs)
-    work = copy.deepcopy(model)
+    work = model if options.get("inplace") else copy.deepcopy(model)
     parts: dict[str, ASRConfig] = {}
     refused: list[str] = []
     shapes: dict[str, list[list[int]]] = {}
 
     def visit(path: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
+        for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
             if child_path not in calls:  # not called itself (a container whose children are): look inside
                 visit(child_path, child)
@@ -153,15 +155,18 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
             if sites == []:
                 continue
             if inputs is not None:
+                target = work.get_submodule(child_path)  # in place: the module form attaches to it
                 try:
-                    part = instrument(child, **{**options, "example_inputs": inputs, "sites": sites})
+                    part = instrument(target, {**options, "example_inputs": inputs, "sites": sites, "inplace": True},
+                                      graph_ok=True)
                 except NoSitesError:
                     continue
                 except ASRError as exc:
                     refused.append(f"{child_path}: {str(exc).splitlines()[0][:200]}")
                 else:
-                    _keep_attributes(part, child)
-                    _set_submodule(work, child_path, part)
+                    if part is not target:  # the graph form replaces the child
+                        _keep_attributes(part, child)
+                        _set_submodule(work, child_path, part)
                     parts[child_path] = asr_config(part)
                     shapes[child_path] = [list(t.shape) for t in inputs]
                     continue
@@ -176,7 +181,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
     set_config(work, dataclasses.replace(first, sites=sites, parts=sorted(parts), refused_parts=refused,
-                                         part_input_shapes=shapes, input_shape=shape,
+                                         part_input_shapes=shapes, input_shape=shape, form="parts", graph_reason=None,
                                          factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
@@ -210,7 +215,7 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         fused = fuse(part, **{**options, "example_inputs": probe, "check": options.get("check", True) and not whole_check})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
-        reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
+        reports.append(fused.__dict__.get("asr_fx.fusion") or fused.__dict__.get("meta", {}).get("asr_fx.fusion"))
     records = [r for report in reports if report is not None for r in report.records]
     blocks = tuple(b for report in reports if report is not None for b in report.blocks)
     work.meta = {"asr_fx.fusion": type(reports[0])(records, blocks) if reports and reports[0] is not None else None}

@@ -1,0 +1,157 @@
+"""The module form of ASR: blocks attached to the user's own modules, not a replaced forward.
+
+An instrumented model in this form is the user's object (its class, attributes, methods and
+``forward``) with
+
+- the blocks in an ``nn.ModuleDict`` at the root, ``asr.<site node>`` (state_dict keys: the vanilla
+  keys plus ``asr.*``);
+- at a site that is the output of a module called once: an :class:`ASRHook` forward hook on that
+  module, ``output -> block(output)`` (``index``: the element of a tuple output, ``nn.MultiheadAttention``);
+- at an affine plain ``nn.BatchNorm1d/2d/3d`` site (the BN-affine training form, ``norm_fused``): the
+  norm's class swapped for :class:`ASRBatchNorm1d`/``2d``/``3d``, a subclass (``isinstance`` holds,
+  the same parameters and buffers) that computes BN with affine ``weight * v, bias * v``: the same
+  function as ``BN(x) * v`` in train and eval, without keeping ``BN(x)`` for the backward.
+
+Hooks and norms hold their block as a plain attribute, not a submodule, so the block is in the
+state_dict once (under ``asr.``); ``copy.deepcopy`` (one memo) and pickling keep them pointing at the
+copied block. :func:`strip_module_form` undoes all of it (the vanilla model, blocks returned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import nn
+
+from .asr_blocks import batch_norm_forward
+
+CONTAINER = "asr"
+_BLOCK = "_asr_block"
+
+
+class ASRHook:
+    """Forward hook ``output -> block(output)``; with ``index``, only ``output[index]`` of a tuple is scaled.
+
+    A plain class (not a closure) so that ``copy.deepcopy`` and pickling of the model keep it."""
+
+    def __init__(self, block: nn.Module, index: int | None = None) -> None:
+        self.block = block
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
+        if self.index is None:
+            return self.block(output)
+        items = list(output)  # type: ignore[call-overload]
+        items[self.index] = self.block(items[self.index])
+        return type(output)(items) if isinstance(output, tuple) and type(output) is not tuple else tuple(items)
+
+    def __repr__(self) -> str:
+        return f"ASRHook(index={self.index})"
+
+
+class _ASRBatchNorm:
+    """BatchNorm with affine ``weight * v, bias * v`` (``v`` from the block in ``self._asr_block``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.__dict__[_BLOCK]
+        if isinstance(x, torch.fx.Proxy):  # traced by someone: the ordinary form, BN then x * v
+            return block(super().forward(x))  # type: ignore[misc]
+        v = block.attention_value().reshape(-1)
+        return batch_norm_forward(self, x, self.weight * v, self.bias * v)  # type: ignore[arg-type,attr-defined]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, asr=v"  # type: ignore[misc]
+
+
+class ASRBatchNorm1d(_ASRBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` in the BN-affine training form (see the module docstring)."""
+
+
+class ASRBatchNorm2d(_ASRBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` in the BN-affine training form (see the module docstring)."""
+
+
+class ASRBatchNorm3d(_ASRBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` in the BN-affine training form (see the module docstring)."""
+
+
+_FORM_OF = {nn.BatchNorm1d: ASRBatchNorm1d, nn.BatchNorm2d: ASRBatchNorm2d, nn.BatchNorm3d: ASRBatchNorm3d}
+_BASE_OF = {v: k for k, v in _FORM_OF.items()}
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """Where one block is attached: the module ``path``, ``kind`` (``"hook"`` or ``"bn"``), the tuple
+    ``index`` a hook scales (None: the whole output), and the block's ``key`` in ``asr``."""
+
+    path: str
+    kind: str
+    key: str
+    index: int | None = None
+
+
+def bn_form_fits(module: nn.Module) -> bool:
+    """``module`` is a plain affine BatchNorm1d/2d/3d without hooks: its class may be swapped for the form."""
+    return (type(module) in _FORM_OF and module.affine and module.weight is not None  # type: ignore[attr-defined]
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
+    """Register ``block`` as ``root.asr[key]`` and attach it at ``attachment.path`` (a hook or the BN form)."""
+    if CONTAINER not in root._modules:
+        root.add_module(CONTAINER, nn.ModuleDict())
+    getattr(root, CONTAINER)[attachment.key] = block
+    module = root.get_submodule(attachment.path)
+    if attachment.kind == "bn":
+        module.__class__ = _FORM_OF[type(module)]
+        module.__dict__[_BLOCK] = block
+    else:
+        module.register_forward_hook(ASRHook(block, attachment.index))
+
+
+def attachments(root: nn.Module) -> list[Attachment]:
+    """Every block attached in ``root`` (hooks and BN forms), in module order."""
+    blocks = getattr(root, CONTAINER, None)
+    keys = {id(b): k for k, b in blocks.items()} if isinstance(blocks, nn.ModuleDict) else {}
+    found = []
+    for path, module in root.named_modules(remove_duplicate=False):
+        if isinstance(module, _ASRBatchNorm):
+            found.append(Attachment(path, "bn", keys.get(id(module.__dict__[_BLOCK]), "?")))
+        for hook in module._forward_hooks.values():
+            if isinstance(hook, ASRHook):
+                found.append(Attachment(path, "hook", keys.get(id(hook.block), "?"), hook.index))
+    return found
+
+
+def has_module_form(root: nn.Module) -> bool:
+    """``root`` holds ASR in the module form (an ``asr`` container, hooks or BN forms)."""
+    return bool(attachments(root))
+
+
+def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]]:
+    """Remove every hook, BN form and the ``asr`` container from ``root`` (in place): the vanilla model.
+
+    Returns ``{key: (attachment, block)}``. Parameters are not touched."""
+    found: dict[str, tuple[Attachment, nn.Module]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        if isinstance(module, _ASRBatchNorm):
+            block = module.__dict__.pop(_BLOCK)
+            module.__class__ = _BASE_OF[type(module)]
+            found[str(id(block))] = (Attachment(path, "bn", ""), block)
+        for handle_id, hook in list(module._forward_hooks.items()):
+            if isinstance(hook, ASRHook):
+                del module._forward_hooks[handle_id]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                    getattr(module, extra, {}).pop(handle_id, None)
+                found[str(id(hook.block))] = (Attachment(path, "hook", "", hook.index), hook.block)
+    blocks = root._modules.get(CONTAINER)
+    keys = {id(b): k for k, b in blocks.items()} if isinstance(blocks, nn.ModuleDict) else {}
+    if isinstance(blocks, nn.ModuleDict):
+        del root._modules[CONTAINER]
+    out = {}
+    for attachment, block in found.values():
+        key = keys.get(id(block), attachment.path.replace(".", "_"))
+        out[key] = (Attachment(attachment.path, attachment.kind, key, attachment.index), block)
+    return out
