@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from pathlib import Path
@@ -176,6 +177,33 @@ def assert_asr_trained(before: dict[str, torch.Tensor], model: nn.Module, share:
     psi = [n for n in before if n.endswith("psi")]
     moved = [n for n in psi if not torch.equal(before[n], after[n].detach().cpu())]
     assert psi and len(moved) >= share * len(psi), sorted(set(psi) - set(moved))
+
+
+def without_asr(model: nn.Module, vanilla: nn.Module) -> nn.Module:
+    """A copy of ``vanilla`` holding ``model``'s weights without its ASR blocks (what the blocks are compared
+    with, to see that they act)."""
+    plain = copy.deepcopy(vanilla)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_asr_key(k)})
+    return plain
+
+
+def calibrate_bn(model: nn.Module, x: torch.Tensor, passes: int = 2) -> None:
+    """Running BatchNorm statistics from ``x`` (a cumulative average over ``passes`` train-mode forwards), so a
+    random-init network's eval output depends on its input (ultralytics' init otherwise leaves YOLO's eval
+    output nearly constant, and no comparison of outputs could tell models apart). Restores the mode."""
+    training = model.training
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(training)
 
 
 def write_yolo_dataset(root: Path, images: int = 4, size: int = 32, names: tuple[str, ...] = ("a", "b")) -> Path:

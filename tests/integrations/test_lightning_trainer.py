@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FUSE_RTOL, asr_values, assert_asr_trained, assert_own_model, assert_vanilla_form, rel_err
+from conftest import (
+    FUSE_RTOL,
+    asr_values,
+    assert_asr_trained,
+    assert_own_model,
+    assert_vanilla_form,
+    rel_err,
+    without_asr,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 import asr_fx
@@ -66,6 +74,7 @@ def test_lightning_trainer_two_steps_checkpoint_and_fuse(tmp_path, no_network):
     with torch.no_grad():
         want = model(x)
         assert torch.equal(reloaded(x), want)
+        assert rel_err(want, without_asr(model, vanilla).eval()(x)) > 1e-3  # the trained blocks act
         fused = asr_fx.fuse(reloaded)
         assert_vanilla_form(fused, vanilla)
         assert rel_err(want, fused(x)) <= FUSE_RTOL

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from conftest import asr_values, assert_asr_trained, assert_own_model, assert_same_detections, assert_vanilla_form
+from conftest import (
+    asr_values,
+    assert_asr_trained,
+    assert_own_model,
+    assert_same_detections,
+    assert_vanilla_form,
+    perturb_asr,
+    without_asr,
+)
 
 import asr_fx
 
@@ -50,9 +58,12 @@ def test_faster_rcnn_trains_with_targets_then_fuses_to_the_same_detections():
     optimizer.step()
     assert_asr_trained(before, model, share=0.9)  # a site or two behind a ReLU that is dead on these images
 
+    perturb_asr(model, seed=3, scale=0.3)  # v as far from its start as a longer training would take it
     model.eval()
     with torch.no_grad():
         want = model(images)
+        plain = without_asr(model, vanilla).eval()(images)
+        assert any(not torch.equal(p["boxes"], w["boxes"]) for p, w in zip(plain, want))  # the blocks act
         fused = asr_fx.fuse(model, strict=True, example_inputs=(images,))
         assert_vanilla_form(fused, vanilla)
         assert_same_detections(fused(images), want, COUNT)

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FUSE_RTOL, asr_values, assert_asr_trained, assert_own_model, assert_vanilla_form, rel_err
+from conftest import (
+    FUSE_RTOL,
+    asr_values,
+    assert_asr_trained,
+    assert_own_model,
+    assert_vanilla_form,
+    rel_err,
+    without_asr,
+)
 
 import asr_fx
 
@@ -89,6 +97,7 @@ def test_trainer_save_model_from_pretrained_fuse_save_pretrained(tmp_path, no_ne
     x = _pixels()
     want = _logits(model, x)
     assert torch.equal(_logits(reloaded, x), want)
+    assert rel_err(want, _logits(without_asr(model, vanilla), x)) > 1e-3  # the trained blocks act
 
     fused = asr_fx.fuse(reloaded)
     assert_vanilla_form(fused, vanilla)

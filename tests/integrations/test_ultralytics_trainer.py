@@ -21,8 +21,10 @@ from conftest import (
     assert_asr_trained,
     assert_own_model,
     assert_vanilla_form,
+    calibrate_bn,
     perturb_asr,
     rel_err,
+    without_asr,
     write_yolo_dataset,
 )
 
@@ -57,10 +59,25 @@ def _train_args(tmp_path) -> dict:
 
 
 def _detections(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The eval output ultralytics exports (decoded boxes and class scores)."""
     model.eval()
     with torch.no_grad():
         out = model(x)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out.flatten()]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else ()
+    return [t for item in items for t in _tensors(item)]
+
+
+def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every tensor of the eval output (detections and the raw per-level maps), flattened into one."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat(_tensors(model(x)))
 
 
 def test_instrumented_detection_model_keeps_loss_stride_and_yaml():
@@ -79,19 +96,26 @@ def test_instrumented_detection_model_keeps_loss_stride_and_yaml():
     assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("psi"))
 
 
+@pytest.mark.xfail(strict=True, reason="ultralytics' DetectionModel.fuse() (its predict and val call it) folds "
+                   "each Conv's BN from bn.weight/bn.bias and deletes the BN, so the BN-affine ASR form "
+                   "(ASRBatchNorm2d) is dropped silently: the model without ASR. Needs the own-model instrument "
+                   "to keep the blocks through that fuse or refuse it.")
 def test_ultralytics_own_conv_bn_fuse_keeps_or_refuses_asr():
     """``DetectionModel.fuse()`` (ultralytics folds each Conv's BN; its predict and val call it) must not drop
     the ASR blocks silently: it computes what the instrumented model computes, or it raises an ASRError."""
     torch.manual_seed(0)
-    model = asr_fx.instrument(DetectionModel("yolov8n.yaml", nc=2, verbose=False), example_inputs=(_probe(1),))
+    vanilla = DetectionModel("yolov8n.yaml", nc=2, verbose=False)
+    calibrate_bn(vanilla, _probe(4))
+    model = asr_fx.instrument(vanilla, example_inputs=(_probe(1),))
     perturb_asr(model, seed=1)
     x = _probe()
-    want = _detections(model, x)
+    want = _outputs(model, x)
+    assert rel_err(want, _outputs(without_asr(model, vanilla), x)) > 1e-2  # the blocks act
     try:
         own_fused = copy.deepcopy(model).fuse(verbose=False)
     except asr_fx.ASRError:
         return
-    assert rel_err(want, _detections(own_fused, x)) <= FUSE_RTOL
+    assert rel_err(want, _outputs(own_fused, x)) <= FUSE_RTOL
 
 
 def test_detection_trainer_one_epoch_then_fuse_and_onnx_export(tmp_path, no_network):
@@ -102,13 +126,16 @@ def test_detection_trainer_one_epoch_then_fuse_and_onnx_export(tmp_path, no_netw
     assert_asr_trained(trainer.asr_start, trainer.model)
     trained = yolo.model  # ultralytics reloads its checkpoint (the EMA weights, pickled) after training
     assert_own_model(trained, trainer.vanilla)
+    calibrate_bn(trained, _probe(4))  # 2 steps leave the random init's near-constant output: see calibrate_bn
+    perturb_asr(trained, seed=2)  # v as far from its start as training would take it
     x = _probe()
-    want = _detections(trained, x)
+    want = _outputs(trained, x)
+    assert rel_err(want, _outputs(without_asr(trained, trainer.vanilla), x)) > 1e-2  # the blocks act
 
     fused = asr_fx.fuse(trained, example_inputs=(x,))
     assert_vanilla_form(fused, trainer.vanilla)
     assert fused.names == trained.names and torch.equal(fused.stride, trained.stride)
-    assert rel_err(want, _detections(fused, x)) <= FUSE_RTOL
+    assert rel_err(want, _outputs(fused, x)) <= FUSE_RTOL
 
     yolo.model = fused
     path = yolo.export(format="onnx", imgsz=SIZE, simplify=False, device="cpu")
