@@ -130,6 +130,8 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     probe = inputs if inputs is not None else derive_probe(vanilla)
     if into is not None:
         return fuse_into(gm.eval(), into, model, example_inputs=probe, leaf_modules=leaves)
+    if fold_bn and not inplace:  # BatchNorm folded into convs: the deploy graph, which the class has no place for
+        return gm.eval()
     try:
         result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves)
     except VanillaModelError as exc:

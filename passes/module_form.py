@@ -21,8 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Iterator
+
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from .asr_blocks import batch_norm_forward
@@ -56,8 +59,9 @@ class _ASRBatchNorm:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.__dict__[_BLOCK]
-        if isinstance(x, torch.fx.Proxy):  # traced by someone: the ordinary form, BN then x * v
-            return block(super().forward(x))  # type: ignore[misc]
+        if isinstance(x, torch.fx.Proxy):  # traced by torch.fx: the ordinary form, BN then x * v
+            return block(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,  # type: ignore
+                                      self.training or self.running_mean is None, self.momentum or 0.0, self.eps))
         v = block.attention_value().reshape(-1)
         return batch_norm_forward(self, x, self.weight * v, self.bias * v)  # type: ignore[arg-type,attr-defined]
 
@@ -75,6 +79,30 @@ class ASRBatchNorm2d(_ASRBatchNorm, nn.BatchNorm2d):
 
 class ASRBatchNorm3d(_ASRBatchNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` in the BN-affine training form (see the module docstring)."""
+
+
+class ASRSequential(nn.Sequential):
+    """An ``nn.Sequential`` root that holds the ``asr`` container beside its layers: its forward, length,
+    iteration and indexing skip ``asr`` (a plain ``nn.Sequential`` would call it as a layer)."""
+
+    def _layers(self) -> list[nn.Module]:
+        return [m for name, m in self._modules.items() if name != CONTAINER and m is not None]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Sequential's own name
+        for module in self._layers():
+            input = module(input)
+        return input
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._layers())
+
+    def __len__(self) -> int:
+        return len(self._layers())
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:  # type: ignore[override]
+        if isinstance(idx, slice):
+            return nn.Sequential(*self._layers()[idx])
+        return self._layers()[idx]
 
 
 _FORM_OF = {nn.BatchNorm1d: ASRBatchNorm1d, nn.BatchNorm2d: ASRBatchNorm2d, nn.BatchNorm3d: ASRBatchNorm3d}
@@ -101,6 +129,8 @@ def bn_form_fits(module: nn.Module) -> bool:
 def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
     """Register ``block`` as ``root.asr[key]`` and attach it at ``attachment.path`` (a hook or the BN form)."""
     if CONTAINER not in root._modules:
+        if type(root) is nn.Sequential:
+            root.__class__ = ASRSequential
         root.add_module(CONTAINER, nn.ModuleDict())
     getattr(root, CONTAINER)[attachment.key] = block
     module = root.get_submodule(attachment.path)
@@ -150,6 +180,8 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
     keys = {id(b): k for k, b in blocks.items()} if isinstance(blocks, nn.ModuleDict) else {}
     if isinstance(blocks, nn.ModuleDict):
         del root._modules[CONTAINER]
+    if type(root) is ASRSequential:
+        root.__class__ = nn.Sequential
     out = {}
     for attachment, block in found.values():
         key = keys.get(id(block), attachment.path.replace(".", "_"))
