@@ -22,7 +22,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FUSE_RTOL, perturb_asr, rel_err
+from conftest import (
+    FUSE_RTOL,
+    asr_values,
+    assert_asr_trained,
+    assert_own_model,
+    assert_vanilla_form,
+    fuse_and_check,
+    perturb_asr,
+    rel_err,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
@@ -39,7 +48,7 @@ def _small_vanilla(seed: int = 0) -> nn.Module:
     return cifar_resnet(depth=11)  # 3 bottleneck blocks, one ASR site each
 
 
-def _instrumented(seed: int = 0) -> torch.fx.GraphModule:
+def _instrumented(seed: int = 0) -> nn.Module:
     model = asr_fx.instrument(_small_vanilla(seed))
     perturb_asr(model, seed)
     return model
@@ -231,21 +240,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(x):
         assert q.grad is not None and rel_err(p.grad, q.grad) <= 1e-5, name
 
 
-def test_gradient_checkpointing_of_parts_in_training_mode(x):
-    """Split the GraphModule at its stages with torch.fx and checkpoint each part."""
-    from torch.fx.passes.split_module import split_module
-
+def test_gradient_checkpointing_of_the_models_own_stages_in_training_mode(x):
+    """The instrumented model is the user's class, so its own stages can be wrapped in checkpointing
+    (their BatchNorms carry the ASR blocks along)."""
     plain, model = _instrumented(), _instrumented()
     plain.train(), model.train()
-    stages = ("layer1", "layer2", "layer3")
-    current = [0]
-
-    def partition(node: torch.fx.Node) -> int:
-        name = str(node.target).removeprefix("asr.")
-        for i, stage in enumerate(stages):
-            if name.startswith(stage):
-                current[0] = max(current[0], i + 1)
-        return current[0]
 
     class Checkpointed(nn.Module):
         def __init__(self, part: nn.Module) -> None:
@@ -255,17 +254,30 @@ def test_gradient_checkpointing_of_parts_in_training_mode(x):
         def forward(self, *args: torch.Tensor) -> torch.Tensor:
             return checkpoint(self.part, *args, use_reentrant=False)
 
-    split = split_module(model, model, partition)
-    parts = [n for n, _ in split.named_children() if n.startswith("submod_")]
-    assert len(parts) == 4
-    for name in parts:
-        setattr(split, name, Checkpointed(getattr(split, name)))
+    for stage in ("layer1", "layer2", "layer3"):
+        setattr(model, stage, Checkpointed(getattr(model, stage)))
     _loss(plain(x)).backward()
-    _loss(split(x)).backward()
+    _loss(model(x)).backward()
     for (name, p), q in zip(plain.named_parameters(), model.parameters()):
         assert q.grad is not None and rel_err(p.grad, q.grad) <= 1e-5, name
     # torch's known checkpointing caveat, as for any BN model: the recomputation updates BN statistics again
-    assert plain.bn1.num_batches_tracked == 1 and model.bn1.num_batches_tracked == 2
+    assert plain.layer1[0].bn1.num_batches_tracked == 1 and model.layer1.part[0].bn1.num_batches_tracked == 2
+
+
+def test_plain_loop_on_the_cifar_resnet_keeps_its_class_through_instrument_and_fuse(x):
+    vanilla = _small_vanilla()
+    model = _instrumented()
+    assert_own_model(model, vanilla)
+    before = asr_values(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model(x)).backward()
+        opt.step()
+    assert_asr_trained(before, model)
+    fused = fuse_and_check(model, x, vanilla)
+    assert_vanilla_form(fused, vanilla)
 
 
 # --------------------------------------------------------------------------- asr_parameters
