@@ -48,7 +48,7 @@ def _small_vanilla(seed: int = 0) -> nn.Module:
     return cifar_resnet(depth=11)  # 3 bottleneck blocks, one ASR site each
 
 
-def _instrumented(seed: int = 0) -> nn.Module:
+def _instrumented(seed: int = 0) -> torch.fx.GraphModule:
     model = asr_fx.instrument(_small_vanilla(seed))
     perturb_asr(model, seed)
     return model
@@ -227,43 +227,6 @@ def test_train_eval_reach_every_asr_block_and_eval_is_fusable(model, x):
     assert not any(m.training for m in model.modules())  # fuse did not flip the model's mode
 
 
-# --------------------------------------------------------------------------- checkpointing
-
-
-def test_gradient_checkpointing_gives_the_same_gradients(x):
-    plain, ckpt = _instrumented(), _instrumented()
-    plain.eval(), ckpt.eval()  # eval: the recomputation sees the same BN statistics
-    _loss(plain(x)).backward()
-    x_req = x.clone().requires_grad_(True)
-    _loss(checkpoint(ckpt, x_req, use_reentrant=False)).backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        assert q.grad is not None and rel_err(p.grad, q.grad) <= 1e-5, name
-
-
-def test_gradient_checkpointing_of_the_models_own_stages_in_training_mode(x):
-    """The instrumented model is the user's class, so its own stages can be wrapped in checkpointing
-    (their BatchNorms carry the ASR blocks along)."""
-    plain, model = _instrumented(), _instrumented()
-    plain.train(), model.train()
-
-    class Checkpointed(nn.Module):
-        def __init__(self, part: nn.Module) -> None:
-            super().__init__()
-            self.part = part
-
-        def forward(self, *args: torch.Tensor) -> torch.Tensor:
-            return checkpoint(self.part, *args, use_reentrant=False)
-
-    for stage in ("layer1", "layer2", "layer3"):
-        setattr(model, stage, Checkpointed(getattr(model, stage)))
-    _loss(plain(x)).backward()
-    _loss(model(x)).backward()
-    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
-        assert q.grad is not None and rel_err(p.grad, q.grad) <= 1e-5, name
-    # torch's known checkpointing caveat, as for any BN model: the recomputation updates BN statistics again
-    assert plain.layer1[0].bn1.num_batches_tracked == 1 and model.layer1.part[0].bn1.num_batches_tracked == 2
-
-
 def test_plain_loop_on_the_cifar_resnet_keeps_its_class_through_instrument_and_fuse(x):
     vanilla = _small_vanilla()
     model = _instrumented()
@@ -278,6 +241,56 @@ def test_plain_loop_on_the_cifar_resnet_keeps_its_class_through_instrument_and_f
     assert_asr_trained(before, model)
     fused = fuse_and_check(model, x, vanilla)
     assert_vanilla_form(fused, vanilla)
+
+
+# --------------------------------------------------------------------------- checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(x):
+    plain, ckpt = _instrumented(), _instrumented()
+    plain.eval(), ckpt.eval()  # eval: the recomputation sees the same BN statistics
+    _loss(plain(x)).backward()
+    x_req = x.clone().requires_grad_(True)
+    _loss(checkpoint(ckpt, x_req, use_reentrant=False)).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert q.grad is not None and rel_err(p.grad, q.grad) <= 1e-5, name
+
+
+def test_gradient_checkpointing_of_parts_in_training_mode(x):
+    """Split the GraphModule at its stages with torch.fx and checkpoint each part."""
+    from torch.fx.passes.split_module import split_module
+
+    plain, model = _instrumented(), _instrumented()
+    plain.train(), model.train()
+    stages = ("layer1", "layer2", "layer3")
+    current = [0]
+
+    def partition(node: torch.fx.Node) -> int:
+        name = str(node.target).removeprefix("asr.")
+        for i, stage in enumerate(stages):
+            if name.startswith(stage):
+                current[0] = max(current[0], i + 1)
+        return current[0]
+
+    class Checkpointed(nn.Module):
+        def __init__(self, part: nn.Module) -> None:
+            super().__init__()
+            self.part = part
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.part, *args, use_reentrant=False)
+
+    split = split_module(model, model, partition)
+    parts = [n for n, _ in split.named_children() if n.startswith("submod_")]
+    assert len(parts) == 4
+    for name in parts:
+        setattr(split, name, Checkpointed(getattr(split, name)))
+    _loss(plain(x)).backward()
+    _loss(split(x)).backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        assert q.grad is not None and rel_err(p.grad, q.grad) <= 1e-5, name
+    # torch's known checkpointing caveat, as for any BN model: the recomputation updates BN statistics again
+    assert plain.bn1.num_batches_tracked == 1 and model.bn1.num_batches_tracked == 2
 
 
 # --------------------------------------------------------------------------- asr_parameters

@@ -248,25 +248,25 @@ def main() -> None:
                             args.compile_backend) if args.compile_size else []
     settings = [
         f"machine: {machine()}",
-        f"torchvision ResNet-50 (10 classes, random init), batch {args.batch} of {args.size}x{args.size}, "
+        (f"torchvision ResNet-50 (10 classes, random init), batch {args.batch} of {args.size}x{args.size}, "
         f"SGD momentum 0.9, weight decay 1e-4; {len(sites)} sites (last BN of each bottleneck); "
-        f"instrument took {instrument_s:.2f} s",
-        f"{args.rounds} interleaved rounds of one step per variant (shuffled order; the sweep: {args.sweep_rounds}); "
-        "step ms: median ± half the IQR over the median; ratio: median of per-round ratios [25th-75th percentile]",
-        "peak step MB: the highest total of live CPU allocations during one step above the level at its start "
+        f"instrument took {instrument_s:.2f} s"),
+        (f"{args.rounds} interleaved rounds of one step per variant (shuffled order; the sweep: {args.sweep_rounds}); "
+        "step ms: median ± half the IQR over the median; ratio: median of per-round ratios [25th-75th percentile]"),
+        ("peak step MB: the highest total of live CPU allocations during one step above the level at its start "
         "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
         f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
-        "and whatever x * v saves for backward",
-        "own model: what asr_fx.instrument returns (the torchvision ResNet itself, BN-affine BatchNorm subclass at "
+        "and whatever x * v saves for backward"),
+        ("own model: what asr_fx.instrument returns (the torchvision ResNet itself, BN-affine BatchNorm subclass at "
         "each site, v computed at the site); graph form: the same blocks in a GraphModule with every v computed "
-        "before the first layer (asr_fx.passes.hoist_attention_values), instrument's earlier form",
-        *([f"torch.compile (backend {args.compile_backend}): batch {args.compile_batch} of "
+        "before the first layer (asr_fx.passes.hoist_attention_values), instrument's earlier form"),
+        *([(f"torch.compile (backend {args.compile_backend}): batch {args.compile_batch} of "
            f"{args.compile_size}x{args.compile_size}, {args.compile_rounds} interleaved rounds; compile s: the first "
-           "compiled training step after torch.compiler.reset(), inductor FX graph cache off"] if compiled else []),
-        f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads} --batch {args.batch} "
+           "compiled training step after torch.compiler.reset(), inductor FX graph cache off")] if compiled else []),
+        (f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads} --batch {args.batch} "
         f"--size {args.size} --rounds {args.rounds} --sweep '{args.sweep}' --sweep-rounds {args.sweep_rounds} "
         f"--compile-size {args.compile_size} --compile-batch {args.compile_batch} "
-        f"--compile-rounds {args.compile_rounds} --compile-backend {args.compile_backend}`",
+        f"--compile-rounds {args.compile_rounds} --compile-backend {args.compile_backend}`"),
     ]
     body = table(rows) + ("\n\nSweep:\n\n" + table(sweep_rows) if sweep_rows else "")
     body += "\n\ntorch.compile:\n\n" + table(compiled) if compiled else ""

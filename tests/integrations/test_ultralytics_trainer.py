@@ -31,8 +31,8 @@ from conftest import (
 import asr_fx
 
 ultralytics = pytest.importorskip("ultralytics")
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.nn.tasks import DetectionModel
 
 SIZE = 32
 
@@ -53,9 +53,9 @@ class ASRDetectionTrainer(DetectionTrainer):
 
 
 def _train_args(tmp_path) -> dict:
-    return dict(data=str(write_yolo_dataset(tmp_path / "data", size=SIZE)), epochs=1, imgsz=SIZE, batch=2,
-                workers=0, device="cpu", plots=False, amp=False, val=False, pretrained=False, verbose=False,
-                project=str(tmp_path / "runs"), name="asr", exist_ok=True)
+    return {"data": str(write_yolo_dataset(tmp_path / "data", size=SIZE)), "epochs": 1, "imgsz": SIZE, "batch": 2,
+            "workers": 0, "device": "cpu", "plots": False, "amp": False, "val": False, "pretrained": False,
+            "verbose": False, "project": str(tmp_path / "runs"), "name": "asr", "exist_ok": True}
 
 
 def _detections(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_instrumented_detection_model_keeps_loss_stride_and_yaml():
     batch = {"img": _probe(), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
              "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.3, 0.3, 0.2, 0.2]])}
     model.train()
-    loss, items = model.loss(batch)
+    loss, _ = model.loss(batch)
     assert torch.isfinite(loss).all() and loss.sum() > 0
     loss.sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if n.endswith("psi"))
