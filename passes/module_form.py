@@ -28,10 +28,11 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .asr_blocks import batch_norm_forward
+from .asr_blocks import ASR, batch_norm_forward
 
 CONTAINER = "asr"
 _BLOCK = "_asr_block"
+_VALUE = "_asr_value"
 
 
 class ASRHook:
@@ -45,13 +46,78 @@ class ASRHook:
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
         if self.index is None:
-            return self.block(output)
+            return _scaled(self.block, output)  # type: ignore[arg-type]
         items = list(output)  # type: ignore[call-overload]
-        items[self.index] = self.block(items[self.index])
+        items[self.index] = _scaled(self.block, items[self.index])
         return type(output)(items) if isinstance(output, tuple) and type(output) is not tuple else tuple(items)
 
     def __repr__(self) -> str:
         return f"ASRHook(index={self.index})"
+
+
+class _Held:
+    """A hoisted ``v`` with what it was computed from; copies and pickles of the model get none
+    (a tensor in the middle of an autograd graph cannot be deep-copied, and is not state)."""
+
+    def __init__(self, v: torch.Tensor | None = None, stamp: tuple = (), live: bool = False) -> None:
+        self.v, self.stamp, self.live = v, stamp, live
+
+    def __deepcopy__(self, memo: dict) -> _Held:
+        return _Held()
+
+    def __reduce__(self) -> tuple:
+        return (_Held, ())
+
+
+def _stamp(block: nn.Module) -> tuple:
+    """What ``v`` depends on: each parameter/buffer of ``block`` (its storage and in-place version)."""
+    return tuple((t.data_ptr(), t._version) for t in (*block.parameters(), *block.buffers()))
+
+
+def _value(block: nn.Module) -> torch.Tensor | None:
+    """The ``v`` :class:`HoistValues` computed for ``block``, when this call belongs to that forward (or to
+    its recomputation by gradient checkpointing, inside the backward) and ``block`` has not changed since."""
+    held = block.__dict__.get(_VALUE)
+    if held is None or held.v is None:
+        return None
+    if not (held.live or torch._C._current_graph_task_id() != -1) or held.stamp != _stamp(block):
+        return None
+    return held.v
+
+
+def _scaled(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    v = _value(block)
+    return block(x) if v is None else block(x, v)
+
+
+class HoistValues:
+    """Root forward pre-hook: every block's ``v`` is computed before the model's first layer, as the graph
+    form's hoisting pass does (:mod:`asr_fx.passes.hoist_attention_values`): autograd then runs the
+    attention networks' backward last, after the activations are freed, so their gradients do not add
+    to the peak memory. The value is kept (not its use: :class:`EndOfForward`) so that gradient
+    checkpointing recomputes a site with the same ``v``; a call outside the root's forward
+    (``model.forward_features(x)``), or after ``block`` changed, computes ``v`` at the site."""
+
+    def __init__(self, blocks: nn.ModuleDict) -> None:
+        self.blocks = blocks
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        for block in self.blocks.values():
+            if isinstance(block, ASR):
+                block.__dict__[_VALUE] = _Held(block.attention_value(), _stamp(block), True)
+
+
+class EndOfForward:
+    """Root forward hook (always called): the values :class:`HoistValues` computed are for recomputation only."""
+
+    def __init__(self, blocks: nn.ModuleDict) -> None:
+        self.blocks = blocks
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        for block in self.blocks.values():
+            held = block.__dict__.get(_VALUE)
+            if held is not None:
+                held.live = False
 
 
 class _ASRBatchNorm:
@@ -62,7 +128,8 @@ class _ASRBatchNorm:
         if isinstance(x, torch.fx.Proxy):  # traced by torch.fx: the ordinary form, BN then x * v
             return block(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,  # type: ignore
                                       self.training or self.running_mean is None, self.momentum or 0.0, self.eps))
-        v = block.attention_value().reshape(-1)
+        v = _value(block)
+        v = (block.attention_value() if v is None else v).reshape(-1)
         return batch_norm_forward(self, x, self.weight * v, self.bias * v)  # type: ignore[arg-type,attr-defined]
 
     def extra_repr(self) -> str:
@@ -132,6 +199,8 @@ def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
         if type(root) is nn.Sequential:
             root.__class__ = ASRSequential
         root.add_module(CONTAINER, nn.ModuleDict())
+        root.register_forward_pre_hook(HoistValues(root._modules[CONTAINER]))  # type: ignore[arg-type]
+        root.register_forward_hook(EndOfForward(root._modules[CONTAINER]), always_call=True)  # type: ignore[arg-type]
     getattr(root, CONTAINER)[attachment.key] = block
     module = root.get_submodule(attachment.path)
     if attachment.kind == "bn":
@@ -176,6 +245,11 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
                 for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
                     getattr(module, extra, {}).pop(handle_id, None)
                 found[str(id(hook.block))] = (Attachment(path, "hook", "", hook.index), hook.block)
+    for hooks in (root._forward_pre_hooks, root._forward_hooks):
+        for handle_id, hook in list(hooks.items()):
+            if isinstance(hook, (HoistValues, EndOfForward)):
+                del hooks[handle_id]
+                getattr(root, "_forward_hooks_always_called", {}).pop(handle_id, None)
     blocks = root._modules.get(CONTAINER)
     keys = {id(b): k for k, b in blocks.items()} if isinstance(blocks, nn.ModuleDict) else {}
     if isinstance(blocks, nn.ModuleDict):
