@@ -58,21 +58,6 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=x).logits
 
 
-def test_instrumented_model_keeps_labels_config_and_output_type():
-    vanilla = _vanilla()
-    model = _instrument(vanilla)
-    assert_own_model(model, vanilla)
-    assert model.config.num_labels == CLASSES and callable(model.save_pretrained)
-    x, labels = _pixels(), torch.tensor([0, 1, 2, 0])
-    for mode in (True, False):
-        model.train(mode)
-        out = model(pixel_values=x, labels=labels, output_hidden_states=True)
-        assert isinstance(out, transformers.modeling_outputs.ImageClassifierOutputWithNoAttention)
-        assert out.loss is not None and out.loss.ndim == 0 and out.hidden_states is not None
-        assert model(x, return_dict=False)[0].shape == (4, CLASSES)  # a tuple when asked for one
-        assert model(pixel_values=x).loss is None
-
-
 def test_trainer_save_model_from_pretrained_fuse_save_pretrained(tmp_path, no_network):
     vanilla = _vanilla()
     model = _instrument(vanilla)
