@@ -19,6 +19,7 @@ from conftest import (
 from torch.utils.data import DataLoader, TensorDataset
 
 import asr_fx
+from asr_fx.foreign_checkpoints import load_checkpoint
 from asr_fx.models import cifar_resnet
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -78,3 +79,10 @@ def test_lightning_trainer_two_steps_checkpoint_and_fuse(tmp_path, no_network):
         fused = asr_fx.fuse(reloaded)
         assert_vanilla_form(fused, vanilla)
         assert rel_err(want, fused(x)) <= FUSE_RTOL
+
+    # what `asr-fx fuse last.ckpt --model asr_fx.models:cifar_resnet` reads: the Lightning checkpoint as it is
+    loaded = load_checkpoint(tmp_path / "last.ckpt", factory="asr_fx.models:cifar_resnet",
+                             factory_kwargs={"depth": 11, "num_classes": 4})
+    assert_own_model(loaded.model, vanilla)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.eval()(x), want)
