@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.equivalence import check_fused, derive_probe, probe_inputs
+from asr_fx.equivalence import check_fused, derive_probe, probe_inputs, run_on_copies, saved_state
 from asr_fx.errors import ASRError, FusionError, VanillaModelError
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
@@ -127,9 +127,9 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)
-    probe = inputs if inputs is not None else derive_probe(vanilla)
     if into is not None:
-        return fuse_into(gm.eval(), into, model, example_inputs=probe, leaf_modules=leaves)
+        return fuse_into(gm.eval(), into, model, example_inputs=inputs, leaf_modules=leaves)
+    probe = inputs if inputs is not None else _runs_on(vanilla, derive_probe(vanilla))
     if fold_bn and not inplace:  # BatchNorm folded into convs: the deploy graph, which the class has no place for
         return gm.eval()
     try:
@@ -141,6 +141,18 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
         return gm.eval()
     result.__dict__[FUSION_KEY] = report
     return _in_place(model, result) if inplace else result
+
+
+def _runs_on(model: nn.Module, probe: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """``probe`` when ``model`` runs on it in eval mode (state kept), else None."""
+    if probe is None:
+        return None
+    try:
+        with saved_state(model):
+            run_on_copies(model, probe, False)
+    except Exception:  # noqa: BLE001 - a guessed input the model does not take: no probe
+        return None
+    return probe
 
 
 def _in_place(model: nn.Module, fused: nn.Module) -> nn.Module:
