@@ -8,6 +8,7 @@ The placement rules come from the one registry :data:`asr_fx.passes.placement.PL
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,8 +23,8 @@ from asr_fx.attention import resolved_widths
 from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
 from asr_fx.equivalence import check_instrumented, expected_outputs
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
-from asr_fx.own_model import LEAVES, attach_blocks, plan, remove
-from asr_fx.partial_capture import instrument_parts
+from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
+from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
 from asr_fx.passes import Site, insert_asr, trace
 from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
 from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
@@ -289,9 +290,18 @@ def instrument(
     return instrument_one(model, options, graph_ok=not inplace)
 
 
-def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool) -> nn.Module:
+def instrument_graph_form(model: nn.Module, attention: Any = "se", **kwargs: Any) -> fx.GraphModule:
+    """:func:`instrument`'s graph form (a GraphModule whose graph calls the blocks), for tools that rewrite
+    the blocks in the graph (:func:`asr_fx.stripe.plain_attention`); takes :func:`instrument`'s arguments."""
+    options = {**dict(inspect.signature(instrument).parameters.items()), **kwargs, "attention": attention}
+    options = {k: (v.default if isinstance(v, inspect.Parameter) else v) for k, v in options.items() if k != "model"}
+    return instrument_one(model, options, graph_ok=True, graph_form="requested")  # type: ignore[return-value]
+
+
+def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, graph_form: str | None = None) -> nn.Module:
     """:func:`instrument` with its keyword arguments in ``options``; ``graph_ok``: the graph form may be
-    returned where the module form has no place (else :class:`ASRError`)."""
+    returned where the module form has no place (else :class:`ASRError`); ``graph_form``: a reason to
+    return the graph form anyway (no warning)."""
     o = options
     norm_fused, delta, example_inputs = o["norm_fused"], o["delta"], as_input_tuple(o["example_inputs"])
     if norm_fused is None:
@@ -309,22 +319,28 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool) ->
                             leaf_modules=o["leaf_modules"], preset=o["preset"],
                             convert_existing=o["convert_existing"], norm_fused=norm_fused)
     try:
+        if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
+            raise TraceError("the sites name parts of the model")
         gm, records = READ_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
         return instrument_parts(model, exc, instrument_one, {**options, "norm_fused": norm_fused})
     chosen = [r for r in records if isinstance(r, Site)]
     config = _config(model, gm, chosen, pipeline_options)
-    found = plan(gm, chosen, model, norm_fused) if not o["convert_existing"] else \
-        "convert_existing=True rewrites the model's own attention inside its forward"
+    found = graph_form or (plan(gm, chosen, model, norm_fused) if not o["convert_existing"] else
+                           "convert_existing=True rewrites the model's own attention inside its forward")
+    parts = in_parts(model, found, gm, chosen, instrument_one, {**options, "norm_fused": norm_fused}) \
+        if isinstance(found, str) and not graph_form and not o["convert_existing"] else None
+    if parts is not None:
+        return parts
     if isinstance(found, str):
-        return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok, o["check"])
+        return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok or bool(graph_form),
+                           o["check"], warn=not graph_form)
     own = model if o["inplace"] else copy.deepcopy(model)
     expected = expected_outputs(model, example_inputs) if o["check"] and own is model else None
     attach_blocks(own, gm, found)
     config.form = "module"
     set_config(own, config)
-    if _plain_leaves(o["leaf_modules"]):
-        own.__dict__[LEAVES] = list(o["leaf_modules"])
+    keep_leaf_modules(own, o["leaf_modules"])
     if o["check"] and (own is not model or expected is not None):
         try:
             check_instrumented(model if expected is None else expected, own, example_inputs)
@@ -334,22 +350,18 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool) ->
     return own
 
 
-def _plain_leaves(leaf_modules: Any) -> bool:
-    """``leaf_modules`` is a list of names and classes (picklable with the model), not a predicate."""
-    return isinstance(leaf_modules, (list, tuple, set)) and bool(leaf_modules) and \
-        all(isinstance(x, (str, type)) for x in leaf_modules)
-
-
 def _graph_form(model: nn.Module, gm: fx.GraphModule, records: list[Any], config: ASRConfig, reason: str,
-                pipeline_options: dict[str, Any], graph_ok: bool, check: bool) -> fx.GraphModule:
+                pipeline_options: dict[str, Any], graph_ok: bool, check: bool, warn: bool = True) -> fx.GraphModule:
     """The graph form (a GraphModule holding the model's modules; earlier versions' only form), with a
     warning saying why; refused with :class:`ASRError` unless ``graph_ok``."""
     name = type(model).__name__
     if not graph_ok:
         raise ASRError(f"instrument(..., inplace=True) cannot keep {name} itself: {reason}. Way out: leave "
                        "inplace off (a GraphModule is returned), or exclude=[...] those sites")
-    warnings.warn(f"instrument returns a GraphModule, not a {name}: {reason}. The model's own methods, attributes "
-                  "and keyword arguments are not kept; exclude=[...] those sites to keep them", stacklevel=3)
+    if warn:
+        warnings.warn(f"instrument returns a GraphModule, not a {name}: {reason}. The model's own methods, "
+                      "attributes and keyword arguments are not kept; exclude=[...] those sites to keep them",
+                      stacklevel=4)
     seeded = Pipeline("instrument-graph-form", (lambda m, c: PassResult(m, False, tuple(records)),
                                                *GRAPH_FORM_PIPELINE.passes))
     gm, _ = seeded.run(gm, **pipeline_options)
@@ -391,42 +403,3 @@ def attention_name(attention: Any) -> Any:
         return attention
     module, qualname = getattr(attention, "__module__", None), getattr(attention, "__qualname__", None)
     return f"{module}:{qualname}" if module and qualname and "<" not in qualname else None
-
-
-def _floating_dtype(module: nn.Module | None) -> torch.dtype | None:
-    for t in (*module.parameters(), *module.buffers()) if module is not None else ():
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
-def _site_dtype(gm: fx.GraphModule, block_call: fx.Node) -> torch.dtype | None:
-    """The dtype of the value an ASR block scales: recorded by shape propagation, else the dtype of the
-    parameters of the layer that produced it."""
-    value = block_call.args[0] if block_call.args else None
-    if not isinstance(value, fx.Node):
-        return None
-    recorded = getattr(value.meta.get("tensor_meta"), "dtype", None)
-    if recorded is not None:
-        return recorded
-    return _floating_dtype(gm.get_submodule(str(value.target))) if value.op == "call_module" else None
-
-
-def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Put the new ASR state on the model's device, and each ASR block in the dtype of the value it
-    scales at its own site (not the dtype of some other parameter of the model)."""
-    ref = next(iter(model.parameters()), None)
-    if ref is None:
-        ref = next(iter(model.buffers()), None)
-    if ref is None:
-        return
-    if ref.device.type != "cpu":
-        gm.to(ref.device)
-    blocks = getattr(gm, "asr", None)
-    if not isinstance(blocks, nn.Module):
-        return
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith("asr."):
-            dtype = _site_dtype(gm, node) or (ref.dtype if ref.is_floating_point() else None)
-            if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
-                gm.get_submodule(str(node.target)).to(dtype)

@@ -101,6 +101,20 @@ def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, valu
     return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
 
 
+_SHAPING = {"reshape", "view", "unsqueeze", "expand", "flatten", "to", "type_as"}
+
+
+def _past_shaping(users: list[fx.Node], sources: list[fx.Node]) -> list[fx.Node]:
+    """``users`` with each shaping op of its source (``gamma.reshape(1, -1, 1, 1)``) replaced by its users."""
+    out: list[fx.Node] = []
+    for u in users:
+        if getattr(u.target, "__name__", u.target) in _SHAPING and u.args and u.args[0] in sources:
+            out.extend(_past_shaping(list(u.users), [u]))
+        else:
+            out.append(u)
+    return out
+
+
 def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     """``True`` when ``key`` is read only as a ``mul`` operand, ``False`` when not read at all,
     ``None`` when read otherwise."""
@@ -108,6 +122,7 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     if not users:
         return False
     muls = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
+    users = _past_shaping(users, [n for n in graph.nodes if n.op == "get_attr" and n.target == key])
     return True if all(getattr(u.target, "__name__", u.target) in muls for u in users) else None
 
 

@@ -38,10 +38,19 @@ from asr_fx.errors import ASRError
 from asr_fx.passes import Site, trace
 from asr_fx.passes.asr_blocks import ASR
 from asr_fx.passes.insert import insert_asr
-from asr_fx.passes.module_form import CONTAINER, Attachment, attach, attachments, bn_form_fits, strip_module_form
+from asr_fx.passes.module_form import (CONTAINER, Attachment, affine_form_fits, attach, attachments, bn_form_fits,
+                                      strip_module_form)
 
 #: ``model.__dict__`` entry with the ``leaf_modules`` instrument traced with (fuse traces with them again)
 LEAVES = "_asr_fx_leaf_modules"
+
+
+def keep_leaf_modules(model: nn.Module, leaf_modules: Any) -> None:
+    """Record ``leaf_modules`` on ``model`` for :func:`asr_fx.fuse`'s trace, when it is a list of names and
+    classes (picklable with the model; a predicate is not kept: pass it to ``fuse`` again)."""
+    if isinstance(leaf_modules, (list, tuple, set)) and leaf_modules and \
+            all(isinstance(x, (str, type)) for x in leaf_modules):
+        model.__dict__[LEAVES] = list(leaf_modules)
 
 
 def _mha_output(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -80,6 +89,8 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
         return f"site `{site.node}`: the model has no module `{path}` (the trace made it)"
     traced = gm.get_submodule(path)
     if type(own) is not type(traced):
+        if index is None and affine_form_fits(own, traced):  # a composite layer: its norm/linear output scaled
+            return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "
                 "(a composite layer traced through), so the module's own output is another value")
     kind = "bn" if norm_fused and index is None and bn_form_fits(own) else "hook"
@@ -105,6 +116,8 @@ def plan(gm: fx.GraphModule, sites: Sequence[Site], model: nn.Module, norm_fused
 
 
 def _site_dtype(gm: fx.GraphModule, node_name: str) -> torch.dtype | None:
+    """The dtype of the value a block scales: recorded by shape propagation, else that of the parameters of
+    the layer that produced it."""
     node = next(n for n in gm.graph.nodes if n.name == node_name)
     recorded = getattr(node.meta.get("tensor_meta"), "dtype", None)
     if recorded is not None:
@@ -114,6 +127,26 @@ def _site_dtype(gm: fx.GraphModule, node_name: str) -> torch.dtype | None:
             if t.is_floating_point():
                 return t.dtype
     return None
+
+
+def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
+    """The graph form: the new ASR state on the model's device, each block in the dtype of the value it
+    scales at its own site (not the dtype of some other parameter of the model)."""
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    if ref is None:
+        return
+    if ref.device.type != "cpu":
+        gm.to(ref.device)
+    if not isinstance(getattr(gm, CONTAINER, None), nn.Module):
+        return
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(f"{CONTAINER}.") and node.args \
+                and isinstance(node.args[0], fx.Node):
+            dtype = _site_dtype(gm, node.args[0].name) or (ref.dtype if ref.is_floating_point() else None)
+            if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
+                gm.get_submodule(str(node.target)).to(dtype)
 
 
 def attach_blocks(model: nn.Module, gm: fx.GraphModule, found: Sequence[Attachment]) -> None:

@@ -28,7 +28,7 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx.api import instrument
+from asr_fx.instrument_model import instrument_graph_form
 from asr_fx.asr import ACTIVATIONS, ASR
 from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
@@ -208,7 +208,7 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     a batch of pooled descriptors (psi shape other than ``(1, C, 1, ...)``, or a network that
     reshapes to one descriptor) and sites without a dimension to pool (channels last).
     """
-    gm = instrument(model, attention, **{**instrument_kwargs, "norm_fused": False})  # blocks are replaced below
+    gm = instrument_graph_form(model, attention, **{**instrument_kwargs, "norm_fused": False})  # blocks replaced below
     unhoist_attention_values(gm)  # a plain attention block takes x only
     for key, block in list(gm.asr.items()):
         blocks = list(block) if isinstance(block, nn.Sequential) else [block]

@@ -80,6 +80,8 @@ def _value(block: nn.Module) -> torch.Tensor | None:
     held = block.__dict__.get(_VALUE)
     if held is None or held.v is None:
         return None
+    if torch.compiler.is_compiling():  # compiled: the value of this forward only (no data pointers to compare)
+        return held.v if held.live else None
     if not (held.live or torch._C._current_graph_task_id() != -1) or held.stamp != _stamp(block):
         return None
     return held.v
@@ -104,7 +106,8 @@ class HoistValues:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         for block in self.blocks.values():
             if isinstance(block, ASR):
-                block.__dict__[_VALUE] = _Held(block.attention_value(), _stamp(block), True)
+                stamp = () if torch.compiler.is_compiling() else _stamp(block)
+                block.__dict__[_VALUE] = _Held(block.attention_value(), stamp, True)
 
 
 class EndOfForward:
@@ -118,6 +121,45 @@ class EndOfForward:
             held = block.__dict__.get(_VALUE)
             if held is not None:
                 held.live = False
+
+
+class ASRAffine:
+    """Forward pre-hook of a composite layer whose site is its own norm or linear output before the rest of
+    its forward (timm's ``BatchNormAct2d``: BN, then drop and act): for the call, ``self.weight`` and
+    ``self.bias`` read ``weight * v`` and ``bias * v`` (set in the module's ``__dict__``, which attribute
+    lookup reads before the parameters; the parameters themselves and the state_dict are not touched),
+    so the layer computes its norm/linear output times ``v``, then the rest of its forward:
+    ``x * v`` at the site. :class:`ASRAffineEnd` removes them after the call, also when it raises."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        v = _value(self.block)
+        v = (self.block.attention_value() if v is None else v).reshape(-1)
+        for name in ("weight", "bias"):
+            p = module._parameters[name]
+            module.__dict__[name] = p * v.reshape((-1,) + (1,) * (p.dim() - 1)).to(p.dtype)
+
+
+class ASRAffineEnd:
+    """Forward hook (always called) that ends :class:`ASRAffine`'s scaled ``weight``/``bias``."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        module.__dict__.pop("weight", None)
+        module.__dict__.pop("bias", None)
+
+
+def affine_form_fits(module: nn.Module, traced: nn.Module) -> bool:
+    """``module`` (a composite layer) computes the norm/linear layer ``traced`` (the plain layer the trace
+    made of it) with its own ``weight`` and ``bias``: :class:`ASRAffine` scales that output."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Linear)
+    if not isinstance(traced, norms) or getattr(traced, "weight", None) is None or \
+            getattr(traced, "bias", None) is None:
+        return False
+    own = [module._parameters.get(n) for n in ("weight", "bias")]
+    return all(isinstance(o, torch.Tensor) and o.shape == t.shape and torch.equal(o.detach(), t.detach())
+               for o, t in zip(own, (traced.weight, traced.bias)))
 
 
 class _ASRBatchNorm:
@@ -206,6 +248,9 @@ def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
     if attachment.kind == "bn":
         module.__class__ = _FORM_OF[type(module)]
         module.__dict__[_BLOCK] = block
+    elif attachment.kind == "affine":
+        module.register_forward_pre_hook(ASRAffine(block))
+        module.register_forward_hook(ASRAffineEnd(), always_call=True)
     else:
         module.register_forward_hook(ASRHook(block, attachment.index))
 
@@ -221,6 +266,9 @@ def attachments(root: nn.Module) -> list[Attachment]:
         for hook in module._forward_hooks.values():
             if isinstance(hook, ASRHook):
                 found.append(Attachment(path, "hook", keys.get(id(hook.block), "?"), hook.index))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, ASRAffine):
+                found.append(Attachment(path, "affine", keys.get(id(hook.block), "?")))
     return found
 
 
@@ -245,6 +293,13 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
                 for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
                     getattr(module, extra, {}).pop(handle_id, None)
                 found[str(id(hook.block))] = (Attachment(path, "hook", "", hook.index), hook.block)
+            elif isinstance(hook, ASRAffineEnd):
+                del module._forward_hooks[handle_id]
+                getattr(module, "_forward_hooks_always_called", {}).pop(handle_id, None)
+        for handle_id, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, ASRAffine):
+                del module._forward_pre_hooks[handle_id]
+                found[str(id(hook.block))] = (Attachment(path, "affine", ""), hook.block)
     for hooks in (root._forward_pre_hooks, root._forward_hooks):
         for handle_id, hook in list(hooks.items()):
             if isinstance(hook, (HoistValues, EndOfForward)):

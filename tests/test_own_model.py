@@ -8,13 +8,14 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FUSE_RTOL, perturb_asr, rel_err
 from torch import nn
 
 import asr_fx
 from asr_fx.errors import ASRError
 from asr_fx.models import cifar_resnet
-from asr_fx.passes.module_form import ASRBatchNorm2d, ASRHook
+from asr_fx.passes.module_form import ASRBatchNorm2d, ASRHook, attachments
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -190,3 +191,72 @@ def test_fuse_of_a_model_trained_one_step_matches_in_eval():
         fused = asr_fx.fuse(model)
     with torch.no_grad():
         assert rel_err(model.eval()(X), fused(X)) <= FUSE_RTOL
+
+
+class WithParallelBlock(nn.Module):
+    """A model whose functional site (a parallel sum) is inside a child: that child is captured alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU())
+        self.block = ParallelBranches()
+        self.label = "outer"
+
+    def forward(self, x, scale: float = 1.0):
+        return self.block(self.stem(x)) * scale
+
+
+def test_a_functional_site_inside_a_child_is_captured_there_and_the_model_keeps_its_class():
+    vanilla = WithParallelBlock().eval()
+    chosen = asr_fx.find_sites(vanilla, example_inputs=(X,))
+    with pytest.warns(UserWarning, match=r"captures \['block'\] as GraphModules inside it"):
+        model = asr_fx.instrument(vanilla, example_inputs=(X,))
+    assert type(model) is WithParallelBlock and isinstance(model.block, torch.fx.GraphModule)
+    assert len(asr_fx.asr_config(model).sites) == len(chosen) and model.label == "outer"
+    perturb_asr(model)
+    fused = asr_fx.fuse(model.eval(), example_inputs=(X,))
+    assert type(fused) is WithParallelBlock and not any(".asr." in k for k in fused.state_dict())
+    with torch.no_grad():
+        assert rel_err(model(X, scale=2.0), fused(X, scale=2.0)) <= FUSE_RTOL
+
+
+class NormAct(nn.BatchNorm2d):
+    """A composite layer (timm's BatchNormAct2d): its own BatchNorm, then an activation, in one module."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return torch.relu(x)
+
+
+class CompositeWithLayerScale(nn.Module):
+    """A composite norm-act site, and a layer scale read through a reshape (ConvNeXt's gamma)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = NormAct(8)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.head(y + self.conv2(y).mul(self.gamma.reshape(1, -1, 1, 1)))
+
+
+def test_a_composite_layer_scales_its_own_norm_output_and_a_layer_scale_stays_the_models():
+    vanilla = CompositeWithLayerScale().eval()
+    model = asr_fx.instrument(vanilla, sites=["bn", "conv2"], example_inputs=(X,))
+    assert type(model) is CompositeWithLayerScale and isinstance(model.bn, NormAct)
+    assert sorted(a.kind for a in attachments(model)) == ["affine", "hook"]
+    perturb_asr(model)
+    train_out = model.train()(X)  # the norm in train mode: batch statistics of the unscaled input
+    train_out.sum().backward()
+    assert model.asr["bn"].psi.grad is not None and "weight" not in model.bn.__dict__  # the scaled copy is gone
+    fused = asr_fx.fuse(model.eval(), example_inputs=(X,))
+    assert_vanilla(fused, vanilla)
+    assert torch.equal(fused.gamma, torch.ones(8))  # the scale went into conv2: the vanilla forward multiplies by 1
+    with torch.no_grad():
+        assert rel_err(model(X), fused(X)) <= FUSE_RTOL
+        assert rel_err(model(X), vanilla(X)) > 1e-3
