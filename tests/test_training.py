@@ -148,6 +148,22 @@ def test_torch_compile_aot_eager_matches_eager_forward_and_gradients(model, x):
     _check_compiled(model, x, "aot_eager", torch.float32, 1e-4)
 
 
+def test_torch_compile_trains_several_optimizer_steps_without_recompiling(model, x):
+    """An optimizer step changes psi in place; the compiled model must not recompile for it (each recompile
+    costs a compile, and past Dynamo's recompile limit the code runs eagerly)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    before = [p.detach().clone() for p in asr_fx.asr_parameters(model)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(compiled(x)).backward()
+            opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, asr_fx.asr_parameters(model)))
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor_matches_eager_forward_and_gradients(model, x):
     """In float64: in float32, inductor's decomposed training BatchNorm loses accuracy on this model

@@ -4,9 +4,11 @@ Variants, all with the attention at the same sites (the last BN of every bottlen
 - vanilla: torchvision ResNet-50;
 - ASR(SE) via ``asr_fx.instrument``, the own-model form (the default: the user's ``ResNet`` itself, each
   site's BatchNorm swapped for its BN-affine subclass, which computes BN with affine ``gamma * v, beta * v``,
-  the same function, so no ``x * v`` activation is kept for backward; ``v`` computed at the site);
+  the same function, so no ``x * v`` activation is kept for backward; every ``v`` computed by a pre-hook on
+  the model before its first layer, so the attention backward runs last);
 - ASR(SE) in the graph form (a GraphModule: the blocks in the traced graph, the BN-affine training form,
-  and every ``v`` computed before the first layer; what ``instrument`` returned before the own-model form);
+  and every ``v`` computed in the graph before the first layer; what ``instrument`` returned before the
+  own-model form);
 - ASR(SE) via ``asr_fx.instrument(..., norm_fused=False)`` (own model, every block a forward hook ``x * v``);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
@@ -258,8 +260,9 @@ def main() -> None:
         f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
         "and whatever x * v saves for backward"),
         ("own model: what asr_fx.instrument returns (the torchvision ResNet itself, BN-affine BatchNorm subclass at "
-        "each site, v computed at the site); graph form: the same blocks in a GraphModule with every v computed "
-        "before the first layer (asr_fx.passes.hoist_attention_values), instrument's earlier form"),
+        "each site, every v computed by a pre-hook on the model before its first layer); graph form: the same blocks "
+        "in a GraphModule with every v computed in the graph before the first layer "
+        "(asr_fx.passes.hoist_attention_values), instrument's earlier form"),
         *([(f"torch.compile (backend {args.compile_backend}): batch {args.compile_batch} of "
            f"{args.compile_size}x{args.compile_size}, {args.compile_rounds} interleaved rounds; compile s: the first "
            "compiled training step after torch.compiler.reset(), inductor FX graph cache off")] if compiled else []),
