@@ -1,10 +1,18 @@
 """Small helpers shared by the library modules: parameter counts, NaN/Inf checks, meta-device tensors.
-(Train/eval save-and-restore is ``asr_fx.passes.modes.preserved_training_modes``.)"""
+(Train/eval save-and-restore is ``asr_fx.passes.graph.modes.preserved_training_modes``.)"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
+
+
+def psi_shape_of(net: nn.Module) -> tuple[int, ...]:
+    """The ``psi_shape`` an attention network declares (its psi's shape), as a tuple of ints."""
+    return tuple(int(d) for d in cast(Sequence[int], net.psi_shape))
 
 
 def count_parameters(model: nn.Module) -> int:

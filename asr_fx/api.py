@@ -1,8 +1,8 @@
 """The library's entry points: ``instrument`` / ``find_sites`` (:mod:`asr_fx.instrument_model`) and
 ``fuse`` / ``fusion_report`` / ``asr_parameters`` (here), like ``prepare_fx`` / ``convert_fx``.
 
-``fuse`` runs :data:`asr_fx.passes.pipeline.FUSE_PIPELINE`, a declared list of passes, on a private
-eval-mode copy of the model, and attaches a :class:`~asr_fx.report.FusionReport` to the result.
+``fuse`` runs :data:`asr_fx.passes.pipelines.FUSE_PIPELINE`, a declared list of passes, on a private
+eval-mode copy of the model, and attaches a :class:`~asr_fx.fusion.FusionReport` to the result.
 """
 
 from __future__ import annotations
@@ -16,22 +16,23 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx.config import get_config, set_config
 from asr_fx.equivalence import check_fused, derive_probe, probe_inputs, run_on_copies, saved_state
 from asr_fx.errors import ASRError, FusionError, VanillaModelError
+from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
+from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
-from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
-from asr_fx.passes.asr_blocks import ASR
-from asr_fx.passes.pipeline import fuse_pipeline
-from asr_fx.passes.placement import PLACEMENT_RULES, RULE_ALIASES
-from asr_fx.passes.shapes import as_input_tuple
-from asr_fx.report import FusionReport
+from asr_fx.passes.capture.shapes import as_input_tuple
+from asr_fx.passes.fold.fold_targets import folding_in_place
+from asr_fx.passes.forms.asr_blocks import ASR
+from asr_fx.passes.pipelines import fuse_pipeline
+from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
 
-#: placement rules by name (a view of :data:`asr_fx.passes.placement.PLACEMENT_RULES`)
+#: placement rules by name (a view of :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`)
 RULES = {name: rule.find for name, rule in PLACEMENT_RULES.items()}
 
-FUSION_KEY = "asr_fx.fusion"
 
 
 def fuse(
@@ -86,8 +87,9 @@ def fuse(
     if inplace:
         raise ASRError("fuse(..., inplace=True) needs a model instrument() returned in the module form (the user's "
                        f"own class); {type(model).__name__} is a GraphModule: leave inplace off")
-    work = copy.deepcopy(model).eval()
-    gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    work = copy.deepcopy(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
+    with folding_in_place():
+        gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), example_inputs)
@@ -105,7 +107,7 @@ def _report(model: nn.Module, gm: fx.GraphModule, records: list[Any], strict: bo
     if report.unfolded:
         message = report.unfolded_message()
         if strict:
-            raise FusionError(message)
+            raise FusionError(message, report)
         warnings.warn(message, stacklevel=3)
     return report
 
@@ -122,8 +124,9 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     inputs = probe_inputs(model, inputs)
     vanilla = copy.deepcopy(model).eval()
     blocks = remove(vanilla)
-    gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
-                                example_inputs=inputs, leaf_modules=leaves)
+    with folding_in_place():  # graph_form traces its own copy: no one else holds its tensors
+        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
+                                    example_inputs=inputs, leaf_modules=leaves)
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)
@@ -170,14 +173,6 @@ def _in_place(model: nn.Module, fused: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def fusion_report(fused: nn.Module) -> FusionReport | None:
-    """The :class:`FusionReport` that :func:`fuse` attached to its result."""
-    if FUSION_KEY in fused.__dict__:
-        return fused.__dict__[FUSION_KEY]
-    meta = fused.__dict__.get("meta", {})
-    return meta.get(FUSION_KEY) if isinstance(meta, dict) else None
-
-
 def asr_parameters(model: nn.Module) -> list[nn.Parameter]:
     """psi and the attention networks' parameters of every ASR block (they train with everything else in the
     authors' recipe, weight decay included; a separate optimizer group is for experiments)."""
@@ -189,5 +184,5 @@ def asr_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-__all__ = ["CONFIG_KEY", "RULES", "RULE_ALIASES", "asr_parameters", "find_sites", "fuse", "fusion_report",
+__all__ = ["RULES", "RULE_ALIASES", "asr_parameters", "find_sites", "fuse", "fusion_report",
            "get_config", "instrument", "set_config"]

@@ -1,6 +1,6 @@
 """The ASR block and how one is made for a site: ``x * act(F(psi))`` with a learnable constant input ``psi``.
 
-The block classes (:class:`ASR`, :class:`NormFusedASR`) live in :mod:`asr_fx.passes.asr_blocks`,
+The block classes (:class:`ASR`, :class:`BatchNormAffineASR`) live in :mod:`asr_fx.passes.forms.asr_blocks`,
 so the graph passes that insert and undo them import nothing above ``asr_fx.passes``; this module
 re-exports them and adds the paper's presets and :func:`make_site_block` (attention network from
 the registry, checked, wrapped in a block).
@@ -15,12 +15,23 @@ import torch
 from torch import nn
 
 from asr_fx import attention as registry
+from asr_fx._util import psi_shape_of
 from asr_fx.errors import InvalidOptionError
-from asr_fx.passes.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
-                                      computes_like_batch_norm, init_psi, is_affine_batch_norm)
-from asr_fx.passes.modes import preserved_training_modes
+from asr_fx.passes.forms.asr_blocks import (
+    ACTIVATIONS,
+    ASR,
+    BatchNormAffineASR,
+    PsiInit,
+    batch_norm_forward,
+    computes_like_batch_norm,
+    fill_attention,
+    init_psi,
+    is_affine_batch_norm,
+)
+from asr_fx.passes.graph.modes import preserved_training_modes
 
-__all__ = ["ACTIVATIONS", "ASR", "NormFusedASR", "PRESETS", "PsiInit", "batch_norm_forward", "check_attention_output",
+__all__ = ["ACTIVATIONS", "ASR", "BatchNormAffineASR", "PRESETS", "PsiInit", "batch_norm_forward",
+           "check_attention_output",
            "computes_like_batch_norm", "fill_parameters", "init_psi", "is_affine_batch_norm", "make_site_block",
            "resolve_preset"]
 
@@ -56,18 +67,18 @@ def resolve_preset(preset: str | None, activation: str, psi_init: PsiInit) -> tu
 
 
 def fill_parameters(module: nn.Module, value: float) -> None:
-    """Set every parameter of ``module`` to the constant ``value`` (the transformer preset's init)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.fill_(value)
+    """Set every parameter of ``module`` to the constant ``value`` (the transformer preset's init); its
+    ``reset_parameters`` loop then restores that value (:func:`asr_fx.passes.forms.asr_blocks.fill_attention`)."""
+    fill_attention(module, value)
 
 
 def check_attention_output(net: nn.Module, channels: int) -> None:
     """Run ``net`` once on a zero psi (eval mode, no grad) and refuse it unless it returns ``channels`` values."""
     with preserved_training_modes(net), torch.no_grad():
-        out = net.eval()(torch.zeros(tuple(net.psi_shape)))
+        out = net.eval()(torch.zeros(psi_shape_of(net)))
     if not isinstance(out, torch.Tensor) or out.numel() != channels:
-        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
+            else type(out).__name__
         raise InvalidOptionError(
             f"attention {type(net).__name__} returned {got} for a site of {channels} channels: forward(psi) "
             "must return one value per channel (before the activation)"
@@ -97,9 +108,7 @@ def make_site_block(
     def one() -> ASR:
         net = registry.create(attention, channels, **(attention_kwargs or {}))
         check_attention_output(net, channels)
-        if attention_init is not None:
-            fill_parameters(net, attention_init)
         return ASR(channels, net, channel_pos=channel_pos, activation=activation, psi_init=psi_init,
-                   learnable_psi=learnable_psi)
+                   learnable_psi=learnable_psi, attention_init=attention_init)
 
     return one() if delta == 1 else nn.Sequential(*(one() for _ in range(delta)))

@@ -7,6 +7,10 @@ Format (``format == "asr-fx"``, ``version == 1``)::
      "asr": {... the config instrument() recorded, sites included ...},
      "input_shape": [N, C, H, W] or None,
      "state_dict": {...}}
+
+A ``torch.distributed.checkpoint`` (DCP) folder, what FSDP2 training writes, is read too
+(:mod:`asr_fx.dcp`): with the header of :func:`checkpoint_header` saved beside the weights it is a
+full asr-fx checkpoint for :func:`load`.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from torch import nn
 
 from asr_fx import atomic
 from asr_fx.api import instrument
-from asr_fx.attention import names as attention_names, widths_from_state_dict
+from asr_fx.attention import names as attention_names
+from asr_fx.attention import widths_from_state_dict
 from asr_fx.config import ASRConfig, asr_config, set_config
+from asr_fx.dcp import is_dcp_dir, read_dcp
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, OutputPathError
 from asr_fx.factory import build, import_factory
-from asr_fx.state_dicts import check_finite_asr, check_keys
+from asr_fx.state_dicts import check_finite_asr, check_keys, find_state_dict
 
 FORMAT = "asr-fx"
 VERSION = 1
@@ -72,6 +78,40 @@ def resolve_attention(attention: Any) -> Any:
     return attention
 
 
+def checkpoint_header(
+    model: nn.Module,
+    *,
+    factory: str | None = None,
+    factory_kwargs: dict[str, Any] | None = None,
+    input_shape: list[int] | tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Everything an asr-fx checkpoint holds but the weights: format, factory, ASR config, input shape
+    (plain types only). Saved beside a sharded state dict it makes a DCP folder loadable by :func:`load`
+    and ``asr-fx fuse DIR``::
+
+        dcp.save({"model": model.state_dict(), "asr_fx": asr_fx.checkpoint_header(model)}, checkpoint_id=DIR)
+
+    Arguments as for :func:`save`.
+    """
+    config = asr_config(model)
+    if config is None:
+        raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save "
+                              "instead")
+    recorded = config.factory or {}
+    factory = factory or recorded.get("factory")
+    if factory is None:
+        raise CheckpointError(
+            "asr_fx.save needs to know how to rebuild the model: pass factory='package.module:function' "
+            "(and factory_kwargs=), or build the model with asr_fx.build(...)"
+        )
+    _check_saveable_attention(config.attention)
+    kwargs = factory_kwargs if factory_kwargs is not None else (recorded.get("kwargs") or {})
+    shape = list(input_shape) if input_shape is not None else config.input_shape
+    asr = {k: v for k, v in config.to_dict().items() if k not in ("factory", "input_shape")}
+    return {"format": FORMAT, "version": VERSION, "factory": factory, "factory_kwargs": dict(kwargs), "asr": asr,
+            "input_shape": shape}
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
@@ -83,38 +123,15 @@ def save(
     """Save an instrumented model as an asr-fx checkpoint.
 
     ``factory`` (``"package.module:function"``) rebuilds the vanilla model; it defaults to the one
-    recorded by :func:`build`. ``input_shape`` is what the CLI exports with.
+    recorded by :func:`build`. ``input_shape`` is what the CLI exports with. For a sharded (FSDP2)
+    model, save a DCP folder with :func:`checkpoint_header` instead.
     """
-    config = asr_config(model)
-    if config is None:
-        raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save instead")
-    recorded = config.factory or {}
-    factory = factory or recorded.get("factory")
-    if factory is None:
-        raise CheckpointError(
-            "asr_fx.save needs to know how to rebuild the model: pass factory='package.module:function' "
-            "(and factory_kwargs=), or build the model with asr_fx.build(...)"
-        )
-    _check_saveable_attention(config.attention)
+    header = checkpoint_header(model, factory=factory, factory_kwargs=factory_kwargs, input_shape=input_shape)
     try:
         atomic.check_writable(path)
     except OutputPathError as exc:
         raise CheckpointError(f"cannot save: {exc}", path=exc.path) from None
-    kwargs = factory_kwargs if factory_kwargs is not None else (recorded.get("kwargs") or {})
-    shape = list(input_shape) if input_shape is not None else config.input_shape
-    asr = {k: v for k, v in config.to_dict().items() if k not in ("factory", "input_shape")}
-    atomic_torch_save(
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "factory": factory,
-            "factory_kwargs": dict(kwargs),
-            "asr": asr,
-            "input_shape": shape,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        },
-        path,
-    )
+    atomic_torch_save({**header, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
 
 
 def _describe_global(message: str) -> str:
@@ -131,6 +148,8 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if is_dcp_dir(path):
+        return dcp_checkpoint(read_dcp(path, trust=trust), path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
     with open(path, "rb") as handle:
@@ -159,11 +178,26 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
         raise CheckpointError(f"{str(path)!r} is not a readable torch checkpoint: {first}") from exc
 
 
+#: where :func:`checkpoint_header` goes in a DCP folder
+DCP_HEADER = "asr_fx"
+
+
+def dcp_checkpoint(entries: dict[str, Any], path: str | os.PathLike) -> Any:
+    """What a DCP folder's entries amount to: with an asr-fx header (:data:`DCP_HEADER`), an asr-fx checkpoint
+    (the header and the one state dict beside it); without, the entries as they are (a training checkpoint)."""
+    header = entries.get(DCP_HEADER)
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        return entries
+    rest = {k: v for k, v in entries.items() if k != DCP_HEADER}
+    weights, _ = find_state_dict(rest if len(rest) != 1 else next(iter(rest.values())), repr(str(path)))
+    return {**header, "state_dict": dict(weights)}
+
+
 def instrument_from_config(model: nn.Module, config: ASRConfig | dict[str, Any], input_shape: Any = None,
                            leaf_modules: Any = None) -> nn.Module:
     """Re-instrument a vanilla model exactly as recorded: same sites, attention and options.
 
-    ``norm_fused`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
+    ``bn_affine_form`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
     ``delta == 1`` (as :func:`asr_fx.instrument`); absent from a config older than the option, off."""
     config = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
     options = config.instrument_options()
@@ -190,7 +224,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
     """The instrumented model an asr-fx checkpoint describes, weights loaded (strict). ``attention``
     (a name or ``"package.module:Factory"``) and ``attention_kwargs`` replace the recorded ones."""
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads {VERSION}",
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads "
+                              f"{VERSION}",
                               path=str(path))
     model = build(ckpt["factory"], **ckpt.get("factory_kwargs", {}))
     recorded = ASRConfig.from_dict(ckpt["asr"])
@@ -218,6 +253,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
 def load(path: str | os.PathLike) -> nn.Module:
     """Load an :func:`save` checkpoint: rebuild, re-instrument, load the state_dict (strict)."""
     ckpt = read_checkpoint(path)
+    if is_dcp_dir(path) and (not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT):
+        raise CheckpointError(
+            f"{str(path)!r} is a torch.distributed.checkpoint folder without asr-fx's header, so it does not say how "
+            f"to rebuild the model: save it as dcp.save({{'model': model.state_dict(), {DCP_HEADER!r}: "
+            "asr_fx.checkpoint_header(model, factory='package.module:factory')}, checkpoint_id=DIR), or fuse it with "
+            "asr-fx fuse DIR --model package.module:factory [--factory-args JSON] [--attention NAME] (the sites come "
+            "from its asr.* keys)", path=str(path), reason="no-factory")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an asr-fx checkpoint (no 'format': 'asr-fx' entry)")
     return model_from_checkpoint(ckpt, path)

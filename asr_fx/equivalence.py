@@ -2,19 +2,20 @@
 
 - :func:`check_instrumented`: the instrumented model with every ASR block at ``v = 1`` computes what
   the original model computes on a probe input, in eval mode and in train mode (same RNG seed for
-  both, BatchNorm running statistics and the RNG state restored afterwards).
+  both, BatchNorm running statistics and the RNG state restored afterwards), and gives the original's
+  parameters the gradients the original gives them (:mod:`asr_fx.gradient_check`).
 - :func:`check_fused`: the fused model computes what the model it was given computes, in eval mode.
 
 A mismatch raises :class:`asr_fx.errors.EquivalenceError` naming the first layer (in the checked
 model's execution order) whose output differs. The probe is ``example_inputs``, or, for a model whose
 first layer is a conv or linear, a random input derived from that layer (``instrument``), or the input
-shape ``instrument`` recorded (``fuse``); with none of them the check is skipped. ``check=False`` on ``instrument``/``fuse`` turns it off (huge models).
+shape ``instrument`` recorded (``fuse``); with none of them the check is skipped. ``check=False`` on
+``instrument``/``fuse`` turns it off (huge models).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +27,8 @@ from torch.utils import _pytree as pytree
 from asr_fx.asr import ASR
 from asr_fx.config import asr_config
 from asr_fx.errors import EquivalenceError
-from asr_fx.passes.concrete_values import state_kept
+from asr_fx.gradient_check import check_gradients
+from asr_fx.passes.capture.concrete_values import state_kept
 
 #: max |a - b| <= RTOL * max |reference| (+ ATOL): fp32 reassociation in folds and traced graphs
 RTOL = 1e-4
@@ -48,7 +50,9 @@ def derive_probe(model: nn.Module, size: int = 64) -> tuple[torch.Tensor, ...] |
     return (torch.randn(shape, generator=gen).to(ref.device, ref.dtype),)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def floating_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output, in order: a tensor, nested tuples/lists/dicts, or a
+    transformers ``ModelOutput`` (what the equivalence checks compare)."""
     if hasattr(out, "to_tuple"):  # transformers' ModelOutput
         out = out.to_tuple()
     elif isinstance(out, dict):
@@ -58,7 +62,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 def _error(ref: Any, got: Any) -> float | None:
     """The largest relative error over the outputs' float tensors, or ``None`` if they do not pair up."""
-    a, b = _tensors(ref), _tensors(got)
+    a, b = floating_tensors(ref), floating_tensors(got)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return None
     worst = 0.0
@@ -135,7 +139,7 @@ def _unit_attention(model: nn.Module) -> Iterator[None]:
     """Every ASR block's ``v`` is 1 inside the block."""
     blocks = [m for m in model.modules() if isinstance(m, ASR)]
     for block in blocks:
-        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,  # type: ignore
+        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,
                                                             device=b.psi.device))
     try:
         yield
@@ -179,16 +183,28 @@ def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], tr
 
 def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Sequence[Any] | None) -> None:
     """Raise :class:`EquivalenceError` unless ``instrumented`` with every ``v = 1`` computes what
-    ``original`` computes on ``inputs`` (or a derived probe), in eval and in train mode."""
+    ``original`` computes on ``inputs`` (or a derived probe), in eval and in train mode.
+
+    Runs on ``instrumented`` itself, not on a copy (a copy would double the memory of a big model): each
+    block's ``v`` is 1 for the check only, and buffers, modes and the RNG state are restored after it.
+    ``original`` may be :func:`expected_outputs`' record of the model before it changed in place
+    (``instrument(..., inplace=True)``): then the outputs are compared, not the gradients."""
     if isinstance(original, _Recorded):
         inputs = original.inputs
     inputs = inputs if inputs is not None else derive_probe(original)
     if inputs is None:
         return
-    work = instrumented if isinstance(original, _Recorded) else copy.deepcopy(instrumented)  # in place: no copy
-    with _unit_attention(work):
+    with _unit_attention(instrumented):
         for training in (False, True):
-            _compare(original, work, inputs, training, "the instrumented model (every ASR block at v = 1)")
+            _compare(original, instrumented, inputs, training, "the instrumented model (every ASR block at v = 1)")
+        if not isinstance(original, _Recorded):
+            _compare_gradients(original, instrumented, inputs)
+
+
+def _compare_gradients(original: nn.Module, work: nn.Module, inputs: Sequence[Any]) -> None:
+    """The original's parameters get the same gradients in ``work`` (:mod:`asr_fx.gradient_check`)."""
+    with saved_state(original, work):
+        check_gradients(original, work, inputs, "the instrumented model (every ASR block at v = 1)")
 
 
 class _Recorded(nn.Module):

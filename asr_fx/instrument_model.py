@@ -1,8 +1,9 @@
 """``instrument`` and ``find_sites``: trace a model, choose the ASR sites, put a block at each.
 
-``instrument`` runs :data:`INSTRUMENT_PIPELINE`, a declared list of passes (``(module, context) ->
-PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on the result.
-The placement rules come from the one registry :data:`asr_fx.passes.placement.PLACEMENT_RULES`.
+``instrument`` runs :data:`asr_fx.passes.pipelines.INSTRUMENT_PIPELINE`, a declared list of passes
+(``(module, context) -> PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on
+the result.
+The placement rules come from the one registry :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`.
 """
 
 from __future__ import annotations
@@ -20,56 +21,17 @@ from torch import nn
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
-from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
+from asr_fx.config import ASRConfig, set_config
 from asr_fx.equivalence import check_instrumented, expected_outputs
-from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
+from asr_fx.errors import ASRError, InvalidOptionError, TraceError
 from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
 from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
-from asr_fx.passes import Site, insert_asr, trace
-from asr_fx.passes.attention_patterns import ChannelAttention, find_channel_attention
-from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
-from asr_fx.passes.convert_existing import convert_existing_attention, existing_attention_sites, pooled_means
-from asr_fx.passes.hoist_attention_values import hoist_attention_values
-from asr_fx.passes.infra import PassContext, PassResult, Pipeline
-from asr_fx.passes.locate import site_at
-from asr_fx.passes.placement import PLACEMENT_RULES, placement_rule, rule_names
-from asr_fx.passes.shapes import as_input_tuple, record_example_shapes, record_shapes
-
-SiteSelector = Sequence[str] | Callable[[Site], bool] | None
-
-
-def _candidate_sites(gm: fx.GraphModule) -> list[Site]:
-    """Every node a scale could follow: calls of conv/norm/linear modules, multi-head attention outputs."""
-    return [s for s in (site_at(gm, node, "explicit") for node in gm.graph.nodes) if s is not None]
-
-
-def _matches(site: Site, selector: Sequence[str] | Callable[[Site], bool]) -> bool:
-    if callable(selector):
-        return bool(selector(site))
-    return site.node in selector or site.module in selector
-
-
-def select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: SiteSelector) -> list[Site]:
-    """The sites named by ``sites`` (names or a predicate), else those of placement rule ``rule``; less ``exclude``."""
-    if sites is not None:
-        candidates = _candidate_sites(gm)
-        chosen = [s for s in candidates if _matches(s, sites)]
-        if not callable(sites):
-            known = {n for s in candidates for n in (s.node, s.module)}
-            missing = [name for name in sites if name not in known]
-            if missing:
-                raise ASRError(
-                    f"sites={missing} name no conv/norm/linear call in the traced graph; "
-                    f"candidates include {[s.module or s.node for s in candidates[:8]]}"
-                )
-    else:
-        found = placement_rule(rule)
-        if found is None:
-            raise InvalidOptionError(f"unknown rule {rule!r}; choose one of {rule_names()}")
-        chosen = found.find(gm)
-    if exclude is not None:
-        chosen = [s for s in chosen if not _matches(s, exclude)]
-    return chosen
+from asr_fx.passes import Site, trace
+from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
+from asr_fx.passes.forms.convert_existing import existing_attention_sites
+from asr_fx.passes.infra import PassResult, Pipeline
+from asr_fx.passes.pipelines import GRAPH_FORM_PIPELINE, INSTRUMENT_PIPELINE, READ_PIPELINE, BlockFactory, SiteBlocks  # noqa: F401 - INSTRUMENT_PIPELINE: its old home
+from asr_fx.passes.placement.select import SiteSelector, select_sites
 
 
 def find_sites(
@@ -117,103 +79,23 @@ def block_settings(options: dict[str, Any], sites: Sequence[Site]) -> BlockSetti
     return BlockSettings(activation, psi_init, preset)
 
 
-@dataclass(frozen=True)
-class PooledMeans:
-    """The batch mean of each existing attention's pooled value on ``example_inputs`` (psi's start)."""
+def site_blocks(options: dict[str, Any]) -> BlockFactory:
+    """The ``blocks`` option of :data:`INSTRUMENT_PIPELINE`: once the sites are chosen, each site's block
+    from the registry (:func:`make_site_block`) with the settings after presets (:func:`block_settings`)."""
 
-    values: dict[str, torch.Tensor]
+    def blocks(sites: Sequence[Site]) -> SiteBlocks:
+        settings = block_settings(options, sites)
 
+        def make_block(site: Site) -> nn.Module:
+            return make_site_block(site.channels, site.channel_pos, options["attention"], delta=options["delta"],
+                                   activation=settings.activation, psi_init=settings.psi_init,
+                                   learnable_psi=options["learnable_psi"],
+                                   attention_kwargs=options["attention_kwargs"], preset=settings.preset)
 
-def trace_model(module: nn.Module, context: PassContext) -> PassResult:
-    """Trace the (copied) model with asr-fx's leaf rules (:func:`asr_fx.passes.trace`)."""
-    return PassResult(trace(module, context.options["leaf_modules"], example_inputs=context.options["example_inputs"]),
-                      True)
+        psi_init = settings.psi_init
+        return SiteBlocks(make_block, psi_init if isinstance(psi_init, (int, float)) else 0.1)
 
-
-def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """Report pass: the sites (``sites=``/``rule=``, less ``exclude=``) and, with ``convert_existing``, the
-    model's own channel attention. Refuses no site at all, and sites that could not fold after training."""
-    o = context.options
-    chosen = select_sites(gm, o["rule"], o["sites"], o["exclude"])
-    existing = find_channel_attention(gm) if o["convert_existing"] else []
-    if not chosen and not existing:
-        found = placement_rule(o["rule"])
-        looked = (found.looks_for if found else "the sites named by sites=") if o["sites"] is None else \
-            "the sites named by sites=, less exclude="
-        raise NoSitesError(
-            f"no ASR site found in {o['model_name']} with rule={o['rule']!r}: looked for {looked}. "
-            f"Pass sites=[module names] or another rule (one of {sorted(PLACEMENT_RULES)})."
-        )
-    unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
-    if unfoldable:
-        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
-                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
-    return PassResult(gm, False, (*chosen, *existing))
-
-
-def measure_existing_attention(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``example_inputs``: the pooled means that start each converted attention's psi (:func:`pooled_means`)."""
-    existing, inputs = context.records_of(ChannelAttention), context.options["example_inputs"]
-    if not existing or inputs is None:
-        return PassResult(gm, False)
-    return PassResult(gm, False, (PooledMeans(pooled_means(gm, existing, inputs)),))
-
-
-def insert_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """One ASR block (or ``delta`` of them) after each chosen site (:func:`asr_fx.passes.insert_asr`)."""
-    o, sites = context.options, context.records_of(Site)
-    settings = block_settings(o, sites)
-
-    def make_block(site: Site) -> nn.Module:
-        return make_site_block(site.channels, site.channel_pos, o["attention"], delta=o["delta"],
-                               activation=settings.activation, psi_init=settings.psi_init,
-                               learnable_psi=o["learnable_psi"], attention_kwargs=o["attention_kwargs"],
-                               preset=settings.preset)
-
-    return PassResult(insert_asr(gm, sites, make_block), bool(sites))
-
-
-def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``convert_existing``: each channel attention becomes an ASR block (:func:`convert_existing_attention`)."""
-    o = context.options
-    if not context.records_of(ChannelAttention):
-        return PassResult(gm, False)
-    psi_init = block_settings(o, context.records_of(Site)).psi_init
-    means = context.records_of(PooledMeans)
-    existing = find_channel_attention(gm)  # node names are kept; the scaled tensors may now be ASR outputs
-    keys = convert_existing_attention(gm, existing, psi_init=psi_init if isinstance(psi_init, (int, float)) else 0.1,
-                                      psi_values=means[0].values if means else None, learnable_psi=o["learnable_psi"])
-    return PassResult(gm, bool(keys))
-
-
-def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``norm_fused``: blocks right after an affine BatchNorm take the BN-affine training form."""
-    return to_bn_affine_form(gm) if context.options["norm_fused"] else PassResult(gm, False)
-
-
-def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """Every block's ``v`` is computed at the top of the graph (:func:`hoist_attention_values`)."""
-    return PassResult(gm, hoist_attention_values(gm) > 0)
-
-
-#: the reading half of :func:`instrument`, on a copy of the model: the sites and their blocks (in the graph)
-READ_PIPELINE = Pipeline("instrument", (
-    trace_model,
-    record_example_shapes,
-    choose_sites,
-    measure_existing_attention,
-    insert_blocks,
-))
-
-#: the rest of the graph form (a model whose sites have no place in its modules, or ``convert_existing``)
-GRAPH_FORM_PIPELINE = Pipeline("instrument-graph-form", (
-    convert_existing_blocks,
-    into_bn_affine_form,
-    hoist_values,
-))
-
-#: what :func:`instrument` runs, in order, on a copy of the model, for the graph form
-INSTRUMENT_PIPELINE = Pipeline("instrument", READ_PIPELINE.passes + GRAPH_FORM_PIPELINE.passes)
+    return blocks
 
 
 def instrument(
@@ -232,7 +114,7 @@ def instrument(
     leaf_modules: Any = None,
     preset: str | None = None,
     convert_existing: bool = False,
-    norm_fused: bool | None = None,
+    bn_affine_form: bool | None = None,
     check: bool = True,
     inplace: bool = False,
 ) -> nn.Module:
@@ -241,7 +123,7 @@ def instrument(
     The result is a copy of ``model`` (``inplace=True``: ``model`` itself), of the same class, with every
     attribute, method, keyword argument and output type: the graph only reads the model, the blocks are
     attached to its modules (:mod:`asr_fx.own_model`): a forward hook on the module whose output a site
-    is, or at an affine BatchNorm the BN-affine training form (``norm_fused``, a BatchNorm subclass).
+    is, or at an affine BatchNorm the BN-affine training form (``bn_affine_form``, a BatchNorm subclass).
     Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``): state_dict keys are the vanilla
     keys plus ``asr.*``; with ``delta > 1`` each site holds an ``nn.Sequential`` of ``delta`` blocks
     (the paper's Table 7).
@@ -270,10 +152,10 @@ def instrument(
             found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
             ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
             at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
-        norm_fused: the BN-affine *training form* at BatchNorm sites (not a fused model; the name is
+        bn_affine_form: the BN-affine *training form* at BatchNorm sites (not a fused model; the name is
             kept for compatibility). ``True``: a block right after an affine
             ``nn.BatchNorm`` computes that BN with affine ``weight * v, bias * v``
-            (:class:`asr_fx.asr.NormFusedASR`: the same function, but BN's output is not kept for the
+            (:class:`asr_fx.asr.BatchNormAffineASR`: the same function, but BN's output is not kept for the
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
@@ -303,12 +185,12 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, gr
     returned where the module form has no place (else :class:`ASRError`); ``graph_form``: a reason to
     return the graph form anyway (no warning)."""
     o = options
-    norm_fused, delta, example_inputs = o["norm_fused"], o["delta"], as_input_tuple(o["example_inputs"])
-    if norm_fused is None:
-        norm_fused = delta == 1
-    if norm_fused and delta != 1:
-        raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
-                                 f"delta={delta}; drop norm_fused or use delta=1")
+    bn_affine_form, delta, example_inputs = o["bn_affine_form"], o["delta"], as_input_tuple(o["example_inputs"])
+    if bn_affine_form is None:
+        bn_affine_form = delta == 1
+    if bn_affine_form and delta != 1:
+        raise InvalidOptionError(f"bn_affine_form=True puts one block inside each BatchNorm and needs delta=1, got "
+                                 f"delta={delta}; drop bn_affine_form or use delta=1")
     resolve_preset(o["preset"], o["activation"], o["psi_init"])  # refuses a preset that contradicts the rest
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
@@ -317,18 +199,19 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, gr
                             psi_init=o["psi_init"], learnable_psi=o["learnable_psi"],
                             attention_kwargs=dict(o["attention_kwargs"] or {}), example_inputs=example_inputs,
                             leaf_modules=o["leaf_modules"], preset=o["preset"],
-                            convert_existing=o["convert_existing"], norm_fused=norm_fused)
+                            convert_existing=o["convert_existing"], bn_affine_form=bn_affine_form)
+    pipeline_options["blocks"] = site_blocks(pipeline_options)
     try:
         if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
             raise TraceError("the sites name parts of the model")
         gm, records = READ_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
-        return instrument_parts(model, exc, instrument_one, {**options, "norm_fused": norm_fused})
+        return instrument_parts(model, exc, instrument_one, {**options, "bn_affine_form": bn_affine_form})
     chosen = [r for r in records if isinstance(r, Site)]
     config = _config(model, gm, chosen, pipeline_options)
-    found = graph_form or (plan(gm, chosen, model, norm_fused) if not o["convert_existing"] else
+    found = graph_form or (plan(gm, chosen, model, bn_affine_form) if not o["convert_existing"] else
                            "convert_existing=True rewrites the model's own attention inside its forward")
-    parts = in_parts(model, found, gm, chosen, instrument_one, {**options, "norm_fused": norm_fused}) \
+    parts = in_parts(model, found, gm, chosen, instrument_one, {**options, "bn_affine_form": bn_affine_form}) \
         if isinstance(found, str) and not graph_form and not o["convert_existing"] else None
     if parts is not None:
         return parts
@@ -389,7 +272,7 @@ def _config(model: nn.Module, gm: fx.GraphModule, chosen: list[Site], o: dict[st
         learnable_psi=o["learnable_psi"],
         preset=settings.preset,
         convert_existing=o["convert_existing"],
-        norm_fused=o["norm_fused"],
+        bn_affine_form=o["bn_affine_form"],
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)

@@ -5,7 +5,7 @@ Why this design: the graph is how asr-fx *reads* a model (placement needs data f
 people train is their object, whose ``forward`` takes keyword arguments (``labels=``, ``targets``,
 ``return_dict=``), whose methods and attributes their trainer calls. So ``instrument`` traces a copy
 to choose the sites, then attaches each block to the module whose output the site is, in the model
-itself (:mod:`asr_fx.passes.module_form`: a forward hook, or the BN-affine training form as a
+itself (:mod:`asr_fx.passes.forms.module_form`: a forward hook, or the BN-affine training form as a
 BatchNorm subclass): nothing of the forward is replaced, no argument is specialised.
 
 A site has a place in the model when it is the output (or, for ``nn.MultiheadAttention``, the first
@@ -36,9 +36,9 @@ from torch import nn
 from asr_fx.config import asr_config, set_config
 from asr_fx.errors import ASRError
 from asr_fx.passes import Site, trace
-from asr_fx.passes.asr_blocks import ASR
-from asr_fx.passes.insert import insert_asr
-from asr_fx.passes.module_form import (CONTAINER, Attachment, affine_form_fits, attach, attachments, bn_form_fits,
+from asr_fx.passes.forms.asr_blocks import ASR
+from asr_fx.passes.forms.insert import insert_asr
+from asr_fx.passes.forms.module_form import (CONTAINER, Attachment, affine_form_fits, attach, attachments, bn_form_fits,
                                       strip_module_form)
 
 #: ``model.__dict__`` entry with the ``leaf_modules`` instrument traced with (fuse traces with them again)
@@ -70,7 +70,7 @@ def _what(node: fx.Node) -> str:
 
 
 def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Counter,
-                    norm_fused: bool) -> Attachment | str:
+                    bn_affine_form: bool) -> Attachment | str:
     """Where ``site``'s block goes in ``model`` (an :class:`Attachment`), or why it has no place there."""
     nodes = {n.name: n for n in gm.graph.nodes}
     node = nodes[site.node]
@@ -93,18 +93,18 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
             return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "
                 "(a composite layer traced through), so the module's own output is another value")
-    kind = "bn" if norm_fused and index is None and bn_form_fits(own) else "hook"
+    kind = "bn" if bn_affine_form and index is None and bn_form_fits(own) else "hook"
     return Attachment(path, kind, site.node, index)
 
 
-def plan(gm: fx.GraphModule, sites: Sequence[Site], model: nn.Module, norm_fused: bool) -> list[Attachment] | str:
+def plan(gm: fx.GraphModule, sites: Sequence[Site], model: nn.Module, bn_affine_form: bool) -> list[Attachment] | str:
     """One :class:`Attachment` per site, or the reasons (joined) why some site has no place in ``model``."""
     if CONTAINER in model.__dict__ or (hasattr(model, CONTAINER) and CONTAINER not in model._modules):
         return f"the model already has an attribute `{CONTAINER}`"
     if CONTAINER in model._modules:
         return f"the model already has a submodule `{CONTAINER}`"
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    found = [site_attachment(gm, s, model, calls, norm_fused) for s in sites]
+    found = [site_attachment(gm, s, model, calls, bn_affine_form) for s in sites]
     problems = [f for f in found if isinstance(f, str)]
     if problems:
         return "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")

@@ -1,29 +1,37 @@
 """Graph passes of asr-fx. Installed as ``asr_fx.passes``; import it under that name only.
 
-Layout: the scale-algebra core (:mod:`.op_tables`, :mod:`.graph_queries`, :mod:`.scale_algebra`,
-:mod:`.fold_targets`, :mod:`.functional_fold_targets`, :mod:`.fold_plan`), the pass contract and
-runner (:mod:`.infra`), the passes, and the declared fusion pipeline (:mod:`.pipeline`). The README's
-"How the code is laid out" lists every module and both pipelines.
+Grouped by phase, in the order a model meets them:
+
+- :mod:`.capture`: module -> traced GraphModule (and recorded shapes);
+- :mod:`.placement`: GraphModule -> sites (:data:`.placement.rules.PLACEMENT_RULES`);
+- :mod:`.forms`: ASR blocks, their insertion, and the training forms applied at instrument and undone at fuse;
+- :mod:`.fold`: inference GraphModule -> the same function with the constant scales folded into layers;
+- :mod:`.export`: fused GraphModule -> the attention forms torch's ONNX exporter takes;
+- :mod:`.layers`: per layer family, what can take a scale and how (read by placement and fold);
+- :mod:`.graph`: op tables, read-only node queries, alias analysis, records.
+
+At the root: the pass contract and runner (:mod:`.infra`) and the two declared pipelines
+(:mod:`.pipelines`).
 """
 
 if __name__ == "passes":  # pragma: no cover - guards a mis-configured sys.path
     raise ImportError("the graph passes are the subpackage 'asr_fx.passes': `import asr_fx.passes`, not `import passes`")
 
-from .attention_patterns import ChannelAttention, find_channel_attention
-from .cleanup import eliminate_dead_code
-from .constant_fold import fold_constants
-from .convert_existing import convert_existing_attention
-from .fold import fold_scales
-from .fold_conv_bn import fold_conv_bn
+from .placement.attention_patterns import ChannelAttention, find_channel_attention
+from .fold.cleanup import eliminate_dead_code
+from .fold.constant_fold import fold_constants
+from .forms.convert_existing import convert_existing_attention
+from .fold.fold import fold_scales
+from .fold.fold_conv_bn import fold_conv_bn
 from .infra import PassContext, PassResult, Pipeline
-from .insert import insert_asr
-from .locate import Site, find_residual_sites
-from .pipeline import FUSE_PIPELINE, fuse_pipeline
-from .placement import (PLACEMENT_RULES, PlacementRule, find_auto_sites, find_branch_sites, find_norm_act_sites,
+from .forms.insert import insert_asr
+from .placement.locate import Site, find_residual_sites
+from .pipelines import FUSE_PIPELINE, fuse_pipeline
+from .placement.rules import (PLACEMENT_RULES, PlacementRule, find_auto_sites, find_branch_sites, find_norm_act_sites,
                         find_transformer_sites)
-from .propagate import propagate_scales
-from .records import FoldRecord
-from .trace import ASRTracer, trace
+from .fold.propagate import propagate_scales
+from .graph.records import FoldRecord
+from .capture.trace import ASRTracer, trace
 
 __all__ = [
     "ASRTracer",

@@ -1,5 +1,5 @@
 """Attention calls that torch's ONNX exporter refuses in the form a model writes them export after
-instrument and fuse (passes/export_forms.py): rank-5 attention (timm Twins), and a float mask with the
+instrument and fuse (passes/export/export_forms.py): rank-5 attention (timm Twins), and a float mask with the
 ``transpose(1, 2).reshape`` after it (timm BEiT)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.export_forms import attention_4d, for_export
-from asr_fx.passes.trace import trace
+from asr_fx.passes.capture.trace import trace
+from asr_fx.passes.export.export_forms import attention_4d, for_export
 
 
 class GroupedAttention(nn.Module):

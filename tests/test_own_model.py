@@ -15,7 +15,7 @@ from torch import nn
 import asr_fx
 from asr_fx.errors import ASRError
 from asr_fx.models import cifar_resnet
-from asr_fx.passes.module_form import ASRBatchNorm2d, ASRHook, attachments
+from asr_fx.passes.forms.module_form import ASRBatchNorm2d, ASRHook, attachments
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
@@ -36,7 +36,7 @@ def assert_vanilla(fused: nn.Module, vanilla: nn.Module) -> None:
 def resnet():
     torch.manual_seed(0)
     vanilla = cifar_resnet(depth=11).eval()
-    model = asr_fx.instrument(vanilla, norm_fused=False)
+    model = asr_fx.instrument(vanilla, bn_affine_form=False)
     model.eval()
     perturb_asr(model)
     return vanilla, model

@@ -65,9 +65,11 @@ def test_a_checkpoint_saved_from_the_graph_form_loads_into_the_module_form(tmp_p
     old = graph_form(vanilla, blocks, None, (X,))  # the graph form, as instrument returned it before
     state = old.state_dict()
     assert not any(k.startswith("spare_head.") for k in state)  # its keys: the called modules only
-    config = {k: v for k, v in asr_fx.get_config(model).items() if k not in ("form", "graph_reason", "factory")}
+    config = {k: v for k, v in asr_fx.get_config(model).items()
+              if k not in ("form", "graph_reason", "factory", "bn_affine_form")}
+    config["version"] = 1  # the config of asr-fx before the module form: the option was called norm_fused
     if norm_fused is None:  # a version-0 config: written before norm_fused existed
-        config = {k: v for k, v in config.items() if k not in ("version", "norm_fused")}
+        config = {k: v for k, v in config.items() if k != "version"}
     else:
         config["norm_fused"] = norm_fused
     atomic_torch_save({"format": FORMAT, "version": VERSION, "factory": FACTORY, "factory_kwargs": {},

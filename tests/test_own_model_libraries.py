@@ -9,7 +9,7 @@ from conftest import FUSE_RTOL, assert_same_detections, perturb_asr, rel_err
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.module_form import ASRHook
+from asr_fx.passes.forms.module_form import ASRHook
 
 
 def asr_attached(model: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """The pass contract and the declared pipelines: one runner that lints after each pass and names the
 failing one; immutable fold records (a later pass adds its own); one registry of placement rules;
-passes/ importing nothing above it; the README's pipeline listing equal to the declared lists, and its
-module lists naming every module file once."""
+passes/ importing nothing above it; the architecture page's pipeline listing (docs/architecture.md) equal to the
+declared lists, and its module lists naming every module file once."""
 
 from __future__ import annotations
 
@@ -19,27 +19,27 @@ from torch import nn
 
 import asr_fx
 from asr_fx.api import RULES
-from asr_fx.instrument_model import INSTRUMENT_PIPELINE
 from asr_fx.passes import FUSE_PIPELINE, PassResult, Pipeline, Site, trace
-from asr_fx.passes.fold import fold_scales
-from asr_fx.passes.placement import PLACEMENT_RULES, RULE_ALIASES, placement_rule
-from asr_fx.passes.propagate import propagate_scales
+from asr_fx.passes.fold.fold import fold_scales
+from asr_fx.passes.fold.propagate import propagate_scales
+from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE
+from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES, placement_rule
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURE = ROOT / "docs" / "architecture.md"  # the docs site's "How the code is laid out" page
 
 
-def test_readme_lists_the_declared_pipelines():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### How the code is laid out", 1)[1]
+def test_architecture_page_lists_the_declared_pipelines():
+    section = ARCHITECTURE.read_text()
     listed = dict(re.findall(r"^(instrument|fuse): (.+)$", section, flags=re.M))
     assert listed["instrument"].split(" -> ") == INSTRUMENT_PIPELINE.pass_names()
     assert listed["fuse"].split(" -> ") == FUSE_PIPELINE.pass_names()
 
 
-def _readme_module_lists() -> dict[str, list[str]]:
-    """The README's "How the code is laid out" lists: folder -> the module names of its lines, in order.
+def _architecture_module_lists() -> dict[str, list[str]]:
+    """The architecture page's lists: folder -> the module names of its lines, in order.
     A list starts at a line naming its folder in backticks and ending with a colon."""
-    section = (ROOT / "README.md").read_text().split("### How the code is laid out", 1)[1].split("\n### ", 1)[0]
+    section = ARCHITECTURE.read_text()
     lists: dict[str, list[str]] = {}
     folder = None
     for line in section.splitlines():
@@ -52,8 +52,8 @@ def _readme_module_lists() -> dict[str, list[str]]:
     return lists
 
 
-def test_readme_lists_every_module_once():
-    lists = _readme_module_lists()
+def test_architecture_page_lists_every_module_once():
+    lists = _architecture_module_lists()
     folders = sorted({str(p.parent.relative_to(ROOT)) + "/" for base in ("asr_fx", "passes")
                       for p in (ROOT / base).rglob("*.py")})
     assert sorted(lists) == folders

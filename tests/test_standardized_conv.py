@@ -1,5 +1,5 @@
 """Weight-standardized convs with a gain (NF-Nets' ScaledStdConv2d), written here by hand: the conv that
-ends a norm-free residual branch is a site, and its scale folds into the gain (passes/standardized_conv.py).
+ends a norm-free residual branch is a site, and its scale folds into the gain (passes/layers/standardized_conv.py).
 A standardized conv without a gain is no site: a scale of its weight is undone by the standardization."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.standardized_conv import standardized_conv
-from asr_fx.passes.trace import trace
+from asr_fx.passes.capture.trace import trace
+from asr_fx.passes.layers.standardized_conv import standardized_conv
 
 
 class ScaledStdConv(nn.Conv2d):

@@ -9,7 +9,7 @@ Variants, all with the attention at the same sites (the last BN of every bottlen
 - ASR(SE) in the graph form (a GraphModule: the blocks in the traced graph, the BN-affine training form,
   and every ``v`` computed in the graph before the first layer; what ``instrument`` returned before the
   own-model form);
-- ASR(SE) via ``asr_fx.instrument(..., norm_fused=False)`` (own model, every block a forward hook ``x * v``);
+- ASR(SE) via ``asr_fx.instrument(..., bn_affine_form=False)`` (own model, every block a forward hook ``x * v``);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
 - SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline).
@@ -62,8 +62,8 @@ from torchvision.models.resnet import Bottleneck
 
 import asr_fx
 from asr_fx.passes import insert_asr, trace
-from asr_fx.passes.bn_affine_training_form import to_bn_affine_form
-from asr_fx.passes.hoist_attention_values import hoist_attention_values
+from asr_fx.passes.forms.bn_affine_training_form import to_bn_affine_form
+from asr_fx.passes.forms.hoist_attention_values import hoist_attention_values
 
 
 class ASRBatchNorm2d(nn.BatchNorm2d):
@@ -162,7 +162,7 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
     try:
         return [(int(s), int(b)) for s, b in (item.split("x") for item in text.split(",") if item)]
     except ValueError:
-        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}")
+        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}") from None
 
 
 def compile_rows(vanilla: nn.Module, instrumented: nn.Module, batch: int, size: int, rounds: int,
@@ -195,9 +195,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' skips it")
+    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' "
+                                                                    "skips it")
     parser.add_argument("--sweep-rounds", type=int, default=20)
-    parser.add_argument("--compile-size", type=int, default=64, help="input size of the torch.compile table; 0 skips it")
+    parser.add_argument("--compile-size", type=int, default=64,
+                        help="input size of the torch.compile table; 0 skips it")
     parser.add_argument("--compile-batch", type=int, default=8)
     parser.add_argument("--compile-rounds", type=int, default=12)
     parser.add_argument("--compile-backend", default="inductor")
@@ -214,7 +216,7 @@ def main() -> None:
     if type(instrumented) is not type(vanilla):
         raise SystemExit(f"instrument returned a {type(instrumented).__name__}, not the model's own class")
     sites = sites_of(instrumented)
-    ordinary = asr_fx.instrument(vanilla, norm_fused=False)
+    ordinary = asr_fx.instrument(vanilla, bn_affine_form=False)
     ordinary.load_state_dict(instrumented.state_dict())
     default, graph = "ASR(SE) asr_fx.instrument: own model (default)", "ASR(SE) graph form (GraphModule, v first)"
     hand = "ASR(SE) hand-written ASRBatchNorm2d"
@@ -222,7 +224,7 @@ def main() -> None:
         "vanilla": vanilla,
         default: instrumented,
         graph: graph_form(vanilla, instrumented),
-        "ASR(SE) asr_fx.instrument(norm_fused=False): own model, hooks": ordinary,
+        "ASR(SE) asr_fx.instrument(bn_affine_form=False): own model, hooks": ordinary,
         hand: hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
     }
@@ -262,7 +264,7 @@ def main() -> None:
         ("own model: what asr_fx.instrument returns (the torchvision ResNet itself, BN-affine BatchNorm subclass at "
         "each site, every v computed by a pre-hook on the model before its first layer); graph form: the same blocks "
         "in a GraphModule with every v computed in the graph before the first layer "
-        "(asr_fx.passes.hoist_attention_values), instrument's earlier form"),
+        "(asr_fx.passes.forms.hoist_attention_values), instrument's earlier form"),
         *([(f"torch.compile (backend {args.compile_backend}): batch {args.compile_batch} of "
            f"{args.compile_size}x{args.compile_size}, {args.compile_rounds} interleaved rounds; compile s: the first "
            "compiled training step after torch.compiler.reset(), inductor FX graph cache off")] if compiled else []),

@@ -38,6 +38,11 @@ class EfficientChannelAttention(nn.Module):
         self.kernel_size = k
         self.conv = nn.Conv1d(1, 1, k, padding=(k - 1) // 2, bias=False)
 
+    def reset_parameters(self) -> None:
+        """Each layer back to its own init, in the order the constructor made them (meta-device init)."""
+        for layer in (self.conv,):
+            layer.reset_parameters()
+
     def resolved_kwargs(self) -> dict[str, int]:
         """The keyword arguments that rebuild this network's shapes whatever the defaults are."""
         return {"kernel_size": self.kernel_size}

@@ -17,8 +17,15 @@ class InstanceEnhancement(nn.Module):
     def __init__(self, channels: int, weight_init: float = 1.0, bias_init: float = 0.0) -> None:
         super().__init__()
         self.psi_shape = (1, channels, 1, 1)
-        self.weight = nn.Parameter(torch.full((1, channels, 1, 1), float(weight_init)))
-        self.bias = nn.Parameter(torch.full((1, channels, 1, 1), float(bias_init)))
+        self.weight_init, self.bias_init = float(weight_init), float(bias_init)
+        self.weight = nn.Parameter(torch.full((1, channels, 1, 1), self.weight_init))
+        self.bias = nn.Parameter(torch.full((1, channels, 1, 1), self.bias_init))
+
+    def reset_parameters(self) -> None:
+        """``w`` to ``weight_init`` and ``b`` to ``bias_init``, in place (meta-device init)."""
+        with torch.no_grad():
+            self.weight.fill_(self.weight_init)
+            self.bias.fill_(self.bias_init)
 
     def forward(self, psi: torch.Tensor) -> torch.Tensor:
         return psi * self.weight + self.bias

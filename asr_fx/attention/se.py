@@ -27,6 +27,11 @@ class SqueezeExcite(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Conv2d(self.hidden, channels, 1)
 
+    def reset_parameters(self) -> None:
+        """Each layer back to its own init, in the order the constructor made them (meta-device init)."""
+        for layer in (self.fc1, self.fc2):
+            layer.reset_parameters()
+
     def resolved_kwargs(self) -> dict[str, int]:
         """The keyword arguments that rebuild this network's shapes whatever the defaults are."""
         return {"hidden": self.hidden}

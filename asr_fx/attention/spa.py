@@ -36,6 +36,11 @@ class SpatialPyramidAttention(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(self.hidden, channels, bias=False)
 
+    def reset_parameters(self) -> None:
+        """Each layer back to its own init, in the order the constructor made them (meta-device init)."""
+        for layer in (self.fc1, self.fc2):
+            layer.reset_parameters()
+
     def resolved_kwargs(self) -> dict[str, int]:
         """The keyword arguments that rebuild this network's shapes whatever the defaults are."""
         return {"hidden": self.hidden}

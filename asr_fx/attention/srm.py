@@ -28,9 +28,17 @@ class StyleRecalibration(nn.Module):
         super().__init__()
         self.channels = channels
         self.psi_shape = (1, channels, 2)
-        self.cfc = nn.Parameter(torch.full((channels, 2), float(cfc_init)))
+        self.cfc_init = float(cfc_init)
+        self.cfc = nn.Parameter(torch.full((channels, 2), self.cfc_init))
         self.gamma = nn.Parameter(torch.ones(channels))
         self.beta = nn.Parameter(torch.zeros(channels))
+
+    def reset_parameters(self) -> None:
+        """``cfc`` to ``cfc_init``, ``gamma`` to 1, ``beta`` to 0, in place (meta-device init)."""
+        with torch.no_grad():
+            self.cfc.fill_(self.cfc_init)
+            self.gamma.fill_(1.0)
+            self.beta.fill_(0.0)
 
     def forward(self, psi: torch.Tensor) -> torch.Tensor:
         z = (psi * self.cfc).sum(dim=-1)  # (1, C): style integration, channel by channel

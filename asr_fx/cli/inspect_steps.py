@@ -12,7 +12,7 @@ from tabulate import tabulate
 import asr_fx
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK
-from asr_fx.passes.placement import placement_rule
+from asr_fx.passes.placement.rules import placement_rule
 
 HEADERS = ["node", "module", "rule", "channel dim", "channels", "folds into", "can fold"]
 

@@ -1,0 +1,54 @@
+"""Hugging Face text transformers from tiny configs: captured whole, ViT-style (transformer rule) sites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FUSE_RTOL, rel_err
+
+import asr_fx
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_a_two_layer_bert_takes_attention_and_mlp_sites_and_fuses():
+    torch.manual_seed(0)
+    model = _bert().eval()
+    ids = torch.randint(0, 100, (2, 12))
+    instrumented = asr_fx.instrument(model, example_inputs=(ids,))
+    sites = {s["module"]: s["rule"] for s in asr_fx.get_config(instrumented)["sites"]}
+    assert sites == {f"bert.encoder.layer.{i}.{name}.dense": "transformer" for i in range(2)
+                     for name in ("attention.output", "output")}
+    instrumented.train()
+    out = instrumented(torch.randint(0, 100, (2, 12))).logits
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None for n, p in instrumented.named_parameters() if ".asr." in n or n.startswith("asr."))
+    instrumented.eval()
+    other = torch.randint(0, 100, (3, 7))  # another batch and length: sizes stay symbolic
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=(ids,))
+    with torch.no_grad():
+        assert rel_err(instrumented(other).logits, fused(other).logits) <= FUSE_RTOL
+    assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
+
+
+def test_a_t5_encoder_traces_through_its_sdpa_attention():
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
+    model = transformers.T5EncoderModel(config).eval()
+    sites = asr_fx.find_sites(model, example_inputs=(torch.randint(0, 100, (2, 12)),))
+    assert [s.module for s in sites] == [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]
+
+
+def test_a_gpt2_traces_without_its_cache_and_refuses_clearly():
+    """GPT-2's projections are transformers' Conv1D, no ASR site kind: a clear NoSitesError, not a trace error."""
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2Model(config).eval()
+    with pytest.raises(asr_fx.NoSitesError):
+        asr_fx.instrument(model, example_inputs=(torch.randint(0, 100, (2, 12)),))
