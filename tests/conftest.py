@@ -215,7 +215,8 @@ def write_yolo_dataset(root: Path, images: int = 4, size: int = 32, names: tuple
     for sub in ("images", "labels"):
         (root / sub / "train").mkdir(parents=True, exist_ok=True)
     for i in range(images):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "images" / "train" / f"{i}.png")
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / "train" / f"{i}.png")
         (root / "labels" / "train" / f"{i}.txt").write_text(f"0 0.5 0.5 0.4 0.4\n{1 % len(names)} 0.3 0.3 0.2 0.2\n")
     listed = "".join(f"  {i}: {n}\n" for i, n in enumerate(names))
     data = root / "data.yaml"

@@ -21,7 +21,7 @@ from conftest import (
 import asr_fx
 
 timm = pytest.importorskip("timm")
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2  # noqa: E402
 
 
 def _vanilla(num_classes: int = 5) -> torch.nn.Module:

@@ -37,7 +37,8 @@ def _images() -> list[torch.Tensor]:
 
 
 def _targets() -> list[dict[str, torch.Tensor]]:
-    return [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [30.0, 5.0, 90.0, 40.0]]), "labels": torch.tensor([1, 2])},
+    return [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [30.0, 5.0, 90.0, 40.0]]),
+             "labels": torch.tensor([1, 2])},
             {"boxes": torch.tensor([[5.0, 5.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
 
 

@@ -31,8 +31,8 @@ from conftest import (
 import asr_fx
 
 ultralytics = pytest.importorskip("ultralytics")
-from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
 SIZE = 32
 
