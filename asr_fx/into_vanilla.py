@@ -36,11 +36,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from asr_fx import atomic, equivalence
+from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.fusion import FusionReport, fusion_report
 from asr_fx.partial_capture import is_partial, part_paths
 from asr_fx.passes import trace
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
+from asr_fx.passes.forms.module_form import has_module_form
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
 RTOL = 1e-5
@@ -336,9 +338,9 @@ def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     whole model's input, for tracing the vanilla model shape-aware)."""
     if is_partial(source):
         return parts_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
-    if not isinstance(fused, fx.GraphModule):
-        raise VanillaModelError(f"the fused model is a {type(fused).__name__}, not the GraphModule asr_fx.fuse returns "
-                                "for a model instrumented whole: pass fuse's result")
+    if not isinstance(fused, fx.GraphModule) and (asr_config(fused) is not None or has_module_form(fused)):
+        raise VanillaModelError(f"the fused model is a {type(fused).__name__} that still holds ASR blocks, not what "
+                                "asr_fx.fuse returns: pass fuse's result")
     return vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=example_inputs)
 
 

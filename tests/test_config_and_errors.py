@@ -89,7 +89,7 @@ def test_version_1_configs_read_norm_fused_as_bn_affine_form(recorded):
 
 
 def test_a_checkpoint_with_a_version_1_config_loads_in_its_training_form(tmp_path):
-    from asr_fx.asr import BatchNormAffineASR
+    from asr_fx.passes.forms.module_form import ASRBatchNorm2d
 
     model = asr_fx.instrument(asr_fx.build(FACTORY, depth=11), bn_affine_form=False)
     asr_fx.save(model, tmp_path / "new.pt")
@@ -102,7 +102,7 @@ def test_a_checkpoint_with_a_version_1_config_loads_in_its_training_form(tmp_pat
     torch.save(checkpoint, tmp_path / "old.pt")
     loaded = asr_fx.load(tmp_path / "old.pt")
     assert asr_fx.get_config(loaded)["bn_affine_form"] is True
-    assert any(isinstance(m, BatchNormAffineASR) for m in loaded.modules())
+    assert any(isinstance(m, ASRBatchNorm2d) for m in loaded.modules())  # the BN-affine form of the module form
     loaded.load_state_dict(model.state_dict())  # the same keys in either form
 
 
