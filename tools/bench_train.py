@@ -47,7 +47,6 @@ from _bench_common import (
     fmt_ms,
     fmt_ratio,
     machine,
-    n_params,
     ratio_stats,
     report,
     set_threads,
@@ -61,6 +60,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import asr_fx
+from asr_fx import count_parameters as n_params
 from asr_fx.passes import insert_asr, trace
 from asr_fx.passes.forms.bn_affine_training_form import to_bn_affine_form
 from asr_fx.passes.forms.hoist_attention_values import hoist_attention_values
