@@ -56,7 +56,8 @@ def fuse(
     GraphModule) gives a GraphModule, as before.
 
     ``model`` is not modified, unless ``inplace=True``: then the folded weights go into ``model`` itself
-    (hooks and ``asr`` removed) and it is returned; that refuses where the result would be a GraphModule. The result is in eval mode and computes what ``model.eval()``
+    (hooks and ``asr`` removed) and it is returned; that refuses where the result would be a GraphModule.
+    The result is in eval mode and computes what ``model.eval()``
     computes. Every constant per-channel ``mul`` (ASR blocks, layer scales) folds into the layer
     before it, or is pushed forward through ReLU/pooling/flatten into the next conv/linear/BN
     (``example_inputs`` give the shapes that reshapes and rank-dependent norms need). Sites that

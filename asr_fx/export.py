@@ -354,8 +354,8 @@ def export_onnx(
         tmp = folder / path.name
         start = time.perf_counter()
         try:
-            report.exporter, report.exporter_note = _export(exportable(model, args), args, kwargs, str(tmp), opset, axes,
-                                                            external_data, input_names, output_names)
+            report.exporter, report.exporter_note = _export(exportable(model, args), args, kwargs, str(tmp), opset,
+                                                            axes, external_data, input_names, output_names)
         except _ExportFailed as exc:
             cause = exc.errors["dynamo"]
             retried = exc.errors.get("torchscript")

@@ -180,7 +180,8 @@ def instrument_graph_form(model: nn.Module, attention: Any = "se", **kwargs: Any
     return instrument_one(model, options, graph_ok=True, graph_form="requested")  # type: ignore[return-value]
 
 
-def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, graph_form: str | None = None) -> nn.Module:
+def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
+                   graph_form: str | None = None) -> nn.Module:
     """:func:`instrument` with its keyword arguments in ``options``; ``graph_ok``: the graph form may be
     returned where the module form has no place (else :class:`ASRError`); ``graph_form``: a reason to
     return the graph form anyway (no warning)."""

@@ -204,7 +204,8 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
 
 
 def _same_architecture(state: dict[str, torch.Tensor], vanilla: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` when its keys and shapes are ``vanilla``'s, else :class:`VanillaModelError` naming the first mismatches."""
+    """``state`` when its keys and shapes are ``vanilla``'s, else :class:`VanillaModelError` naming the first
+    mismatches."""
     target = vanilla.state_dict()
     only_fused, only_vanilla = [k for k in state if k not in target], [k for k in target if k not in state]
     shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()

@@ -36,10 +36,16 @@ from torch import nn
 from asr_fx.config import asr_config, set_config
 from asr_fx.errors import ASRError
 from asr_fx.passes import Site, trace
-from asr_fx.passes.forms.asr_blocks import ASR
 from asr_fx.passes.forms.insert import insert_asr
-from asr_fx.passes.forms.module_form import (CONTAINER, Attachment, affine_form_fits, attach, attachments, bn_form_fits,
-                                      strip_module_form)
+from asr_fx.passes.forms.module_form import (
+    CONTAINER,
+    Attachment,
+    affine_form_fits,
+    attach,
+    attachments,
+    bn_form_fits,
+    strip_module_form,
+)
 
 #: ``model.__dict__`` entry with the ``leaf_modules`` instrument traced with (fuse traces with them again)
 LEAVES = "_asr_fx_leaf_modules"

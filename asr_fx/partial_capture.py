@@ -143,8 +143,9 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
 
     ``options`` are :func:`asr_fx.instrument`'s keyword arguments; ``instrument`` is
     :func:`asr_fx.instrument_model.instrument_one`: each part is instrumented in place in the copy (in
-    ``model`` itself with ``inplace``), in the module form where it fits, else replaced by its graph form. Raises ``error`` (the root's trace
-    error) when no example inputs are given, or when no part takes a site (with that added).
+    ``model`` itself with ``inplace``), in the module form where it fits, else replaced by its graph form.
+    Raises ``error`` (the root's trace error) when no example inputs are given, or when no part takes a site
+    (with that added).
     """
     example_inputs = options.get("example_inputs")
     if example_inputs is None:

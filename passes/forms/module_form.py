@@ -19,9 +19,8 @@ copied block. :func:`strip_module_form` undoes all of it (the vanilla model, blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
