@@ -17,18 +17,19 @@ __version__ = "0.1.0"
 _ERRORS = (
     "ASRError", "AttentionNetworkError", "CheckpointError", "DifferentModelError", "EquivalenceError",
     "ExportError", "FactoryError", "FusionError", "InputShapeError", "InvalidOptionError", "MissingDependencyError",
-    "NoSitesError", "OutputPathError", "StateDictMismatchError", "TraceError", "UnknownAttentionError",
-    "UnknownSiteError", "UnsupportedModelError", "UsageError", "VanillaModelError", "VerificationError",
+    "NoSitesError", "OnnxFileError", "OutputPathError", "StateDictMismatchError", "TraceError",
+    "UnfoldableSiteError", "UnknownAttentionError", "UnknownSiteError", "UnsupportedModelError", "UsageError",
+    "VanillaModelError", "VerificationError",
 )
 
 #: public name -> the module that defines it (imported on first access)
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(_ERRORS, "asr_fx.errors"),
     "ASR": "asr_fx.asr",
-    "NormFusedASR": "asr_fx.asr",
+    "BatchNormAffineASR": "asr_fx.asr",
     "ASRConfig": "asr_fx.config",
     "asr_config": "asr_fx.config",
-    "FusionReport": "asr_fx.report",
+    "FusionReport": "asr_fx.fusion",
     "Site": "asr_fx.passes",
     "ExportReport": "asr_fx.verify",
     "onnx_op_counts": "asr_fx.verify",
@@ -76,19 +77,39 @@ if TYPE_CHECKING:  # what the names above are, for type checkers and IDEs
     from asr_fx import attention, stripe, testing
     from asr_fx._util import count_parameters
     from asr_fx.api import asr_parameters, find_sites, fuse, fusion_report, get_config, instrument
-    from asr_fx.asr import ASR, NormFusedASR
+    from asr_fx.asr import ASR, BatchNormAffineASR
     from asr_fx.checkpoint import checkpoint_header, load, save
     from asr_fx.config import ASRConfig, asr_config
-    from asr_fx.errors import (ASRError, AttentionNetworkError, CheckpointError, DifferentModelError, EquivalenceError, ExportError,
-                               FactoryError, FusionError, InputShapeError, InvalidOptionError,
-                               MissingDependencyError, NoSitesError, OutputPathError, StateDictMismatchError,
-                               TraceError, UnknownAttentionError, UnknownSiteError, UnsupportedModelError, UsageError,
-                               VanillaModelError, VerificationError)
+    from asr_fx.errors import (
+        ASRError,
+        AttentionNetworkError,
+        CheckpointError,
+        DifferentModelError,
+        EquivalenceError,
+        ExportError,
+        FactoryError,
+        FusionError,
+        InputShapeError,
+        InvalidOptionError,
+        MissingDependencyError,
+        NoSitesError,
+        OnnxFileError,
+        OutputPathError,
+        StateDictMismatchError,
+        TraceError,
+        UnfoldableSiteError,
+        UnknownAttentionError,
+        UnknownSiteError,
+        UnsupportedModelError,
+        UsageError,
+        VanillaModelError,
+        VerificationError,
+    )
     from asr_fx.export import export_onnx
     from asr_fx.factory import build
     from asr_fx.freeze import freeze_attention
+    from asr_fx.fusion import FusionReport
     from asr_fx.input_shapes import default_input_shape
     from asr_fx.into_vanilla import save_vanilla_state_dict
     from asr_fx.passes import Site
-    from asr_fx.report import FusionReport
     from asr_fx.verify import ExportReport, onnx_op_counts, verify_onnx

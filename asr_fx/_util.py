@@ -3,8 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
+
+
+def psi_shape_of(net: nn.Module) -> tuple[int, ...]:
+    """The ``psi_shape`` an attention network declares (its psi's shape), as a tuple of ints."""
+    return tuple(int(d) for d in cast(Sequence[int], net.psi_shape))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,7 +2,7 @@
 ``fuse`` / ``fusion_report`` / ``asr_parameters`` (here), like ``prepare_fx`` / ``convert_fx``.
 
 ``fuse`` runs :data:`asr_fx.passes.pipelines.FUSE_PIPELINE`, a declared list of passes, on a private
-eval-mode copy of the model, and attaches a :class:`~asr_fx.report.FusionReport` to the result.
+eval-mode copy of the model, and attaches a :class:`~asr_fx.fusion.FusionReport` to the result.
 """
 
 from __future__ import annotations
@@ -16,22 +16,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from asr_fx.config import get_config, set_config
 from asr_fx.equivalence import check_fused
 from asr_fx.errors import FusionError
+from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
+from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.partial_capture import fuse_parts, is_partial
-from asr_fx.instrument_model import CONFIG_KEY, find_sites, get_config, instrument, set_config
+from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.passes.forms.asr_blocks import ASR
 from asr_fx.passes.pipelines import fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
-from asr_fx.passes.capture.shapes import as_input_tuple
-from asr_fx.report import FusionReport
 
 #: placement rules by name (a view of :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`)
 RULES = {name: rule.find for name, rule in PLACEMENT_RULES.items()}
-
-FUSION_KEY = "asr_fx.fusion"
-
 
 def fuse(
     model: nn.Module,
@@ -67,7 +65,9 @@ def fuse(
     if is_partial(model):
         inputs = as_input_tuple(example_inputs)
         fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
-        return fused if into is None else fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
+        if into is None:
+            return fused
+        return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
     work = copy.deepcopy(model).eval()
     gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
@@ -76,7 +76,7 @@ def fuse(
     if report.unfolded:
         message = report.unfolded_message()
         if strict:
-            raise FusionError(message)
+            raise FusionError(message, report)
         warnings.warn(message, stacklevel=2)
     if check:
         check_fused(model, gm.eval(), example_inputs)
@@ -84,12 +84,6 @@ def fuse(
         return fuse_into(gm.eval(), into, model, example_inputs=as_input_tuple(example_inputs),
                          leaf_modules=leaf_modules)
     return gm.eval()
-
-
-def fusion_report(fused: nn.Module) -> FusionReport | None:
-    """The :class:`FusionReport` that :func:`fuse` attached to its result."""
-    meta = getattr(fused, "meta", {})
-    return meta.get(FUSION_KEY) if isinstance(meta, dict) else None
 
 
 def asr_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -103,5 +97,5 @@ def asr_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-__all__ = ["CONFIG_KEY", "RULES", "RULE_ALIASES", "asr_parameters", "find_sites", "fuse", "fusion_report",
+__all__ = ["RULES", "RULE_ALIASES", "asr_parameters", "find_sites", "fuse", "fusion_report",
            "get_config", "instrument", "set_config"]

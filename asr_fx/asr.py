@@ -1,6 +1,6 @@
 """The ASR block and how one is made for a site: ``x * act(F(psi))`` with a learnable constant input ``psi``.
 
-The block classes (:class:`ASR`, :class:`NormFusedASR`) live in :mod:`asr_fx.passes.forms.asr_blocks`,
+The block classes (:class:`ASR`, :class:`BatchNormAffineASR`) live in :mod:`asr_fx.passes.forms.asr_blocks`,
 so the graph passes that insert and undo them import nothing above ``asr_fx.passes``; this module
 re-exports them and adds the paper's presets and :func:`make_site_block` (attention network from
 the registry, checked, wrapped in a block).
@@ -15,13 +15,23 @@ import torch
 from torch import nn
 
 from asr_fx import attention as registry
+from asr_fx._util import psi_shape_of
 from asr_fx.errors import InvalidOptionError
-from asr_fx.passes.forms.asr_blocks import (ACTIVATIONS, ASR, NormFusedASR, PsiInit, batch_norm_forward,
-                                            computes_like_batch_norm, fill_attention, init_psi,
-                                            is_affine_batch_norm)
+from asr_fx.passes.forms.asr_blocks import (
+    ACTIVATIONS,
+    ASR,
+    BatchNormAffineASR,
+    PsiInit,
+    batch_norm_forward,
+    computes_like_batch_norm,
+    fill_attention,
+    init_psi,
+    is_affine_batch_norm,
+)
 from asr_fx.passes.graph.modes import preserved_training_modes
 
-__all__ = ["ACTIVATIONS", "ASR", "NormFusedASR", "PRESETS", "PsiInit", "batch_norm_forward", "check_attention_output",
+__all__ = ["ACTIVATIONS", "ASR", "BatchNormAffineASR", "PRESETS", "PsiInit", "batch_norm_forward",
+           "check_attention_output",
            "computes_like_batch_norm", "fill_parameters", "init_psi", "is_affine_batch_norm", "make_site_block",
            "resolve_preset"]
 
@@ -65,9 +75,10 @@ def fill_parameters(module: nn.Module, value: float) -> None:
 def check_attention_output(net: nn.Module, channels: int) -> None:
     """Run ``net`` once on a zero psi (eval mode, no grad) and refuse it unless it returns ``channels`` values."""
     with preserved_training_modes(net), torch.no_grad():
-        out = net.eval()(torch.zeros(tuple(net.psi_shape)))
+        out = net.eval()(torch.zeros(psi_shape_of(net)))
     if not isinstance(out, torch.Tensor) or out.numel() != channels:
-        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        got = f"{out.numel()} values of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) \
+            else type(out).__name__
         raise InvalidOptionError(
             f"attention {type(net).__name__} returned {got} for a site of {channels} channels: forward(psi) "
             "must return one value per channel (before the activation)"

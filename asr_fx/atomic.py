@@ -51,7 +51,7 @@ def _on_signal(signum: int, frame: object) -> None:
     if callable(previous):
         previous(signum, frame)
         return
-    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    signal.signal(signum, previous if isinstance(previous, (int, signal.Handlers)) else signal.SIG_DFL)
     signal.raise_signal(signum)
 
 
@@ -160,7 +160,7 @@ def publish(files: Sequence[tuple[str | os.PathLike, str | os.PathLike]]) -> Non
     renamed with ``os.replace`` (atomic on one file system); the folder is fsynced afterwards."""
     umask = os.umask(0)
     os.umask(umask)
-    for tmp, final in files:
+    for tmp, _ in files:
         _fsync(tmp)
         os.chmod(tmp, 0o666 & ~umask)
     for tmp, final in files:
@@ -189,7 +189,8 @@ def check_writable(path: str | os.PathLike, *, suffix: str | None = None) -> Pat
         folder = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-check-", dir=parent)
         os.rmdir(folder)
     except OSError as exc:
-        raise OutputPathError(f"cannot write {str(path)!r}: the folder {str(parent)!r} is not writable ({exc.strerror or exc})",
+        raise OutputPathError(f"cannot write {str(path)!r}: the folder {str(parent)!r} is not writable "
+                              f"({exc.strerror or exc})",
                               path=str(path)) from None
     return path
 

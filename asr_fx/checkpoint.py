@@ -26,7 +26,8 @@ from torch import nn
 
 from asr_fx import atomic
 from asr_fx.api import instrument
-from asr_fx.attention import names as attention_names, widths_from_state_dict
+from asr_fx.attention import names as attention_names
+from asr_fx.attention import widths_from_state_dict
 from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.dcp import is_dcp_dir, read_dcp
 from asr_fx.equivalence import random_probe
@@ -94,7 +95,8 @@ def checkpoint_header(
     """
     config = asr_config(model)
     if config is None:
-        raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save instead")
+        raise CheckpointError("this model was not made by asr_fx.instrument: save its state_dict with torch.save "
+                              "instead")
     recorded = config.factory or {}
     factory = factory or recorded.get("factory")
     if factory is None:
@@ -195,7 +197,7 @@ def instrument_from_config(model: nn.Module, config: ASRConfig | dict[str, Any],
                            leaf_modules: Any = None) -> nn.Module:
     """Re-instrument a vanilla model exactly as recorded: same sites, attention and options.
 
-    ``norm_fused`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
+    ``bn_affine_form`` reads as :class:`ASRConfig` says: as recorded; unset in a current config, on when
     ``delta == 1`` (as :func:`asr_fx.instrument`); absent from a config older than the option, off."""
     config = config if isinstance(config, ASRConfig) else ASRConfig.from_dict(config)
     options = config.instrument_options()
@@ -209,7 +211,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
     """The instrumented model an asr-fx checkpoint describes, weights loaded (strict). ``attention``
     (a name or ``"package.module:Factory"``) and ``attention_kwargs`` replace the recorded ones."""
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads {VERSION}",
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')}; this asr-fx reads "
+                              f"{VERSION}",
                               path=str(path))
     model = build(ckpt["factory"], **ckpt.get("factory_kwargs", {}))
     recorded = ASRConfig.from_dict(ckpt["asr"])

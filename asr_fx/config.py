@@ -18,8 +18,11 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 from asr_fx.errors import CheckpointError
 
 #: the config format written by this asr-fx; a dict without ``"version"`` is version 0 (asr-fx 0.1
-#: before ASRConfig), read the same way except where :meth:`ASRConfig.from_dict` says
-VERSION = 1
+#: before ASRConfig), read the same way except where :meth:`ASRConfig.from_dict` says; version 1 called
+#: ``bn_affine_form`` ``norm_fused``
+VERSION = 2
+#: keys that earlier config versions spelled otherwise: old key -> key
+RENAMED_KEYS = {"norm_fused": "bn_affine_form"}
 #: where models of earlier asr-fx versions also kept the config: ``gm.meta[META_KEY]``
 META_KEY = "asr_fx"
 ATTRIBUTE = "asr_fx_config"
@@ -42,8 +45,8 @@ class ASRConfig:
     learnable_psi: bool = True
     preset: str | None = None
     convert_existing: bool = False
-    norm_fused: bool | None = None
-    """the training form at BatchNorm sites; None: on when ``delta == 1`` (as :func:`asr_fx.instrument`)"""
+    bn_affine_form: bool | None = None
+    """the BN-affine training form at BatchNorm sites; None: on when ``delta == 1`` (as :func:`asr_fx.instrument`)"""
     sites: list[dict[str, Any]] | None = None
     """one :meth:`Site.to_dict` per chosen site; None: let placement choose again"""
     factory: dict[str, Any] | None = None
@@ -57,9 +60,9 @@ class ASRConfig:
     """parts that traced but were refused, each with its reason"""
 
     @property
-    def resolved_norm_fused(self) -> bool:
-        """``norm_fused`` with None resolved as :func:`asr_fx.instrument` resolves it."""
-        return self.delta == 1 if self.norm_fused is None else bool(self.norm_fused)
+    def resolved_bn_affine_form(self) -> bool:
+        """``bn_affine_form`` with None resolved as :func:`asr_fx.instrument` resolves it."""
+        return self.delta == 1 if self.bn_affine_form is None else bool(self.bn_affine_form)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (loadable with ``torch.load(weights_only=True)``), with ``"version"``."""
@@ -69,16 +72,17 @@ class ASRConfig:
     def from_dict(cls, data: dict[str, Any]) -> ASRConfig:
         """Read a config dict of this or an earlier version; unknown keys are ignored.
 
-        A version-0 dict (no ``"version"``) without ``norm_fused`` was recorded before that option
-        existed, when no model had the training form: it reads as ``False``."""
+        Keys of earlier versions read under their current names (:data:`RENAMED_KEYS`: version 1's
+        ``norm_fused`` is ``bn_affine_form``). A version-0 dict (no ``"version"``) without it was recorded
+        before that option existed, when no model had the training form: it reads as ``False``."""
         version = data.get("version", 0)
         if not isinstance(version, int) or version > VERSION:
             raise CheckpointError(f"the ASR config has version {version!r}; this asr-fx reads up to {VERSION}: "
                                   "upgrade asr-fx")
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if version == 0 and "norm_fused" not in values:
-            values["norm_fused"] = False
+        values = {RENAMED_KEYS.get(k, k): v for k, v in data.items() if RENAMED_KEYS.get(k, k) in known}
+        if version == 0 and "bn_affine_form" not in values:
+            values["bn_affine_form"] = False
         values["attention_kwargs"] = dict(values.get("attention_kwargs") or {})
         return cls(**values)
 
@@ -97,7 +101,7 @@ class ASRConfig:
             "attention_kwargs": dict(self.attention_kwargs),
             "preset": self.preset,
             "convert_existing": self.convert_existing,
-            "norm_fused": self.resolved_norm_fused,
+            "bn_affine_form": self.resolved_bn_affine_form,
         }
 
 

@@ -107,7 +107,7 @@ def _unflatten(flat: dict[str, Any], mapping: dict[str, Any]) -> dict[str, Any]:
             else:
                 node = node.setdefault(part, [] if isinstance(following, int) else {})
         if isinstance(node, list):
-            while len(node) <= path[-1]:
+            while len(node) <= int(path[-1]):
                 node.append(None)
         node[path[-1]] = value
     return out
@@ -121,7 +121,8 @@ def read_dcp(path: str | os.PathLike, *, trust: bool = False) -> dict[str, Any]:
     """
     folder = Path(path)
     if not is_dcp_dir(folder):
-        raise CheckpointError(f"{str(folder)!r} is not a torch.distributed.checkpoint folder (no {METADATA} file in it)",
+        raise CheckpointError(f"{str(folder)!r} is not a torch.distributed.checkpoint folder (no {METADATA} file in "
+                              "it)",
                               path=str(folder))
     reader = _Reader(str(folder), trust)
     try:
@@ -148,7 +149,8 @@ def read_dcp(path: str | os.PathLike, *, trust: bool = False) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - DCP wraps a missing shard file or a bad entry in its own errors
         text = str(exc).strip().splitlines()
         reason = "pickled" if not trust and any("weights_only" in line or "GLOBAL" in line for line in text) else None
-        raise CheckpointError(f"cannot read the DCP checkpoint {str(folder)!r}: {text[0] if text else type(exc).__name__}"
+        raise CheckpointError(f"cannot read the DCP checkpoint {str(folder)!r}: "
+                              f"{text[0] if text else type(exc).__name__}"
                               + ("; it holds pickled Python objects: pass trust=True (--trust-checkpoint) only if "
                                  "you trust its source" if reason else ""), path=str(folder), reason=reason) from exc
     flat.update(planner.state_dict)  # dcp.load hands the planner a copy of ``flat``: the non-tensor entries are there

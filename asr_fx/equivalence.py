@@ -9,7 +9,8 @@
 A mismatch raises :class:`asr_fx.errors.EquivalenceError` naming the first layer (in the checked
 model's execution order) whose output differs. The probe is ``example_inputs``, or, for a model whose
 first layer is a conv or linear, a random input derived from that layer (``instrument``), or the input
-shape ``instrument`` recorded (``fuse``); with none of them the check is skipped. ``check=False`` on ``instrument``/``fuse`` turns it off (huge models).
+shape ``instrument`` recorded (``fuse``); with none of them the check is skipped. ``check=False`` on
+``instrument``/``fuse`` turns it off (huge models).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def derive_probe(model: nn.Module, size: int = 64) -> tuple[torch.Tensor, ...] |
     return (torch.randn(shape, generator=gen).to(ref.device, ref.dtype),)
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def floating_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output, in order: a tensor, nested tuples/lists/dicts, or a
+    transformers ``ModelOutput`` (what the equivalence checks compare)."""
     if hasattr(out, "to_tuple"):  # transformers' ModelOutput
         out = out.to_tuple()
     elif isinstance(out, dict):
@@ -60,7 +63,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 def _error(ref: Any, got: Any) -> float | None:
     """The largest relative error over the outputs' float tensors, or ``None`` if they do not pair up."""
-    a, b = _tensors(ref), _tensors(got)
+    a, b = floating_tensors(ref), floating_tensors(got)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return None
     worst = 0.0
@@ -137,7 +140,7 @@ def _unit_attention(model: nn.Module) -> Iterator[None]:
     """Every ASR block's ``v`` is 1 inside the block."""
     blocks = [m for m in model.modules() if isinstance(m, ASR)]
     for block in blocks:
-        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,  # type: ignore
+        block.attention_value = (lambda b=block: torch.ones(b.broadcast_shape, dtype=b.psi.dtype,
                                                             device=b.psi.device))
     try:
         yield

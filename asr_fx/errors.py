@@ -29,9 +29,10 @@ class NoSitesError(ASRError):
 
 
 class FusionError(ASRError):
-    """``fuse(..., strict=True)`` left at least one site unfolded; ``report`` is the fusion report when known."""
+    """``fuse(..., strict=True)`` left at least one site unfolded, or a fused model differs from the vanilla
+    model (``asr_fx.testing.compare_with_vanilla``); ``report`` is the :class:`~asr_fx.fusion.FusionReport`."""
 
-    def __init__(self, message: str, report: Any = None) -> None:
+    def __init__(self, message: str, report: Any) -> None:
         super().__init__(message)
         self.report = report
 
@@ -58,7 +59,8 @@ class CheckpointError(ASRError):
 
 
 class InvalidOptionError(ASRError, ValueError):
-    """An option has a value asr-fx does not know (an unknown rule, delta < 1, ...)."""
+    """An option or argument has a value asr-fx cannot use (an unknown rule, delta < 1, a batch that is not a
+    tensor, a device that is not there, ...)."""
 
 
 class ExportError(ASRError):
@@ -123,7 +125,8 @@ class OutputPathError(ASRError, OSError):
 
 class UnsupportedModelError(ASRError):
     """The model is in a form asr-fx cannot handle here, e.g. on the meta device (no weights) or in
-    a dtype onnxruntime cannot check; ``reason`` is a short key (``"meta"``, ``"dtype"``)."""
+    a dtype onnxruntime cannot check, or with attention values that are not finite; ``reason`` is a short key
+    (``"meta"``, ``"dtype"``, ``"non-finite"``)."""
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
@@ -169,7 +172,28 @@ class StateDictMismatchError(CheckpointError):
 
 class UnknownSiteError(ASRError, KeyError):
     """A site asked for by name that is not there: a site node missing from the graph, a stripe site
-    not measured (also a ``KeyError``, as before)."""
+    not measured, statistics of another model (also a ``KeyError``, as before)."""
+
+    def __str__(self) -> str:  # KeyError's __str__ would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnfoldableSiteError(ASRError):
+    """Sites chosen for ASR whose scale could not fold into a layer after training (``sites``: each with
+    its reason); leave them out with ``exclude=``."""
+
+    def __init__(self, message: str, *, sites: list[str]) -> None:
+        super().__init__(message)
+        self.sites = list(sites)
+
+
+class OnnxFileError(ASRError):
+    """An ONNX file that cannot be read, has no inputs, or that the runtime (onnxruntime or OpenVINO,
+    ``runtime``) cannot load or run; ``path`` is the file when known."""
+
+    def __init__(self, message: str, *, path: str | None = None, runtime: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.runtime = path, runtime
 
 
 class AttentionNetworkError(ASRError, TypeError):

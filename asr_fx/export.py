@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from copy import deepcopy
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -34,16 +35,13 @@ from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
 from asr_fx.passes.export.export_forms import for_export
 from asr_fx.passes.graph.modes import preserved_training_modes
-from asr_fx.verify import (  # noqa: F401 - re-exported: asr_fx.export's names before verify.py existed
+from asr_fx.verify import (
     ExportReport,
     Inputs,
-    OutputError,
     as_args,
     check_runnable,
-    compare,
     default_rtol,
     flatten_outputs,
-    fp32_matmul_precision,
     onnx_op_counts,
     op_count_diff,
     verify_onnx,
@@ -82,7 +80,7 @@ def weight_bytes(model: nn.Module) -> int:
 def _dynamic_shapes(args: tuple, kwargs: dict, axes: Sequence[str]) -> tuple | dict:
     dims = {name: torch.export.Dim(name, min=1) for name in axes}
 
-    def spec(t: torch.Tensor) -> dict[int, object]:
+    def spec(t: torch.Tensor) -> dict[int, Any]:
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return {}
         out = {0: dims["batch"]} if "batch" in dims else {}
@@ -197,7 +195,8 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int |
     """Export with torch's dynamo exporter; where it fails, retry with the TorchScript exporter
     (``dynamo=False``) when the call has positional inputs only and its weights fit in one file.
     Returns the exporter that wrote ``path`` (``"dynamo"`` or ``"torchscript"``) and why the first one was
-    not used (empty for dynamo); the caller verifies the file in a runtime either way. Raises :class:`_ExportFailed` with each exporter's error."""
+    not used (empty for dynamo); the caller verifies the file in a runtime either way. Raises
+    :class:`_ExportFailed` with each exporter's error."""
     try:
         _export_dynamo(model, args, kwargs, path, opset, dynamic, external_data, input_names, output_names)
         return "dynamo", ""

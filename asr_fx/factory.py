@@ -85,5 +85,5 @@ def build(factory: str, **kwargs: Any) -> nn.Module:
                            factory=factory) from exc
     if not isinstance(model, nn.Module):
         raise FactoryError(f"factory {factory!r} returned {type(model).__name__}, not an nn.Module", factory=factory)
-    model._asr_fx_factory = {"factory": factory, "kwargs": kwargs}
+    model.__dict__["_asr_fx_factory"] = {"factory": factory, "kwargs": kwargs}  # a plain attribute, not a module
     return model

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from asr_fx.api import get_config, instrument
+from asr_fx.attention import widths_from_state_dict
 from asr_fx.checkpoint import FORMAT, model_from_checkpoint, read_checkpoint, resolve_attention
 from asr_fx.dcp import is_dcp_dir
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, InputShapeError
-from asr_fx.attention import widths_from_state_dict
 from asr_fx.factory import build
 from asr_fx.state_dicts import asr_layout, check_finite_asr, check_keys, find_state_dict, normalize_keys
 
@@ -94,8 +94,10 @@ def load_checkpoint(
     raw = read_checkpoint(path, trust=trust)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         options = asr_options or {}
-        model = model_from_checkpoint(raw, path, leaf_modules, options.get("attention"), options.get("attention_kwargs"))
-        vanilla = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}), raw["state_dict"])
+        model = model_from_checkpoint(raw, path, leaf_modules, options.get("attention"),
+                                      options.get("attention_kwargs"))
+        vanilla: nn.Module | None = _vanilla_with_weights(raw["factory"], raw.get("factory_kwargs", {}),
+                                                          raw["state_dict"])
         kind = "asr-fx (torch.distributed.checkpoint folder)" if is_dcp_dir(path) else "asr-fx"
         return LoadedCheckpoint(model, vanilla, kind, input_shape or raw.get("input_shape"))
     weights, kind = find_state_dict(raw, repr(str(path)))
@@ -108,7 +110,8 @@ def load_checkpoint(
         recorded = (get_config(model) or {}).get("factory") or {}
         vanilla = None
         if factory or recorded.get("factory"):
-            vanilla = _vanilla_with_weights(factory or recorded["factory"], kwargs if factory else recorded.get("kwargs") or {},
+            vanilla = _vanilla_with_weights(factory or recorded["factory"],
+                                            kwargs if factory else recorded.get("kwargs") or {},
                                             model.state_dict())
         shape = input_shape or _shape_hint(get_config(model) or {}, raw if isinstance(raw, dict) else None, model)
         return LoadedCheckpoint(model, vanilla, kind, shape)
@@ -121,7 +124,7 @@ def load_checkpoint(
     shape = input_shape or _shape_hint(raw, base)
     sites, delta = asr_layout(state_dict)
     hint = f"Check the factory {factory!r} and its factory_kwargs"
-    attention = None
+    attention, instrumented = None, True
     if sites and get_config(base) is None and not any(k.startswith("asr.") for k in base.state_dict()):
         options = dict(asr_options or {})
         if options.get("sites") is None and options.get("rule") is None:
@@ -138,13 +141,11 @@ def load_checkpoint(
         attention = options.get("attention", "se")
         notes.append(f"instrumented again at {len(sites)} site(s) from the checkpoint's asr.* keys")
     else:
-        model, base = base, None
+        model, instrumented = base, False
         if not sites:
             notes.append("no asr.* keys: the model is fused as the factory builds it")
     check_finite_asr(state_dict)
     check_keys(model, state_dict, hint=hint, attention=attention)
     model.load_state_dict(state_dict)
-    vanilla = None
-    if base is not None:
-        vanilla = _vanilla_with_weights(factory, kwargs, state_dict)
+    vanilla = _vanilla_with_weights(factory, kwargs, state_dict) if instrumented else None
     return LoadedCheckpoint(model.eval(), vanilla, kind, shape, notes)

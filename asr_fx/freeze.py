@@ -16,7 +16,7 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import UnknownSiteError
 from asr_fx.passes import trace
 from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.stripe import FROZEN_PREFIX, Batches, SiteStats, StripeStats, batch_inputs, collect
@@ -84,7 +84,7 @@ def _gate_operand(mul: fx.Node, gate_name: str) -> int:
             if not node.args:
                 break
             node = node.args[0]
-    raise ASRError(f"multiply `{mul.name}` does not read the attention gate `{gate_name}`")
+    raise UnknownSiteError(f"multiply `{mul.name}` does not read the attention gate `{gate_name}`")
 
 
 def _broadcast_shape(site: SiteStats) -> tuple[int, ...]:
@@ -128,8 +128,8 @@ def _freeze(model: nn.Module, sites: Sequence[SiteStats], leaf_modules: Any) -> 
     for site in sites:
         mul = nodes.get(site.mul)
         if mul is None:
-            raise ASRError(f"the statistics name multiply `{site.mul}`, which is not in this model's graph; "
-                           "collect them on the same model")
+            raise UnknownSiteError(f"the statistics name multiply `{site.mul}`, which is not in this model's graph; "
+                                   "collect them on the same model")
         index = _gate_operand(mul, site.gate)
         buffer = FROZEN_PREFIX + re.sub(r"\W", "_", site.site or site.mul)
         if hasattr(gm, buffer):

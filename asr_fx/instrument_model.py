@@ -1,7 +1,8 @@
 """``instrument`` and ``find_sites``: trace a model, choose the ASR sites, put a block at each.
 
-``instrument`` runs :data:`asr_fx.passes.pipelines.INSTRUMENT_PIPELINE`, a declared list of passes (``(module, context) ->
-PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on the result.
+``instrument`` runs :data:`asr_fx.passes.pipelines.INSTRUMENT_PIPELINE`, a declared list of passes
+(``(module, context) -> PassResult``, run by :class:`asr_fx.passes.infra.Pipeline`), then records the config on
+the result.
 The placement rules come from the one registry :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`.
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
-from asr_fx.config import META_KEY as CONFIG_KEY, ASRConfig, get_config, set_config  # noqa: F401 - CONFIG_KEY: old name
+from asr_fx.config import ASRConfig, set_config
 from asr_fx.equivalence import check_instrumented
 from asr_fx.errors import InvalidOptionError, TraceError
 from asr_fx.partial_capture import instrument_parts
@@ -109,7 +110,7 @@ def instrument(
     leaf_modules: Any = None,
     preset: str | None = None,
     convert_existing: bool = False,
-    norm_fused: bool | None = None,
+    bn_affine_form: bool | None = None,
     check: bool = True,
 ) -> nn.Module:
     """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
@@ -137,10 +138,10 @@ def instrument(
             found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
             ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
             at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
-        norm_fused: the BN-affine *training form* at BatchNorm sites (not a fused model; the name is
-            kept for compatibility). ``True``: a block right after an affine
+        bn_affine_form: the BN-affine *training form* at BatchNorm sites (a way to train, not a fused
+            model). ``True``: a block right after an affine
             ``nn.BatchNorm`` computes that BN with affine ``weight * v, bias * v``
-            (:class:`asr_fx.asr.NormFusedASR`: the same function, but BN's output is not kept for the
+            (:class:`asr_fx.asr.BatchNormAffineASR`: the same function, but BN's output is not kept for the
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
@@ -153,11 +154,11 @@ def instrument(
     is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
     """
     options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
-    if norm_fused is None:
-        norm_fused = delta == 1
-    if norm_fused and delta != 1:
-        raise InvalidOptionError(f"norm_fused=True puts one block inside each BatchNorm and needs delta=1, got "
-                                 f"delta={delta}; drop norm_fused or use delta=1")
+    if bn_affine_form is None:
+        bn_affine_form = delta == 1
+    if bn_affine_form and delta != 1:
+        raise InvalidOptionError(f"bn_affine_form=True puts one block inside each BatchNorm and needs delta=1, got "
+                                 f"delta={delta}; drop bn_affine_form or use delta=1")
     resolve_preset(preset, activation, psi_init)  # refuses a preset that contradicts activation/psi_init
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
@@ -166,7 +167,7 @@ def instrument(
                             exclude=exclude, delta=delta, activation=activation, psi_init=psi_init,
                             learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
                             example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
-                            convert_existing=convert_existing, norm_fused=norm_fused)
+                            convert_existing=convert_existing, bn_affine_form=bn_affine_form)
     pipeline_options["blocks"] = site_blocks(pipeline_options)
     try:
         gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
@@ -186,7 +187,7 @@ def instrument(
         learnable_psi=learnable_psi,
         preset=settings.preset,
         convert_existing=convert_existing,
-        norm_fused=norm_fused,
+        bn_affine_form=bn_affine_form,
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
@@ -197,7 +198,7 @@ def instrument(
     gm.train(model.training)
     if check and not convert_existing:  # converted existing attention changes the function on purpose
         check_instrumented(model, gm, example_inputs)
-    return gm  # type: ignore[return-value]
+    return gm
 
 
 def attention_name(attention: Any) -> Any:
@@ -230,7 +231,7 @@ def _site_dtype(gm: fx.GraphModule, block_call: fx.Node) -> torch.dtype | None:
 def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
     """Put the new ASR state on the model's device, and each ASR block in the dtype of the value it
     scales at its own site (not the dtype of some other parameter of the model)."""
-    ref = next(iter(model.parameters()), None)
+    ref: torch.Tensor | None = next(iter(model.parameters()), None)
     if ref is None:
         ref = next(iter(model.buffers()), None)
     if ref is None:

@@ -36,12 +36,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from asr_fx import atomic, equivalence
-from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
-from asr_fx.partial_capture import is_partial
+from asr_fx.fusion import FusionReport, fusion_report
+from asr_fx.partial_capture import is_partial, part_paths
 from asr_fx.passes import trace
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
-from asr_fx.report import FusionReport
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
 RTOL = 1e-5
@@ -96,7 +95,8 @@ def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, valu
         return (f"`{owner}` ({type(module).__name__}) gained a `{name}` in fusion"
                 f"{' from site(s) ' + str(sites) if sites else ''}, which the vanilla class does not have "
                 "(an affine=False norm given an affine, a bias=False conv given a bias by fold_bn=True)")
-    if not sites or (held.shape == value.shape and torch.equal(held.detach().cpu(), value.detach().cpu())):
+    if not sites or (isinstance(held, torch.Tensor) and held.shape == value.shape
+                     and torch.equal(held.detach().cpu(), value.detach().cpu())):
         return None  # a derived constant, or a non-persistent buffer that fusion left as it was
     return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
 
@@ -151,7 +151,7 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
     reads). Raises :class:`VanillaModelError` naming the site and reason where a fold has no place
     in the vanilla class, or the first key/shape mismatches for another architecture.
     """
-    report = fused.meta.get("asr_fx.fusion") if isinstance(fused.meta, dict) else None
+    report = fusion_report(fused)
     fused_state, target = fused.state_dict(), vanilla.state_dict()
     modules = {name for name, _ in vanilla.named_modules()}
     foreign = [k for k in fused_state if k not in target and _owner_and_name(k)[0] not in modules
@@ -198,7 +198,8 @@ def probe_inputs(fused: nn.Module, source: nn.Module,
     if known is not None:
         return known
     ref = next(iter(fused.parameters()), None)
-    kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None and ref.is_floating_point() else {}
+    kwargs: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device} if ref is not None and ref.is_floating_point() \
+        else {}
     generator = torch.Generator().manual_seed(0)
     placeholders = [n for n in fused.graph.nodes if n.op == "placeholder"] if isinstance(fused, fx.GraphModule) else []
     first = next(iter(placeholders[0].users), None) if len(placeholders) == 1 else None
@@ -261,7 +262,7 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     """:func:`vanilla_state_dict` for a model instrumented part by part (:mod:`asr_fx.partial_capture`):
     each fused part's weights for the matching submodule of ``vanilla`` (refusals name the part), and
     every other tensor of ``source`` (outside the parts) under its own key, key sets and shapes checked."""
-    parts = asr_config(source).parts
+    parts = part_paths(source)
     state: dict[str, torch.Tensor] = {}
     for path in parts:
         try:
@@ -281,10 +282,10 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
         return not any(key.startswith(f"{path}.") for path in parts)
 
     rest = {k: v.detach() for k, v in source.state_dict().items() if outside(k)}
-    target = {k: v for k, v in vanilla.state_dict().items() if outside(k)}
-    only_source, only_vanilla = [k for k in rest if k not in target], [k for k in target if k not in rest]
-    shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in rest.items()
-              if k in target and v.shape != target[k].shape]
+    others = {k: v for k, v in vanilla.state_dict().items() if outside(k)}
+    only_source, only_vanilla = [k for k in rest if k not in others], [k for k in others if k not in rest]
+    shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(others[k].shape)}" for k, v in rest.items()
+              if k in others and v.shape != others[k].shape]
     if only_source or only_vanilla or shapes:
         raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the instrumented model "
                                 f"outside its instrumented parts {list(parts)}: keys only in the instrumented model "
@@ -303,6 +304,9 @@ def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     whole model's input, for tracing the vanilla model shape-aware)."""
     if is_partial(source):
         return parts_state_dict(fused, vanilla, source, leaf_modules=leaf_modules)
+    if not isinstance(fused, fx.GraphModule):
+        raise VanillaModelError(f"the fused model is a {type(fused).__name__}, not the GraphModule asr_fx.fuse returns "
+                                "for a model instrumented whole: pass fuse's result")
     return vanilla_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=example_inputs)
 
 

@@ -44,7 +44,7 @@ def session(path: str, threads: int | None = None) -> Any:
     threads; OpenVINO's default otherwise)."""
     ov = _openvino()
     core = ov.Core()
-    config = {"INFERENCE_NUM_THREADS": int(threads)} if threads is not None else {}
+    config: dict[str, int | str] = {"INFERENCE_NUM_THREADS": int(threads)} if threads is not None else {}
     # f32 inference: the CPU plugin may otherwise pick bf16/f16 on CPUs that have them, and verification
     # compares against float32 torch within 1e-4
     config["INFERENCE_PRECISION_HINT"] = "f32"

@@ -27,9 +27,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.config import asr_config, set_config
+from asr_fx.config import ASRConfig, asr_config, set_config
 from asr_fx.equivalence import check_fused, saved_state
-from asr_fx.errors import ASRError, NoSitesError, TraceError
+from asr_fx.errors import ASRError, InputShapeError, InvalidOptionError, NoSitesError, TraceError
+from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
@@ -45,10 +46,12 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
     try:
         with saved_state(model), torch.no_grad():
             model.eval()
-            model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))  # caller's stay as they are
+            # on copies: the caller's inputs stay as they are
+            model(*(t.clone() if isinstance(t, torch.Tensor) else t for t in example_inputs))
     except Exception as exc:  # noqa: BLE001 - re-raised as one clear line
-        raise ASRError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
-                       "Pass inputs its forward accepts") from exc
+        raise InputShapeError(f"{type(model).__name__} does not run on example_inputs: {type(exc).__name__}: {exc}. "
+                              "Pass inputs its forward accepts", shape=next((list(t.shape) for t in example_inputs
+                                                   if isinstance(t, torch.Tensor)), None)) from exc
     finally:
         for h in handles:
             h.remove()
@@ -97,7 +100,8 @@ def _captured_class(library_class: type) -> type:
     for klass in reversed(library_class.__mro__):
         if klass in (nn.Module, object):
             continue
-        props.update({k: v for k, v in vars(klass).items() if isinstance(v, property) and not hasattr(fx.GraphModule, k)})
+        props.update({k: v for k, v in vars(klass).items()
+                      if isinstance(v, property) and not hasattr(fx.GraphModule, k)})
     return type(f"Captured{library_class.__name__}", (fx.GraphModule,), props)
 
 
@@ -162,7 +166,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 else:
                     _keep_attributes(part, child)
                     _set_submodule(work, child_path, part)
-                    parts[child_path] = asr_config(part)
+                    parts[child_path] = part_config(part)
                     shapes[child_path] = [list(t.shape) for t in inputs]
                     continue
             visit(child_path, child)
@@ -172,7 +176,8 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
         detail = f"; refused: {refused[:3]}" if refused else ""
         raise TraceError(f"{error} (No part of {type(model).__name__} takes an ASR site when instrumented "
                          f"alone either{detail}.)", module=error.module, module_class=error.module_class) from error
-    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items() for s in cfg.sites]
+    sites = [{**s, "node": f"{path}/{s['node']}", "part": path} for path, cfg in parts.items()
+             for s in cfg.sites or []]
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
     set_config(work, dataclasses.replace(first, sites=sites, parts=sorted(parts), refused_parts=refused,
@@ -180,6 +185,20 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                                          factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
+
+
+def part_config(model: nn.Module) -> ASRConfig:
+    """The config of an instrumented model (a part, or a model instrumented part by part)."""
+    config = asr_config(model)
+    if config is None:
+        raise InvalidOptionError(f"{type(model).__name__} records no ASR config: it is not an instrumented model")
+    return config
+
+
+def part_paths(model: nn.Module) -> list[str]:
+    """The paths of the instrumented parts of a model instrumented part by part (empty: none)."""
+    config = asr_config(model)
+    return list(config.parts or []) if config is not None else []
 
 
 def is_partial(model: nn.Module) -> bool:
@@ -192,13 +211,13 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     """A copy of a partially captured ``model`` with every instrumented part fused in place (eval mode).
 
     ``options`` are :func:`asr_fx.fuse`'s keyword arguments; the fusion reports of the parts are joined
-    on the result (``fused.meta["asr_fx.fusion"]``).
+    on the result (:func:`asr_fx.fusion.fusion_report`).
     """
     example_inputs = options.get("example_inputs")
     work = copy.deepcopy(model).eval()
     reports = []
-    config = asr_config(model)
-    for path in config.parts:
+    config = part_config(model)
+    for path in config.parts or []:
         part = work.get_submodule(path)
         shapes = (config.part_input_shapes or {}).get(path)
         ref = next(iter(part.parameters()))
@@ -207,13 +226,14 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
         whole_check = options.get("check", True) and example_inputs is not None
         # with example_inputs the whole model is checked below: a per-part check would run each part again
         # (a detector's backbone at its transform's 800 px, once more per part)
-        fused = fuse(part, **{**options, "example_inputs": probe, "check": options.get("check", True) and not whole_check})
+        fused = fuse(part, **{**options, "example_inputs": probe,
+                              "check": options.get("check", True) and not whole_check})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
-        reports.append(getattr(fused, "meta", {}).get("asr_fx.fusion"))
+        reports.append(fusion_report(fused))
     records = [r for report in reports if report is not None for r in report.records]
     blocks = tuple(b for report in reports if report is not None for b in report.blocks)
-    work.meta = {"asr_fx.fusion": type(reports[0])(records, blocks) if reports and reports[0] is not None else None}
+    work.__dict__["meta"] = {FUSION_KEY: FusionReport(records, blocks) if any(r is not None for r in reports) else None}
     if options.get("check", True):  # on example_inputs, else the recorded input shape
         check_fused(model, work, example_inputs)
     return work.eval()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import InvalidOptionError, MissingDependencyError, NoSitesError
 from asr_fx.stripe import SiteStats, StripeStats
 
 
@@ -27,7 +27,9 @@ def _figure(width: float, height: float) -> Any:
     try:
         from matplotlib.figure import Figure  # optional dependency (the plot extra): imported when drawing
     except ImportError:
-        raise ASRError("the figures need matplotlib: pip install 'asr-fx[plot]' (or pip install matplotlib)") from None
+        raise MissingDependencyError("the figures need matplotlib: pip install 'asr-fx[plot]' (or pip install "
+                                     "matplotlib)",
+                                     package="matplotlib") from None
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -74,7 +76,7 @@ def plot_std_histogram(stats: StripeStats | SiteStats, path: str | os.PathLike, 
     and of the attention values (after), over every site of ``stats`` (or one site)."""
     sites = [stats] if isinstance(stats, SiteStats) else list(stats)
     if not sites:
-        raise ASRError("no attention sites to draw")
+        raise NoSitesError("no attention sites to draw")
     before = torch.cat([s.feature_std for s in sites]).numpy()
     after = torch.cat([s.std for s in sites]).numpy()
     top = float(max(before.max(), after.max(), 1e-12))
@@ -102,14 +104,14 @@ def plot_epoch_difference(values: torch.Tensor | Sequence[torch.Tensor], path: s
     """
     v = torch.stack(list(values)) if not isinstance(values, torch.Tensor) else values
     if v.dim() != 3 or v.shape[0] < 2:
-        raise ASRError("values must be checkpoints x inputs x channels with at least two checkpoints, "
+        raise InvalidOptionError("values must be checkpoints x inputs x channels with at least two checkpoints, "
                        f"got {tuple(v.shape)}")
     labels = list(epochs) if epochs is not None else list(range(v.shape[0]))
     if len(labels) != v.shape[0]:
-        raise ASRError(f"{len(labels)} epoch labels for {v.shape[0]} checkpoints")
+        raise InvalidOptionError(f"{len(labels)} epoch labels for {v.shape[0]} checkpoints")
     chosen = [i for i in inputs if i < v.shape[1]]
     if not chosen:
-        raise ASRError(f"inputs {list(inputs)} are out of range: the checkpoints saw {v.shape[1]} inputs")
+        raise InvalidOptionError(f"inputs {list(inputs)} are out of range: the checkpoints saw {v.shape[1]} inputs")
     cols = _pick(v.shape[2], channels, seed)
     diff = (v[1:] - v[:-1]).abs()[:, :, cols]  # (E-1) x N x K
     vmax = float(diff[:, chosen].max().clamp_min(1e-12))

@@ -64,7 +64,8 @@ def _strip(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 
 def _candidates(keys: Iterable[str]) -> list[str]:
-    """Prefix chains that all keys share or that some keys start with (Lightning keeps other modules beside ``model.``)."""
+    """Prefix chains that all keys share or that some keys start with (Lightning keeps other modules beside
+    ``model.``)."""
     out = [""]
     frontier = [""]
     for _ in range(3):
@@ -79,7 +80,8 @@ def _candidates(keys: Iterable[str]) -> list[str]:
     return out
 
 
-def normalize_keys(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def normalize_keys(state_dict: Mapping[str, torch.Tensor],
+                   expected: Iterable[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Strip wrapper prefixes so the keys fit ``expected`` (the model's keys) best.
 
     ``_orig_mod.`` is removed wherever it appears (``torch.compile`` inserts it at the compiled
@@ -101,7 +103,8 @@ def normalize_keys(state_dict: Mapping[str, torch.Tensor], expected: Iterable[st
     if best:
         dropped = [k for k in sd if not k.startswith(best)]
         sd = _strip(sd, best)
-        notes.append(f"stripped the prefix {best!r}" + (f", ignored {len(dropped)} key(s) outside it" if dropped else ""))
+        notes.append(f"stripped the prefix {best!r}"
+                     + (f", ignored {len(dropped)} key(s) outside it" if dropped else ""))
     return sd, notes
 
 
@@ -146,7 +149,8 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], hint: s
     if looks_like is not None and looks_like == attention.lower():
         looks_like = None  # the keys fit that network: the problem is elsewhere
     if looks_like is not None:  # name the network instead of listing every key of the wrong one
-        examples = ", ".join(asr[0] for keys in (missing, unexpected) if (asr := [k for k in keys if k.startswith("asr.")]))
+        examples = ", ".join(asr[0] for keys in (missing, unexpected)
+                             if (asr := [k for k in keys if k.startswith("asr.")]))
         raise StateDictMismatchError(
             f"the checkpoint does not fit the model: its asr.* keys look like the attention network {looks_like!r}, "
             f"not {attention!r} ({len(missing)} missing, {len(unexpected)} unexpected and {len(shapes)} mismatched "

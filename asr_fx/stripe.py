@@ -9,7 +9,8 @@ inputs is near 0 while the pooled input features vary a lot.
   :func:`asr_fx.passes.placement.attention_patterns.find_channel_attention`, the attention values per input
   (``N x C``) and the pooled input of the attention network (``N x C``), with their per-channel
   statistics (:class:`SiteStats`, :class:`StripeStats`).
-- :func:`asr_fx.freeze.freeze_attention` (in :mod:`asr_fx.freeze`) replaces each such attention by the mean ``v`` it produced on the data:
+- :func:`asr_fx.freeze.freeze_attention` (in :mod:`asr_fx.freeze`) replaces each such attention by the mean ``v``
+  it produced on the data:
   ``x * act(F(GAP(x)))`` becomes ``x * v`` with ``v`` a constant buffer, so :func:`asr_fx.fuse`
   folds ``v`` into the layer that produced ``x`` (or reports the site where it cannot). The
   attention's inference cost is gone with no retraining; :class:`FreezeReport` says per site the
@@ -28,16 +29,17 @@ import torch.fx as fx
 from tabulate import tabulate
 from torch import nn
 
+from asr_fx._util import psi_shape_of
 from asr_fx.api import instrument
 from asr_fx.asr import ACTIVATIONS, ASR
 from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
-from asr_fx.errors import ASRError, NoSitesError, UnknownSiteError
+from asr_fx.errors import AttentionNetworkError, InvalidOptionError, NoSitesError, TraceError, UnknownSiteError
 from asr_fx.passes import trace
-from asr_fx.passes.placement.attention_patterns import find_channel_attention
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
 from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values
 from asr_fx.passes.graph.modes import preserved_training_modes
+from asr_fx.passes.placement.attention_patterns import find_channel_attention
 
 #: prefix of the buffers holding frozen attention values; a kind of folded constant, so
 #: :func:`asr_fx.fuse` reports the sites as attention sites and cleans up buffers it folded
@@ -56,8 +58,8 @@ def batch_inputs(batch: Any) -> tuple[torch.Tensor, ...]:
         for key in ("x", "input", "inputs", "image", "images"):
             if isinstance(batch.get(key), torch.Tensor):
                 return (batch[key],)
-    raise ASRError("a batch must be a tensor, an (inputs, targets) pair or a dict with 'x'/'inputs'; "
-                   f"got {type(batch).__name__}")
+    raise InvalidOptionError("a batch must be a tensor, an (inputs, targets) pair or a dict with 'x'/'inputs'; "
+                             f"got {type(batch).__name__}")
 
 
 @dataclass
@@ -147,7 +149,8 @@ class StripeStats:
     def table(self, tablefmt: str = "github") -> str:
         """One row per site: channels, attention std (mean/max over channels), feature std, their ratio."""
         rows = [(s["site"], s["channels"], s["inputs"], f"{s['attention_std_mean']:.3g}",
-                 f"{s['attention_std_max']:.3g}", f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}", f"{s['v_min']:.3f}..{s['v_max']:.3f}")
+                 f"{s['attention_std_max']:.3g}", f"{s['feature_std_mean']:.3g}", f"{s['std_ratio']:.3g}",
+                 f"{s['v_min']:.3f}..{s['v_max']:.3f}")
                 for s in (site.summary() for site in self.sites)]
         headers = ["site", "C", "inputs", "attn std (mean)", "attn std (max)", "feature std (mean)",
                    "std ratio", "mean v range"]
@@ -161,11 +164,11 @@ def values_over_checkpoints(runs: Sequence[StripeStats], site: int | str = 0) ->
     """One site's attention values from :func:`collect` runs on several checkpoints of one training
     (same inputs, in order), stacked as ``E x N x C`` for :func:`asr_fx.plot.plot_epoch_difference`."""
     if len(runs) < 2:
-        raise ASRError(f"the change over epochs needs at least two checkpoints, got {len(runs)}")
+        raise InvalidOptionError(f"the change over epochs needs at least two checkpoints, got {len(runs)}")
     values = [run[site].values for run in runs]
     if any(v.shape != values[0].shape for v in values):
-        raise ASRError(f"the checkpoints saw different inputs or channels: shapes {[tuple(v.shape) for v in values]}; "
-                       "collect every checkpoint on the same batches")
+        raise InvalidOptionError(f"the checkpoints saw different inputs or channels: shapes "
+                                 f"{[tuple(v.shape) for v in values]}; collect every checkpoint on the same batches")
     return torch.stack(values)
 
 
@@ -208,17 +211,23 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     a batch of pooled descriptors (psi shape other than ``(1, C, 1, ...)``, or a network that
     reshapes to one descriptor) and sites without a dimension to pool (channels last).
     """
-    gm = instrument(model, attention, **{**instrument_kwargs, "norm_fused": False})  # blocks are replaced below
+    gm = instrument(model, attention, **{**instrument_kwargs, "bn_affine_form": False})  # blocks are replaced below
+    if not isinstance(gm, fx.GraphModule):
+        raise TraceError(f"{type(model).__name__} does not trace whole: plain attention needs one graph",
+                         module=None, module_class=type(model).__name__)
     unhoist_attention_values(gm)  # a plain attention block takes x only
-    for key, block in list(gm.asr.items()):
+    container = gm.get_submodule("asr")
+    assert isinstance(container, nn.ModuleDict)
+    for key, block in list(container.items()):
         blocks = list(block) if isinstance(block, nn.Sequential) else [block]
         plain = []
         for asr in blocks:
             assert isinstance(asr, ASR)
-            shape = tuple(asr.attention.psi_shape)
+            shape = psi_shape_of(asr.attention)
             if asr.channel_pos == -1 or shape[0] != 1 or any(d != 1 for d in shape[2:]):
-                raise ASRError(f"site {key}: attention {attention!r} with psi shape {shape} at channel dim "
-                               f"{asr.channel_pos} has no plain pooled form; use an SE-like attention on NCHW sites")
+                raise AttentionNetworkError(f"site {key}: attention {attention!r} with psi shape {shape} at channel "
+                                            f"dim {asr.channel_pos} has no plain pooled form; use an SE-like "
+                                            f"attention on NCHW sites")
             try:
                 out = asr.attention(torch.zeros((2,) + shape[1:]))
             except RuntimeError as exc:
@@ -226,10 +235,10 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
             else:
                 why = f"output shape {tuple(out.shape)}"
             if out is None or out.shape[0] != 2 or out[0].numel() != asr.channels:
-                raise ASRError(f"site {key}: attention {attention!r} handles one pooled descriptor, not a batch "
-                               f"({why}); use one that does, such as 'se'")
+                raise AttentionNetworkError(f"site {key}: attention {attention!r} handles one pooled descriptor, not a "
+                                            f"batch ({why}); use one that does, such as 'se'")
             plain.append(PooledAttention(asr.attention, asr.activation, asr.channel_pos))
-        gm.asr[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
+        container[key] = plain[0] if len(plain) == 1 else nn.Sequential(*plain)
     set_config(gm, None)  # not ASR: asr_fx.save must not record it as such
     return gm
 
@@ -287,7 +296,7 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
                 if max_inputs is not None and seen >= max_inputs:
                     break
     if seen == 0:
-        raise ASRError("collect got no batches: pass an iterable of input tensors or (inputs, targets) pairs")
+        raise InvalidOptionError("collect got no batches: pass an iterable of input tensors or (inputs, targets) pairs")
     stats = []
     calls: dict[str, int] = {}
     for site, v, p in zip(sites, values, pooled):
@@ -297,8 +306,8 @@ def collect(model: nn.Module, batches: Batches, *, leaf_modules: Any = None,
             name = f"{name}#{calls[name]}"
         v_all, p_all = torch.cat(v)[:max_inputs], torch.cat(p)[:max_inputs]
         if v_all.shape[1] != p_all.shape[1]:
-            raise ASRError(f"attention at {site.module or site.mul}: {v_all.shape[1]} values per input but "
-                           f"{p_all.shape[1]} pooled channels; is it a channel attention?")
+            raise AttentionNetworkError(f"attention at {site.module or site.mul}: {v_all.shape[1]} values per input "
+                                        f"but {p_all.shape[1]} pooled channels; is it a channel attention?")
         stats.append(SiteStats(site=name, mul=site.mul, gate=site.gate, pool=site.pool,
                                feature=site.feature, channel_pos=site.channel_pos, activation=site.activation,
                                values=v_all, pooled=p_all))

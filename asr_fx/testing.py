@@ -1,4 +1,6 @@
-"""Checks for users' own CI: ``assert_fusion_equivalent(model, example_inputs)``.
+"""Checks for users' own CI: ``assert_fusion_equivalent(model, example_inputs)``, and the comparison with
+the vanilla model that ``asr-fx fuse --strict`` / ``asr-fx verify --strict`` run (:func:`compare_with_vanilla`,
+:func:`assert_same_as_vanilla`).
 
 The check the project runs on its built-in models, usable in any pytest suite::
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,7 +31,7 @@ from asr_fx.atomic import temp_folder
 from asr_fx.errors import ASRError, FusionError, VerificationError
 from asr_fx.export import export_onnx
 from asr_fx.passes.graph.modes import preserved_training_modes
-from asr_fx.verify import flatten_outputs, fp32_matmul_precision, op_count_diff
+from asr_fx.verify import flatten_outputs, fp32_matmul_precision, onnx_op_counts, op_count_diff
 
 #: DESIGN.md's tolerances: fused vs instrumented in torch, and onnxruntime vs torch
 FUSE_RTOL = 1e-5
@@ -56,7 +59,8 @@ def _output_problems(reference: list[torch.Tensor], actual: list[torch.Tensor], 
         if worst > bound:
             index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
             problems.append(f"output{i}: max|fused - original| = {worst:.3g} > {bound:.3g} "
-                            f"(atol {atol:g} + rtol {rtol:g} * max|original| {scale:.3g}; rel {worst / max(scale, 1e-30):.3g}) "
+                            f"(atol {atol:g} + rtol {rtol:g} * max|original| {scale:.3g}; rel "
+                            f"{worst / max(scale, 1e-30):.3g}) "
                             f"at index {index}: fused {out[index].item():.6g}, original {ref[index].item():.6g}")
     return problems
 
@@ -130,7 +134,8 @@ def _check_parameters(model: nn.Module, fused: nn.Module, vanilla: nn.Module | N
         expected, what = count_parameters(model) - sum(p.numel() for p in asr_parameters(model)), \
             "the original's less its ASR parameters"
     if count_parameters(fused) != expected:
-        raise AssertionError(f"the fused model has {count_parameters(fused):,} parameters, {what} count is {expected:,}: "
+        raise AssertionError(f"the fused model has {count_parameters(fused):,} parameters, {what} count is "
+                             f"{expected:,}: "
                              "something stayed that should have folded")
 
 
@@ -152,3 +157,129 @@ def _check_onnx(model: nn.Module, fused: nn.Module, inputs: tuple, rtol: float, 
         if expected_ops is not None and report.op_counts != expected_ops:
             raise AssertionError("the fused ONNX graph's op multiset differs from the vanilla model's: "
                                  + op_count_diff(expected_ops, report.op_counts))
+
+
+@dataclass
+class VanillaComparison:
+    """A fused model beside the vanilla model it should equal in size and structure (None: not measured).
+
+    ``reference`` is the vanilla model compared with (with ``fold_bn``: a copy with BatchNorm folded into
+    the conv before it, as the fused model has it); ``vanilla_note`` says why its op counts are unknown
+    (its export failed)."""
+
+    reference: nn.Module
+    fold_bn: bool = False
+    params: int | None = None
+    vanilla_params: int | None = None
+    op_counts: dict[str, int] | None = None
+    vanilla_op_counts: dict[str, int] | None = None
+    vanilla_note: str = ""
+
+    @property
+    def same_params(self) -> bool | None:
+        """Whether the parameter counts are equal (None: the fused model's was not counted)."""
+        return None if self.params is None or self.vanilla_params is None else self.params == self.vanilla_params
+
+    @property
+    def same_op_counts(self) -> bool | None:
+        """Whether the ONNX op multisets are equal (None: one of them is not known)."""
+        if self.op_counts is None or self.vanilla_op_counts is None:
+            return None
+        return self.op_counts == self.vanilla_op_counts
+
+    @property
+    def vanilla_name(self) -> str:
+        return "the vanilla model (BN folded)" if self.fold_bn else "the vanilla model"
+
+    def problems(self) -> list[str]:
+        """What differs, one sentence each; empty when everything measured is the same."""
+        problems = []
+        if self.same_params is False:
+            problems.append(f"the fused model has {self.params:,} parameters, {self.vanilla_name} "
+                            f"{self.vanilla_params:,}")
+        if self.same_op_counts is False:
+            assert self.op_counts is not None and self.vanilla_op_counts is not None
+            problems.append(f"the ONNX op multiset differs from {self.vanilla_name}'s: "
+                            f"{op_count_diff(self.vanilla_op_counts, self.op_counts)}")
+        return problems
+
+
+def vanilla_reference(vanilla: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+                      fold_bn: bool = False, leaf_modules: Any = None) -> nn.Module:
+    """What a fused model is compared with: ``vanilla`` itself, or with ``fold_bn`` a fused copy of it (eval
+    mode) with BatchNorm folded into the conv before it, as ``fuse(..., fold_bn=True)`` leaves the fused model."""
+    if not fold_bn:
+        return vanilla
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    return fuse(vanilla, fold_bn=True, example_inputs=inputs, leaf_modules=leaf_modules)
+
+
+def compare_with_vanilla(
+    vanilla: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    fused: nn.Module | None = None,
+    onnx_file: str | os.PathLike | None = None,
+    onnx: bool = False,
+    fold_bn: bool = False,
+    opset: int | None = None,
+    leaf_modules: Any = None,
+    vanilla_op_counts: dict[str, int] | None = None,
+) -> VanillaComparison:
+    """Compare a fused model with its vanilla model: what ``--strict`` checks besides the folding itself.
+
+    - with ``fused`` (the fused module): its parameter count against ``vanilla``'s;
+    - with ``onnx_file`` (the fused model's ONNX file), or ``onnx=True`` (``fused`` is exported into a
+      temporary folder): its ONNX op multiset against ``vanilla``'s (``vanilla`` is exported for it, without
+      verification, unless ``vanilla_op_counts`` are given; an export failure is ``vanilla_note``).
+
+    ``fold_bn``: compare with the vanilla model with BatchNorm folded too (:func:`vanilla_reference`).
+    Nothing is raised for a difference: :meth:`VanillaComparison.problems` lists them
+    (:func:`assert_same_as_vanilla` asserts there are none).
+    """
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    reference = vanilla_reference(vanilla, inputs, fold_bn=fold_bn, leaf_modules=leaf_modules)
+    result = VanillaComparison(reference, fold_bn=fold_bn, vanilla_params=count_parameters(reference))
+    if fused is not None:
+        result.params = count_parameters(fused)
+    if onnx_file is None and not (onnx and fused is not None):
+        return result
+    with temp_folder(name="testing") as workdir:
+        if vanilla_op_counts is None:
+            try:
+                vanilla_op_counts = export_onnx(reference, os.path.join(workdir, "vanilla.onnx"), inputs,
+                                                verify=False, opset=opset).op_counts
+            except ASRError as exc:
+                result.vanilla_note = f"export failed: {str(exc).splitlines()[0][:80]}"
+        result.vanilla_op_counts = vanilla_op_counts
+        if onnx_file is not None:
+            result.op_counts = onnx_op_counts(onnx_file)
+        elif fused is not None:
+            result.op_counts = export_onnx(fused, os.path.join(workdir, "fused.onnx"), inputs, verify=False,
+                                           opset=opset).op_counts
+    return result
+
+
+def assert_same_as_vanilla(
+    vanilla: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    fused: nn.Module | None = None,
+    onnx_file: str | os.PathLike | None = None,
+    onnx: bool = False,
+    fold_bn: bool = False,
+    opset: int | None = None,
+    leaf_modules: Any = None,
+) -> VanillaComparison:
+    """:func:`compare_with_vanilla` as an assertion: ``AssertionError`` naming every difference, or when an op
+    comparison was asked for and the vanilla model's ops are unknown. Returns the comparison."""
+    __tracebackhide__ = True
+    result = compare_with_vanilla(vanilla, example_inputs, fused=fused, onnx_file=onnx_file, onnx=onnx,
+                                  fold_bn=fold_bn, opset=opset, leaf_modules=leaf_modules)
+    problems = result.problems()
+    if (onnx_file is not None or onnx) and result.vanilla_op_counts is None:
+        problems.append(f"{result.vanilla_name}'s ONNX ops are unknown ({result.vanilla_note})")
+    if problems:
+        raise AssertionError("the fused model is not the vanilla model's size and structure:\n  "
+                             + "\n  ".join(problems))
+    return result

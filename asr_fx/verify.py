@@ -28,10 +28,10 @@ from torch import nn
 from asr_fx import onnx_runtime, openvino_runtime
 from asr_fx._util import count_parameters, meta_tensors
 from asr_fx.errors import (
-    ASRError,
     DifferentModelError,
     InputShapeError,
     InvalidOptionError,
+    OnnxFileError,
     UnsupportedModelError,
     VerificationError,
 )
@@ -281,7 +281,8 @@ def verify_onnx(
     :class:`DifferentModelError` when the outputs disagree and the file's weight count cannot be the
     reference's (the count is checked first; it names both counts instead of an error size), and
     :class:`VerificationError` (``.report``) when the numbers disagree or ``expected_op_counts`` is
-    given and the op multiset differs; :class:`MissingDependencyError` for ``runtime="openvino"`` without
+    given and the op multiset differs; :class:`OnnxFileError` for a file that is not ONNX or that ``runtime``
+    cannot load or run; :class:`MissingDependencyError` for ``runtime="openvino"`` without
     OpenVINO installed. Both runtimes are held to the same tolerances. The reference's train/eval modes
     are restored afterwards.
     """
@@ -293,7 +294,11 @@ def verify_onnx(
     report = report or ExportReport(path)
     report.rtol, report.atol = rtol, atol
     args, kwargs = as_args(inputs)
-    proto = onnx.load(path, load_external_data=False)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors vary by version: the file is not ONNX
+        raise OnnxFileError(f"{path!r} is not a readable ONNX model: {_first_line(exc)}", path=path,
+                            runtime=runtime) from exc
     report.op_counts = onnx_op_counts(proto)
     report.input_names = [name for name, _ in onnx_inputs(proto)]
     report.output_names = [o.name for o in proto.graph.output]
@@ -315,7 +320,8 @@ def verify_onnx(
         raise DifferentModelError(f"{mismatch}; {runtime} disagrees with it:\n{report.table()}", report)
     if not report.ok:
         raise VerificationError(
-            f"{runtime} ({report.provider}) disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * max|ref|:\n{report.table()}",
+            f"{runtime} ({report.provider}) disagrees with torch beyond atol={atol:g} + rtol={rtol:g} * "
+            f"max|ref|:\n{report.table()}",
             report)
     if expected_op_counts is not None and report.op_counts != expected_op_counts:
         raise VerificationError("the ONNX op multiset differs from the expected (vanilla) one: "
@@ -335,7 +341,7 @@ def _open(path: str, runtime: str, providers: Sequence[str] | None, report: Expo
             sess = onnx_runtime.session(path, providers)
             report.provider = sess.get_providers()[0]
     except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
-        raise ASRError(f"{runtime} cannot load {path!r}: {_first_line(exc)}") from exc
+        raise OnnxFileError(f"{runtime} cannot load {path!r}: {_first_line(exc)}", path=path, runtime=runtime) from exc
     return sess
 
 
@@ -386,7 +392,8 @@ def _compare_on(sess, reference: nn.Module, args: tuple, kwargs: dict, rtol: flo
     try:
         actual = _run(sess, kwargs if kwargs else args)
     except Exception as exc:  # noqa: BLE001 - the runtimes' errors are long: keep the first line
-        raise ASRError(f"{_runtime_name(sess)} cannot run the ONNX file{label}: {_first_line(exc)}") from exc
+        raise OnnxFileError(f"{_runtime_name(sess)} cannot run the ONNX file{label}: {_first_line(exc)}",
+                            runtime=_runtime_name(sess)) from exc
     errors = compare(expected, actual, rtol, atol, names)
     for e in errors:
         e.name += label

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.errors import ASRError, NoSitesError
+from asr_fx.errors import NoSitesError, UnfoldableSiteError
 
 from .capture.shapes import as_input_tuple, record_example_shapes
 from .capture.trace import trace
@@ -82,8 +82,9 @@ def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
         )
     unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
     if unfoldable:
-        raise ASRError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
-                       + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable) else ""))
+        raise UnfoldableSiteError(f"sites {unfoldable} cannot fold after training; leave them out with exclude=[...]"
+                                  + (" or pass example_inputs=" if any("example_inputs" in u for u in unfoldable)
+                                     else ""), sites=unfoldable)
     return PassResult(gm, False, (*chosen, *existing))
 
 
@@ -116,8 +117,8 @@ def convert_existing_blocks(gm: fx.GraphModule, context: PassContext) -> PassRes
 
 
 def into_bn_affine_form(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """With ``norm_fused``: blocks right after an affine BatchNorm take the BN-affine training form."""
-    return to_bn_affine_form(gm) if context.options["norm_fused"] else PassResult(gm, False)
+    """With ``bn_affine_form``: blocks right after an affine BatchNorm take the BN-affine training form."""
+    return to_bn_affine_form(gm) if context.options["bn_affine_form"] else PassResult(gm, False)
 
 
 def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
@@ -126,7 +127,7 @@ def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
 
 
 #: what :func:`asr_fx.instrument` runs, in order, on a copy of the model. Options: ``model_name``,
-#: ``rule``, ``sites``, ``exclude``, ``convert_existing``, ``learnable_psi``, ``norm_fused``,
+#: ``rule``, ``sites``, ``exclude``, ``convert_existing``, ``learnable_psi``, ``bn_affine_form``,
 #: ``example_inputs``, ``leaf_modules`` and ``blocks`` (a :data:`BlockFactory`).
 INSTRUMENT_PIPELINE = Pipeline("instrument", (
     trace_model,

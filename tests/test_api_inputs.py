@@ -23,12 +23,12 @@ def test_a_bare_tensor_is_one_example_input():
 
 
 def test_example_inputs_that_do_not_fit_are_one_clear_error():
-    with pytest.raises(asr_fx.ASRError, match=r"example_inputs of shape\(s\) \[\(3, 32, 32\), \(3, 32, 32\)\]"):
+    with pytest.raises(asr_fx.InputShapeError, match=r"example_inputs of shape\(s\) \[\(3, 32, 32\), \(3, 32, 32\)\]"):
         asr_fx.instrument(cifar_resnet(11), example_inputs=list(torch.randn(2, 3, 32, 32)))
 
 
 def test_unknown_rule_and_bad_delta_are_asr_errors_and_value_errors():
-    with pytest.raises(asr_fx.ASRError, match="unknown rule 'residul'"):
+    with pytest.raises(asr_fx.InvalidOptionError, match="unknown rule 'residul'"):
         asr_fx.instrument(cifar_resnet(11), rule="residul")
     with pytest.raises(ValueError, match="delta"):
         asr_fx.instrument(cifar_resnet(11), delta=0)

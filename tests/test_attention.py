@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import FUSE_RTOL, ORT_RTOL, fuse_and_check, n_params, perturb_asr, rel_err, train_step
@@ -18,6 +15,7 @@ from asr_fx.asr import ASR, PRESETS
 from asr_fx.errors import StateDictMismatchError
 from asr_fx.models import cifar_resnet
 from asr_fx.state_dicts import check_keys
+from testkit import attention_costs
 
 BUILT_IN = ["se", "eca", "srm", "ie", "spa", "cbam"]
 #: the psi form each module documents, for C channels
@@ -199,15 +197,11 @@ def test_every_attention_gives_c_finite_values_for_any_width(name, channels, psi
 
 
 def test_attention_table_tool_measures_zero_added_after_fusion():
-    spec = importlib.util.spec_from_file_location(
-        "attention_table", Path(__file__).resolve().parents[1] / "tools" / "attention_table.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     c, h = 32, 2  # the paper's r = 16: round(32 / 16) hidden units
     theta = {"se": 2 * c * h + h + c, "eca": 3, "srm": 4 * c, "ie": 2 * c, "spa": c * 21 * h + h * c,
              "cbam": 2 * c * h}
     for name in BUILT_IN:
-        row = tool.measure(name, c)
+        row = attention_costs.measure(name, c)
         psi_size = torch.Size(PSI_SHAPES[name](c)).numel()
         assert row["added after fusion"] == 0, name
         assert row["added in training"] == psi_size + theta[name], name

@@ -53,7 +53,7 @@ def _randomize(model: nn.Module) -> None:
     """Move every psi and BN statistic away from its start so that folds are visible."""
     torch.manual_seed(3)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

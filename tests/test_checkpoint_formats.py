@@ -15,8 +15,8 @@ from conftest import ORT_RTOL, perturb_asr
 from torch import nn
 
 import asr_fx
-from asr_fx.foreign_checkpoints import load_checkpoint
 from asr_fx.errors import CheckpointError
+from asr_fx.foreign_checkpoints import load_checkpoint
 from asr_fx.state_dicts import asr_layout, normalize_keys
 
 FACTORY = "asr_fx.models:cifar_resnet"
@@ -61,7 +61,8 @@ def _write_formats(model: nn.Module, folder) -> dict[str, tuple[str, list[str]]]
                path["ddp {'model'} module."])
     torch.save({"state_dict": {**_Wrapper("model", model).state_dict(), "loss_fn.weight": torch.ones(10)},
                 "epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
-                "optimizer_states": [optimizer], "hyper_parameters": {"lr": 0.1}}, path["lightning {'state_dict'} model."])
+                "optimizer_states": [optimizer], "hyper_parameters": {"lr": 0.1}}, path["lightning {'state_dict'} "
+                                                                                        "model."])
     torch.save(torch.compile(model).state_dict(), path["torch.compile _orig_mod."])
     torch.save(_Wrapper("module", torch.compile(model)).state_dict(), path["compiled ddp module._orig_mod."])
     torch.save(model, path["pickled module"])
@@ -79,7 +80,7 @@ def formats(tmp_path_factory):
 def cli_runs(formats):
     """One subprocess runs ``asr-fx fuse`` (its ``main``) on every format; torch starts once."""
     _, folder, written = formats
-    runs = {name: ["fuse", path, "-o", os.path.join(folder, f"{i}.onnx"), "--json", "--no-compare", *args]
+    runs = {name: ["fuse", path, "-o", os.path.join(folder, f"{i}.onnx"), "--json", *args]
             for i, (name, (path, args)) in enumerate(written.items())}
     script = (
         "import contextlib, io, json, sys\n"
@@ -99,7 +100,8 @@ def cli_runs(formats):
     return runs, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["asr-fx", "bare state_dict", "ddp {'model'} module.", "lightning {'state_dict'} model.",
+@pytest.mark.parametrize("name", ["asr-fx", "bare state_dict", "ddp {'model'} module.", "lightning {'state_dict'} "
+                                                                                        "model.",
                                   "torch.compile _orig_mod.", "compiled ddp module._orig_mod.", "pickled module"])
 def test_each_format_gives_a_verified_onnx_file(name, formats, cli_runs):
     model, folder, _ = formats

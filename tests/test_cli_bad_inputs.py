@@ -132,7 +132,8 @@ def test_output_folder_that_cannot_be_written_is_refused_before_loading(ckpt, tm
     argv = fuse_argv(ckpt, blocker / "m.onnx", "raising_factory")  # the factory would fail if it were called
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "is a file, not a folder: choose another folder" in err and "this factory" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "is a file, not a folder: choose another folder" in err and "this factory" not in err, err
     assert blocker.read_text().startswith("a file")
 
 
@@ -157,7 +158,8 @@ def test_float16_model_passes_with_the_default_tolerance(ckpt, out_dir, capsys):
 @pytest.mark.parametrize("option, value", [("--factory-args", "{depth: 11}"), ("--input-shape", "1,3,a,8")])
 def test_invalid_option_values_through_the_installed_command(ckpt, out_dir, option, value):
     exe = Path(sys.executable).parent / "asr-fx"
-    proc = subprocess.run([str(exe), "fuse", str(ckpt), "-o", str(out_dir / "m.onnx"), "--model", "asr_fx.models:cifar_resnet",
+    proc = subprocess.run([str(exe), "fuse", str(ckpt), "-o", str(out_dir / "m.onnx"),
+                           "--model", "asr_fx.models:cifar_resnet",
                            option, value], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -102,7 +102,8 @@ def test_every_option_has_help_and_epilogs_list_only_the_exit_codes_used():
 
 def test_importing_the_cli_and_building_the_parser_does_not_import_torch():
     code = ("import sys\nimport asr_fx.cli\nasr_fx.cli.build_parser()\n"
-            "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'tabulate', 'tqdm') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'tabulate', 'tqdm') if m in "
+            "sys.modules)\n"
             "print(heavy)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -119,7 +120,8 @@ def test_help_and_version_run_without_torch(argv):
 
 
 def test_python_dash_m_runs_the_cli():
-    proc = subprocess.run([sys.executable, "-m", "asr_fx.cli", "--version"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "asr_fx.cli", "--version"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"asr-fx {asr_fx.__version__}"
 
 
@@ -141,7 +143,8 @@ def test_an_unwritable_output_folder_is_refused_before_loading(tmp_path, capsys,
         raise PermissionError(13, "Permission denied")
 
     # root writes anywhere, so the folder's refusal is simulated where the check asks the file system
-    monkeypatch.setattr(atomic, "tempfile", types.SimpleNamespace(mkdtemp=refuse, gettempdir=atomic.tempfile.gettempdir))
+    fake = types.SimpleNamespace(mkdtemp=refuse, gettempdir=atomic.tempfile.gettempdir)
+    monkeypatch.setattr(atomic, "tempfile", fake)
     argv = ["fuse", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -154,7 +157,8 @@ def test_stripe_checks_its_output_folder_before_loading(tmp_path, capsys, monkey
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(atomic, "tempfile", types.SimpleNamespace(mkdtemp=refuse, gettempdir=atomic.tempfile.gettempdir))
+    fake = types.SimpleNamespace(mkdtemp=refuse, gettempdir=atomic.tempfile.gettempdir)
+    monkeypatch.setattr(atomic, "tempfile", fake)
     argv = ["stripe", str(tmp_path / "missing.pt"), "--data", "random", "-o", str(tmp_path / "new" / "figures")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -183,7 +187,7 @@ def test_input_shape_from_what_the_model_documents():
                              intermediate_size=64, num_channels=1))
     assert shape(vit) == [1, 1, 64, 64]
     assert shape(torchvision.models.resnet18(num_classes=10)) == [1, 3, 224, 224]
-    with pytest.raises(asr_fx.ASRError, match="no input shape.*--input-shape"):
+    with pytest.raises(asr_fx.InputShapeError, match="no input shape.*--input-shape"):
         shape(nn.Linear(2, 2))
 
 
@@ -225,7 +229,8 @@ def test_default_output_names_are_the_reports(small_checkpoint, tmp_path, capsys
 
 def test_dynamic_shape_spellings(capsys):
     assert cli.parse(["fuse", "c.pt", "-o", "o.onnx", "--dynamic-batch"]).dynamic_shape == ["batch"]
-    assert cli.parse(["fuse", "c.pt", "-o", "o.onnx", "--dynamic-shape", "width,batch"]).dynamic_shape == ["batch", "width"]
+    args = cli.parse(["fuse", "c.pt", "-o", "o.onnx", "--dynamic-shape", "width,batch"])
+    assert args.dynamic_shape == ["batch", "width"]
     err = _usage_fails(capsys, ["fuse", "c.pt", "-o", "o.onnx", "--dynamic-shape", "batch,depth"])
     assert "name dimensions among batch, height, width" in err
 

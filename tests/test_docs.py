@@ -4,18 +4,16 @@ in the API reference; every snippet the pages include present in its file."""
 
 from __future__ import annotations
 
-import importlib
 import re
-import sys
 from pathlib import Path
 
+import gen_docs  # tools/gen_docs.py: tools/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 
 import asr_fx
+from asr_fx.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import gen_docs  # noqa: E402  (tools/ is not a package)
 
 README = (ROOT / "README.md").read_text()
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -91,7 +89,7 @@ def test_results_pages_keep_machine_date_and_command():
 
 
 def test_cli_reference_has_every_option_of_every_command():
-    _, commands = importlib.import_module("asr_fx.cli").build_parser()
+    _, commands = build_parser()
     page = (ROOT / "docs" / "cli-reference.md").read_text()
     for name, parser in commands.items():
         assert f"## asr-fx {name}" in page

@@ -13,7 +13,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx import cli
-from asr_fx.export import OutputError
+from asr_fx.verify import OutputError
 
 SMALL = {"depth": 11, "num_classes": 10}
 
@@ -49,7 +49,7 @@ def test_save_without_factory_says_how(tmp_path):
 def test_cli_fuse_round_trip_in_a_subprocess(checkpoint, tmp_path):
     _, path = checkpoint
     out = tmp_path / "model.onnx"
-    proc = subprocess.run([sys.executable, "-m", "asr_fx.cli", "fuse", str(path), "-o", str(out), "--no-compare"],
+    proc = subprocess.run([sys.executable, "-m", "asr_fx.cli", "fuse", str(path), "-o", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
@@ -71,7 +71,7 @@ def test_failed_verification_leaves_no_file_and_exit_1(checkpoint, tmp_path, mon
     _, path = checkpoint
     out = tmp_path / "model.onnx"
     monkeypatch.setattr("asr_fx.verify.compare", lambda *a, **k: [OutputError("output0", 1.0, 1.0, False)])
-    assert cli.main(["fuse", str(path), "-o", str(out), "-q", "--no-compare"]) == 1
+    assert cli.main(["fuse", str(path), "-o", str(out), "-q"]) == 1
     assert "verification failed" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 

@@ -104,7 +104,8 @@ def test_meta_and_bfloat16_models_are_refused_clearly(tmp_path):
         asr_fx.export_onnx(meta, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
     assert info.value.reason == "meta"
     with pytest.raises(asr_fx.UnsupportedModelError, match="bfloat16.*model.float()") as info:
-        asr_fx.export_onnx(small().to(torch.bfloat16), tmp_path / "b.onnx", torch.randn(1, 3, 8, 8, dtype=torch.bfloat16))
+        asr_fx.export_onnx(small().to(torch.bfloat16), tmp_path / "b.onnx",
+                           torch.randn(1, 3, 8, 8, dtype=torch.bfloat16))
     assert info.value.reason == "dtype" and os.listdir(tmp_path) == []
 
 

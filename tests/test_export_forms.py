@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.export.export_forms import attention_4d, for_export
 from asr_fx.passes.capture.trace import trace
+from asr_fx.passes.export.export_forms import attention_4d, for_export
 
 
 class GroupedAttention(nn.Module):

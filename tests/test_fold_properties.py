@@ -158,7 +158,8 @@ def check_fuse_is_equivalent(program: dict) -> None:
         assert rel_err(ref, out) <= FUSE_RTOL, (rel_err(ref, out), asr_fx.fusion_report(fused).table())
     assert n_params(fused) <= n_params(model)
     report = asr_fx.fusion_report(fused)
-    left = sum(1 for n in fused.graph.nodes if n.target in (torch.mul, "mul") or getattr(n.target, "__name__", "") == "mul")
+    left = sum(1 for n in fused.graph.nodes
+               if n.target in (torch.mul, "mul") or getattr(n.target, "__name__", "") == "mul")
     assert left == sum(not r.folded for r in report.records)
 
 

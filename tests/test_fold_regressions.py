@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import asr_fx
-from fuzz_check import constant_muls
-from fuzz_model import multiply
+from testkit.fuzz_check import constant_muls
+from testkit.fuzz_model import multiply
 
 RTOL = 1e-5
 
@@ -286,11 +286,11 @@ class Float64ParameterFirst(nn.Module):
         return self.conv2(torch.relu(self.bn(self.conv(x * self.gain))))
 
 
-@pytest.mark.parametrize("norm_fused", [False, True])
-def test_instrument_keeps_blocks_in_the_dtype_of_their_site(norm_fused):
+@pytest.mark.parametrize("bn_affine_form", [False, True])
+def test_instrument_keeps_blocks_in_the_dtype_of_their_site(bn_affine_form):
     torch.manual_seed(0)
     model, x = Float64ParameterFirst().eval(), torch.randn(2, 3, 4, 4)
-    asr_model = asr_fx.instrument(model, example_inputs=(x,), norm_fused=norm_fused).eval()
+    asr_model = asr_fx.instrument(model, example_inputs=(x,), bn_affine_form=bn_affine_form).eval()
     with torch.no_grad():
         assert asr_model(x).dtype == model(x).dtype == torch.float32
     assert_equivalent(asr_model, x)

@@ -57,7 +57,8 @@ class ASRBatchNorm2d(nn.Module):
         if asr:
             self.learnable_vector = nn.Parameter(torch.randn(1, planes, 1, 1))
             self.attention_net = nn.Sequential(
-                nn.Conv2d(planes, planes // reduction, 1), nn.ReLU(inplace=True), nn.Conv2d(planes // reduction, planes, 1))
+                nn.Conv2d(planes, planes // reduction, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(planes // reduction, planes, 1))
 
     def forward(self, x):
         out = self.bn(x)
@@ -246,7 +247,8 @@ class IntoNext(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1)
-        self.next = {"grouped-conv": nn.Conv2d(6, 4, 3, groups=2), "conv-transpose": nn.ConvTranspose2d(6, 4, 2, groups=2),
+        self.next = {"grouped-conv": nn.Conv2d(6, 4, 3, groups=2),
+                     "conv-transpose": nn.ConvTranspose2d(6, 4, 2, groups=2),
                      "bn": _randomize_bn(nn.Sequential(nn.BatchNorm2d(6)))[0]}[kind]
         self.register_buffer("scale", torch.randn(6, 1, 1))
 

@@ -41,7 +41,8 @@ def _fuse_and_check(model: nn.Module, *inputs: torch.Tensor, shapes: bool = Fals
 class Scaled(nn.Module):
     """``layer(x) * scale`` with a learnable per-channel scale (a layer scale), spelled in one of many ways."""
 
-    def __init__(self, layer: nn.Module, shape: tuple[int, ...], spelling: str = "op", tuple_output: bool = False) -> None:
+    def __init__(self, layer: nn.Module, shape: tuple[int, ...], spelling: str = "op",
+                 tuple_output: bool = False) -> None:
         super().__init__()
         self.layer, self.tuple_output = layer, tuple_output
         self.scale = nn.Parameter(torch.randn(shape))

@@ -21,10 +21,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import FUSE_RTOL, n_params, perturb_asr, rel_err, train_step
 from torch import nn
 
 import asr_fx
-from conftest import FUSE_RTOL, n_params, perturb_asr, rel_err, train_step
 
 
 def _block(c: int) -> nn.Sequential:

@@ -67,7 +67,8 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = _instrumented()  # the same init on every rank
-        header = asr_fx.checkpoint_header(model, factory=FACTORY, factory_kwargs=FACTORY_KWARGS, input_shape=[1, 3, 16, 16])
+        header = asr_fx.checkpoint_header(model, factory=FACTORY, factory_kwargs=FACTORY_KWARGS,
+                                          input_shape=[1, 3, 16, 16])
         fully_shard(model)  # one unit: the traced graph calls layer1's convs itself, never layer1's own forward
         x, y = _data()
         local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
@@ -131,7 +132,8 @@ def test_a_dcp_folder_without_header_is_refused_by_load_with_the_way_out(fsdp_ru
 def test_fsdp2_dcp_folder_fuses_through_the_cli(fsdp_run, tmp_path, folder, extra):
     out = tmp_path / "fused.onnx"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "asr_fx.cli", "fuse", str(fsdp_run / folder), "-o", str(out), "--strict",
+    run = subprocess.run([sys.executable, "-m", "asr_fx.cli", "fuse", str(fsdp_run / folder), "-o", str(out),
+                          "--strict",
                           *extra], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert out.is_file()

@@ -121,13 +121,14 @@ def test_wrong_architecture_names_the_first_mismatches():
     with pytest.raises(VanillaModelError, match=r"another architecture.*`fc.weight` \(10, 512\) vs \(5, 512\)"):
         asr_fx.fuse(asr, into=vanilla)
     assert _same_state(vanilla, before)
-    with pytest.raises(VanillaModelError, match=r"another architecture.*only in the fused model \['layer1.0.conv1.weight'"):
+    with pytest.raises(VanillaModelError, match=r"another architecture.*only in the fused model "
+                                                r"\['layer1.0.conv1.weight'"):
         asr_fx.fuse(asr, into=SmallResidual())
 
 
 def test_affine_free_norm_site_refuses_with_the_site_name():
     x = torch.randn(2, 3, 8, 8)
-    asr = asr_fx.instrument(SmallResidual(affine=False), sites=["bn2"], norm_fused=False, example_inputs=(x,))
+    asr = asr_fx.instrument(SmallResidual(affine=False), sites=["bn2"], bn_affine_form=False, example_inputs=(x,))
     perturb_asr(asr)
     vanilla = SmallResidual(affine=False)
     before = _state(vanilla)
@@ -148,7 +149,7 @@ def test_fold_bn_refuses_naming_the_conv_that_gained_a_bias():
 
 def test_a_scale_left_as_mul_refuses_with_the_site_name():
     x = torch.randn(2, 3, 8, 8)
-    asr = asr_fx.instrument(SharedBN(), sites=["bn"], example_inputs=(x,), norm_fused=False)
+    asr = asr_fx.instrument(SharedBN(), sites=["bn"], example_inputs=(x,), bn_affine_form=False)
     perturb_asr(asr)
     vanilla = SharedBN()
     before = _state(vanilla)
@@ -464,7 +465,7 @@ def test_cli_state_dict_out_loads_strictly_into_the_factory_model(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     asr = _trained(asr_fx.build(CLI_FACTORY, **CLI_KWARGS), x)
     asr_fx.save(asr, tmp_path / "ckpt.pt")
-    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path)
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--state-dict-out", "vanilla.pt", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "wrote vanilla.pt" in proc.stdout
     vanilla = asr_fx.models.cifar_resnet(**CLI_KWARGS).eval()
@@ -477,7 +478,7 @@ def test_cli_state_dict_out_loads_strictly_into_the_factory_model(tmp_path):
 def test_cli_state_dict_out_refuses_fold_bn_and_writes_nothing(tmp_path):
     asr = asr_fx.instrument(asr_fx.build(CLI_FACTORY, **CLI_KWARGS), example_inputs=(torch.zeros(1, 3, 32, 32),))
     asr_fx.save(asr.eval(), tmp_path / "ckpt.pt")
-    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--fold-bn", "--state-dict-out", "vanilla.pt",
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--fold-bn", "--state-dict-out", "vanilla.pt",
                 cwd=tmp_path)
     assert proc.returncode != 0
     assert "gained a `bias`" in proc.stderr and "Traceback" not in proc.stderr
@@ -502,7 +503,7 @@ def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path):
     asr = _trained(asr_fx.build("into_models:checked_residual", classes=4), x)
     assert asr_fx.get_config(asr)["parts"] == ["body"] and type(asr) is CheckedResidual
     asr_fx.save(asr, tmp_path / "ckpt.pt")
-    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--no-compare", "--state-dict-out", "vanilla.pt", cwd=tmp_path,
+    proc = _cli("fuse", "ckpt.pt", "-o", "m.onnx", "--state-dict-out", "vanilla.pt", cwd=tmp_path,
                 pythonpath=os.path.dirname(__file__))
     assert proc.returncode == 0, proc.stderr
     assert "wrote vanilla.pt" in proc.stdout

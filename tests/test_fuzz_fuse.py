@@ -1,6 +1,6 @@
 """Random programs through ``asr_fx.fuse`` (issue 14): equivalence in eval mode against a float64
 reference, the input model and tensors unchanged, every constant multiply left in the graph reported,
-output dtypes kept. Programs and checks: ``tests/fuzz_programs.py``; the 10,000-program run is
+output dtypes kept. Programs and checks: ``tools/testkit/fuzz_programs.py``; the 10,000-program run is
 ``tools/fuzz_fuse.py`` and the ``slow`` test below.
 
 Status: ``fuzz_programs.KNOWN_BUGS`` is empty: the features it once left out (issue 14 items 1-6 and
@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 
 import asr_fx
-from fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
+from testkit.fuzz_programs import KNOWN_BUGS, check_program, programs, random_spec, reproducer
 
 
 def _assert_passes(spec: dict) -> None:

@@ -11,12 +11,12 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import fuse_checked
+from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; return z + y
 from torch import nn
 
 import asr_fx
 from asr_fx.passes.capture.trace import trace
-from conftest import fuse_checked
-from test_fold_regressions import ImulReadAgain  # y = conv(x); z = y; z *= p; return z + y
 
 INPLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv)
 

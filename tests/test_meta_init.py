@@ -102,12 +102,12 @@ def test_the_fill_survives_deepcopy_and_pickling():
     assert all(torch.equal(p, torch.full_like(p, 1e-3)) for p in block.parameters())  # the original untouched
 
 
-def test_norm_fused_blocks_reset_too():
+def test_bn_affine_blocks_reset_too():
     torch.manual_seed(0)
     with torch.device("meta"):
         vanilla = cifar_resnet(depth=11)
-    meta = asr_fx.instrument(vanilla, "se", psi_init=0.25, norm_fused=True)
-    fused_blocks = [m for m in meta.modules() if type(m).__name__ == "NormFusedASR"]
+    meta = asr_fx.instrument(vanilla, "se", psi_init=0.25, bn_affine_form=True)
+    fused_blocks = [m for m in meta.modules() if type(m).__name__ == "BatchNormAffineASR"]
     assert fused_blocks
     meta.to_empty(device="cpu")
     _reset_all(meta)

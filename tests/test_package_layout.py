@@ -1,8 +1,9 @@
 """The installed package holds every folder of the source tree: each package under asr_fx/ and passes/
 (passes/ installs as asr_fx.passes) is listed in pyproject.toml, so a wheel or editable install has it."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

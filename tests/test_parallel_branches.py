@@ -4,13 +4,13 @@ after the sum, folded into the last layer of every branch (passes/layers/paralle
 from __future__ import annotations
 
 import torch
+from conftest import fuse_checked
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.placement.locate import residual_blocks
-from asr_fx.passes.layers.parallel_branches import parallel_sums
 from asr_fx.passes.capture.trace import trace
-from conftest import fuse_checked
+from asr_fx.passes.layers.parallel_branches import parallel_sums
+from asr_fx.passes.placement.locate import residual_blocks
 
 
 def _conv_bn(cin: int, cout: int, k: int, groups: int = 1) -> nn.Sequential:

@@ -19,11 +19,11 @@ from torch import nn
 
 import asr_fx
 from asr_fx.api import RULES
-from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE
 from asr_fx.passes import FUSE_PIPELINE, PassResult, Pipeline, Site, trace
 from asr_fx.passes.fold.fold import fold_scales
-from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES, placement_rule
 from asr_fx.passes.fold.propagate import propagate_scales
+from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE
+from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES, placement_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "docs" / "architecture.md"  # the docs site's "How the code is laid out" page

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import asr_fx
-from asr_fx.passes.layers.standardized_conv import standardized_conv
 from asr_fx.passes.capture.trace import trace
+from asr_fx.passes.layers.standardized_conv import standardized_conv
 
 
 class ScaledStdConv(nn.Conv2d):

@@ -1,5 +1,5 @@
-"""Issue 6: asr_fx.testing.assert_fusion_equivalent, the check users put in their CI (and ours runs on
-the built-in models)."""
+"""asr_fx.testing: assert_fusion_equivalent, the check users put in their CI (and ours runs on the built-in
+models), and the comparison with the vanilla model that --strict runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import SharedBN, perturb_asr
 
 import asr_fx
 from asr_fx.models import cifar_resnet, resnet164
-from asr_fx.testing import assert_fusion_equivalent
+from asr_fx.testing import assert_fusion_equivalent, assert_same_as_vanilla, compare_with_vanilla
 
 
 def _instrumented(factory, seed: int = 0):
@@ -101,3 +101,60 @@ def test_checks_run_without_tf32_and_restore_the_flags(monkeypatch):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def _conv_bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 4, 1)).eval()
+
+
+def test_compare_with_vanilla_finds_the_fused_model_the_vanilla_size_and_structure(tmp_path):
+    vanilla = _conv_bn_net()
+    model = asr_fx.instrument(vanilla, sites=["1"])
+    perturb_asr(model)
+    x = torch.randn(1, 3, 8, 8)
+    fused = asr_fx.fuse(model.eval(), strict=True, example_inputs=(x,))
+    result = compare_with_vanilla(vanilla, x, fused=fused, onnx=True)
+    assert result.same_params is True and result.same_op_counts is True and result.problems() == []
+    assert result.reference is vanilla and vanilla.training is False
+    asr_fx.export_onnx(fused, tmp_path / "fused.onnx", x, reference=model)
+    from_file = assert_same_as_vanilla(vanilla, x, onnx_file=tmp_path / "fused.onnx")
+    assert from_file.op_counts == result.op_counts and from_file.params is None  # a file: ops only
+
+
+def test_compare_with_vanilla_names_a_difference_and_the_assertion_fails():
+    torch.manual_seed(0)
+    vanilla = SharedBN().eval()
+    model = asr_fx.instrument(vanilla, sites=["bn_1"]).eval()
+    perturb_asr(model)
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="could not be folded"):  # the site stays as one constant Mul
+        kept = asr_fx.fuse(model, example_inputs=(x,))
+    with pytest.raises(AssertionError, match=r"op multiset differs(.|\n)*Mul"):
+        assert_same_as_vanilla(vanilla, x, fused=kept, onnx=True)
+    bigger = torch.nn.Sequential(copy.deepcopy(vanilla), torch.nn.Conv2d(8, 8, 1)).eval()
+    result = compare_with_vanilla(bigger, x, fused=kept)
+    assert result.same_params is False and "parameters, the vanilla model" in result.problems()[0]
+    assert result.same_op_counts is None  # not asked for
+
+
+def test_compare_with_vanilla_with_fold_bn_compares_with_bn_folded_too():
+    vanilla = _conv_bn_net()
+    model = asr_fx.instrument(vanilla, sites=["1"])
+    x = torch.randn(1, 3, 8, 8)
+    fused = asr_fx.fuse(model.eval(), strict=True, fold_bn=True, example_inputs=(x,))
+    plain = compare_with_vanilla(vanilla, x, fused=fused)
+    assert plain.same_params is False and "the vanilla model " in plain.problems()[0]  # BN's parameters are gone
+    folded = compare_with_vanilla(vanilla, x, fused=fused, fold_bn=True, onnx=True)
+    assert folded.same_params is True and folded.same_op_counts is True
+    assert "BatchNormalization" not in folded.vanilla_op_counts and folded.reference is not vanilla
+
+
+def test_fuse_strict_raises_fusion_error_with_its_report():
+    model = asr_fx.instrument(SharedBN(), sites=["bn_1"]).eval()
+    perturb_asr(model)
+    with pytest.raises(asr_fx.FusionError) as info:
+        asr_fx.fuse(model, strict=True, example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert isinstance(info.value.report, asr_fx.FusionReport)
+    assert [r.site for r in info.value.report.unfolded] == ["asr.bn_1"]

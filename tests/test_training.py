@@ -331,10 +331,10 @@ def _attention_gradients_come_last(order: list[str]) -> bool:
     return all(n.startswith("asr.") for n in order[first_asr:])
 
 
-@pytest.mark.parametrize("norm_fused", [True, False])
-def test_attention_gradients_come_after_every_other_gradient(x, norm_fused):
+@pytest.mark.parametrize("bn_affine_form", [True, False])
+def test_attention_gradients_come_after_every_other_gradient(x, bn_affine_form):
     """v is computed before the first layer, so its backward runs last, after the activations are freed."""
-    model = asr_fx.instrument(_small_vanilla(), norm_fused=norm_fused).train()
+    model = asr_fx.instrument(_small_vanilla(), bn_affine_form=bn_affine_form).train()
     order = _gradient_order(model, x)
     assert sorted(order) == sorted(n for n, _ in model.named_parameters())
     assert _attention_gradients_come_last(order), order

@@ -1,4 +1,4 @@
-"""instrument's default norm-fused form: ASR blocks at BatchNorm sites computed as BN with affine ``w * v, b * v``."""
+"""instrument's default BN-affine form: ASR blocks at BatchNorm sites computed as BN with affine ``w * v, b * v``."""
 
 from __future__ import annotations
 
@@ -12,20 +12,21 @@ from conftest import FUSE_RTOL, n_params, perturb_asr, rel_err
 from torch import nn
 
 import asr_fx
-from asr_fx.asr import ASR, NormFusedASR
+from asr_fx.asr import ASR, BatchNormAffineASR
 from asr_fx.errors import InvalidOptionError
-from asr_fx.export import export_onnx, onnx_op_counts
+from asr_fx.export import export_onnx
 from asr_fx.models import cifar_resnet
+from asr_fx.verify import onnx_op_counts
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")
 def models():
-    """(vanilla, ordinary instrumented, norm-fused instrumented) with the same weights, all in train mode."""
+    """(vanilla, ordinary instrumented, BN-affine instrumented) with the same weights, all in train mode."""
     torch.manual_seed(0)
     vanilla = cifar_resnet(depth=11)
-    ordinary = asr_fx.instrument(vanilla, norm_fused=False)
+    ordinary = asr_fx.instrument(vanilla, bn_affine_form=False)
     perturb_asr(ordinary)
     fused_form = asr_fx.instrument(vanilla)  # the default
     fused_form.load_state_dict(ordinary.state_dict())
@@ -44,12 +45,12 @@ def blocks(model):
     return [m for name, m in model.named_modules() if name.startswith("asr.") and isinstance(m, ASR)]
 
 
-def test_every_bn_site_is_norm_fused_and_state_dict_keys_are_unchanged(models):
+def test_every_bn_site_is_bn_affine_form_and_state_dict_keys_are_unchanged(models):
     _, ordinary, fused_form = models
-    assert blocks(fused_form) and all(isinstance(b, NormFusedASR) for b in blocks(fused_form))
+    assert blocks(fused_form) and all(isinstance(b, BatchNormAffineASR) for b in blocks(fused_form))
     assert list(fused_form.state_dict()) == list(ordinary.state_dict())
-    assert asr_fx.get_config(fused_form)["norm_fused"] is True
-    assert asr_fx.get_config(ordinary)["norm_fused"] is False
+    assert asr_fx.get_config(fused_form)["bn_affine_form"] is True
+    assert asr_fx.get_config(ordinary)["bn_affine_form"] is False
     assert not any(isinstance(m, nn.BatchNorm2d) for b in blocks(fused_form) for m in b.modules())
 
 
@@ -88,11 +89,11 @@ def test_eval_mode_matches_ordinary_form(models):
 def test_batch_norm_options_follow_nn_batchnorm(bn_kwargs):
     torch.manual_seed(0)
     vanilla = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, **bn_kwargs), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    ordinary = asr_fx.instrument(vanilla, sites=["1"], norm_fused=False)
+    ordinary = asr_fx.instrument(vanilla, sites=["1"], bn_affine_form=False)
     perturb_asr(ordinary)
-    fused_form = asr_fx.instrument(vanilla, sites=["1"], norm_fused=True)
+    fused_form = asr_fx.instrument(vanilla, sites=["1"], bn_affine_form=True)
     fused_form.load_state_dict(ordinary.state_dict())
-    assert [type(b) for b in blocks(fused_form)] == [NormFusedASR]
+    assert [type(b) for b in blocks(fused_form)] == [BatchNormAffineASR]
     for step in range(3):
         x = torch.randn(4, 3, 8, 8) + step
         assert rel_err(ordinary(x), fused_form(x)) <= 1e-5
@@ -104,7 +105,7 @@ def test_batch_norm_options_follow_nn_batchnorm(bn_kwargs):
 
 def test_non_bn_sites_keep_the_ordinary_block():
     vanilla = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    model = asr_fx.instrument(vanilla, sites=["0", "1"], norm_fused=True)
+    model = asr_fx.instrument(vanilla, sites=["0", "1"], bn_affine_form=True)
     assert all(type(b) is ASR for b in blocks(model))
 
 
@@ -147,7 +148,7 @@ def test_fuse_gives_what_it_gives_for_the_ordinary_form(fused_pair):
         assert rel_err(fused_ordinary(X), fused(X)) <= FUSE_RTOL
     assert n_params(fused) == n_params(vanilla) == n_params(fused_ordinary)
     assert not hasattr(fused, "asr") and not any(isinstance(m, ASR) for m in fused.modules())
-    assert isinstance(fused_form.asr["layer1_0_bn3"], NormFusedASR)  # fuse left its input alone
+    assert isinstance(fused_form.asr["layer1_0_bn3"], BatchNormAffineASR)  # fuse left its input alone
     assert torch.equal(fused_form.get_submodule("layer1.0.bn3").weight, ordinary.get_submodule("layer1.0.bn3").weight)
     report, ordinary_report = asr_fx.fusion_report(fused), asr_fx.fusion_report(fused_ordinary)
     assert report.summary() == ordinary_report.summary() == {"bn": len(blocks(fused_form))}
@@ -169,26 +170,26 @@ def test_fused_onnx_op_multiset_equals_vanilla(fused_pair, tmp_path):
     assert onnx_op_counts(str(tmp_path / "fused.onnx")) == onnx_op_counts(str(tmp_path / "vanilla.onnx"))
 
 
-def test_save_load_round_trip_keeps_norm_fused(tmp_path):
+def test_save_load_round_trip_keeps_bn_affine_form(tmp_path):
     vanilla = asr_fx.build("asr_fx.models:cifar_resnet", depth=11)
-    model = asr_fx.instrument(vanilla, norm_fused=True)
+    model = asr_fx.instrument(vanilla, bn_affine_form=True)
     perturb_asr(model)
     asr_fx.save(model, tmp_path / "nf.pt")
     loaded = asr_fx.load(tmp_path / "nf.pt")
-    assert asr_fx.get_config(loaded)["norm_fused"] is True
-    assert blocks(loaded) and all(isinstance(b, NormFusedASR) for b in blocks(loaded))
+    assert asr_fx.get_config(loaded)["bn_affine_form"] is True
+    assert blocks(loaded) and all(isinstance(b, BatchNormAffineASR) for b in blocks(loaded))
     with torch.no_grad():
         assert torch.equal(model.eval()(X), loaded.eval()(X))
 
 
-def test_norm_fused_with_delta_above_one_is_refused_with_the_way_out():
+def test_bn_affine_form_with_delta_above_one_is_refused_with_the_way_out():
     with pytest.raises(InvalidOptionError, match="delta=1"):
-        asr_fx.instrument(cifar_resnet(depth=11), delta=2, norm_fused=True)
+        asr_fx.instrument(cifar_resnet(depth=11), delta=2, bn_affine_form=True)
 
 
-def test_default_is_norm_fused_with_one_block_per_site_and_ordinary_with_more():
+def test_default_is_bn_affine_form_with_one_block_per_site_and_ordinary_with_more():
     model = asr_fx.instrument(cifar_resnet(depth=11), delta=2)
-    assert asr_fx.get_config(model)["norm_fused"] is False
+    assert asr_fx.get_config(model)["bn_affine_form"] is False
     assert all(type(b) is ASR for b in blocks(model)) and len(blocks(model)) == 2 * len(model.asr)
 
 

@@ -7,17 +7,10 @@ check on resnet18 (mobilenet_v3_small: in test_placement). ``-m slow``: every cl
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torchvision
 
-_spec = importlib.util.spec_from_file_location("zoo_sweep", Path(__file__).parents[1] / "tools" / "zoo_sweep.py")
-zoo_sweep = importlib.util.module_from_spec(_spec)
-sys.modules["zoo_sweep"] = zoo_sweep  # dataclasses look their module up
-_spec.loader.exec_module(zoo_sweep)
+from testkit import torchvision_zoo
 
 #: one model per family; the paper's rule auto should choose for each
 SUBSET = {
@@ -30,7 +23,7 @@ WITH_ONNX = {"resnet18"}  # mobilenet_v3_small goes through ONNX in test_placeme
 
 @pytest.mark.parametrize("name", sorted(SUBSET))
 def test_zoo_subset(name):
-    row = zoo_sweep.sweep_model(name, onnx=name in WITH_ONNX)
+    row = torchvision_zoo.sweep_model(name, onnx=name in WITH_ONNX)
     assert row.status == "ok", row.status + "".join(row.notes)
     assert row.rules == f"{SUBSET[name]} {row.sites}"
     assert row.fuse_err <= 1e-5 and row.params_fused == row.params_reference and row.ops_equal
@@ -39,12 +32,12 @@ def test_zoo_subset(name):
 
 
 def test_vanilla_reference_is_the_vanilla_model_without_own_constant_multiplies():
-    row = zoo_sweep.sweep_model("mobilenet_v3_small", onnx=False)
+    row = torchvision_zoo.sweep_model("mobilenet_v3_small", onnx=False)
     assert row.params_reference == row.params_vanilla
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
 def test_zoo_full(name):
-    row = zoo_sweep.sweep_model(name)
+    row = torchvision_zoo.sweep_model(name)
     assert row.ok or row.status.startswith("skipped"), row.status

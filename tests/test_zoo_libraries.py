@@ -6,20 +6,13 @@ Default: a handful of small models, without ONNX. ``-m slow``: every entry of ev
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import fuse_detector_checked
 
-_TOOLS = Path(__file__).parents[1] / "tools"
-sys.path.insert(0, str(_TOOLS))
-_spec = importlib.util.spec_from_file_location("_zoos", _TOOLS / "_zoos.py")
-_zoos = importlib.util.module_from_spec(_spec)
-sys.modules["_zoos"] = _zoos
-_spec.loader.exec_module(_zoos)
-from _zoo_run import run_entry  # noqa: E402
-from conftest import fuse_detector_checked  # noqa: E402
+from testkit import zoos
+from testkit.zoo_run import run_entry
 
 #: (zoo, entry, the module it needs): small and quick; each stands for a capture category
 HANDFUL = [
@@ -33,8 +26,8 @@ HANDFUL = [
 
 def _entry(zoo: str, name: str):
     if zoo == "timm":
-        return _zoos.timm_entry(name.split("/")[1])
-    return _zoos.ZOOS[zoo]()[name]
+        return zoos.timm_entry(name.split("/")[1])
+    return zoos.ZOOS[zoo]()[name]
 
 
 @pytest.mark.parametrize(("zoo", "name", "needs"), HANDFUL, ids=[f"{z}-{n}" for z, n, _ in HANDFUL])
@@ -47,9 +40,9 @@ def test_zoo_handful(zoo, name, needs):
 
 def _all_entries():
     out = []
-    for zoo in _zoos.ZOOS:
+    for zoo in zoos.ZOOS:
         try:
-            out += [(zoo, name) for name in _zoos.ZOOS[zoo]()]
+            out += [(zoo, name) for name in zoos.ZOOS[zoo]()]
         except ImportError:
             continue
     return out
@@ -58,7 +51,7 @@ def _all_entries():
 @pytest.mark.slow
 @pytest.mark.parametrize(("zoo", "name"), _all_entries() if "slow" in " ".join(sys.argv) else [])
 def test_zoo_full(zoo, name):
-    row = run_entry(name, _zoos.ZOOS[zoo]()[name])
+    row = run_entry(name, zoos.ZOOS[zoo]()[name])
     assert row.ok or row.status.startswith("skipped"), row.status
 
 

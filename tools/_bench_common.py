@@ -24,7 +24,6 @@ from tabulate import tabulate
 from torch import nn
 
 import asr_fx
-from asr_fx import count_parameters as n_params  # the benches' short name for it
 from asr_fx.passes import insert_asr, trace
 from asr_fx.stripe import input_se
 

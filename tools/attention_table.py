@@ -17,49 +17,18 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from tabulate import tabulate
-from torch import nn
-
-import asr_fx
 from _bench_common import machine, report
-from asr_fx import attention, count_parameters
+from tabulate import tabulate
 
-
-def one_site_net(channels: int) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10),
-    ).eval()
-
-
-def measure(name: str, channels: int) -> dict[str, object]:
-    torch.manual_seed(0)
-    vanilla = one_site_net(channels)
-    model = asr_fx.instrument(vanilla, attention=name, sites=["1"])
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.startswith("asr."):
-                p.add_(torch.randn_like(p) * 0.5)
-    model.eval()
-    fused = asr_fx.fuse(model, strict=True)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        ref, out = model(x), fused(x)
-    return {
-        "attention": name,
-        "network": type(attention.create(name, channels)).__name__,
-        "psi shape": str(tuple(attention.create(name, channels).psi_shape)),
-        "added in training": count_parameters(model) - count_parameters(vanilla),
-        "added after fusion": count_parameters(fused) - count_parameters(vanilla),
-        "fuse error": f"{((out - ref).abs().max() / ref.abs().max()).item():.1e}",
-    }
+from asr_fx import attention
+from testkit.attention_costs import measure
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, default=256)
-    parser.add_argument("--no-write", action="store_true", help="print only; do not write tools/results/attention_table.md")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print only; do not write tools/results/attention_table.md")
     args = parser.parse_args(argv)
     papers_order = ["se", "eca", "srm", "ie", "spa", "cbam"]
     registered = attention.names()

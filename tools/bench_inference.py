@@ -9,7 +9,8 @@ instrumented one in torch.
 
     OMP_NUM_THREADS=1 python tools/bench_inference.py            # all models, writes tools/results/bench_inference.md
     python tools/bench_inference.py --models resnet164 --rounds 5 --no-write
-    OMP_NUM_THREADS=1 python tools/bench_inference.py --eager    # eager torch only: tools/results/bench_inference_eager.md
+    # eager torch only: tools/results/bench_inference_eager.md
+    OMP_NUM_THREADS=1 python tools/bench_inference.py --eager
 
 ``--eager``: torch eager only, for what a user runs in PyTorch: the vanilla model, its deep copy
 (the A/A control), a plain ``torch.fx`` trace of vanilla (the cost of running as a GraphModule),
@@ -107,7 +108,8 @@ def build_variants(name: str, notes: list[str]) -> tuple[dict[str, torch.nn.Modu
     return variants, info
 
 
-def export_all(name: str, variants: dict, info: dict, folder: Path, batches: tuple[int, ...]) -> dict[tuple[str, int], str]:
+def export_all(name: str, variants: dict, info: dict, folder: Path,
+               batches: tuple[int, ...]) -> dict[tuple[str, int], str]:
     """ONNX files per (variant, batch): one dynamic-batch export per variant, per-batch exports if that fails."""
     chw = info["chw"]
     x2 = torch.randn(2, *chw)  # batch 2: an example of batch 1 would make torch.export specialise the batch dim
@@ -120,7 +122,8 @@ def export_all(name: str, variants: dict, info: dict, folder: Path, batches: tup
             paths.update({(variant, b): str(path) for b in batches})
         except Exception as exc:  # noqa: BLE001 - a dynamic-batch export or its check failed: export per batch
             info.setdefault("notes", []).append(f"{variant}: dynamic-batch export failed "
-                                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); fixed-batch exports")
+                                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                                                f"fixed-batch exports")
             for b in batches:
                 p = path.with_name(f"{path.stem}_b{b}.onnx")
                 report = asr_fx.export_onnx(model, p, torch.randn(b, *chw), reference=ref)
@@ -156,11 +159,11 @@ def bench_model(name: str, batches: tuple[int, ...], rounds: dict[int, int], not
             feed = x.numpy()
             fns = {}
             for variant, model in variants.items():
-                fns[(variant, "torch")] = (lambda m=model: m(x))
+                fns[(variant, "torch")] = (lambda m=model, x=x: m(x))
                 for backend, optimize in (("ort-noopt", False), ("ort-opt", True)):
                     session = ort_session(paths[(variant, batch)], optimize)
                     input_name = session.get_inputs()[0].name
-                    fns[(variant, backend)] = (lambda s=session, n=input_name: s.run(None, {n: feed}))
+                    fns[(variant, backend)] = (lambda s=session, n=input_name, feed=feed: s.run(None, {n: feed}))
             with torch.inference_mode():
                 samples = time_interleaved(fns, rounds[batch], warmup=2, min_seconds=0.1 if batch == 1 else 0.0)
             for variant in VARIANTS:
@@ -240,7 +243,7 @@ def bench_eager(args: argparse.Namespace) -> None:
         for batch in args.batches:
             x = torch.randn(batch, *chw)
             rounds = max(3, (rounds1 if batch == 1 else rounds32) * args.rounds // 15)
-            fns = {v: (lambda m=m: m(x)) for v, m in variants.items()}
+            fns = {v: (lambda m=m, x=x: m(x)) for v, m in variants.items()}
             with torch.inference_mode():
                 samples = time_interleaved(fns, rounds, warmup=2, min_seconds=0.2 if batch == 1 else 0.0)
             for variant in EAGER_VARIANTS:
@@ -262,7 +265,8 @@ def bench_eager(args: argparse.Namespace) -> None:
         "variants: the vanilla model; its deep copy (A/A control: the band two identical models drift apart in one "
         "run); a plain torch.fx trace of vanilla; ASR(SE) fused by asr_fx.fuse (a GraphModule); the same weights "
         "written into a freshly built vanilla model by fuse(..., into=)",
-        f"random weights (no download); ASR psi/attention randomised; whole run {(time.perf_counter() - start) / 60:.1f} min",
+        f"random weights (no download); ASR psi/attention randomised; whole run "
+        f"{(time.perf_counter() - start) / 60:.1f} min",
         "command: `OMP_NUM_THREADS=1 python tools/bench_inference.py --eager`",
     ]
     report("bench_inference_eager.md", "bench_inference --eager: eager PyTorch cost of the fused GraphModule and "
@@ -326,7 +330,8 @@ def main() -> None:
         "command: `OMP_NUM_THREADS=1 python tools/bench_inference.py`",
     ]
     body = "## Latency\n\n" + table(all_rows) + "\n\n## Structure checks\n\n" + table(checks) + "\n"
-    report("bench_inference.md", "bench_inference: latency of vanilla, SE, ASR(SE) unfused and fused", settings, body, notes, write=not args.no_write)
+    report("bench_inference.md", "bench_inference: latency of vanilla, SE, ASR(SE) unfused and fused", settings, body,
+           notes, write=not args.no_write)
 
 
 if __name__ == "__main__":

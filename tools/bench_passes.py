@@ -97,7 +97,8 @@ def measure(model: nn.Module, x: torch.Tensor, repeats: int, export: bool, folde
 
 def growth(ns: list[int], ts: list[float]) -> list[float]:
     """Exponents ``log(t2/t1) / log(n2/n1)`` between consecutive sizes."""
-    return [math.log(t2 / t1) / math.log(n2 / n1) for n1, n2, t1, t2 in zip(ns, ns[1:], ts, ts[1:]) if t1 > 0 and t2 > 0]
+    return [math.log(t2 / t1) / math.log(n2 / n1)
+            for n1, n2, t1, t2 in zip(ns, ns[1:], ts, ts[1:]) if t1 > 0 and t2 > 0]
 
 
 def slope(ns: list[int], ts: list[float]) -> float:
@@ -170,7 +171,8 @@ def main() -> None:
         body += "## ResNets (seconds)\n\n" + table(resnet_rows) + "\n\n"
     body += "## Chain of N residual blocks (seconds)\n\n" + table(chain_rows) + "\n\n"
     body += "## Growth with node count (chain)\n\n" + table(fits) + "\n"
-    report("bench_passes.md", "bench_passes: wall time of the asr-fx passes", settings, body, notes, write=not args.no_write)
+    report("bench_passes.md", "bench_passes: wall time of the asr-fx passes", settings, body, notes,
+           write=not args.no_write)
 
 
 if __name__ == "__main__":

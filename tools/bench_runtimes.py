@@ -54,7 +54,6 @@ import asr_fx
 from asr_fx import openvino_runtime
 from asr_fx.verify import onnx_op_counts, onnx_parameter_count
 
-
 # name: (factory taking the image size, instrument kwargs)
 MODELS = {
     "resnet50": (lambda size: torchvision.models.resnet50(), {}),

@@ -4,7 +4,7 @@ Variants, all with the attention at the same sites (the last BN of every bottlen
 - vanilla: torchvision ResNet-50;
 - ASR(SE) via ``asr_fx.instrument`` (the default: each block at a BN site computes that BN with
   affine ``gamma * v, beta * v``, the same function, so no ``x * v`` activation is kept for backward);
-- ASR(SE) via ``asr_fx.instrument(..., norm_fused=False)`` (every block is ``x * v``);
+- ASR(SE) via ``asr_fx.instrument(..., bn_affine_form=False)`` (every block is ``x * v``);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
 - SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline).
@@ -146,7 +146,7 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
     try:
         return [(int(s), int(b)) for s, b in (item.split("x") for item in text.split(",") if item)]
     except ValueError:
-        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}")
+        raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}") from None
 
 
 def main() -> None:
@@ -154,7 +154,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224, help="input height and width")
     parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' skips it")
+    parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' "
+                                                                    "skips it")
     parser.add_argument("--sweep-rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
@@ -167,13 +168,13 @@ def main() -> None:
     instrumented = asr_fx.instrument(vanilla)
     instrument_s = time.perf_counter() - start
     sites = sites_of(instrumented)
-    ordinary = asr_fx.instrument(vanilla, norm_fused=False)
+    ordinary = asr_fx.instrument(vanilla, bn_affine_form=False)
     ordinary.load_state_dict(instrumented.state_dict())
     default, hand = "ASR(SE) asr_fx.instrument (default)", "ASR(SE) hand-written ASRBatchNorm2d"
     models = {
         "vanilla": vanilla,
         default: instrumented,
-        "ASR(SE) asr_fx.instrument(norm_fused=False)": ordinary,
+        "ASR(SE) asr_fx.instrument(bn_affine_form=False)": ordinary,
         hand: hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
     }
@@ -210,7 +211,8 @@ def main() -> None:
         "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
         f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
         "and whatever x * v saves for backward",
-        "sweep, 'instrument, v at the sites': the default instrument after asr_fx.passes.forms.hoist_attention_values.unhoist_attention_values, so each "
+        "sweep, 'instrument, v at the sites': the default instrument after "
+        "asr_fx.passes.forms.hoist_attention_values.unhoist_attention_values, so each "
         "block computes v where it is called and the attention backward runs right after the site's "
         "(what instrument did before it computed all v first)",
         f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads}`",

@@ -78,14 +78,16 @@ def measure_resnet152() -> list[str]:
 
 def main() -> None:
     lines = [
-        "| model (random weights) | Mul nodes | constant Muls | removed by fuse | constant Muls left | Mul nodes left | parameters | fuse s | max rel err |",
+        "| model (random weights) | Mul nodes | constant Muls | removed by fuse | constant Muls left | Mul nodes left "
+        "| parameters | fuse s | max rel err |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, shape in (("convnext_tiny", (1, 3, 64, 64)), ("swin_t", (1, 3, 64, 64))):
         lines.append("| " + " | ".join(measure_uninstrumented(name, shape)) + " |")
     lines += [
         "",
-        "| ResNet-152 | instrument s (CPU s) | fuse s (CPU s) | total s (CPU s) | sites folded | fused params == vanilla | max rel err |",
+        "| ResNet-152 | instrument s (CPU s) | fuse s (CPU s) | total s (CPU s) | sites folded | fused params == "
+        "vanilla | max rel err |",
         "|---|---|---|---|---|---|---|",
         "| resnet152 | " + " | ".join(measure_resnet152()) + " |",
     ]

@@ -84,7 +84,8 @@ RECIPES = {
     "authors": {"weight_decay": 1e-4, "asr_weight_decay": 1e-4, "nesterov": False, "schedule": "step",
                 "se_min_hidden": 1,
                 "text": "SGD momentum 0.9, lr {lr}, weight decay 1e-4 on every parameter (psi and F included), "
-                        "lr x0.1 at 81/164 and 122/164 of the epochs (the authors' CIFAR recipe); SE width round(C/16)"},
+                        "lr x0.1 at 81/164 and 122/164 of the epochs (the authors' CIFAR recipe); SE width "
+                        "round(C/16)"},
     "no-decay-asr": {"weight_decay": 5e-4, "asr_weight_decay": 0.0, "nesterov": True, "schedule": "one-cycle",
                      "se_min_hidden": 8,
                      "text": "SGD nesterov momentum 0.9, one-cycle lr {lr}, weight decay 5e-4 (none on "
@@ -185,7 +186,8 @@ def run_regime(args: argparse.Namespace, train_limit: int) -> tuple[str, str]:
         var = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) if len(a) > 1 else 0.0
         return var ** 0.5
 
-    diffs = {v: (statistics.fmean(acc[v]) - statistics.fmean(acc["vanilla"]), stderr_of_difference(acc[v], acc["vanilla"]))
+    diffs = {v: (statistics.fmean(acc[v]) - statistics.fmean(acc["vanilla"]),
+                 stderr_of_difference(acc[v], acc["vanilla"]))
              for v in VARIANTS[1:]}
     minutes = (time.perf_counter() - start) / 60
     setting = f"{len(y_train)} train / {n_test} test images, {epochs} epochs: {minutes:.1f} min"
@@ -213,7 +215,8 @@ def main() -> None:
                         help="training images per regime; 0: the whole 80%% split")
     parser.add_argument("--subset-epochs", type=int, default=30, help="epochs of the subset regimes")
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="authors",
-                        help="authors: their CIFAR recipe, weight decay on psi too (default); no-decay-asr: the earlier one")
+                        help="authors: their CIFAR recipe, weight decay on psi too (default); no-decay-asr: the "
+                             "earlier one")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     set_threads(args.threads)

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python tools/fuzz_fuse.py --programs 1000 --seed 0 --include-known-bugs
     OMP_NUM_THREADS=1 python tools/fuzz_fuse.py --only 1234          # rerun one seed, print its spec
 
-Program ``i`` is ``random_spec(seed + i)`` from ``tests/fuzz_programs.py``. By default the generator
+Program ``i`` is ``random_spec(seed + i)`` from ``tools/testkit/fuzz_programs.py``. By default the generator
 leaves out the features of ``KNOWN_BUGS`` (open bugs of issue 14); ``--include-known-bugs`` puts them
 back (``--include KEY`` for one). ``--markdown FILE`` also writes the table as markdown.
 """
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import platform
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-
-from fuzz_programs import CATEGORIES, KNOWN_BUGS, check_program, random_spec, reproducer  # noqa: E402
+from testkit.fuzz_programs import CATEGORIES, KNOWN_BUGS, check_program, random_spec, reproducer
 
 
 def _parse() -> argparse.Namespace:

@@ -142,7 +142,8 @@ def run_kills(args: argparse.Namespace, rng: random.Random, work: Path) -> int:
                 f"checkpoint), unkilled `asr-fx fuse` (export + onnxruntime verify) {duration:.1f} s, "
                 f"signals alternate SIGKILL/SIGTERM, old OUT in place every other run, private TMPDIR")
     print(settings, flush=True)
-    header = "| run | signal | moment s | phase | exit | OUT after kill | leftovers after kill | after next run | OUT after next run |"
+    header = ("| run | signal | moment s | phase | exit | OUT after kill | leftovers after kill | after next run "
+              "| OUT after next run |")
     rows = [header, "|" + "---|" * 9]
     print(header, flush=True)
     failures = kills = i = 0
@@ -171,7 +172,8 @@ def run_kills(args: argparse.Namespace, rng: random.Random, work: Path) -> int:
                f"{next_state}{'' if ok else ' **FAIL**'} |")
         rows.append(row)
         print(row, flush=True)
-    summary = (f"{kills} kills in {i} runs ({i - kills} ended before their moment), {i - failures}/{i} passed: OUT absent, old or complete and valid after every "
+    summary = (f"{kills} kills in {i} runs ({i - kills} ended before their moment), {i - failures}/{i} passed: OUT "
+               f"absent, old or complete and valid after every "
                f"kill; nothing asr-fx left beside OUT or in TMPDIR after the next run" if not failures
                else f"{failures}/{i} runs FAILED (see rows marked FAIL)")
     print(summary, flush=True)

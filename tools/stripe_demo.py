@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
+from tqdm import tqdm
 
 import asr_fx
-from asr_fx import freeze as freezing
 from asr_fx import count_parameters, plot, stripe
-from tqdm import tqdm
+from asr_fx import freeze as freezing
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from asr_fx._util import psi_shape_of
 from asr_fx.errors import AttentionNetworkError, InvalidOptionError, UnknownAttentionError
 
+from ._width import hidden_width
 from .cbam import CBAMChannel
 from .eca import EfficientChannelAttention
 from .ie import InstanceEnhancement
-from ._width import hidden_width
 from .se import SqueezeExcite
 from .spa import SpatialPyramidAttention
 from .srm import StyleRecalibration
@@ -131,7 +132,7 @@ def widths_from_state_dict(attention: Any, state_dict: Mapping[str, torch.Tensor
 def _site_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, tuple[int, ...]]]:
     """``{"asr.<site>[.<i>].": {"psi": shape, "attention.fc1.weight": shape, ...}}`` for every ASR block."""
     blocks: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, value in state_dict.items():
+    for key in state_dict:
         if key.startswith("asr.") and key.endswith(".psi"):
             blocks[key[: -len("psi")]] = {}
     for key, value in state_dict.items():
@@ -162,7 +163,8 @@ def matching_attention(state_dict: Mapping[str, torch.Tensor]) -> str | None:
             except Exception:  # noqa: BLE001 - a registered factory that cannot be built at these widths does not fit
                 fits = False
                 break
-            built = {"psi": tuple(net.psi_shape), **{f"attention.{k}": tuple(v.shape) for k, v in net.state_dict().items()}}
+            built = {"psi": tuple(psi_shape_of(net)),
+                     **{f"attention.{k}": tuple(v.shape) for k, v in net.state_dict().items()}}
             if built != tensors:
                 fits = False
                 break

@@ -37,6 +37,7 @@ class CBAMChannel(nn.Module):
     def reset_parameters(self) -> None:
         """Each layer back to its own init, in the order the constructor made them (meta-device init)."""
         for layer in (self.mlp[0], self.mlp[2]):
+            assert isinstance(layer, nn.Conv2d)
             layer.reset_parameters()
 
     def resolved_kwargs(self) -> dict[str, int]:

@@ -24,7 +24,7 @@ from typing import Any
 from asr_fx import __version__
 from asr_fx.cli import demo, fuse, inspect, options, stripe, verify
 from asr_fx.cli.advice import cli_message
-from asr_fx.cli.options import EPILOG_VERIFY, EXIT_USAGE, EXIT_VERIFY, Parser, one_line
+from asr_fx.cli.options import EPILOG_VERIFY, EXIT_USAGE, EXIT_VERIFY, CommandFailed, Parser, one_line
 from asr_fx.errors import ASRError, FusionError, UsageError, VanillaModelError, VerificationError
 
 #: the subcommands, in the order ``asr-fx --help`` lists them
@@ -48,15 +48,13 @@ def build_parser() -> tuple[Parser, dict[str, Parser]]:
     return parser, commands
 
 
-def report_error(args: argparse.Namespace, exc: BaseException, code: int, label: str) -> int:
+def report_error(args: argparse.Namespace, exc: BaseException, code: int, label: str, summary: Any = None) -> int:
     """One line on stderr (the whole message for a verification failure), with the flags that get past a
-    library error (:func:`asr_fx.cli.advice.cli_message`); with --json also the JSON object."""
-    if getattr(args, "verbose", False):
-        traceback.print_exc()
+    library error (:func:`asr_fx.cli.advice.cli_message`); with --json also the JSON object, holding what
+    the command found before the error (``summary``, a :class:`~asr_fx.cli.summary.CommandSummary`)."""
     message = cli_message(exc, str(exc) if code == EXIT_VERIFY else one_line(exc))
     options.print_error(f"asr-fx: {label}: {message}")
     if getattr(args, "json", False):
-        summary = getattr(args, "summary", None)
         payload = summary.to_dict() if summary is not None else {}
         for tolerance in ("rtol", "atol"):
             if payload.get(tolerance) is None and hasattr(args, tolerance):
@@ -92,19 +90,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return usage_error(argv, exc)
     try:
         return args.run(args)
-    except UsageError as exc:
-        return usage_error(argv, exc)
-    except (VerificationError, FusionError, VanillaModelError) as exc:
-        summary: Any = getattr(args, "summary", None)
-        if isinstance(exc, VerificationError) and summary is not None and exc.report is not None \
-                and summary.export is None:
-            summary.export = exc.report
-        return report_error(args, exc, EXIT_VERIFY, "verification failed")
-    except (ASRError, OSError, ValueError) as exc:  # ValueError: the library's refusal of an option value
-        return report_error(args, exc, EXIT_USAGE, "error")
-    except Exception as exc:  # noqa: BLE001 - no raw traceback unless -v
-        return report_error(args, RuntimeError(f"unexpected {type(exc).__name__}: {one_line(exc)} "
-                                               "(run with -v for the traceback)"), EXIT_USAGE, "error")
     except KeyboardInterrupt:
         options.print_error("asr-fx: interrupted")
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error becomes an exit code and a message
+        return command_error(argv, args, exc)
+
+
+def command_error(argv: Sequence[str], args: argparse.Namespace, exc: Exception) -> int:
+    """The exit code and message of a command's error (unwrapping :class:`~asr_fx.cli.summary.CommandFailed`,
+    which carries what the command found before it)."""
+    summary = None
+    if isinstance(exc, CommandFailed):
+        summary, exc = exc.summary, exc.error
+    if getattr(args, "verbose", False):
+        traceback.print_exception(exc)
+    if isinstance(exc, UsageError):
+        return usage_error(argv, exc)
+    if isinstance(exc, (VerificationError, FusionError, VanillaModelError)):
+        return report_error(args, exc, EXIT_VERIFY, "verification failed", summary)
+    if isinstance(exc, (ASRError, OSError, ValueError)):  # ValueError: the library's refusal of an option value
+        return report_error(args, exc, EXIT_USAGE, "error", summary)
+    # no raw traceback unless -v
+    unexpected = RuntimeError(f"unexpected {type(exc).__name__}: {one_line(exc)} (run with -v for the traceback)")
+    return report_error(args, unexpected, EXIT_USAGE, "error", summary)

@@ -49,6 +49,8 @@ def advice(exc: BaseException) -> str | None:
         return _state_dict_advice(exc)
     if isinstance(exc, FactoryError):
         return "check --model and --factory-args"
+    if isinstance(exc, CheckpointError) and exc.reason == "no-factory" and "--model" in str(exc):
+        return None  # the CLI's own message names the flag
     if isinstance(exc, CheckpointError):
         return {
             "pickled": "pass --trust-checkpoint if you trust the file's source",
@@ -58,7 +60,7 @@ def advice(exc: BaseException) -> str | None:
     if isinstance(exc, UnknownAttentionError):
         return f"pass --attention {' or '.join(exc.registered) or 'NAME'}, or an import path package.module:Factory"
     if isinstance(exc, InputShapeError):
-        return "pass the shape it expects with --input-shape"
+        return None if "--input-shape" in str(exc) else "pass the shape it expects with --input-shape"
     if isinstance(exc, ExportError):
         if exc.written_opset is not None:
             return "pass an --opset in that range, or leave --opset out"

@@ -8,7 +8,7 @@ from typing import Any
 
 from asr_fx.cli import options
 from asr_fx.cli.options import EPILOG_VERIFY
-from asr_fx.errors import ASRError
+from asr_fx.errors import OutputPathError
 
 NAME = "demo"
 
@@ -53,9 +53,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def check_out(out: Path) -> None:
     """``-o`` must be a folder (existing, or new in an existing parent): refused before any work."""
     if out.exists() and not out.is_dir():
-        raise ASRError(f"demo -o {str(out)!r}: that is a file, not a folder; name a folder for the demo's files")
+        raise OutputPathError(f"demo -o {str(out)!r}: that is a file, not a folder", path=str(out))
     if not out.parent.is_dir():
-        raise ASRError(f"demo -o {str(out)!r}: its parent folder {str(out.parent)!r} does not exist; create it first")
+        raise OutputPathError(f"demo -o {str(out)!r}: its parent folder {str(out.parent)!r} does not exist",
+                              path=str(out))
 
 
 def run(args: argparse.Namespace) -> int:

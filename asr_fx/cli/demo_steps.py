@@ -122,7 +122,7 @@ def run_demo(args: argparse.Namespace) -> int:
     vanilla = asr_fx.build(FACTORY, depth=args.depth, num_classes=10)
     model = asr_fx.instrument(vanilla, attention=args.attention, attention_kwargs=args.attention_args,
                               example_inputs=(torch.zeros(1, 3, 32, 32),))
-    sites = asr_fx.get_config(model)["sites"]
+    sites = asr_fx.asr_config(model).sites or []  # type: ignore[union-attr]  # instrument records one
     say(args, f"instrumented ResNet-{args.depth} with ASR({args.attention}) at {len(sites)} sites "
               f"({sites[0]['module']}, {sites[1]['module']}, ...)")
     train_s = train(args, model)

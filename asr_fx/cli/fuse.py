@@ -9,7 +9,7 @@ from typing import Any
 from asr_fx import atomic
 from asr_fx.cli import options
 from asr_fx.cli.options import EPILOG_VERIFY
-from asr_fx.errors import ASRError
+from asr_fx.errors import InvalidOptionError
 
 NAME = "fuse"
 
@@ -67,8 +67,6 @@ def add_compare_options(p: argparse.ArgumentParser) -> None:
                    help="also export the vanilla and instrumented models, for their op counts and onnxruntime "
                    "latency (median and 25th-75th percentiles, with an A/A control); off by default: it roughly "
                    "doubles the time")
-    p.add_argument("--no-compare", action="store_false", dest="compare",
-                   help="the default; kept so older command lines still work")
     p.add_argument("--runs", type=options.positive_int, default=20,
                    help="onnxruntime runs per latency measurement with --compare (default 20)")
 
@@ -85,12 +83,13 @@ def check_output(args: argparse.Namespace) -> None:
     ``.onnx``, or the checkpoint (or the other output) itself."""
     out = atomic.check_writable(args.output, suffix=".onnx")
     if out.resolve() == args.checkpoint.resolve():
-        raise ASRError(f"refusing to write the ONNX model over the input checkpoint {str(args.checkpoint)!r}")
+        raise InvalidOptionError(f"refusing to write the ONNX model over the input checkpoint "
+                                 f"{str(args.checkpoint)!r}: name another -o")
     if args.state_dict_out is not None:
         state_dict_out = atomic.check_writable(args.state_dict_out)
         if state_dict_out.resolve() in (args.checkpoint.resolve(), out.resolve()):
-            raise ASRError(f"--state-dict-out {str(state_dict_out)!r} would overwrite the checkpoint or the ONNX "
-                           "output: name another file")
+            raise InvalidOptionError(f"--state-dict-out {str(state_dict_out)!r} would overwrite the checkpoint or the "
+                                     "ONNX output: name another file")
 
 
 def run(args: argparse.Namespace) -> int:

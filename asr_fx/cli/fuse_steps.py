@@ -13,10 +13,19 @@ import asr_fx
 from asr_fx.atomic import temp_folder
 from asr_fx.cli import source
 from asr_fx.cli.options import say
-from asr_fx.cli.report import ModelRow, Stages, VerificationSummary, compare_models, finish, measure_latency
-from asr_fx.errors import ASRError, FusionError
+from asr_fx.cli.summary import (
+    CommandSummary,
+    ModelRow,
+    Stages,
+    compare_models,
+    finish,
+    measure_latency,
+    summary_on_failure,
+)
+from asr_fx.errors import CheckpointError, FusionError
 from asr_fx.foreign_checkpoints import LoadedCheckpoint
 from asr_fx.into_vanilla import fuse_into
+from asr_fx.testing import compare_with_vanilla
 from asr_fx.verify import flatten_outputs
 
 
@@ -30,19 +39,32 @@ def vanilla_into(args: argparse.Namespace, loaded: LoadedCheckpoint, model: nn.M
     """For ``--state-dict-out``: a fresh copy of the factory's vanilla model holding the fused weights
     (:func:`asr_fx.into_vanilla.fuse_into`, which refuses with the site's name where one has no place)."""
     if loaded.vanilla is None:
-        raise ASRError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no factory "
-                       "that builds it: pass --model package.module:factory (and --factory-args)")
+        raise CheckpointError("--state-dict-out writes the weights of the vanilla model, and this checkpoint names no "
+                              "factory that builds it: pass --model package.module:factory (and --factory-args)",
+                              reason="no-factory")
     return fuse_into(fused, copy.deepcopy(loaded.vanilla), model, example_inputs=(x,), leaf_modules=args.leaf_modules)
 
 
 def fuse(args: argparse.Namespace) -> int:
     """Load CKPT, fuse, export OUT verified; every cheap check runs before the checkpoint is loaded."""
-    out: Path = args.output
     source.check_opset_option(args.opset)
     source.torch_device(args.device)
-    summary = VerificationSummary("fuse", str(args.checkpoint), output=str(out), device=args.device,
-                                  rtol=args.rtol, atol=args.atol)
-    args.summary = summary
+    summary = CommandSummary("fuse", str(args.checkpoint), output=str(args.output), device=args.device,
+                             rtol=args.rtol, atol=args.atol)
+    with summary_on_failure(summary):
+        into = fuse_steps(args, summary)
+        if into is not None:
+            asr_fx.save_vanilla_state_dict(into, args.state_dict_out)
+            summary.notes.append(f"wrote the vanilla-format state_dict {args.state_dict_out}")
+            say(args, f"wrote {args.state_dict_out} (state_dict of {type(into).__name__}, checked against the "
+                "fused model)")
+    return finish(args, summary)
+
+
+def fuse_steps(args: argparse.Namespace, summary: CommandSummary) -> nn.Module | None:
+    """The stages of :func:`fuse`, filling ``summary``; returns the vanilla model holding the fused weights
+    for ``--state-dict-out`` (else None)."""
+    out: Path = args.output
     stages = Stages(args, summary, ("load", "trace", "fuse", "export", "verify"))
     stages.start("load", str(args.checkpoint))
     loaded = source.load_from_args(args, args.checkpoint)
@@ -59,18 +81,16 @@ def fuse(args: argparse.Namespace) -> int:
     summary.fusion = fusion.to_dict() if fusion else None
     say(args, f"        folded {len(fusion.folded) if fusion else 0} scale(s): {fusion.summary() if fusion else {}}")
     into = vanilla_into(args, loaded, model, fused, x) if args.state_dict_out is not None else None
-    vanilla = loaded.vanilla
-    if args.fold_bn and vanilla is not None:  # compare like with like: the vanilla model with BN folded too
-        vanilla = asr_fx.fuse(vanilla.eval(), fold_bn=True, example_inputs=(x,), leaf_modules=args.leaf_modules)
-    n_params = {name: asr_fx.count_parameters(m) for name, m in
-                (("vanilla", vanilla), ("instrumented", model), ("fused", fused)) if m is not None}
-    if args.strict and vanilla is None:
+    # the vanilla model (with --fold-bn: with BN folded too, like with like) and the fused one's size
+    versus = compare_with_vanilla(loaded.vanilla, (x,), fused=fused, fold_bn=args.fold_bn,
+                                  leaf_modules=args.leaf_modules) if loaded.vanilla is not None else None
+    vanilla = versus.reference if versus is not None else None
+    if args.strict and versus is None:
         summary.notes.append("--strict: no vanilla model is known for this checkpoint, so only the folding of "
                              "every site was checked (pass --model to compare parameters and ops)")
         say(args, f"        {summary.notes[-1]}")
-    if args.strict and "vanilla" in n_params and n_params["fused"] != n_params["vanilla"]:
-        raise FusionError(f"--strict: the fused model has {n_params['fused']:,} parameters, the vanilla model"
-                          f"{' (BN folded)' if args.fold_bn else ''} {n_params['vanilla']:,}")
+    if args.strict and versus is not None and versus.same_params is False:
+        raise FusionError(f"--strict: {versus.problems()[0]}", fusion)
     with torch.no_grad():
         n_outputs = len(flatten_outputs(fused(x)))
     source.check_name_counts(args.input_names, args.output_names, 1, n_outputs)
@@ -81,19 +101,20 @@ def fuse(args: argparse.Namespace) -> int:
             summary.models = compare_models({"vanilla": vanilla, "instrumented": model}, x, workdir, args.opset)
         elif args.strict and vanilla is not None:  # --strict's op check needs the vanilla model's ops
             summary.models = compare_models({"vanilla": vanilla}, x, workdir, args.opset)
-        if args.strict and "vanilla" in summary.models and summary.models["vanilla"].op_counts is None:
+        vanilla_row = summary.models.get("vanilla")
+        if args.strict and vanilla_row is not None and vanilla_row.op_counts is None:
             raise FusionError(f"--strict: the vanilla model did not export, so its ONNX ops cannot be compared "
-                              f"({summary.models['vanilla'].note})")
-        if args.fold_bn and "vanilla" in summary.models:
-            summary.models["vanilla"].note = ("BN folded too (--fold-bn); " + summary.models["vanilla"].note).strip("; ")
-        vanilla_ops = summary.models["vanilla"].op_counts if "vanilla" in summary.models else None
+                              f"({vanilla_row.note})", fusion)
+        if args.fold_bn and vanilla_row is not None:
+            vanilla_row.note = ("BN folded too (--fold-bn); " + vanilla_row.note).strip("; ")
         summary.models.setdefault("fused", ModelRow())
-        summary.models["fused"].params = n_params["fused"]
+        summary.models["fused"].params = asr_fx.count_parameters(fused)
         report = asr_fx.export_onnx(
             fused, out, x, reference=model, verify=not args.no_verify, rtol=args.rtol, atol=args.atol,
             opset=args.opset, dynamic=args.dynamic_shape or (), input_names=args.input_names,
             output_names=args.output_names or default_output_names(n_outputs),
-            expected_op_counts=vanilla_ops if args.strict else None, runtime=args.runtime,
+            expected_op_counts=vanilla_row.op_counts if args.strict and vanilla_row is not None else None,
+            runtime=args.runtime,
             on_verify=lambda: stages.start("verify", f"in {args.runtime} against the unfused model in torch"))
         summary.export = report
         summary.models["fused"].op_counts = report.op_counts
@@ -102,8 +123,4 @@ def fuse(args: argparse.Namespace) -> int:
                                              "instrumented": workdir / "instrumented.onnx", "fused": out},
                             x.cpu(), runs=args.runs)
     stages.stop()
-    if into is not None:
-        asr_fx.save_vanilla_state_dict(into, args.state_dict_out)
-        summary.notes.append(f"wrote the vanilla-format state_dict {args.state_dict_out}")
-        say(args, f"wrote {args.state_dict_out} (state_dict of {type(into).__name__}, checked against the fused model)")
-    return finish(args, summary)
+    return into

@@ -61,6 +61,16 @@ class Parser(argparse.ArgumentParser):
         return UsageError(self.prog, self.format_usage(), message)
 
 
+class CommandFailed(Exception):
+    """``error`` raised while a command filled ``summary`` (a :class:`~asr_fx.cli.summary.CommandSummary`):
+    :func:`asr_fx.cli.main` reports both (with ``--json``, what was found before the error). Only the CLI
+    raises and catches it."""
+
+    def __init__(self, error: Exception, summary: Any) -> None:
+        super().__init__(str(error))
+        self.error, self.summary = error, summary
+
+
 def usage_line(error: UsageError) -> str:
     """One line: ``asr-fx fuse: error: MESSAGE (see `asr-fx fuse --help`)``."""
     message = " ".join(str(error).split())

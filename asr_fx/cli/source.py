@@ -18,7 +18,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx._util import meta_tensors
-from asr_fx.errors import ASRError, UnsupportedModelError
+from asr_fx.errors import InputShapeError, InvalidOptionError, UnsupportedModelError
 from asr_fx.foreign_checkpoints import LoadedCheckpoint, load_checkpoint
 from asr_fx.input_shapes import default_input_shape
 from asr_fx.partial_capture import is_partial
@@ -51,11 +51,12 @@ def torch_device(name: str) -> torch.device:
     """``--device`` as a torch device, refused when this machine does not have it."""
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ASRError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
-                           "use --device cpu")
+            raise InvalidOptionError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is "
+                                     f"False); "
+                                     "use --device cpu")
         index = int(name[5:]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise ASRError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise InvalidOptionError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(name)
 
 
@@ -64,8 +65,8 @@ def check_opset_option(opset: int | None) -> None:
     exporter converts down when it can, and the export refuses the file when not)."""
     newest = onnx.defs.onnx_opset_version()
     if opset is not None and not 7 <= opset <= newest:
-        raise ASRError(f"--opset {opset}: ONNX opsets go from 7 to {newest} (the installed onnx's newest); "
-                       "torch's exporter writes 18 and newer, older ones where it can convert the model")
+        raise InvalidOptionError(f"--opset {opset}: ONNX opsets go from 7 to {newest} (the installed onnx's newest); "
+                                 "torch's exporter writes 18 and newer, older ones where it can convert the model")
 
 
 def check_leaf_modules(model: nn.Module, names: Sequence[str] | None) -> None:
@@ -77,8 +78,9 @@ def check_leaf_modules(model: nn.Module, names: Sequence[str] | None) -> None:
     if unknown:
         hints = "".join(f"; {n!r}: did you mean {m[0]!r}?" for n in unknown
                         if (m := difflib.get_close_matches(n, paths, n=1)))
-        raise ASRError(f"--leaf-modules: {', '.join(repr(n) for n in unknown)} match(es) no module of the model "
-                       f"(give module paths as named by model.named_modules(), such as {paths[0]!r}){hints}")
+        raise InvalidOptionError(f"--leaf-modules: {', '.join(repr(n) for n in unknown)} match(es) no module of the "
+                                 f"model "
+                                 f"(give module paths as named by model.named_modules(), such as {paths[0]!r}){hints}")
 
 
 def check_name_counts(input_names: Sequence[str] | None, output_names: Sequence[str] | None, n_inputs: int,
@@ -86,9 +88,9 @@ def check_name_counts(input_names: Sequence[str] | None, output_names: Sequence[
     """Refuse ``--input-names``/``--output-names`` with the wrong number of names, before the export."""
     for option, given, count in (("--input-names", input_names, n_inputs), ("--output-names", output_names, n_outputs)):
         if given is not None and len(given) != count:
-            raise ASRError(f"{option}: {len(given)} name(s) for {count} {option[2:-6]}(s) of the model")
+            raise InvalidOptionError(f"{option}: {len(given)} name(s) for {count} {option[2:-6]}(s) of the model")
         if given is not None and len(set(given)) != len(given):
-            raise ASRError(f"{option}: each name once, got {','.join(given)}")
+            raise InvalidOptionError(f"{option}: each name once, got {','.join(given)}")
 
 
 def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[int]:
@@ -96,13 +98,14 @@ def input_shape_for(args: argparse.Namespace, loaded: LoadedCheckpoint) -> list[
     shape = (args.input_shape or loaded.input_shape or default_input_shape(loaded.model)
              or (default_input_shape(loaded.vanilla) if loaded.vanilla is not None else None))  # its own class says
     if not shape:
-        raise ASRError("no input shape: the checkpoint records none and the model documents none (timm's "
-                       "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); pass "
-                       "--input-shape, e.g. 1,3,224,224")
+        raise InputShapeError("no input shape: the checkpoint records none and the model documents none (timm's "
+                              "pretrained_cfg, a Hugging Face config's image_size, torchvision's documented sizes); "
+                              "pass --input-shape, e.g. 1,3,224,224", shape=None)
     return list(shape)
 
 
-def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint, shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
+def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint,
+                  shape: Sequence[int]) -> tuple[nn.Module, torch.Tensor]:
     """Move the model to ``--device``, check it traces and runs on an input of ``shape``; ``(model, x)``."""
     device = torch_device(args.device)
     meta = meta_tensors(loaded.model)
@@ -124,8 +127,10 @@ def prepare_model(args: argparse.Namespace, loaded: LoadedCheckpoint, shape: Seq
     except Exception as exc:  # noqa: BLE001 - any failure of the user's model is reported as a shape problem
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "memory" in first.lower():
-            raise ASRError(f"the model ran out of memory on an input of shape {list(shape)} ({type(exc).__name__}: "
-                           f"{first}): pass a smaller --input-shape (batch 1, a smaller image)") from exc
-        raise ASRError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: {first}; "
-                       "pass the shape it expects with --input-shape") from exc
+            raise InputShapeError(f"the model ran out of memory on an input of shape {list(shape)} "
+                                  f"({type(exc).__name__}: {first}): pass a smaller --input-shape (batch 1, a smaller "
+                                  "image)",
+                                  shape=list(shape)) from exc
+        raise InputShapeError(f"the model does not run on an input of shape {list(shape)}: {type(exc).__name__}: "
+                              f"{first}; pass the shape it expects with --input-shape", shape=list(shape)) from exc
     return model, x

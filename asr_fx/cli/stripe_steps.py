@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from asr_fx import plot
-from asr_fx.atomic import check_writable
 from asr_fx import stripe as observation
+from asr_fx.atomic import check_writable
 from asr_fx.checkpoint import read_checkpoint
 from asr_fx.cli import source
 from asr_fx.cli.options import EXIT_OK, say
-from asr_fx.errors import ASRError
-
+from asr_fx.errors import InputShapeError, InvalidOptionError, MissingDependencyError
 
 RANDOM_WEIGHTS_NOTE = ("note: MODEL is a factory, so its weights are random: an untrained attention gives about "
                        "the same value for every input, and these numbers say nothing about the Stripe Observation. "
@@ -34,9 +33,11 @@ def load_data(args: argparse.Namespace) -> list[torch.Tensor]:
         try:
             from sklearn.datasets import load_digits  # optional dependency (the examples extra)
         except ImportError:
-            raise ASRError("--data digits needs scikit-learn: pip install 'asr-fx[examples]'") from None
+            raise MissingDependencyError("--data digits needs scikit-learn: pip install 'asr-fx[examples]'",
+                                         package="scikit-learn") from None
         if len(shape) != 4:
-            raise ASRError(f"--data digits makes images: --input-shape should be N,C,H,W, got {shape}")
+            raise InputShapeError(f"--data digits makes images: --input-shape should be N,C,H,W, got {shape}",
+                                  shape=list(shape))
         x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16.0
         x = F.interpolate(x, size=tuple(shape[2:]), mode="bilinear", align_corners=False).repeat(1, shape[1], 1, 1)
         x = (x - x.mean()) / x.std()
@@ -44,14 +45,15 @@ def load_data(args: argparse.Namespace) -> list[torch.Tensor]:
         return list(x.split(shape[0]))
     path = Path(args.data)
     if not path.is_file():
-        raise ASRError(f"--data {args.data!r}: not 'random', 'digits' or an existing .pt file")
+        raise InvalidOptionError(f"--data {args.data!r}: not 'random', 'digits' or an existing .pt file")
     obj = read_checkpoint(path)
     if isinstance(obj, dict):
         obj = next((obj[k] for k in ("x", "inputs", "images") if isinstance(obj.get(k), torch.Tensor)), None)
     elif isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
         obj = obj[0]
     if not isinstance(obj, torch.Tensor) or obj.dim() < 2:
-        raise ASRError(f"--data {str(path)!r} should hold a tensor of inputs (N x ...), an (inputs, targets) pair "
+        raise InvalidOptionError(f"--data {str(path)!r} should hold a tensor of inputs (N x ...), an (inputs, "
+                                 f"targets) pair "
                        "or a dict with 'x'/'inputs'")
     return list(obj.float().split(args.input_shape[0] if args.input_shape else 32))
 
@@ -78,7 +80,8 @@ def stripe(args: argparse.Namespace) -> int:
     if args.checkpoints:
         tracked = [torch.cat(data)[:64]]
         runs = [observation.collect(source.load_model_source(path, args), tracked, leaf_modules=args.leaf_modules)
-                for path in tqdm(args.checkpoints, desc="checkpoints", disable=None if not quiet else True, leave=False)]
+                for path in tqdm(args.checkpoints, desc="checkpoints", disable=None if not quiet else True,
+                                 leave=False)]
         over_epochs = observation.values_over_checkpoints(runs, site)
     args.out.mkdir(parents=True, exist_ok=True)
     paths = plot.plot_all(stats, args.out, site=site, over_epochs=over_epochs)

@@ -9,13 +9,30 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+import torch
+from torch import nn
 
 from asr_fx.atomic import temp_folder
 from asr_fx.cli import source
-from asr_fx.cli.options import EXIT_OK
-from asr_fx.cli.report import ModelRow, Stages, VerificationSummary, compare_models, finish, measure_latency
-from asr_fx.errors import ASRError, DifferentModelError, VerificationError
-from asr_fx.verify import ExportReport, onnx_inputs, op_count_diff, verify_onnx
+from asr_fx.cli.summary import (
+    CommandSummary,
+    ModelRow,
+    Stages,
+    compare_models,
+    finish,
+    measure_latency,
+    summary_on_failure,
+)
+from asr_fx.errors import (
+    ASRError,
+    CheckpointError,
+    DifferentModelError,
+    ExportError,
+    OnnxFileError,
+    VerificationError,
+)
+from asr_fx.testing import compare_with_vanilla
+from asr_fx.verify import ExportReport, onnx_inputs, verify_onnx
 
 
 def onnx_input_shape(path: str | Path) -> list[int | str]:
@@ -23,11 +40,11 @@ def onnx_input_shape(path: str | Path) -> list[int | str]:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's errors vary by version; the file is not ONNX
-        raise ASRError(f"{str(path)!r} is not a readable ONNX model: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        raise OnnxFileError(f"{str(path)!r} is not a readable ONNX model: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}", path=str(path)) from exc
     inputs = onnx_inputs(proto)
     if not inputs:
-        raise ASRError(f"{str(path)!r} has no graph inputs")
+        raise OnnxFileError(f"{str(path)!r} has no graph inputs", path=str(path))
     return inputs[0][1]
 
 
@@ -47,26 +64,33 @@ def verify(args: argparse.Namespace) -> int:
     """Load ``--against``, run ``OUT.onnx`` in onnxruntime or OpenVINO, compare; exit 1 when they disagree."""
     onnx_path: Path = args.onnx
     if not onnx_path.is_file():
-        raise ASRError(f"ONNX file {str(onnx_path)!r} does not exist")
+        raise OnnxFileError(f"ONNX file {str(onnx_path)!r} does not exist", path=str(onnx_path))
     source.check_opset_option(args.opset)
     source.torch_device(args.device)
-    summary = VerificationSummary("verify", str(args.against), output=str(onnx_path), device=args.device,
-                                  rtol=args.rtol, atol=args.atol)
-    args.summary = summary
+    summary = CommandSummary("verify", str(args.against), output=str(onnx_path), device=args.device,
+                             rtol=args.rtol, atol=args.atol)
+    with summary_on_failure(summary):
+        verify_steps(args, summary)
+    return finish(args, summary)
+
+
+def verify_steps(args: argparse.Namespace, summary: CommandSummary) -> None:
+    """The stages of :func:`verify`, filling ``summary``."""
+    onnx_path: Path = args.onnx
     stages = Stages(args, summary, ("load", "trace", "export", "verify"))
     dims = onnx_input_shape(onnx_path)
     stages.start("load", f"{args.against}")
     loaded = source.load_from_args(args, args.against)
     summary.checkpoint_format, summary.notes = loaded.kind, loaded.notes
     fixed = [d for d in dims if isinstance(d, int)]
-    shape = args.input_shape or (dims if len(fixed) == len(dims) else None)
+    shape: list[int] | None = args.input_shape or (fixed if len(fixed) == len(dims) else None)
     if shape is None:
         try:
             shape = source.input_shape_for(args, loaded)
         except ASRError:
-            if not all(isinstance(d, int) for d in dims[1:]):
+            if len(fixed) < len(dims) - 1 or isinstance(dims[0], int):  # more than the batch is symbolic
                 raise
-            shape = [1, *dims[1:]]  # only the batch is symbolic
+            shape = [1, *fixed]  # only the batch is symbolic
     shape = list(shape)
     stages.start("trace", f"input {shape}")
     model, x = source.prepare_model(args, loaded, shape)
@@ -94,15 +118,23 @@ def verify(args: argparse.Namespace) -> int:
             measure_latency(summary.models, {"vanilla": workdir / "vanilla.onnx",
                                              "instrumented": workdir / "instrumented.onnx", "fused": onnx_path},
                             x.cpu(), runs=args.runs)
-    same = summary.same_as_vanilla()
-    if args.strict and same["op_counts"] is None:
-        vanilla_row = summary.models.get("vanilla")
-        why = vanilla_row.note if vanilla_row is not None and vanilla_row.note else "no vanilla model"
-        raise ASRError(f"--strict: cannot compare the op multiset with the vanilla model's ({why}); "
-                       "pass --model and --factory-args for a checkpoint that does not name its factory")
-    if args.strict and same["op_counts"] is False:
-        raise VerificationError("--strict: the ONNX op multiset differs from the vanilla model's: "
-                                f"{op_count_diff(summary.models['vanilla'].op_counts, report.op_counts)}", report)
+    if args.strict:
+        check_strict(args, loaded.vanilla, x, summary, report)
     stages.stop()
-    finish(args, summary)
-    return EXIT_OK
+
+
+def check_strict(args: argparse.Namespace, vanilla: nn.Module | None, x: torch.Tensor, summary: CommandSummary,
+                 report: ExportReport) -> None:
+    """``--strict``: the file's op multiset is the vanilla model's (:func:`asr_fx.testing.compare_with_vanilla`)."""
+    if vanilla is None:
+        raise CheckpointError("--strict: cannot compare the op multiset with the vanilla model's (no vanilla model "
+                              "is known): pass --model and --factory-args for a checkpoint that does not name its "
+                              "factory", reason="no-factory")
+    row = summary.models.get("vanilla")
+    versus = compare_with_vanilla(vanilla, (x,), onnx_file=args.onnx, opset=args.opset,
+                                  vanilla_op_counts=row.op_counts if row is not None else None)
+    if versus.vanilla_op_counts is None:
+        raise ExportError(f"--strict: cannot compare the op multiset with the vanilla model's "
+                          f"({versus.vanilla_note or (row.note if row is not None else '')})", opset=args.opset)
+    if versus.same_op_counts is False:
+        raise VerificationError(f"--strict: {versus.problems()[0]}", report)

@@ -16,7 +16,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import InputShapeError
 
 from ..graph.modes import preserved_training_modes
 from ..infra import PassContext, PassResult
@@ -85,7 +85,7 @@ class _ShapeRecorder(fx.Interpreter):
 def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.GraphModule:
     """Run ``gm`` once on ``example_inputs`` (eval mode, no grad) recording each node's shape.
 
-    Refuses inputs the captured model does not run on with :class:`~asr_fx.errors.ASRError` naming their
+    Refuses inputs the captured model does not run on with :class:`~asr_fx.errors.InputShapeError` naming their
     shapes and the graph node that failed.
     """
     inputs = as_input_tuple(example_inputs)
@@ -101,10 +101,11 @@ def record_shapes(gm: fx.GraphModule, example_inputs: ExampleInputs) -> fx.Graph
         if isinstance(exc, _NodeFailed):
             target = exc.node.target if isinstance(exc.node.target, str) else getattr(exc.node.target, "__name__", "")
             where = f" at graph node `{exc.node.name}` ({exc.node.op} {target})"
-        raise ASRError(f"example_inputs of shape(s) {shapes} do not run through the captured model{where}: "
-                       f"{type(error).__name__}: {first}. If the model's own forward fails on them too, pass inputs "
-                       "it accepts, e.g. (torch.randn(1, 3, 224, 224),); if it runs on them, keep the module around "
-                       "that call as one call with leaf_modules=[...]") from None
+        raise InputShapeError(f"example_inputs of shape(s) {shapes} do not run through the captured model{where}: "
+                              f"{type(error).__name__}: {first}. If the model's own forward fails on them too, pass "
+                              "inputs it accepts, e.g. (torch.randn(1, 3, 224, 224),); if it runs on them, keep the "
+                              "module around that call as one call with leaf_modules=[...]",
+                              shape=list(shapes[0]) if shapes else None) from None
     return gm
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import UnsupportedModelError
 
 from .constant_fold import FOLDED_PREFIX
 from ..graph.graph_queries import fetch_attr, site_of
@@ -19,8 +19,9 @@ from ..graph.graph_queries import fetch_attr, site_of
 def require_finite(value: torch.Tensor, where: str) -> None:
     """Raise unless every entry of the attention value at site ``where`` is finite."""
     if not torch.isfinite(value).all():
-        raise ASRError(f"the attention value at site `{where}` is not finite (NaN/Inf): the checkpoint's "
-                       "psi or attention weights are broken; retrain or restore them before fusing")
+        raise UnsupportedModelError(f"the attention value at site `{where}` is not finite (NaN/Inf): the checkpoint's "
+                                    "psi or attention weights are broken; retrain or restore them before fusing",
+                                    reason="non-finite")
 
 
 def check_finite_constants(gm: fx.GraphModule) -> None:

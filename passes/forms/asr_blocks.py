@@ -1,10 +1,10 @@
 """The ASR block modules the passes insert and recognise: :class:`ASR` (``x * act(F(psi))``) and
-its BatchNorm-affine training form :class:`NormFusedASR`, with the BatchNorm forward the latter uses.
+its BatchNorm-affine training form :class:`BatchNormAffineASR`, with the BatchNorm forward the latter uses.
 
 At training time the attention network ``F`` sees a learnable ``psi`` instead of ``GAP(x)`` (the
 paper's Eq. 4 "without GAP"), so its output ``v`` does not depend on the input: after training ``v``
 is a constant vector and :func:`asr_fx.fuse` folds ``x * v`` into the layer that produced ``x``.
-Public as :mod:`asr_fx.asr` (``asr_fx.ASR``, ``asr_fx.NormFusedASR``); here so that the passes need
+Public as :mod:`asr_fx.asr` (``asr_fx.ASR``, ``asr_fx.BatchNormAffineASR``); here so that the passes need
 nothing above them.
 """
 
@@ -189,7 +189,7 @@ def batch_norm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, w
                         weight, bias, use_batch_stats, factor, norm.eps)
 
 
-class NormFusedASR(ASR):
+class BatchNormAffineASR(ASR):
     """An ASR block computed inside the BatchNorm before it: ``BN(x)`` with affine ``weight * v, bias * v``.
 
     The same function as ``ASR()(bn(x))`` (``(x_hat * w + b) * v = x_hat * (w v) + b v``) in training
@@ -207,8 +207,8 @@ class NormFusedASR(ASR):
         self.norm_path = norm_path
 
     @classmethod
-    def from_block(cls, block: ASR, norm_path: str) -> NormFusedASR:
-        """The norm-fused form of ``block``: the same attention network and the same psi tensor."""
+    def from_block(cls, block: ASR, norm_path: str) -> BatchNormAffineASR:
+        """The BN-affine form of ``block``: the same attention network and the same psi tensor."""
         fused = cls(block.channels, block.attention, norm_path, channel_pos=block.channel_pos,
                     activation=block.activation, learnable_psi=isinstance(block.psi, nn.Parameter),
                     psi_init=getattr(block, "psi_init", 0.1))

@@ -1,8 +1,8 @@
-"""The BN-affine training form of ASR blocks at BatchNorm sites (a pass pair), called ``norm_fused``
+"""The BN-affine training form of ASR blocks at BatchNorm sites (a pass pair), called ``bn_affine_form``
 in the public API: a *training* form, not a fused model.
 
 :func:`to_bn_affine_form`: ``bn(x) -> asr.k(.)`` becomes ``asr.k(x, bn)`` where ``asr.k`` is a
-:class:`~asr_fx.passes.forms.asr_blocks.NormFusedASR` computing BatchNorm with affine ``weight * v, bias * v``
+:class:`~asr_fx.passes.forms.asr_blocks.BatchNormAffineASR` computing BatchNorm with affine ``weight * v, bias * v``
 (no ``bn(x)`` activation is kept for the backward of ``* v``).
 :func:`from_bn_affine_form`: the inverse at fusion time, with ``v`` folded into the BN's affine
 parameters, so the rest of :func:`asr_fx.fuse` sees a vanilla BN call.
@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .asr_blocks import ASR, NormFusedASR, is_affine_batch_norm
+from .asr_blocks import ASR, BatchNormAffineASR, is_affine_batch_norm
 from ..fold.check_finite import require_finite
 from ..infra import PassResult
 from ..graph.records import FoldRecord
@@ -29,7 +29,7 @@ def _module_calls(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
-    """Turn every ASR block that directly follows an affine BatchNorm into its norm-fused form.
+    """Turn every ASR block that directly follows an affine BatchNorm into its BN-affine form.
 
     Equivalence: ``asr.k(bn(x)) == asr.k'(x, bn)`` in training and eval (running statistics updated
     the same way); psi and the attention network are the same tensors, so state_dict keys do not change.
@@ -53,7 +53,7 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
         if not is_affine_batch_norm(gm.get_submodule(norm_node.target)):
             continue
         key = str(node.target)[len(container) + 1:]
-        getattr(gm, container)[key] = NormFusedASR.from_block(block, str(norm_node.target))
+        getattr(gm, container)[key] = BatchNormAffineASR.from_block(block, str(norm_node.target))
         with gm.graph.inserting_before(node):
             norm_ref = gm.graph.get_attr(norm_node.target)
         node.args = (norm_node.args[0], norm_ref)
@@ -65,7 +65,7 @@ def to_bn_affine_form(gm: fx.GraphModule, container: str = "asr") -> PassResult:
 
 
 def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
-    """Replace every ``block(x, bn)`` call of a :class:`NormFusedASR` by ``bn(x)`` with ``v`` folded into ``bn``.
+    """Replace every ``block(x, bn)`` call of a :class:`BatchNormAffineASR` by ``bn(x)`` with ``v`` folded into ``bn``.
 
     Equivalence: ``bn(x)`` afterwards equals ``block(x, bn)`` before (``bn`` gets new Parameters
     ``weight * v`` and ``bias * v``; the old tensors are not written, but ``bn`` itself is changed:
@@ -78,7 +78,7 @@ def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
         if node.op != "call_module":
             continue
         block = gm.get_submodule(node.target)
-        if not isinstance(block, NormFusedASR):
+        if not isinstance(block, BatchNormAffineASR):
             continue
         x, norm_ref = node.args
         norm = gm.get_submodule(norm_ref.target)
@@ -89,7 +89,7 @@ def from_bn_affine_form(gm: fx.GraphModule) -> PassResult:
         norm.bias = nn.Parameter(norm.bias.detach() * v, requires_grad=norm.bias.requires_grad)
         block_path = str(node.target)
         records.append(FoldRecord(mul=node.name, site=block_path, target=str(norm_ref.target), where="bn",
-                                  reason="norm_fused block", from_attention=True, into=str(norm_ref.target)))
+                                  reason="BN-affine block", from_attention=True, into=str(norm_ref.target)))
         node.target, node.args = norm_ref.target, (x,)
         gm.graph.erase_node(norm_ref)
         gm.delete_submodule(block_path)

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from asr_fx.errors import ASRError
+from asr_fx.errors import InputShapeError, InvalidOptionError, UnknownSiteError
 
 from .asr_blocks import ASR
 from ..placement.attention_patterns import ChannelAttention, find_channel_attention, pooled_dims
@@ -41,8 +41,8 @@ def _psi_shape(gm: fx.GraphModule, att: ChannelAttention, pool: fx.Node) -> tupl
     if shape is not None:
         return (1, *shape[1:])
     if att.channels <= 0:
-        raise ASRError(f"the channel count of the attention at `{att.module or att.mul}` is unknown: "
-                       "pass example_inputs= so shapes can be propagated")
+        raise InputShapeError(f"the channel count of the attention at `{att.module or att.mul}` is unknown: "
+                              "pass example_inputs= so shapes can be propagated", shape=None)
     keeps_dims = module_of(gm, pool) is not None or pool.op == "call_function" and "pool" in str(pool.target) or \
         bool(pool.kwargs.get("keepdim", pool.args[2] if len(pool.args) > 2 else False))
     return (1, att.channels, *([1] * att.spatial_dims)) if keeps_dims else (1, att.channels)
@@ -118,10 +118,10 @@ def convert_existing_attention(
         nodes = {n.name: n for n in gm.graph.nodes}
         mul, pool, feature = nodes[att.mul], nodes[att.pool], nodes[att.feature]
         if any(pooled_dims(gm, nodes[p]) is None for p in att.pools):
-            raise ASRError(f"`{att.pool}` is not a global pooling; the graph changed since the attention was found")
+            raise UnknownSiteError(f"`{att.pool}` is not a global pooling; the graph changed since the attention was found")
         key = qualified_key(att.module) if att.module else att.mul
         if key in blocks:
-            raise ASRError(f"two blocks share the key {key!r}: the attention at `{att.module}` and a site")
+            raise InvalidOptionError(f"two blocks share the key {key!r}: the attention at `{att.module}` and a site")
         shape = _psi_shape(gm, att, pool)
         net = attention_network(gm, att, shape)
         channels = att.channels or int(torch.tensor(shape).prod())

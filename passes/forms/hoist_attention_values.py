@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .asr_blocks import ASR, NormFusedASR
+from .asr_blocks import ASR, BatchNormAffineASR
 
 
 def _takes_value_first(gm: fx.GraphModule, node: fx.Node, container: str) -> bool:
@@ -47,8 +47,8 @@ def hoist_attention_values(gm: fx.GraphModule, container: str = "asr") -> int:
 
 
 def _base_arity(block: ASR) -> int:
-    """Arguments of a block call without ``v``: ``(x)``, or ``(x, bn)`` for a norm-fused block."""
-    return 2 if isinstance(block, NormFusedASR) else 1
+    """Arguments of a block call without ``v``: ``(x)``, or ``(x, bn)`` for a BN-affine block."""
+    return 2 if isinstance(block, BatchNormAffineASR) else 1
 
 
 def _erase_unused(node: fx.Node) -> None:

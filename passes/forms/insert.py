@@ -44,7 +44,7 @@ def insert_asr(
         node = nodes[site.node]
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(f"{container}.{site.node}", (node,))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch.fx as fx
 
-from asr_fx.errors import ASRError, InvalidOptionError
+from asr_fx.errors import InvalidOptionError, UnknownSiteError
 
 from .locate import Site, site_at
 from .rules import placement_rule, rule_names
@@ -39,7 +39,7 @@ def select_sites(gm: fx.GraphModule, rule: str, sites: SiteSelector, exclude: Si
             known = {n for s in candidates for n in (s.node, s.module)}
             missing = [name for name in sites if name not in known]
             if missing:
-                raise ASRError(
+                raise UnknownSiteError(
                     f"sites={missing} name no conv/norm/linear call in the traced graph; "
                     f"candidates include {[s.module or s.node for s in candidates[:8]]}"
                 )

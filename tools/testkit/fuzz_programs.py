@@ -6,7 +6,7 @@ tensor ``h`` (with earlier values kept for residual adds, concats and extra outp
 generator drives hypothesis (``programs()``, which shrinks) and a seeded ``random.Random``
 (``random_spec(seed)``, what ``tools/fuzz_fuse.py`` runs), so every failure has a reproducer::
 
-    from fuzz_programs import random_spec, check_program
+    from testkit.fuzz_programs import random_spec, check_program
     check_program(random_spec(1234))        # or check_program(<the printed spec>)
 
 ``check_program`` runs one program through ``fuse`` and returns the failures found, each with a
@@ -25,8 +25,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from fuzz_check import CATEGORIES, Failure, check_program, constant_muls, reproducer
-from fuzz_model import Program, build, example_input
+from .fuzz_check import CATEGORIES, Failure, check_program, constant_muls, reproducer
+from .fuzz_model import Program, build, example_input
 
 #: Features the generator leaves out because they hit an open bug of issue 14. Each entry names the
 #: item. Remove an entry once its fix lands; the fuzzer then covers the feature again.
@@ -111,7 +111,7 @@ def _draw_scale(ch: Any, channels: int, exclude: set[str], layout: str) -> dict:
 
 
 def _draw_op(ch: Any, state: dict, exclude: set[str]) -> dict | None:
-    c, dim = state["channels"], state["dim"]
+    c = state["channels"]
     kinds = ["conv", "conv", "norm", "act", "act", "pool", "scale", "scale", "scale", "round_trip", "residual",
              "concat", "reuse", "save", "output", "inplace_add", "channels_last"]
     kind = ch.choice(kinds)

@@ -14,7 +14,8 @@ import torch.fx as fx
 from torch import nn
 
 import asr_fx
-from fuzz_model import build, example_input
+
+from .fuzz_model import build, example_input
 
 CATEGORIES = ("equivalence", "unreported leftover", "crash", "input mutated", "dtype")
 
@@ -178,7 +179,7 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
 
 def reproducer(spec: dict) -> str:
     """Python that reruns one program."""
-    return f"from fuzz_check import check_program; print(check_program({spec!r}))"
+    return f"from testkit.fuzz_check import check_program; print(check_program({spec!r}))"
 
 
 __all__ = ["CATEGORIES", "Failure", "check_program", "constant_muls", "reproducer"]

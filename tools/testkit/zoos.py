@@ -223,7 +223,8 @@ def hf_zoo() -> dict[str, Entry]:
         "SegFormer": Entry(make("SegformerConfig", "SegformerForSemanticSegmentation", num_encoder_blocks=2,
                                 depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2],
                                 decoder_hidden_size=32, **small)),
-        "DETR": Entry(make("DetrConfig", "DetrForObjectDetection", use_pretrained_backbone=False, use_timm_backbone=True,
+        "DETR": Entry(make("DetrConfig", "DetrForObjectDetection", use_pretrained_backbone=False,
+                           use_timm_backbone=True,
                            backbone="resnet18", d_model=32, encoder_layers=1, decoder_layers=1,
                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
                            decoder_ffn_dim=32, num_queries=5, **small)),
@@ -262,7 +263,8 @@ def torchvision_tasks_zoo() -> dict[str, Entry]:
         "fasterrcnn_mobilenet_v3_large_320_fpn": Entry(make("fasterrcnn_mobilenet_v3_large_320_fpn", **det), 96, True),
         "retinanet_resnet50_fpn": Entry(make("retinanet_resnet50_fpn", **det), 96, True),
         "keypointrcnn_resnet50_fpn": Entry(make("keypointrcnn_resnet50_fpn", **{**det, "num_classes": 2}), 96, True),
-        "ssdlite320_mobilenet_v3_large": Entry(make("ssdlite320_mobilenet_v3_large", num_classes=3), 96, True),  # 320 px
+        # 320 px
+        "ssdlite320_mobilenet_v3_large": Entry(make("ssdlite320_mobilenet_v3_large", num_classes=3), 96, True),
         "fcn_resnet50": Entry(make("fcn_resnet50", num_classes=3, aux_loss=False)),
         "deeplabv3_mobilenet_v3_large": Entry(make("deeplabv3_mobilenet_v3_large", num_classes=3, aux_loss=False)),
         "lraspp_mobilenet_v3_large": Entry(make("lraspp_mobilenet_v3_large", num_classes=3)),

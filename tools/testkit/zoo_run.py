@@ -1,4 +1,4 @@
-"""One model of any zoo through the asr-fx pipeline (used by tools/zoo_sweep.py ``--zoo``).
+"""One model of any zoo through the asr-fx pipeline (used by tools/zoo_sweep.py ``--zoo`` and the zoo tests).
 
 instrument -> one SGD step -> eval (batch independence) -> fuse(strict=True) -> parameters against
 ``fuse(vanilla)`` -> ONNX verified in onnxruntime. A detector (list of images in, boxes out) skips the
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import asr_fx
-from asr_fx.equivalence import _tensors
+from asr_fx.equivalence import floating_tensors
 
 #: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies).
-#: timm models over 60M parameters are first built from a reduced config (tools/_zoos.SHRINK_KWARGS);
+#: timm models over 60M parameters are first built from a reduced config (testkit.zoos.SHRINK_KWARGS);
 #: one whose constructor takes none of those keywords runs as it is up to this limit (PNASNet, 82M)
 MAX_PARAMS = 100_000_000
 #: sizes tried for an entry without its own list, after its own size
@@ -74,7 +74,7 @@ def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple
     return total
 
 
-def _runs(model: torch.nn.Module, entry) -> Exception | None:  # noqa: ANN001 - tools/_zoos.Entry
+def _runs(model: torch.nn.Module, entry) -> Exception | None:  # noqa: ANN001 - testkit.zoos.Entry
     try:
         with torch.no_grad():
             model(*entry.inputs(2, 1))
@@ -83,7 +83,7 @@ def _runs(model: torch.nn.Module, entry) -> Exception | None:  # noqa: ANN001 - 
         return exc
 
 
-def _built(entry):  # noqa: ANN001, ANN202 - tools/_zoos.Entry
+def _built(entry):  # noqa: ANN001, ANN202 - testkit.zoos.Entry
     """``(vanilla model in eval mode, entry at its input size)``: the smallest size the model runs a batch of 2
     at, from the entry's ``sizes`` (built for each size with ``entry.sized``), else its own size and then
     :data:`FALLBACK_SIZES`. Raises when none fits, naming the sizes tried and the last error."""
@@ -106,7 +106,7 @@ def _built(entry):  # noqa: ANN001, ANN202 - tools/_zoos.Entry
                        f"{type(last).__name__}: {str(last).strip().splitlines()[0] if str(last).strip() else ''}")
 
 
-def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - tools/_zoos.Entry
+def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - testkit.zoos.Entry
     """Run the pipeline on one zoo entry; never raises (the row's status says what failed)."""
     row = ZooRow(name)
     stage, start = "build", time.perf_counter()
@@ -134,7 +134,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         if not entry.detector:
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            loss = sum(t.float().pow(2).mean() for t in _tensors(model(*entry.inputs(2, 2))))
+            loss = sum(t.float().pow(2).mean() for t in floating_tensors(model(*entry.inputs(2, 2))))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,9 +142,9 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         lap("eval")
         model.eval()
         with torch.no_grad():
-            ref = _tensors(model(*x))
+            ref = floating_tensors(model(*x))
             if not entry.detector:
-                one = _tensors(model(x[0][:1]))
+                one = floating_tensors(model(x[0][:1]))
                 alone = _rel([t[:1] for t in ref], [t[:1] for t in one])
                 if not alone <= 1e-4:
                     raise AssertionError(f"eval output depends on the rest of the batch (rel. {alone:.2g})")
@@ -154,7 +154,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
             fused = asr_fx.fuse(model, strict=True, example_inputs=x)
             want = _reference_params(vanilla, model, x)
         with torch.no_grad():
-            row.fuse_err = _rel(ref, _tensors(fused(*x)))
+            row.fuse_err = _rel(ref, floating_tensors(fused(*x)))
         row.params_ok = asr_fx.count_parameters(fused) == want
         lap("onnx")
         if onnx and not entry.detector:

@@ -1,4 +1,5 @@
-"""The fusion report: where every constant per-channel scale went, and why not where it stayed."""
+"""What :func:`asr_fx.fuse` reports: the :class:`FusionReport` (where every constant per-channel scale went,
+and why not where it stayed), kept on the fused module under :data:`FUSION_KEY`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
+from torch import nn
 
-from asr_fx.passes.infra import latest_by
 from asr_fx.passes.graph.records import FoldRecord
+from asr_fx.passes.infra import latest_by
+
+#: where :func:`asr_fx.fuse` keeps the :class:`FusionReport` on the fused GraphModule: ``fused.meta[FUSION_KEY]``
+FUSION_KEY = "asr_fx.fusion"
 
 
 @dataclass
@@ -82,3 +87,9 @@ class FusionReport:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def fusion_report(fused: nn.Module) -> FusionReport | None:
+    """The :class:`FusionReport` that :func:`asr_fx.fuse` attached to its result (None: not a fused model)."""
+    meta = getattr(fused, "meta", None)
+    return meta.get(FUSION_KEY) if isinstance(meta, dict) else None

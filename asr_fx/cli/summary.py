@@ -1,6 +1,7 @@
-"""The report of ``asr-fx fuse`` and ``asr-fx verify``: stage lines, the comparison, the tables and JSON.
+"""What ``asr-fx fuse`` and ``asr-fx verify`` found (:class:`CommandSummary`): stage lines, the comparison,
+the tables and the ``--json`` object.
 
-The report holds, per output, the max abs and relative error of onnxruntime against the model as
+The summary holds, per output, the max abs and relative error of onnxruntime against the model as
 trained (in torch); the onnxruntime provider; and, with ``--compare``, for the vanilla, instrumented
 and fused models their parameter counts, ONNX op counts and onnxruntime latency. Latency is shown
 only with its spread (median and 25th-75th percentiles over interleaved runs) beside an A/A control:
@@ -14,7 +15,8 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +27,23 @@ from torch import nn
 
 from asr_fx import onnx_runtime
 from asr_fx._util import count_parameters
-from asr_fx.cli.options import EXIT_OK, say
-from asr_fx.errors import ASRError
+from asr_fx.cli.options import EXIT_OK, CommandFailed, say
+from asr_fx.errors import ASRError, VerificationError
 from asr_fx.export import export_onnx
 from asr_fx.verify import ExportReport, onnx_op_counts
+
+
+@contextmanager
+def summary_on_failure(summary: CommandSummary) -> Iterator[CommandSummary]:
+    """Run a command's steps; an error leaves as :class:`CommandFailed` with ``summary`` (a verification
+    error's report becomes the summary's export report when the command had none yet)."""
+    try:
+        yield summary
+    except Exception as exc:  # noqa: BLE001 - every error is the command's result, reported by main
+        if isinstance(exc, VerificationError) and exc.report is not None and summary.export is None:
+            summary.export = exc.report
+        raise CommandFailed(exc, summary) from exc
+
 
 #: the A/A control: the vanilla file run in a second session
 CONTROL = "vanilla (A/A)"
@@ -52,8 +67,8 @@ class ModelRow:
 
 
 @dataclass
-class VerificationSummary:
-    """Everything ``asr-fx fuse`` / ``asr-fx verify`` found; ``to_dict()`` is the ``--json`` report."""
+class CommandSummary:
+    """Everything ``asr-fx fuse`` / ``asr-fx verify`` found; ``to_dict()`` is the ``--json`` object."""
 
     command: str
     checkpoint: str
@@ -80,7 +95,8 @@ class VerificationSummary:
         if not base or not fused:
             return {"op_counts": None, "params": None}
         return {
-            "op_counts": None if base.op_counts is None or fused.op_counts is None else base.op_counts == fused.op_counts,
+            "op_counts": None if base.op_counts is None or fused.op_counts is None
+            else base.op_counts == fused.op_counts,
             "params": None if base.params is None or fused.params is None else base.params == fused.params,
         }
 
@@ -149,7 +165,7 @@ class VerificationSummary:
 class Stages:
     """Stage lines (``[2/5] trace  input [1, 3, 32, 32]``) on stdout; nothing with -q or --json."""
 
-    def __init__(self, args: argparse.Namespace, summary: VerificationSummary, names: Sequence[str]) -> None:
+    def __init__(self, args: argparse.Namespace, summary: CommandSummary, names: Sequence[str]) -> None:
         self.args, self.summary, self.names = args, summary, list(names)
         self.current: str | None = None
         self.started = 0.0
@@ -193,19 +209,20 @@ def measure_latency(rows: dict[str, ModelRow], paths: dict[str, str | os.PathLik
     """Fill the latency of every row with an ONNX file, and add the A/A control row (a second session of
     the vanilla file), through :func:`asr_fx.onnx_runtime.latency_ms`: one thread per session, the
     sessions take turns run by run (a busy machine slows them alike), 3 warm-up runs not counted."""
-    paths = {name: str(path) for name, path in paths.items() if name in rows and os.path.isfile(path)}
-    if "vanilla" in paths:
+    files = {name: str(path) for name, path in paths.items() if name in rows and os.path.isfile(path)}
+    if "vanilla" in files:
         rows[CONTROL] = ModelRow(params=rows["vanilla"].params, op_counts=rows["vanilla"].op_counts,
                                  note="A/A control")
-        paths = {"vanilla": paths["vanilla"], CONTROL: paths["vanilla"], **paths}
-    samples = onnx_runtime.latency_ms(paths, (x,), runs=runs, warmup=3, threads=1)
+        files = {"vanilla": files["vanilla"], CONTROL: files["vanilla"], **files}
+    samples = onnx_runtime.latency_ms(files, (x,), runs=runs, warmup=3, threads=1)
     for name, values in samples.items():
         p25, median, p75 = np.percentile(np.array(values), [25, 50, 75])
-        rows[name].latency_ms, rows[name].latency_p25_ms, rows[name].latency_p75_ms = float(median), float(p25), float(p75)
+        row = rows[name]
+        row.latency_ms, row.latency_p25_ms, row.latency_p75_ms = float(median), float(p25), float(p75)
 
 
-def finish(args: argparse.Namespace, summary: VerificationSummary) -> int:
-    """Print the report: JSON with --json, tables otherwise, nothing with -q."""
+def finish(args: argparse.Namespace, summary: CommandSummary) -> int:
+    """Print the summary: JSON with --json, tables otherwise, nothing with -q."""
     if args.json:
         print(json.dumps({"ok": True, "exit_code": EXIT_OK, **summary.to_dict()}, indent=2))
         return EXIT_OK
