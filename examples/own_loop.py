@@ -25,7 +25,7 @@ def main(steps: int = 3, depth: int = 11, out: str = "asr-fx-example") -> None:
     # psi and the attention networks are ordinary parameters: one optimizer, one weight decay
     optimizer = torch.optim.SGD(asr_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     asr_model.train()
-    for step in range(steps):
+    for _ in range(steps):
         images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
         loss = nn.functional.cross_entropy(asr_model(images), labels)
         optimizer.zero_grad()
