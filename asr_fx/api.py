@@ -24,6 +24,7 @@ from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
+from asr_fx.passes.fold.fold_targets import folding_in_place
 from asr_fx.passes.forms.asr_blocks import ASR
 from asr_fx.passes.pipelines import fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
@@ -68,8 +69,9 @@ def fuse(
         if into is None:
             return fused
         return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
-    work = copy.deepcopy(model).eval()
-    gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    work = copy.deepcopy(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
+    with folding_in_place():
+        gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
     report = FusionReport.from_pass_records(records, blocks)
     gm.meta[FUSION_KEY] = report

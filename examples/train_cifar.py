@@ -41,10 +41,12 @@ STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="folder holding CIFAR (torchvision layout); none: FakeData")
     p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
-    p.add_argument("--depth", type=int, default=164, help="bottleneck ResNet depth 9n+2 (164: the paper's; 20 for a test)")
+    p.add_argument("--depth", type=int, default=164,
+                   help="bottleneck ResNet depth 9n+2 (164: the paper's; 20 for a test)")
     p.add_argument("--attention", default="se", help="ASR's attention network (se, eca, srm, ie, spa, cbam)")
     p.add_argument("--epochs", type=int, default=164)
     p.add_argument("--milestones", type=int, nargs="*", default=[81, 122], help="epochs at which lr *= gamma")

@@ -248,3 +248,17 @@ def test_demo_table_has_a_header_stage_lines_and_lists_every_file_it_wrote(tmp_p
     written = sorted(os.listdir(out))
     assert written == ["asr_fused.onnx", "asr_resnet.pt", "vanilla.onnx"]
     assert all(str(out / name) in files for name in written)
+
+
+def test_a_way_out_the_message_already_names_is_not_repeated():
+    from asr_fx.cli.advice import cli_message
+    from asr_fx.errors import CheckpointError, InputShapeError
+
+    own = InputShapeError("no input shape: pass --input-shape, e.g. 1,3,224,224", shape=None)
+    assert cli_message(own, str(own)) == str(own)
+    library = InputShapeError("example_inputs of shape(s) [(3, 8)] do not fit the model", shape=[3, 8])
+    assert cli_message(library, str(library)).endswith("; pass the shape it expects with --input-shape")
+    named = CheckpointError("no factory: pass --model package.module:factory", reason="no-factory")
+    assert cli_message(named, str(named)) == str(named)
+    plain = CheckpointError("weights without the factory that builds the model", reason="no-factory")
+    assert "pass --model package.module:factory" in cli_message(plain, str(plain))

@@ -80,6 +80,19 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(full, f"{out_dir}/full.pt")
         dcp.save({"model": state, "asr_fx": header}, checkpoint_id=f"{out_dir}/with_header")
         dcp.save({"model": state}, checkpoint_id=f"{out_dir}/weights_only")
+        # the big-model flow: meta device -> instrument -> fully_shard -> to_empty -> reset_parameters
+        with torch.device("meta"):
+            vanilla = cifar_resnet(depth=11)
+        meta = asr_fx.instrument(vanilla, "se", preset="transformer")
+        fully_shard(meta)
+        meta.to_empty(device="cpu")
+        for module in meta.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        asr = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in meta.state_dict().items()
+               if k.startswith("asr.")}
+        if rank == 0:
+            torch.save(asr, f"{out_dir}/meta_asr.pt")
     finally:
         dist.destroy_process_group()
 
@@ -107,6 +120,13 @@ def test_fsdp2_two_processes_train_as_one_process_on_the_global_batch(fsdp_run):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert all(not torch.allclose(start[k], want[k]) for k in psi)  # psi did train
+
+
+def test_meta_device_instrument_fully_shard_to_empty_reset_gives_the_preset_init(fsdp_run):
+    asr = torch.load(fsdp_run / "meta_asr.pt", weights_only=True)
+    assert len([k for k in asr if k.endswith(".psi")]) == 3
+    for key, value in asr.items():  # the transformer preset: psi and every attention parameter at 1e-3
+        assert torch.equal(value, torch.full_like(value, 1e-3)), key
 
 
 def test_fsdp2_dcp_folder_with_header_loads_with_asr_fx_load(fsdp_run):

@@ -9,6 +9,14 @@ whose fitted ``k`` is 1.2 or more is flagged as superlinear; not judged when it 
 
     OMP_NUM_THREADS=1 python tools/bench_passes.py           # writes tools/results/bench_passes.md
     python tools/bench_passes.py --chain 50 100 200 --no-resnets --no-write
+    OMP_NUM_THREADS=1 python tools/bench_passes.py --big      # writes tools/results/bench_passes_memory.md
+
+``--big``: big models (timm ViT-S/B/L/H-14 and ConvNeXt-L from configs, random weights; the CIFAR
+ResNet-164), each in its own subprocess (:mod:`_pass_memory`), one after another: ``instrument`` and
+``fuse`` (with ``example_inputs``, checks on), each step's time and its **peak memory**: the peak
+resident set above what was resident when the step started, as a multiple of the model's bytes
+(1.0x = one whole copy); with ``inplace=True`` on both where this asr-fx has it. Then the exponent
+``k`` of pass time ``t ~ params^k`` fitted over the ViT rows.
 
 - trace: ``asr_fx.passes.capture.trace`` (torch.fx symbolic trace with asr-fx's leaf rules);
 - instrument: ``asr_fx.instrument`` (deep copy, trace, locate, insert);
@@ -21,8 +29,12 @@ whose fitted ``k`` is 1.2 or more is flagged as superlinear; not judged when it 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -110,8 +122,65 @@ def fmt_s(value) -> str:
     return "-" if value is None else f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
+BIG = ["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224",
+       "convnext_large", "cifar_resnet164"]
+
+
+def big_row(name: str, inplace: bool) -> dict:
+    """One row of ``--big``, measured in a subprocess of its own (the memory of one model at a time)."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, str(here / "_pass_memory.py"), name, *(["inplace"] if inplace else [])],
+                         capture_output=True, text=True, env=env)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    if run.returncode or not lines:
+        tail = (run.stderr.strip().splitlines() or ["?"])[-1]
+        return {"model": name, "inplace": inplace, "note": f"failed (exit {run.returncode}): {tail[:120]}"}
+    return json.loads(lines[-1])
+
+
+def big_table(names: list[str], write: bool) -> None:
+    rows, raw = [], []
+    for name in names:
+        for inplace in (False, True):
+            r = big_row(name, inplace)
+            raw.append(r)
+            rows.append({"model": name, "inplace": "yes" if inplace else "no",
+                         "params (M)": f"{r['params'] / 1e6:.1f}" if "params" in r else "-",
+                         "model MiB": f"{r['bytes'] / 2**20:.0f}" if "bytes" in r else "-",
+                         "instrument s": fmt_s(r.get("instrument_s")),
+                         "instrument peak (x model)": f"{r['instrument_x']:.2f}" if "instrument_x" in r else "-",
+                         "fuse s": fmt_s(r.get("fuse_s")),
+                         "fuse peak (x model)": f"{r['fuse_x']:.2f}" if "fuse_x" in r else "-",
+                         "note": r.get("note", "")})
+            print(table(rows[-1:]), flush=True)
+    fits = []
+    vits = [r for r in raw if r["model"].startswith("vit_") and not r["inplace"] and "fuse_s" in r]
+    for step in ("instrument", "fuse"):
+        if len(vits) >= 2:
+            xs = [math.log(r["params"]) for r in vits]
+            k = slope(xs, [math.log(r[f"{step}_s"]) for r in vits])
+            fits.append({"step": step, "rows": ", ".join(r["model"] for r in vits),
+                         "exponent k (t ~ params^k)": f"{k:.2f}", "linear (k <= 1.1)": "yes" if k <= 1.1 else "NO"})
+    settings = [
+        f"machine: {machine()}",
+        "models: timm from configs (pretrained=False), random weights; CIFAR ResNet-164 from asr_fx.models; input "
+        "1x3x224x224 (ResNet-164: 1x3x32x32); instrument(model, example_inputs=(x,)) then fuse(instrumented, "
+        "example_inputs=(x,)), equivalence checks on; one run each, each model in its own subprocess",
+        "peak: resident set (sampled every 2 ms) above what was resident when the step started (after gc and "
+        "malloc_trim), divided by the model's parameter and buffer bytes; 1.00 = one whole copy of the model",
+        "command: `OMP_NUM_THREADS=1 python tools/bench_passes.py --big`",
+    ]
+    body = "## Peak memory and time of instrument and fuse\n\n" + table(rows) + "\n\n"
+    body += "## Pass time against parameters (ViT rows)\n\n" + (table(fits) if fits else "(too few rows)") + "\n"
+    report("bench_passes_memory.md", "bench_passes --big: memory and time of the passes on big models", settings, body,
+           [], write=write)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", nargs="*", default=None, metavar="MODEL",
+                        help=f"the big-model memory table instead (default rows: {' '.join(BIG)})")
     parser.add_argument("--resnets", nargs="*", default=["resnet18", "resnet50", "resnet101", "resnet152"])
     parser.add_argument("--no-resnets", action="store_true")
     parser.add_argument("--chain", nargs="*", type=int, default=[50, 100, 200, 400, 800, 1600])
@@ -122,6 +191,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     set_threads(args.threads)
+    if args.big is not None:
+        big_table(args.big or BIG, write=not args.no_write)
+        return
     torch.manual_seed(0)
     resnet_rows, chain_rows, notes = [], [], []
     with tempfile.TemporaryDirectory() as tmp:

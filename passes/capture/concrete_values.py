@@ -27,6 +27,7 @@ import contextlib
 import copy
 import inspect
 import operator
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,6 +145,13 @@ class ConcreteValues:
                 self.data_dependent.add(node)
         elif any(self.from_data(p) for p in inputs):
             self.data_dependent.add(node)
+
+    def forget_with(self, proxy: Any) -> None:
+        """Drop the value of ``proxy``'s node when the proxy is garbage: only a live proxy (or one made from
+        it) can ask for it, so the example's activations are freed as the traced forward drops them, as in
+        a plain forward, instead of all being held until the trace ends."""
+        if proxy.node in self.values and tensor_like(self.values[proxy.node]):
+            weakref.finalize(proxy, self.values.pop, proxy.node, None)
 
     def shape_from_data(self, proxy: Any) -> bool:
         if isinstance(proxy, Attribute):

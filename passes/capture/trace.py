@@ -190,6 +190,7 @@ class ASRTracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         if self.concrete is not None:
             self.concrete.record(proxy.node, kind, target, args, kwargs)
+            self.concrete.forget_with(proxy)
         return proxy
 
     def _known(self, obj: Any, what: str) -> Any:

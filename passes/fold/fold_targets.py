@@ -8,13 +8,17 @@ eval-mode BN), used when a scale is pushed forward into the next layer.
 
 ``v``/``s`` is 1-D, one entry per channel. Parameters are replaced by new ``nn.Parameter`` objects
 (never written into in place, so a tensor that something else shares is never changed); callers
-check beforehand that no other call or module uses them.
+check beforehand that no other call or module uses them. Inside :func:`folding_in_place` (what
+:func:`asr_fx.fuse` uses on its private copy, whose tensors nothing outside shares) the new values are
+written into the existing tensors instead: no second copy of a folded layer is held while folding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -24,10 +28,30 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from ..graph.graph_queries import fetch_attr, is_plain_layer
 from ..graph.op_tables import NORM_MODULES
 
+_IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("asr_fx_fold_in_place", default=False)
+
+
+@contextlib.contextmanager
+def folding_in_place() -> Iterator[None]:
+    """Inside the block, :func:`replace_tensor` writes into the existing tensor when shape, dtype and device
+    allow. Only for a model whose tensors no one else holds (a private copy, or ``inplace=True``): the
+    folded tensors themselves are then changed, not replaced."""
+    token = _IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
+
 
 def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Set ``owner.<name>`` to a fresh copy of ``value``, as a Parameter if it was one."""
+    """Set ``owner.<name>`` to a fresh copy of ``value``, as a Parameter if it was one (inside
+    :func:`folding_in_place`: ``value`` written into the tensor already there, when it fits)."""
     old = getattr(owner, name)
+    if _IN_PLACE.get() and isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype \
+            and old.device == value.device and not old._is_view() and old.data_ptr() != value.data_ptr():
+        with torch.no_grad():
+            old.copy_(value.detach())
+        return
     if isinstance(old, nn.Parameter):
         setattr(owner, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
     else:
