@@ -17,11 +17,12 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.config import get_config, set_config
-from asr_fx.equivalence import check_fused
-from asr_fx.errors import FusionError
+from asr_fx.equivalence import check_fused, derive_probe, probe_inputs, run_on_copies, saved_state
+from asr_fx.errors import ASRError, FusionError, VanillaModelError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
+from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.passes.fold.fold_targets import folding_in_place
@@ -32,6 +33,8 @@ from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
 #: placement rules by name (a view of :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`)
 RULES = {name: rule.find for name, rule in PLACEMENT_RULES.items()}
 
+
+
 def fuse(
     model: nn.Module,
     strict: bool = False,
@@ -41,10 +44,19 @@ def fuse(
     leaf_modules: Any = None,
     into: nn.Module | None = None,
     check: bool = True,
+    inplace: bool = False,
 ) -> fx.GraphModule | nn.Module:
-    """Fold every constant per-channel scale (every ASR block) into its layer; returns a new GraphModule.
+    """Fold every constant per-channel scale (every ASR block) into its layer; returns the user's own model.
 
-    ``model`` is not modified. The result is in eval mode and computes what ``model.eval()``
+    For a model :func:`asr_fx.instrument` returned in the module form (the user's class with blocks
+    attached), the result is that class again, with the folded weights in the vanilla architecture: no
+    ASR submodules, no hooks, the vanilla state_dict keys (:mod:`asr_fx.own_model`). Where a fold has no
+    place in that class (a scale left as a ``mul``, ``fold_bn=True``, a norm without affine that gained
+    one), the fused GraphModule is returned with a warning saying why. A model in the graph form (a
+    GraphModule) gives a GraphModule, as before.
+
+    ``model`` is not modified, unless ``inplace=True``: then the folded weights go into ``model`` itself
+    (hooks and ``asr`` removed) and it is returned; that refuses where the result would be a GraphModule. The result is in eval mode and computes what ``model.eval()``
     computes. Every constant per-channel ``mul`` (ASR blocks, layer scales) folds into the layer
     before it, or is pushed forward through ReLU/pooling/flatten into the next conv/linear/BN
     (``example_inputs`` give the shapes that reshapes and rank-dependent norms need). Sites that
@@ -66,12 +78,29 @@ def fuse(
     if is_partial(model):
         inputs = as_input_tuple(example_inputs)
         fused = fuse_parts(model, fuse, strict=strict, fold_bn=fold_bn, example_inputs=inputs, check=check)
-        if into is None:
-            return fused
-        return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
+        if into is not None:
+            return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
+        return _in_place(model, fused) if inplace else fused
+    if is_module_form(model):
+        return _fuse_module_form(model, strict, fold_bn, as_input_tuple(example_inputs), leaf_modules, into, check,
+                                 inplace)
+    if inplace:
+        raise ASRError("fuse(..., inplace=True) needs a model instrument() returned in the module form (the user's "
+                       f"own class); {type(model).__name__} is a GraphModule: leave inplace off")
     work = copy.deepcopy(model).eval()  # the one copy: folds then write into its tensors, which no one else holds
     with folding_in_place():
         gm, records = fuse_pipeline(work, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules)
+    _report(model, gm, records, strict)
+    if check:
+        check_fused(model, gm.eval(), example_inputs)
+    if into is not None:
+        return fuse_into(gm.eval(), into, model, example_inputs=as_input_tuple(example_inputs),
+                         leaf_modules=leaf_modules)
+    return gm.eval()
+
+
+def _report(model: nn.Module, gm: fx.GraphModule, records: list[Any], strict: bool) -> FusionReport:
+    """The fusion report of ``records``, on ``gm.meta``; warns (``strict``: raises) about unfolded sites."""
     blocks = tuple(name for name, m in model.named_modules() if isinstance(m, ASR))
     report = FusionReport.from_pass_records(records, blocks)
     gm.meta[FUSION_KEY] = report
@@ -79,13 +108,69 @@ def fuse(
         message = report.unfolded_message()
         if strict:
             raise FusionError(message, report)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=3)
+    return report
+
+
+def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tuple[Any, ...] | None,
+                      leaf_modules: Any, into: nn.Module | None, check: bool, inplace: bool) -> nn.Module:
+    """:func:`fuse` of a model in the module form (see :mod:`asr_fx.own_model`)."""
+    loose = unattached_blocks(model)
+    if loose:
+        raise ASRError(f"the ASR blocks {['asr.' + k for k in loose[:5]]} are attached to no module of "
+                       f"{type(model).__name__}: a module was replaced after instrument (convert_sync_batchnorm, "
+                       "a new head?), so those blocks took no part in training. Replace modules before instrument")
+    leaves = leaf_modules if leaf_modules is not None else model.__dict__.get(LEAVES)
+    inputs = probe_inputs(model, inputs)
+    vanilla = copy.deepcopy(model).eval()
+    blocks = remove(vanilla)
+    with folding_in_place():  # graph_form traces its own copy: no one else holds its tensors
+        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), fold_bn=fold_bn,
+                                    example_inputs=inputs, leaf_modules=leaves)
+    report = _report(model, gm, records, strict)
     if check:
-        check_fused(model, gm.eval(), example_inputs)
+        check_fused(model, gm.eval(), inputs)
     if into is not None:
-        return fuse_into(gm.eval(), into, model, example_inputs=as_input_tuple(example_inputs),
-                         leaf_modules=leaf_modules)
-    return gm.eval()
+        return fuse_into(gm.eval(), into, model, example_inputs=inputs, leaf_modules=leaves)
+    probe = inputs if inputs is not None else _runs_on(vanilla, derive_probe(vanilla))
+    if fold_bn and not inplace:  # BatchNorm folded into convs: the deploy graph, which the class has no place for
+        return gm.eval()
+    try:
+        result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves)
+    except VanillaModelError as exc:
+        if inplace:
+            raise
+        warnings.warn(f"fuse returns a GraphModule, not a {type(model).__name__}: {exc}", stacklevel=3)
+        return gm.eval()
+    result.__dict__[FUSION_KEY] = report
+    return _in_place(model, result) if inplace else result
+
+
+def _runs_on(model: nn.Module, probe: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """``probe`` when ``model`` runs on it in eval mode (state kept), else None."""
+    if probe is None:
+        return None
+    try:
+        with saved_state(model):
+            run_on_copies(model, probe, False)
+    except Exception:  # noqa: BLE001 - a guessed input the model does not take: no probe
+        return None
+    return probe
+
+
+def _in_place(model: nn.Module, fused: nn.Module) -> nn.Module:
+    """``fused``'s weights written into ``model`` itself, ASR removed from it (``fuse(..., inplace=True)``)."""
+    if isinstance(fused, fx.GraphModule) or type(fused) is not type(model):
+        raise ASRError(f"fuse(..., inplace=True): the fused model is a {type(fused).__name__}, which cannot go into "
+                       f"{type(model).__name__} itself; leave inplace off")
+    remove(model)
+    for path, part in fused.named_modules():
+        if isinstance(part, fx.GraphModule) and path:  # a fused captured part: put it in as it is
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, part)
+    model.load_state_dict(fused.state_dict())
+    model.__dict__[FUSION_KEY] = fusion_report(fused)
+    return model.eval()
 
 
 def asr_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -206,6 +206,19 @@ def instrument_from_config(model: nn.Module, config: ASRConfig | dict[str, Any],
     return instrument(model, example_inputs=example, leaf_modules=leaf_modules, **options)
 
 
+def graph_form_state(state: dict[str, torch.Tensor], recorded: ASRConfig, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state_dict saved from the graph form (every checkpoint before the module form: ``recorded.form`` is
+    None or ``"graph"``), for ``model`` in the module form: the graph form held only the modules its
+    traced forward calls, so a vanilla key of a module the forward never calls is missing from it; those
+    keep ``model``'s own values (the forward does not read them). Other states are returned as they are."""
+    config = asr_config(model)
+    if recorded.form not in (None, "graph") or config is None or config.form == "graph":
+        return state
+    own = model.state_dict()
+    unused = {k: v for k, v in own.items() if k not in state and ".asr." not in f".{k}"}
+    return {**unused, **state} if unused else state
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_modules: Any = None,
                  attention: str | None = None, attention_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """The instrumented model an asr-fx checkpoint describes, weights loaded (strict). ``attention``
@@ -224,10 +237,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
     # a checkpoint written before widths were recorded: its state_dict says what they were
     asr.attention_kwargs = {**widths_from_state_dict(asr.attention, ckpt["state_dict"]), **(asr.attention_kwargs or {})}
     instrumented = instrument_from_config(model, asr, ckpt.get("input_shape"), leaf_modules)
-    check_finite_asr(ckpt["state_dict"])
-    check_keys(instrumented, ckpt["state_dict"], hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?",
+    state = graph_form_state(ckpt["state_dict"], recorded, instrumented)
+    check_finite_asr(state)
+    check_keys(instrumented, state, hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?",
                attention=asr.attention)
-    instrumented.load_state_dict(ckpt["state_dict"])
+    instrumented.load_state_dict(state)
     config = asr_config(instrumented) or asr
     config.input_shape = ckpt.get("input_shape")
     config.sites = recorded.sites if recorded.sites is not None else config.sites

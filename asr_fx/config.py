@@ -58,6 +58,11 @@ class ASRConfig:
     """each part's input shapes on the example inputs (its probe for ``fuse``)"""
     refused_parts: list[str] | None = None
     """parts that traced but were refused, each with its reason"""
+    form: str | None = None
+    """``"module"``: the blocks are attached to the model's own modules (:mod:`asr_fx.own_model`);
+    ``"graph"`` or None (configs written before the module form): the model is a GraphModule"""
+    graph_reason: str | None = None
+    """why the graph form was used (a site with no place in the model's modules)"""
 
     @property
     def resolved_bn_affine_form(self) -> bool:

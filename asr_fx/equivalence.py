@@ -186,20 +186,55 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
     ``original`` computes on ``inputs`` (or a derived probe), in eval and in train mode.
 
     Runs on ``instrumented`` itself, not on a copy (a copy would double the memory of a big model): each
-    block's ``v`` is 1 for the check only, and buffers, modes and the RNG state are restored after it."""
+    block's ``v`` is 1 for the check only, and buffers, modes and the RNG state are restored after it.
+    ``original`` may be :func:`expected_outputs`' record of the model before it changed in place
+    (``instrument(..., inplace=True)``): then the outputs are compared, not the gradients."""
+    if isinstance(original, _Recorded):
+        inputs = original.inputs
     inputs = inputs if inputs is not None else derive_probe(original)
     if inputs is None:
         return
     with _unit_attention(instrumented):
         for training in (False, True):
             _compare(original, instrumented, inputs, training, "the instrumented model (every ASR block at v = 1)")
-        _compare_gradients(original, instrumented, inputs)
+        if not isinstance(original, _Recorded):
+            _compare_gradients(original, instrumented, inputs)
 
 
 def _compare_gradients(original: nn.Module, work: nn.Module, inputs: Sequence[Any]) -> None:
     """The original's parameters get the same gradients in ``work`` (:mod:`asr_fx.gradient_check`)."""
     with saved_state(original, work):
         check_gradients(original, work, inputs, "the instrumented model (every ASR block at v = 1)")
+
+
+class _Recorded(nn.Module):
+    """A reference that returns the outputs a model computed before it changed (``inputs``: the probe)."""
+
+    def __init__(self, outputs: dict[bool, Any], inputs: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.outputs, self.inputs = outputs, inputs
+
+    def forward(self, *args: Any) -> Any:
+        out = self.outputs[self.training]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+
+def expected_outputs(model: nn.Module, inputs: Sequence[Any] | None) -> _Recorded | None:
+    """``model``'s outputs on ``inputs`` (or a derived probe) in eval and train mode, as a module that
+    returns them: the reference of :func:`check_instrumented` for a model changed in place."""
+    inputs = tuple(inputs) if inputs is not None else derive_probe(model)
+    if inputs is None or _on_meta(model, inputs):
+        return None
+    outputs: dict[bool, Any] = {}
+    with saved_state(model):
+        for training in (False, True):
+            try:
+                outputs[training] = run_on_copies(model, inputs, training)
+            except Exception as exc:  # noqa: BLE001 - the probe does not suit this mode: nothing to check there
+                outputs[training] = exc
+    return _Recorded(outputs, inputs)
 
 
 def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[Any, ...] | None:

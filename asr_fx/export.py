@@ -33,7 +33,10 @@ from torch import nn
 from asr_fx import atomic
 from asr_fx._util import count_parameters
 from asr_fx.errors import ExportError, InvalidOptionError, VerificationError
+from asr_fx.own_model import LEAVES, graph_form, remove
+from asr_fx.passes import trace
 from asr_fx.passes.export.export_forms import for_export
+from asr_fx.passes.forms.module_form import has_module_form
 from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.verify import (
     ExportReport,
@@ -189,6 +192,26 @@ class _ExportFailed(Exception):
         self.errors = errors
 
 
+def _traced(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule | None:
+    """``model``'s inference graph (asr-fx's trace, eval mode) when it is no GraphModule and traces, else None."""
+    if isinstance(model, fx.GraphModule) or kwargs:
+        return None
+    try:
+        return trace(model, model.__dict__.get(LEAVES), bind_training=False, example_inputs=args)
+    except Exception:  # noqa: BLE001 - no traced form: the exporters' errors stand
+        return None
+
+
+def exportable(model: nn.Module, args: tuple = ()) -> nn.Module:
+    """What is exported for ``model``: an instrumented model in the module form as its graph form (the
+    blocks as graph nodes: exporters need not follow hooks), any other model as it is."""
+    if not has_module_form(model):
+        return model
+    vanilla = deepcopy(model).eval()
+    blocks = remove(vanilla)
+    return graph_form(vanilla, blocks, model.__dict__.get(LEAVES), args or None)
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int | None, dynamic: Sequence[str],
             external_data: bool, input_names: Sequence[str] | None,
             output_names: Sequence[str] | None) -> tuple[str, str]:
@@ -201,9 +224,18 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, path: str, opset: int |
         _export_dynamo(model, args, kwargs, path, opset, dynamic, external_data, input_names, output_names)
         return "dynamo", ""
     except Exception as exc:  # noqa: BLE001 - retried, then re-raised with the retry's error
-        if kwargs or external_data:
-            raise _ExportFailed({"dynamo": exc}) from exc
         first = exc
+    traced = _traced(model, args, kwargs)
+    if traced is not None:  # the user's own class: its traced graph takes the export forms (for_export)
+        for stale in Path(path).parent.iterdir():
+            stale.unlink()
+        try:
+            _export_dynamo(traced, args, kwargs, path, opset, dynamic, external_data, input_names, output_names)
+            return "dynamo", ""
+        except Exception:  # noqa: BLE001 - the first error is the one reported
+            pass
+    if kwargs or external_data:
+        raise _ExportFailed({"dynamo": first}) from first
     for stale in Path(path).parent.iterdir():  # anything the failed export left in the private folder
         stale.unlink()
     try:
@@ -322,7 +354,7 @@ def export_onnx(
         tmp = folder / path.name
         start = time.perf_counter()
         try:
-            report.exporter, report.exporter_note = _export(model, args, kwargs, str(tmp), opset, axes,
+            report.exporter, report.exporter_note = _export(exportable(model, args), args, kwargs, str(tmp), opset, axes,
                                                             external_data, input_names, output_names)
         except _ExportFailed as exc:
             cause = exc.errors["dynamo"]

@@ -90,6 +90,9 @@ class FusionReport:
 
 
 def fusion_report(fused: nn.Module) -> FusionReport | None:
-    """The :class:`FusionReport` that :func:`asr_fx.fuse` attached to its result (None: not a fused model)."""
-    meta = getattr(fused, "meta", None)
+    """The :class:`FusionReport` that :func:`asr_fx.fuse` attached to its result (None: not a fused model):
+    in ``fused.__dict__`` for the user's own class, in a GraphModule's ``meta``."""
+    if FUSION_KEY in fused.__dict__:
+        return fused.__dict__[FUSION_KEY]
+    meta = fused.__dict__.get("meta")
     return meta.get(FUSION_KEY) if isinstance(meta, dict) else None

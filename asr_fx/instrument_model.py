@@ -9,6 +9,8 @@ The placement rules come from the one registry :data:`asr_fx.passes.placement.ru
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +22,15 @@ from torch import nn
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
-from asr_fx.equivalence import check_instrumented
-from asr_fx.errors import InvalidOptionError, TraceError
-from asr_fx.partial_capture import instrument_parts
+from asr_fx.equivalence import check_instrumented, expected_outputs
+from asr_fx.errors import ASRError, InvalidOptionError, TraceError
+from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
+from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
 from asr_fx.passes import Site, trace
 from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
 from asr_fx.passes.forms.convert_existing import existing_attention_sites
-from asr_fx.passes.pipelines import INSTRUMENT_PIPELINE, BlockFactory, SiteBlocks
+from asr_fx.passes.infra import PassResult, Pipeline
+from asr_fx.passes.pipelines import GRAPH_FORM_PIPELINE, INSTRUMENT_PIPELINE, READ_PIPELINE, BlockFactory, SiteBlocks  # noqa: F401 - INSTRUMENT_PIPELINE: its old home
 from asr_fx.passes.placement.select import SiteSelector, select_sites
 
 
@@ -112,17 +116,27 @@ def instrument(
     convert_existing: bool = False,
     bn_affine_form: bool | None = None,
     check: bool = True,
+    inplace: bool = False,
 ) -> nn.Module:
-    """Trace ``model``, find the ASR sites and put an ASR block at each; returns a trainable GraphModule.
+    """Trace ``model``, find the ASR sites and put an ASR block at each; returns the user's own model with ASR in it.
 
-    ``model`` is not modified (the result holds copies of its modules, under the same names).
-    Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``); with ``delta > 1`` each site
-    holds an ``nn.Sequential`` of ``delta`` blocks (the paper's Table 7).
+    The result is a copy of ``model`` (``inplace=True``: ``model`` itself), of the same class, with every
+    attribute, method, keyword argument and output type: the graph only reads the model, the blocks are
+    attached to its modules (:mod:`asr_fx.own_model`): a forward hook on the module whose output a site
+    is, or at an affine BatchNorm the BN-affine training form (``bn_affine_form``, a BatchNorm subclass).
+    Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``): state_dict keys are the vanilla
+    keys plus ``asr.*``; with ``delta > 1`` each site holds an ``nn.Sequential`` of ``delta`` blocks
+    (the paper's Table 7).
+
+    Where a site is no module's output (functional code, a module called twice, a composite layer the
+    trace went through) or with ``convert_existing=True``, the result is a GraphModule as in earlier
+    versions (the *graph form*), with a warning and the reason in the config (``graph_reason``);
+    ``inplace=True`` refuses that with :class:`~asr_fx.errors.ASRError` instead.
 
     Args:
         attention: a registered name (``asr_fx.attention.names()``) or a factory ``f(channels, **kw)``.
         rule: placement rule; ``"auto"`` picks the paper's placement (see
-            :data:`asr_fx.passes.placement.rules.PLACEMENT_RULES`).
+            :data:`asr_fx.passes.placement.PLACEMENT_RULES`).
         sites / exclude: node or module names, or a predicate on :class:`Site`, to choose sites.
         example_inputs: optional; shapes let layers whose channel dimension depends on the input
             rank (BatchNorm1d, GroupNorm, ...) take a site.
@@ -138,13 +152,14 @@ def instrument(
             found by :func:`asr_fx.passes.find_channel_attention`) into its ASR form at
             ``asr.<attention module path>``: the same network, fed by a learnable psi. psi starts
             at the batch mean of the pooled values on ``example_inputs`` when given, else at ``psi_init``.
-        bn_affine_form: the BN-affine *training form* at BatchNorm sites (a way to train, not a fused
-            model). ``True``: a block right after an affine
+        bn_affine_form: the BN-affine *training form* at BatchNorm sites (not a fused model; the name is
+            kept for compatibility). ``True``: a block right after an affine
             ``nn.BatchNorm`` computes that BN with affine ``weight * v, bias * v``
             (:class:`asr_fx.asr.BatchNormAffineASR`: the same function, but BN's output is not kept for the
             backward of ``x * v``, so training costs about what the vanilla model does); other sites keep
             ``x * v``. Needs ``delta=1``. ``False``: every block is ``x * v``. ``None`` (default):
             ``True`` when ``delta == 1``. State_dict keys and :func:`fuse`'s result are the same either way.
+        inplace: attach the blocks to ``model`` itself and return it (no copy: big models).
         check: before returning, check on ``example_inputs`` (or a probe derived from the first layer) that
             the result with every ``v = 1`` computes what ``model`` computes, in eval and train mode
             (:mod:`asr_fx.equivalence`; raises :class:`asr_fx.errors.EquivalenceError`). ``False`` skips it.
@@ -153,52 +168,116 @@ def instrument(
     cannot follow), the largest capturable children are instrumented in place and the model's own class
     is returned with those parts replaced (:mod:`asr_fx.partial_capture`).
     """
-    options = {k: v for k, v in locals().items() if k != "model"}  # for instrument_parts
+    options = {k: v for k, v in locals().items() if k != "model"}
+    return instrument_one(model, options, graph_ok=not inplace)
+
+
+def instrument_graph_form(model: nn.Module, attention: Any = "se", **kwargs: Any) -> fx.GraphModule:
+    """:func:`instrument`'s graph form (a GraphModule whose graph calls the blocks), for tools that rewrite
+    the blocks in the graph (:func:`asr_fx.stripe.plain_attention`); takes :func:`instrument`'s arguments."""
+    options = {**dict(inspect.signature(instrument).parameters.items()), **kwargs, "attention": attention}
+    options = {k: (v.default if isinstance(v, inspect.Parameter) else v) for k, v in options.items() if k != "model"}
+    return instrument_one(model, options, graph_ok=True, graph_form="requested")  # type: ignore[return-value]
+
+
+def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool, graph_form: str | None = None) -> nn.Module:
+    """:func:`instrument` with its keyword arguments in ``options``; ``graph_ok``: the graph form may be
+    returned where the module form has no place (else :class:`ASRError`); ``graph_form``: a reason to
+    return the graph form anyway (no warning)."""
+    o = options
+    bn_affine_form, delta, example_inputs = o["bn_affine_form"], o["delta"], as_input_tuple(o["example_inputs"])
     if bn_affine_form is None:
         bn_affine_form = delta == 1
     if bn_affine_form and delta != 1:
         raise InvalidOptionError(f"bn_affine_form=True puts one block inside each BatchNorm and needs delta=1, got "
                                  f"delta={delta}; drop bn_affine_form or use delta=1")
-    resolve_preset(preset, activation, psi_init)  # refuses a preset that contradicts activation/psi_init
+    resolve_preset(o["preset"], o["activation"], o["psi_init"])  # refuses a preset that contradicts the rest
     if delta < 1:
         raise InvalidOptionError(f"delta is the number of ASR blocks per site and must be >= 1, got {delta}")
-    example_inputs = as_input_tuple(example_inputs)
-    pipeline_options = dict(model_name=type(model).__name__, attention=attention, rule=rule, sites=sites,
-                            exclude=exclude, delta=delta, activation=activation, psi_init=psi_init,
-                            learnable_psi=learnable_psi, attention_kwargs=dict(attention_kwargs or {}),
-                            example_inputs=example_inputs, leaf_modules=leaf_modules, preset=preset,
-                            convert_existing=convert_existing, bn_affine_form=bn_affine_form)
+    pipeline_options = dict(model_name=type(model).__name__, attention=o["attention"], rule=o["rule"],
+                            sites=o["sites"], exclude=o["exclude"], delta=delta, activation=o["activation"],
+                            psi_init=o["psi_init"], learnable_psi=o["learnable_psi"],
+                            attention_kwargs=dict(o["attention_kwargs"] or {}), example_inputs=example_inputs,
+                            leaf_modules=o["leaf_modules"], preset=o["preset"],
+                            convert_existing=o["convert_existing"], bn_affine_form=bn_affine_form)
     pipeline_options["blocks"] = site_blocks(pipeline_options)
     try:
-        gm, records = INSTRUMENT_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
+        if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
+            raise TraceError("the sites name parts of the model")
+        gm, records = READ_PIPELINE.run(copy.deepcopy(model), **pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
-        return instrument_parts(model, exc, instrument, options)
+        return instrument_parts(model, exc, instrument_one, {**options, "bn_affine_form": bn_affine_form})
     chosen = [r for r in records if isinstance(r, Site)]
-    kwargs = pipeline_options["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
+    config = _config(model, gm, chosen, pipeline_options)
+    found = graph_form or (plan(gm, chosen, model, bn_affine_form) if not o["convert_existing"] else
+                           "convert_existing=True rewrites the model's own attention inside its forward")
+    parts = in_parts(model, found, gm, chosen, instrument_one, {**options, "bn_affine_form": bn_affine_form}) \
+        if isinstance(found, str) and not graph_form and not o["convert_existing"] else None
+    if parts is not None:
+        return parts
+    if isinstance(found, str):
+        return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok or bool(graph_form),
+                           o["check"], warn=not graph_form)
+    own = model if o["inplace"] else copy.deepcopy(model)
+    expected = expected_outputs(model, example_inputs) if o["check"] and own is model else None
+    attach_blocks(own, gm, found)
+    config.form = "module"
+    set_config(own, config)
+    keep_leaf_modules(own, o["leaf_modules"])
+    if o["check"] and (own is not model or expected is not None):
+        try:
+            check_instrumented(model if expected is None else expected, own, example_inputs)
+        except BaseException:
+            remove(own)
+            raise
+    return own
+
+
+def _graph_form(model: nn.Module, gm: fx.GraphModule, records: list[Any], config: ASRConfig, reason: str,
+                pipeline_options: dict[str, Any], graph_ok: bool, check: bool, warn: bool = True) -> fx.GraphModule:
+    """The graph form (a GraphModule holding the model's modules; earlier versions' only form), with a
+    warning saying why; refused with :class:`ASRError` unless ``graph_ok``."""
+    name = type(model).__name__
+    if not graph_ok:
+        raise ASRError(f"instrument(..., inplace=True) cannot keep {name} itself: {reason}. Way out: leave "
+                       "inplace off (a GraphModule is returned), or exclude=[...] those sites")
+    if warn:
+        warnings.warn(f"instrument returns a GraphModule, not a {name}: {reason}. The model's own methods, "
+                      "attributes and keyword arguments are not kept; exclude=[...] those sites to keep them",
+                      stacklevel=4)
+    seeded = Pipeline("instrument-graph-form", (lambda m, c: PassResult(m, False, tuple(records)),
+                                               *GRAPH_FORM_PIPELINE.passes))
+    gm, _ = seeded.run(gm, **pipeline_options)
+    config.form, config.graph_reason = "graph", reason
+    set_config(gm, config)
+    place_like(gm, model)
+    gm.train(model.training)
+    if check and not pipeline_options["convert_existing"]:  # converted existing attention changes the function
+        check_instrumented(model, gm, pipeline_options["example_inputs"])
+    return gm  # type: ignore[return-value]
+
+
+def _config(model: nn.Module, gm: fx.GraphModule, chosen: list[Site], o: dict[str, Any]) -> ASRConfig:
+    kwargs = o["attention_kwargs"]  # the built widths are recorded, so a checkpoint rebuilds them
     kwargs.update(resolved_widths(((m.channels, m.attention) for m in gm.modules() if isinstance(m, ASR)), kwargs))
-    settings = block_settings(pipeline_options, chosen)
-    config = ASRConfig(
-        attention=attention_name(attention),
+    settings = block_settings(o, chosen)
+    example_inputs = o["example_inputs"]
+    return ASRConfig(
+        attention=attention_name(o["attention"]),
         attention_kwargs=kwargs,
-        rule=rule,
-        delta=delta,
+        rule=o["rule"],
+        delta=o["delta"],
         activation=settings.activation,
         psi_init=list(settings.psi_init) if isinstance(settings.psi_init, tuple) else settings.psi_init,
-        learnable_psi=learnable_psi,
+        learnable_psi=o["learnable_psi"],
         preset=settings.preset,
-        convert_existing=convert_existing,
-        bn_affine_form=bn_affine_form,
+        convert_existing=o["convert_existing"],
+        bn_affine_form=o["bn_affine_form"],
         sites=[s.to_dict() for s in chosen],
         factory=getattr(model, "_asr_fx_factory", None),
         input_shape=list(example_inputs[0].shape) if example_inputs and isinstance(example_inputs[0], torch.Tensor)
         else None,
     )
-    set_config(gm, config)
-    place_like(gm, model)
-    gm.train(model.training)
-    if check and not convert_existing:  # converted existing attention changes the function on purpose
-        check_instrumented(model, gm, example_inputs)
-    return gm
 
 
 def attention_name(attention: Any) -> Any:
@@ -207,42 +286,3 @@ def attention_name(attention: Any) -> Any:
         return attention
     module, qualname = getattr(attention, "__module__", None), getattr(attention, "__qualname__", None)
     return f"{module}:{qualname}" if module and qualname and "<" not in qualname else None
-
-
-def _floating_dtype(module: nn.Module | None) -> torch.dtype | None:
-    for t in (*module.parameters(), *module.buffers()) if module is not None else ():
-        if t.is_floating_point():
-            return t.dtype
-    return None
-
-
-def _site_dtype(gm: fx.GraphModule, block_call: fx.Node) -> torch.dtype | None:
-    """The dtype of the value an ASR block scales: recorded by shape propagation, else the dtype of the
-    parameters of the layer that produced it."""
-    value = block_call.args[0] if block_call.args else None
-    if not isinstance(value, fx.Node):
-        return None
-    recorded = getattr(value.meta.get("tensor_meta"), "dtype", None)
-    if recorded is not None:
-        return recorded
-    return _floating_dtype(gm.get_submodule(str(value.target))) if value.op == "call_module" else None
-
-
-def place_like(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Put the new ASR state on the model's device, and each ASR block in the dtype of the value it
-    scales at its own site (not the dtype of some other parameter of the model)."""
-    ref: torch.Tensor | None = next(iter(model.parameters()), None)
-    if ref is None:
-        ref = next(iter(model.buffers()), None)
-    if ref is None:
-        return
-    if ref.device.type != "cpu":
-        gm.to(ref.device)
-    blocks = getattr(gm, "asr", None)
-    if not isinstance(blocks, nn.Module):
-        return
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target).startswith("asr."):
-            dtype = _site_dtype(gm, node) or (ref.dtype if ref.is_floating_point() else None)
-            if dtype is not None and dtype.is_floating_point and dtype != torch.float32:
-                gm.get_submodule(str(node.target)).to(dtype)

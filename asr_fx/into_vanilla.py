@@ -101,6 +101,20 @@ def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, valu
     return f"`{key}` is not saved by the vanilla model (a non-persistent buffer) but fusion changed it"
 
 
+_SHAPING = {"reshape", "view", "unsqueeze", "expand", "flatten", "to", "type_as"}
+
+
+def _past_shaping(users: list[fx.Node], sources: list[fx.Node]) -> list[fx.Node]:
+    """``users`` with each shaping op of its source (``gamma.reshape(1, -1, 1, 1)``) replaced by its users."""
+    out: list[fx.Node] = []
+    for u in users:
+        if getattr(u.target, "__name__", u.target) in _SHAPING and u.args and u.args[0] in sources:
+            out.extend(_past_shaping(list(u.users), [u]))
+        else:
+            out.append(u)
+    return out
+
+
 def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     """``True`` when ``key`` is read only as a ``mul`` operand, ``False`` when not read at all,
     ``None`` when read otherwise."""
@@ -108,6 +122,7 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     if not users:
         return False
     muls = {"mul", "mul_", "__mul__", "__rmul__", "__imul__"}
+    users = _past_shaping(users, [n for n in graph.nodes if n.op == "get_attr" and n.target == key])
     return True if all(getattr(u.target, "__name__", u.target) in muls for u in users) else None
 
 
@@ -151,6 +166,8 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
     reads). Raises :class:`VanillaModelError` naming the site and reason where a fold has no place
     in the vanilla class, or the first key/shape mismatches for another architecture.
     """
+    if not isinstance(fused, fx.GraphModule):  # fused into its own class already: the vanilla keys, checked
+        return _same_architecture(fused.state_dict(), vanilla)
     report = fusion_report(fused)
     fused_state, target = fused.state_dict(), vanilla.state_dict()
     modules = {name for name, _ in vanilla.named_modules()}
@@ -182,6 +199,21 @@ def vanilla_state_dict(fused: fx.GraphModule, vanilla: nn.Module, source: nn.Mod
         raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
                                 + "; ".join(problems[:_SHOWN]) + _more(problems))
     return {k: (fused_state[k] if k in fused_state else extra_values[k]).detach() for k in target}
+
+
+def _same_architecture(state: dict[str, torch.Tensor], vanilla: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` when its keys and shapes are ``vanilla``'s, else :class:`VanillaModelError` naming the first mismatches."""
+    target = vanilla.state_dict()
+    only_fused, only_vanilla = [k for k in state if k not in target], [k for k in target if k not in state]
+    shapes = [f"`{k}` {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items()
+              if k in target and v.shape != target[k].shape]
+    if only_fused or only_vanilla or shapes:
+        raise VanillaModelError(f"{type(vanilla).__name__} is another architecture than the fused model: keys only in "
+                                f"the fused model {only_fused[:_SHOWN]}{_more(only_fused)}, only in the vanilla model "
+                                f"{only_vanilla[:_SHOWN]}{_more(only_vanilla)}, shapes (fused vs vanilla) "
+                                f"{shapes[:_SHOWN]}{_more(shapes)}; build the vanilla model with the same factory "
+                                "and arguments")
+    return {k: v.detach() for k, v in state.items()}
 
 
 def _more(items: Sequence[Any]) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +29,10 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.config import ASRConfig, asr_config, set_config
-from asr_fx.equivalence import check_fused, saved_state
+from asr_fx.equivalence import check_fused, derive_probe, saved_state
 from asr_fx.errors import ASRError, InputShapeError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
+from asr_fx.site_locators import Locators, locate
 
 
 def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str, tuple[tuple, dict]]:
@@ -120,18 +122,28 @@ def _keep_attributes(part: nn.Module, child: nn.Module) -> None:
         part.recompile()
 
 
-def _part_sites(sites: Any, path: str) -> Any:
+#: :func:`_part_sites`'s answer where the child cannot take its sites whole: look inside it
+_DESCEND = "descend"
+
+
+def _part_sites(sites: Any, path: str, child: nn.Module, inputs: tuple[Any, ...] | None, leaf_modules: Any) -> Any:
+    """``instrument``'s ``sites=`` for the child at ``path``: None (placement), a predicate, or names."""
     if sites is None or callable(sites):
         return sites
+    if isinstance(sites, Locators):
+        names = sites.names(path, child, inputs, leaf_modules) if inputs is not None else None
+        return _DESCEND if names is None else names
     prefix = f"{path}/"
     return [s[len(prefix):] for s in sites if isinstance(s, str) and s.startswith(prefix)]
 
 
 def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[..., nn.Module],
-                     options: dict[str, Any]) -> nn.Module:
+                     options: dict[str, Any]) -> nn.Module:  # noqa: C901 - one walk of the module tree
     """Instrument the largest capturable parts of ``model`` in place (in a copy); see the module docstring.
 
-    ``options`` are :func:`asr_fx.instrument`'s keyword arguments. Raises ``error`` (the root's trace
+    ``options`` are :func:`asr_fx.instrument`'s keyword arguments; ``instrument`` is
+    :func:`asr_fx.instrument_model.instrument_one`: each part is instrumented in place in the copy (in
+    ``model`` itself with ``inplace``), in the module form where it fits, else replaced by its graph form. Raises ``error`` (the root's trace
     error) when no example inputs are given, or when no part takes a site (with that added).
     """
     example_inputs = options.get("example_inputs")
@@ -141,31 +153,35 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                          module=error.module, module_class=error.module_class) from error
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     calls = record_calls(model, example_inputs)
-    work = copy.deepcopy(model)
+    work = model if options.get("inplace") else copy.deepcopy(model)
     parts: dict[str, ASRConfig] = {}
     refused: list[str] = []
     shapes: dict[str, list[list[int]]] = {}
 
     def visit(path: str, module: nn.Module) -> None:
-        for name, child in module.named_children():
+        for name, child in list(module.named_children()):
             child_path = f"{path}.{name}" if path else name
             if child_path not in calls:  # not called itself (a container whose children are): look inside
                 visit(child_path, child)
                 continue
             inputs = _tensor_inputs(child, *calls[child_path])
-            sites = _part_sites(options.get("sites"), child_path)
+            sites = _part_sites(options.get("sites"), child_path, child, inputs, options.get("leaf_modules"))
             if sites == []:
                 continue
-            if inputs is not None:
-                try:
-                    part = instrument(child, **{**options, "example_inputs": inputs, "sites": sites})
+            if inputs is not None and sites != _DESCEND:
+                target = work.get_submodule(child_path)  # inplace: the module form attaches to it
+                try:  # not inplace: a copy, so that a part whose sites have no place in it can be split further
+                    part = instrument(target, {**options, "example_inputs": inputs, "sites": sites,
+                                               "inplace": bool(options.get("inplace"))}, graph_ok=True)
                 except NoSitesError:
                     continue
                 except ASRError as exc:
                     refused.append(f"{child_path}: {str(exc).splitlines()[0][:200]}")
                 else:
-                    _keep_attributes(part, child)
-                    _set_submodule(work, child_path, part)
+                    if part is not target:  # a copy, or the graph form: replaces the child
+                        if isinstance(part, fx.GraphModule):
+                            _keep_attributes(part, child)
+                        _set_submodule(work, child_path, part)
                     parts[child_path] = part_config(part)
                     shapes[child_path] = [list(t.shape) for t in inputs]
                     continue
@@ -181,10 +197,44 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
     set_config(work, dataclasses.replace(first, sites=sites, parts=sorted(parts), refused_parts=refused,
-                                         part_input_shapes=shapes, input_shape=shape,
+                                         part_input_shapes=shapes, input_shape=shape, form="parts", graph_reason=None,
                                          factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
+
+
+def names_parts(sites: Any) -> bool:
+    """``sites`` names sites of parts (``"<part path>/<node>"``, as a partially captured model's config does)."""
+    return isinstance(sites, (list, tuple)) and bool(sites) and all(isinstance(s, str) and "/" in s for s in sites)
+
+
+def in_parts(model: nn.Module, reason: str, gm: fx.GraphModule, chosen: list[Any],
+             instrument: Callable[..., nn.Module], options: dict[str, Any]) -> nn.Module | None:
+    """``model`` (a copy) with its sites in captured parts, where some site has no place in its modules
+    (``reason``): the model keeps its class and its own forward, the parts that hold such sites become
+    GraphModules inside it. ``None`` when that does not give the same sites as the whole model's
+    placement (``chosen`` in ``gm``, the whole model's trace: as many, after the same modules), or no probe
+    input is known. Each part gets the sites of ``chosen`` inside it (:mod:`asr_fx.site_locators`)."""
+    inputs = options.get("example_inputs") or derive_probe(model)
+    locators = Locators(locate(gm, chosen))
+    if inputs is None or options.get("inplace") or locators.outside_children():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the parts' own graph-form warnings: one warning below says it
+            result = instrument_parts(model, TraceError(reason), instrument,
+                                      {**options, "example_inputs": inputs, "sites": locators})
+    except ASRError:
+        return None
+    got = asr_config(result).sites or []
+    modules = sorted(s.module for s in chosen if s.module)
+    in_parts = sorted(f"{s['part']}.{s['module']}" for s in got if s.get("module"))
+    if len(got) != len(chosen) or modules != in_parts:
+        return None
+    parts = asr_config(result).parts
+    warnings.warn(f"instrument keeps {type(model).__name__} but captures {parts} as GraphModules inside it: {reason}. "
+                  "Those parts take their example inputs' non-tensor arguments as fixed", stacklevel=4)
+    return result
 
 
 def part_config(model: nn.Module) -> ASRConfig:

@@ -30,7 +30,7 @@ from tabulate import tabulate
 from torch import nn
 
 from asr_fx._util import psi_shape_of
-from asr_fx.api import instrument
+from asr_fx.instrument_model import instrument_graph_form
 from asr_fx.asr import ACTIVATIONS, ASR
 from asr_fx.attention import SqueezeExcite
 from asr_fx.config import set_config
@@ -211,7 +211,7 @@ def plain_attention(model: nn.Module, attention: Any = "se", **instrument_kwargs
     a batch of pooled descriptors (psi shape other than ``(1, C, 1, ...)``, or a network that
     reshapes to one descriptor) and sites without a dimension to pool (channels last).
     """
-    gm = instrument(model, attention, **{**instrument_kwargs, "bn_affine_form": False})  # blocks are replaced below
+    gm = instrument_graph_form(model, attention, **{**instrument_kwargs, "bn_affine_form": False})  # blocks replaced
     if not isinstance(gm, fx.GraphModule):
         raise TraceError(f"{type(model).__name__} does not trace whole: plain attention needs one graph",
                          module=None, module_class=type(model).__name__)

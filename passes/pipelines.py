@@ -126,19 +126,27 @@ def hoist_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
     return PassResult(gm, hoist_attention_values(gm) > 0)
 
 
-#: what :func:`asr_fx.instrument` runs, in order, on a copy of the model. Options: ``model_name``,
-#: ``rule``, ``sites``, ``exclude``, ``convert_existing``, ``learnable_psi``, ``bn_affine_form``,
-#: ``example_inputs``, ``leaf_modules`` and ``blocks`` (a :data:`BlockFactory`).
-INSTRUMENT_PIPELINE = Pipeline("instrument", (
+#: the reading half of :func:`asr_fx.instrument`, on a copy of the model: the sites and their blocks, in the
+#: graph. Options: ``model_name``, ``rule``, ``sites``, ``exclude``, ``convert_existing``, ``learnable_psi``,
+#: ``bn_affine_form``, ``example_inputs``, ``leaf_modules`` and ``blocks`` (a :data:`BlockFactory`).
+READ_PIPELINE = Pipeline("instrument", (
     trace_model,
     record_example_shapes,
     choose_sites,
     measure_existing_attention,
     insert_blocks,
+))
+
+#: the rest of the graph form (a model whose sites have no place in its modules, or ``convert_existing``):
+#: :func:`asr_fx.instrument` puts the blocks on the model's own modules otherwise (:mod:`asr_fx.own_model`)
+GRAPH_FORM_PIPELINE = Pipeline("instrument-graph-form", (
     convert_existing_blocks,
     into_bn_affine_form,
     hoist_values,
 ))
+
+#: what :func:`asr_fx.instrument` runs for the graph form, in order, on a copy of the model
+INSTRUMENT_PIPELINE = Pipeline("instrument", READ_PIPELINE.passes + GRAPH_FORM_PIPELINE.passes)
 
 
 def unhoist_values(module: nn.Module, context: PassContext) -> PassResult:

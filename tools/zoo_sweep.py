@@ -6,9 +6,9 @@ weights and the smallest input size it accepts (tried in ``SIZES``):
     instrument (rule auto) -> one SGD step -> eval -> fuse -> ONNX export -> onnxruntime verify
     -> the fused model's ONNX op multiset and parameter count against the vanilla model's.
 
-The vanilla reference is ``fuse(vanilla)``: fuse also folds a model's own constant per-channel
-multiplies (ConvNeXt's layer scale), so that is the deploy graph an ASR model must match; for
-models without such multiplies it is the vanilla graph itself.
+The vanilla reference is the vanilla model itself when ``fuse`` returned the model's own class (the
+module form); where it returned a GraphModule, ``fuse(vanilla)``: fuse also folds a model's own constant
+per-channel multiplies (ConvNeXt's layer scale) there, so that is the deploy graph it must match.
 
 The model is instrumented in eval mode: torchvision's stochastic depth takes ``self.training`` as a
 Python bool, which tracing would freeze at its value (train mode would keep dropping rows in eval).
@@ -109,10 +109,10 @@ _ZOO_INPUTS = (
 
 def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float | None = None) -> str:
     ok = sum(r.ok for r in rows)
-    body = [(r.model, r.input, r.config, r.sites, r.parts or "", _fmt(r.fuse_err), _fmt(r.ort_err),
+    body = [(r.model, r.input, r.config, r.sites, r.parts or "", getattr(r, "form", ""), _fmt(r.fuse_err), _fmt(r.ort_err),
              "yes" if r.params_ok else "no", " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300])
             for r in rows]
-    headers = ["model", "input", "config", "sites", "parts", "max fuse err", "max ORT err", "params == fuse(vanilla)",
+    headers = ["model", "input", "config", "sites", "parts", "form", "max fuse err", "max ORT err", "params ok",
                "seconds: " + " / ".join(STAGES), "status"]
     total_s = sum(sum(r.seconds.values()) for r in rows)
     took = f" Time: {total_s / 60:.0f} min, the sum of every row's stage times" + (
@@ -124,7 +124,9 @@ def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float |
         "Per model: instrument -> one SGD step -> eval (batch independence) -> fuse(strict=True) -> parameters "
         "against fuse(vanilla)" + (" -> ONNX verified in onnxruntime" if onnx else " (ONNX not run: --no-onnx)")
         + "; detectors: eval outputs of the fused model against the instrumented one. `parts`: captured parts "
-        "when the whole forward does not trace (partial capture)." + took, "",
+        "when the whole forward does not trace (partial capture). `form`: `module`, the instrumented model is the "
+        "library's own class with the blocks attached (fused: that class again, parameters == the vanilla model's); "
+        "`graph`, a GraphModule (parameters == fuse(vanilla)'s); `parts`, the parts are one or the other." + took, "",
         _ZOO_INPUTS, "",
         f"**{ok} of {len(rows)} pass**" + (f" ({len(rows)} of {total} swept)" if len(rows) < total else ""), "",
         tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""])

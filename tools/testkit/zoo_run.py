@@ -36,6 +36,7 @@ class ZooRow:
     model: str
     sites: int = 0
     parts: int = 0
+    form: str = ""
     fuse_err: float = math.nan
     ort_err: float = math.nan
     params_ok: bool = False
@@ -59,18 +60,23 @@ def _rel(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     return worst
 
 
-def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple | None) -> int:
-    """The parameter count of ``fuse(vanilla)``; for a partially captured ``model``, of the vanilla model with
-    the same parts fused (its own constant scales folded there, as in the ASR model)."""
+def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple | None,
+                      fused: torch.nn.Module | None = None) -> int:
+    """The parameter count the fused model must have: the vanilla model's where ``fused`` is the user's own
+    class (the module form, its layer scales kept as ones), else that of ``fuse(vanilla)`` (a GraphModule:
+    the model's own constant scales folded too); for a partially captured ``model``, part by part."""
     config = asr_fx.get_config(model) or {}
     parts = config.get("parts")
     if not parts:
+        if not isinstance(fused if fused is not None else model, torch.fx.GraphModule):
+            return asr_fx.count_parameters(vanilla)
         return asr_fx.count_parameters(asr_fx.fuse(vanilla, example_inputs=x, check=False))
     total = asr_fx.count_parameters(vanilla)
     for path in parts:
         part = vanilla.get_submodule(path)
         probe = tuple(torch.randn(s) for s in config["part_input_shapes"][path])
-        total += _reference_params(part, model.get_submodule(path), probe) - asr_fx.count_parameters(part)
+        fused_part = fused.get_submodule(path) if fused is not None else None
+        total += _reference_params(part, model.get_submodule(path), probe, fused_part) - asr_fx.count_parameters(part)
     return total
 
 
@@ -130,6 +136,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         model = asr_fx.instrument(vanilla, example_inputs=x)
         config = asr_fx.get_config(model)
         row.sites, row.parts = len(config["sites"]), len(config.get("parts") or [])
+        row.form = config.get("form") or "graph"
         lap("train")
         if not entry.detector:
             model.train()
@@ -152,7 +159,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = asr_fx.fuse(model, strict=True, example_inputs=x)
-            want = _reference_params(vanilla, model, x)
+            want = _reference_params(vanilla, model, x, fused)
         with torch.no_grad():
             row.fuse_err = _rel(ref, floating_tensors(fused(*x)))
         row.params_ok = asr_fx.count_parameters(fused) == want
