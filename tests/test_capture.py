@@ -18,6 +18,7 @@ from asr_fx.equivalence import check_fused
 from asr_fx.errors import EquivalenceError, NoSitesError, TraceError
 from asr_fx.passes import trace
 from asr_fx.passes.capture.concrete_values import state_kept
+from asr_fx.passes.forms.module_form import attachments
 
 
 class NormAct(nn.BatchNorm2d):
@@ -68,7 +69,9 @@ def test_norm_act_layer_is_traced_through_with_the_site_between_norm_and_activat
     gm = asr_fx.instrument(model, example_inputs=(x,))
     sites = asr_fx.get_config(gm)["sites"]
     assert [(s["node"], s["rule"]) for s in sites] == [("na1", "norm-act"), ("na2", "norm-act")]
-    assert type(gm.na1) is nn.BatchNorm2d and isinstance(gm.na1.act, nn.SiLU)  # a plain BN, its act a child
+    # the model's own composite layer, its norm output scaled in place (the site between norm and act)
+    assert type(gm.na1) is NormAct and isinstance(gm.na1.act, nn.SiLU)
+    assert sorted(a.kind for a in attachments(gm)) == ["affine", "affine"]
     assert set(model.state_dict()) <= set(gm.state_dict())  # keys unchanged
     _randomize(gm)
     gm.eval()
@@ -193,16 +196,16 @@ def test_shape_check_in_forward_is_traced_with_example_inputs_and_guarded():
     with pytest.raises(TraceError, match=r"test_capture\.py:\d+ \(`if x.shape\[1\] != 3:`\).*example_inputs"):
         asr_fx.instrument(model)  # names the user's line, and the way out
     inst = asr_fx.instrument(model, example_inputs=(x,))
-    assert isinstance(inst, torch.fx.GraphModule) and not asr_fx.get_config(inst).get("parts")  # whole forward
-    assert any(n.target is torch._assert for n in inst.graph.nodes)  # the check is kept as a guard
+    assert isinstance(inst, ShapeChecked) and not asr_fx.get_config(inst).get("parts")  # whole forward read
+    assert any(n.target is torch._assert for n in trace(model, example_inputs=(x,)).graph.nodes)  # a guard there
     _randomize(inst)
     inst.eval()
     fused = asr_fx.fuse(inst, strict=True, example_inputs=(x,))
     x1 = torch.randn(1, 3, 8, 8)  # another batch size: the batch dimension was only passed through
     with torch.no_grad():
         assert torch.allclose(fused(x1), inst(x1), atol=1e-5)
-        with pytest.raises(AssertionError, match="asr-fx captured this model for inputs where"):
-            inst(torch.randn(1, 4, 8, 8))  # the other path of the check: refused, never computed
+        with pytest.raises(ValueError, match="expected 3 channels"):
+            inst(torch.randn(1, 4, 8, 8))  # the model's own check runs: its forward is its own
 
 
 def test_value_check_in_forward_instruments_the_parts_in_place():
@@ -211,7 +214,7 @@ def test_value_check_in_forward_instruments_the_parts_in_place():
     inst = asr_fx.instrument(model, example_inputs=(x,))
     assert isinstance(inst, ValueChecked)  # the model's own Python stays; its parts are captured
     parts = asr_fx.get_config(inst)["parts"]
-    assert parts and all(isinstance(inst.get_submodule(p), torch.fx.GraphModule) for p in parts)
+    assert parts and all(isinstance(inst.get_submodule(p).asr, nn.ModuleDict) for p in parts)  # blocks inside
     assert set(model.state_dict()) <= set(inst.state_dict())
     _randomize(inst)
     inst.eval()
