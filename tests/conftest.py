@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 import asr_fx
+
+# Nothing in the tests reaches the network: ultralytics reads YOLO_OFFLINE once, at import (no online checks,
+# no analytics), the Hugging Face hub reads HF_HUB_OFFLINE at import. Set before any test imports either.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -107,3 +119,106 @@ class SharedBN(nn.Module):
 
     def forward(self, x):
         return self.bn(self.conv2(self.bn(self.conv1(x))))
+
+
+# --------------------------------------------------------------------------- trainers (tests/integrations)
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to open a network connection (a download of weights, fonts, assets) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a test tried to reach the network: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def is_asr_key(key: str) -> bool:
+    """A state_dict key of an ASR block: ``asr.*`` (at the root or in a captured part's ``<part>.asr.*``)."""
+    return key.startswith("asr.") or ".asr." in key
+
+
+def assert_own_model(instrumented: nn.Module, vanilla: nn.Module) -> None:
+    """``instrumented`` is the user's model with ASR in it: the vanilla model's own class (not a GraphModule),
+    its state_dict keys are the vanilla keys plus ``asr.*``, and the ASR blocks have parameters."""
+    assert type(instrumented) is type(vanilla), type(instrumented)
+    assert isinstance(instrumented, type(vanilla)) and not isinstance(instrumented, fx.GraphModule)
+    keys, plain = set(instrumented.state_dict()), set(vanilla.state_dict())
+    assert plain <= keys, sorted(plain - keys)[:5]
+    assert keys - plain and all(is_asr_key(k) for k in keys - plain), sorted(keys - plain)[:5]
+    assert asr_fx.asr_parameters(instrumented)
+
+
+def _hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def assert_vanilla_form(fused: nn.Module, vanilla: nn.Module) -> None:
+    """``fused`` is the vanilla architecture with the folded weights: the vanilla class, exactly the vanilla
+    state_dict keys and parameter count, the vanilla module classes, and no hooks the vanilla model has not."""
+    assert type(fused) is type(vanilla), type(fused)
+    assert set(fused.state_dict()) == set(vanilla.state_dict())
+    assert n_params(fused) == n_params(vanilla)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in vanilla.modules()]
+    assert _hook_count(fused) == _hook_count(vanilla)
+
+
+def asr_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every ASR parameter, by name (to see that training moved them)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_asr_key(n)}
+
+
+def assert_asr_trained(before: dict[str, torch.Tensor], model: nn.Module, share: float = 1.0) -> None:
+    """At least ``share`` of the psi in ``before`` changed in ``model``: the trainer's optimizer reached the ASR
+    blocks (below 1 where a site's gradient is exactly 0 on the test's random data, e.g. behind a dead ReLU)."""
+    after = dict(model.named_parameters())
+    psi = [n for n in before if n.endswith("psi")]
+    moved = [n for n in psi if not torch.equal(before[n], after[n].detach().cpu())]
+    assert psi and len(moved) >= share * len(psi), sorted(set(psi) - set(moved))
+
+
+def without_asr(model: nn.Module, vanilla: nn.Module) -> nn.Module:
+    """A copy of ``vanilla`` holding ``model``'s weights without its ASR blocks (what the blocks are compared
+    with, to see that they act)."""
+    plain = copy.deepcopy(vanilla)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_asr_key(k)})
+    return plain
+
+
+def calibrate_bn(model: nn.Module, x: torch.Tensor, passes: int = 2) -> None:
+    """Running BatchNorm statistics from ``x`` (a cumulative average over ``passes`` train-mode forwards), so a
+    random-init network's eval output depends on its input (ultralytics' init otherwise leaves YOLO's eval
+    output nearly constant, and no comparison of outputs could tell models apart). Restores the mode."""
+    training = model.training
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(training)
+
+
+def write_yolo_dataset(root: Path, images: int = 4, size: int = 32, names: tuple[str, ...] = ("a", "b")) -> Path:
+    """A YOLO-format detection dataset of random images with two boxes each under ``root``; returns its data.yaml
+    (train and val are the same images)."""
+    from PIL import Image  # optional dependency: ultralytics brings it
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "labels"):
+        (root / sub / "train").mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(image).save(root / "images" / "train" / f"{i}.png")
+        (root / "labels" / "train" / f"{i}.txt").write_text(f"0 0.5 0.5 0.4 0.4\n{1 % len(names)} 0.3 0.3 0.2 0.2\n")
+    listed = "".join(f"  {i}: {n}\n" for i, n in enumerate(names))
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/train\nnames:\n{listed}")
+    return data

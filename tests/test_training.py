@@ -22,7 +22,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FUSE_RTOL, perturb_asr, rel_err
+from conftest import (
+    FUSE_RTOL,
+    asr_values,
+    assert_asr_trained,
+    assert_own_model,
+    assert_vanilla_form,
+    fuse_and_check,
+    perturb_asr,
+    rel_err,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
@@ -139,6 +148,22 @@ def test_torch_compile_aot_eager_matches_eager_forward_and_gradients(model, x):
     _check_compiled(model, x, "aot_eager", torch.float32, 1e-4)
 
 
+def test_torch_compile_trains_several_optimizer_steps_without_recompiling(model, x):
+    """An optimizer step changes psi in place; the compiled model must not recompile for it (each recompile
+    costs a compile, and past Dynamo's recompile limit the code runs eagerly)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    before = [p.detach().clone() for p in asr_fx.asr_parameters(model)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(compiled(x)).backward()
+            opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, asr_fx.asr_parameters(model)))
+
+
 @pytest.mark.slow
 def test_torch_compile_inductor_matches_eager_forward_and_gradients(model, x):
     """In float64: in float32, inductor's decomposed training BatchNorm loses accuracy on this model
@@ -215,6 +240,22 @@ def test_train_eval_reach_every_asr_block_and_eval_is_fusable(model, x):
     assert not torch.allclose(train_out, eval_out)
     assert rel_err(eval_out, fused_out) <= FUSE_RTOL
     assert not any(m.training for m in model.modules())  # fuse did not flip the model's mode
+
+
+def test_plain_loop_on_the_cifar_resnet_keeps_its_class_through_instrument_and_fuse(x):
+    vanilla = _small_vanilla()
+    model = _instrumented()
+    assert_own_model(model, vanilla)
+    before = asr_values(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model(x)).backward()
+        opt.step()
+    assert_asr_trained(before, model)
+    fused = fuse_and_check(model, x, vanilla)
+    assert_vanilla_form(fused, vanilla)
 
 
 # --------------------------------------------------------------------------- checkpointing

@@ -1,10 +1,15 @@
-"""Training cost of ASR on ResNet-50: step time and peak step memory, ratios to vanilla.
+"""Training cost of ASR on ResNet-50: step time and peak step memory, ratios to vanilla; eager and torch.compile.
 
 Variants, all with the attention at the same sites (the last BN of every bottleneck):
 - vanilla: torchvision ResNet-50;
-- ASR(SE) via ``asr_fx.instrument`` (the default: each block at a BN site computes that BN with
-  affine ``gamma * v, beta * v``, the same function, so no ``x * v`` activation is kept for backward);
-- ASR(SE) via ``asr_fx.instrument(..., bn_affine_form=False)`` (every block is ``x * v``);
+- ASR(SE) via ``asr_fx.instrument``, the own-model form (the default: the user's ``ResNet`` itself, each
+  site's BatchNorm swapped for its BN-affine subclass, which computes BN with affine ``gamma * v, beta * v``,
+  the same function, so no ``x * v`` activation is kept for backward; every ``v`` computed by a pre-hook on
+  the model before its first layer, so the attention backward runs last);
+- ASR(SE) in the graph form (a GraphModule: the blocks in the traced graph, the BN-affine training form,
+  and every ``v`` computed in the graph before the first layer; what ``instrument`` returned before the
+  own-model form);
+- ASR(SE) via ``asr_fx.instrument(..., bn_affine_form=False)`` (own model, every block a forward hook ``x * v``);
 - ASR(SE) hand-written: the authors' style, each ``bn3`` replaced by an ``ASRBatchNorm2d`` module
   (BatchNorm2d then ``x * sigmoid(F(psi))`` inside the same module; written here, not shipped);
 - SE: input-dependent Squeeze-and-Excitation after the same BNs (the paper's baseline).
@@ -16,12 +21,15 @@ allocations live during one step, over what was allocated before it (activations
 temporaries; parameters and optimizer state excluded), from the torch profiler's memory events.
 
 The main table is ResNet-50's own input size (224x224) at batch 8; the sweep repeats vanilla, the
-default instrument and the hand-written module at other sizes and batches, down to 64x64 at batch 8,
-where the gradients of the attention parameters (SE adds 10.8% parameters) weigh most, with one more
-variant: the default instrument with each ``v`` computed at its site instead of all before the first
-layer (an ablation of :mod:`asr_fx.passes.forms.hoist_attention_values`).
+default instrument, the graph form and the hand-written module at other sizes and batches, down to 64x64
+at batch 8, where the gradients of the attention parameters (SE adds 10.8% parameters) weigh most.
 
-    OMP_NUM_THREADS=1 python tools/bench_train.py        # writes tools/results/bench_train.md (about 6 min)
+torch.compile table (``--compile-size``/``--compile-batch``; ``--compile-size 0`` skips it): vanilla and
+the default instrument, each compiled afresh (``torch.compiler.reset()``, inductor's FX graph cache off):
+compile s is the wall time of the first compiled training step (Dynamo, AOTAutograd and the backend on
+forward and backward, plus that one step), then the step time as above.
+
+    OMP_NUM_THREADS=1 python tools/bench_train.py        # writes tools/results/bench_train.md (about 10 min)
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 import torchvision
 from _bench_common import (
@@ -52,7 +61,9 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 import asr_fx
-from asr_fx.passes.forms.hoist_attention_values import unhoist_attention_values
+from asr_fx.passes import insert_asr, trace
+from asr_fx.passes.forms.bn_affine_training_form import to_bn_affine_form
+from asr_fx.passes.forms.hoist_attention_values import hoist_attention_values
 
 
 class ASRBatchNorm2d(nn.BatchNorm2d):
@@ -118,11 +129,16 @@ def peak_step_bytes(step: TrainStep) -> int:
     return peak
 
 
-def values_at_the_sites(instrumented: nn.Module) -> nn.Module:
-    """A copy of ``instrumented`` whose blocks compute ``v`` at their sites, not all before the first layer."""
-    model = copy.deepcopy(instrumented)
-    unhoist_attention_values(model)
-    return model
+def graph_form(vanilla: nn.Module, instrumented: nn.Module) -> nn.Module:
+    """``instrumented``'s blocks (copies) in the graph form: a GraphModule of ``vanilla`` with each block after its
+    site, the BN-affine training form and every ``v`` computed before the first layer (what ``instrument``
+    returned before the own-model form; same state_dict)."""
+    gm = trace(copy.deepcopy(vanilla))
+    gm = insert_asr(gm, sites_of(instrumented), lambda site: copy.deepcopy(instrumented.asr[site.node]))
+    to_bn_affine_form(gm)
+    hoist_attention_values(gm)
+    gm.load_state_dict(instrumented.state_dict())
+    return gm
 
 
 def measure(models: dict[str, nn.Module], batch: int, size: int, rounds: int) -> tuple[dict, dict]:
@@ -149,6 +165,31 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
         raise SystemExit(f"--sweep takes SIZExBATCH items separated by commas, e.g. 64x8,64x32; got {text!r}") from None
 
 
+def compile_rows(vanilla: nn.Module, instrumented: nn.Module, batch: int, size: int, rounds: int,
+                 backend: str) -> list[dict]:
+    """torch.compile of vanilla and ``instrumented``: compile seconds (the first compiled step) and step time."""
+    inductor_config.fx_graph_cache = False  # each compile does the whole work, as a first run does
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    steps, compile_s = {}, {}
+    for name, model in (("vanilla", vanilla), ("ASR(SE) instrument (own model)", instrumented)):
+        torch.compiler.reset()
+        step = TrainStep(copy.deepcopy(model), x, y)
+        step.model = torch.compile(step.model, backend=backend)
+        start = time.perf_counter()
+        step()
+        compile_s[name] = time.perf_counter() - start
+        steps[name] = step
+    times = time_interleaved(steps, rounds, warmup=1)
+    return [{
+        "variant": name,
+        "compile s": f"{compile_s[name]:.1f}",
+        "compile / vanilla": f"{compile_s[name] / compile_s['vanilla']:.3f}",
+        "step ms": f"{fmt_ms(statistics.median(times[name]))} {spread_pct(times[name])}",
+        "step / vanilla": step_ratio(times, name),
+    } for name in steps]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -157,6 +198,11 @@ def main() -> None:
     parser.add_argument("--sweep", default="64x8,64x32,128x8", help="SIZExBATCH settings for the sweep table; '' "
                                                                     "skips it")
     parser.add_argument("--sweep-rounds", type=int, default=20)
+    parser.add_argument("--compile-size", type=int, default=64,
+                        help="input size of the torch.compile table; 0 skips it")
+    parser.add_argument("--compile-batch", type=int, default=8)
+    parser.add_argument("--compile-rounds", type=int, default=12)
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -167,14 +213,18 @@ def main() -> None:
     start = time.perf_counter()
     instrumented = asr_fx.instrument(vanilla)
     instrument_s = time.perf_counter() - start
+    if type(instrumented) is not type(vanilla):
+        raise SystemExit(f"instrument returned a {type(instrumented).__name__}, not the model's own class")
     sites = sites_of(instrumented)
     ordinary = asr_fx.instrument(vanilla, bn_affine_form=False)
     ordinary.load_state_dict(instrumented.state_dict())
-    default, hand = "ASR(SE) asr_fx.instrument (default)", "ASR(SE) hand-written ASRBatchNorm2d"
+    default, graph = "ASR(SE) asr_fx.instrument: own model (default)", "ASR(SE) graph form (GraphModule, v first)"
+    hand = "ASR(SE) hand-written ASRBatchNorm2d"
     models = {
         "vanilla": vanilla,
         default: instrumented,
-        "ASR(SE) asr_fx.instrument(bn_affine_form=False)": ordinary,
+        graph: graph_form(vanilla, instrumented),
+        "ASR(SE) asr_fx.instrument(bn_affine_form=False): own model, hooks": ordinary,
         hand: hand_written(vanilla),
         "SE (input-dependent)": with_se(vanilla, sites),
     }
@@ -188,36 +238,43 @@ def main() -> None:
         "peak / vanilla": f"{peaks[name] / peaks['vanilla']:.3f}",
     } for name, model in models.items()]
     extra_grad_bytes = 4 * (n_params(instrumented) - n_params(vanilla))
-    at_sites = "instrument, v at the sites"
-    models_at_sites = {at_sites: values_at_the_sites(instrumented)}
     sweep_rows = []
     for size, batch in sweep:
-        few = {**{name: models[name] for name in ("vanilla", default, hand)}, **models_at_sites}
+        few = {name: models[name] for name in ("vanilla", default, graph, hand)}
         s_times, s_peaks = measure(few, batch, size, args.sweep_rounds)
         row = {"input": f"{batch}x3x{size}x{size}", "vanilla step ms": fmt_ms(statistics.median(s_times["vanilla"])),
                "vanilla peak MB": f"{s_peaks['vanilla'] / 2**20:.1f}"}
-        for label, name in (("instrument", default), (at_sites, at_sites), ("hand-written", hand)):
+        for label, name in (("own model", default), ("graph form", graph), ("hand-written", hand)):
             row[f"{label}: step / vanilla"] = step_ratio(s_times, name)
             row[f"{label}: peak / vanilla"] = f"{s_peaks[name] / s_peaks['vanilla']:.3f}"
         sweep_rows.append(row)
+    compiled = compile_rows(vanilla, instrumented, args.compile_batch, args.compile_size, args.compile_rounds,
+                            args.compile_backend) if args.compile_size else []
     settings = [
         f"machine: {machine()}",
-        f"torchvision ResNet-50 (10 classes, random init), batch {args.batch} of {args.size}x{args.size}, "
+        (f"torchvision ResNet-50 (10 classes, random init), batch {args.batch} of {args.size}x{args.size}, "
         f"SGD momentum 0.9, weight decay 1e-4; {len(sites)} sites (last BN of each bottleneck); "
-        f"instrument took {instrument_s:.2f} s",
-        f"{args.rounds} interleaved rounds of one step per variant (shuffled order; the sweep: {args.sweep_rounds}); "
-        "step ms: median ± half the IQR over the median; ratio: median of per-round ratios [25th-75th percentile]",
-        "peak step MB: the highest total of live CPU allocations during one step above the level at its start "
+        f"instrument took {instrument_s:.2f} s"),
+        (f"{args.rounds} interleaved rounds of one step per variant (shuffled order; the sweep: {args.sweep_rounds}); "
+        "step ms: median ± half the IQR over the median; ratio: median of per-round ratios [25th-75th percentile]"),
+        ("peak step MB: the highest total of live CPU allocations during one step above the level at its start "
         "(torch profiler memory events; max of 2 steps); it includes the new parameters' gradients "
         f"({extra_grad_bytes / 2**20:.1f} MB for SE's {(n_params(instrumented) - n_params(vanilla)):,} parameters) "
-        "and whatever x * v saves for backward",
-        "sweep, 'instrument, v at the sites': the default instrument after "
-        "asr_fx.passes.forms.hoist_attention_values.unhoist_attention_values, so each "
-        "block computes v where it is called and the attention backward runs right after the site's "
-        "(what instrument did before it computed all v first)",
-        f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads}`",
+        "and whatever x * v saves for backward"),
+        ("own model: what asr_fx.instrument returns (the torchvision ResNet itself, BN-affine BatchNorm subclass at "
+        "each site, every v computed by a pre-hook on the model before its first layer); graph form: the same blocks "
+        "in a GraphModule with every v computed in the graph before the first layer "
+        "(asr_fx.passes.forms.hoist_attention_values), instrument's earlier form"),
+        *([(f"torch.compile (backend {args.compile_backend}): batch {args.compile_batch} of "
+           f"{args.compile_size}x{args.compile_size}, {args.compile_rounds} interleaved rounds; compile s: the first "
+           "compiled training step after torch.compiler.reset(), inductor FX graph cache off")] if compiled else []),
+        (f"command: `OMP_NUM_THREADS=1 python tools/bench_train.py --threads {args.threads} --batch {args.batch} "
+        f"--size {args.size} --rounds {args.rounds} --sweep '{args.sweep}' --sweep-rounds {args.sweep_rounds} "
+        f"--compile-size {args.compile_size} --compile-batch {args.compile_batch} "
+        f"--compile-rounds {args.compile_rounds} --compile-backend {args.compile_backend}`"),
     ]
     body = table(rows) + ("\n\nSweep:\n\n" + table(sweep_rows) if sweep_rows else "")
+    body += "\n\ntorch.compile:\n\n" + table(compiled) if compiled else ""
     report("bench_train.md", "bench_train: ResNet-50 training step", settings, body, [], write=not args.no_write)
 
 
