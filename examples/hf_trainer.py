@@ -9,7 +9,6 @@ import argparse
 import tempfile
 
 import torch
-from torch import nn
 from transformers import ConvNextConfig, ConvNextForImageClassification, Trainer, TrainingArguments
 
 import asr_fx
@@ -28,18 +27,6 @@ class RandomImages(torch.utils.data.Dataset):
         return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
-# --8<-- [start:loss]
-class WithLoss(nn.Module):
-    """The instrumented classifier and its loss, in the form Trainer expects (a dict with "loss")."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict:
-        logits = self.model(pixel_values).logits
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-# --8<-- [end:loss]
 
 
 def main(steps: int = 2, size: int = 32, out: str | None = None) -> None:
@@ -49,16 +36,16 @@ def main(steps: int = 2, size: int = 32, out: str | None = None) -> None:
     config = ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
     x = torch.randn(2, 3, size, size)
     asr_model = asr_fx.instrument(ConvNextForImageClassification(config), example_inputs=(x,))
+    # still a ConvNextForImageClassification: labels=, the loss, save_pretrained all work
 
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
                              use_cpu=True, report_to=[], save_strategy="no", logging_steps=1)
-    Trainer(model=WithLoss(asr_model), args=args, train_dataset=RandomImages(16, size)).train()
+    Trainer(model=asr_model, args=args, train_dataset=RandomImages(16, size)).train()
 
-    asr_model.eval()
-    vanilla = ConvNextForImageClassification(config)  # a fresh model of the class you trained
-    assert asr_fx.fuse(asr_model, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
-    vanilla.save_pretrained(f"{out}/convnext-asr")  # from_pretrained gives the fused model back
+    fused = asr_fx.fuse(asr_model.eval(), strict=True)  # a ConvNextForImageClassification, vanilla architecture
+    fused.save_pretrained(f"{out}/convnext-asr")  # from_pretrained gives the fused model back
     # --8<-- [end:trainer]
+    assert type(asr_model) is type(fused) is ConvNextForImageClassification
     again = ConvNextForImageClassification.from_pretrained(f"{out}/convnext-asr").eval()
     with torch.no_grad():
         error = (again(x).logits - asr_model(x).logits).abs().max() / asr_model(x).logits.abs().max()

@@ -20,12 +20,12 @@ def main(steps: int = 3, depth: int = 11, out: str = "asr-fx-example") -> None:
     torch.manual_seed(0)
     # --8<-- [start:loop]
     model = cifar_resnet(depth=depth, num_classes=10)
-    asr_model = asr_fx.instrument(model, attention="se")  # a new nn.Module; `model` is unchanged
+    asr_model = asr_fx.instrument(model, attention="se")  # a copy of your model, your class, with ASR blocks
 
     # psi and the attention networks are ordinary parameters: one optimizer, one weight decay
     optimizer = torch.optim.SGD(asr_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     asr_model.train()
-    for step in range(steps):
+    for _ in range(steps):
         images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
         loss = nn.functional.cross_entropy(asr_model(images), labels)
         optimizer.zero_grad()
@@ -33,7 +33,7 @@ def main(steps: int = 3, depth: int = 11, out: str = "asr-fx-example") -> None:
         optimizer.step()
 
     asr_model.eval()
-    fused = asr_fx.fuse(asr_model, strict=True)  # every ASR block folded: the vanilla model's cost
+    fused = asr_fx.fuse(asr_model, strict=True)  # your class again: every block folded, the vanilla cost
     # --8<-- [end:loop]
     print(f"loss {loss.item():.3f}; parameters: vanilla {asr_fx.count_parameters(model):,}, "
           f"trained {asr_fx.count_parameters(asr_model):,}, fused {asr_fx.count_parameters(fused):,}")

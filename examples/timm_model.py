@@ -1,4 +1,4 @@
-"""A timm model: instrument it as timm builds it, train, fuse, and get timm's own class back.
+"""A timm model: instrument it as timm builds it, train, fuse: timm's own class all the way.
 
     python examples/timm_model.py                       # resnet18 at 64x64, a few seconds
     python examples/timm_model.py --model efficientnet_b0 --steps 5
@@ -30,14 +30,12 @@ def main(name: str = "resnet18", steps: int = 2, size: int = 64) -> None:
         loss.backward()
         optimizer.step()
 
-    asr_model.eval()
-    vanilla = timm.create_model(name, num_classes=10)  # a fresh model of the class you trained
-    fused = asr_fx.fuse(asr_model, strict=True, into=vanilla, example_inputs=(x,))
-    assert fused is vanilla  # timm's own class, with the trained and folded weights
+    fused = asr_fx.fuse(asr_model.eval(), strict=True)
+    assert type(fused) is type(model)  # timm's own class, with the trained and folded weights
     # --8<-- [end:timm]
     with torch.no_grad():
-        error = (vanilla(x) - asr_model(x)).abs().max() / asr_model(x).abs().max()
-    print(f"{type(vanilla).__name__} with the folded weights: max rel error {error:.1e}")
+        error = (fused(x) - asr_model(x)).abs().max() / asr_model(x).abs().max()
+    print(f"{type(fused).__name__} with the folded weights: max rel error {error:.1e}")
     assert error < 1e-4
 
 

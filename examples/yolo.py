@@ -1,4 +1,4 @@
-"""An ultralytics YOLO model: instrument the nn.Module inside, train, fuse it back into YOLO's own class.
+"""An ultralytics YOLO model: instrument the nn.Module inside, train, fuse: YOLO's own class throughout.
 
     python examples/yolo.py              # yolov8n from its yaml (random weights) at 64x64
 
@@ -38,12 +38,11 @@ def main(config: str = "yolov8n.yaml", steps: int = 1, size: int = 64) -> None:
         loss.backward()
         optimizer.step()
 
-    asr_model.eval()
-    vanilla = YOLO(config).model  # a fresh model of the same config
-    assert asr_fx.fuse(asr_model, strict=True, into=vanilla, example_inputs=(x,)) is vanilla
-    # `vanilla` is ultralytics' DetectionModel again: its own exporters and predictors take it
+    fused = asr_fx.fuse(asr_model.eval(), strict=True, example_inputs=(x,))
+    # ultralytics' DetectionModel again, vanilla architecture: its own exporters and predictors take it
     # --8<-- [end:yolo]
-    print(f"{type(vanilla).__name__}: {asr_fx.count_parameters(vanilla):,} parameters, as before ASR")
+    assert type(fused) is type(detector) and asr_fx.count_parameters(fused) == asr_fx.count_parameters(detector)
+    print(f"{type(fused).__name__}: {asr_fx.count_parameters(fused):,} parameters, as before ASR")
 
 
 if __name__ == "__main__":

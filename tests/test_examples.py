@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+#: examples with a test of their own (a multi-process run under torchrun), not run again here
+OWN_TEST = {"train_cifar.py": "test_example_train_cifar.py"}
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if p.name not in OWN_TEST)
 #: the examples that write files take -o
 WRITES = {"own_loop.py", "hf_trainer.py", "lightning_module.py"}
 
@@ -18,6 +20,8 @@ WRITES = {"own_loop.py", "hf_trainer.py", "lightning_module.py"}
 def test_every_example_is_run():
     assert {p.name for p in EXAMPLES} >= {"own_loop.py", "hf_trainer.py", "lightning_module.py", "timm_model.py",
                                           "yolo.py", "ci_equivalence.py"}
+    for example, test in OWN_TEST.items():
+        assert (ROOT / "examples" / example).is_file() and (ROOT / "tests" / test).is_file()
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
