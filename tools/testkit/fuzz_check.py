@@ -15,7 +15,7 @@ from torch import nn
 
 import asr_fx
 
-from .fuzz_model import Program, build, example_input
+from .fuzz_model import Program, build, example_input, instrument_for
 
 CATEGORIES = ("equivalence", "unreported leftover", "crash", "input mutated", "dtype")
 
@@ -46,6 +46,42 @@ def _is_constant(node: Any, memo: dict) -> bool:
 
 _MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul, torch.multiply)
 _MUL_METHODS = ("mul", "mul_", "multiply", "multiply_")
+
+
+def _traced(model: nn.Module) -> fx.GraphModule | None:
+    """``model`` traced by ``torch.fx`` (None where its forward does not trace)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 -- an untraceable forward: nothing to read
+        return None
+
+
+def _module_form_leftovers(fused: nn.Module, spec: dict) -> list[Failure]:
+    """Leftovers in what fuse returned for a model in the module form (the user's own class, not the
+    fused graph): an ASR block or hook still in it, or a constant mul in its forward that the program
+    itself does not compute (the program's own muls are the user's code, kept as written)."""
+    failures = []
+    blocks = [name for name, m in fused.named_modules() if isinstance(m, asr_fx.ASR) or name.split(".")[0] == "asr"]
+    if blocks:
+        failures.append(Failure("unreported leftover", f"fuse returned {type(fused).__name__} with ASR blocks "
+                                                       f"still in it: {blocks[:5]}"))
+    hooked = sorted(name for name, m in fused.named_modules()
+                    for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+                    if (getattr(h, "__module__", None) or type(h).__module__).startswith("asr_fx"))
+    if hooked:
+        failures.append(Failure("unreported leftover", f"fuse returned {type(fused).__name__} with asr_fx's "
+                                                       f"forward hooks still on {hooked[:5]}"))
+    graph, original = _traced(fused), _traced(Program(spec))
+    if graph is not None and original is not None:
+        own_muls = {n.format_node() for n in constant_muls(original)}
+        for node in constant_muls(graph):
+            if node.format_node() not in own_muls:
+                failures.append(Failure("unreported leftover", f"`{node.format_node()}` is in the forward of the "
+                                                               f"{type(fused).__name__} fuse returned, and not in "
+                                                               "the program's own"))
+    return failures
 
 
 def constant_muls(gm: fx.GraphModule) -> list[fx.Node]:
@@ -113,7 +149,7 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
         program = Program(spec)  # instrument leaves it exactly as it was, also when it refuses
         kept = _snapshot(program)
         try:
-            asr_fx.instrument(program, example_inputs=(x,))
+            instrument_for(spec)(program, example_inputs=(x,))
         except asr_fx.ASRError:
             pass
         changed = _changed(kept, program)
@@ -181,6 +217,8 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
         if not (err <= rtol * scale + 4 * own + 1e-30):
             failures.append(Failure("equivalence", f"{what}: max|fused-ref64| = {err:.3g}, max|ref64| = "
                                                    f"{scale:.3g}, original's own fp32 error {own:.3g}"))
+    if not isinstance(fused, fx.GraphModule):  # the user's own class: fuse's graph is not returned
+        return failures + _module_form_leftovers(fused, spec), "fused"
     report = asr_fx.fusion_report(fused)
     reported = {r.mul for r in report.records if not r.folded} if report else set()
     folded = {r.mul for r in report.records if r.folded} if report else set()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 import asr_fx
+from asr_fx.instrument_model import instrument_graph_form
 
 SPATIAL = {1: (6,), 2: (4, 4), 3: (3, 3, 3)}
 
@@ -319,12 +320,19 @@ def example_input(spec: dict) -> torch.Tensor:
     return x.to(getattr(torch, spec.get("dtype", "float32")))
 
 
+def instrument_for(spec: dict) -> Callable[..., nn.Module]:
+    """The instrument the spec asks for: the graph form with ``"graph_form": True``, else the module form."""
+    return instrument_graph_form if spec.get("graph_form") else asr_fx.instrument
+
+
 def build(spec: dict) -> nn.Module:
     """The model under test: the program, instrumented with ASR blocks when the spec says so, in the
-    spec's mode. Raises ``asr_fx.ASRError`` when instrument refuses (callers fall back)."""
+    spec's mode. Raises ``asr_fx.ASRError`` when instrument refuses (callers fall back). ``"graph_form":
+    True`` in the spec: instrument's graph form (:func:`asr_fx.instrument_graph_form`, a GraphModule of the
+    captured graph), for checks about the capture itself; else :func:`asr_fx.instrument` (the user's class)."""
     model = Program(spec)
     if spec.get("instrument"):
-        model = asr_fx.instrument(model, example_inputs=(example_input(spec),))
+        model = instrument_for(spec)(model, example_inputs=(example_input(spec),))
         g = torch.Generator().manual_seed(spec["seed"] + 2)
         with torch.no_grad():
             for p in asr_fx.asr_parameters(model):
