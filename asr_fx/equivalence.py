@@ -51,7 +51,7 @@ class UncheckedWarning(UserWarning):
 def derive_probe(model: nn.Module, size: int = 64) -> tuple[torch.Tensor, ...] | None:
     """A random input for a model whose first layer is a 1d/2d/3d conv or a linear layer, else ``None``."""
     first = next((m for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))), None)
-    ref = next(iter(model.parameters()), None)
+    ref = input_like(model)
     if first is None or ref is None or not ref.is_floating_point():
         return None
     gen = torch.Generator().manual_seed(_SEED)
@@ -283,10 +283,21 @@ def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tupl
         return tuple(example_inputs)
     config = asr_config(model)
     shape = config.input_shape if config is not None else None
-    ref = next(iter(model.parameters()), None)
+    ref = input_like(model)
     if shape and ref is not None and ref.is_floating_point():
         return (random_probe(shape, ref),)
     return None  # no derived probe: fuse specializes to the shapes it was given, a guessed rank could differ
+
+
+def input_like(model: nn.Module) -> torch.Tensor | None:
+    """The tensor whose device and dtype a probe input takes: the weight of the model's first conv/linear
+    layer (the layer an input most likely meets), else its first parameter. Not simply the first parameter:
+    a float64 scalar gain registered first must not make a float32 model's probe float64."""
+    first = next((m for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))), None)
+    weight = getattr(first, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight
+    return next(iter(model.parameters()), None)
 
 
 def random_probe(shape: Sequence[int], like: torch.Tensor | None = None) -> torch.Tensor:

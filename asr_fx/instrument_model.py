@@ -22,7 +22,7 @@ from asr_fx._util import copy_of
 from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
-from asr_fx.equivalence import check_instrumented, expected_outputs, random_probe
+from asr_fx.equivalence import check_instrumented, expected_outputs, input_like, random_probe
 from asr_fx.errors import ASRError, InvalidOptionError, TraceError
 from asr_fx.input_shapes import default_input_shape
 from asr_fx.leaf_spec import record_leaves
@@ -315,7 +315,7 @@ def _documented_inputs(model: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """A random input of the size the model documents (timm's ``pretrained_cfg``, a Hugging Face config's
     ``image_size``/``num_channels``, ...: :func:`asr_fx.input_shapes.default_input_shape`), batch 2."""
     shape = default_input_shape(model, batch=2)
-    ref = next(iter(model.parameters()), None)
+    ref = input_like(model)
     if not shape or ref is None or not ref.is_floating_point() or ref.is_meta:
         return None
     return (random_probe(shape, ref),)

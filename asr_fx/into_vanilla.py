@@ -230,7 +230,7 @@ def probe_inputs(fused: nn.Module, source: nn.Module,
     known = equivalence.probe_inputs(source, example_inputs)
     if known is not None:
         return known
-    ref = next(iter(fused.parameters()), None)
+    ref = equivalence.input_like(fused)
     kwargs: dict[str, Any] = {"dtype": ref.dtype, "device": ref.device} if ref is not None and ref.is_floating_point() \
         else {}
     generator = torch.Generator().manual_seed(0)
