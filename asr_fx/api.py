@@ -131,8 +131,8 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     inputs = probe_inputs(model, inputs)
     vanilla = copy_of(model).eval()
     blocks = remove(vanilla)
-    with folding_in_place():  # graph_form traces its own copy: no one else holds its tensors
-        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
+    # graph_form traces a tree copy sharing vanilla's tensors (the one whole copy is vanilla): folds make new ones
+    gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)

@@ -230,7 +230,9 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
     try:
         if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
             raise TraceError("the sites name parts of the model")
-        gm, records = READ_PIPELINE.run(copy_of(model), pipeline_options)
+        traced = copy_of(model)  # the one copy: traced here, then the result (module form) once restored
+        tree = _module_tree(traced)
+        gm, records = READ_PIPELINE.run(traced, pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place
         documented = _documented_inputs(model) if example_inputs is None and not names_parts(o["sites"]) else None
         if documented is not None:  # shape-aware capture on the input the model's own config documents
@@ -247,7 +249,7 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
     if isinstance(found, str):
         return _graph_form(model, gm, records, config, found, pipeline_options, graph_ok or bool(graph_form),
                            o["check"], warn=not graph_form)
-    own = model if o["inplace"] else copy_of(model)
+    own = model if o["inplace"] else _restored(traced, tree)
     expected = expected_outputs(model, example_inputs) if o["check"] and own is model else None
     attach_blocks(own, gm, found)
     config.form = "module"
@@ -260,6 +262,25 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
             remove(own)
             raise
     return own
+
+
+def _module_tree(model: nn.Module) -> list[tuple[nn.Module, dict[str, Any], set[str]]]:
+    """Each module of ``model`` with its children, parameters and buffers and its attribute names, so that
+    :func:`_restored` can undo what tracing did to the modules it shares with the GraphModule (plain twins of
+    composite layers set on their parents, torch.fx's tensor constants set on the root)."""
+    return [(m, {"_modules": dict(m._modules), "_parameters": dict(m._parameters), "_buffers": dict(m._buffers)},
+             set(vars(m))) for m in model.modules()]
+
+
+def _restored(model: nn.Module, tree: list[tuple[nn.Module, dict[str, Any], set[str]]]) -> nn.Module:
+    """``model`` with every module as :func:`_module_tree` recorded it."""
+    for module, kept, names in tree:
+        for name in set(vars(module)) - names:
+            delattr(module, name)
+        for key, value in kept.items():
+            getattr(module, key).clear()
+            getattr(module, key).update(value)
+    return model
 
 
 def _graph_form(model: nn.Module, gm: fx.GraphModule, records: list[Any], config: ASRConfig, reason: str,

@@ -189,11 +189,25 @@ def unattached_blocks(model: nn.Module) -> list[str]:
     return [k for k in blocks if k not in attached]
 
 
+def tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """``module`` with every submodule copied but its tensors shared (no tensor memory): tracing and the fold
+    passes may replace modules and tensors in the copy, leaving ``module`` as it was; folds then make new
+    tensors (never ``folding_in_place``: the tensors are ``module``'s own)."""
+    memo = {} if memo is None else memo
+    if id(module) not in memo:
+        twin = copy.copy(module)
+        memo[id(module)] = twin
+        twin._parameters = dict(module._parameters)
+        twin._buffers = dict(module._buffers)
+        twin._modules = {k: (tree_copy(m, memo) if m is not None else None) for k, m in module._modules.items()}
+    return memo[id(module)]
+
+
 def graph_form(vanilla: nn.Module, blocks: dict[str, tuple[Attachment, nn.Module]], leaf_modules: Any,
                example_inputs: tuple[Any, ...] | None) -> fx.GraphModule:
     """``vanilla`` traced in eval mode with each block inserted after its module's call (the graph form
     :func:`asr_fx.fuse`'s pipeline folds). Raises :class:`ASRError` when a module is not one call."""
-    gm = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False, example_inputs=example_inputs)
+    gm = trace(tree_copy(vanilla).eval(), leaf_modules, bind_training=False, example_inputs=example_inputs)
     calls: dict[str, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module":

@@ -32,7 +32,7 @@ import asr_fx
 
 ultralytics = pytest.importorskip("ultralytics")
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
-from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
 SIZE = 32
 
@@ -50,6 +50,15 @@ class ASRDetectionTrainer(DetectionTrainer):
         self.asr_start = asr_values(model)  # for the test: what training starts from
         self.vanilla = vanilla
         return model
+
+    def final_eval(self):
+        # ultralytics' own final validation fuses best.pt with its Conv+BN fuse, which raises DetachedBlockError
+        # on an instrumented model: validate best.pt fused with asr_fx first
+        if self.best.exists():
+            model = load_checkpoint(self.best)[0].float().eval()
+            x = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz)
+            self.metrics = self.validator(model=asr_fx.fuse(model, example_inputs=(x,)))
+            self.metrics.pop("fitness", None)
 
 
 def _train_args(tmp_path) -> dict:
