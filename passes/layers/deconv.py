@@ -7,36 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.fx as fx
 from torch.nn.modules.conv import _ConvTransposeNd
 
-from ..graph.graph_queries import ChannelInfo
-from .base import ModuleLayerRule
-from .conv import scale_conv_module_in, scale_conv_module_out
+from .conv import ConvRule
 
 
-class DeconvRule(ModuleLayerRule):
-    """``nn.ConvTranspose*d``: channels first, both sides take a scale (reported as ``conv``)."""
+class DeconvRule(ConvRule):
+    """``nn.ConvTranspose*d``: the conv rule's layout and scaling (channels first, both sides take a scale,
+    reported as ``conv``), for transposed convolutions only."""
 
     name = "deconv"
-    kind = "conv"
-    takes_input_scale = True
 
     def accepts(self, module: Any) -> bool:
         return isinstance(module, _ConvTransposeNd)
-
-    def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
-        return ChannelInfo(module.out_channels, -(len(module.kernel_size) + 1))
-
-    def scale_output(self, module: Any, v: torch.Tensor) -> None:
-        scale_conv_module_out(module, v)
-
-    def input_channels(self, module: Any) -> int:
-        return int(module.in_channels)
-
-    def scale_input(self, module: Any, s: torch.Tensor) -> None:
-        scale_conv_module_in(module, s)
 
 
 DECONV = DeconvRule()
