@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from torch import fx, nn
 
 import asr_fx
@@ -119,6 +122,37 @@ class SharedBN(nn.Module):
 
     def forward(self, x):
         return self.bn(self.conv2(self.bn(self.conv1(x))))
+
+
+# --------------------------------------------------------------------------- distributed workers (gloo, CPU)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a worker group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_process_group(rank: int, world: int, port: int):
+    """The body of a ``torch.multiprocessing.spawn`` worker: one thread, a gloo group, always destroyed.
+
+    When the body succeeds the worker ends with ``os._exit(0)`` right after ``destroy_process_group``:
+    gloo's C++ threads may still hold finished work objects whose teardown during interpreter
+    finalisation aborts the process ("terminate called without an active exception", SIGABRT), which
+    spawn reports as a failed worker although every result was written. When the body raises, the
+    exception propagates and spawn reports it as usual.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------- trainers (tests/integrations)

@@ -10,16 +10,14 @@ single-process function; psi, the attention networks and every other parameter s
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import perturb_asr
+from conftest import free_port, gloo_process_group, perturb_asr
 from torch import nn
 
 import asr_fx
@@ -52,20 +50,12 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         opt.step()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, port):
         model = _instrumented()  # the same init on every rank
         header = asr_fx.checkpoint_header(model, factory=FACTORY, factory_kwargs=FACTORY_KWARGS,
                                           input_shape=[1, 3, 16, 16])
@@ -93,14 +83,12 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                if k.startswith("asr.")}
         if rank == 0:
             torch.save(asr, f"{out_dir}/meta_asr.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_fsdp_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_fsdp_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 

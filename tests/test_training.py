@@ -16,11 +16,9 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import (
     FUSE_RTOL,
@@ -28,7 +26,9 @@ from conftest import (
     assert_asr_trained,
     assert_own_model,
     assert_vanilla_form,
+    free_port,
     fuse_and_check,
+    gloo_process_group,
     perturb_asr,
     rel_err,
 )
@@ -78,16 +78,8 @@ def x():
 # --------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_process_group(rank, world, port):
         model = _instrumented(seed=0)  # same init on every rank; DDP also broadcasts it
         ddp = DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
@@ -104,13 +96,11 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> N
         _loss(model(x)).backward()
         local = {n: p.grad.detach().clone() for n, p in model.named_parameters() if n.endswith(".psi")}
         torch.save({"grads": grads, "local": local, "params": params}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_gloo_processes_synchronise_psi_and_its_gradients(tmp_path):
     world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path), 2), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path), 2), nprocs=world, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world))
     psi = [n for n in r0["grads"] if n.endswith(".psi")]
     assert len(psi) == 3
