@@ -195,7 +195,8 @@ def tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn
     tensors (never ``folding_in_place``: the tensors are ``module``'s own)."""
     memo = {} if memo is None else memo
     if id(module) not in memo:
-        twin = copy.copy(module)
+        twin = type(module).__new__(type(module))  # not copy.copy: a parametrized module refuses pickling
+        twin.__dict__.update(module.__dict__)
         memo[id(module)] = twin
         twin._parameters = dict(module._parameters)
         twin._buffers = dict(module._buffers)

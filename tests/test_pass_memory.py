@@ -96,3 +96,21 @@ def test_fuse_folds_into_its_copy_and_leaves_the_given_model_unchanged():
     assert not shared
     with torch.no_grad():
         torch.testing.assert_close(fused(x), instrumented(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_copies_a_parametrized_layer_without_pickling_it():
+    """The module tree is copied class by class, not through copy.copy: a parametrized module (weight_norm)
+    refuses pickling, which copy.copy uses."""
+    torch.manual_seed(0)
+    vanilla = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                            nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 1)), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    instrumented = asr_fx.instrument(vanilla.eval(), example_inputs=(x,)).eval()
+    with torch.no_grad():
+        for key, p in instrumented.named_parameters():
+            if key.endswith(".psi"):
+                p.add_(0.5)
+    fused = asr_fx.fuse(instrumented, example_inputs=(x,))
+    assert type(fused) is nn.Sequential
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), instrumented(x), rtol=1e-5, atol=1e-5)

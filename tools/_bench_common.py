@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,19 @@ def set_threads(n: int) -> None:
     """Pin torch to ``n`` intra-op threads (the machine is shared; 1 keeps timings comparable)."""
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def commit() -> str:
+    """The checked-out commit the numbers come from (short hash; ``+uncommitted`` when the tree differs)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown (not a git checkout)"
+    return f"commit {sha}" + ("+uncommitted" if dirty else "")
 
 
 def machine() -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _bench_common import commit, machine
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -62,9 +63,9 @@ def table(rows: list[Row], fmt: str = "github") -> str:
     body = [(r.model, r.input, r.sites, r.rules, f"{r.params_vanilla:,}",
              "" if not r.params_fused else ("yes" if r.params_fused == r.params_reference else "no"),
              _fmt(r.fuse_err), _fmt(r.ort_err), "" if not r.params_fused else ("yes" if r.ops_equal else "no"),
-             r.status, f"{r.seconds:.0f}") for r in rows]
+             r.kept if r.kept in ("", "yes") else "NO", r.status, f"{r.seconds:.0f}") for r in rows]
     headers = ["model", "input", "sites", "rule (auto)", "params (vanilla)", "fused params == vanilla",
-               "max fuse err", "max ORT err", "ONNX ops == vanilla", "status", "s"]
+               "max fuse err", "max ORT err", "ONNX ops == vanilla", "model kept", "status", "s"]
     return tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
@@ -76,7 +77,10 @@ def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
         f"Written by `tools/zoo_sweep.py` (torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"batch {batch}, random weights, CPU).",
         "Per model: instrument (rule auto) -> one SGD step -> eval -> fuse -> ONNX -> onnxruntime verify; "
-        "parameters and ONNX op multiset compared with `fuse(vanilla)`.",
+        "parameters and ONNX op multiset compared with `fuse(vanilla)`. `model kept`: the vanilla model's state, "
+        "hooks, attributes, modes and outputs were the same after every pass as before, also where one raised.",
+        "",
+        f"Run at {commit()} on {machine()}.",
         "",
         f"**{ok} of {len(rows)} models pass**"
         + (f" ({len(rows)} of {total} swept so far)" if len(rows) < total else ""),
@@ -111,10 +115,11 @@ def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float |
     ok = sum(r.ok for r in rows)
     body = [(r.model, r.input, r.config, r.sites, r.parts or "", getattr(r, "form", ""), _fmt(r.fuse_err),
              _fmt(r.ort_err),
-             "yes" if r.params_ok else "no", " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300])
+             "yes" if r.params_ok else "no", r.kept if r.kept in ("", "yes") else "NO",
+             " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300])
             for r in rows]
     headers = ["model", "input", "config", "sites", "parts", "form", "max fuse err", "max ORT err", "params ok",
-               "seconds: " + " / ".join(STAGES), "status"]
+               "model kept", "seconds: " + " / ".join(STAGES), "status"]
     total_s = sum(sum(r.seconds.values()) for r in rows)
     took = f" Time: {total_s / 60:.0f} min, the sum of every row's stage times" + (
         f"; this run's wall time {minutes:.0f} min." if minutes is not None else
@@ -127,7 +132,10 @@ def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float |
         + "; detectors: eval outputs of the fused model against the instrumented one. `parts`: captured parts "
         "when the whole forward does not trace (partial capture). `form`: `module`, the instrumented model is the "
         "library's own class with the blocks attached (fused: that class again, parameters == the vanilla model's); "
-        "`graph`, a GraphModule (parameters == fuse(vanilla)'s); `parts`, the parts are one or the other." + took, "",
+        "`graph`, a GraphModule (parameters == fuse(vanilla)'s); `parts`, the parts are one or the other. "
+        "`model kept`: the vanilla model's state, hooks, attributes, modes and outputs were the same after every "
+        "pass as before, also where one raised." + took, "",
+        f"Run at {commit()} on {machine()}.", "",
         _ZOO_INPUTS, "",
         f"**{ok} of {len(rows)} pass**" + (f" ({len(rows)} of {total} swept)" if len(rows) < total else ""), "",
         tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""])

@@ -16,6 +16,7 @@ from torch import nn
 import asr_fx
 
 from .fuzz_model import Program, build, example_input, instrument_for
+from .model_kept import snapshot, what_changed
 
 CATEGORIES = ("equivalence", "unreported leftover", "crash", "input mutated", "dtype")
 
@@ -106,32 +107,6 @@ def constant_muls(gm: fx.GraphModule) -> list[fx.Node]:
     return found
 
 
-def _snapshot(model: nn.Module) -> tuple:
-    state = {k: (v.dtype, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
-    modes = [(n, type(m).__name__, m.training) for n, m in model.named_modules()]
-    code = [getattr(m, "code", None) for m in model.modules() if isinstance(m, fx.GraphModule)]
-    hooks = [(n, k, len(v)) for n, m in model.named_modules() for k, v in vars(m).items()
-             if "hooks" in k and isinstance(v, dict)]
-    flags = [(n, sorted(k for k in vars(m) if k.startswith("_hooked"))) for n, m in model.named_modules()]
-    return state, modes, code, hooks, flags
-
-
-def _changed(before: tuple, model: nn.Module) -> str | None:
-    state, modes, code, hooks, flags = _snapshot(model)
-    if hooks != before[3] or flags != before[4]:
-        return "the model's hooks or the flags its forward sets changed"
-    if state.keys() != before[0].keys():
-        return f"state_dict keys changed: {sorted(set(state) ^ set(before[0]))}"
-    for k, (dtype, value) in before[0].items():
-        if state[k][0] != dtype or not torch.equal(state[k][1], value):
-            return f"state_dict entry {k!r} changed"
-    if modes != before[1]:
-        return "module tree or training flags changed"
-    if code != before[2]:
-        return "GraphModule code changed"
-    return None
-
-
 def _run(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs, then the input as the model left it (an in-place op may write into it)."""
     x = x.clone()
@@ -147,12 +122,12 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
     x = example_input(spec)
     if spec.get("instrument") and any(op["op"] in ("hook", "function") for op in spec["ops"]):
         program = Program(spec)  # instrument leaves it exactly as it was, also when it refuses
-        kept = _snapshot(program)
+        kept = snapshot(program)
         try:
             instrument_for(spec)(program, example_inputs=(x,))
         except asr_fx.ASRError:
             pass
-        changed = _changed(kept, program)
+        changed = what_changed(kept, program)
         if changed:
             failures.append(Failure("input mutated", f"instrument: {changed}"))
     try:
@@ -170,7 +145,7 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
             return [Failure("crash", f"instrument returned a model that raises {type(exc).__name__}: "
                                      f"{str(exc).splitlines()[0][:200]}")], "crash"
     x_before = x.clone()
-    before = _snapshot(model)
+    before = snapshot(model)
     mode = model.training
     kwargs = {"example_inputs": (x,)} if spec.get("example_inputs") else {}
     try:
@@ -183,7 +158,7 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
         return [Failure("crash", f"fuse raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")], "crash"
     if not torch.equal(x, x_before):
         failures.append(Failure("input mutated", "fuse changed the example input tensor it was given"))
-    changed = _changed(before, model)
+    changed = what_changed(before, model)
     if changed or model.training != mode:
         failures.append(Failure("input mutated", changed or "fuse changed model.training"))
 

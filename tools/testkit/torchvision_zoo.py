@@ -19,6 +19,8 @@ import torchvision
 
 import asr_fx
 
+from .model_kept import snapshot, what_changed
+
 SIZES = (32, 64, 96, 128, 160, 224)
 #: ONNX's single-file limit: export_onnx writes no external data
 ONNX_LIMIT_BYTES = 2**31
@@ -49,6 +51,7 @@ class Row:
     status: str = ""
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    kept: str = ""  # "yes" where instrument and fuse left the user's model as it was, else what changed
 
     @property
     def ok(self) -> bool:
@@ -112,6 +115,7 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
     row = Row(name)
     start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(dir=workdir)
+    vanilla = kept = kept_out = x = None
     try:
         torch.manual_seed(0)
         with warnings.catch_warnings():
@@ -126,6 +130,9 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         row.input = f"{batch}x3x{size}x{size}"
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
         x_train = torch.randn(max(2, batch), 3, size, size, generator=torch.Generator().manual_seed(2))
+        kept = snapshot(vanilla)
+        with torch.no_grad():
+            kept_out = vanilla(x).clone()
         model = asr_fx.instrument(vanilla, example_inputs=(x,))
         sites = asr_fx.get_config(model)["sites"]
         row.sites = len(sites)
@@ -171,7 +178,21 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         row.status = f"error: {type(exc).__name__}: {first[:300]}"
         row.notes.append(traceback.format_exc(limit=3)[-600:])
     finally:
+        if kept is not None:
+            row.kept = _what_changed(vanilla, kept, kept_out, x) or "yes"
+            if row.kept != "yes":
+                row.status = f"CHANGED the user's model: {row.kept}; " + row.status
         tmp.cleanup()
         row.seconds = time.perf_counter() - start
         gc.collect()
     return row
+
+
+def _what_changed(vanilla, kept, kept_out, x) -> str | None:  # noqa: ANN001 - the sweep's own values
+    """What the passes changed in the user's model (state, hooks, attributes, modes), or its output."""
+    changed = what_changed(kept, vanilla)
+    if changed:
+        return changed
+    vanilla.eval()
+    with torch.no_grad():
+        return None if torch.equal(vanilla(x), kept_out) else "its output changed"

@@ -22,6 +22,8 @@ import torch
 import asr_fx
 from asr_fx.equivalence import floating_tensors
 
+from .model_kept import snapshot, what_changed
+
 #: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies).
 #: timm models over 60M parameters are first built from a reduced config (testkit.zoos.SHRINK_KWARGS);
 #: one whose constructor takes none of those keywords runs as it is up to this limit (PNASNet, 82M)
@@ -44,6 +46,7 @@ class ZooRow:
     seconds: dict[str, float] = field(default_factory=dict)
     input: str = ""  # the input size the model ran at
     config: str = ""  # constructor keywords of a reduced config
+    kept: str = ""  # "yes" where instrument and fuse left the user's model as it was, else what changed
 
     @property
     def ok(self) -> bool:
@@ -113,9 +116,13 @@ def _built(entry):  # noqa: ANN001, ANN202 - testkit.zoos.Entry
 
 
 def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - testkit.zoos.Entry
-    """Run the pipeline on one zoo entry; never raises (the row's status says what failed)."""
+    """Run the pipeline on one zoo entry; never raises (the row's status says what failed).
+
+    Around the whole run, also where a pass raised, the vanilla model must be left as it was
+    (:mod:`testkit.model_kept`, and the same outputs): a change fails the row whatever else happened."""
     row = ZooRow(name)
     stage, start = "build", time.perf_counter()
+    vanilla = kept = kept_out = x = None
 
     def lap(next_stage: str) -> None:
         nonlocal stage, start
@@ -132,6 +139,9 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
             row.status = f"skipped: {size / 1e6:.0f}M parameters, over this CPU sweep's {MAX_PARAMS // 10**6}M"
             return row
         x = entry.inputs(2, 1)
+        kept = snapshot(vanilla)
+        with torch.no_grad():
+            kept_out = [t.clone() for t in floating_tensors(vanilla(*x))]
         lap("instrument")
         model = asr_fx.instrument(vanilla, example_inputs=x)
         config = asr_fx.get_config(model)
@@ -184,5 +194,22 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         if stage == "build":
             row.status = "skipped: " + row.status
     finally:
+        if kept is not None:
+            row.kept = _what_changed(vanilla, kept, kept_out, x) or "yes"
+            if row.kept != "yes":
+                row.status = f"CHANGED the user's model: {row.kept}; " + row.status
         gc.collect()
     return row
+
+
+def _what_changed(vanilla, kept, kept_out, x) -> str | None:  # noqa: ANN001 - the run's own values
+    """What the passes changed in the user's model (state, hooks, attributes, modes), or its outputs."""
+    changed = what_changed(kept, vanilla)
+    if changed:
+        return changed
+    vanilla.eval()
+    with torch.no_grad():
+        out = floating_tensors(vanilla(*x))
+    if len(out) != len(kept_out) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(out, kept_out)):
+        return "its outputs changed"
+    return None
