@@ -136,8 +136,8 @@ def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
         return Refusal(f"`{x.name}` has {len(others)} other user(s); folding into it would change them")
     aliased = erase_refusal(gm, mul, x, order)
-    if aliased:
-        return Refusal(aliased)
+    if aliased is not None:
+        return aliased
     with torch.no_grad():
         plan = plan_backward(gm, x, state, usage, [64])
     if isinstance(plan, Refusal):

@@ -53,17 +53,17 @@ class Target:
     (``conv``, ``bn``, ``next-conv``, ...); ``channels`` and ``position`` (the channel dimension
     counted from the right, ``None`` where unknown) on the scaled side; ``tensors``: the parameters
     and buffers ``apply`` replaces (checked to be used nowhere else); ``module``: the module called,
-    if any (checked to be called once); ``refuse(v)``: why a 1-D ``v`` cannot fold (or ``None``),
-    asked before anything changes; ``apply(v)`` folds it. ``dtype``: the dtype the layer computes
-    in (its first floating parameter/buffer's, else the recorded dtype of its output, else ``None``:
-    unknown, and a fold is refused); every scale is cast to it before it folds.
+    if any (checked to be called once); ``refuse(v)``: a :class:`Refusal` saying why a 1-D ``v``
+    cannot fold (or ``None``), asked before anything changes; ``apply(v)`` folds it. ``dtype``: the
+    dtype the layer computes in (its first floating parameter/buffer's, else the recorded dtype of its
+    output, else ``None``: unknown, and a fold is refused); every scale is cast to it before it folds.
     """
 
     __slots__ = ("label", "kind", "channels", "position", "tensors", "apply", "module", "refuse", "dtype")
 
     def __init__(self, label: str, kind: str, channels: int, position: int | None, tensors: list[torch.Tensor],
                  apply: Callable[[torch.Tensor], None], module: nn.Module | None = None,
-                 refuse: Callable[[torch.Tensor], str | None] | None = None,
+                 refuse: Callable[[torch.Tensor], Refusal | None] | None = None,
                  dtype: torch.dtype | None = None) -> None:
         self.label, self.kind, self.channels, self.position = label, kind, channels, position
         self.tensors, self.apply, self.module = tensors, apply, module
@@ -208,13 +208,13 @@ class TensorUsage:
                     self.count[id(value)] += max(1, len(node.users))
                     self._alive.append(value)
 
-    def refusal(self, target: Target) -> str | None:
+    def refusal(self, target: Target) -> Refusal | None:
         """Why folding into ``target`` would change another call or user, or ``None``."""
         if target.module is not None and self.calls[id(target.module)] > 1:
-            return (f"module `{target.label}` is called at {self.calls[id(target.module)]} places; folding would "
-                    "change the other calls")
+            return Refusal(f"module `{target.label}` is called at {self.calls[id(target.module)]} places; folding "
+                           "would change the other calls")
         if any(self.count[id(t)] > 1 for t in target.tensors):
-            return f"`{target.label}` shares a parameter with another call or module (tied weights)"
+            return Refusal(f"`{target.label}` shares a parameter with another call or module (tied weights)")
         return None
 
 
@@ -242,7 +242,7 @@ class ModuleLayerRule(LayerRule):
     def scale_input(self, module: nn.Module, s: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def input_refusal(self, module: nn.Module, s: torch.Tensor) -> str | None:
+    def input_refusal(self, module: nn.Module, s: torch.Tensor) -> Refusal | None:
         return None
 
     def plain_module(self, gm: fx.GraphModule, node: fx.Node) -> nn.Module | NoMatch:
