@@ -165,7 +165,11 @@ def set_call_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def attribute_tensor(gm: fx.GraphModule, arg: Any) -> tuple[nn.Module, str, torch.Tensor] | None:
+#: a tensor a call reads from an attribute of the model: ``(owner module, attribute name, tensor)``
+Attribute = tuple[nn.Module, str, torch.Tensor]
+
+
+def attribute_tensor(gm: fx.GraphModule, arg: Any) -> Attribute | None:
     """``(owner, name, tensor)`` of a ``get_attr`` argument that is a tensor, else ``None``."""
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
@@ -175,6 +179,29 @@ def attribute_tensor(gm: fx.GraphModule, arg: Any) -> tuple[nn.Module, str, torc
     if not isinstance(value, torch.Tensor):
         return None
     return (gm.get_submodule(owner_path) if owner_path else gm), name, value
+
+
+def weight_and_bias(gm: fx.GraphModule, node: fx.Node,
+                    weight_index: int) -> tuple[Attribute | None, Attribute | None] | Refusal:
+    """The weight (argument ``weight_index`` or ``weight=``) and bias (the next one or ``bias=``) of a
+    functional layer call, each ``None`` where the call passes none; a :class:`Refusal` where one it
+    passes is computed in the graph rather than read from a parameter or buffer."""
+    weight_arg, bias_arg = call_arg(node, weight_index, "weight"), call_arg(node, weight_index + 1, "bias")
+    weight, bias = attribute_tensor(gm, weight_arg), attribute_tensor(gm, bias_arg)
+    if (weight_arg is not None and weight is None) or (bias_arg is not None and bias is None):
+        return Refusal(f"`{node.name}`'s weight or bias is computed in the graph, not a parameter")
+    return weight, bias
+
+
+def scale_attribute(found: Attribute | None, v: torch.Tensor) -> None:
+    """Replace the attribute tensor ``found`` by itself times ``v`` (nothing where ``found`` is ``None``)."""
+    if found is not None:
+        replace_tensor(found[0], found[1], found[2] * v)
+
+
+def attribute_values(*found: Attribute | None) -> list[torch.Tensor]:
+    """The tensors of the given attributes, skipping ``None``: what a :class:`Target` of them replaces."""
+    return [f[2] for f in found if f is not None]
 
 
 class TensorUsage:
