@@ -39,7 +39,7 @@ from ..graph.aliases import erase_refusal
 from ..graph.graph_queries import is_add, is_inplace, site_of
 from ..graph.records import LEFT_AS_MUL, FoldRecord
 from ..graph.refusals import Refusal
-from ..infra import PassResult
+from ..infra import PassContext, PassResult
 from ..layers.base import Target, TensorUsage
 from ..layers.registry import output_target
 from .apply import apply_fold
@@ -145,10 +145,11 @@ def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     return plan_refusal(c, plan) or MulFold(mul, x, plan)
 
 
-def fold_scales(gm: fx.GraphModule) -> PassResult:
+def fold_scales(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     """Fold every per-channel constant ``mul`` into the layer(s) that produced its other operand.
 
-    Modifies ``gm`` in place; returns it with one :class:`FoldRecord` per constant ``mul`` seen. One
+    Modifies ``gm`` in place; returns it with one :class:`FoldRecord` per constant ``mul`` seen (a
+    pipeline pass: it reads nothing from ``context``). One
     pass over the graph; the parameter-usage table is built once (folds keep it valid, since the
     tensors they create are used once and are not in it).
     """
