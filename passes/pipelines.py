@@ -230,11 +230,6 @@ def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult
     return PassResult(fold_constants(gm))
 
 
-def drop_unused_nodes(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """The attention networks, now unused, leave the graph (:func:`drop_dead_nodes`)."""
-    return PassResult(drop_dead_nodes(gm))
-
-
 def push_into_next_layers(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """What stayed a ``mul`` is pushed into the layers after it (:func:`propagate_scales`)."""
     return propagate_scales(gm, context.records_of(FoldRecord))
@@ -260,7 +255,7 @@ FUSE_PIPELINE = Pipeline("fuse", (
     fold_constant_values,
     normalize_scale_spellings,  # x / c, addcmul and einsum scales become multiplies
     check_finite_constants,  # refuse NaN/Inf constants before any fold
-    drop_unused_nodes,
+    drop_dead_nodes,  # the attention networks, now unused, leave the graph
     fold_scales,  # each constant per-channel mul folds into the layer before it
     push_into_next_layers,
     remove_dead_code,
