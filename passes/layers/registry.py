@@ -26,13 +26,14 @@ from .guards import instance_norm_refusal, layer_refusal, model_dtype
 from .module_calls import MODULE_RULES
 from .multihead_attention import MULTIHEAD_ATTENTION
 from .parallel_branches import PARALLEL_BRANCHES
+from .sdpa import SDPA
 from .standardized_conv import STANDARDIZED_CONV
 from .window_attention import WINDOW_ATTENTION
 
 #: every layer rule, in the order they are asked (a weight-standardized conv before the plain
 #: functional conv it is also a call of)
 LAYER_RULES: tuple[LayerRule, ...] = (*MODULE_RULES, MULTIHEAD_ATTENTION, WINDOW_ATTENTION, STANDARDIZED_CONV,
-                                      FUNCTIONAL_CONV_LINEAR, FUNCTIONAL_NORM, PARALLEL_BRANCHES)
+                                      FUNCTIONAL_CONV_LINEAR, FUNCTIONAL_NORM, SDPA, PARALLEL_BRANCHES)
 
 
 def recognise(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
