@@ -1,14 +1,13 @@
 """Write a fused model's weights into the user's own vanilla model: ``fuse(model, into=vanilla)``.
 
-torch.fx keeps module paths, so the fused GraphModule's state_dict keys are the vanilla model's:
-the folded weights (BN gamma/beta, conv kernels and biases, linear rows) go back under the same
-keys, BatchNorm running statistics and other buffers with them, and the vanilla class's own
-``forward`` computes what the fused graph computes. Every value is checked: the key sets and
-shapes must agree, and the filled model must compute the fused model's outputs on a probe input
+torch.fx keeps module paths, so the fused GraphModule's state_dict keys are the vanilla model's: the folded
+weights (BN gamma/beta, conv kernels and biases, linear rows) go back under the same keys, buffers with them,
+and the vanilla class's own ``forward`` computes what the fused graph computes. Every value is checked: key
+sets and shapes must agree, and the filled model must compute the fused model's outputs on a probe input
 (max abs error <= ``rtol * max|reference|`` per output) before anything is written.
 
-Refuses (:class:`asr_fx.errors.VanillaModelError`, nothing written) where a fold produced
-something the vanilla class has no place for, naming the site and the reason:
+Refuses (:class:`asr_fx.errors.VanillaModelError`, nothing written) where a fold produced something the
+vanilla class has no place for, naming the site and the reason:
 
 - a scale left as a constant ``Mul``, or folded into a functional call as a new constant
   (both are new ``_folded_*`` tensors of the graph);
@@ -17,9 +16,8 @@ something the vanilla class has no place for, naming the site and the reason:
 - a vanilla tensor the fused model no longer has (a BatchNorm folded away by ``fold_bn=True``);
 - a vanilla model of another architecture (key sets or shapes differ: the first mismatches named).
 
-A constant parameter scale of the model itself (a layer scale such as ConvNeXt's ``gamma``) that
-:func:`asr_fx.fuse` folded into its layer is written as ones: the vanilla forward still multiplies
-by it, now by 1, and the layer holds the scale.
+A constant parameter scale of the model itself (a layer scale such as ConvNeXt's ``gamma``) that :func:`fuse`
+folded into its layer is written as ones: the vanilla forward multiplies by 1, the layer holds the scale.
 """
 
 from __future__ import annotations
@@ -43,6 +41,7 @@ from asr_fx.partial_capture import is_partial, part_paths
 from asr_fx.passes import trace
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
 from asr_fx.passes.forms.module_form import has_module_form
+from asr_fx.state_dicts import with_version_metadata
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
 RTOL = 1e-5
@@ -366,7 +365,8 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     known = equivalence.probe_inputs(source, example_inputs)
     state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=known)
     inputs = known if known is not None else probe_inputs(fused, source, None)
-    backup = {k: v.detach().clone() for k, v in vanilla.state_dict().items()}
+    backup = with_version_metadata({k: v.detach().clone() for k, v in vanilla.state_dict().items()}, vanilla)
+    state = with_version_metadata(state, vanilla)
     modes = {m: m.training for m in vanilla.modules()}
     try:
         vanilla.load_state_dict(state, strict=True)
