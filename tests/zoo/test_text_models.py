@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FUSE_RTOL, rel_err
+from conftest import FUSE_RTOL, perturb_asr, rel_err
 
 import asr_fx
 
@@ -34,6 +34,40 @@ def test_a_two_layer_bert_takes_attention_and_mlp_sites_and_fuses():
     fused = asr_fx.fuse(instrumented, strict=True, example_inputs=(ids,))
     with torch.no_grad():
         assert rel_err(instrumented(other).logits, fused(other).logits) <= FUSE_RTOL
+    assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
+
+
+def _roberta():
+    config = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                        pad_token_id=1)
+    return transformers.RobertaForSequenceClassification(config)
+
+
+def _ids_and_mask(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 100, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0  # padding: the mask changes the first sequence's output
+    return ids, mask
+
+
+@pytest.mark.parametrize(("build", "prefix"), [(_bert, "bert"), (_roberta, "roberta")])
+def test_an_encoder_captured_with_its_attention_mask_takes_sites_in_every_layer(build, prefix):
+    """The extended mask is built to the embeddings' sizes: it is a side input of every layer's attention branch."""
+    torch.manual_seed(0)
+    model = build().eval()
+    instrumented = asr_fx.instrument(model, example_inputs=_ids_and_mask(2, 12, 0))
+    sites = {s["module"] for s in asr_fx.get_config(instrumented)["sites"]}
+    assert sites == {f"{prefix}.encoder.layer.{i}.{name}.dense" for i in range(2) for name in ("attention.output",
+                                                                                                 "output")}
+    perturb_asr(instrumented)
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=_ids_and_mask(2, 12, 0))
+    ids, mask = _ids_and_mask(3, 7, 1)
+    with torch.no_grad():
+        ref = instrumented(ids, attention_mask=mask).logits
+        assert rel_err(ref, fused(ids, attention_mask=mask).logits) <= FUSE_RTOL
+        assert rel_err(ref, instrumented(ids).logits) > 1e-4  # the mask is used
     assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
 
 
