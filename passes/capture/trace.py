@@ -241,7 +241,13 @@ class ASRTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self.concrete is not None and self.concrete.running:
             return forward(*args, **kwargs)  # computing a value on example_inputs, not tracing
-        self.module_stack_names.append(self.path_of_module(m))
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module made inside forward (`nn.ReLU()(x)`): without state, its forward is traced
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise
+            return forward(*args, **kwargs)
+        self.module_stack_names.append(path)
         result = super().call_module(m, forward, args, kwargs)
         self.module_stack_names.pop()
         return result
