@@ -75,8 +75,17 @@ def test_a_t5_encoder_traces_through_its_sdpa_attention():
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
     model = transformers.T5EncoderModel(config).eval()
-    sites = asr_fx.find_sites(model, example_inputs=(torch.randint(0, 100, (2, 12)),))
-    assert [s.module for s in sites] == [f"encoder.block.{i}.layer.1.DenseReluDense.wo" for i in range(2)]
+    ids = torch.randint(0, 100, (2, 12))
+    instrumented = asr_fx.instrument(model, example_inputs=(ids,))
+    # the attention's dropout rate is picked by mode inside it: bound to the mode, the attention is traced through
+    assert [s["module"] for s in asr_fx.get_config(instrumented)["sites"]] == [
+        f"encoder.block.{i}.layer.{j}" for i in range(2) for j in ("0.SelfAttention.o", "1.DenseReluDense.wo")]
+    perturb_asr(instrumented)
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=(ids,))
+    other = torch.randint(0, 100, (3, 7))
+    with torch.no_grad():
+        ref = instrumented(other).last_hidden_state
+        assert rel_err(ref, fused(other).last_hidden_state) <= FUSE_RTOL
 
 
 def test_a_gpt2_traces_without_its_cache_and_refuses_clearly():
