@@ -193,9 +193,11 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 target = work.get_submodule(child_path)  # inplace: the module form attaches to it
                 try:  # not inplace: a copy, so that a part whose sites have no place in it can be split further
                     part = instrument(target, {**options, "example_inputs": inputs, "sites": sites,
-                                               "inplace": bool(options.get("inplace"))}, graph_ok=True)
-                except NoSitesError:
-                    continue
+                                               "inplace": bool(options.get("inplace")), "in_part": True},
+                                      graph_ok=True)
+                except NoSitesError as exc:  # modules kept whole for their train-only code may hold sites: look inside
+                    if not exc.opaque_modules:
+                        continue
                 except ASRError as exc:
                     refused.append(f"{child_path}: {shorten(str(exc).splitlines()[0], 300)}")
                 else:
