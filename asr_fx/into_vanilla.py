@@ -39,7 +39,7 @@ from asr_fx import atomic, equivalence
 from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.fusion import FusionReport, fusion_report
-from asr_fx.partial_capture import is_partial, part_paths
+from asr_fx.partial_capture import is_partial, part_paths, part_probe
 from asr_fx.passes import trace
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
 from asr_fx.passes.forms.module_form import has_module_form
@@ -305,11 +305,9 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
                                     "model has an instrumented part: another architecture; build the vanilla "
                                     "model with the same factory and arguments") from None
         config = asr_config(source)
-        part_shapes = (config.part_input_shapes or {}).get(path) if config is not None else None
         part_source = source.get_submodule(path)
         ref = next(iter(part_source.parameters()), None)
-        probe = tuple(equivalence.random_probe(s, ref) if s is not None else None for s in part_shapes) \
-            if part_shapes and ref is not None else None
+        probe = part_probe(config, path, ref) if config is not None and ref is not None else None
         try:  # traced on the part's recorded input shapes, as instrument captured it
             part = model_state_dict(fused.get_submodule(path), target, part_source,
                                     leaf_modules=leaf_modules, example_inputs=probe)

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 import asr_fx
+from asr_fx.config import ASRConfig
 from asr_fx.equivalence import floating_tensors
+from asr_fx.partial_capture import part_probe
 
 from .model_kept import snapshot, what_changed
 
@@ -77,7 +79,7 @@ def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple
     total = asr_fx.count_parameters(vanilla)
     for path in parts:
         part = vanilla.get_submodule(path)
-        probe = tuple(torch.randn(s) if s is not None else None for s in config["part_input_shapes"][path])
+        probe = part_probe(ASRConfig.from_dict(config), path, None)
         fused_part = fused.get_submodule(path) if fused is not None else None
         total += _reference_params(part, model.get_submodule(path), probe, fused_part) - asr_fx.count_parameters(part)
     return total
