@@ -126,12 +126,23 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     return True
 
 
+def _kept_as_multiply(value: torch.Tensor, fused_state: Mapping[str, torch.Tensor]) -> bool:
+    """The fused model still multiplies by ``value`` itself: it holds a constant of those values (any shape; constant
+    folding renamed ``res_scale.view(-1, 1, 1)`` to ``_folded_view``), so the scale was not folded into a layer."""
+    flat = value.detach().flatten().cpu()
+    return any(_owner_and_name(k)[1].startswith(FOLDED_PREFIX) and t.numel() == flat.numel()
+               and torch.equal(t.detach().flatten().cpu(), flat) for k, t in fused_state.items())
+
+
 def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
-                        example_inputs: tuple[Any, ...] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+                        example_inputs: tuple[Any, ...] | None,
+                        fused_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion
-    folded into its layer; for a tensor the eval forward never reads (``num_batches_tracked`` of a
-    traced-through BN, an unused parameter) the source model's value, else the vanilla model's own;
-    problems for the rest. The vanilla model is traced shape-aware on ``example_inputs`` when given."""
+    folded into its layer (the source model's value where the fused model still multiplies by it: the model's own
+    scale left as a multiply, :func:`_kept_as_multiply`); for a tensor the eval forward never reads
+    (``num_batches_tracked`` of a traced-through BN, an unused parameter) the source model's value, else the
+    vanilla model's own; problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``
+    when given."""
     source_state, own = source.state_dict(), vanilla.state_dict()
     try:
         graph = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False,
@@ -143,7 +154,7 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
     for key in missing:
         use, src = _used_as_scale(graph, key), source_state.get(key)
         if use is True and src is not None and src.shape == own[key].shape:
-            values[key] = torch.ones_like(src)
+            values[key] = src if _kept_as_multiply(src, fused_state) else torch.ones_like(src)
         elif use is False:
             values[key] = src if src is not None and src.shape == own[key].shape else own[key]
         elif src is not None and src.shape == own[key].shape and not isinstance(
@@ -197,7 +208,7 @@ def vanilla_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, 
                                 f"differ (fused vs vanilla) at {', '.join(shapes[:_SHOWN])}{_more(shapes)}; build "
                                 "the vanilla model with the same factory and arguments")
     missing = [k for k in target if k not in fused_state]
-    extra_values, problems = (_missing_key_values(vanilla, source, missing, leaf_modules, example_inputs)
+    extra_values, problems = (_missing_key_values(vanilla, source, missing, leaf_modules, example_inputs, fused_state)
                               if missing else ({}, []))
     if problems:
         raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
