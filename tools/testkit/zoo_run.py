@@ -134,7 +134,7 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
     try:
         torch.manual_seed(0)
         vanilla, entry = _built(entry)
-        row.input = f"{entry.size}"
+        row.input = "x".join(map(str, entry.signal)) if entry.signal else f"{entry.size}"
         row.config = ", ".join(f"{k}={v}" for k, v in entry.shrunk.items())
         size = asr_fx.count_parameters(vanilla)
         if size > MAX_PARAMS:
