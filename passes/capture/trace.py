@@ -181,7 +181,7 @@ class ASRTracer(fx.Tracer):
         self.concrete = ConcreteValues(root, self._example_inputs) if self._example_inputs is not None else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
             with state_kept(root), functions_kept_opaque(), indexing_traced(), \
-                    (recorded_factories(self) if shape_aware else contextlib.nullcontext()), \
+                    recorded_factories(self, random_only=not shape_aware), \
                     (dtype_info_traced(self) if shape_aware else contextlib.nullcontext()):
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
