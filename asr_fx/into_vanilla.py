@@ -41,7 +41,7 @@ from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.fusion import FusionReport, fusion_report
 from asr_fx.partial_capture import is_partial, part_paths, part_probe
 from asr_fx.passes import trace
-from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
+from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX, holds_folded
 from asr_fx.passes.forms.module_form import has_module_form
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
@@ -126,23 +126,13 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
     return True
 
 
-def _kept_as_multiply(value: torch.Tensor, fused_state: Mapping[str, torch.Tensor]) -> bool:
-    """The fused model still multiplies by ``value`` itself: it holds a constant of those values (any shape; constant
-    folding renamed ``res_scale.view(-1, 1, 1)`` to ``_folded_view``), so the scale was not folded into a layer."""
-    flat = value.detach().flatten().cpu()
-    return any(_owner_and_name(k)[1].startswith(FOLDED_PREFIX) and t.numel() == flat.numel()
-               and torch.equal(t.detach().flatten().cpu(), flat) for k, t in fused_state.items())
-
-
 def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
                         example_inputs: tuple[Any, ...] | None,
                         fused_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion
-    folded into its layer (the source model's value where the fused model still multiplies by it: the model's own
-    scale left as a multiply, :func:`_kept_as_multiply`); for a tensor the eval forward never reads
-    (``num_batches_tracked`` of a traced-through BN, an unused parameter) the source model's value, else the
-    vanilla model's own; problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``
-    when given."""
+    folded into its layer (its value where the fused model still multiplies by it: ``holds_folded``);
+    for a tensor the eval forward never reads (an unused parameter) the source model's value, else the vanilla
+    model's own; problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``."""
     source_state, own = source.state_dict(), vanilla.state_dict()
     try:
         graph = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False,
@@ -154,7 +144,7 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
     for key in missing:
         use, src = _used_as_scale(graph, key), source_state.get(key)
         if use is True and src is not None and src.shape == own[key].shape:
-            values[key] = src if _kept_as_multiply(src, fused_state) else torch.ones_like(src)
+            values[key] = src if holds_folded(fused_state, src) else torch.ones_like(src)
         elif use is False:
             values[key] = src if src is not None and src.shape == own[key].shape else own[key]
         elif src is not None and src.shape == own[key].shape and not isinstance(

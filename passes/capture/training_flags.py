@@ -76,7 +76,7 @@ def _compare_args(a: fx.Node, b: fx.Node, pairs: dict[fx.Node, fx.Node]) -> list
     leaves_b, spec_b = _flatten((b.args, b.kwargs))
     if spec_a != spec_b:
         raise ModeDifference(a, b)
-    flags = []
+    flags: list[tuple[int, Any]] = []
     for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
         if isinstance(x, fx.Node) or isinstance(y, fx.Node):
             if not (isinstance(x, fx.Node) and isinstance(y, fx.Node) and pairs.get(x) is y):
