@@ -24,6 +24,7 @@ from torch import nn
 
 from asr_fx.errors import InvalidOptionError, TraceError
 
+from ..layers.transposed_linear import is_transposed_linear
 from .autograd_functions import functions_kept_opaque
 from .concrete_values import (
     MISSING,
@@ -101,7 +102,7 @@ class ASRTracer(fx.Tracer):
             return True
         if self._inline and isinstance(m, self._inline):
             return False
-        if is_opaque_library_layer(m):
+        if is_opaque_library_layer(m) or is_transposed_linear(m):  # a layer rule's module: its output is a site
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

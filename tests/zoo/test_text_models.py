@@ -88,10 +88,20 @@ def test_a_t5_encoder_traces_through_its_sdpa_attention():
         assert rel_err(ref, fused(other).last_hidden_state) <= FUSE_RTOL
 
 
-def test_a_gpt2_traces_without_its_cache_and_refuses_clearly():
-    """GPT-2's projections are transformers' Conv1D, no ASR site kind: a clear NoSitesError, not a trace error."""
+def test_a_gpt2_takes_sites_in_its_transposed_linear_projections_and_fuses():
+    """GPT-2's projections are transformers' Conv1D (x @ W + b): kept as one call, their outputs are sites."""
+    torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2Model(config).eval()
-    with pytest.raises(asr_fx.NoSitesError):
-        asr_fx.instrument(model, example_inputs=(torch.randint(0, 100, (2, 12)),))
+    ids, _ = _ids_and_mask(2, 12, 0)
+    instrumented = asr_fx.instrument(model, example_inputs=(ids,))
+    assert [s["module"] for s in asr_fx.get_config(instrumented)["sites"]] == [
+        f"h.{i}.{name}.c_proj" for i in range(2) for name in ("attn", "mlp")]
+    perturb_asr(instrumented)
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=(ids,))
+    other, _ = _ids_and_mask(3, 7, 1)
+    with torch.no_grad():
+        ref = instrumented(other).last_hidden_state
+        assert rel_err(ref, fused(other).last_hidden_state) <= FUSE_RTOL
+    assert type(fused) is type(model) and asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
