@@ -35,6 +35,7 @@ size and the keywords used.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -69,6 +70,17 @@ def table(rows: list[Row], fmt: str = "github") -> str:
     return tabulate(body, headers=headers, tablefmt=fmt, disable_numparse=True)
 
 
+def _provenance(rows: list) -> str:
+    """Which code each row ran at: one commit for a whole sweep, several where rows were rerun with --update."""
+    counts = collections.Counter(r.commit or "an unrecorded commit" for r in rows)
+    if len(counts) <= 1:
+        return f"Run at {next(iter(counts), commit())}."
+    main, _ = counts.most_common(1)[0]
+    others = "; ".join(f"{c}: {', '.join(r.model for r in rows if (r.commit or 'an unrecorded commit') == c)}"
+                       for c in counts if c != main)
+    return f"Run at {main}; rows rerun with --update at other commits: {others}."
+
+
 def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
     ok = sum(r.ok for r in rows)
     lines = [
@@ -80,7 +92,7 @@ def write_markdown(rows: list[Row], path: Path, total: int, batch: int) -> None:
         "parameters and ONNX op multiset compared with `fuse(vanilla)`. `model kept`: the vanilla model's state, "
         "hooks, attributes, modes and outputs were the same after every pass as before, also where one raised.",
         "",
-        f"Run at {commit()} on {machine()}.",
+        f"{_provenance(rows)} Machine: {machine()}.",
         "",
         f"**{ok} of {len(rows)} models pass**"
         + (f" ({len(rows)} of {total} swept so far)" if len(rows) < total else ""),
@@ -135,7 +147,7 @@ def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float |
         "`graph`, a GraphModule (parameters == fuse(vanilla)'s); `parts`, the parts are one or the other. "
         "`model kept`: the vanilla model's state, hooks, attributes, modes and outputs were the same after every "
         "pass as before, also where one raised." + took, "",
-        f"Run at {commit()} on {machine()}.", "",
+        f"{_provenance(rows)} Machine: {machine()}.", "",
         _ZOO_INPUTS, "",
         f"**{ok} of {len(rows)} pass**" + (f" ({len(rows)} of {total} swept)" if len(rows) < total else ""), "",
         tabulate(body, headers=headers, tablefmt="github", disable_numparse=True), ""])
@@ -154,6 +166,7 @@ def zoo_main(zoo: str, names: list[str], onnx: bool, out: Path | None, update: b
     began = time.perf_counter()
     for name in tqdm(chosen, desc=zoo):
         row = run_entry(name, entries[name], onnx=onnx)
+        row.commit = commit()
         rows.append(row)
         rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
         print(f"{name:40s} {row.status[:160]} {row.seconds}", flush=True)
@@ -187,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     total = len(every) if args.update else len(names)
     for name in tqdm(names, desc="zoo"):
         row = sweep_model(name, batch=args.batch)
+        row.commit = commit()
         rows.append(row)
         rows.sort(key=lambda r: every.index(r.model) if r.model in every else len(every))
         print(f"{name:24s} {row.status[:150]} ({row.seconds:.0f}s)", flush=True)

@@ -52,6 +52,7 @@ class Row:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     kept: str = ""  # "yes" where instrument and fuse left the user's model as it was, else what changed
+    commit: str = ""  # the code the row was run at (set by tools/zoo_sweep.py)
 
     @property
     def ok(self) -> bool:

@@ -51,6 +51,7 @@ class ZooRow:
     input: str = ""  # the input size the model ran at
     config: str = ""  # constructor keywords of a reduced config
     kept: str = ""  # "yes" where instrument and fuse left the user's model as it was, else what changed
+    commit: str = ""  # the code the row was run at (set by tools/zoo_sweep.py)
 
     @property
     def ok(self) -> bool:
