@@ -99,7 +99,7 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
             return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "
                 "(a composite layer traced through), so the module's own output is another value")
-    kind = "bn" if bn_affine_form and index is None and bn_form_fits(own) else "hook"
+    kind = "bn" if bn_affine_form and index is None and bn_form_fits(own) else "output"
     return Attachment(path, kind, site.node, index)
 
 
