@@ -89,7 +89,8 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
         return f"site `{site.node}` is the value of functional code ({_what(node)}), not the output of a module"
     path = str(node.target)
     if calls[path] != 1:
-        return f"site `{site.node}`: the forward calls `{path}` {calls[path]} times, a block on its output would scale every call"
+        return (f"site `{site.node}`: the forward calls `{path}` {calls[path]} times, a block on its output would "
+                "scale every call")
     try:
         own = model.get_submodule(path)
     except AttributeError:
@@ -100,7 +101,10 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
             return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "
                 "(a composite layer traced through), so the module's own output is another value")
-    kind = "bn" if bn_affine_form and index is None and bn_form_fits(own) else "output"
+    if bn_affine_form and index is None and bn_form_fits(own):
+        return Attachment(path, "bn", site.node)
+    # an instance ``forward`` (set in __init__, or by a library's dispatch) would skip the output form's: a hook
+    kind = "hook" if "forward" in own.__dict__ else "output"
     return Attachment(path, kind, site.node, index)
 
 

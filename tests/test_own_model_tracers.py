@@ -4,6 +4,7 @@ torch.fx graph of it holds the ASR blocks' parameters (its optimizer, state_dict
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import asr_fx
 from asr_fx.models import cifar_resnet
 from asr_fx.own_model import remove
-from asr_fx.passes.forms.module_form import Attachment, attach, strip_module_form
+from asr_fx.passes.forms.module_form import Attachment, attach, attachments, strip_module_form
 from asr_fx.passes.forms.output_form import ASROutput
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -145,3 +146,57 @@ def test_an_output_form_inside_torchs_transformer_layer_keeps_its_fused_fast_pat
     assert type(layer.linear2) is nn.Linear
     with torch.no_grad():
         _same(layer(tokens), plain)
+
+
+def test_torch_compile_of_the_output_form_matches_eager_and_does_not_recompile_after_a_step():
+    torch.manual_seed(0)
+    model = asr_fx.instrument(cifar_resnet(depth=11), bn_affine_form=False).train()
+    perturb_asr(model)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    _same(compiled(X), eager(X))
+    compiled(X).square().mean().backward()
+    eager(X).square().mean().backward()
+    for (name, got), want in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            opt.step()
+            opt.zero_grad()
+            compiled(X).square().mean().backward()
+
+
+class _InstanceForward(nn.Module):
+    """A conv whose forward is set on the instance (as some libraries do in ``__init__``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv.forward = self._conv
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Conv2d.forward(self.conv, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_a_module_with_an_instance_forward_keeps_a_hook_and_its_block_acts():
+    torch.manual_seed(0)
+    vanilla = _InstanceForward().eval()
+    model = asr_fx.instrument(vanilla, sites=["conv"], example_inputs=(X,)).eval()
+    assert [a.kind for a in attachments(model)] == ["hook"]
+    perturb_asr(model)
+    with torch.no_grad():
+        assert (model(X) - vanilla(X)).abs().max() > 1e-3
+
+
+def test_a_forward_replaced_on_an_output_form_after_instrument_is_refused():
+    model = asr_fx.instrument(cifar_resnet(depth=11), bn_affine_form=False).eval()
+    site = model.get_submodule("layer1.0.bn3")
+    assert isinstance(site, ASROutput)
+    site.forward = types.MethodType(nn.BatchNorm2d.forward, site)  # as ultralytics' m.forward = m.forward_fuse
+    with pytest.raises(asr_fx.DetachedBlockError, match="forward replaced"):
+        model(X)

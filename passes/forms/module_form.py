@@ -42,6 +42,7 @@ from .output_form import (  # noqa: F401 - ASRHook: its old home
     _Held,
     _stamp,
     _value,
+    bypassed,
     swap_in,
     swap_out,
 )
@@ -74,8 +75,9 @@ class HoistValues:
             raise DetachedBlockError(
                 f"the ASR blocks at {lost[:5]}{f' and {len(lost) - 5} more' if len(lost) > 5 else ''} of "
                 f"{type(module).__name__} are no longer attached: their modules were "
-                "removed or replaced after asr_fx.instrument (a library's own fuse() folding each BatchNorm into "
-                "its conv, e.g. ultralytics' model.fuse() in predict/val, or a swapped layer), so the model would "
+                "removed or replaced, or their forward replaced, after asr_fx.instrument (a library's own fuse() "
+                "folding each BatchNorm into its conv, e.g. ultralytics' model.fuse() in predict/val, or a swapped "
+                "layer), so the model would "
                 "compute without ASR. Way out: asr_fx.fuse(model) first (ASR folded into the weights, your class "
                 "back), then the library's fuse(); or replace modules before instrument", sites=lost)
         for block in self.blocks.values():
@@ -106,7 +108,8 @@ class _Watch:
         if self.hook is None:
             return isinstance(self.module, _ASRBatchNorm)
         if isinstance(self.hook, FastPathGuard) and not (isinstance(self.module, ASROutput)
-                                                         and APPLY in self.module.__dict__):
+                                                         and APPLY in self.module.__dict__
+                                                         and not bypassed(self.module)):
             return False
         return getattr(self.module, self.hooks).get(self.hook_id) is self.hook
 

@@ -154,6 +154,14 @@ def output_form_class(base: type) -> type:
     return _FORMS[base]
 
 
+def bypassed(module: nn.Module) -> bool:
+    """``module``'s forward was replaced on the instance by another of its methods (``m.forward = m.forward_fuse``,
+    as ultralytics' own ``fuse()`` does): calls skip the output form's forward, and the block with it."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and getattr(forward, "__self__", None) is module and \
+        getattr(forward, "__func__", None) is not ASROutput.forward
+
+
 class FastPathGuard:
     """A forward pre-hook that does nothing: see the module docstring."""
 
