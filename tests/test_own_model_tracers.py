@@ -59,16 +59,23 @@ def test_graph_rewrites_and_a_retrace_keep_the_blocks(resnet):
 
 
 def test_torchvision_create_feature_extractor_returns_the_models_values(resnet):
-    extractor = create_feature_extractor(resnet, return_nodes={"layer1": "layer1", "fc": "out"})
-    seen = {}
-    handle = resnet.layer1.register_forward_hook(lambda m, a, out: seen.setdefault("layer1", out))
+    """A stage, a site's own module (its value is the scaled one, as the model's module returns) and the output."""
+    nodes = {"layer1": "layer1", "layer2.0.bn3": "site", "fc": "out"}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [resnet.get_submodule(path).register_forward_hook(
+        lambda m, a, out, name=name: seen.update({name: out})) for path, name in nodes.items() if path != "fc"]
     try:
         with torch.no_grad():
-            got, want = extractor(X), resnet(X)
+            want = resnet(X)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    extractor = create_feature_extractor(resnet, return_nodes=nodes)
+    with torch.no_grad():
+        got = extractor(X)
     _same(got["out"], want)
     _same(got["layer1"], seen["layer1"])
+    _same(got["site"], seen["site"])
     assert {id(p) for p in resnet.asr.parameters()} <= {id(p) for p in extractor.parameters()}
 
 

@@ -40,6 +40,7 @@ from .output_form import (  # noqa: F401 - ASRHook: its old home
     ASROutput,
     FastPathGuard,
     _Held,
+    _scaled,
     _stamp,
     _value,
     bypassed,
@@ -202,8 +203,9 @@ class _ASRBatchNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.__dict__[_BLOCK]
         if isinstance(x, torch.fx.Proxy):  # traced by torch.fx: the ordinary form, BN then x * v
-            return block(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                      self.training or self.running_mean is None, self.momentum or 0.0, self.eps))
+            return _scaled(block, F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                               self.training or self.running_mean is None, self.momentum or 0.0,
+                                               self.eps))
         v = _value(block)
         v = (block.attention_value() if v is None else v).reshape(-1)
         return batch_norm_forward(self, x, self.weight * v, self.bias * v)  # type: ignore[arg-type,attr-defined]

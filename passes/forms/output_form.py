@@ -2,11 +2,11 @@
 class's own, then the ASR block on the output.
 
 Why not a forward hook: torch.fx (``symbolic_trace``, torchvision's and timm's feature extraction, any
-``Tracer``) records a ``torch.nn`` layer as one opaque ``call_module`` and never runs its hooks while tracing,
-so the traced GraphModule holds neither the block's operations nor its parameters: its ``parameters()``,
-``state_dict()``, optimizer and DDP miss ``asr.*``, and graph rewrites (conv-BN fusion) drop the block
-silently. The swapped class is not a ``torch.nn`` leaf (its ``__module__`` is this module), so a tracer
-calls its ``forward``, which records
+``Tracer``) records a ``torch.nn`` layer as one opaque ``call_module`` and never runs its hooks while tracing:
+the traced GraphModule computes the block only because it calls the hooked layer, its graph holds neither
+the block's operations nor its parameters (its ``parameters()``, ``state_dict()``, optimizer and DDP miss
+``asr.*``), and graph rewrites (conv-BN fusion) drop the block silently. The swapped class is not a
+``torch.nn`` leaf (its ``__module__`` is this module), so a tracer calls its ``forward``, which records
 
     call_module <path>(*args, _asr_fx_vanilla=True)   # the layer's own function, still one node
     <the block's operations on that output>            # with get_attr asr.<key>.* of the model's ``asr``
@@ -35,6 +35,8 @@ import torch.fx
 from torch import nn
 
 from asr_fx.errors import ASRError
+
+from .asr_blocks import ASR
 
 #: ``module.__dict__`` key of the callable ``(module, args, output) -> output with the block applied``
 APPLY = "_asr_output"
@@ -103,6 +105,13 @@ def _value(block: nn.Module) -> torch.Tensor | None:
 
 
 def _scaled(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.fx.Proxy):  # traced: ``v`` from the block, ``x * v`` recorded in the calling module
+        blocks = list(block) if isinstance(block, nn.Sequential) else [block]  # (a feature extractor's node
+        if all(isinstance(b, ASR) for b in blocks):  # named after the site's module is then the scaled value)
+            for b in blocks:
+                x = x * b.attention_value()
+            return x
+        return block(x)
     v = _value(block)
     return block(x) if v is None else block(x, v)
 
