@@ -207,3 +207,18 @@ def test_a_forward_replaced_on_an_output_form_after_instrument_is_refused():
     site.forward = types.MethodType(nn.BatchNorm2d.forward, site)  # as ultralytics' m.forward = m.forward_fuse
     with pytest.raises(asr_fx.DetachedBlockError, match="forward replaced"):
         model(X)
+
+
+def test_fuse_of_a_traced_instrumented_model_folds_its_blocks(resnet):
+    gm = torch.fx.symbolic_trace(resnet)
+    fused = asr_fx.fuse(gm, strict=True, example_inputs=(X,))
+    assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(cifar_resnet(depth=11))
+    with torch.no_grad():
+        _same(fused(X), resnet(X))
+        _same(gm(X), resnet(X))  # fuse left the traced model as it was
+
+
+def test_fuse_of_a_graph_that_calls_a_layer_carrying_a_block_whole_is_refused(resnet):
+    gm = torch.fx.GraphModule(resnet, _LeafTracer().trace(resnet))
+    with pytest.raises(asr_fx.ASRError, match="as a whole.*fuse the instrumented model itself"):
+        asr_fx.fuse(gm)

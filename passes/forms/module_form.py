@@ -36,6 +36,7 @@ from .asr_blocks import ASR, batch_norm_forward
 from .output_form import (  # noqa: F401 - ASRHook: its old home
     _VALUE,
     APPLY,
+    BN_BLOCK,
     ASRHook,
     ASROutput,
     FastPathGuard,
@@ -49,7 +50,7 @@ from .output_form import (  # noqa: F401 - ASRHook: its old home
 )
 
 CONTAINER = "asr"
-_BLOCK = "_asr_block"
+_BLOCK = BN_BLOCK
 
 
 class HoistValues:

@@ -40,6 +40,8 @@ from .asr_blocks import ASR
 
 #: ``module.__dict__`` key of the callable ``(module, args, output) -> output with the block applied``
 APPLY = "_asr_output"
+#: ``module.__dict__`` key of the block of a BatchNorm in the BN-affine form (:mod:`.module_form`)
+BN_BLOCK = "_asr_block"
 #: the keyword argument a traced ``call_module`` node passes so that the module computes its own forward only
 VANILLA = "_asr_fx_vanilla"
 _FORMS: dict[type, type] = {}
@@ -195,3 +197,30 @@ def swap_out(module: nn.Module) -> Any:
         if isinstance(hook, FastPathGuard):
             del module._forward_pre_hooks[handle_id]
     return apply
+
+
+def carries_block(module: nn.Module) -> bool:
+    """``module`` applies an ASR block itself: the output form, or the BN-affine form of a BatchNorm."""
+    return APPLY in module.__dict__ or BN_BLOCK in module.__dict__
+
+
+def traced_output_forms(gm: torch.fx.GraphModule) -> bool:
+    """``gm`` (a GraphModule traced from a model with output forms, whose graph holds the blocks' operations) with
+    each output-form module put back to its class and the ``_asr_fx_vanilla`` argument dropped from its calls,
+    in place: the graph form of the same function. Returns whether there were any. Raises :class:`ASRError`
+    when ``gm`` calls a module that carries a block as a whole (a tracer kept it a leaf): that block is not in
+    the graph."""
+    carrying = {name for name, m in gm.named_modules() if carries_block(m)}
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in carrying]
+    whole = sorted({str(n.target) for n in calls if not n.kwargs.get(VANILLA)})
+    if whole:
+        raise ASRError(f"this GraphModule calls {whole[:3]} as a whole, layers that carry an ASR block (the tracer "
+                       "kept them leaves), so its graph does not hold those blocks. Way out: asr_fx.fuse the "
+                       "instrumented model itself, then trace the fused model")
+    forms = [m for m in gm.modules() if isinstance(m, ASROutput) and APPLY in m.__dict__]
+    for node in calls:
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != VANILLA}
+    for module in forms:
+        swap_out(module)
+    gm.recompile()
+    return bool(forms)
