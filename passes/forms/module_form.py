@@ -339,7 +339,7 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
             module.__class__ = _BASE_OF[type(module)]  # type: ignore[index,assignment]
             found[str(id(block))] = (Attachment(path, "bn", ""), block)
         if isinstance(module, ASROutput):
-            apply = swap_out(module)
+            apply = swap_out(module)  # type: ignore[arg-type]
             if isinstance(apply, ASRHook):
                 found[str(id(apply.block))] = (Attachment(path, "output", "", apply.index), apply.block)
         for handle_id, hook in list(module._forward_hooks.items()):

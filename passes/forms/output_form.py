@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from asr_fx.errors import ASRError
 
@@ -65,7 +66,8 @@ class ASRHook:
             if not isinstance(module, nn.MultiheadAttention):
                 raise ASRError(f"torch.fx cannot split the tuple output of {type(module).__name__} whose element "
                                f"[{self.index}] an ASR block scales; asr_fx.fuse(model) first, then trace")
-            return tuple(_scaled(self.block, output[i]) if i == self.index else output[i] for i in range(2))
+            items = [output[i] for i in range(2)]  # type: ignore[index]
+            return tuple(_scaled(self.block, x) if i == self.index else x for i, x in enumerate(items))
         items = list(output)  # type: ignore[call-overload]
         items[self.index] = _scaled(self.block, items[self.index])
         return type(output)(items) if isinstance(output, tuple) and type(output) is not tuple else tuple(items)
@@ -180,7 +182,7 @@ class FastPathGuard:
         return None
 
 
-def swap_in(module: nn.Module, apply: Callable[[nn.Module, tuple, Any], Any]) -> object:
+def swap_in(module: nn.Module, apply: Callable[[nn.Module, tuple, Any], Any]) -> RemovableHandle:
     """Put ``module`` in the output form with ``apply``; returns the guard hook's handle."""
     module.__class__ = output_form_class(type(module))
     module.__dict__[APPLY] = apply
