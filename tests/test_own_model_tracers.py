@@ -4,12 +4,13 @@ torch.fx graph of it holds the ASR blocks' parameters (its optimizer, state_dict
 from __future__ import annotations
 
 import copy
+import io
 import types
 
 import pytest
 import torch
 import torch.fx
-from conftest import perturb_asr
+from conftest import ORT_RTOL, perturb_asr, rel_err
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_conv_bn_fuse
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -98,6 +99,18 @@ def test_jit_trace_and_torch_export_compute_the_model(resnet, how):
         want = resnet(X)
         traced = torch.jit.trace(resnet, X) if how == "jit.trace" else torch.export.export(resnet, (X,)).module()
         _same(traced(X), want)
+
+
+def test_onnx_export_of_the_instrumented_model_computes_it(resnet):
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    torch.onnx.export(resnet, (X,), buffer, dynamo=False)
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: X.numpy()})
+    with torch.no_grad():
+        want = resnet(X)
+    assert rel_err(want, torch.from_numpy(got)) <= ORT_RTOL
 
 
 class _AttentionBlock(nn.Module):
