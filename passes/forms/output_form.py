@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.hooks import RemovableHandle
 
 from asr_fx.errors import ASRError
@@ -127,7 +128,8 @@ class ASROutput:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         vanilla = kwargs.pop(VANILLA, False)
-        proxy = _first_proxy(args, kwargs)
+        tracing = not torch.compiler.is_compiling() and is_fx_symbolic_tracing()  # else no walk over the arguments
+        proxy = _first_proxy(args, kwargs) if tracing else None
         if proxy is not None:  # traced: the layer's own call as one node, then the block's operations
             tracer = proxy.tracer
             path = tracer.path_of_module(self)  # type: ignore[attr-defined]
