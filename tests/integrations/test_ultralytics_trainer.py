@@ -3,9 +3,10 @@
 The way in is the trainer's ``get_model``: a ``DetectionTrainer`` subclass instruments the model ultralytics
 builds (``YOLO(...).train(trainer=...)`` calls it with the dataset's class count), so the trainer's loss,
 EMA, optimizer groups, checkpoints and final validation all see the instrumented model; its validator's
-``get_model`` hands the final validation ``best.pt`` fused with asr_fx (ultralytics' own ``final_eval`` runs). One epoch of yolov8n
-at 32x32 on four random images written by the test; nothing downloaded (no pretrained weights, no AMP check,
-no fonts: ``plots=False``, ``amp=False``, ``YOLO_OFFLINE`` set in conftest, and the network refused).
+``get_model`` hands the final validation ``best.pt`` fused with asr_fx (ultralytics' own ``final_eval`` runs).
+One epoch of yolov8n at 32x32 on four random images written by the test; nothing downloaded (no pretrained
+weights, no AMP check, no fonts: ``plots=False``, ``amp=False``, ``YOLO_OFFLINE`` set in conftest, and the network
+refused).
 """
 
 from __future__ import annotations
