@@ -7,6 +7,7 @@ import copy
 import io
 import types
 
+import onnxruntime
 import pytest
 import torch
 import torch.fx
@@ -102,8 +103,6 @@ def test_jit_trace_and_torch_export_compute_the_model(resnet, how):
 
 
 def test_onnx_export_of_the_instrumented_model_computes_it(resnet):
-    import onnxruntime
-
     buffer = io.BytesIO()
     torch.onnx.export(resnet, (X,), buffer, dynamo=False)
     session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
