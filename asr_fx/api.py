@@ -27,6 +27,7 @@ from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattac
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.passes.forms.asr_blocks import ASR
+from asr_fx.passes.forms.output_form import carries_block, traced_output_forms
 from asr_fx.passes.layers.base import folding_in_place
 from asr_fx.passes.pipelines import FuseOptions, fuse_pipeline
 from asr_fx.passes.placement.rules import PLACEMENT_RULES, RULE_ALIASES
@@ -88,6 +89,11 @@ def fuse(
         if into is not None:
             return fuse_into(fused, into, model, example_inputs=inputs, leaf_modules=leaf_modules)
         return _in_place(model, fused) if inplace else fused
+    if isinstance(model, fx.GraphModule) and any(carries_block(m) for m in model.modules()):
+        work = copy_of(model)  # torch.fx traced an instrumented model: its graph holds the blocks (or it raises)
+        if traced_output_forms(work):
+            return fuse(work, strict=strict, fold_bn=fold_bn, example_inputs=example_inputs, leaf_modules=leaf_modules,
+                        into=into, check=check, inplace=inplace)
     if is_module_form(model):
         return _fuse_module_form(model, strict, fold_bn, as_input_tuple(example_inputs), leaf_modules, into, check,
                                  inplace)

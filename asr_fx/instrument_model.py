@@ -144,8 +144,10 @@ def instrument(
 
     The result is a copy of ``model`` (``inplace=True``: ``model`` itself), of the same class, with every
     attribute, method, keyword argument and output type: the graph only reads the model, the blocks are
-    attached to its modules (:mod:`asr_fx.own_model`): a forward hook on the module whose output a site
-    is, or at an affine BatchNorm the BN-affine training form (``bn_affine_form``, a BatchNorm subclass).
+    attached to its modules (:mod:`asr_fx.own_model`): the module whose output a site is gets a subclass of
+    its class whose forward is its own, then the block (the output form: torch.fx tracers and feature
+    extractors record the block and its parameters), or at an affine BatchNorm the BN-affine training form
+    (``bn_affine_form``, a BatchNorm subclass).
     Blocks live at ``asr.<site node>`` (e.g. ``asr.layer1_0_bn3``): state_dict keys are the vanilla
     keys plus ``asr.*``; with ``delta > 1`` each site holds an ``nn.Sequential`` of ``delta`` blocks
     (the paper's Table 7).

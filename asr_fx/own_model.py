@@ -5,8 +5,9 @@ Why this design: the graph is how asr-fx *reads* a model (placement needs data f
 people train is their object, whose ``forward`` takes keyword arguments (``labels=``, ``targets``,
 ``return_dict=``), whose methods and attributes their trainer calls. So ``instrument`` traces a copy
 to choose the sites, then attaches each block to the module whose output the site is, in the model
-itself (:mod:`asr_fx.passes.forms.module_form`: a forward hook, or the BN-affine training form as a
-BatchNorm subclass): nothing of the forward is replaced, no argument is specialised.
+itself (:mod:`asr_fx.passes.forms.module_form`: the output form, a subclass of the module's class whose
+forward is its own then the block, or the BN-affine training form as a BatchNorm subclass): nothing of
+the forward is replaced, no argument is specialised.
 
 A site has a place in the model when it is the output (or, for ``nn.MultiheadAttention``, the first
 output) of a module that the forward calls exactly once, and the module the trace saw at that path
@@ -89,7 +90,8 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
         return f"site `{site.node}` is the value of functional code ({_what(node)}), not the output of a module"
     path = str(node.target)
     if calls[path] != 1:
-        return f"site `{site.node}`: the forward calls `{path}` {calls[path]} times, a hook would scale every call"
+        return (f"site `{site.node}`: the forward calls `{path}` {calls[path]} times, a block on its output would "
+                "scale every call")
     try:
         own = model.get_submodule(path)
     except AttributeError:
@@ -100,7 +102,10 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
             return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "
                 "(a composite layer traced through), so the module's own output is another value")
-    kind = "bn" if bn_affine_form and index is None and bn_form_fits(own) else "hook"
+    if bn_affine_form and index is None and bn_form_fits(own):
+        return Attachment(path, "bn", site.node)
+    # an instance ``forward`` (set in __init__, or by a library's dispatch) would skip the output form's: a hook
+    kind = "hook" if "forward" in own.__dict__ else "output"
     return Attachment(path, kind, site.node, index)
 
 

@@ -1,5 +1,6 @@
 """FSDP2 (``fully_shard``): an instrumented model trained by 2 gloo processes on the CPU equals one process
-training on the same global batch, and its ``torch.distributed.checkpoint`` folder loads with
+training on the same global batch (one FSDP unit, or one per residual block then the root, with the blocks
+in the BN form or the output form), and its ``torch.distributed.checkpoint`` folder loads with
 ``asr_fx.load`` and fuses through ``asr-fx fuse DIR``.
 
 The model's BatchNorms run in eval mode while training: in train mode each rank would normalise with
@@ -29,9 +30,9 @@ GLOBAL_BATCH, STEPS, WORLD = 8, 3, 2
 FACTORY, FACTORY_KWARGS = "asr_fx.models:cifar_resnet", {"depth": 11}
 
 
-def _instrumented() -> nn.Module:
+def _instrumented(bn_affine_form: bool = True) -> nn.Module:
     torch.manual_seed(0)
-    model = asr_fx.instrument(cifar_resnet(depth=11), "se")
+    model = asr_fx.instrument(cifar_resnet(depth=11), "se", bn_affine_form=bn_affine_form)
     perturb_asr(model, 0)
     return model
 
@@ -59,7 +60,7 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model = _instrumented()  # the same init on every rank
         header = asr_fx.checkpoint_header(model, factory=FACTORY, factory_kwargs=FACTORY_KWARGS,
                                           input_shape=[1, 3, 16, 16])
-        fully_shard(model)  # one unit: the traced graph calls layer1's convs itself, never layer1's own forward
+        fully_shard(model)  # one unit (per-block units below)
         x, y = _data()
         local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         _train(model, x[:, local], y[:, local])  # the mean over each half, averaged over the ranks: the global mean
@@ -70,6 +71,16 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             torch.save(full, f"{out_dir}/full.pt")
         dcp.save({"model": state, "asr_fx": header}, checkpoint_id=f"{out_dir}/with_header")
         dcp.save({"model": state}, checkpoint_id=f"{out_dir}/weights_only")
+        for bn_affine_form in (True, False):  # one FSDP unit per residual block, then the root
+            blocked = _instrumented(bn_affine_form)
+            for layer in (blocked.layer1, blocked.layer2, blocked.layer3):
+                for block in layer:
+                    fully_shard(block)
+            fully_shard(blocked)
+            _train(blocked, x[:, local], y[:, local])
+            full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in blocked.state_dict().items()}
+            if rank == 0:
+                torch.save(full, f"{out_dir}/per_block_{bn_affine_form}.pt")
         # the big-model flow: meta device -> instrument -> fully_shard -> to_empty -> reset_parameters
         with torch.device("meta"):
             vanilla = cifar_resnet(depth=11)
@@ -92,8 +103,8 @@ def fsdp_run(tmp_path_factory) -> Path:
     return out
 
 
-def _single_process() -> dict[str, torch.Tensor]:
-    model = _instrumented()
+def _single_process(bn_affine_form: bool = True) -> dict[str, torch.Tensor]:
+    model = _instrumented(bn_affine_form)
     _train(model, *_data())
     return model.state_dict()
 
@@ -108,6 +119,17 @@ def test_fsdp2_two_processes_train_as_one_process_on_the_global_batch(fsdp_run):
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert all(not torch.allclose(start[k], want[k]) for k in psi)  # psi did train
+
+
+@pytest.mark.parametrize("bn_affine_form", [True, False], ids=["bn_form", "output_form"])
+def test_fsdp2_one_unit_per_residual_block_trains_as_one_process(fsdp_run, bn_affine_form):
+    got = torch.load(fsdp_run / f"per_block_{bn_affine_form}.pt", weights_only=True)
+    want = _single_process(bn_affine_form)
+    start = _instrumented(bn_affine_form).state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert all(not torch.allclose(start[k], want[k]) for k in want if k.endswith(".psi"))  # psi did train
 
 
 def test_meta_device_instrument_fully_shard_to_empty_reset_gives_the_preset_init(fsdp_run):

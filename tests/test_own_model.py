@@ -16,19 +16,23 @@ import asr_fx
 from asr_fx.errors import ASRError
 from asr_fx.models import cifar_resnet
 from asr_fx.passes.forms.module_form import ASRBatchNorm2d, ASRHook, attachments
+from asr_fx.passes.forms.output_form import APPLY, ASROutput
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
 def asr_hooks(model: nn.Module) -> list[ASRHook]:
-    return [h for m in model.modules() for h in m._forward_hooks.values() if isinstance(h, ASRHook)]
+    """Every block application outside BatchNorm: the output forms' (and earlier versions' forward hooks)."""
+    return [h for m in model.modules() for h in (*m._forward_hooks.values(), m.__dict__.get(APPLY))
+            if isinstance(h, ASRHook)]
 
 
 def assert_vanilla(fused: nn.Module, vanilla: nn.Module) -> None:
     """``fused`` is ``vanilla``'s class with its state_dict keys, no ASR block, hook or BN form left."""
     assert type(fused) is type(vanilla)
     assert list(fused.state_dict()) == list(vanilla.state_dict())
-    assert not asr_hooks(fused) and not any(isinstance(m, (asr_fx.ASR, ASRBatchNorm2d)) for m in fused.modules())
+    assert not asr_hooks(fused) and not any(isinstance(m, (asr_fx.ASR, ASRBatchNorm2d, ASROutput))
+                                            for m in fused.modules())
     assert asr_fx.asr_config(fused) is None
 
 
@@ -249,7 +253,7 @@ def test_a_composite_layer_scales_its_own_norm_output_and_a_layer_scale_stays_th
     vanilla = CompositeWithLayerScale().eval()
     model = asr_fx.instrument(vanilla, sites=["bn", "conv2"], example_inputs=(X,))
     assert type(model) is CompositeWithLayerScale and isinstance(model.bn, NormAct)
-    assert sorted(a.kind for a in attachments(model)) == ["affine", "hook"]
+    assert sorted(a.kind for a in attachments(model)) == ["affine", "output"]
     perturb_asr(model)
     train_out = model.train()(X)  # the norm in train mode: batch statistics of the unscaled input
     train_out.sum().backward()

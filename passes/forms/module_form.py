@@ -5,8 +5,11 @@ An instrumented model in this form is the user's object (its class, attributes, 
 
 - the blocks in an ``nn.ModuleDict`` at the root, ``asr.<site node>`` (state_dict keys: the vanilla
   keys plus ``asr.*``);
-- at a site that is the output of a module called once: an :class:`ASRHook` forward hook on that
-  module, ``output -> block(output)`` (``index``: the element of a tuple output, ``nn.MultiheadAttention``);
+- at a site that is the output of a module called once: the module's class swapped for its *output form*
+  (:mod:`.output_form`), a subclass whose forward is the class's own, then ``output -> block(output)``
+  (``index``: the element of a tuple output, ``nn.MultiheadAttention``); torch.fx tracers then record the
+  block too (a forward hook on a ``torch.nn`` leaf is invisible to them). Models pickled by earlier
+  versions carry an :class:`ASRHook` forward hook instead, which keeps working;
 - at an affine plain ``nn.BatchNorm1d/2d/3d`` site (the BN-affine training form, ``bn_affine_form``): the
   norm's class swapped for :class:`ASRBatchNorm1d`/``2d``/``3d``, a subclass (``isinstance`` holds,
   the same parameters and buffers) that computes BN with affine ``weight * v, bias * v``: the same
@@ -30,67 +33,24 @@ from torch import nn
 from asr_fx.errors import DetachedBlockError
 
 from .asr_blocks import ASR, batch_norm_forward
+from .output_form import (  # noqa: F401 - ASRHook: its old home
+    _VALUE,
+    APPLY,
+    BN_BLOCK,
+    ASRHook,
+    ASROutput,
+    FastPathGuard,
+    _Held,
+    _scaled,
+    _stamp,
+    _value,
+    bypassed,
+    swap_in,
+    swap_out,
+)
 
 CONTAINER = "asr"
-_BLOCK = "_asr_block"
-_VALUE = "_asr_value"
-
-
-class ASRHook:
-    """Forward hook ``output -> block(output)``; with ``index``, only ``output[index]`` of a tuple is scaled.
-
-    A plain class (not a closure) so that ``copy.deepcopy`` and pickling of the model keep it."""
-
-    def __init__(self, block: nn.Module, index: int | None = None) -> None:
-        self.block = block
-        self.index = index
-
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> object:
-        if self.index is None:
-            return _scaled(self.block, output)  # type: ignore[arg-type]
-        items = list(output)  # type: ignore[call-overload]
-        items[self.index] = _scaled(self.block, items[self.index])
-        return type(output)(items) if isinstance(output, tuple) and type(output) is not tuple else tuple(items)
-
-    def __repr__(self) -> str:
-        return f"ASRHook(index={self.index})"
-
-
-class _Held:
-    """A hoisted ``v`` with what it was computed from; copies and pickles of the model get none
-    (a tensor in the middle of an autograd graph cannot be deep-copied, and is not state)."""
-
-    def __init__(self, v: torch.Tensor | None = None, stamp: tuple = (), live: bool = False) -> None:
-        self.v, self.stamp, self.live = v, stamp, live
-
-    def __deepcopy__(self, memo: dict) -> _Held:
-        return _Held()
-
-    def __reduce__(self) -> tuple:
-        return (_Held, ())
-
-
-def _stamp(block: nn.Module) -> tuple:
-    """What ``v`` depends on: each parameter/buffer of ``block`` (its storage and in-place version)."""
-    return tuple((t.data_ptr(), t._version) for t in (*block.parameters(), *block.buffers()))
-
-
-def _value(block: nn.Module) -> torch.Tensor | None:
-    """The ``v`` :class:`HoistValues` computed for ``block``, when this call belongs to that forward (or to
-    its recomputation by gradient checkpointing, inside the backward) and ``block`` has not changed since."""
-    held = block.__dict__.get(_VALUE)
-    if held is None or held.v is None:
-        return None
-    if torch.compiler.is_compiling():  # compiled: the value of this forward only (no data pointers to compare)
-        return held.v if held.live else None
-    if not (held.live or torch._C._current_graph_task_id() != -1) or held.stamp != _stamp(block):
-        return None
-    return held.v
-
-
-def _scaled(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    v = _value(block)
-    return block(x) if v is None else block(x, v)
+_BLOCK = BN_BLOCK
 
 
 class HoistValues:
@@ -117,8 +77,9 @@ class HoistValues:
             raise DetachedBlockError(
                 f"the ASR blocks at {lost[:5]}{f' and {len(lost) - 5} more' if len(lost) > 5 else ''} of "
                 f"{type(module).__name__} are no longer attached: their modules were "
-                "removed or replaced after asr_fx.instrument (a library's own fuse() folding each BatchNorm into "
-                "its conv, e.g. ultralytics' model.fuse() in predict/val, or a swapped layer), so the model would "
+                "removed or replaced, or their forward replaced, after asr_fx.instrument (a library's own fuse() "
+                "folding each BatchNorm into its conv, e.g. ultralytics' model.fuse() in predict/val, or a swapped "
+                "layer), so the model would "
                 "compute without ASR. Way out: asr_fx.fuse(model) first (ASR folded into the weights, your class "
                 "back), then the library's fuse(); or replace modules before instrument", sites=lost)
         for block in self.blocks.values():
@@ -148,6 +109,10 @@ class _Watch:
     def carries(self) -> bool:
         if self.hook is None:
             return isinstance(self.module, _ASRBatchNorm)
+        if isinstance(self.hook, FastPathGuard) and not (isinstance(self.module, ASROutput)
+                                                         and APPLY in self.module.__dict__
+                                                         and not bypassed(self.module)):
+            return False
         return getattr(self.module, self.hooks).get(self.hook_id) is self.hook
 
 
@@ -239,8 +204,9 @@ class _ASRBatchNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         block = self.__dict__[_BLOCK]
         if isinstance(x, torch.fx.Proxy):  # traced by torch.fx: the ordinary form, BN then x * v
-            return block(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                      self.training or self.running_mean is None, self.momentum or 0.0, self.eps))
+            return _scaled(block, F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                               self.training or self.running_mean is None, self.momentum or 0.0,
+                                               self.eps))
         v = _value(block)
         v = (block.attention_value() if v is None else v).reshape(-1)
         return batch_norm_forward(self, x, self.weight * v, self.bias * v)  # type: ignore[arg-type,attr-defined]
@@ -291,7 +257,8 @@ _BASE_OF = {v: k for k, v in _FORM_OF.items()}
 
 @dataclass(frozen=True)
 class Attachment:
-    """Where one block is attached: the module ``path``, ``kind`` (``"hook"`` or ``"bn"``), the tuple
+    """Where one block is attached: the module ``path``, ``kind`` (``"output"``: the output form, ``"bn"``,
+    ``"affine"``, or ``"hook"``: a forward hook, as earlier versions attached), the tuple
     ``index`` a hook scales (None: the whole output), and the block's ``key`` in ``asr``."""
 
     path: str
@@ -324,6 +291,9 @@ def attach(root: nn.Module, attachment: Attachment, block: nn.Module) -> None:
         handle = module.register_forward_pre_hook(ASRAffine(block))
         module.register_forward_hook(ASRAffineEnd(), always_call=True)
         watch = _watch(root, attachment.path, module, "_forward_pre_hooks", handle)
+    elif attachment.kind == "output":
+        handle = swap_in(module, ASRHook(block, attachment.index))
+        watch = _watch(root, attachment.path, module, "_forward_pre_hooks", handle)
     else:
         handle = module.register_forward_hook(ASRHook(block, attachment.index))
         watch = _watch(root, attachment.path, module, "_forward_hooks", handle)
@@ -341,6 +311,9 @@ def attachments(root: nn.Module) -> list[Attachment]:
     for path, module in root.named_modules(remove_duplicate=False):
         if isinstance(module, _ASRBatchNorm):
             found.append(Attachment(path, "bn", keys.get(id(module.__dict__[_BLOCK]), "?")))
+        apply = module.__dict__.get(APPLY)
+        if isinstance(module, ASROutput) and isinstance(apply, ASRHook):
+            found.append(Attachment(path, "output", keys.get(id(apply.block), "?"), apply.index))
         for hook in module._forward_hooks.values():
             if isinstance(hook, ASRHook):
                 found.append(Attachment(path, "hook", keys.get(id(hook.block), "?"), hook.index))
@@ -365,6 +338,10 @@ def strip_module_form(root: nn.Module) -> dict[str, tuple[Attachment, nn.Module]
             block = module.__dict__.pop(_BLOCK)
             module.__class__ = _BASE_OF[type(module)]  # type: ignore[index,assignment]
             found[str(id(block))] = (Attachment(path, "bn", ""), block)
+        if isinstance(module, ASROutput):
+            apply = swap_out(module)  # type: ignore[arg-type]
+            if isinstance(apply, ASRHook):
+                found[str(id(apply.block))] = (Attachment(path, "output", "", apply.index), apply.block)
         for handle_id, hook in list(module._forward_hooks.items()):
             if isinstance(hook, ASRHook):
                 del module._forward_hooks[handle_id]

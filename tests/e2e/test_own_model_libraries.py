@@ -10,11 +10,12 @@ from torch import nn
 
 import asr_fx
 from asr_fx.passes.forms.module_form import ASRHook
+from asr_fx.passes.forms.output_form import ASROutput
 
 
 def asr_attached(model: nn.Module) -> bool:
     return any(isinstance(h, ASRHook) for m in model.modules() for h in m._forward_hooks.values()) or \
-        any(type(m).__name__.startswith("ASRBatchNorm") for m in model.modules())
+        any(type(m).__name__.startswith("ASRBatchNorm") or isinstance(m, ASROutput) for m in model.modules())
 
 
 def check_round_trip(vanilla: nn.Module, model: nn.Module, inputs: tuple) -> nn.Module:

@@ -2,14 +2,17 @@
 
 The way in is the trainer's ``get_model``: a ``DetectionTrainer`` subclass instruments the model ultralytics
 builds (``YOLO(...).train(trainer=...)`` calls it with the dataset's class count), so the trainer's loss,
-EMA, optimizer groups, checkpoints and final validation all see the instrumented model. One epoch of yolov8n
-at 32x32 on four random images written by the test; nothing downloaded (no pretrained weights, no AMP check,
-no fonts: ``plots=False``, ``amp=False``, ``YOLO_OFFLINE`` set in conftest, and the network refused).
+EMA, optimizer groups, checkpoints and final validation all see the instrumented model; its validator's
+``get_model`` hands the final validation ``best.pt`` fused with asr_fx (ultralytics' own ``final_eval`` runs).
+One epoch of yolov8n at 32x32 on four random images written by the test; nothing downloaded (no pretrained
+weights, no AMP check, no fonts: ``plots=False``, ``amp=False``, ``YOLO_OFFLINE`` set in conftest, and the network
+refused).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +34,7 @@ from conftest import (
 import asr_fx
 
 ultralytics = pytest.importorskip("ultralytics")
-from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 
 SIZE = 32
@@ -39,6 +42,19 @@ SIZE = 32
 
 def _probe(batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+
+
+class ASRDetectionValidator(DetectionValidator):
+    """ultralytics' validator; the trainer's final validation of ``best.pt`` gets it fused with asr_fx first
+    (ultralytics then loads it and applies its own Conv+BN fuse, which an instrumented model refuses)."""
+
+    def get_model(self, model, trainer=None):
+        if trainer is None and isinstance(model, (str, Path)):  # final_eval: the best.pt checkpoint
+            with torch.inference_mode(False):
+                model = load_checkpoint(model)[0].float().eval()
+                x = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz)
+                return asr_fx.fuse(model, example_inputs=(x,))
+        return super().get_model(model, trainer)
 
 
 class ASRDetectionTrainer(DetectionTrainer):
@@ -51,14 +67,9 @@ class ASRDetectionTrainer(DetectionTrainer):
         self.vanilla = vanilla
         return model
 
-    def final_eval(self):
-        # ultralytics' own final validation fuses best.pt with its Conv+BN fuse, which raises DetachedBlockError
-        # on an instrumented model: validate best.pt fused with asr_fx first
-        if self.best.exists():
-            model = load_checkpoint(self.best)[0].float().eval()
-            x = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz)
-            self.metrics = self.validator(model=asr_fx.fuse(model, example_inputs=(x,)))
-            self.metrics.pop("fitness", None)
+    def get_validator(self):
+        return ASRDetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy.copy(self.args),
+                                     _callbacks=self.callbacks)
 
 
 def _train_args(tmp_path) -> dict:
@@ -125,8 +136,14 @@ def test_ultralytics_own_conv_bn_fuse_keeps_or_refuses_asr():
 
 def test_detection_trainer_one_epoch_then_fuse_and_onnx_export(tmp_path, no_network):
     yolo = ultralytics.YOLO("yolov8n.yaml")
+    epoch_ends = []
+    yolo.add_callback("on_fit_epoch_end", lambda trainer: epoch_ends.append(trainer.epoch))
     yolo.train(trainer=ASRDetectionTrainer, **_train_args(tmp_path))
     trainer = yolo.trainer
+    # ultralytics' own final_eval ran: best.pt stripped of its optimizer, validated (fused with asr_fx, since
+    # ultralytics' own fuse refuses an instrumented model), and logged through on_fit_epoch_end at epoch + 1
+    assert torch.load(trainer.best, weights_only=False)["optimizer"] is None
+    assert "metrics/mAP50(B)" in trainer.metrics and epoch_ends == [0, 1]
     assert_own_model(trainer.model, trainer.vanilla)
     assert_asr_trained(trainer.asr_start, trainer.model)
     trained = yolo.model  # ultralytics reloads its checkpoint (the EMA weights, pickled) after training
