@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from asr_fx.asr import ASR
@@ -294,7 +295,12 @@ def input_like(model: nn.Module) -> torch.Tensor | None:
     layer (the layer an input most likely meets), else its first parameter. Not simply the first parameter:
     a float64 scalar gain registered first must not make a float32 model's probe float64."""
     first = next((m for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))), None)
-    weight = getattr(first, "weight", None)
+    if first is not None and parametrize.is_parametrized(first, "weight"):
+        # never `.weight`: that runs the parametrization, which may update state (spectral_norm's power
+        # iteration writes its `_u` in train mode); the original tensor has the dtype and device
+        weight = first.parametrizations["weight"].original
+    else:
+        weight = getattr(first, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():
         return weight
     return next(iter(model.parameters()), None)

@@ -4,6 +4,7 @@ and output, also for a forward that registers hooks on its first call, and also 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -136,3 +137,18 @@ def test_capture_leaves_a_transformers_model_with_output_capture_hooks_as_it_was
         out = instrumented(x)
         out = out.predicted_depth if hasattr(out, "predicted_depth") else out[0]
     assert ((out - want).abs().max() / want.abs().max()).item() < 1e-4
+
+
+def test_fuse_without_inputs_leaves_a_spectral_norm_model_in_train_mode_as_it_was():
+    """Choosing the probe's dtype reads the first layer's raw weight, never ``.weight``: that runs the
+    parametrization, and spectral_norm's power iteration writes its ``_u`` buffer in train mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 1)), nn.BatchNorm2d(4),
+                          nn.ReLU()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        asr_fx.fuse(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.training
