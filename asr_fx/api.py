@@ -7,6 +7,7 @@ eval-mode copy of the model, and attaches a :class:`~asr_fx.fusion.FusionReport`
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -129,10 +130,7 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
                        "a new head?), so those blocks took no part in training. Replace modules before instrument")
     leaves = leaf_modules if leaf_modules is not None else model.__dict__.get(LEAVES)
     inputs = probe_inputs(model, inputs)
-    vanilla = copy_of(model).eval()
-    blocks = remove(vanilla)
-    # graph_form traces a tree copy sharing vanilla's tensors (the one whole copy is vanilla): folds make new ones
-    gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
+    vanilla, gm, records = _folded_copy(model, fold_bn, inputs, leaves, in_place=True)
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)
@@ -141,15 +139,31 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     probe = inputs if inputs is not None else _runs_on(vanilla, derive_probe(vanilla))
     if fold_bn and not inplace:  # BatchNorm folded into convs: the deploy graph, which the class has no place for
         return gm.eval()
-    try:
-        result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves)
+    try:  # vanilla is private (dropped on refusal): no backup of its state
+        result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves, keep_on_refusal=False)
     except VanillaModelError as exc:
         if inplace:
             raise
         warnings.warn(f"fuse returns a GraphModule, not a {type(model).__name__}: {exc}", stacklevel=3)
+        # the refused load may have written into vanilla, whose tensors gm shares: fold a fresh copy for gm
+        del vanilla, gm
+        _, gm, _ = _folded_copy(model, fold_bn, inputs, leaves, in_place=False)
+        gm.meta[FUSION_KEY] = report
         return gm.eval()
     result.__dict__[FUSION_KEY] = report
     return _in_place(model, result) if inplace else result
+
+
+def _folded_copy(model: nn.Module, fold_bn: bool, inputs: tuple[Any, ...] | None, leaves: Any, in_place: bool
+                 ) -> tuple[nn.Module, fx.GraphModule, list[Any]]:
+    """``(vanilla, gm, records)``: ``vanilla`` a stripped copy of ``model`` (the one whole copy), ``gm`` the fuse
+    pipeline's result on a tree copy of it (:func:`graph_form`); ``in_place``: the folds write into ``vanilla``'s
+    tensors (no second copy of a folded layer; ``gm`` and ``vanilla`` then share them), else make new ones."""
+    vanilla = copy_of(model).eval()
+    blocks = remove(vanilla)
+    with folding_in_place() if in_place else contextlib.nullcontext():
+        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
+    return vanilla, gm, records
 
 
 def _runs_on(model: nn.Module, probe: tuple[Any, ...] | None) -> tuple[Any, ...] | None:

@@ -34,7 +34,7 @@ from asr_fx.asr import ASR
 from asr_fx.config import asr_config
 from asr_fx.detections import align_detections
 from asr_fx.errors import EquivalenceError
-from asr_fx.gradient_check import check_gradients
+from asr_fx.gradient_check import GradientRecord, check_gradients, check_recorded_gradients, gradient_record
 from asr_fx.noise_floor import noise_of, perturbed_outputs, tensor_error
 from asr_fx.passes.capture.concrete_values import state_kept
 
@@ -42,6 +42,7 @@ from asr_fx.passes.capture.concrete_values import state_kept
 #: model's measured rounding noise; no absolute floor
 RTOL = 1e-4
 _SEED = 1234
+_WHAT = "the instrumented model (every ASR block at v = 1)"
 
 
 class UncheckedWarning(UserWarning):
@@ -228,7 +229,7 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
     Runs on ``instrumented`` itself, not on a copy (a copy would double the memory of a big model): each
     block's ``v`` is 1 for the check only, and buffers, modes and the RNG state are restored after it.
     ``original`` may be :func:`expected_outputs`' record of the model before it changed in place
-    (``instrument(..., inplace=True)``): then the outputs are compared, not the gradients."""
+    (``instrument(..., inplace=True)``): its outputs and gradient summaries are compared."""
     if isinstance(original, _Recorded):
         inputs = original.inputs
     inputs = inputs if inputs is not None else derive_probe(original)
@@ -236,23 +237,27 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
         return
     with _unit_attention(instrumented):
         for training in (False, True):
-            _compare(original, instrumented, inputs, training, "the instrumented model (every ASR block at v = 1)")
+            _compare(original, instrumented, inputs, training, _WHAT)
         if not isinstance(original, _Recorded):
             _compare_gradients(original, instrumented, inputs)
+        elif original.gradients is not None:
+            with saved_state(instrumented):
+                check_recorded_gradients(original.gradients, instrumented, inputs, _WHAT)
 
 
 def _compare_gradients(original: nn.Module, work: nn.Module, inputs: Sequence[Any]) -> None:
     """The original's parameters get the same gradients in ``work`` (:mod:`asr_fx.gradient_check`)."""
     with saved_state(original, work):
-        check_gradients(original, work, inputs, "the instrumented model (every ASR block at v = 1)")
+        check_gradients(original, work, inputs, _WHAT)
 
 
 class _Recorded(nn.Module):
-    """A reference that returns the outputs a model computed before it changed (``inputs``: the probe)."""
+    """A reference that returns the outputs a model computed before it changed (``inputs``: the probe), with
+    the summaries of its gradients (:func:`asr_fx.gradient_check.gradient_record`)."""
 
-    def __init__(self, outputs: dict[bool, Any], inputs: tuple[Any, ...]) -> None:
+    def __init__(self, outputs: dict[bool, Any], inputs: tuple[Any, ...], gradients: GradientRecord | None) -> None:
         super().__init__()
-        self.outputs, self.inputs = outputs, inputs
+        self.outputs, self.inputs, self.gradients = outputs, inputs, gradients
 
     def forward(self, *args: Any) -> Any:
         out = self.outputs[self.training]
@@ -262,8 +267,9 @@ class _Recorded(nn.Module):
 
 
 def expected_outputs(model: nn.Module, inputs: Sequence[Any] | None) -> _Recorded | None:
-    """``model``'s outputs on ``inputs`` (or a derived probe) in eval and train mode, as a module that
-    returns them: the reference of :func:`check_instrumented` for a model changed in place."""
+    """``model``'s outputs on ``inputs`` (or a derived probe) in eval and train mode, as a module that returns
+    them, and the summaries of its gradients: the reference of :func:`check_instrumented` for a model changed
+    in place."""
     inputs = tuple(inputs) if inputs is not None else derive_probe(model)
     if inputs is None or _on_meta(model, inputs):
         return None
@@ -274,7 +280,8 @@ def expected_outputs(model: nn.Module, inputs: Sequence[Any] | None) -> _Recorde
                 outputs[training] = run_on_copies(model, inputs, training)
             except Exception as exc:  # noqa: BLE001 - the probe does not suit this mode: nothing to check there
                 outputs[training] = exc
-    return _Recorded(outputs, inputs)
+        gradients = gradient_record(model, inputs)
+    return _Recorded(outputs, inputs, gradients)
 
 
 def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[Any, ...] | None:

@@ -192,7 +192,7 @@ def unattached_blocks(model: nn.Module) -> list[str]:
 def tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
     """``module`` with every submodule copied but its tensors shared (no tensor memory): tracing and the fold
     passes may replace modules and tensors in the copy, leaving ``module`` as it was; folds then make new
-    tensors (never ``folding_in_place``: the tensors are ``module``'s own)."""
+    tensors, unless ``module`` is private to the caller (``fuse``'s own copy: ``folding_in_place``)."""
     memo = {} if memo is None else memo
     if id(module) not in memo:
         twin = type(module).__new__(type(module))  # not copy.copy: a parametrized module refuses pickling
