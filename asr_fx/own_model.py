@@ -191,12 +191,13 @@ def unattached_blocks(model: nn.Module) -> list[str]:
 
 def tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
     """``module`` with every submodule copied but its tensors shared (no tensor memory): tracing and the fold
-    passes may replace modules and tensors in the copy, leaving ``module`` as it was; folds then make new
+    passes may replace modules, hooks and tensors in the copy, leaving ``module`` as it was; folds then make new
     tensors, unless ``module`` is private to the caller (``fuse``'s own copy: ``folding_in_place``)."""
     memo = {} if memo is None else memo
     if id(module) not in memo:
         twin = type(module).__new__(type(module))  # not copy.copy: a parametrized module refuses pickling
         twin.__dict__.update(module.__dict__)
+        twin.__dict__.update({k: v.copy() for k, v in module.__dict__.items() if "hooks" in k and isinstance(v, dict)})
         memo[id(module)] = twin
         twin._parameters = dict(module._parameters)
         twin._buffers = dict(module._buffers)
