@@ -108,9 +108,9 @@ def planned_bytes(name: str) -> int:
         return model_bytes(build(name))
 
 
-#: free memory needed, in model sizes: the model, instrument's copy, the gradient check's gradients and
-#: activations (with checks), or the model and one copy (check=False), with some room
-NEED_CHECKED, NEED_UNCHECKED = 5.0, 3.0
+#: free memory needed, in model sizes: the model and instrument's copy (the check holds no gradient set and
+#: keeps the activations it saves for the backward in a temporary file), with some room
+NEED_CHECKED, NEED_UNCHECKED = 3.0, 3.0
 
 
 def _has_inplace(fn: Callable[..., Any]) -> bool:
