@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import types
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -198,6 +199,9 @@ def tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn
         twin = type(module).__new__(type(module))  # not copy.copy: a parametrized module refuses pickling
         twin.__dict__.update(module.__dict__)
         twin.__dict__.update({k: v.copy() for k, v in module.__dict__.items() if "hooks" in k and isinstance(v, dict)})
+        for name, value in module.__dict__.items():  # `self.forward = self.forward_x`: bound to the twin
+            if isinstance(value, types.MethodType) and value.__self__ is module:
+                twin.__dict__[name] = types.MethodType(value.__func__, twin)
         memo[id(module)] = twin
         twin._parameters = dict(module._parameters)
         twin._buffers = dict(module._buffers)

@@ -30,6 +30,7 @@ from asr_fx.api import asr_parameters, fuse, fusion_report
 from asr_fx.atomic import temp_folder
 from asr_fx.errors import ASRError, FusionError, VerificationError
 from asr_fx.export import export_onnx
+from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.passes.graph.modes import preserved_training_modes
 from asr_fx.verify import flatten_outputs, fp32_matmul_precision, onnx_op_counts, op_count_diff
 
@@ -98,7 +99,7 @@ def assert_fusion_equivalent(
     TF32 matmuls err by ~1e-4, more than ``rtol``); the flags are restored afterwards.
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this function's
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with preserved_training_modes(model), fp32_matmul_precision():
         model.eval()
@@ -210,8 +211,7 @@ def vanilla_reference(vanilla: nn.Module, example_inputs: torch.Tensor | Sequenc
     mode) with BatchNorm folded into the conv before it, as ``fuse(..., fold_bn=True)`` leaves the fused model."""
     if not fold_bn:
         return vanilla
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    return fuse(vanilla, fold_bn=True, example_inputs=inputs, leaf_modules=leaf_modules)
+    return fuse(vanilla, fold_bn=True, example_inputs=as_input_tuple(example_inputs), leaf_modules=leaf_modules)
 
 
 def compare_with_vanilla(
@@ -237,7 +237,7 @@ def compare_with_vanilla(
     Nothing is raised for a difference: :meth:`VanillaComparison.problems` lists them
     (:func:`assert_same_as_vanilla` asserts there are none).
     """
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    inputs = as_input_tuple(example_inputs)
     reference = vanilla_reference(vanilla, inputs, fold_bn=fold_bn, leaf_modules=leaf_modules)
     result = VanillaComparison(reference, fold_bn=fold_bn, vanilla_params=count_parameters(reference))
     if fused is not None:

@@ -230,28 +230,6 @@ def fold_constant_values(gm: fx.GraphModule, context: PassContext) -> PassResult
     return PassResult(fold_constants(gm))
 
 
-def spell_scales_as_muls(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """``x / c``, ``addcmul`` and ``einsum`` scales become multiplies (:func:`normalize_scale_spellings`)."""
-    normalize_scale_spellings(gm)
-    return PassResult(gm)
-
-
-def refuse_non_finite_values(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """Refuse NaN/Inf constants before any fold (:func:`check_finite_constants`)."""
-    check_finite_constants(gm)
-    return PassResult(gm)
-
-
-def drop_unused_nodes(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """The attention networks, now unused, leave the graph (:func:`drop_dead_nodes`)."""
-    return PassResult(drop_dead_nodes(gm))
-
-
-def fold_into_producers(gm: fx.GraphModule, context: PassContext) -> PassResult:
-    """Each constant per-channel ``mul`` folds into the layer before it (:func:`fold_scales`)."""
-    return fold_scales(gm)
-
-
 def push_into_next_layers(gm: fx.GraphModule, context: PassContext) -> PassResult:
     """What stayed a ``mul`` is pushed into the layers after it (:func:`propagate_scales`)."""
     return propagate_scales(gm, context.records_of(FoldRecord))
@@ -275,10 +253,10 @@ FUSE_PIPELINE = Pipeline("fuse", (
     trace_for_inference,
     record_example_shapes,
     fold_constant_values,
-    spell_scales_as_muls,
-    refuse_non_finite_values,
-    drop_unused_nodes,
-    fold_into_producers,
+    normalize_scale_spellings,  # x / c, addcmul and einsum scales become multiplies
+    check_finite_constants,  # refuse NaN/Inf constants before any fold
+    drop_dead_nodes,  # the attention networks, now unused, leave the graph
+    fold_scales,  # each constant per-channel mul folds into the layer before it
     push_into_next_layers,
     remove_dead_code,
     fold_batch_norms,

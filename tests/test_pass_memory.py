@@ -161,3 +161,33 @@ def test_a_refused_fuse_in_place_leaves_the_model_as_it_was(monkeypatch):
     assert {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks
     with torch.no_grad():
         assert torch.equal(model(x), want)
+
+
+class _ChosenForward(nn.Module):
+    """Chooses its forward in __init__ (``self.forward = self.forward_split``), as timm's FasterNet does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.forward = self.forward_split
+
+    def forward_split(self, x):
+        a, b = torch.split(x, [2, 2], dim=1)
+        return torch.cat((self.conv(a), b), 1)
+
+
+def test_fuse_copies_a_layer_whose_forward_is_an_instance_attribute():
+    """The copied tree rebinds an instance-level bound method to the copy: traced, it calls the copy's layers."""
+    torch.manual_seed(0)
+    vanilla = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), _ChosenForward(),
+                            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    instrumented = asr_fx.instrument(vanilla.eval(), example_inputs=(x,)).eval()
+    with torch.no_grad():
+        for key, p in instrumented.named_parameters():
+            if key.endswith(".psi"):
+                p.add_(0.5)
+    fused = asr_fx.fuse(instrumented, example_inputs=(x,))
+    assert type(fused) is nn.Sequential
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), instrumented(x), rtol=1e-5, atol=1e-5)

@@ -13,6 +13,7 @@ import torch.fx as fx
 from asr_fx.errors import UnsupportedModelError
 
 from ..graph.graph_queries import fetch_attr, site_of
+from ..infra import PassContext, PassResult
 from .constant_fold import FOLDED_PREFIX
 
 
@@ -24,8 +25,10 @@ def require_finite(value: torch.Tensor, where: str) -> None:
                                     reason="non-finite")
 
 
-def check_finite_constants(gm: fx.GraphModule) -> None:
-    """Refuse the graph if a constant computed by constant folding (from psi) is NaN/Inf."""
+def check_finite_constants(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    """Refuse the graph if a constant computed by constant folding (from psi) is NaN/Inf (a pipeline pass:
+    ``gm`` is returned unchanged, without records)."""
     for node in gm.graph.nodes:
         if node.op == "get_attr" and str(node.target).startswith(FOLDED_PREFIX):
             require_finite(fetch_attr(gm, str(node.target)), site_of(node) or node.name)
+    return PassResult(gm)

@@ -2,7 +2,8 @@
 node uses any more (a folded layer scale, the attention networks whose value became a constant).
 
 Equivalence: exact (only unreachable code and state are removed). Linear in the size of the
-graph and the module tree. Modifies ``gm`` in place and returns it.
+graph and the module tree. Modifies ``gm`` in place and returns it (:func:`drop_dead_nodes`, a pipeline
+pass, in a :class:`~asr_fx.passes.infra.PassResult`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..graph.liveness import remove_dead_nodes
+from ..infra import PassContext, PassResult
 
 
 def _used_state(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
@@ -39,13 +41,14 @@ def remove_unused_state(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def drop_dead_nodes(gm: fx.GraphModule) -> fx.GraphModule:
+def drop_dead_nodes(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     """Only the node part of :func:`eliminate_dead_code` (no recompile): unused values, e.g. the
     attention networks after constant folding, or a scale whose result nothing reads. Writes into
     storage that is read elsewhere, into model inputs or into module state stay
-    (:func:`asr_fx.passes.graph.liveness.live_nodes`: in-place chains, identity modules, opaque calls)."""
+    (:func:`asr_fx.passes.graph.liveness.live_nodes`: in-place chains, identity modules, opaque calls).
+    A pipeline pass: returns ``gm``, changed in place, without records."""
     remove_dead_nodes(gm)
-    return gm
+    return PassResult(gm)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> fx.GraphModule:

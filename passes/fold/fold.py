@@ -39,7 +39,7 @@ from ..graph.aliases import erase_refusal
 from ..graph.graph_queries import is_add, is_inplace, site_of
 from ..graph.records import LEFT_AS_MUL, FoldRecord
 from ..graph.refusals import Refusal
-from ..infra import PassResult
+from ..infra import PassContext, PassResult
 from ..layers.base import Target, TensorUsage
 from ..layers.registry import output_target
 from .apply import apply_fold
@@ -136,8 +136,8 @@ def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     if others and (not is_inplace(gm, mul) or any(order.get(u, 0) < order[mul] for u in others)):
         return Refusal(f"`{x.name}` has {len(others)} other user(s); folding into it would change them")
     aliased = erase_refusal(gm, mul, x, order)
-    if aliased:
-        return Refusal(aliased)
+    if aliased is not None:
+        return aliased
     with torch.no_grad():
         plan = plan_backward(gm, x, state, usage, [64])
     if isinstance(plan, Refusal):
@@ -145,10 +145,11 @@ def plan_fold(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, c: torch.Tensor, usa
     return plan_refusal(c, plan) or MulFold(mul, x, plan)
 
 
-def fold_scales(gm: fx.GraphModule) -> PassResult:
+def fold_scales(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
     """Fold every per-channel constant ``mul`` into the layer(s) that produced its other operand.
 
-    Modifies ``gm`` in place; returns it with one :class:`FoldRecord` per constant ``mul`` seen. One
+    Modifies ``gm`` in place; returns it with one :class:`FoldRecord` per constant ``mul`` seen (a
+    pipeline pass: it reads nothing from ``context``). One
     pass over the graph; the parameter-usage table is built once (folds keep it valid, since the
     tensors they create are used once and are not in it).
     """

@@ -28,9 +28,9 @@ from .scale_algebra import Plan, ScaleState, is_reshape, map_through, permuted
 def match(target: Target, state: ScaleState, usage: TensorUsage) -> torch.Tensor | Refusal:
     """The 1-D scale for ``target``, or why it cannot take ``state``."""
     v, pos = state.values, state.position
-    why = usage.refusal(target)
-    if why:
-        return Refusal(why)
+    shared = usage.refusal(target)
+    if shared is not None:
+        return shared
     if pos is None:
         vec = v.reshape(1).expand(target.channels).clone()
     elif target.position is None:
@@ -44,7 +44,7 @@ def match(target: Target, state: ScaleState, usage: TensorUsage) -> torch.Tensor
         return Refusal(f"the dtype `{target.label}` computes in is unknown (it has no floating parameters) and the "
                        f"scale is {v.dtype}; pass example_inputs to fuse")
     refused = target.refuse(vec)
-    return Refusal(refused) if refused else vec
+    return refused if refused is not None else vec
 
 
 def channels_of(gm: fx.GraphModule, node: fx.Node, pos: int, depth: int = 8) -> int | None:

@@ -117,8 +117,8 @@ def plan_push(gm: fx.GraphModule, mul: fx.Node, usage: TensorUsage) -> MulFold |
     if written:
         return written
     aliased = erase_refusal(gm, mul, x)
-    if aliased:
-        return Refusal(aliased)
+    if aliased is not None:
+        return aliased
     with torch.no_grad():
         plan = plan_forward(gm, mul, ScaleState(state.values.detach(), state.position), usage)
     if isinstance(plan, Refusal):

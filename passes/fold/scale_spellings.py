@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from ..graph.graph_queries import fetch_attr
+from ..infra import PassContext, PassResult
 
 DIV_FUNCTIONS = (operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide)
 DIV_METHODS = ("div", "div_", "divide", "divide_", "true_divide", "true_divide_")
@@ -131,14 +132,15 @@ def _einsum(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
-def normalize_scale_spellings(gm: fx.GraphModule) -> bool:
-    """Rewrite every scale spelled as a division, ``addcmul`` or ``einsum`` as a multiply; whether any was."""
+def normalize_scale_spellings(gm: fx.GraphModule, context: PassContext | None = None) -> PassResult:
+    """Rewrite every scale spelled as a division, ``addcmul`` or ``einsum`` as a multiply (a pipeline pass:
+    returns ``gm``, changed in place, without records)."""
     changed = False
     for node in list(gm.graph.nodes):
         changed |= _division(gm, node) or _addcmul(gm, node) or _einsum(gm, node)
     if changed:
         gm.recompile()
-    return changed
+    return PassResult(gm)
 
 
 __all__ = ["DIV_FUNCTIONS", "DIV_METHODS", "is_scale_spelling", "normalize_scale_spellings"]

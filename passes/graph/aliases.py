@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from .graph_queries import calls_one_of, is_inplace, module_of, node_label, reads_only_metadata
 from .op_tables import IDENTITY_MODULES, RESHAPE_MODULES, VIEW_FUNCTIONS, VIEW_METHODS
+from .refusals import Refusal
 
 
 def is_view(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -59,7 +60,8 @@ def _upstream(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return chain
 
 
-def erase_refusal(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, order: dict[fx.Node, int] | None = None) -> str | None:
+def erase_refusal(gm: fx.GraphModule, mul: fx.Node, x: fx.Node,
+                  order: dict[fx.Node, int] | None = None) -> Refusal | None:
     """Why erasing ``mul`` (its uses given to its operand ``x``) would change a read, or ``None``.
 
     A fold is alias-safe when no in-place write is involved (values only), or when ``x``'s storage
@@ -77,14 +79,14 @@ def erase_refusal(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, order: dict[fx.N
         return None
     write = f"`{node_label(mul)}` ({mul.name})" if mul_inplace else f"`{node_label(writes[0])}` ({writes[0].name})"
     if root.op == "placeholder":
-        return (f"the in-place {write} would write into (or no longer write into) the model input `{root.name}`, "
-                "which the caller reads after the call; the mul stays")
+        return Refusal(f"the in-place {write} would write into (or no longer write into) the model input "
+                       f"`{root.name}`, which the caller reads after the call; the mul stays")
     chain = set(_upstream(gm, x))
     private = chain | ({mul, *downstream} if mul_inplace else set())
     for node in storage:
         if node not in private:
-            return (f"the in-place {write} and `{node.name}` share the storage of `{root.name}`; "
-                    "folding would change what one of them reads; the mul stays")
+            return Refusal(f"the in-place {write} and `{node.name}` share the storage of `{root.name}`; "
+                           "folding would change what one of them reads; the mul stays")
     for node in chain:
         step = {mul} if node is x else {u for u in node.users if u in chain}
         for reader in node.users:
@@ -92,6 +94,6 @@ def erase_refusal(gm: fx.GraphModule, mul: fx.Node, x: fx.Node, order: dict[fx.N
                 continue
             if order is not None and mul_inplace and order.get(reader, -1) > order.get(mul, 0):
                 continue
-            return (f"the in-place {write} would change what `{reader.name}` reads from `{node.name}`; "
-                    "the mul stays")
+            return Refusal(f"the in-place {write} would change what `{reader.name}` reads from `{node.name}`; "
+                           "the mul stays")
     return None

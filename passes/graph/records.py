@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class FoldRecord:
     """What happened to one constant ``mul``, as one pass decided it (immutable once made).
 
-    ``where`` it went (``bn``, ``conv``, ``linear``, ``norm``, ``next-conv``, ``next-linear``,
+    ``where`` it went (``bn``, ``conv``, ``linear``, ``norm``, ``sdpa-value``, ``next-conv``, ``next-linear``,
     ``next-bn``, or ``left as Mul``), ``into`` which layers, and the ``reason`` it was not folded
     (or, for a scale pushed forward, why its producer could not take it). A later pass that moves
     the same ``mul`` emits a new record for it; the fusion report keeps the newest per ``mul``.

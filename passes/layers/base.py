@@ -53,17 +53,17 @@ class Target:
     (``conv``, ``bn``, ``next-conv``, ...); ``channels`` and ``position`` (the channel dimension
     counted from the right, ``None`` where unknown) on the scaled side; ``tensors``: the parameters
     and buffers ``apply`` replaces (checked to be used nowhere else); ``module``: the module called,
-    if any (checked to be called once); ``refuse(v)``: why a 1-D ``v`` cannot fold (or ``None``),
-    asked before anything changes; ``apply(v)`` folds it. ``dtype``: the dtype the layer computes
-    in (its first floating parameter/buffer's, else the recorded dtype of its output, else ``None``:
-    unknown, and a fold is refused); every scale is cast to it before it folds.
+    if any (checked to be called once); ``refuse(v)``: a :class:`Refusal` saying why a 1-D ``v``
+    cannot fold (or ``None``), asked before anything changes; ``apply(v)`` folds it. ``dtype``: the
+    dtype the layer computes in (its first floating parameter/buffer's, else the recorded dtype of its
+    output, else ``None``: unknown, and a fold is refused); every scale is cast to it before it folds.
     """
 
     __slots__ = ("label", "kind", "channels", "position", "tensors", "apply", "module", "refuse", "dtype")
 
     def __init__(self, label: str, kind: str, channels: int, position: int | None, tensors: list[torch.Tensor],
                  apply: Callable[[torch.Tensor], None], module: nn.Module | None = None,
-                 refuse: Callable[[torch.Tensor], str | None] | None = None,
+                 refuse: Callable[[torch.Tensor], Refusal | None] | None = None,
                  dtype: torch.dtype | None = None) -> None:
         self.label, self.kind, self.channels, self.position = label, kind, channels, position
         self.tensors, self.apply, self.module = tensors, apply, module
@@ -172,7 +172,11 @@ def set_call_arg(node: fx.Node, index: int, name: str, value: Any) -> None:
         node.kwargs = {**node.kwargs, name: value}
 
 
-def attribute_tensor(gm: fx.GraphModule, arg: Any) -> tuple[nn.Module, str, torch.Tensor] | None:
+#: a tensor a call reads from an attribute of the model: ``(owner module, attribute name, tensor)``
+Attribute = tuple[nn.Module, str, torch.Tensor]
+
+
+def attribute_tensor(gm: fx.GraphModule, arg: Any) -> Attribute | None:
     """``(owner, name, tensor)`` of a ``get_attr`` argument that is a tensor, else ``None``."""
     if not isinstance(arg, fx.Node) or arg.op != "get_attr":
         return None
@@ -182,6 +186,29 @@ def attribute_tensor(gm: fx.GraphModule, arg: Any) -> tuple[nn.Module, str, torc
     if not isinstance(value, torch.Tensor):
         return None
     return (gm.get_submodule(owner_path) if owner_path else gm), name, value
+
+
+def weight_and_bias(gm: fx.GraphModule, node: fx.Node,
+                    weight_index: int) -> tuple[Attribute | None, Attribute | None] | Refusal:
+    """The weight (argument ``weight_index`` or ``weight=``) and bias (the next one or ``bias=``) of a
+    functional layer call, each ``None`` where the call passes none; a :class:`Refusal` where one it
+    passes is computed in the graph rather than read from a parameter or buffer."""
+    weight_arg, bias_arg = call_arg(node, weight_index, "weight"), call_arg(node, weight_index + 1, "bias")
+    weight, bias = attribute_tensor(gm, weight_arg), attribute_tensor(gm, bias_arg)
+    if (weight_arg is not None and weight is None) or (bias_arg is not None and bias is None):
+        return Refusal(f"`{node.name}`'s weight or bias is computed in the graph, not a parameter")
+    return weight, bias
+
+
+def scale_attribute(found: Attribute | None, v: torch.Tensor) -> None:
+    """Replace the attribute tensor ``found`` by itself times ``v`` (nothing where ``found`` is ``None``)."""
+    if found is not None:
+        replace_tensor(found[0], found[1], found[2] * v)
+
+
+def attribute_values(*found: Attribute | None) -> list[torch.Tensor]:
+    """The tensors of the given attributes, skipping ``None``: what a :class:`Target` of them replaces."""
+    return [f[2] for f in found if f is not None]
 
 
 class TensorUsage:
@@ -215,13 +242,13 @@ class TensorUsage:
                     self.count[id(value)] += max(1, len(node.users))
                     self._alive.append(value)
 
-    def refusal(self, target: Target) -> str | None:
+    def refusal(self, target: Target) -> Refusal | None:
         """Why folding into ``target`` would change another call or user, or ``None``."""
         if target.module is not None and self.calls[id(target.module)] > 1:
-            return (f"module `{target.label}` is called at {self.calls[id(target.module)]} places; folding would "
-                    "change the other calls")
+            return Refusal(f"module `{target.label}` is called at {self.calls[id(target.module)]} places; folding "
+                           "would change the other calls")
         if any(self.count[id(t)] > 1 for t in target.tensors):
-            return f"`{target.label}` shares a parameter with another call or module (tied weights)"
+            return Refusal(f"`{target.label}` shares a parameter with another call or module (tied weights)")
         return None
 
 
@@ -249,7 +276,7 @@ class ModuleLayerRule(LayerRule):
     def scale_input(self, module: nn.Module, s: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def input_refusal(self, module: nn.Module, s: torch.Tensor) -> str | None:
+    def input_refusal(self, module: nn.Module, s: torch.Tensor) -> Refusal | None:
         return None
 
     def plain_module(self, gm: fx.GraphModule, node: fx.Node) -> nn.Module | NoMatch:

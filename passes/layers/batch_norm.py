@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..graph.graph_queries import ChannelInfo
+from ..graph.refusals import Refusal
 from .base import ModuleLayerRule, replace_tensor
 from .norm import channels_first, scale_norm_affine
 
@@ -27,14 +28,14 @@ def bn_statistics_for_input_scale(bn: Any, s: torch.Tensor) -> tuple[torch.Tenso
     return mean.to(bn.running_mean.dtype), var.to(bn.running_var.dtype)
 
 
-def _input_scale_error(bn: Any, s: torch.Tensor) -> str | None:
+def _input_scale_error(bn: Any, s: torch.Tensor) -> Refusal | None:
     """Why the cast statistics of :func:`bn_statistics_for_input_scale` would not give the exact BN of
     ``x * s`` (overflow, or ``var + eps`` lost to rounding), checked per channel, or ``None``."""
     mean, var = bn_statistics_for_input_scale(bn, s)
     s64, eps = s.detach().double(), bn.eps
     if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
         bad = int((~torch.isfinite(var) | ~torch.isfinite(mean)).nonzero()[0, 0])
-        return f"scale entry s[{bad}] = {float(s64[bad]):.3g} overflows `BatchNorm`'s running statistics"
+        return Refusal(f"scale entry s[{bad}] = {float(s64[bad]):.3g} overflows `BatchNorm`'s running statistics")
     # the affine the folded BN computes on x, against the exact one (|s| / std, mean / std)
     got_a = 1 / torch.sqrt(var.double() + eps)
     want_a = s64.abs() / torch.sqrt(bn.running_var.double() + eps)
@@ -45,17 +46,17 @@ def _input_scale_error(bn: Any, s: torch.Tensor) -> str | None:
                         (got_b - want_b).abs() / want_b.abs().clamp_min(1e-300))
     if bool((err > tol).any()) or not bool(torch.isfinite(err).all()):
         bad = int(torch.nan_to_num(err, nan=float("inf")).argmax())
-        return (f"scale entry s[{bad}] = {float(s64[bad]):.3g} cannot be folded into `BatchNorm`'s running "
-                f"statistics in {bn.running_var.dtype} (var/s^2 loses precision); the mul stays")
+        return Refusal(f"scale entry s[{bad}] = {float(s64[bad]):.3g} cannot be folded into `BatchNorm`'s running "
+                       f"statistics in {bn.running_var.dtype} (var/s^2 loses precision); the mul stays")
     return None
 
 
-def bn_input_refusal(bn: Any, s: torch.Tensor) -> str | None:
+def bn_input_refusal(bn: Any, s: torch.Tensor) -> Refusal | None:
     """Why ``bn``'s input channels cannot take ``s`` (asked before anything changes), or ``None``."""
     if bn.training or bn.running_var is None:
-        return f"`{type(bn).__name__}` uses batch statistics; only an eval BN with running stats takes it"
+        return Refusal(f"`{type(bn).__name__}` uses batch statistics; only an eval BN with running stats takes it")
     if bool((s == 0).any()):
-        return "the scale has zero entries, which a following BatchNorm cannot undo"
+        return Refusal("the scale has zero entries, which a following BatchNorm cannot undo")
     return _input_scale_error(bn, s)
 
 
@@ -96,7 +97,7 @@ class BatchNormRule(ModuleLayerRule):
     def input_channels(self, module: Any) -> int:
         return int(module.num_features)
 
-    def input_refusal(self, module: Any, s: torch.Tensor) -> str | None:
+    def input_refusal(self, module: Any, s: torch.Tensor) -> Refusal | None:
         return bn_input_refusal(module, s)
 
     def scale_input(self, module: Any, s: torch.Tensor) -> None:

@@ -19,8 +19,11 @@ from .base import (
     Target,
     TargetOrRefusal,
     attribute_tensor,
+    attribute_values,
     call_arg,
     replace_tensor,
+    scale_attribute,
+    weight_and_bias,
 )
 from .conv import conv_weight_in_scaled, conv_weight_out_scaled
 
@@ -60,10 +63,11 @@ class FunctionalConvLinearRule(LayerRule):
     def output_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
         if not _is_conv_or_linear(node):
             return _NOT_MINE
-        weight = attribute_tensor(gm, call_arg(node, 1, "weight"))
-        bias_arg = call_arg(node, 2, "bias")
-        bias = attribute_tensor(gm, bias_arg)
-        if weight is None or (bias_arg is not None and bias is None):
+        found = weight_and_bias(gm, node, 1)
+        if isinstance(found, Refusal):
+            return found
+        weight, bias = found
+        if weight is None:
             return Refusal(f"`{node.name}`'s weight or bias is computed in the graph, not a parameter")
         w = weight[2]
         channels, position, groups, transposed = _layout(node, w)
@@ -74,11 +78,10 @@ class FunctionalConvLinearRule(LayerRule):
                 replace_tensor(weight[0], weight[1], w * v.reshape(-1, 1))
             else:
                 replace_tensor(weight[0], weight[1], conv_weight_out_scaled(w, v, groups, transposed))
-            if bias is not None:
-                replace_tensor(bias[0], bias[1], bias[2] * v)
+            scale_attribute(bias, v)
 
-        tensors = [w] + ([bias[2]] if bias else [])
-        return Target(node.name, "linear" if linear else "conv", channels, position, tensors, apply)
+        return Target(node.name, "linear" if linear else "conv", channels, position, attribute_values(weight, bias),
+                      apply)
 
     def input_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
         if not _is_conv_or_linear(node):

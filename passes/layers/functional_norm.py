@@ -21,9 +21,11 @@ from .base import (
     Target,
     TargetOrRefusal,
     attribute_tensor,
+    attribute_values,
     call_arg,
     replace_tensor,
     set_call_arg,
+    weight_and_bias,
 )
 
 _NOT_MINE = NoMatch("not a call of F.batch_norm, F.instance_norm, F.group_norm or F.layer_norm")
@@ -61,10 +63,10 @@ class FunctionalNormRule(LayerRule):
             return _NOT_MINE
         fn = node.target
         wi = NORM_FUNCTION_WEIGHT_INDEX[fn]  # type: ignore[index]
-        weight_arg, bias_arg = call_arg(node, wi, "weight"), call_arg(node, wi + 1, "bias")
-        weight, bias = attribute_tensor(gm, weight_arg), attribute_tensor(gm, bias_arg)
-        if (weight_arg is not None and weight is None) or (bias_arg is not None and bias is None):
-            return Refusal(f"`{node.name}`'s weight or bias is computed in the graph, not a parameter")
+        found = weight_and_bias(gm, node, wi)
+        if isinstance(found, Refusal):
+            return found
+        weight, bias = found
         shape: tuple[int, ...] = ()
         position: int | None
         if fn is F.layer_norm:
@@ -94,8 +96,8 @@ class FunctionalNormRule(LayerRule):
             if bias is not None:
                 _setter(gm, node, wi + 1, "bias", bias, bias[2] * v)
 
-        tensors = [t[2] for t in (weight, bias) if t is not None]
-        return Target(node.name, "bn" if fn is F.batch_norm else "norm", channels, position, tensors, apply_norm)
+        return Target(node.name, "bn" if fn is F.batch_norm else "norm", channels, position,
+                      attribute_values(weight, bias), apply_norm)
 
 
 FUNCTIONAL_NORM = FunctionalNormRule()

@@ -23,9 +23,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..graph.graph_queries import output_shape
+from ..graph.refusals import Refusal
 
 
-def layer_refusal(module: nn.Module | None) -> str | None:
+def layer_refusal(module: nn.Module | None) -> Refusal | None:
     """Why a fold into ``module``'s weights would not scale its output, or ``None``."""
     if module is None:
         return None
@@ -33,30 +34,30 @@ def layer_refusal(module: nn.Module | None) -> str | None:
     if hooks:
         kinds = sorted({type(h).__name__ if not callable(h) or not hasattr(h, "__name__") else h.__name__
                         for h in hooks})
-        return (f"it has forward hooks or pre-hooks ({', '.join(kinds)}): they change its output after the fold "
-                "(old-style weight_norm is one); remove them before fuse")
+        return Refusal(f"it has forward hooks or pre-hooks ({', '.join(kinds)}): they change its output after the "
+                       "fold (old-style weight_norm is one); remove them before fuse")
     if parametrize.is_parametrized(module):
         names = ", ".join(sorted(getattr(module, "parametrizations", {}).keys()))
-        return (f"its {names} is computed by a parametrization (spectral_norm, weight_norm, ...) on every call; "
-                "bake it in first with torch.nn.utils.parametrize.remove_parametrizations(module, name)")
+        return Refusal(f"its {names} is computed by a parametrization (spectral_norm, weight_norm, ...) on every "
+                       "call; bake it in first with torch.nn.utils.parametrize.remove_parametrizations(module, name)")
     if "forward" in vars(module):
-        return "its forward was replaced on the instance; the fold rule assumes the class's forward"
+        return Refusal("its forward was replaced on the instance; the fold rule assumes the class's forward")
     return None
 
 
-def instance_norm_refusal(module: nn.Module, node: fx.Node, channels: int) -> str | None:
+def instance_norm_refusal(module: nn.Module, node: fx.Node, channels: int) -> Refusal | None:
     """Why an InstanceNorm call cannot take a per-channel affine, or ``None``."""
     if not isinstance(module, nn.modules.instancenorm._InstanceNorm):
         return None
     shape = output_shape(node)
     if isinstance(module, nn.InstanceNorm1d) and (shape is None or len(shape) == 2):
         if shape is None and not module.affine:
-            return "an InstanceNorm1d may be called on an unbatched (C, L) input: pass example_inputs to fuse"
+            return Refusal("an InstanceNorm1d may be called on an unbatched (C, L) input: pass example_inputs to fuse")
         if shape is not None:
-            return "an InstanceNorm1d on an unbatched (C, L) input"
+            return Refusal("an InstanceNorm1d on an unbatched (C, L) input")
     if not module.affine and shape is not None and module.num_features != channels:
-        return (f"a non-affine InstanceNorm with num_features={module.num_features} on an input of {channels} "
-                "channels (torch ignores num_features without an affine)")
+        return Refusal(f"a non-affine InstanceNorm with num_features={module.num_features} on an input of "
+                       f"{channels} channels (torch ignores num_features without an affine)")
     return None
 
 

@@ -26,13 +26,14 @@ from .guards import instance_norm_refusal, layer_refusal, model_dtype
 from .module_calls import MODULE_RULES
 from .multihead_attention import MULTIHEAD_ATTENTION
 from .parallel_branches import PARALLEL_BRANCHES
+from .sdpa import SDPA
 from .standardized_conv import STANDARDIZED_CONV
 from .window_attention import WINDOW_ATTENTION
 
 #: every layer rule, in the order they are asked (a weight-standardized conv before the plain
 #: functional conv it is also a call of)
 LAYER_RULES: tuple[LayerRule, ...] = (*MODULE_RULES, MULTIHEAD_ATTENTION, WINDOW_ATTENTION, STANDARDIZED_CONV,
-                                      FUNCTIONAL_CONV_LINEAR, FUNCTIONAL_NORM, PARALLEL_BRANCHES)
+                                      FUNCTIONAL_CONV_LINEAR, FUNCTIONAL_NORM, SDPA, PARALLEL_BRANCHES)
 
 
 def recognise(gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
@@ -56,11 +57,11 @@ def _first(answers: list[TargetOrRefusal], node: fx.Node) -> TargetOrRefusal:
     return refusals[0] if refusals else NoMatch(f"`{node.name}` is no layer any rule recognises")
 
 
-def _guarded(target: Target, why: str | None) -> Target:
-    """``target``, made to refuse every scale with ``why`` (when given)."""
-    if why:
-        reason = f"`{target.label}`: {why}"
-        target.refuse = lambda v: reason
+def _guarded(target: Target, why: Refusal | None) -> Target:
+    """``target``, made to refuse every scale with ``why`` (when given), its reason prefixed by the layer."""
+    if why is not None:
+        refusal = Refusal(f"`{target.label}`: {why.reason}")
+        target.refuse = lambda v: refusal
     return target
 
 
@@ -98,5 +99,4 @@ def shared_layer_refusal(gm: fx.GraphModule, node: fx.Node, usage: TensorUsage) 
     """Why folding a scale after ``node`` into its layer would change another call of it or a tied
     weight (:meth:`TensorUsage.refusal`), else ``None`` (also where no layer takes it)."""
     target = output_target(gm, node)
-    why = usage.refusal(target) if isinstance(target, Target) else None
-    return Refusal(why) if why else None
+    return usage.refusal(target) if isinstance(target, Target) else None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..graph.graph_queries import fetch_attr
 from ..graph.op_tables import CONV_FUNCTIONS
 from .base import (
+    Attribute,
     LayerMatch,
     LayerRule,
     NoMatch,
@@ -36,8 +37,9 @@ from .base import (
     Target,
     TargetOrRefusal,
     attribute_tensor,
+    attribute_values,
     call_arg,
-    replace_tensor,
+    scale_attribute,
 )
 
 _RESHAPES = ("view", "reshape", "flatten")
@@ -50,8 +52,8 @@ class StandardizedConv:
     ``(owner module, attribute name, tensor)`` (``bias`` may be ``None``)."""
 
     weight_path: str
-    gain: tuple[torch.nn.Module, str, torch.Tensor]
-    bias: tuple[torch.nn.Module, str, torch.Tensor] | None
+    gain: Attribute
+    bias: Attribute | None
     channels: int
     position: int
 
@@ -60,7 +62,7 @@ class StandardizedConv:
         return self.weight_path.rpartition(".")[0]
 
 
-def _gain(gm: fx.GraphModule, node: Any) -> tuple[torch.nn.Module, str, torch.Tensor] | None:
+def _gain(gm: fx.GraphModule, node: Any) -> Attribute | None:
     """The parameter ``g`` is computed from by multiplies with numbers and reshapes, each step used once."""
     while isinstance(node, fx.Node) and node.op != "get_attr":
         if len(node.users) != 1:
@@ -157,12 +159,10 @@ class StandardizedConvRule(LayerRule):
         gain, bias = conv.gain, conv.bias
 
         def apply(v: torch.Tensor) -> None:
-            replace_tensor(gain[0], gain[1], gain[2] * v.reshape(gain[2].shape))
-            if bias is not None:
-                replace_tensor(bias[0], bias[1], bias[2] * v)
+            scale_attribute(gain, v.reshape(gain[2].shape))
+            scale_attribute(bias, v)
 
-        tensors = [gain[2]] + ([bias[2]] if bias is not None else [])
-        return Target(node.name, "conv", conv.channels, conv.position, tensors, apply)
+        return Target(node.name, "conv", conv.channels, conv.position, attribute_values(gain, bias), apply)
 
     def input_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
         if standardized_conv(gm, node) is None:

@@ -8,6 +8,8 @@ parameters added in training and after fusion, and the fuse error.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -40,7 +42,7 @@ def measure(name: str, channels: int) -> dict[str, object]:
     return {
         "attention": name,
         "network": type(attention.create(name, channels)).__name__,
-        "psi shape": str(tuple(attention.create(name, channels).psi_shape)),
+        "psi shape": str(tuple(cast(tuple, attention.create(name, channels).psi_shape))),
         "added in training": count_parameters(model) - count_parameters(vanilla),
         "added after fusion": count_parameters(fused) - count_parameters(vanilla),
         "fuse error": f"{((out - ref).abs().max() / ref.abs().max()).item():.1e}",

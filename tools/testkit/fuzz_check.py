@@ -147,7 +147,7 @@ def check_program(spec: dict, rtol: float = 1e-5) -> tuple[list[Failure], str]:
     x_before = x.clone()
     before = snapshot(model)
     mode = model.training
-    kwargs = {"example_inputs": (x,)} if spec.get("example_inputs") else {}
+    kwargs: dict[str, Any] = {"example_inputs": (x,)} if spec.get("example_inputs") else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -59,7 +59,7 @@ class Observer(nn.Module):
 
 def observe(module: nn.Module, _args: Any, out: torch.Tensor) -> None:
     """A forward hook that only looks (records the output's rank on the module)."""
-    module.seen_rank = out.dim()
+    module.seen_rank = out.dim()  # type: ignore[assignment]  # nn.Module types unknown attributes as tensors
 
 
 def spelled_activation(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -91,6 +91,7 @@ def _pool(kind: str, dim: int) -> nn.Module:
 
 def _conv(op: dict, c: int, dim: int) -> nn.Module:
     k = op["k"]
+    cls: type[nn.Module]
     if op["transpose"]:
         cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[dim - 1]
     else:
@@ -151,8 +152,8 @@ class Program(nn.Module):
                 self._add_scale(key, op["scale"], c, dim)
             elif kind == "norm":
                 self.layers[key] = _norm(op, c, dim)
-            elif kind == "act" and _activation(op["kind"]) is not None:
-                self.layers[key] = _activation(op["kind"])
+            elif kind == "act" and (activation := _activation(op["kind"])) is not None:
+                self.layers[key] = activation
             elif kind == "pool":
                 self.layers[key] = _pool(op["kind"], dim)
             elif kind == "scale":
@@ -227,7 +228,8 @@ class Program(nn.Module):
     def _randomize(self) -> None:
         with torch.no_grad():
             for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \
+                        and m.running_var is not None:
                     m.running_mean.normal_(0, 0.5)
                     m.running_var.uniform_(0.5, 2.0)
                 if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -330,7 +332,7 @@ def build(spec: dict) -> nn.Module:
     spec's mode. Raises ``asr_fx.ASRError`` when instrument refuses (callers fall back). ``"graph_form":
     True`` in the spec: instrument's graph form (:func:`asr_fx.instrument_graph_form`, a GraphModule of the
     captured graph), for checks about the capture itself; else :func:`asr_fx.instrument` (the user's class)."""
-    model = Program(spec)
+    model: nn.Module = Program(spec)
     if spec.get("instrument"):
         model = instrument_for(spec)(model, example_inputs=(example_input(spec),))
         g = torch.Generator().manual_seed(spec["seed"] + 2)

@@ -134,7 +134,9 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         with torch.no_grad():
             kept_out = vanilla(x).clone()
         model = asr_fx.instrument(vanilla, example_inputs=(x,))
-        sites = asr_fx.get_config(model)["sites"]
+        config = asr_fx.get_config(model)
+        assert config is not None  # instrument records its config on the model it returns
+        sites = config["sites"]
         row.sites = len(sites)
         row.rules = ", ".join(f"{k} {v}" for k, v in collections.Counter(s["rule"] for s in sites).items())
         _train_step(model, x_train)

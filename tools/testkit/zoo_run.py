@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -23,6 +24,7 @@ import asr_fx
 from asr_fx.equivalence import floating_tensors
 
 from .model_kept import snapshot, what_changed
+from .zoos import Entry
 
 #: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies).
 #: timm models over 60M parameters are first built from a reduced config (testkit.zoos.SHRINK_KWARGS);
@@ -92,7 +94,7 @@ def _runs(model: torch.nn.Module, entry) -> Exception | None:  # noqa: ANN001 - 
         return exc
 
 
-def _built(entry):  # noqa: ANN001, ANN202 - testkit.zoos.Entry
+def _built(entry: Entry) -> tuple[torch.nn.Module, Entry]:
     """``(vanilla model in eval mode, entry at its input size)``: the smallest size the model runs a batch of 2
     at, from the entry's ``sizes`` (built for each size with ``entry.sized``), else its own size and then
     :data:`FALLBACK_SIZES`. Raises when none fits, naming the sizes tried and the last error."""
@@ -115,7 +117,7 @@ def _built(entry):  # noqa: ANN001, ANN202 - testkit.zoos.Entry
                        f"{type(last).__name__}: {str(last).strip().splitlines()[0] if str(last).strip() else ''}")
 
 
-def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - testkit.zoos.Entry
+def run_entry(name: str, entry: Entry, onnx: bool = True) -> ZooRow:
     """Run the pipeline on one zoo entry; never raises (the row's status says what failed).
 
     Around the whole run, also where a pass raised, the vanilla model must be left as it was
@@ -145,13 +147,15 @@ def run_entry(name: str, entry, onnx: bool = True) -> ZooRow:  # noqa: ANN001 - 
         lap("instrument")
         model = asr_fx.instrument(vanilla, example_inputs=x)
         config = asr_fx.get_config(model)
+        assert config is not None  # instrument records its config on the model it returns
         row.sites, row.parts = len(config["sites"]), len(config.get("parts") or [])
         row.form = config.get("form") or "graph"
         lap("train")
         if not entry.detector:
             model.train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            loss = sum(t.float().pow(2).mean() for t in floating_tensors(model(*entry.inputs(2, 2))))
+            outputs = floating_tensors(model(*entry.inputs(2, 2)))
+            loss = cast(torch.Tensor, sum(t.float().pow(2).mean() for t in outputs))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

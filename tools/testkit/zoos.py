@@ -10,6 +10,7 @@ import gc
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 
@@ -72,7 +73,7 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _timm_create(name: str, **kwargs: object) -> torch.nn.Module:
+def _timm_create(name: str, **kwargs: Any) -> torch.nn.Module:
     import timm  # optional dependency: the test extra
 
     with warnings.catch_warnings():
@@ -170,7 +171,7 @@ def timm_zoo(per_family: int = 1) -> dict[str, Entry]:
 def _timm_families() -> list[str]:
     import timm  # optional dependency
 
-    return sorted({_module_of(n) for n in timm.list_models()} - {None})
+    return sorted({family for n in timm.list_models() if (family := _module_of(n)) is not None})
 
 
 def _module_of(name: str) -> str | None:
@@ -239,7 +240,7 @@ def yolo_zoo() -> dict[str, Entry]:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return YOLO(yaml).model
+                return cast(torch.nn.Module, YOLO(yaml).model)
 
         return build
 

@@ -46,7 +46,7 @@ def test_an_in_place_multiply_of_a_model_input_is_refused():
     gm = trace(InplaceIntoInput())
     mul = next(n for n in gm.graph.nodes if n.op == "call_method")
     reason = erase_refusal(gm, mul, mul.args[0])
-    assert reason is not None and "model input" in reason
+    assert reason is not None and "model input" in reason.reason
 
 
 class InplaceWithSecondReader(nn.Module):
@@ -67,4 +67,4 @@ def test_an_in_place_multiply_whose_storage_another_value_read_before_is_refused
     nodes = _nodes(gm)
     mul = next(n for n in gm.graph.nodes if n.op == "call_method" and n.target == "mul_")
     reason = erase_refusal(gm, mul, nodes["conv"], {n: i for i, n in enumerate(gm.graph.nodes)})
-    assert reason is not None and "relu" in reason
+    assert reason is not None and "relu" in reason.reason

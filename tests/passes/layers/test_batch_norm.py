@@ -48,7 +48,7 @@ def test_batch_norm_input_refusals():
     gm = traced(_bn(nn.BatchNorm2d, 3), x)
     target = BATCH_NORM.input_target(gm, last_node(gm))
     assert isinstance(target, Target)
-    assert "zero entries" in target.refuse(torch.tensor([1.0, 0.0, 1.0]))
-    assert "overflows" in target.refuse(torch.tensor([1.0, 1e-30, 1.0]))
+    assert "zero entries" in target.refuse(torch.tensor([1.0, 0.0, 1.0])).reason
+    assert "overflows" in target.refuse(torch.tensor([1.0, 1e-30, 1.0])).reason
     gm.get_submodule("0").train()
-    assert "batch statistics" in target.refuse(torch.ones(3))
+    assert "batch statistics" in target.refuse(torch.ones(3)).reason

@@ -48,3 +48,21 @@ def test_computed_weight_is_refused_with_a_reason():
     refused = FUNCTIONAL_CONV_LINEAR.output_target(gm, last_node(gm))
     assert isinstance(refused, Refusal) and "computed in the graph" in refused.reason
     assert isinstance(FUNCTIONAL_CONV_LINEAR.input_target(gm, last_node(gm)), Refusal)
+
+
+class ComputedBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 5))
+        self.bias = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias + 1)
+
+
+def test_computed_bias_is_refused_on_the_output_but_not_the_input():
+    gm = traced(ComputedBias(), torch.randn(3, 5))
+    refused = FUNCTIONAL_CONV_LINEAR.output_target(gm, last_node(gm))
+    assert isinstance(refused, Refusal) and "weight or bias is computed in the graph" in refused.reason
+    gm = traced(ComputedBias(), torch.randn(3, 5))
+    check_input_fold(FUNCTIONAL_CONV_LINEAR, gm, last_node(gm), torch.randn(3, 5))
