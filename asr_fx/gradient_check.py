@@ -127,9 +127,10 @@ def _libc_trim() -> Callable[[], Any]:
         return lambda: None
 
 
-#: called after each gradient is dropped: glibc otherwise keeps the freed gradients and activations of the
-#: check resident in its heap (its mmap threshold grows with the sizes freed)
+#: called after each gradient of at least ``_TRIM_BYTES`` is dropped: glibc otherwise keeps the freed gradients
+#: and activations of the check resident in its heap (its mmap threshold grows with the sizes freed)
 _release_freed_memory = _libc_trim()
+_TRIM_BYTES = 1 << 20
 
 
 @contextlib.contextmanager
@@ -143,17 +144,17 @@ def _activations_on_disk(model: nn.Module) -> Iterator[None]:
         count = itertools.count()
 
         def pack(t: torch.Tensor) -> Any:
-            if t.device.type != "cpu" or t.layout != torch.strided or t.is_meta or \
-                    t.numel() * t.element_size() < OFFLOAD_BYTES or t.untyped_storage().data_ptr() in own:
-                return t
-            path = os.path.join(folder, f"{next(count)}.pt")
-            value = t.detach()
-            if value.untyped_storage().nbytes() != value.numel() * value.element_size() or \
-                    not value.is_contiguous():  # a view: save its own values, not the whole storage
-                value = value.contiguous().clone()
             try:
+                if type(t) not in (torch.Tensor, nn.Parameter) or t.device.type != "cpu" or \
+                        t.layout != torch.strided or t.numel() * t.element_size() < OFFLOAD_BYTES or \
+                        t.untyped_storage().data_ptr() in own:
+                    return t  # (a tensor subclass, another device, a small or the model's own tensor)
+                path = os.path.join(folder, f"{next(count)}.pt")
+                value = t.detach()
+                if value.untyped_storage().nbytes() != value.nbytes or not value.is_contiguous():
+                    value = value.contiguous().clone()  # a view: its own values, not the whole storage
                 torch.save(value, path)
-            except (OSError, RuntimeError):
+            except Exception:  # noqa: BLE001 - not written (a full disk, ...): it stays in memory
                 return t
             return path
 
@@ -181,7 +182,7 @@ def _stream_gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[s
             if param.grad is not None:
                 consume(name, param.grad)
             param.grad = None
-            if param.device.type == "cpu":
+            if param.device.type == "cpu" and param.numel() * param.element_size() >= _TRIM_BYTES:
                 _release_freed_memory()
 
         handles.append(p.register_post_accumulate_grad_hook(hook))
