@@ -18,9 +18,12 @@ magnitude, whether it is nonzero and finite, and its values: as they are for a p
 :data:`EXACT_MAX` elements, else one number per :data:`BLOCK` elements, their sum weighted by seeded random
 signs); the checked model's pass reduces its gradient the same way and compares at once. An error in one
 element shows in its block's sum in full; errors in one block could only hide by cancelling under random
-signs. The summaries are ``1 / BLOCK`` of the model's bytes. The check can so also be recorded before a
-model changes in place (:func:`gradient_record`) and compared after (:func:`record_mismatch`). Every
-``.grad`` and ``requires_grad`` is as it was afterwards; buffers, modes and the RNG state are restored by the caller.
+signs. A block's sum is held to the tolerance of one element, so rounding noise adds up against it (about
+``sqrt(BLOCK)`` times one element's, far below :data:`GRAD_RTOL`). The summaries are ``1 / BLOCK`` of the
+model's bytes, and what the forward saves for the backward waits in a temporary file
+(:func:`_activations_on_disk`). The check can so also be recorded before a model changes in place
+(:func:`gradient_record`) and compared after (:func:`record_mismatch`). Every ``.grad`` and ``requires_grad``
+is as it was afterwards; buffers, modes and the RNG state are restored by the caller.
 """
 
 from __future__ import annotations
