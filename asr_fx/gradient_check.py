@@ -173,10 +173,10 @@ def _stream_gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[s
     """``consume(name, gradient)`` for each parameter ``names`` as the backward reaches it, each gradient freed
     right after: only one parameter's gradient is held at a time, not a whole copy of the model's size.
     Parameters the outputs do not depend on are never consumed. ``False`` when no output depends on the
-    parameters (nothing was differentiated). The parameters' ``.grad`` and ``requires_grad`` are restored."""
+    parameters (nothing was differentiated). The parameters' ``.grad``, ``requires_grad`` and hooks are restored."""
     params = dict(model.named_parameters())
     wanted = [params[n] for n in names]
-    saved = [(p.grad, p.requires_grad) for p in wanted]
+    saved = [(p.grad, p.requires_grad, p._post_accumulate_grad_hooks) for p in wanted]
     handles = []
     for name, p in zip(names, wanted):
         p.grad = None
@@ -199,10 +199,12 @@ def _stream_gradients(model: nn.Module, inputs: Sequence[Any], names: Sequence[s
     finally:
         for handle in handles:
             handle.remove()
-        for p, (grad, requires_grad) in zip(wanted, saved):
+        for p, (grad, requires_grad, hooks) in zip(wanted, saved):
             p.grad = grad
             if p.requires_grad != requires_grad:
                 p.requires_grad_(requires_grad)
+            if hooks is None:  # as it was: no hook dict (removing the hooks leaves an empty one)
+                p._post_accumulate_grad_hooks = None
 
 
 @dataclass

@@ -87,6 +87,7 @@ def test_the_check_leaves_grad_and_requires_grad_as_they_were():
         assert p.requires_grad == requires_grad, name
         assert p.grad is grads[name], name  # the very tensor, not a copy
         assert (grad is None) == (p.grad is None) and (grad is None or torch.equal(grad, p.grad)), name
+        assert p._post_accumulate_grad_hooks is None, name  # the check's hooks leave no trace
     for name, p in instrumented.named_parameters():
         assert p.grad is None or name in before, name  # the check left no gradient on the result's new tensors
         if name in before:
