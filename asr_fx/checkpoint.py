@@ -33,7 +33,7 @@ from asr_fx.dcp import is_dcp_dir, read_dcp
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, OutputPathError
 from asr_fx.factory import build, import_factory
-from asr_fx.state_dicts import check_finite_asr, check_keys, find_state_dict
+from asr_fx.state_dicts import check_finite_asr, check_keys, find_state_dict, with_version_metadata
 
 FORMAT = "asr-fx"
 VERSION = 1
@@ -241,7 +241,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike, leaf_mo
     check_finite_asr(state)
     check_keys(instrumented, state, hint=f"Was it saved from {ckpt['factory']} with these factory_kwargs?",
                attention=asr.attention)
-    instrumented.load_state_dict(state)
+    instrumented.load_state_dict(with_version_metadata(state, instrumented))
     config = asr_config(instrumented) or asr
     config.input_shape = ckpt.get("input_shape")
     config.sites = recorded.sites if recorded.sites is not None else config.sites

@@ -56,6 +56,10 @@ class ASRConfig:
     """paths of the instrumented parts when the model's whole forward did not trace (partial capture)"""
     part_input_shapes: dict[str, list[list[int] | None]] | None = None
     """each part's input shapes on the example inputs (its probe for ``fuse``)"""
+    part_input_kinds: dict[str, list[dict[str, Any] | None]] | None = None
+    """each part input that is no floating-point tensor (token ids, a mask): its dtype and the range of its example
+    values, ``{"dtype": "int64", "low": 0, "high": 99}``, so that a probe for it takes such values; None for the
+    others"""
     refused_parts: list[str] | None = None
     """parts that traced but were refused, each with its reason"""
     form: str | None = None

@@ -25,7 +25,12 @@ class TraceError(ASRError):
 
 
 class NoSitesError(ASRError):
-    """Placement found no site for ASR."""
+    """Placement found no site for ASR; ``opaque_modules``: the modules the trace kept as one call because their
+    forward branches on ``self.training`` (sites inside them are not seen from outside)."""
+
+    def __init__(self, message: str, *, opaque_modules: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.opaque_modules = list(opaque_modules or [])
 
 
 class FusionError(ASRError):

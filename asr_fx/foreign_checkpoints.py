@@ -24,7 +24,14 @@ from asr_fx.dcp import is_dcp_dir
 from asr_fx.equivalence import random_probe
 from asr_fx.errors import CheckpointError, InputShapeError
 from asr_fx.factory import build
-from asr_fx.state_dicts import asr_layout, check_finite_asr, check_keys, find_state_dict, normalize_keys
+from asr_fx.state_dicts import (
+    asr_layout,
+    check_finite_asr,
+    check_keys,
+    find_state_dict,
+    normalize_keys,
+    with_version_metadata,
+)
 
 
 @dataclass
@@ -44,7 +51,8 @@ class LoadedCheckpoint:
 def _vanilla_with_weights(factory: str, kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
     vanilla = build(factory, **kwargs)
     own = vanilla.state_dict()
-    vanilla.load_state_dict({k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}, strict=False)
+    fitting = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
+    vanilla.load_state_dict(with_version_metadata(fitting, vanilla), strict=False)
     return vanilla.eval()
 
 
@@ -146,6 +154,6 @@ def load_checkpoint(
             notes.append("no asr.* keys: the model is fused as the factory builds it")
     check_finite_asr(state_dict)
     check_keys(model, state_dict, hint=hint, attention=attention)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(with_version_metadata(state_dict, model))
     vanilla = _vanilla_with_weights(factory, kwargs, state_dict) if instrumented else None
     return LoadedCheckpoint(model.eval(), vanilla, kind, shape, notes)

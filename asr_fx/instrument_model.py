@@ -23,7 +23,7 @@ from asr_fx.asr import ASR, PsiInit, make_site_block, resolve_preset
 from asr_fx.attention import resolved_widths
 from asr_fx.config import ASRConfig, set_config
 from asr_fx.equivalence import check_instrumented, expected_outputs, input_like, random_probe
-from asr_fx.errors import ASRError, InvalidOptionError, TraceError
+from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.input_shapes import default_input_shape
 from asr_fx.leaf_spec import record_leaves
 from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove, tree_copy
@@ -240,6 +240,14 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
         if documented is not None:  # shape-aware capture on the input the model's own config documents
             return instrument_one(model, {**options, "example_inputs": documented}, graph_ok, graph_form)
         return instrument_parts(model, exc, instrument_one, {**options, "bn_affine_form": bn_affine_form})
+    except NoSitesError as exc:  # sites may be inside modules kept whole for their train-only code: capture parts
+        if not exc.opaque_modules or example_inputs is None or o.get("in_part"):
+            raise
+        try:
+            return instrument_parts(model, TraceError(str(exc)), instrument_one,
+                                    {**options, "bn_affine_form": bn_affine_form})
+        except TraceError:
+            raise exc from None
     chosen = [r for r in records if isinstance(r, Site)]
     config = _config(model, gm, chosen, block_options, pipeline_options)
     found = graph_form or (plan(gm, chosen, model, bn_affine_form) if not o["convert_existing"] else

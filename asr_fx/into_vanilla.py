@@ -1,14 +1,13 @@
 """Write a fused model's weights into the user's own vanilla model: ``fuse(model, into=vanilla)``.
 
-torch.fx keeps module paths, so the fused GraphModule's state_dict keys are the vanilla model's:
-the folded weights (BN gamma/beta, conv kernels and biases, linear rows) go back under the same
-keys, BatchNorm running statistics and other buffers with them, and the vanilla class's own
-``forward`` computes what the fused graph computes. Every value is checked: the key sets and
-shapes must agree, and the filled model must compute the fused model's outputs on a probe input
+torch.fx keeps module paths, so the fused GraphModule's state_dict keys are the vanilla model's: the folded
+weights (BN gamma/beta, conv kernels and biases, linear rows) go back under the same keys, buffers with them,
+and the vanilla class's own ``forward`` computes what the fused graph computes. Every value is checked: key
+sets and shapes must agree, and the filled model must compute the fused model's outputs on a probe input
 (max abs error <= ``rtol * max|reference|`` per output) before anything is written.
 
-Refuses (:class:`asr_fx.errors.VanillaModelError`, nothing written) where a fold produced
-something the vanilla class has no place for, naming the site and the reason:
+Refuses (:class:`asr_fx.errors.VanillaModelError`, nothing written) where a fold produced something the
+vanilla class has no place for, naming the site and the reason:
 
 - a scale left as a constant ``Mul``, or folded into a functional call as a new constant
   (both are new ``_folded_*`` tensors of the graph);
@@ -17,9 +16,8 @@ something the vanilla class has no place for, naming the site and the reason:
 - a vanilla tensor the fused model no longer has (a BatchNorm folded away by ``fold_bn=True``);
 - a vanilla model of another architecture (key sets or shapes differ: the first mismatches named).
 
-A constant parameter scale of the model itself (a layer scale such as ConvNeXt's ``gamma``) that
-:func:`asr_fx.fuse` folded into its layer is written as ones: the vanilla forward still multiplies
-by it, now by 1, and the layer holds the scale.
+A constant parameter scale of the model itself (a layer scale such as ConvNeXt's ``gamma``) that :func:`fuse`
+folded into its layer is written as ones: the vanilla forward multiplies by 1, the layer holds the scale.
 """
 
 from __future__ import annotations
@@ -39,10 +37,11 @@ from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.fusion import FusionReport, fusion_report
 from asr_fx.own_model import tree_copy
-from asr_fx.partial_capture import is_partial, part_paths
+from asr_fx.partial_capture import is_partial, part_paths, part_probe
 from asr_fx.passes import trace
-from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX
+from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX, holds_folded
 from asr_fx.passes.forms.module_form import has_module_form
+from asr_fx.state_dicts import with_version_metadata
 
 #: relative tolerance of the check: max abs error <= RTOL * max |fused output|, per output
 RTOL = 1e-5
@@ -127,11 +126,12 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
 
 
 def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
-                        example_inputs: tuple[Any, ...] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+                        example_inputs: tuple[Any, ...] | None,
+                        fused_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion
-    folded into its layer; for a tensor the eval forward never reads (``num_batches_tracked`` of a
-    traced-through BN, an unused parameter) the source model's value, else the vanilla model's own;
-    problems for the rest. The vanilla model is traced shape-aware on ``example_inputs`` when given."""
+    folded into its layer (its value where the fused model still multiplies by it: ``holds_folded``);
+    for a tensor the eval forward never reads (an unused parameter) the source model's value, else the vanilla
+    model's own; problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``."""
     source_state, own = source.state_dict(), vanilla.state_dict()
     try:
         graph = trace(tree_copy(vanilla).eval(), leaf_modules, bind_training=False,
@@ -143,7 +143,7 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
     for key in missing:
         use, src = _used_as_scale(graph, key), source_state.get(key)
         if use is True and src is not None and src.shape == own[key].shape:
-            values[key] = torch.ones_like(src)
+            values[key] = src if holds_folded(fused_state, src) else torch.ones_like(src)
         elif use is False:
             values[key] = src if src is not None and src.shape == own[key].shape else own[key]
         elif src is not None and src.shape == own[key].shape and not isinstance(
@@ -197,7 +197,7 @@ def vanilla_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, 
                                 f"differ (fused vs vanilla) at {', '.join(shapes[:_SHOWN])}{_more(shapes)}; build "
                                 "the vanilla model with the same factory and arguments")
     missing = [k for k in target if k not in fused_state]
-    extra_values, problems = (_missing_key_values(vanilla, source, missing, leaf_modules, example_inputs)
+    extra_values, problems = (_missing_key_values(vanilla, source, missing, leaf_modules, example_inputs, fused_state)
                               if missing else ({}, []))
     if problems:
         raise VanillaModelError(f"cannot write the fused model into {type(vanilla).__name__}: "
@@ -305,11 +305,9 @@ def parts_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
                                     "model has an instrumented part: another architecture; build the vanilla "
                                     "model with the same factory and arguments") from None
         config = asr_config(source)
-        part_shapes = (config.part_input_shapes or {}).get(path) if config is not None else None
         part_source = source.get_submodule(path)
         ref = next(iter(part_source.parameters()), None)
-        probe = tuple(equivalence.random_probe(s, ref) if s is not None else None for s in part_shapes) \
-            if part_shapes and ref is not None else None
+        probe = part_probe(config, path, ref) if config is not None and ref is not None else None
         try:  # traced on the part's recorded input shapes, as instrument captured it
             part = model_state_dict(fused.get_submodule(path), target, part_source,
                                     leaf_modules=leaf_modules, example_inputs=probe)
@@ -367,7 +365,9 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     known = equivalence.probe_inputs(source, example_inputs)
     state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=known)
     inputs = known if known is not None else probe_inputs(fused, source, None)
-    backup = {k: v.detach().clone() for k, v in vanilla.state_dict().items()} if keep_on_refusal else {}
+    backup = with_version_metadata({k: v.detach().clone() for k, v in vanilla.state_dict().items()}, vanilla) \
+        if keep_on_refusal else {}
+    state = with_version_metadata(state, vanilla)
     modes = {m: m.training for m in vanilla.modules()}
     try:
         vanilla.load_state_dict(state, strict=True)

@@ -8,8 +8,9 @@ called with; then, walking the module tree from the top, every child that is cal
 replaces the child in a copy of the model, **in place**: the model keeps its class and its own Python
 forward, its state_dict keys stay as they were (plus ``<part>.asr.*``). A child that does not trace
 (or whose check fails) is descended into; a child without sites is left alone. A child called with
-floating-point tensors by keyword (a transformer block's ``mask=``) takes them as inputs too, the arguments
-between them at their default ``None``.
+tensors by keyword (a transformer block's ``mask=``, token ids, a boolean mask) takes them as inputs too, the
+arguments between them at their default ``None``; an integer or boolean input's dtype and value range are
+recorded (``part_input_kinds``), so that a probe for the part (:func:`part_probe`) has that dtype and range.
 
 ``fuse`` on such a model fuses every part in place (:func:`fuse_parts`).
 
@@ -64,7 +65,7 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
 
 
 def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
-    """The call's inputs as positional arguments: its floating-point tensors, positionally or by keyword
+    """The call's inputs as positional arguments: its tensors, positionally or by keyword
     (``block(x, mask=mask)``), with the arguments between them at a default of ``None``; every other argument
     at its default. ``None`` when the call does not have that form."""
     try:
@@ -83,8 +84,6 @@ def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, .
             if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
                 return None
             if isinstance(value, torch.Tensor):
-                if i and not value.is_floating_point():  # a probe for it would be random floats
-                    return None
                 inputs.append(value)
             elif value is None and param.default is None:
                 inputs.append(None)
@@ -96,6 +95,38 @@ def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, .
         elif param.default is inspect.Parameter.empty or not _same(value, param.default):
             return None
     return tuple(inputs)
+
+
+def input_kind(value: Any) -> dict[str, Any] | None:
+    """A part input's kind for :func:`part_probe`: None for a floating-point tensor (a probe draws normal values)
+    or no tensor; for an integer or boolean tensor its dtype and the range of its values."""
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
+        return None
+    values = value.detach().to("cpu", torch.int64)
+    low, high = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
+    return {"dtype": str(value.dtype).removeprefix("torch."), "low": low, "high": high}
+
+
+def part_probe(config: ASRConfig, path: str, like: torch.Tensor | None) -> tuple[Any, ...] | None:
+    """A seeded probe input for the part at ``path`` of a partially captured model: per recorded input shape, normal
+    values (on ``like``'s device and dtype), or for an integer or boolean input values of its recorded dtype and range
+    (``part_input_kinds``); None where the config records no shapes for it."""
+    shapes = (config.part_input_shapes or {}).get(path)
+    if not shapes:
+        return None
+    kinds = (config.part_input_kinds or {}).get(path) or [None] * len(shapes)
+    gen = torch.Generator().manual_seed(0)
+    probe: list[Any] = []
+    for shape, kind in zip(shapes, kinds):
+        if shape is None:
+            probe.append(None)
+        elif kind is None:
+            x = torch.randn(shape, generator=gen)
+            probe.append(x.to(like.device, like.dtype) if like is not None else x)
+        else:
+            x = torch.randint(kind["low"], kind["high"] + 1, shape, generator=gen).to(getattr(torch, kind["dtype"]))
+            probe.append(x.to(like.device) if like is not None else x)
+    return tuple(probe)
 
 
 def _same(value: Any, default: Any) -> bool:
@@ -178,6 +209,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     parts: dict[str, ASRConfig] = {}
     refused: list[str] = []
     shapes: dict[str, list[list[int] | None]] = {}
+    kinds: dict[str, list[dict[str, Any] | None]] = {}
 
     def visit(path: str, module: nn.Module) -> None:
         for name, child in list(module.named_children()):
@@ -193,9 +225,11 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 target = work.get_submodule(child_path)  # inplace: the module form attaches to it
                 try:  # not inplace: a copy, so that a part whose sites have no place in it can be split further
                     part = instrument(target, {**options, "example_inputs": inputs, "sites": sites,
-                                               "inplace": bool(options.get("inplace"))}, graph_ok=True)
-                except NoSitesError:
-                    continue
+                                               "inplace": bool(options.get("inplace")), "in_part": True},
+                                      graph_ok=True)
+                except NoSitesError as exc:  # modules kept whole for their train-only code may hold sites: look inside
+                    if not exc.opaque_modules:
+                        continue
                 except ASRError as exc:
                     refused.append(f"{child_path}: {shorten(str(exc).splitlines()[0], 300)}")
                 else:
@@ -205,6 +239,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                         _set_submodule(work, child_path, part)
                     parts[child_path] = part_config(part)
                     shapes[child_path] = [list(t.shape) if isinstance(t, torch.Tensor) else None for t in inputs]
+                    kinds[child_path] = [input_kind(t) for t in inputs]
                     continue
             visit(child_path, child)
 
@@ -221,7 +256,8 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
     first = next(iter(parts.values()))
     shape = list(example_inputs[0].shape) if isinstance(example_inputs[0], torch.Tensor) else None
     set_config(work, dataclasses.replace(first, sites=sites, parts=sorted(parts), refused_parts=refused,
-                                         part_input_shapes=shapes, input_shape=shape, form="parts", graph_reason=None,
+                                         part_input_shapes=shapes, part_input_kinds=kinds, input_shape=shape,
+                                         form="parts", graph_reason=None,
                                          factory=getattr(model, "_asr_fx_factory", None)))
     work.train(model.training)
     return work
@@ -305,10 +341,7 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     config = part_config(model)
     for path in config.parts or []:
         part = work.get_submodule(path)
-        shapes = (config.part_input_shapes or {}).get(path)
-        ref = next(iter(part.parameters()))
-        probe = tuple(torch.randn(s, generator=torch.Generator().manual_seed(0)).to(ref.device, ref.dtype)
-                      if s is not None else None for s in shapes) if shapes else None
+        probe = part_probe(config, path, next(iter(part.parameters())))
         whole_check = options.get("check", True) and example_inputs is not None
         # with example_inputs the whole model is checked below: a per-part check would run each part again
         # (a detector's backbone at its transform's 800 px, once more per part)

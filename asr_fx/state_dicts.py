@@ -10,6 +10,7 @@ into the state_dict of the plain model, and say clearly what does not fit.
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -187,3 +188,14 @@ def asr_layout(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], int]:
             sites[parts[1]] = max(sites.get(parts[1], 1), depth)
     delta = max(sites.values()) if sites else 1
     return list(sites), delta
+
+
+def with_version_metadata(state: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with a ``_metadata`` (each module's state_dict version) to load into ``model``: its own, where
+    ``state`` was built key by key and so lost the one ``state_dict()`` carries; a layer whose
+    ``_load_from_state_dict`` reads its version (torchvision's MNASNet) refuses a state without it."""
+    if getattr(state, "_metadata", None) is not None:
+        return dict(state) if not isinstance(state, dict) else state
+    out = OrderedDict(state)
+    out._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out

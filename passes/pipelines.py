@@ -114,9 +114,13 @@ def choose_sites(gm: fx.GraphModule, context: PassContext) -> PassResult:
         found = placement_rule(o.rule)
         looked = (found.looks_for if found else "the sites named by sites=") if o.sites is None else \
             "the sites named by sites=, less exclude="
+        leaves = list(gm.meta.get("asr_fx.mode_leaves") or [])
+        opaque = [p for p in leaves if not any(p.startswith(f"{q}.") for q in leaves)]  # the outermost ones
+        inside = (f" Kept as one call each because their forward branches on self.training: {opaque}; with "
+                  "example_inputs=(...) asr-fx looks for sites inside them.") if opaque else ""
         raise NoSitesError(
-            f"no ASR site found in {o.model_name} with rule={o.rule!r}: looked for {looked}. "
-            f"Pass sites=[module names] or another rule (one of {sorted(PLACEMENT_RULES)})."
+            f"no ASR site found in {o.model_name} with rule={o.rule!r}: looked for {looked}.{inside} "
+            f"Pass sites=[module names] or another rule (one of {sorted(PLACEMENT_RULES)}).", opaque_modules=opaque
         )
     unfoldable = [f"{s.node} ({s.reason})" for s in chosen if not s.foldable]
     if unfoldable:

@@ -512,3 +512,34 @@ def test_cli_state_dict_out_for_a_model_instrumented_part_by_part(tmp_path):
     with torch.no_grad():
         assert rel_err(asr(x), vanilla(x)) <= FUSE_RTOL
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "m.onnx", "vanilla.pt"]
+
+
+class _VersionedStem(nn.Module):
+    """Reads its state_dict version when loading, as torchvision's MNASNet does, and refuses none."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+def test_fuse_writes_into_a_layer_that_reads_its_state_dict_version():
+    torch.manual_seed(0)
+    vanilla = nn.Sequential(_VersionedStem(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    model = asr_fx.instrument(vanilla, example_inputs=(x,)).eval()
+    perturb_asr(model, 0)
+    fused = asr_fx.fuse(model, example_inputs=(x,))
+    assert type(fused) is nn.Sequential
+    assert rel_err(model(x), fused(x)) <= FUSE_RTOL
+    into = asr_fx.fuse(model, into=nn.Sequential(_VersionedStem(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    assert rel_err(model(x), into(x)) <= FUSE_RTOL

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from conftest import FUSE_RTOL, perturb_asr, rel_err
 from torch import nn
 
 import asr_fx
+from asr_fx.config import asr_config
+from asr_fx.partial_capture import part_probe
 
 
 class _Block(nn.Module):
@@ -64,4 +69,64 @@ def test_blocks_called_with_a_keyword_mask_are_instrumented():
             if isinstance(block, asr_fx.ASR):
                 block.attention_value = lambda b=block: torch.ones(b.broadcast_shape)
         torch.testing.assert_close(instrumented(*other), model(*other), rtol=1e-5, atol=1e-6)
+    assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
+
+
+class _IndexedBlock(nn.Module):
+    """Takes token positions (integers) and a boolean key mask by keyword."""
+
+    def __init__(self, dim: int, length: int = 8) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(length, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x, positions=None, keep=None):
+        x = x + self.pos(positions)
+        q, k, v = self.qkv(x).chunk(3, -1)
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~keep[:, None, :], -1e4)
+        x = x + self.proj(scores.softmax(-1) @ v)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _IndexedEncoder(nn.Module):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.blocks = nn.ModuleList(_IndexedBlock(dim) for _ in range(2))
+
+    def forward(self, tokens, lengths):
+        x = self.embed(tokens)
+        positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+        keep = positions < lengths[:, None]
+        for block in self.blocks:
+            x = block(x, positions=positions, keep=keep)
+            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
+                break
+        return x
+
+
+def test_blocks_called_with_integer_and_boolean_keyword_tensors_are_instrumented_and_probed_in_kind():
+    torch.manual_seed(0)
+    model = _IndexedEncoder().eval()
+    inputs = (torch.randn(2, 6, 4), torch.tensor([6, 3]))
+    instrumented = asr_fx.instrument(model, example_inputs=inputs)
+    config = asr_fx.get_config(instrumented)
+    assert config["parts"] == ["blocks.0", "blocks.1"]
+    assert config["part_input_kinds"]["blocks.0"] == [None, {"dtype": "int64", "low": 0, "high": 5},
+                                                      {"dtype": "bool", "low": 0, "high": 1}]
+    probe = part_probe(asr_config(instrumented), "blocks.0", None)
+    assert [t.dtype for t in probe] == [torch.float32, torch.int64, torch.bool]
+    assert probe[1].min() >= 0 and probe[1].max() <= 5
+    perturb_asr(instrumented)
+    instrumented.eval()
+    other = (torch.randn(3, 6, 4), torch.tensor([2, 6, 4]))
+    for given in (inputs, None):  # None: each part is checked on its own probe (ids in range, a boolean mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # None: the whole model has no probe (it takes lengths): the parts do
+            fused = asr_fx.fuse(instrumented, strict=True, example_inputs=given)
+        with torch.no_grad():
+            assert rel_err(instrumented(*other), fused(*other)) <= FUSE_RTOL
     assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)

@@ -36,6 +36,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.proxy import Attribute, Proxy
 from torch.fx.proxy import TraceError as FxTraceError
+from torch.nn.modules import module as module_file
 from torch.utils import _pytree as pytree
 
 from .inplace_proxy import InplaceProxy
@@ -303,7 +304,6 @@ def state_kept(model: nn.Module) -> Iterator[None]:
 
 def _global_hook_dicts() -> list[dict[Any, Any]]:
     """torch's global module hooks (``register_module_forward_hook`` and friends)."""
-    from torch.nn.modules import module as module_file
     return [v for k, v in vars(module_file).items() if k.startswith("_global_") and "hooks" in k
             and isinstance(v, dict)]
 

@@ -10,6 +10,12 @@ same holds for the size methods of a tensor that is not traced (a buffer torch.f
 Gemma4's rotary ``inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)``): a ``call_method``
 node on that tensor (a constant of the graph).
 
+Random draws (:data:`RANDOM_FACTORIES`) are graph nodes in every trace, shape-aware or not, whatever their
+arguments: run while tracing, ``torch.rand(())`` would be one constant of the graph, and a branch on it
+(LayerDrop's ``if self.training and torch.rand(()) < p``) one fixed path in every training step. As a node, a
+branch on it is refused like any branch on tensor values (that module stays one call), and noise is drawn
+anew on every call.
+
 Equivalence: the node calls the same function with the same arguments when the graph runs. Only the
 names of ``torch`` and ``torch.Tensor`` below are patched, for the duration of one trace.
 """
@@ -27,6 +33,8 @@ from torch.fx.proxy import Attribute, Proxy
 
 #: the ``torch`` factories whose size arguments may be traced values
 FACTORIES = ("ones", "zeros", "empty", "full", "arange", "rand", "randn", "randint", "eye", "tensor")
+#: the ``torch`` factories that draw random values: a graph node in every trace, whatever their arguments
+RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm", "normal")
 #: the ``torch.Tensor`` methods whose size arguments may be traced values
 SIZE_METHODS = ("expand", "view", "reshape", "repeat", "tile", "broadcast_to", "unflatten", "new_ones", "new_zeros",
                 "new_full", "new_empty")
@@ -42,10 +50,11 @@ def _has_proxy(value: Any) -> bool:
     return False
 
 
-def _recording(tracer: fx.Tracer, fn: Callable[..., Any]) -> Callable[..., Any]:
+def _recording(tracer: fx.Tracer, fn: Callable[..., Any], always: bool = False) -> Callable[..., Any]:
     @functools.wraps(fn)
     def factory(*args: Any, **kwargs: Any) -> Any:
-        if _has_proxy((args, kwargs)):
+        concrete = getattr(tracer, "concrete", None)
+        if (always and not (concrete is not None and concrete.running)) or _has_proxy((args, kwargs)):
             return tracer.create_proxy("call_function", fn, args, kwargs)
         return fn(*args, **kwargs)
 
@@ -63,14 +72,15 @@ def _recording_method(tracer: fx.Tracer, name: str, fn: Callable[..., Any]) -> C
 
 
 @contextlib.contextmanager
-def recorded_factories(tracer: fx.Tracer) -> Iterator[None]:
+def recorded_factories(tracer: fx.Tracer, random_only: bool = False) -> Iterator[None]:
     """While the block runs, ``torch.<factory>(...)`` and ``tensor.<size method>(...)`` with a traced
-    argument become graph nodes."""
-    functions = {name: getattr(torch, name) for name in FACTORIES}
-    methods = {name: getattr(torch.Tensor, name) for name in SIZE_METHODS}
+    argument become graph nodes, and every random draw (:data:`RANDOM_FACTORIES`); ``random_only``: only those."""
+    names = RANDOM_FACTORIES if random_only else tuple(dict.fromkeys(FACTORIES + RANDOM_FACTORIES))
+    functions = {name: getattr(torch, name) for name in names}
+    methods = {} if random_only else {name: getattr(torch.Tensor, name) for name in SIZE_METHODS}
     try:
         for name, fn in functions.items():
-            setattr(torch, name, _recording(tracer, fn))
+            setattr(torch, name, _recording(tracer, fn, always=name in RANDOM_FACTORIES))
         for name, fn in methods.items():
             setattr(torch.Tensor, name, _recording_method(tracer, name, fn))
         yield

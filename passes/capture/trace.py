@@ -24,6 +24,7 @@ from torch import nn
 
 from asr_fx.errors import InvalidOptionError, TraceError
 
+from ..layers.transposed_linear import is_transposed_linear
 from .autograd_functions import functions_kept_opaque
 from .concrete_values import (
     MISSING,
@@ -101,7 +102,7 @@ class ASRTracer(fx.Tracer):
             return True
         if self._inline and isinstance(m, self._inline):
             return False
-        if is_opaque_library_layer(m):
+        if is_opaque_library_layer(m) or is_transposed_linear(m):  # a layer rule's module: its output is a site
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -181,7 +182,7 @@ class ASRTracer(fx.Tracer):
         self.concrete = ConcreteValues(root, self._example_inputs) if self._example_inputs is not None else None
         try:  # shape-aware: torch.ones(batch, n) becomes a node, not an error
             with state_kept(root), functions_kept_opaque(), indexing_traced(), \
-                    (recorded_factories(self) if shape_aware else contextlib.nullcontext()), \
+                    recorded_factories(self, random_only=not shape_aware), \
                     (dtype_info_traced(self) if shape_aware else contextlib.nullcontext()):
                 graph = super().trace(root, concrete_args)
                 constants = {n.target: getattr(root, n.target) for n in graph.nodes  # torch.fx's _tensor_constantN
@@ -241,7 +242,13 @@ class ASRTracer(fx.Tracer):
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self.concrete is not None and self.concrete.running:
             return forward(*args, **kwargs)  # computing a value on example_inputs, not tracing
-        self.module_stack_names.append(self.path_of_module(m))
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module made inside forward (`nn.ReLU()(x)`): without state, its forward is traced
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise
+            return forward(*args, **kwargs)
+        self.module_stack_names.append(path)
         result = super().call_module(m, forward, args, kwargs)
         self.module_stack_names.pop()
         return result

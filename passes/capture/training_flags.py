@@ -8,6 +8,8 @@ in eval mode, and the two graphs are compared node by node:
 - equal graphs whose only differences are boolean arguments (``F.dropout(x, p, training)``, a
   functional BatchNorm's ``training``) -> each such argument becomes a read of the GraphModule's
   ``training`` flag (or its negation): exact in both modes;
+- ... or numbers of one type (Hugging Face attention's ``dropout=0.0 if not self.training else p``) -> each
+  becomes :func:`mode_value` of the flag and the two values: each mode computes its own trace's graph;
 - graphs that differ in any other way (Python control flow on ``self.training``: drop-path's
   ``if not self.training: return x``, a train-only branch) -> :func:`mode_dependent_module` names the
   innermost module whose forward branches; the caller keeps it as one opaque call (its own forward then
@@ -62,19 +64,27 @@ def _same_target(a: fx.Node, b: fx.Node, gm_a: fx.GraphModule, gm_b: fx.GraphMod
                       and x.dtype == y.dtype and bool(torch.equal(x, y)))
 
 
-def _compare_args(a: fx.Node, b: fx.Node, pairs: dict[fx.Node, fx.Node]) -> list[tuple[int, bool]]:
-    """Positions (in the flattened ``(args, kwargs)``) of boolean arguments that differ: (index, train value)."""
+def mode_value(training: bool, train_value: Any, eval_value: Any) -> Any:
+    """``train_value`` in train mode, ``eval_value`` in eval mode (a number the forward picks by mode)."""
+    return train_value if training else eval_value
+
+
+def _compare_args(a: fx.Node, b: fx.Node, pairs: dict[fx.Node, fx.Node]) -> list[tuple[int, Any]]:
+    """Positions (in the flattened ``(args, kwargs)``) of arguments that differ: (index, train value) for
+    booleans, (index, (train value, eval value)) for numbers of one type (int or float)."""
     leaves_a, spec_a = _flatten((a.args, a.kwargs))
     leaves_b, spec_b = _flatten((b.args, b.kwargs))
     if spec_a != spec_b:
         raise ModeDifference(a, b)
-    flags = []
+    flags: list[tuple[int, Any]] = []
     for i, (x, y) in enumerate(zip(leaves_a, leaves_b)):
         if isinstance(x, fx.Node) or isinstance(y, fx.Node):
             if not (isinstance(x, fx.Node) and isinstance(y, fx.Node) and pairs.get(x) is y):
                 raise ModeDifference(a, b)
         elif isinstance(x, bool) and isinstance(y, bool) and x != y:
             flags.append((i, x))
+        elif type(x) is type(y) and type(x) in (int, float) and x != y:
+            flags.append((i, (x, y)))
         elif type(x) is not type(y) or not _equal(x, y):
             raise ModeDifference(a, b)
     return flags
@@ -103,8 +113,9 @@ def _equal(x: Any, y: Any) -> bool:
         return x is y
 
 
-def align(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> list[tuple[fx.Node, int, bool]]:
-    """The boolean arguments of ``train_gm``'s graph that follow the mode: (node, flat index, train value).
+def align(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> list[tuple[fx.Node, int, Any]]:
+    """The arguments of ``train_gm``'s graph that follow the mode: (node, flat index, train value) for
+    booleans, (node, flat index, (train value, eval value)) for numbers.
 
     Raises :class:`ModeDifference` at the first pair of nodes that differ otherwise.
     """
@@ -121,9 +132,10 @@ def align(train_gm: fx.GraphModule, eval_gm: fx.GraphModule) -> list[tuple[fx.No
     return flags
 
 
-def bind_mode_flags(gm: fx.GraphModule, flags: list[tuple[fx.Node, int, bool]]) -> int:
+def bind_mode_flags(gm: fx.GraphModule, flags: list[tuple[fx.Node, int, Any]]) -> int:
     """Replace each mode-dependent boolean argument by a read of ``gm.training`` (negated where the
-    train-mode value was ``False``); returns how many were bound. Modifies ``gm`` in place."""
+    train-mode value was ``False``), each mode-dependent number by :func:`mode_value` of it; returns how
+    many were bound. Modifies ``gm`` in place."""
     if not flags:
         return 0
     graph = gm.graph
@@ -133,6 +145,11 @@ def bind_mode_flags(gm: fx.GraphModule, flags: list[tuple[fx.Node, int, bool]]) 
         flag = graph.get_attr("training")
         negated = None
     for node, index, value in flags:
+        if isinstance(value, tuple):
+            with graph.inserting_before(node):
+                picked = graph.call_function(mode_value, (flag, *value))
+            node.args, node.kwargs = _replace_leaf((node.args, node.kwargs), index, picked)
+            continue
         if not value and negated is None:
             with graph.inserting_after(flag):
                 negated = graph.call_function(operator.not_, (flag,))

@@ -13,6 +13,7 @@ updating running statistics, dropout) is not a constant function of its inputs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -101,4 +102,12 @@ def fold_constants(gm: fx.GraphModule, *, scales_only: bool = True) -> fx.GraphM
     return gm
 
 
-__all__ = ["FOLDED_PREFIX", "fold_constants"]
+def holds_folded(state: Mapping[str, torch.Tensor], value: torch.Tensor) -> bool:
+    """``state`` (a folded graph's state_dict) holds a ``_folded_*`` constant with ``value``'s values, in any
+    shape (``res_scale.view(-1, 1, 1)`` folded): the graph still computes with that value itself."""
+    flat = value.detach().flatten().cpu()
+    return any(key.rpartition(".")[2].startswith(FOLDED_PREFIX) and t.numel() == flat.numel()
+               and torch.equal(t.detach().flatten().cpu(), flat) for key, t in state.items())
+
+
+__all__ = ["FOLDED_PREFIX", "fold_constants", "holds_folded"]

@@ -106,7 +106,7 @@ VIEW_METHODS = ("view", "view_as", "reshape", "reshape_as", "flatten", "unflatte
 # --- uses that read only metadata --------------------------------------------------------------------
 SHAPE_QUERY_METHODS = ("size", "dim", "numel", "ndimension")
 #: ``getattr(x, name)`` reads that do not read the values
-META_ATTRIBUTES = ("shape", "dtype", "device")
+META_ATTRIBUTES = ("shape", "dtype", "device", "ndim")
 #: ``c.expand_as(x)``, ``c.type_as(x)``, ``c.to(x.dtype)``: adapt a constant to the value it multiplies
 ADAPTER_METHODS = ("expand_as", "type_as", "to")
 

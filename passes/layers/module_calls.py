@@ -13,9 +13,10 @@ from .conv import CONV
 from .deconv import DECONV
 from .linear import LINEAR
 from .norm import NORM
+from .transposed_linear import TRANSPOSED_LINEAR
 
 #: the rules for module calls, in the order they are asked
-MODULE_RULES: tuple[ModuleLayerRule, ...] = (CONV, DECONV, LINEAR, BATCH_NORM, NORM)
+MODULE_RULES: tuple[ModuleLayerRule, ...] = (CONV, DECONV, LINEAR, TRANSPOSED_LINEAR, BATCH_NORM, NORM)
 
 
 def module_rule(gm: fx.GraphModule, node: fx.Node) -> ModuleLayerRule | None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..graph.graph_queries import calls_one_of, is_add, module_of, mul_operands, skip_identity
+from ..graph.graph_queries import calls_one_of, is_add, module_of, mul_operands, reads_only_metadata, skip_identity
 from ..graph.op_tables import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -258,7 +258,9 @@ class ResidualBlock:
 def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Node] | None:
     """The nodes from ``end`` back to (not including) ``start``; ``None`` if the branch reads the graph
     input on another path or is larger than ``limit``. Another input of the graph than its first (an
-    attention mask) is a side input of the branch, not another path."""
+    attention mask) is a side input of the branch, not another path; so is a read of a value's metadata
+    (``x.shape``, ``x.device``, ``x.size()``: a mask built to the sizes of an earlier layer's output reads
+    no values), whose input is not followed."""
     seen, stack = {start}, [end]
     out: list[fx.Node] = []
     while stack:
@@ -273,7 +275,8 @@ def _branch_nodes(end: fx.Node, start: fx.Node, limit: int = 400) -> list[fx.Nod
         if len(out) > limit:
             return None
         out.append(node)
-        stack.extend(node.all_input_nodes)
+        if not reads_only_metadata(node):
+            stack.extend(node.all_input_nodes)
     return out
 
 

@@ -33,6 +33,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..graph.graph_queries import module_of, skip_identity
 from ..graph.op_tables import NORM_MODULES
 from ..layers.multihead_attention import mha_of
+from ..layers.transposed_linear import is_transposed_linear
 from ..layers.window_attention import window_attention_of
 from .attention_patterns import find_channel_attention
 from .locate import (
@@ -118,14 +119,20 @@ def find_branch_sites(gm: fx.GraphModule) -> list[Site]:
     return _concat_branch_sites(gm, need_depthwise=False)
 
 
+def _is_linear(module: nn.Module | None) -> bool:
+    """``nn.Linear``, or transformers' transposed linear ``Conv1D`` (GPT-2)."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
+
+
 def _transformer_site(gm: fx.GraphModule, block: ResidualBlock) -> Site | None:
     producer = block.producer
     if mha_of(gm, producer) is not None or window_attention_of(gm, producer) is not None:
         return site_at(gm, producer, "transformer")
     conv_free = not any(isinstance(module_of(gm, n), _ConvNd) for n in block.nodes)
-    tokens = any(isinstance(module_of(gm, n), nn.Linear) or window_attention_of(gm, n) is not None for n in block.nodes)
+    tokens = any(_is_linear(module_of(gm, n)) or window_attention_of(gm, n) is not None for n in block.nodes)
     # pre-norm blocks end in the MLP's linear; post-norm blocks (Swin V2) in a LayerNorm after attention or MLP
-    if conv_free and tokens and isinstance(module_of(gm, producer), (nn.Linear, *NORM_MODULES)):
+    if conv_free and tokens and (_is_linear(module_of(gm, producer)) or isinstance(module_of(gm, producer),
+                                                                                    NORM_MODULES)):
         return site_at(gm, producer, "transformer")
     return None
 

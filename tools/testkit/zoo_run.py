@@ -21,7 +21,9 @@ from typing import cast
 import torch
 
 import asr_fx
+from asr_fx.config import ASRConfig
 from asr_fx.equivalence import floating_tensors
+from asr_fx.partial_capture import part_probe
 
 from .model_kept import snapshot, what_changed
 from .zoos import Entry
@@ -79,7 +81,7 @@ def _reference_params(vanilla: torch.nn.Module, model: torch.nn.Module, x: tuple
     total = asr_fx.count_parameters(vanilla)
     for path in parts:
         part = vanilla.get_submodule(path)
-        probe = tuple(torch.randn(s) if s is not None else None for s in config["part_input_shapes"][path])
+        probe = part_probe(ASRConfig.from_dict(config), path, None)
         fused_part = fused.get_submodule(path) if fused is not None else None
         total += _reference_params(part, model.get_submodule(path), probe, fused_part) - asr_fx.count_parameters(part)
     return total
@@ -134,7 +136,7 @@ def run_entry(name: str, entry: Entry, onnx: bool = True) -> ZooRow:
     try:
         torch.manual_seed(0)
         vanilla, entry = _built(entry)
-        row.input = f"{entry.size}"
+        row.input = "x".join(map(str, entry.signal)) if entry.signal else f"{entry.size}"
         row.config = ", ".join(f"{k}={v}" for k, v in entry.shrunk.items())
         size = asr_fx.count_parameters(vanilla)
         if size > MAX_PARAMS:

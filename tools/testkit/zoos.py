@@ -48,11 +48,24 @@ class Entry:
     shrunk: dict = field(default_factory=dict)
     #: text models: token ids below this, ``size`` tokens per sequence
     vocab: int = 0
+    #: text models: an attention mask follows the ids, the last sequence padded in its second half (the first
+    #: sequence has no padding, so the sweep's batch-independence check compares it alone without a mask)
+    masked: bool = False
+    #: audio models: the shape of one sample (a waveform's length; a spectrogram's mel bins and frames)
+    signal: tuple[int, ...] = ()
 
     def inputs(self, batch: int, seed: int) -> tuple:
         gen = torch.Generator().manual_seed(seed)
         if self.vocab:
-            return (torch.randint(0, self.vocab, (batch, self.size), generator=gen),)
+            ids = torch.randint(2, self.vocab, (batch, self.size), generator=gen)  # 0 and 1: special tokens
+            if not self.masked:
+                return (ids,)
+            mask = torch.ones(batch, self.size, dtype=torch.long)
+            if batch > 1:
+                mask[-1, self.size // 2:] = 0
+            return ids, mask
+        if self.signal:
+            return (torch.randn((batch, *self.signal), generator=gen),)
         if self.detector:
             return ([torch.rand(3, self.size, self.size, generator=gen) for _ in range(batch)],)
         shape = (batch, 3) + ((self.frames,) if self.frames else ()) + (self.size, self.size)
@@ -202,6 +215,27 @@ def hf_zoo() -> dict[str, Entry]:
                            **text, **small), size=16, vocab=100),
         "T5-encoder": Entry(make("T5Config", "T5EncoderModel", vocab_size=100, d_model=32, d_kv=16, d_ff=64,
                                  num_layers=2, num_heads=2), size=16, vocab=100),
+        "BERT-masked": Entry(make("BertConfig", "BertForSequenceClassification", hidden_size=32,
+                                  max_position_embeddings=64, **text, **small), size=16, vocab=100, masked=True),
+        "RoBERTa": Entry(make("RobertaConfig", "RobertaForSequenceClassification", hidden_size=32,
+                              max_position_embeddings=64, pad_token_id=1, **text, **small), size=16, vocab=100,
+                         masked=True),
+        "DistilBERT": Entry(make("DistilBertConfig", "DistilBertForSequenceClassification", vocab_size=100, dim=32,
+                                 n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64, **small),
+                            size=16, vocab=100, masked=True),
+        "GPT-2": Entry(make("GPT2Config", "GPT2Model", vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                            bos_token_id=0, eos_token_id=0), size=16, vocab=100),
+        "Wav2Vec2": Entry(make("Wav2Vec2Config", "Wav2Vec2ForSequenceClassification", hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                               conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                               num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                               classifier_proj_size=16, **small), signal=(1600,)),
+        "Whisper-encoder": Entry(make("WhisperConfig", "WhisperForAudioClassification", vocab_size=100,
+                                      num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=2,
+                                      encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2,
+                                      decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16,
+                                      classifier_proj_size=16, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                                      decoder_start_token_id=0, **small), signal=(16, 32)),
         "ResNet": Entry(make("ResNetConfig", "ResNetForImageClassification", embedding_size=16, hidden_sizes=[16, 32],
                              depths=[1, 1], **small)),
         "ConvNeXt": Entry(make("ConvNextConfig", "ConvNextForImageClassification", num_stages=2, hidden_sizes=[16, 32],
