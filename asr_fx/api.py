@@ -7,6 +7,9 @@ eval-mode copy of the model, and attaches a :class:`~asr_fx.fusion.FusionReport`
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -17,13 +20,21 @@ from torch import nn
 
 from asr_fx._util import copy_of
 from asr_fx.config import get_config, set_config
-from asr_fx.equivalence import check_fused, derive_probe, probe_inputs, run_on_copies, saved_state
+from asr_fx.equivalence import (
+    check_fused,
+    derive_probe,
+    expected_outputs,
+    fused_probe,
+    probe_inputs,
+    run_on_copies,
+    saved_state,
+)
 from asr_fx.errors import ASRError, FusionError, VanillaModelError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 from asr_fx.instrument_model import find_sites, instrument
 from asr_fx.into_vanilla import fuse_into
 from asr_fx.leaf_spec import recorded_leaves
-from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, unattached_blocks
+from asr_fx.own_model import LEAVES, graph_form, is_module_form, remove, tree_copy, unattached_blocks
 from asr_fx.partial_capture import fuse_parts, is_partial
 from asr_fx.passes.capture.shapes import as_input_tuple
 from asr_fx.passes.forms.asr_blocks import ASR
@@ -135,10 +146,9 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
                        "a new head?), so those blocks took no part in training. Replace modules before instrument")
     leaves = leaf_modules if leaf_modules is not None else model.__dict__.get(LEAVES)
     inputs = probe_inputs(model, inputs)
-    vanilla = copy_of(model).eval()
-    blocks = remove(vanilla)
-    # graph_form traces a tree copy sharing vanilla's tensors (the one whole copy is vanilla): folds make new ones
-    gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
+    if inplace and into is None:
+        return _fuse_in_place(model, strict, fold_bn, inputs, leaves, check)
+    vanilla, gm, records = _folded_copy(model, fold_bn, inputs, leaves, in_place=True)
     report = _report(model, gm, records, strict)
     if check:
         check_fused(model, gm.eval(), inputs)
@@ -147,15 +157,69 @@ def _fuse_module_form(model: nn.Module, strict: bool, fold_bn: bool, inputs: tup
     probe = inputs if inputs is not None else _runs_on(vanilla, derive_probe(vanilla))
     if fold_bn and not inplace:  # BatchNorm folded into convs: the deploy graph, which the class has no place for
         return gm.eval()
-    try:
-        result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves)
+    try:  # vanilla is private (dropped on refusal): no backup of its state
+        result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves, keep_on_refusal=False)
     except VanillaModelError as exc:
         if inplace:
             raise
         warnings.warn(f"fuse returns a GraphModule, not a {type(model).__name__}: {exc}", stacklevel=3)
+        # the refused load may have written into vanilla, whose tensors gm shares: fold a fresh copy for gm
+        del vanilla, gm
+        _, gm, _ = _folded_copy(model, fold_bn, inputs, leaves, in_place=False)
+        gm.meta[FUSION_KEY] = report
         return gm.eval()
     result.__dict__[FUSION_KEY] = report
     return _in_place(model, result) if inplace else result
+
+
+def _folded_copy(model: nn.Module, fold_bn: bool, inputs: tuple[Any, ...] | None, leaves: Any, in_place: bool
+                 ) -> tuple[nn.Module, fx.GraphModule, list[Any]]:
+    """``(vanilla, gm, records)``: ``vanilla`` a stripped copy of ``model`` (the one whole copy), ``gm`` the fuse
+    pipeline's result on a tree copy of it (:func:`graph_form`); ``in_place``: the folds write into ``vanilla``'s
+    tensors (no second copy of a folded layer; ``gm`` and ``vanilla`` then share them), else make new ones."""
+    vanilla = copy_of(model).eval()
+    blocks = remove(vanilla)
+    with folding_in_place() if in_place else contextlib.nullcontext():
+        gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs), FuseOptions(fold_bn, inputs, leaves))
+    return vanilla, gm, records
+
+
+def _fuse_in_place(model: nn.Module, strict: bool, fold_bn: bool, inputs: tuple[Any, ...] | None, leaves: Any,
+                   check: bool) -> nn.Module:
+    """``fuse(model, inplace=True)`` of the module form without a copy: the folds write into ``model``'s own
+    tensors (traced through a stripped tree copy that shares them), checked against ``model``'s eval outputs
+    recorded before; the old values of every tensor written wait in a temporary file and are put back if
+    anything refuses, so a refusal leaves ``model`` as it was."""
+    probe, _ = fused_probe(model, inputs)
+    before = expected_outputs(model, probe, modes=(False,), gradients=False) if check and probe is not None else None
+    vanilla = tree_copy(model).eval()  # the modules and hooks are its own, the tensors model's
+    blocks = remove(vanilla)
+    with tempfile.TemporaryDirectory(prefix="asr-fx-fuse-") as folder:
+        written: list[tuple[torch.Tensor, str]] = []
+
+        def keep(tensor: torch.Tensor) -> None:
+            path = os.path.join(folder, f"{len(written)}.pt")
+            torch.save(tensor.detach().clone() if tensor.untyped_storage().nbytes() != tensor.nbytes else
+                       tensor.detach(), path)
+            written.append((tensor, path))
+
+        try:
+            with folding_in_place(before_write=keep):
+                gm, records = fuse_pipeline(graph_form(vanilla, blocks, leaves, inputs),
+                                            FuseOptions(fold_bn, inputs, leaves))
+            report = _report(model, gm, records, strict)
+            if check:
+                check_fused(model, gm.eval(), inputs, before=before)
+            probe = inputs if inputs is not None else _runs_on(vanilla, derive_probe(vanilla))
+            result = fuse_into(gm.eval(), vanilla, model, example_inputs=probe, leaf_modules=leaves,
+                               keep_on_refusal=False)
+        except BaseException:
+            with torch.no_grad():
+                for tensor, path in reversed(written):
+                    tensor.copy_(torch.load(path, weights_only=True))
+            raise
+    result.__dict__[FUSION_KEY] = report
+    return _in_place(model, result)
 
 
 def _runs_on(model: nn.Module, probe: tuple[Any, ...] | None) -> tuple[Any, ...] | None:

@@ -35,7 +35,7 @@ from asr_fx.asr import ASR
 from asr_fx.config import asr_config
 from asr_fx.detections import align_detections
 from asr_fx.errors import EquivalenceError
-from asr_fx.gradient_check import check_gradients
+from asr_fx.gradient_check import GradientRecord, check_gradients, check_recorded_gradients, gradient_record
 from asr_fx.noise_floor import noise_of, perturbed_outputs, tensor_error
 from asr_fx.passes.capture.concrete_values import state_kept
 
@@ -43,6 +43,7 @@ from asr_fx.passes.capture.concrete_values import state_kept
 #: model's measured rounding noise; no absolute floor
 RTOL = 1e-4
 _SEED = 1234
+_WHAT = "the instrumented model (every ASR block at v = 1)"
 
 
 class UncheckedWarning(UserWarning):
@@ -182,9 +183,11 @@ def _on_meta(model: nn.Module, inputs: Sequence[Any]) -> bool:
     return any(t.is_meta for t in tensors)
 
 
-def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool, what: str) -> bool:
+def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool, what: str,
+             noise_from: nn.Module | None = None) -> bool:
     """Raise :class:`EquivalenceError` unless ``checked`` computes what ``reference`` computes on ``inputs``;
-    ``False`` when nothing could be compared (the reference does not run on ``inputs``, or has no values)."""
+    ``False`` when nothing could be compared (the reference does not run on ``inputs``, or has no values).
+    The rounding noise is measured on ``noise_from`` (default ``reference``)."""
     if _on_meta(reference, inputs):
         return False  # nothing to compute with: a model on the meta device has no values yet
     with saved_state(reference, checked):
@@ -201,7 +204,7 @@ def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], tr
         found = _error_detail(expected, got)
         if found is not None and found[0] > 1:
             # not within RTOL of the reference: is it within the model's own rounding noise?
-            noise = perturbed_outputs(reference, lambda m: run_on_copies(m, inputs, training))
+            noise = perturbed_outputs(noise_from or reference, lambda m: run_on_copies(m, inputs, training))
             found = _error_detail(expected, got, noise)
     if found is not None and found[0] <= 1:
         return True
@@ -229,7 +232,7 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
     Runs on ``instrumented`` itself, not on a copy (a copy would double the memory of a big model): each
     block's ``v`` is 1 for the check only, and buffers, modes and the RNG state are restored after it.
     ``original`` may be :func:`expected_outputs`' record of the model before it changed in place
-    (``instrument(..., inplace=True)``): then the outputs are compared, not the gradients."""
+    (``instrument(..., inplace=True)``): its outputs and gradient summaries are compared."""
     if isinstance(original, _Recorded):
         inputs = original.inputs
     inputs = inputs if inputs is not None else derive_probe(original)
@@ -237,23 +240,27 @@ def check_instrumented(original: nn.Module, instrumented: nn.Module, inputs: Seq
         return
     with _unit_attention(instrumented):
         for training in (False, True):
-            _compare(original, instrumented, inputs, training, "the instrumented model (every ASR block at v = 1)")
+            _compare(original, instrumented, inputs, training, _WHAT)
         if not isinstance(original, _Recorded):
             _compare_gradients(original, instrumented, inputs)
+        elif original.gradients is not None:
+            with saved_state(instrumented):
+                check_recorded_gradients(original.gradients, instrumented, inputs, _WHAT)
 
 
 def _compare_gradients(original: nn.Module, work: nn.Module, inputs: Sequence[Any]) -> None:
     """The original's parameters get the same gradients in ``work`` (:mod:`asr_fx.gradient_check`)."""
     with saved_state(original, work):
-        check_gradients(original, work, inputs, "the instrumented model (every ASR block at v = 1)")
+        check_gradients(original, work, inputs, _WHAT)
 
 
 class _Recorded(nn.Module):
-    """A reference that returns the outputs a model computed before it changed (``inputs``: the probe)."""
+    """A reference that returns the outputs a model computed before it changed (``inputs``: the probe), with
+    the summaries of its gradients (:func:`asr_fx.gradient_check.gradient_record`)."""
 
-    def __init__(self, outputs: dict[bool, Any], inputs: tuple[Any, ...]) -> None:
+    def __init__(self, outputs: dict[bool, Any], inputs: tuple[Any, ...], gradients: GradientRecord | None) -> None:
         super().__init__()
-        self.outputs, self.inputs = outputs, inputs
+        self.outputs, self.inputs, self.gradients = outputs, inputs, gradients
 
     def forward(self, *args: Any) -> Any:
         out = self.outputs[self.training]
@@ -262,20 +269,23 @@ class _Recorded(nn.Module):
         return out
 
 
-def expected_outputs(model: nn.Module, inputs: Sequence[Any] | None) -> _Recorded | None:
-    """``model``'s outputs on ``inputs`` (or a derived probe) in eval and train mode, as a module that
-    returns them: the reference of :func:`check_instrumented` for a model changed in place."""
+def expected_outputs(model: nn.Module, inputs: Sequence[Any] | None, modes: Sequence[bool] = (False, True),
+                     gradients: bool = True) -> _Recorded | None:
+    """``model``'s outputs on ``inputs`` (or a derived probe) in eval and train mode, as a module that returns
+    them, and the summaries of its gradients: the reference of :func:`check_instrumented` for a model changed
+    in place (``modes``: the training flags to record; ``gradients=False``: outputs only)."""
     inputs = tuple(inputs) if inputs is not None else derive_probe(model)
     if inputs is None or _on_meta(model, inputs):
         return None
     outputs: dict[bool, Any] = {}
     with saved_state(model):
-        for training in (False, True):
+        for training in modes:
             try:
                 outputs[training] = run_on_copies(model, inputs, training)
             except Exception as exc:  # noqa: BLE001 - the probe does not suit this mode: nothing to check there
                 outputs[training] = exc
-    return _Recorded(outputs, inputs)
+        record = gradient_record(model, inputs) if gradients else None
+    return _Recorded(outputs, inputs, record)
 
 
 def probe_inputs(model: nn.Module, example_inputs: Sequence[Any] | None) -> tuple[Any, ...] | None:
@@ -313,19 +323,28 @@ def random_probe(shape: Sequence[int], like: torch.Tensor | None = None) -> torc
     return x.to(like.device, like.dtype) if like is not None else x
 
 
-def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None) -> None:
+def fused_probe(given: nn.Module, inputs: Sequence[Any] | None) -> tuple[tuple[Any, ...] | None, bool]:
+    """The probe :func:`check_fused` uses and whether it was derived from the first layer (its rank a guess)."""
+    probe = probe_inputs(given, inputs)
+    return (probe, False) if probe is not None else (derive_probe(given), True)
+
+
+def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None,
+                before: _Recorded | None = None) -> None:
     """Raise :class:`EquivalenceError` unless ``fused`` computes what ``given`` computes in eval mode, on
     ``inputs``, else the recorded input shape, else a probe derived from the first conv/linear layer; warn
     (:class:`UncheckedWarning`) when there is none the model runs on.
 
     A derived probe guesses the input's rank: a fused model that returns other shapes on it, or fails on it
     (a ``(1, 1, C)`` scale folded for batched token inputs ``(B, L, C)``), is reported with a warning naming
-    the assumption, not refused; any difference in values is refused."""
-    probe = probe_inputs(given, inputs)
-    derived = probe is None
-    probe = derive_probe(given) if probe is None else probe
+    the assumption, not refused; any difference in values is refused.
+
+    ``before``: ``given``'s eval outputs on :func:`fused_probe`, recorded before ``fuse(..., inplace=True)``
+    folded into its tensors; the rounding noise is then measured on ``fused``, the same function."""
+    probe, derived = fused_probe(given, inputs)
     try:
-        checked = probe is not None and _compare(given, fused, probe, False, "the fused model")
+        checked = probe is not None and _compare(given if before is None else before, fused, probe, False,
+                                                 "the fused model", noise_from=None if before is None else fused)
     except EquivalenceError as exc:
         if not (derived and ("same structure" in str(exc) or "fails on a probe" in str(exc))):
             raise

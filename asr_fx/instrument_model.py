@@ -26,7 +26,7 @@ from asr_fx.equivalence import check_instrumented, expected_outputs, input_like,
 from asr_fx.errors import ASRError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.input_shapes import default_input_shape
 from asr_fx.leaf_spec import record_leaves
-from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove
+from asr_fx.own_model import attach_blocks, keep_leaf_modules, place_like, plan, remove, tree_copy
 from asr_fx.partial_capture import in_parts, instrument_parts, names_parts
 from asr_fx.passes import Site, trace
 from asr_fx.passes.capture.shapes import as_input_tuple, record_shapes
@@ -232,7 +232,9 @@ def instrument_one(model: nn.Module, options: dict[str, Any], graph_ok: bool,
     try:
         if names_parts(o["sites"]):  # the sites of a model captured part by part (its config, a checkpoint)
             raise TraceError("the sites name parts of the model")
-        traced = copy_of(model)  # the one copy: traced here, then the result (module form) once restored
+        # the one copy: traced here, then the result (module form) once restored; inplace=True traces a tree
+        # copy that shares the model's tensors (no tensor memory), the blocks then go into the model itself
+        traced = tree_copy(model) if o["inplace"] else copy_of(model)
         tree = _module_tree(traced)
         gm, records = READ_PIPELINE.run(traced, pipeline_options)
     except TraceError as exc:  # the whole forward does not trace: instrument its capturable parts in place

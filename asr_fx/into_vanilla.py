@@ -22,7 +22,6 @@ folded into its layer is written as ones: the vanilla forward multiplies by 1, t
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ from asr_fx import atomic, equivalence
 from asr_fx.config import asr_config
 from asr_fx.errors import OutputPathError, VanillaModelError
 from asr_fx.fusion import FusionReport, fusion_report
+from asr_fx.own_model import tree_copy
 from asr_fx.partial_capture import is_partial, part_paths, part_probe
 from asr_fx.passes import trace
 from asr_fx.passes.fold.constant_fold import FOLDED_PREFIX, holds_folded
@@ -134,7 +134,7 @@ def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str
     model's own; problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``."""
     source_state, own = source.state_dict(), vanilla.state_dict()
     try:
-        graph = trace(copy.deepcopy(vanilla).eval(), leaf_modules, bind_training=False,
+        graph = trace(tree_copy(vanilla).eval(), leaf_modules, bind_training=False,
                       example_inputs=example_inputs).graph
     except Exception as exc:  # noqa: BLE001 - named in the refusal
         return {}, [f"vanilla keys {missing[:_SHOWN]} are not in the fused model, and the vanilla model does not "
@@ -348,10 +348,11 @@ def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
 
 
 def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
-              example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Any = None) -> nn.Module:
+              example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Any = None,
+              keep_on_refusal: bool = True) -> nn.Module:
     """Load ``fused``'s weights into ``vanilla`` (strict), check it computes what ``fused`` computes
     on a probe input, and return ``vanilla`` itself in eval mode; on any refusal ``vanilla`` is left
-    as it was. See the module docstring for what refuses.
+    as it was (``keep_on_refusal=False``: no backup held, not restored). See the module docstring for what refuses.
 
     ``source`` is the model :func:`asr_fx.fuse` was given. When it was instrumented part by part,
     ``fused`` is :func:`asr_fx.partial_capture.fuse_parts`'s result: each part goes into the matching
@@ -364,7 +365,8 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     known = equivalence.probe_inputs(source, example_inputs)
     state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=known)
     inputs = known if known is not None else probe_inputs(fused, source, None)
-    backup = with_version_metadata({k: v.detach().clone() for k, v in vanilla.state_dict().items()}, vanilla)
+    backup = with_version_metadata({k: v.detach().clone() for k, v in vanilla.state_dict().items()}, vanilla) \
+        if keep_on_refusal else {}
     state = with_version_metadata(state, vanilla)
     modes = {m: m.training for m in vanilla.modules()}
     try:
@@ -372,7 +374,7 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
         vanilla.eval()
         check_same_outputs(fused, vanilla, inputs)
     except BaseException:
-        vanilla.load_state_dict(backup, strict=True)
+        vanilla.load_state_dict(backup, strict=keep_on_refusal)  # {} without a backup: nothing loaded
         for m, mode in modes.items():
             m.training = mode
         raise

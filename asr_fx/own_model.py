@@ -197,12 +197,13 @@ def unattached_blocks(model: nn.Module) -> list[str]:
 
 def tree_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
     """``module`` with every submodule copied but its tensors shared (no tensor memory): tracing and the fold
-    passes may replace modules and tensors in the copy, leaving ``module`` as it was; folds then make new
-    tensors (never ``folding_in_place``: the tensors are ``module``'s own)."""
+    passes may replace modules, hooks and tensors in the copy, leaving ``module`` as it was; folds then make new
+    tensors, unless ``module`` is private to the caller (``fuse``'s own copy: ``folding_in_place``)."""
     memo = {} if memo is None else memo
     if id(module) not in memo:
         twin = type(module).__new__(type(module))  # not copy.copy: a parametrized module refuses pickling
         twin.__dict__.update(module.__dict__)
+        twin.__dict__.update({k: v.copy() for k, v in module.__dict__.items() if "hooks" in k and isinstance(v, dict)})
         for name, value in module.__dict__.items():  # `self.forward = self.forward_x`: bound to the twin
             if isinstance(value, types.MethodType) and value.__self__ is module:
                 twin.__dict__[name] = types.MethodType(value.__func__, twin)

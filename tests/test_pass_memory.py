@@ -116,6 +116,53 @@ def test_fuse_copies_a_parametrized_layer_without_pickling_it():
         torch.testing.assert_close(fused(x), instrumented(x), rtol=1e-5, atol=1e-5)
 
 
+def _instrumented_in_place(x: torch.Tensor) -> nn.Module:
+    torch.manual_seed(0)
+    model = asr_fx.instrument(cifar_resnet(depth=11).eval(), example_inputs=(x,), inplace=True)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith(".psi"):
+                p.add_(0.5)
+    return model.eval()
+
+
+def test_fuse_in_place_folds_into_the_models_own_tensors_without_a_copy(whole_copies):
+    calls, size = whole_copies
+    x = torch.randn(2, 3, 32, 32)
+    model = _instrumented_in_place(x)
+    size["min"] = _params(model) // 2
+    with torch.no_grad():
+        want = model(x)
+    tensors = {key: p for key, p in model.named_parameters() if ".asr." not in f".{key}" and not key.startswith("asr.")}
+    fused = asr_fx.fuse(model, example_inputs=(x,), inplace=True)
+    assert fused is model and not calls  # no whole copy
+    assert {key: p for key, p in fused.named_parameters()} == tensors  # the very tensors, folded in place
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_refused_fuse_in_place_leaves_the_model_as_it_was(monkeypatch):
+    x = torch.randn(2, 3, 32, 32)
+    model = _instrumented_in_place(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+    with torch.no_grad():
+        want = model(x)
+
+    def refuse(*args, **kwargs):
+        raise asr_fx.EquivalenceError("refused after the folds")
+
+    monkeypatch.setattr("asr_fx.api.check_fused", refuse)
+    with pytest.raises(asr_fx.EquivalenceError, match="refused after the folds"):
+        asr_fx.fuse(model, example_inputs=(x,), inplace=True)
+    assert model.state_dict().keys() == before.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # the folded tensors are put back, bit for bit
+    assert {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()} == hooks
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+
+
 class _ChosenForward(nn.Module):
     """Chooses its forward in __init__ (``self.forward = self.forward_split``), as timm's FasterNet does."""
 

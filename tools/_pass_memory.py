@@ -108,9 +108,9 @@ def planned_bytes(name: str) -> int:
         return model_bytes(build(name))
 
 
-#: free memory needed, in model sizes: the model, instrument's copy, the gradient check's gradients and
-#: activations (with checks), or the model and one copy (check=False), with some room
-NEED_CHECKED, NEED_UNCHECKED = 5.0, 3.0
+#: free memory needed, in model sizes: the model and instrument's copy (the check holds no gradient set and
+#: keeps the activations it saves for the backward in a temporary file), with some room
+NEED_CHECKED, NEED_UNCHECKED = 3.0, 3.0
 
 
 def _has_inplace(fn: Callable[..., Any]) -> bool:
@@ -135,27 +135,38 @@ def measure_row(name: str, inplace: bool) -> dict[str, Any]:
     if not checks:
         row["note"] = (f"checks off: {free / 2**30:.1f} GiB free on the shared machine, "
                        f"{NEED_CHECKED * planned / 2**30:.1f} GiB needed with them")
-    # the passes alone (check=False), then as called by default (the numerical self-check: forward and gradients)
+    # the passes alone (check=False), then as called by default (the numerical self-check: forward and gradients);
+    # inplace=True changes the model, so each inplace step starts from a model built (and instrumented) again
     asr, row["instrument_nocheck_s"], up = peak_of(
-        lambda: asr_fx.instrument(model, example_inputs=(x,), check=False, **extra))
+        lambda m=model: asr_fx.instrument(m, example_inputs=(x,), check=False, **extra))
     row["instrument_nocheck_x"] = up / size
     if checks:
         del asr
-        asr, row["instrument_s"], up = peak_of(lambda: asr_fx.instrument(model, example_inputs=(x,), **extra))
+        if inplace:
+            model = build(name)
+        asr, row["instrument_s"], up = peak_of(lambda m=model: asr_fx.instrument(m, example_inputs=(x,), **extra))
         row["instrument_x"] = up / size
-    if not inplace:
-        del model
-    with torch.no_grad():  # psi off its init, so the folds are not trivial
-        for key, p in asr.named_parameters():
-            if key.startswith("asr."):
-                p.add_(0.1)
-    asr.eval()
+    del model
+
+    def instrumented() -> nn.Module:
+        made = asr if not inplace else asr_fx.instrument(build(name), example_inputs=(x,), check=False, inplace=True)
+        with torch.no_grad():  # psi off its init, so the folds are not trivial
+            for key, p in made.named_parameters():
+                if key.startswith("asr."):
+                    p.add_(0.1)
+        return made.eval()
+
+    asr = instrumented()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fused, row["fuse_nocheck_s"], up = peak_of(lambda: asr_fx.fuse(asr, example_inputs=(x,), check=False, **extra))
         row["fuse_nocheck_x"] = up / size
         if checks:
             del fused
+            if inplace:
+                del asr
+                settle()
+                asr = instrumented()
             fused, row["fuse_s"], up = peak_of(lambda: asr_fx.fuse(asr, example_inputs=(x,), **extra))
             row["fuse_x"] = up / size
     row["rss_end"] = rss()

@@ -113,18 +113,22 @@ def own_tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 _IN_PLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("asr_fx_fold_in_place", default=False)
+_BEFORE_WRITE: contextvars.ContextVar[Callable[[torch.Tensor], None] | None] = contextvars.ContextVar(
+    "asr_fx_before_write", default=None)
 
 
 @contextlib.contextmanager
-def folding_in_place() -> Iterator[None]:
+def folding_in_place(before_write: Callable[[torch.Tensor], None] | None = None) -> Iterator[None]:
     """Inside the block, :func:`replace_tensor` writes into the existing tensor when shape, dtype and device
     allow. Only for a model whose tensors no one else holds (a private copy, or ``inplace=True``): the
-    folded tensors themselves are then changed, not replaced."""
-    token = _IN_PLACE.set(True)
+    folded tensors themselves are then changed, not replaced. ``before_write(tensor)`` is called before each
+    such write (to keep the old values: ``fuse(..., inplace=True)`` restores them if it refuses)."""
+    token, hook = _IN_PLACE.set(True), _BEFORE_WRITE.set(before_write)
     try:
         yield
     finally:
         _IN_PLACE.reset(token)
+        _BEFORE_WRITE.reset(hook)
 
 
 def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -139,6 +143,9 @@ def replace_tensor(owner: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(owner, name)
     if _IN_PLACE.get() and isinstance(old, torch.Tensor) and old.shape == value.shape and old.dtype == value.dtype \
             and old.device == value.device and not old._is_view() and old.data_ptr() != value.data_ptr():
+        before_write = _BEFORE_WRITE.get()
+        if before_write is not None:
+            before_write(old)
         with torch.no_grad():
             old.copy_(value.detach())
         return
