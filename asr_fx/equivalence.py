@@ -23,7 +23,7 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -308,7 +308,7 @@ def input_like(model: nn.Module) -> torch.Tensor | None:
     if first is not None and parametrize.is_parametrized(first, "weight"):
         # never `.weight`: that runs the parametrization, which may update state (spectral_norm's power
         # iteration writes its `_u` in train mode); the original tensor has the dtype and device
-        weight = first.parametrizations["weight"].original
+        weight = cast(Any, first.parametrizations)["weight"].original
     else:
         weight = getattr(first, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():

@@ -9,10 +9,9 @@ sets and shapes must agree, and the filled model must compute the fused model's 
 Refuses (:class:`asr_fx.errors.VanillaModelError`, nothing written) where a fold produced something the
 vanilla class has no place for, naming the site and the reason:
 
-- a scale left as a constant ``Mul``, or folded into a functional call as a new constant
-  (both are new ``_folded_*`` tensors of the graph);
-- a layer that gained a tensor (an ``affine=False`` norm that now has an affine, a conv that
-  gained a bias when BatchNorm was folded into it with ``fold_bn=True``);
+- a scale left as a constant ``Mul``, or folded into a functional call as a new constant (a ``_folded_*`` tensor);
+- a layer that gained a tensor (an ``affine=False`` norm that now has an affine, a conv that gained a bias
+  when BatchNorm was folded into it with ``fold_bn=True``);
 - a vanilla tensor the fused model no longer has (a BatchNorm folded away by ``fold_bn=True``);
 - a vanilla model of another architecture (key sets or shapes differ: the first mismatches named).
 
@@ -86,11 +85,11 @@ def _folded_constant_problem(fused: fx.GraphModule, key: str, report: FusionRepo
 
 def _extra_key_problem(fused: fx.GraphModule, vanilla: nn.Module, key: str, value: torch.Tensor,
                        report: FusionReport | None) -> str | None:
-    """Why the fused tensor ``key``, absent from the vanilla state_dict, cannot be dropped; ``None``
-    when the vanilla model holds the same value outside its state_dict (a non-persistent buffer), or
-    when no fold went into its owner: a constant the trace or constant folding made (torch.fx's
-    ``_tensor_constantN``, anchors computed from shapes), which the vanilla forward computes itself;
-    the output check then holds the vanilla model to computing the same without it."""
+    """Why the fused tensor ``key``, absent from the vanilla state_dict, cannot be dropped; ``None`` when the
+    vanilla model holds the same value outside its state_dict (a non-persistent buffer), or when no fold went
+    into its owner: a constant the trace or constant folding made (torch.fx's ``_tensor_constantN``, anchors
+    computed from shapes), which the vanilla forward computes itself; the output check then holds the vanilla
+    model to computing the same without it."""
     if key.split(".")[-1].startswith(FOLDED_PREFIX):
         return _folded_constant_problem(fused, key, report)
     owner, name = _owner_and_name(key)
@@ -128,10 +127,10 @@ def _used_as_scale(graph: fx.Graph, key: str) -> bool | None:
 def _missing_key_values(vanilla: nn.Module, source: nn.Module, missing: list[str], leaf_modules: Any,
                         example_inputs: tuple[Any, ...] | None,
                         fused_state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion
-    folded into its layer (its value where the fused model still multiplies by it: ``holds_folded``);
-    for a tensor the eval forward never reads (an unused parameter) the source model's value, else the vanilla
-    model's own; problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``."""
+    """Values for vanilla keys the fused model does not have: ones for a parameter scale that fusion folded
+    into its layer (its value where the fused model still multiplies by it: ``holds_folded``); for a tensor the
+    eval forward never reads (an unused parameter) the source model's value, else the vanilla model's own;
+    problems for the rest. The vanilla model is traced shape-aware on ``example_inputs``."""
     source_state, own = source.state_dict(), vanilla.state_dict()
     try:
         graph = trace(tree_copy(vanilla).eval(), leaf_modules, bind_training=False,
@@ -350,9 +349,9 @@ def model_state_dict(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
 def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
               example_inputs: Sequence[torch.Tensor] | None = None, leaf_modules: Any = None,
               keep_on_refusal: bool = True) -> nn.Module:
-    """Load ``fused``'s weights into ``vanilla`` (strict), check it computes what ``fused`` computes
-    on a probe input, and return ``vanilla`` itself in eval mode; on any refusal ``vanilla`` is left
-    as it was (``keep_on_refusal=False``: no backup held, not restored). See the module docstring for what refuses.
+    """Load ``fused``'s weights into ``vanilla`` (strict), check it computes what ``fused`` computes on a probe
+    input, and return ``vanilla`` itself in eval mode; on any refusal ``vanilla`` is left as it was
+    (``keep_on_refusal=False``: no backup held, not restored). See the module docstring for what refuses.
 
     ``source`` is the model :func:`asr_fx.fuse` was given. When it was instrumented part by part,
     ``fused`` is :func:`asr_fx.partial_capture.fuse_parts`'s result: each part goes into the matching
@@ -365,8 +364,8 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
     known = equivalence.probe_inputs(source, example_inputs)
     state = model_state_dict(fused, vanilla, source, leaf_modules=leaf_modules, example_inputs=known)
     inputs = known if known is not None else probe_inputs(fused, source, None)
-    backup = with_version_metadata({k: v.detach().clone() for k, v in vanilla.state_dict().items()}, vanilla) \
-        if keep_on_refusal else {}
+    own = vanilla.state_dict() if keep_on_refusal else {}
+    backup = with_version_metadata({k: v.detach().clone() for k, v in own.items()}, vanilla)
     state = with_version_metadata(state, vanilla)
     modes = {m: m.training for m in vanilla.modules()}
     try:
@@ -374,7 +373,8 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
         vanilla.eval()
         check_same_outputs(fused, vanilla, inputs)
     except BaseException:
-        vanilla.load_state_dict(backup, strict=keep_on_refusal)  # {} without a backup: nothing loaded
+        if keep_on_refusal:
+            vanilla.load_state_dict(backup, strict=True)
         for m, mode in modes.items():
             m.training = mode
         raise
@@ -382,14 +382,13 @@ def fuse_into(fused: nn.Module, vanilla: nn.Module, source: nn.Module, *,
 
 
 def save_vanilla_state_dict(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``model.state_dict()`` to ``path`` for ``vanilla.load_state_dict(torch.load(path,
-    weights_only=True))``, atomically (:func:`asr_fx.atomic.atomic_output`: a private temporary folder
-    beside ``path``, then a rename); a failure leaves nothing at ``path`` (and a file already there
-    untouched). Raises :class:`VanillaModelError` naming ``path`` when it cannot be written (a missing
-    or read-only folder, a folder at ``path``).
+    """Write ``model.state_dict()`` to ``path`` for ``vanilla.load_state_dict(torch.load(path, weights_only=True))``,
+    atomically (:func:`asr_fx.atomic.atomic_output`: a private temporary folder beside ``path``, then a rename);
+    a failure leaves nothing at ``path`` (and a file already there untouched). Raises :class:`VanillaModelError`
+    naming ``path`` when it cannot be written (a missing or read-only folder, a folder at ``path``).
 
-    ``model`` is what ``fuse(..., into=vanilla)`` returned (a fused GraphModule's state_dict fits the
-    vanilla class only where ``into=`` would accept it, so pass the ``into=`` result).
+    ``model`` is what ``fuse(..., into=vanilla)`` returned (a fused GraphModule's state_dict fits the vanilla
+    class only where ``into=`` would accept it, so pass the ``into=`` result).
     """
     try:
         path = atomic.check_writable(path)
