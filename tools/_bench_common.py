@@ -144,10 +144,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_results(name: str, title: str, settings: Sequence[str], body: str) -> Path:
-    """Write ``tools/results/<name>`` (markdown): title, settings as a list, then the tables."""
+    """Write ``tools/results/<name>`` (markdown): title, settings as a list (and the code's commit), then the
+    tables."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    lines = [f"# {title}", "", *(f"- {s}" for s in settings), "", body.rstrip(), ""]
+    lines = [f"# {title}", "", *(f"- {s}" for s in settings), f"- code: {commit()}", "", body.rstrip(), ""]
     path.write_text("\n".join(lines))
     return path
 
