@@ -308,7 +308,8 @@ def input_like(model: nn.Module) -> torch.Tensor | None:
     if first is not None and parametrize.is_parametrized(first, "weight"):
         # never `.weight`: that runs the parametrization, which may update state (spectral_norm's power
         # iteration writes its `_u` in train mode); the original tensor has the dtype and device
-        weight = cast(Any, first.parametrizations)["weight"].original
+        originals = cast(Any, first.parametrizations)["weight"]  # `original`, or `original0`... (weight_norm)
+        weight = originals.original if hasattr(originals, "original") else originals.original0
     else:
         weight = getattr(first, "weight", None)
     if isinstance(weight, torch.Tensor) and weight.is_floating_point():

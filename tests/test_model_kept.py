@@ -139,12 +139,14 @@ def test_capture_leaves_a_transformers_model_with_output_capture_hooks_as_it_was
     assert ((out - want).abs().max() / want.abs().max()).item() < 1e-4
 
 
-def test_fuse_without_inputs_leaves_a_spectral_norm_model_in_train_mode_as_it_was():
-    """Choosing the probe's dtype reads the first layer's raw weight, never ``.weight``: that runs the
-    parametrization, and spectral_norm's power iteration writes its ``_u`` buffer in train mode."""
+@pytest.mark.parametrize("parametrization", [nn.utils.parametrizations.spectral_norm,
+                                             nn.utils.parametrizations.weight_norm])
+def test_fuse_without_inputs_leaves_a_parametrized_model_in_train_mode_as_it_was(parametrization):
+    """Choosing the probe's dtype reads the first layer's raw weight (``original``, or weight_norm's
+    ``original0``), never ``.weight``: that runs the parametrization, and spectral_norm's power iteration
+    writes its ``_u`` buffer in train mode."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 1)), nn.BatchNorm2d(4),
-                          nn.ReLU()).train()
+    model = nn.Sequential(parametrization(nn.Conv2d(3, 4, 1)), nn.BatchNorm2d(4), nn.ReLU()).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
