@@ -98,24 +98,6 @@ def test_fuse_folds_into_its_copy_and_leaves_the_given_model_unchanged():
         torch.testing.assert_close(fused(x), instrumented(x), rtol=1e-5, atol=1e-5)
 
 
-def test_fuse_copies_a_parametrized_layer_without_pickling_it():
-    """The module tree is copied class by class, not through copy.copy: a parametrized module (weight_norm)
-    refuses pickling, which copy.copy uses."""
-    torch.manual_seed(0)
-    vanilla = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                            nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 1)), nn.BatchNorm2d(4))
-    x = torch.randn(2, 3, 8, 8)
-    instrumented = asr_fx.instrument(vanilla.eval(), example_inputs=(x,)).eval()
-    with torch.no_grad():
-        for key, p in instrumented.named_parameters():
-            if key.endswith(".psi"):
-                p.add_(0.5)
-    fused = asr_fx.fuse(instrumented, example_inputs=(x,))
-    assert type(fused) is nn.Sequential
-    with torch.no_grad():
-        torch.testing.assert_close(fused(x), instrumented(x), rtol=1e-5, atol=1e-5)
-
-
 def _instrumented_in_place(x: torch.Tensor) -> nn.Module:
     torch.manual_seed(0)
     model = asr_fx.instrument(cifar_resnet(depth=11).eval(), example_inputs=(x,), inplace=True)
@@ -176,10 +158,14 @@ class _ChosenForward(nn.Module):
         return torch.cat((self.conv(a), b), 1)
 
 
-def test_fuse_copies_a_layer_whose_forward_is_an_instance_attribute():
-    """The copied tree rebinds an instance-level bound method to the copy: traced, it calls the copy's layers."""
+@pytest.mark.parametrize("layer", [lambda: nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 1)),
+                                   _ChosenForward], ids=["weight_norm", "forward-on-instance"])
+def test_fuse_copies_the_module_tree_of_unusual_layers(layer):
+    """The module tree is copied class by class, not through copy.copy (a parametrized module refuses
+    pickling), and an instance-level bound method (``self.forward = self.forward_split``) is rebound to the
+    copy, so the trace calls the copy's layers."""
     torch.manual_seed(0)
-    vanilla = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), _ChosenForward(),
+    vanilla = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), layer(),
                             nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     x = torch.randn(2, 3, 8, 8)
     instrumented = asr_fx.instrument(vanilla.eval(), example_inputs=(x,)).eval()

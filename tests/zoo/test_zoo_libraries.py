@@ -9,8 +9,11 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 from conftest import fuse_detector_checked
+from torch import nn
 
+import asr_fx
 from testkit import zoos
 from testkit.zoo_run import run_entry
 
@@ -73,3 +76,18 @@ def test_torchvision_detector_fused_boxes_scores_and_labels_match_the_instrument
     sites = asr_fx.get_config(inst)["sites"]
     assert sum(s["node"].startswith("backbone/") for s in sites) >= 10
     fuse_detector_checked(model, inst, images, 5, acting="boxes", seed=3, scale=0.3)
+
+
+def test_a_sweep_row_fails_when_a_pass_changed_the_users_model(monkeypatch):
+    """The model-kept check of every zoo row can fail: an instrument that nudges one weight of the model it was
+    given (and even raises afterwards) marks the row CHANGED."""
+    def nudging_instrument(model, **kwargs):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        raise asr_fx.ASRError("refused after touching the model")
+
+    monkeypatch.setattr(asr_fx, "instrument", nudging_instrument)
+    entry = zoos.Entry(build=lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), size=16)
+    row = run_entry("nudged", entry, onnx=False)
+    assert row.kept == "state_dict entry '0.weight' changed"
+    assert row.status.startswith("CHANGED the user's model: state_dict entry '0.weight' changed; error in instrument")

@@ -10,12 +10,14 @@ module hooks. :func:`what_changed` names the first difference, or returns None.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as module_file
+from torch.utils import _pytree as pytree
 
 
 @dataclass(frozen=True)
@@ -71,3 +73,36 @@ def what_changed(before: ModelSnapshot, model: nn.Module) -> str | None:
     if now.code != before.code:
         return "GraphModule code changed"
     return None
+
+
+def output_tensors(model: nn.Module, inputs: Sequence[object]) -> list[torch.Tensor]:
+    """Every floating tensor ``model(*inputs)`` returns, in eval mode without gradients (cloned)."""
+    model.eval()
+    with torch.no_grad():
+        out = model(*inputs)
+    return [t.clone() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@dataclass(frozen=True)
+class KeptModel:
+    """A model as it was before the passes: its :class:`ModelSnapshot` and what it returned on ``inputs``."""
+
+    model: nn.Module
+    snapshot: ModelSnapshot
+    outputs: list[torch.Tensor]
+    inputs: tuple[object, ...]
+
+    @classmethod
+    def take(cls, model: nn.Module, inputs: Sequence[object]) -> KeptModel:
+        return cls(model, snapshot(model), output_tensors(model, inputs), tuple(inputs))
+
+    def what_changed(self) -> str | None:
+        """:func:`what_changed`, then whether the model still returns the same outputs, exactly."""
+        changed = what_changed(self.snapshot, self.model)
+        if changed:
+            return changed
+        now = output_tensors(self.model, self.inputs)
+        if len(now) != len(self.outputs) or any(a.shape != b.shape or not torch.equal(a, b)
+                                                 for a, b in zip(now, self.outputs)):
+            return "its outputs changed"
+        return None

@@ -19,7 +19,7 @@ import torchvision
 
 import asr_fx
 
-from .model_kept import snapshot, what_changed
+from .model_kept import KeptModel
 
 SIZES = (32, 64, 96, 128, 160, 224)
 #: ONNX's single-file limit: export_onnx writes no external data
@@ -116,7 +116,7 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
     row = Row(name)
     start = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(dir=workdir)
-    vanilla = kept = kept_out = x = None
+    kept: KeptModel | None = None
     try:
         torch.manual_seed(0)
         with warnings.catch_warnings():
@@ -131,9 +131,7 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         row.input = f"{batch}x3x{size}x{size}"
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
         x_train = torch.randn(max(2, batch), 3, size, size, generator=torch.Generator().manual_seed(2))
-        kept = snapshot(vanilla)
-        with torch.no_grad():
-            kept_out = vanilla(x).clone()
+        kept = KeptModel.take(vanilla, (x,))
         model = asr_fx.instrument(vanilla, example_inputs=(x,))
         config = asr_fx.get_config(model)
         assert config is not None  # instrument records its config on the model it returns
@@ -182,20 +180,10 @@ def sweep_model(name: str, batch: int = 1, workdir: str | None = None, onnx: boo
         row.notes.append(traceback.format_exc(limit=3)[-600:])
     finally:
         if kept is not None:
-            row.kept = _what_changed(vanilla, kept, kept_out, x) or "yes"
+            row.kept = kept.what_changed() or "yes"
             if row.kept != "yes":
                 row.status = f"CHANGED the user's model: {row.kept}; " + row.status
         tmp.cleanup()
         row.seconds = time.perf_counter() - start
         gc.collect()
     return row
-
-
-def _what_changed(vanilla, kept, kept_out, x) -> str | None:  # noqa: ANN001 - the sweep's own values
-    """What the passes changed in the user's model (state, hooks, attributes, modes), or its output."""
-    changed = what_changed(kept, vanilla)
-    if changed:
-        return changed
-    vanilla.eval()
-    with torch.no_grad():
-        return None if torch.equal(vanilla(x), kept_out) else "its output changed"

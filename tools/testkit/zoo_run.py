@@ -25,7 +25,7 @@ from asr_fx.config import ASRConfig
 from asr_fx.equivalence import floating_tensors
 from asr_fx.partial_capture import part_probe
 
-from .model_kept import snapshot, what_changed
+from .model_kept import KeptModel
 from .zoos import Entry
 
 #: larger models are skipped: the sweep runs on a shared CPU machine (each stage holds several copies).
@@ -127,7 +127,7 @@ def run_entry(name: str, entry: Entry, onnx: bool = True) -> ZooRow:
     (:mod:`testkit.model_kept`, and the same outputs): a change fails the row whatever else happened."""
     row = ZooRow(name)
     stage, start = "build", time.perf_counter()
-    vanilla = kept = kept_out = x = None
+    kept: KeptModel | None = None
 
     def lap(next_stage: str) -> None:
         nonlocal stage, start
@@ -144,9 +144,7 @@ def run_entry(name: str, entry: Entry, onnx: bool = True) -> ZooRow:
             row.status = f"skipped: {size / 1e6:.0f}M parameters, over this CPU sweep's {MAX_PARAMS // 10**6}M"
             return row
         x = entry.inputs(2, 1)
-        kept = snapshot(vanilla)
-        with torch.no_grad():
-            kept_out = [t.clone() for t in floating_tensors(vanilla(*x))]
+        kept = KeptModel.take(vanilla, x)
         lap("instrument")
         model = asr_fx.instrument(vanilla, example_inputs=x)
         config = asr_fx.get_config(model)
@@ -202,21 +200,8 @@ def run_entry(name: str, entry: Entry, onnx: bool = True) -> ZooRow:
             row.status = "skipped: " + row.status
     finally:
         if kept is not None:
-            row.kept = _what_changed(vanilla, kept, kept_out, x) or "yes"
+            row.kept = kept.what_changed() or "yes"
             if row.kept != "yes":
                 row.status = f"CHANGED the user's model: {row.kept}; " + row.status
         gc.collect()
     return row
-
-
-def _what_changed(vanilla, kept, kept_out, x) -> str | None:  # noqa: ANN001 - the run's own values
-    """What the passes changed in the user's model (state, hooks, attributes, modes), or its outputs."""
-    changed = what_changed(kept, vanilla)
-    if changed:
-        return changed
-    vanilla.eval()
-    with torch.no_grad():
-        out = floating_tensors(vanilla(*x))
-    if len(out) != len(kept_out) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(out, kept_out)):
-        return "its outputs changed"
-    return None
