@@ -28,6 +28,8 @@ def _match(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[i
     n = ref["boxes"].shape[0]
     if got["boxes"].shape != ref["boxes"].shape or got["scores"].shape != ref["scores"].shape:
         return None
+    if n == 0:
+        return []  # no detections on either side: nothing to pair (a random-weight detector often finds none)
     rb, gb = ref["boxes"].detach().double(), got["boxes"].detach().double()
     rs, gs = ref["scores"].detach().double(), got["scores"].detach().double()
     cost = (rb[:, None, :] - gb[None, :, :]).abs().amax(-1) / (rb.abs().max() + 1e-300) + \

@@ -147,6 +147,17 @@ def test_detections_that_swap_near_ties_are_the_same_detections() -> None:
         check_fused(model, swapped, x)
 
 
+def test_detectors_that_find_nothing_compare_equal_and_differ_from_one_that_finds_something() -> None:
+    class Empty(_Detector):
+        def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+            return [{k: v[:0] for k, v in d.items()} for d in super().forward(x)]
+
+    x = (torch.randn(4, 4),)
+    check_fused(Empty(False).eval(), Empty(True).eval(), x)
+    with pytest.raises(EquivalenceError):
+        check_fused(Empty(False).eval(), _Detector(False).eval(), x)
+
+
 def test_a_model_whose_outputs_are_rounding_noise_is_not_blamed_on_capture() -> None:
     class Noisy(nn.Module):
         def __init__(self) -> None:
