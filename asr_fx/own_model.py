@@ -38,6 +38,7 @@ from torch import nn
 from asr_fx.config import asr_config, set_config
 from asr_fx.errors import ASRError
 from asr_fx.passes import Site, trace
+from asr_fx.passes.capture.plain_layers import WHOLE_MODULE_TWINS
 from asr_fx.passes.forms.insert import insert_asr
 from asr_fx.passes.forms.module_form import (
     CONTAINER,
@@ -97,7 +98,7 @@ def site_attachment(gm: fx.GraphModule, site: Site, model: nn.Module, calls: Cou
     except AttributeError:
         return f"site `{site.node}`: the model has no module `{path}` (the trace made it)"
     traced = gm.get_submodule(path)
-    if type(own) is not type(traced):
+    if type(own) is not type(traced) and path not in gm.meta.get(WHOLE_MODULE_TWINS, ()):
         if index is None and affine_form_fits(own, traced):  # a composite layer: its norm/linear output scaled
             return Attachment(path, "affine", site.node)
         return (f"site `{site.node}`: the trace reads `{path}` ({type(own).__name__}) as a {type(traced).__name__} "

@@ -3,7 +3,10 @@ plain layer at the same path.
 
 Libraries build layers that subclass a torch layer but compute it themselves: timm's
 ``BatchNormAct2d`` (``F.batch_norm`` then an activation inside the same module), ``LayerNorm2d``
-(permute, ``F.layer_norm``, permute), ``GroupNormAct``. Traced through, they leave a functional call
+(permute, ``F.layer_norm``, permute), ``GroupNormAct``. RMS norms are the same story without a torch base
+class: timm's ``RmsNorm`` (and any module) calling ``F.rms_norm`` or timm's ``rms_norm`` /
+``fast_rms_norm`` on its own ``weight`` becomes a :class:`CallingRMSNorm` (an ``nn.RMSNorm`` that makes the
+module's own call). Traced through, they leave a functional call
 on the module's parameters, which no placement rule sees as a layer, with the training flag frozen to
 the mode of the trace. This pass replaces each such call ``F.batch_norm(x, m.running_mean,
 m.running_var, m.weight, m.bias, ...)`` by a call of a plain ``nn.BatchNorm2d`` (``nn.LayerNorm``,
@@ -19,15 +22,19 @@ arguments do not match the module's own state are left as they are.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 _MODULE_STATE = set(nn.Module().__dict__)
+#: ``gm.meta`` key: the paths whose twin's call is the module's whole forward (its output is the module's)
+WHOLE_MODULE_TWINS = "asr_fx.whole_module_twins"
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -101,6 +108,43 @@ def _match_linear(node: fx.Node, module: nn.Module) -> type | None:
     return nn.Linear if isinstance(module, nn.Linear) else None
 
 
+class CallingRMSNorm(nn.RMSNorm):
+    """An ``nn.RMSNorm`` (so the layer rules see an RMS norm) whose forward makes the call the library's
+    module made: ``function(x, normalized_shape, weight, eps)``, the same function with the same arguments."""
+
+    function: Callable[..., torch.Tensor]
+    computes_its_base = True  # the layer rules treat it as a plain nn.RMSNorm (graph_queries.is_plain_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x, self.normalized_shape, self.weight, self.eps)
+
+
+def _shape(value: Any) -> tuple[Any, ...] | None:
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value) if isinstance(value, (tuple, list, torch.Size)) else None
+
+
+def _match_rms_norm(node: fx.Node, module: nn.Module) -> type | None:
+    """Any module with the call's ``normalized_shape`` and ``eps`` (given explicitly) and a weight: the
+    function's own defaults differ between libraries, so an omitted ``eps`` is not matched."""
+    shape, eps = _shape(_arg(node, 1, "normalized_shape")), _arg(node, 3, "eps", _MISSING)
+    if shape is None or shape != _shape(getattr(module, "normalized_shape", None)) or eps is _MISSING \
+            or eps != getattr(module, "eps", _MISSING) or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    return CallingRMSNorm
+
+
+_MISSING = object()
+
+
+def _rms_norm_functions() -> tuple[Callable[..., Any], ...]:
+    """``F.rms_norm``, and timm's ``rms_norm``/``fast_rms_norm`` (same signature) when timm is imported."""
+    timm_norms = sys.modules.get("timm.layers.fast_norm")
+    found = [getattr(timm_norms, name, None) for name in ("rms_norm", "fast_rms_norm")] if timm_norms else []
+    return (F.rms_norm, *(f for f in found if callable(f)))
+
+
 #: function -> (its parameter arguments: name -> (index, keyword), matcher giving the plain class)
 _FUNCTIONS: dict[Callable[..., Any], tuple[dict[str, tuple[int, str]], Callable[[fx.Node, nn.Module], type | None]]] = {
     F.batch_norm: ({"running_mean": (1, "running_mean"), "running_var": (2, "running_var"), "weight": (3, "weight"),
@@ -109,6 +153,11 @@ _FUNCTIONS: dict[Callable[..., Any], tuple[dict[str, tuple[int, str]], Callable[
     F.group_norm: ({"weight": (2, "weight"), "bias": (3, "bias")}, _match_group_norm),
     F.linear: ({"weight": (1, "weight"), "bias": (2, "bias")}, _match_linear),
 }
+_RMS_NORM = ({"weight": (2, "weight")}, _match_rms_norm)
+
+
+def _function_table() -> dict[Callable[..., Any], tuple[dict[str, tuple[int, str]], Callable[..., type | None]]]:
+    return {**_FUNCTIONS, **dict.fromkeys(_rms_norm_functions(), _RMS_NORM)}
 
 
 def _plain_twin(base: Any, module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
@@ -139,10 +188,11 @@ def plain_layers(gm: fx.GraphModule, original: nn.Module) -> list[str]:
     """
     graph = gm.graph
     done: dict[str, nn.Module] = {}
+    functions = _function_table()
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _FUNCTIONS:
+        if node.op != "call_function" or node.target not in functions:
             continue
-        params, match = _FUNCTIONS[node.target]
+        params, match = functions[node.target]
         attrs = {name: _arg(node, i, kw) for name, (i, kw) in params.items()}
         path = _owner(node, gm, attrs)
         if not path or path in done:
@@ -156,6 +206,9 @@ def plain_layers(gm: fx.GraphModule, original: nn.Module) -> list[str]:
             continue
         placeholder = gm.get_submodule(path)
         twin = _plain_twin(base, module, dict(placeholder.named_children()))
+        if isinstance(twin, CallingRMSNorm):
+            twin.function, twin.normalized_shape = node.target, _shape(module.normalized_shape)  # type: ignore[assignment]
+            twin.elementwise_affine = True
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, twin)
         done[path] = twin
@@ -165,12 +218,20 @@ def plain_layers(gm: fx.GraphModule, original: nn.Module) -> list[str]:
         node.replace_all_uses_with(call)
         graph.erase_node(node)
     if done:
+        gm.meta[WHOLE_MODULE_TWINS] = sorted(p for p in done if _is_whole_module(graph, p))
         _drop_counter_updates(graph, done)
         for node in reversed(list(graph.nodes)):
             if node.op == "get_attr" and not node.users:
                 graph.erase_node(node)
         gm.recompile()
     return list(done)
+
+
+def _is_whole_module(graph: fx.Graph, path: str) -> bool:
+    """Whether the twin's call is all that the module at ``path`` computed (so the module's own output is
+    the twin's): no other traced node ran inside it, by the tracer's ``nn_module_stack``."""
+    inside = [n for n in graph.nodes if n.op != "get_attr" and path in n.meta.get("nn_module_stack", {})]
+    return len(inside) == 1 and inside[0].op == "call_module" and inside[0].target == path
 
 
 def _drop_counter_updates(graph: fx.Graph, paths: dict[str, nn.Module]) -> None:

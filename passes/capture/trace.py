@@ -41,7 +41,7 @@ from .default_flags import default_flags
 from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
 from .opaque_libraries import is_opaque_library_layer, mode_functions, opaque_function_modules
-from .plain_layers import plain_layers
+from .plain_layers import CallingRMSNorm, plain_layers
 from .trace_errors import trace_error
 from .traced_indexing import dtype_info_traced, indexing_traced
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -102,8 +102,8 @@ class ASRTracer(fx.Tracer):
             return True
         if self._inline and isinstance(m, self._inline):
             return False
-        if is_opaque_library_layer(m) or is_transposed_linear(m):  # a layer rule's module: its output is a site
-            return True
+        if is_opaque_library_layer(m) or is_transposed_linear(m) or isinstance(m, CallingRMSNorm):
+            return True  # a layer rule's module (or a capture twin, traced again): its output is a site
         return super().is_leaf_module(m, module_qualified_name)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:

@@ -163,10 +163,13 @@ class ChannelInfo:
 def is_plain_layer(module: nn.Module | None) -> bool:
     """``module`` computes exactly its torch layer's forward: not a composite subclass that overrides it
     (a norm with an activation inside, a weight-standardized or same-padding conv), whose output a
-    scale cannot be folded through."""
+    scale cannot be folded through. A capture twin that makes its library's own call of the same layer function
+    (:class:`~asr_fx.passes.capture.plain_layers.CallingRMSNorm`) says so with ``computes_its_base = True``."""
     if module is None:
         return False
     forward = type(module).forward
+    if vars(type(module)).get("computes_its_base") is True:
+        return True
     return any(isinstance(module, base) and forward is base.forward for base in PLAIN_LAYERS)
 
 

@@ -28,7 +28,7 @@ CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
 # --- layers ------------------------------------------------------------------------------------------
 #: norms whose per-channel affine can take a scale on their output
-NORM_MODULES = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm)
+NORM_MODULES = (_BatchNorm, nn.GroupNorm, _InstanceNorm, nn.LayerNorm, nn.RMSNorm)
 #: plain BatchNorm classes (the BN-affine training form needs the class's own forward)
 BATCH_NORM_CLASSES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: functional conv / conv-transpose forms and their spatial rank
@@ -119,4 +119,5 @@ RANDOM_METHODS = ("bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "
 #: the torch layers whose forward the fold rules know; a subclass that overrides forward is not one of them
 PLAIN_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                 nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
-                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.MultiheadAttention)
+                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.RMSNorm,
+                nn.MultiheadAttention)

@@ -1,4 +1,5 @@
-"""Group, instance and layer norm modules (``nn.GroupNorm``, ``nn.InstanceNorm*d``, ``nn.LayerNorm``):
+"""Group, instance, layer and RMS norm modules (``nn.GroupNorm``, ``nn.InstanceNorm*d``, ``nn.LayerNorm``,
+``nn.RMSNorm``; a library's RMS norm becomes one at capture, :mod:`asr_fx.passes.capture.plain_layers`):
 the output takes a scale in the affine (Eq. 7/11, train mode too); the input takes none (the
 normalization undoes it). :func:`scale_norm_affine` is shared with BatchNorm (:mod:`.batch_norm`).
 """
@@ -25,13 +26,14 @@ def scale_norm_affine(norm: Any, v: torch.Tensor) -> None:
     (BatchNormalization, InstanceNormalization and LayerNormalization always carry a scale; the
     GroupNorm decomposition already has its Mul/Add), which the fold target tests check.
     """
-    if isinstance(norm, nn.LayerNorm):
+    last_dim = isinstance(norm, (nn.LayerNorm, nn.RMSNorm))
+    if last_dim:
         v = v.reshape((1,) * (len(norm.normalized_shape) - 1) + (-1,))
     weight = getattr(norm, "weight", None)
     if weight is None:
         if "weight" in norm._parameters:
             del norm._parameters["weight"]
-        norm.register_buffer("weight", v.expand(norm.normalized_shape).clone() if isinstance(norm, nn.LayerNorm)
+        norm.register_buffer("weight", v.expand(norm.normalized_shape).clone() if last_dim
                              else v.detach().clone())
         if isinstance(norm, _BatchNorm):
             if "bias" in norm._parameters:
@@ -54,14 +56,14 @@ def channels_first(node: fx.Node) -> int | None:
 
 
 class NormRule(ModuleLayerRule):
-    """``nn.GroupNorm``/``nn.InstanceNorm*d`` (channels first) and ``nn.LayerNorm`` (last dimension):
-    the output takes a scale, the input none."""
+    """``nn.GroupNorm``/``nn.InstanceNorm*d`` (channels first), ``nn.LayerNorm`` and ``nn.RMSNorm`` (last
+    dimension; RMS norm has no bias): the output takes a scale, the input none."""
 
     name = "norm"
     kind = "norm"
 
     def accepts(self, module: Any) -> bool:
-        return isinstance(module, (nn.GroupNorm, _InstanceNorm, nn.LayerNorm))
+        return isinstance(module, (nn.GroupNorm, _InstanceNorm, nn.LayerNorm, nn.RMSNorm))
 
     def layout(self, module: Any, node: fx.Node) -> ChannelInfo:
         if isinstance(module, nn.InstanceNorm2d):

@@ -1,4 +1,4 @@
-"""The norm rule: GroupNorm, InstanceNorm and LayerNorm calls; the output takes a scale in the affine
+"""The norm rule: GroupNorm, InstanceNorm, LayerNorm and RMSNorm calls; the output takes a scale in the affine
 (a norm without one gets it as a buffer), the input none."""
 
 import pytest
@@ -17,6 +17,8 @@ from asr_fx.passes.layers.norm import NORM
     (nn.InstanceNorm1d(4), torch.randn(2, 4, 6), 4, -2),
     (nn.LayerNorm(6), torch.randn(2, 3, 6), 6, -1),
     (nn.LayerNorm((3, 6), elementwise_affine=False), torch.randn(2, 3, 6), 6, -1),
+    (nn.RMSNorm(6, eps=1e-6), torch.randn(2, 3, 6), 6, -1),
+    (nn.RMSNorm((3, 6), elementwise_affine=False), torch.randn(2, 3, 6), 6, -1),
 ])
 def test_norm_recognised_and_folds_its_output(norm, x, channels, position):
     gm = traced(norm, x)
