@@ -64,10 +64,20 @@ def record_calls(model: nn.Module, example_inputs: tuple[Any, ...]) -> dict[str,
     return calls
 
 
+def _flags_only(values: Any) -> bool:
+    """No ``**kwargs`` given (``values`` is the parameter's empty default), or plain flags only."""
+    if values is inspect.Parameter.empty:
+        return True
+    plain = (bool, int, float, str, type(None))
+    return isinstance(values, dict) and all(isinstance(v, plain) for v in values.values())
+
+
 def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
     """The call's inputs as positional arguments: its tensors, positionally or by keyword
     (``block(x, mask=mask)``), with the arguments between them at a default of ``None``; every other argument
-    at its default. ``None`` when the call does not have that form."""
+    at its default, except plain flags passed through ``**kwargs`` (transformers 5 hands every layer
+    ``output_hidden_states=...`` that way): those are left out of the capture (:func:`_passes_flags`).
+    ``None`` when the call does not have that form."""
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*args, **kwargs)
@@ -89,12 +99,27 @@ def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, .
                 inputs.append(None)
             else:
                 return None
-        elif param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            if value not in ((), {}, param.default):
+        elif param.kind is param.VAR_KEYWORD:
+            if not _flags_only(value):
+                return None
+        elif param.kind is param.VAR_POSITIONAL:
+            if value not in ((), param.default):
                 return None
         elif param.default is inspect.Parameter.empty or not _same(value, param.default):
             return None
     return tuple(inputs)
+
+
+def _passes_flags(module: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """The plain flags the call passes through ``module.forward``'s ``**kwargs``: the part is captured without
+    them, which only its module form (the user's own forward, run with whatever the caller passes) can keep."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return []
+    extra = [bound.arguments.get(p.name) for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    return sorted(k for found in extra if isinstance(found, dict) for k in found)
 
 
 def input_kind(value: Any) -> dict[str, Any] | None:
@@ -233,6 +258,12 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 except ASRError as exc:
                     refused.append(f"{child_path}: {shorten(str(exc).splitlines()[0], 300)}")
                 else:
+                    flags = _passes_flags(child, *calls[child_path])
+                    if flags and isinstance(part, fx.GraphModule):  # the graph would fix them at their absence
+                        refused.append(f"{child_path}: its forward takes {', '.join(flags)} through **kwargs, which "
+                                       "only the module form keeps, and its sites have no place in that form")
+                        visit(child_path, child)
+                        continue
                     if part is not target:  # a copy, or the graph form: replaces the child
                         if isinstance(part, fx.GraphModule):
                             _keep_attributes(part, child)

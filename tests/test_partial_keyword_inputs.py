@@ -130,3 +130,42 @@ def test_blocks_called_with_integer_and_boolean_keyword_tensors_are_instrumented
         with torch.no_grad():
             assert rel_err(instrumented(*other), fused(*other)) <= FUSE_RTOL
     assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
+
+
+class _FlagBlock(_Block):
+    """Takes the flags a library hands every layer through ``**kwargs`` (transformers 5's
+    ``output_hidden_states=``, ``output_attentions=``): they never reach the computation here."""
+
+    def forward(self, x, mask=None, **kwargs):
+        return super().forward(x, mask=mask)
+
+
+class _FlagEncoder(_Encoder):
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__(dim)
+        self.blocks = nn.ModuleList(_FlagBlock(dim) for _ in range(2))
+
+    def forward(self, tokens, lengths):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, output_hidden_states=True, output_attentions=False)
+            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
+                break
+        return x
+
+
+def test_blocks_given_flags_through_kwargs_are_instrumented_in_their_own_class():
+    torch.manual_seed(0)
+    model = _FlagEncoder().eval()
+    inputs = (torch.randn(2, 6, 4), torch.tensor([6, 3]))
+    instrumented = asr_fx.instrument(model, example_inputs=inputs)
+    config = asr_fx.get_config(instrumented)
+    assert config["parts"] == ["blocks.0", "blocks.1"] and len(config["sites"]) == 4
+    assert all(type(b) is _FlagBlock for b in instrumented.blocks)  # the module form: its own forward, any flags
+    perturb_asr(instrumented)
+    instrumented.eval()
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=inputs)
+    with torch.no_grad():
+        want = instrumented(*inputs)
+        assert rel_err(fused(*inputs), want) <= FUSE_RTOL
+    assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
