@@ -173,6 +173,8 @@ def big_table(names: list[str], write: bool) -> None:
                             for step in ("instrument", "fuse")
                             for key, label in (("_nocheck", ", check=False"), ("", ""))
                             for kind, unit in (("s", ""), ("peak", " (x model)"))},
+                         **{f"{step} peak MiB": f"{r[f'{step}_x'] * r['bytes'] / 2**20:.0f}"
+                            if f"{step}_x" in r and "bytes" in r else "-" for step in ("instrument", "fuse")},
                          "verdict (peak)": peak_verdict(r), "note": r.get("note", "")})
             print(table(rows[-1:]), flush=True)
     fits = []
@@ -193,7 +195,9 @@ def big_table(names: list[str], write: bool) -> None:
         "self-check: forward and, for instrument, gradients), unless the shared machine lacks the memory (note); one "
         "run each, each model in its own subprocess, one at a time",
         "peak: resident set (sampled every 2 ms) above what was resident when the step started (after gc and "
-        "malloc_trim), divided by the model's parameter and buffer bytes; 1.00 = one whole copy of the model",
+        "malloc_trim), divided by the model's parameter and buffer bytes; 1.00 = one whole copy of the model; "
+        "`peak MiB`: the same peak (checks on) in MiB, where a small model's ratio is mostly the passes' fixed cost "
+        "(graphs, Python objects)",
         f"verdict: the issue's targets, stated for ViT-L, applied to every row: peak of instrument and of fuse "
         f"(checks on) <= {PEAK_TARGET[False]:g}x the model, <= {PEAK_TARGET[True]:g}x with inplace=True; pass time "
         f"exponent over the ViT rows <= {EXPONENT_TARGET:g}",
