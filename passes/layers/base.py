@@ -97,6 +97,19 @@ class LayerRule:
         return f"<layer rule {self.name}>"
 
 
+class FunctionalLayerRule(LayerRule):
+    """A rule for a functional call that folds but is no placement site: it recognises a node exactly where
+    :meth:`output_target` finds a :class:`Target` there (its refusal, else, as the no-match reason)."""
+
+    is_site = False
+
+    def recognise(self, gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
+        found = self.output_target(gm, node)
+        if not isinstance(found, Target):
+            return found if isinstance(found, NoMatch) else NoMatch(found.reason)
+        return LayerMatch(self, found.channels, found.position, "", node.name)
+
+
 #: why a site's scale cannot fold when the layer's channel axis depends on an unknown input rank
 UNKNOWN_AXIS = Refusal("channel dimension unknown: pass example_inputs")
 

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from ..graph.graph_queries import output_rank
 from ..graph.op_tables import NORM_FUNCTION_WEIGHT_INDEX
 from .base import (
-    LayerMatch,
-    LayerRule,
+    FunctionalLayerRule,
     NoMatch,
     Refusal,
     Target,
@@ -46,17 +45,10 @@ def _is_norm(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in NORM_FUNCTION_WEIGHT_INDEX
 
 
-class FunctionalNormRule(LayerRule):
+class FunctionalNormRule(FunctionalLayerRule):
     """``F.*_norm`` on attribute affines (or none): the output takes a scale."""
 
     name = "functional_norm"
-    is_site = False
-
-    def recognise(self, gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
-        found = self.output_target(gm, node)
-        if not isinstance(found, Target):
-            return found if isinstance(found, NoMatch) else NoMatch(found.reason)
-        return LayerMatch(self, found.channels, found.position, "", node.name)
 
     def output_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
         if not _is_norm(node):

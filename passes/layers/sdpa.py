@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..graph.graph_queries import output_shape, reads_only_metadata
-from .base import LayerMatch, LayerRule, NoMatch, Refusal, Target, TargetOrRefusal, call_arg
+from .base import FunctionalLayerRule, NoMatch, Refusal, Target, TargetOrRefusal, call_arg
 from .functional_conv_linear import FUNCTIONAL_CONV_LINEAR
 from .guards import layer_refusal
 from .linear import LINEAR
@@ -152,18 +152,11 @@ def _rows_scale(feature_of: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-class SdpaRule(LayerRule):
+class SdpaRule(FunctionalLayerRule):
     """``F.scaled_dot_product_attention``: value features last; the output takes a scale in the value
     projection's rows."""
 
     name = "sdpa"
-    is_site = False
-
-    def recognise(self, gm: fx.GraphModule, node: fx.Node) -> LayerMatch | NoMatch:
-        found = self.output_target(gm, node)
-        if not isinstance(found, Target):
-            return found if isinstance(found, NoMatch) else NoMatch(found.reason)
-        return LayerMatch(self, found.channels, found.position, "", node.name)
 
     def output_target(self, gm: fx.GraphModule, node: fx.Node) -> TargetOrRefusal:
         if node.op != "call_function" or node.target not in SDPA_FUNCTIONS:
