@@ -160,7 +160,7 @@ def _function_table() -> dict[Callable[..., Any], tuple[dict[str, tuple[int, str
     return {**_FUNCTIONS, **dict.fromkeys(_rms_norm_functions(), _RMS_NORM)}
 
 
-def _plain_twin(base: Any, module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
+def plain_twin(base: Any, module: nn.Module, children: dict[str, nn.Module]) -> nn.Module:
     """A ``base`` instance with ``module``'s configuration, tensors and the given children."""
     twin = base.__new__(base)
     nn.Module.__init__(twin)
@@ -205,7 +205,7 @@ def plain_layers(gm: fx.GraphModule, original: nn.Module) -> list[str]:
         if base is None or not _is_composite(module, base) or isinstance(gm.get_submodule(path), type(module)):
             continue
         placeholder = gm.get_submodule(path)
-        twin = _plain_twin(base, module, dict(placeholder.named_children()))
+        twin = plain_twin(base, module, dict(placeholder.named_children()))
         if isinstance(twin, CallingRMSNorm):
             twin.function, twin.normalized_shape = node.target, _shape(module.normalized_shape)  # type: ignore[assignment]
             twin.elementwise_affine = True

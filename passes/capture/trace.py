@@ -42,6 +42,7 @@ from .factory_calls import recorded_factories
 from .inplace_proxy import InplaceProxy
 from .opaque_libraries import is_opaque_library_layer, mode_functions, opaque_function_modules
 from .plain_layers import CallingRMSNorm, plain_layers
+from .rms_norm_modules import install_rms_norm_twins, rms_norm_module_paths
 from .trace_errors import trace_error
 from .traced_indexing import dtype_info_traced, indexing_traced
 from .training_flags import ModeDifference, align, bind_mode_flags, mode_dependent_module
@@ -307,7 +308,8 @@ def trace(
     """Symbolically trace ``model`` into a ``GraphModule`` whose submodules keep their names.
 
     Composite layers (a norm with its activation inside, ...) are traced through, their functional
-    norm call becoming a plain layer at the same path (:mod:`asr_fx.passes.capture.plain_layers`).
+    norm call becoming a plain layer at the same path (:mod:`asr_fx.passes.capture.plain_layers`); RMS norm
+    modules written out in Python stay one call (:mod:`asr_fx.passes.capture.rms_norm_modules`).
 
     ``bind_training`` (default): the model is traced in train and in eval mode and the graphs compared
     (:mod:`asr_fx.passes.capture.training_flags`): boolean arguments that follow the mode read the
@@ -324,6 +326,8 @@ def trace(
     failed (the library's own line, not torch's).
     """
     gm: fx.GraphModule
+    rms_norms = rms_norm_module_paths(model)  # RMS norm modules written out in Python: one call each
+    leaf_modules = _combine_leaves(leaf_modules, rms_norms)
     if not bind_training:
         gm = _trace_once(model, leaf_modules, inline, concrete_args, example_inputs)
     else:
@@ -352,6 +356,7 @@ def trace(
             break
         gm.meta["asr_fx.mode_leaves"] = sorted(mode_leaves)
         gm.meta[EVAL_IDENTITY] = [p for p in sorted(mode_leaves) if _is_eval_identity(model.get_submodule(p))]
+    install_rms_norm_twins(gm, rms_norms)
     _copy_modes(gm, model)
     for attr in ("_asr_fx_factory",):
         if hasattr(model, attr):

@@ -168,7 +168,7 @@ def is_plain_layer(module: nn.Module | None) -> bool:
     if module is None:
         return False
     forward = type(module).forward
-    if vars(type(module)).get("computes_its_base") is True:
+    if getattr(type(module), "computes_its_base", False) is True:
         return True
     return any(isinstance(module, base) and forward is base.forward for base in PLAIN_LAYERS)
 

@@ -1,6 +1,7 @@
 """RMS norms written as a library writes them (a module of its own calling ``F.rms_norm`` on its own
 weight, as timm's ``RmsNorm`` does) are captured as an ``nn.RMSNorm`` twin that makes the same call: the
-layer rules see a norm, placement puts the paper's site after it, and the user's class keeps it."""
+layer rules see a norm, placement puts the paper's site after it, and the user's class keeps it. RMS norms
+spelled out in Python (Llama's) are recognised by what they compute and kept one call running their own forward."""
 
 from __future__ import annotations
 
@@ -81,8 +82,85 @@ def test_sites_go_after_the_branch_rms_norm_and_fold_into_its_weight_in_the_user
 
 def test_a_call_on_the_module_weight_with_another_eps_is_left_as_code() -> None:
     class OtherEps(OwnRMSNorm):
+        """Also scales its output by a child's parameter: no RMS norm module as a whole either."""
+
+        def __init__(self, dim: int) -> None:
+            super().__init__(dim)
+            self.gain = nn.Linear(1, 1, bias=False)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return F.rms_norm(x, self.normalized_shape, self.weight, 1e-3)  # not the module's own eps
+            return F.rms_norm(x, self.normalized_shape, self.weight, 1e-3) * self.gain.weight  # not its own eps
 
     gm = trace(nn.Sequential(OtherEps(8)))
     assert not any(isinstance(m, CallingRMSNorm) for m in gm.modules())
+
+
+class SpelledRMSNorm(nn.Module):
+    """Llama's spelling: float32 math, ``rsqrt`` of the mean square, the weight multiplied last."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        hidden = hidden.to(torch.float32)
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = hidden * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden.to(dtype)
+
+
+class OnePlusWeightRMSNorm(SpelledRMSNorm):
+    """Gemma's spelling: the output scales with ``1 + weight``, not with the weight: no fold into it."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return normed * (1.0 + self.weight)
+
+
+class SpelledBlock(SandwichBlock):
+    def __init__(self, dim: int = 16, norm: type[nn.Module] = SpelledRMSNorm) -> None:
+        super().__init__(dim)
+        self.pre, self.post = norm(dim), norm(dim)
+
+
+def test_spelled_out_rms_norm_modules_are_one_call_of_a_twin_running_their_own_forward() -> None:
+    model, x = nn.Sequential(SpelledBlock(), SpelledBlock()).eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        model[0].post.weight.uniform_(0.5, 2)
+    gm = trace(model)
+    twin = gm.get_submodule("0.post")
+    assert isinstance(twin, nn.RMSNorm) and twin.weight is model[0].post.weight
+    assert [n.op for n in gm.graph.nodes if n.target == "0.post"] == ["call_module"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))  # the module's own forward: exact
+
+
+class SpelledNet(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(SpelledBlock(), SpelledBlock())
+
+
+def test_spelled_out_rms_norm_takes_the_site_and_the_fold_in_the_users_class() -> None:
+    torch.manual_seed(0)
+    model, x = SpelledNet().eval(), torch.randn(2, 5, 16)
+    instrumented = asr_fx.instrument(model, example_inputs=(x,))
+    assert type(instrumented) is SpelledNet
+    assert sorted(s["module"] for s in asr_fx.get_config(instrumented)["sites"]) == ["blocks.0.post", "blocks.1.post"]
+    with torch.no_grad():
+        for p in instrumented.asr.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        instrumented.eval()
+        expected = instrumented(x)
+    fused = asr_fx.fuse(instrumented, example_inputs=(x,))
+    assert type(fused) is SpelledNet and type(fused.blocks[0].post) is SpelledRMSNorm
+    assert not torch.equal(fused.blocks[0].post.weight, model.blocks[0].post.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_norm_whose_output_does_not_scale_with_its_weight_stays_code() -> None:
+    gm = trace(nn.Sequential(SpelledBlock(norm=OnePlusWeightRMSNorm)))
+    assert not any(isinstance(m, nn.RMSNorm) for m in gm.modules())
