@@ -130,6 +130,17 @@ def run_on_copies(model: nn.Module, inputs: Sequence[Any], training: bool) -> An
         return model(*fresh)
 
 
+def outputs_have_values(model: nn.Module, inputs: Sequence[Any]) -> bool:
+    """Whether ``model``'s eval outputs on ``inputs`` hold any element (a detector with random weights often
+    finds nothing: comparing its outputs compares nothing). ``True`` when it does not run on them."""
+    with saved_state(model):
+        try:
+            out = run_on_copies(model, inputs, False)
+        except Exception:  # noqa: BLE001 - the check that follows reports what it can
+            return True
+    return any(t.numel() for t in _leaves(out))
+
+
 def _first_divergence(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool) -> str:
     """The first module (in ``checked``'s execution order) whose output differs from ``reference``'s
     module at the same path; empty when none is found."""
@@ -202,6 +213,8 @@ def _compare(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], tr
             raise EquivalenceError(f"{what} fails on a probe input the model runs on ({'train' if training else 'eval'}"
                                    f" mode): {type(exc).__name__}: {exc}") from exc
         found = _error_detail(expected, got)
+        if found is not None and not any(t.numel() for t in _leaves(expected)):
+            return False  # both empty (a detector that found nothing): the same structure, but nothing compared
         if found is not None and found[0] > 1:
             # not within RTOL of the reference: is it within the model's own rounding noise?
             noise = perturbed_outputs(noise_from or reference, lambda m: run_on_copies(m, inputs, training))
@@ -358,7 +371,8 @@ def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None
     if not checked:
         why = ("no probe input is known (no example_inputs, no input shape recorded by instrument, and the first "
                "layer is no conv or linear)" if probe is None else
-               f"the model does not run on the {'derived ' if derived else ''}probe input")
+               f"the model does not run on the {'derived ' if derived else ''}probe input, or its outputs there are "
+               "empty (a detector that finds nothing)")
         warnings.warn(f"fuse could not check the fused model against the model it was given: {why}. Pass "
                       "example_inputs=(an input the model takes,) to fuse so the check runs (check=False "
                       "silences this).", UncheckedWarning, stacklevel=3)

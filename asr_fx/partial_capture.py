@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.config import ASRConfig, asr_config, set_config
-from asr_fx.equivalence import check_fused, derive_probe, saved_state
+from asr_fx.equivalence import check_fused, derive_probe, fused_probe, outputs_have_values, saved_state
 from asr_fx.errors import ASRError, InputShapeError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 from asr_fx.passes.capture.way_out import way_out
@@ -370,20 +370,21 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     work = copy.deepcopy(model).eval()
     reports = []
     config = part_config(model)
+    check = options.get("check", True)
+    # with example_inputs the whole model is checked below: a per-part check would run each part again (a
+    # detector's backbone at its transform's 800 px, once more per part); unless its outputs there are empty
+    whole_check = check and example_inputs is not None and outputs_have_values(model, example_inputs)
     for path in config.parts or []:
         part = work.get_submodule(path)
         probe = part_probe(config, path, next(iter(part.parameters())))
-        whole_check = options.get("check", True) and example_inputs is not None
-        # with example_inputs the whole model is checked below: a per-part check would run each part again
-        # (a detector's backbone at its transform's 800 px, once more per part)
-        fused = fuse(part, **{**options, "example_inputs": probe,
-                              "check": options.get("check", True) and not whole_check})
+        fused = fuse(part, **{**options, "example_inputs": probe, "check": check and not whole_check})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
         reports.append(fusion_report(fused))
     records = [r for report in reports if report is not None for r in report.records]
     blocks = tuple(b for report in reports if report is not None for b in report.blocks)
     work.__dict__["meta"] = {FUSION_KEY: FusionReport(records, blocks) if any(r is not None for r in reports) else None}
-    if options.get("check", True):  # on example_inputs, else the recorded input shape
-        check_fused(model, work, example_inputs)
+    recorded = fused_probe(model, None)[0] if check and example_inputs is None else None
+    if whole_check or (recorded is not None and outputs_have_values(model, recorded)):
+        check_fused(model, work, example_inputs)  # on example_inputs, else the recorded input shape (parts checked)
     return work.eval()

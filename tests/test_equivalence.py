@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import perturb_asr
 from torch import nn
 
 import asr_fx
@@ -15,6 +16,7 @@ import asr_fx.api
 from asr_fx.equivalence import UncheckedWarning, check_fused
 from asr_fx.errors import EquivalenceError
 from asr_fx.noise_floor import perturbed_outputs, tensor_error
+from asr_fx.passes.layers.norm import NormRule
 
 
 class _Tiny(nn.Module):
@@ -153,7 +155,8 @@ def test_detectors_that_find_nothing_compare_equal_and_differ_from_one_that_find
             return [{k: v[:0] for k, v in d.items()} for d in super().forward(x)]
 
     x = (torch.randn(4, 4),)
-    check_fused(Empty(False).eval(), Empty(True).eval(), x)
+    with pytest.warns(UncheckedWarning, match="empty"):  # nothing to compare: said, never passed silently
+        check_fused(Empty(False).eval(), Empty(True).eval(), x)
     with pytest.raises(EquivalenceError):
         check_fused(Empty(False).eval(), _Detector(False).eval(), x)
 
@@ -176,3 +179,40 @@ def test_a_model_whose_outputs_are_rounding_noise_is_not_blamed_on_capture() -> 
         check_fused(model, moved, (torch.randn(4, 8),))
     except EquivalenceError as exc:
         assert "please report" not in str(exc)
+
+
+class _Filtering(nn.Module):
+    """A detector-like model: a traced backbone part, then a data-dependent filter that keeps nothing
+    on random weights (its whole forward does not trace: it is captured part by part)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 8))
+        self.block = _Residual()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.block(self.backbone(x))
+        if bool((scores > 1e9).any()):  # data-dependent: the root does not trace
+            return scores
+        return scores[scores > 1e9]  # empty
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.fc(x))
+
+
+def test_a_model_with_empty_outputs_is_checked_part_by_part(monkeypatch) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8),)
+    instrumented = asr_fx.instrument(_Filtering().eval(), example_inputs=x)
+    assert asr_fx.get_config(instrumented)["parts"]
+    perturb_asr(instrumented)
+    instrumented.eval()
+    monkeypatch.setattr(NormRule, "scale_output", lambda self, module, v: None)  # a fold that loses its scale
+    with pytest.raises(EquivalenceError):
+        asr_fx.fuse(instrumented, example_inputs=x)  # the whole model's empty output compares nothing: parts do
