@@ -91,3 +91,22 @@ def test_a_sweep_row_fails_when_a_pass_changed_the_users_model(monkeypatch):
     row = run_entry("nudged", entry, onnx=False)
     assert row.kept == "state_dict entry '0.weight' changed"
     assert row.status.startswith("CHANGED the user's model: state_dict entry '0.weight' changed; error in instrument")
+
+
+def test_wav2vec2_encoder_layers_handed_flags_through_kwargs_take_sites():
+    """transformers 5 hands each encoder layer ``output_hidden_states=`` through ``**kwargs``, and the encoder's
+    LayerDrop does not trace in train mode: the layers are captured one by one, in their own class."""
+    pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    entry = zoos.ZOOS["hf"]()["Wav2Vec2"]
+    model, x = entry.build().eval(), entry.inputs(2, 1)
+    instrumented = asr_fx.instrument(model, example_inputs=x)
+    modules = {s["module"] for s in asr_fx.get_config(instrumented)["sites"]}
+    assert {"attention.out_proj", "feed_forward.output_dense"} <= modules, modules
+    assert type(instrumented.wav2vec2.encoder.layers[0]).__name__ == "Wav2Vec2EncoderLayer"
+    instrumented.eval()
+    fused = asr_fx.fuse(instrumented, strict=True, example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*x).logits, instrumented(*x).logits, rtol=1e-5, atol=1e-6)
