@@ -126,7 +126,7 @@ _ZOO_INPUTS = (
 def _zoo_markdown(zoo: str, rows: list, total: int, onnx: bool, minutes: float | None = None) -> str:
     ok = sum(r.ok for r in rows)
     body = [(r.model, r.input, r.config, r.sites, r.parts or "", getattr(r, "form", ""), _fmt(r.fuse_err),
-             _fmt(r.ort_err),
+             _fmt(r.ort_err) or ("n/a: " + r.onnx_note if getattr(r, "onnx_note", "") else ""),
              "yes" if r.params_ok else "no", r.kept if r.kept in ("", "yes") else "NO",
              " / ".join(f"{r.seconds.get(s, 0):.0f}" for s in STAGES), r.status[:300])
             for r in rows]
