@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from conftest import FUSE_RTOL, perturb_asr, rel_err
 from torch import nn
@@ -169,3 +170,40 @@ def test_blocks_given_flags_through_kwargs_are_instrumented_in_their_own_class()
         want = instrumented(*inputs)
         assert rel_err(fused(*inputs), want) <= FUSE_RTOL
     assert asr_fx.count_parameters(fused) == asr_fx.count_parameters(model)
+
+
+class _ParallelBlock(nn.Module):
+    """Its site is the sum of two conv-BN branches (functional code): only the graph form holds it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, **kwargs):
+        return torch.relu(self.b1(self.c1(x)) + self.b2(self.c2(x)))
+
+
+class _ParallelEncoder(nn.Module):
+    def __init__(self, flags: bool) -> None:
+        super().__init__()
+        self.flags = flags
+        self.blocks = nn.ModuleList(_ParallelBlock() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x, output_hidden_states=True) if self.flags else block(x)
+            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
+                break
+        return x
+
+
+def test_a_part_given_flags_through_kwargs_is_refused_where_only_its_graph_form_would_fit():
+    x = (torch.randn(2, 4, 6, 6),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each block alone: "instrument returns a GraphModule"
+        plain = asr_fx.instrument(_ParallelEncoder(flags=False).eval(), example_inputs=x)
+        assert asr_fx.get_config(plain)["parts"] == ["blocks.0", "blocks.1"]  # the graph form takes no flags
+        with pytest.raises(asr_fx.TraceError, match=r"blocks\.0: its forward takes output_hidden_states through "
+                                                     r"\*\*kwargs, which only the module form keeps"):
+            asr_fx.instrument(_ParallelEncoder(flags=True).eval(), example_inputs=x)
