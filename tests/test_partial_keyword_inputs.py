@@ -14,6 +14,15 @@ from asr_fx.config import asr_config
 from asr_fx.partial_capture import part_probe
 
 
+def _through(blocks: nn.ModuleList, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Each block in turn, with a data-dependent early exit: the caller's whole forward does not trace."""
+    for block in blocks:
+        x = block(x, **kwargs)
+        if bool((x.abs() > 1e6).any()):
+            break
+    return x
+
+
 class _Block(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -45,11 +54,7 @@ class _Encoder(nn.Module):
         x = self.embed(tokens)
         positions = torch.arange(tokens.shape[1])
         mask = torch.where(positions[None, :] < lengths[:, None], 0.0, -1e4)[:, None, :]
-        for block in self.blocks:
-            x = block(x, mask=mask)
-            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
-                break
-        return x
+        return _through(self.blocks, x, mask=mask)
 
 
 def test_blocks_called_with_a_keyword_mask_are_instrumented():
@@ -102,11 +107,7 @@ class _IndexedEncoder(nn.Module):
         x = self.embed(tokens)
         positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
         keep = positions < lengths[:, None]
-        for block in self.blocks:
-            x = block(x, positions=positions, keep=keep)
-            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
-                break
-        return x
+        return _through(self.blocks, x, positions=positions, keep=keep)
 
 
 def test_blocks_called_with_integer_and_boolean_keyword_tensors_are_instrumented_and_probed_in_kind():
@@ -148,11 +149,7 @@ class _FlagEncoder(_Encoder):
 
     def forward(self, tokens, lengths):
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, output_hidden_states=True, output_attentions=False)
-            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
-                break
-        return x
+        return _through(self.blocks, x, output_hidden_states=True, output_attentions=False)
 
 
 def test_blocks_given_flags_through_kwargs_are_instrumented_in_their_own_class():
@@ -191,11 +188,8 @@ class _ParallelEncoder(nn.Module):
         self.blocks = nn.ModuleList(_ParallelBlock() for _ in range(2))
 
     def forward(self, x):
-        for block in self.blocks:
-            x = block(x, output_hidden_states=True) if self.flags else block(x)
-            if bool((x.abs() > 1e6).any()):  # data-dependent: the whole forward does not trace
-                break
-        return x
+        flags = {"output_hidden_states": True} if self.flags else {}
+        return _through(self.blocks, x, **flags)
 
 
 def test_a_part_given_flags_through_kwargs_is_refused_where_only_its_graph_form_would_fit():
