@@ -130,17 +130,6 @@ def run_on_copies(model: nn.Module, inputs: Sequence[Any], training: bool) -> An
         return model(*fresh)
 
 
-def outputs_have_values(model: nn.Module, inputs: Sequence[Any]) -> bool:
-    """Whether ``model``'s eval outputs on ``inputs`` hold any element (a detector with random weights often
-    finds nothing: comparing its outputs compares nothing). ``True`` when it does not run on them."""
-    with saved_state(model):
-        try:
-            out = run_on_copies(model, inputs, False)
-        except Exception:  # noqa: BLE001 - the check that follows reports what it can
-            return True
-    return any(t.numel() for t in _leaves(out))
-
-
 def _first_divergence(reference: nn.Module, checked: nn.Module, inputs: Sequence[Any], training: bool) -> str:
     """The first module (in ``checked``'s execution order) whose output differs from ``reference``'s
     module at the same path; empty when none is found."""
@@ -344,7 +333,7 @@ def fused_probe(given: nn.Module, inputs: Sequence[Any] | None) -> tuple[tuple[A
 
 
 def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None,
-                before: _Recorded | None = None) -> None:
+                before: _Recorded | None = None, warn: bool = True) -> bool:
     """Raise :class:`EquivalenceError` unless ``fused`` computes what ``given`` computes in eval mode, on
     ``inputs``, else the recorded input shape, else a probe derived from the first conv/linear layer; warn
     (:class:`UncheckedWarning`) when there is none the model runs on.
@@ -354,7 +343,10 @@ def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None
     the assumption, not refused; any difference in values is refused.
 
     ``before``: ``given``'s eval outputs on :func:`fused_probe`, recorded before ``fuse(..., inplace=True)``
-    folded into its tensors; the rounding noise is then measured on ``fused``, the same function."""
+    folded into its tensors; the rounding noise is then measured on ``fused``, the same function.
+
+    Returns whether anything was compared; ``warn=False``: no warning when nothing was (the caller checks
+    otherwise)."""
     probe, derived = fused_probe(given, inputs)
     try:
         checked = probe is not None and _compare(given if before is None else before, fused, probe, False,
@@ -367,8 +359,8 @@ def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None
                       "without example_inputs assume batched inputs of the rank the model's scales have. Pass "
                       "example_inputs=(an input the model takes,) to fuse so the folds and the check use its shapes.",
                       UncheckedWarning, stacklevel=3)
-        return
-    if not checked:
+        return False
+    if not checked and warn:
         why = ("no probe input is known (no example_inputs, no input shape recorded by instrument, and the first "
                "layer is no conv or linear)" if probe is None else
                f"the model does not run on the {'derived ' if derived else ''}probe input, or its outputs there are "
@@ -376,3 +368,4 @@ def check_fused(given: nn.Module, fused: nn.Module, inputs: Sequence[Any] | None
         warnings.warn(f"fuse could not check the fused model against the model it was given: {why}. Pass "
                       "example_inputs=(an input the model takes,) to fuse so the check runs (check=False "
                       "silences this).", UncheckedWarning, stacklevel=3)
+    return checked

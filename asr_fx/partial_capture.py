@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from asr_fx.config import ASRConfig, asr_config, set_config
-from asr_fx.equivalence import check_fused, derive_probe, fused_probe, outputs_have_values, saved_state
+from asr_fx.equivalence import check_fused, derive_probe, saved_state
 from asr_fx.errors import ASRError, InputShapeError, InvalidOptionError, NoSitesError, TraceError
 from asr_fx.fusion import FUSION_KEY, FusionReport, fusion_report
 from asr_fx.passes.capture.way_out import way_out
@@ -110,16 +110,14 @@ def _tensor_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, .
     return tuple(inputs)
 
 
-def _passes_flags(module: nn.Module, args: tuple, kwargs: dict) -> list[str]:
-    """The plain flags the call passes through ``module.forward``'s ``**kwargs``: the part is captured without
-    them, which only its module form (the user's own forward, run with whatever the caller passes) can keep."""
+def _passes_flags(module: nn.Module, kwargs: dict) -> list[str]:
+    """The keywords of the call that no named parameter of ``module.forward`` takes (its ``**kwargs`` does):
+    the part is captured without them, which only its module form (the user's own forward) can keep."""
     try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind(*args, **kwargs)
+        named = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return []
-    extra = [bound.arguments.get(p.name) for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
-    return sorted(k for found in extra if isinstance(found, dict) for k in found)
+    return sorted(k for k in kwargs if k not in named)
 
 
 def input_kind(value: Any) -> dict[str, Any] | None:
@@ -258,7 +256,7 @@ def instrument_parts(model: nn.Module, error: TraceError, instrument: Callable[.
                 except ASRError as exc:
                     refused.append(f"{child_path}: {shorten(str(exc).splitlines()[0], 300)}")
                 else:
-                    flags = _passes_flags(child, *calls[child_path])
+                    flags = _passes_flags(child, calls[child_path][1])
                     if flags and isinstance(part, fx.GraphModule):  # the graph would fix them at their absence
                         refused.append(f"{child_path}: its forward takes {', '.join(flags)} through **kwargs, which "
                                        "only the module form keeps, and its sites have no place in that form")
@@ -371,20 +369,22 @@ def fuse_parts(model: nn.Module, fuse: Callable[..., nn.Module], **options: Any)
     reports = []
     config = part_config(model)
     check = options.get("check", True)
-    # with example_inputs the whole model is checked below: a per-part check would run each part again (a
-    # detector's backbone at its transform's 800 px, once more per part); unless its outputs there are empty
-    whole_check = check and example_inputs is not None and outputs_have_values(model, example_inputs)
+    # with example_inputs the whole model is checked below, not each part (a detector's backbone at its
+    # transform's 800 px would run again per part); without them each part is checked as it is fused
+    probes: dict[str, tuple[Any, ...] | None] = {}
     for path in config.parts or []:
         part = work.get_submodule(path)
-        probe = part_probe(config, path, next(iter(part.parameters())))
-        fused = fuse(part, **{**options, "example_inputs": probe, "check": check and not whole_check})
+        probes[path] = part_probe(config, path, next(iter(part.parameters())))
+        fused = fuse(part, **{**options, "example_inputs": probes[path], "check": check and example_inputs is None})
         _keep_attributes(fused, part)
         _set_submodule(work, path, fused)
         reports.append(fusion_report(fused))
     records = [r for report in reports if report is not None for r in report.records]
     blocks = tuple(b for report in reports if report is not None for b in report.blocks)
     work.__dict__["meta"] = {FUSION_KEY: FusionReport(records, blocks) if any(r is not None for r in reports) else None}
-    recorded = fused_probe(model, None)[0] if check and example_inputs is None else None
-    if whole_check or (recorded is not None and outputs_have_values(model, recorded)):
-        check_fused(model, work, example_inputs)  # on example_inputs, else the recorded input shape (parts checked)
+    # the whole model on example_inputs, else on the recorded input shape (the parts are checked already); where
+    # that compares nothing (empty outputs: a detector that found nothing), each part on its own probe
+    if check and not check_fused(model, work, example_inputs, warn=False) and example_inputs is not None:
+        for path in config.parts or []:
+            check_fused(model.get_submodule(path), work.get_submodule(path), probes[path])
     return work.eval()

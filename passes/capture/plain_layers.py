@@ -4,9 +4,10 @@ plain layer at the same path.
 Libraries build layers that subclass a torch layer but compute it themselves: timm's
 ``BatchNormAct2d`` (``F.batch_norm`` then an activation inside the same module), ``LayerNorm2d``
 (permute, ``F.layer_norm``, permute), ``GroupNormAct``. RMS norms are the same story without a torch base
-class: timm's ``RmsNorm`` (and any module) calling ``F.rms_norm`` or timm's ``rms_norm`` /
-``fast_rms_norm`` on its own ``weight`` becomes a :class:`CallingRMSNorm` (an ``nn.RMSNorm`` that makes the
-module's own call). Traced through, they leave a functional call
+class: a composite module calling ``F.rms_norm`` or timm's ``rms_norm`` / ``fast_rms_norm`` on its own
+``weight`` (then an activation, say) has that call become a :class:`CallingRMSNorm` (an ``nn.RMSNorm`` that
+makes the module's own call). An RMS norm module that is nothing more (timm's ``RmsNorm``) is kept whole
+before this step (:mod:`.rms_norm_modules`). Traced through, they leave a functional call
 on the module's parameters, which no placement rule sees as a layer, with the training flag frozen to
 the mode of the trace. This pass replaces each such call ``F.batch_norm(x, m.running_mean,
 m.running_var, m.weight, m.bias, ...)`` by a call of a plain ``nn.BatchNorm2d`` (``nn.LayerNorm``,

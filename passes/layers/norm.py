@@ -1,5 +1,5 @@
 """Group, instance, layer and RMS norm modules (``nn.GroupNorm``, ``nn.InstanceNorm*d``, ``nn.LayerNorm``,
-``nn.RMSNorm``; a library's RMS norm becomes one at capture, :mod:`asr_fx.passes.capture.plain_layers`):
+``nn.RMSNorm``; a library's RMS norm becomes one at capture, :mod:`asr_fx.passes.capture.rms_norm_modules`):
 the output takes a scale in the affine (Eq. 7/11, train mode too); the input takes none (the
 normalization undoes it). :func:`scale_norm_affine` is shared with BatchNorm (:mod:`.batch_norm`).
 """

@@ -1,7 +1,8 @@
-"""RMS norms written as a library writes them (a module of its own calling ``F.rms_norm`` on its own
-weight, as timm's ``RmsNorm`` does) are captured as an ``nn.RMSNorm`` twin that makes the same call: the
-layer rules see a norm, placement puts the paper's site after it, and the user's class keeps it. RMS norms
-spelled out in Python (Llama's) are recognised by what they compute and kept one call running their own forward."""
+"""RMS norm modules as libraries write them (calling ``F.rms_norm`` on their own weight, as timm's ``RmsNorm``
+does, or spelled out in Python, as Llama's is) are recognised by what they compute and kept one call of an
+``nn.RMSNorm`` twin running their own forward: the layer rules see a norm, placement puts the paper's site
+after it, and the user's class keeps it. Inside a composite layer, the ``F.rms_norm`` call itself becomes a
+twin making the same call."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 import asr_fx
 from asr_fx.passes import trace
-from asr_fx.passes.capture.plain_layers import CallingRMSNorm
+from asr_fx.passes.capture.plain_layers import WHOLE_MODULE_TWINS, CallingRMSNorm
 
 
 class OwnRMSNorm(nn.Module):
@@ -48,7 +49,7 @@ class Net(nn.Module):
         return self.head(self.blocks(x).mean(1))
 
 
-def test_an_rms_norm_module_of_its_own_becomes_a_twin_making_the_same_call() -> None:
+def test_an_rms_norm_module_of_its_own_becomes_a_twin_running_its_own_forward() -> None:
     model, x = Net().eval(), torch.randn(2, 5, 16)
     with torch.no_grad():
         model.blocks[0].post.weight.uniform_(0.5, 2)
@@ -78,6 +79,28 @@ def test_sites_go_after_the_branch_rms_norm_and_fold_into_its_weight_in_the_user
     assert not torch.equal(fused.blocks[0].post.weight, model.blocks[0].post.weight)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-6)
+
+
+class RMSNormAct(OwnRMSNorm):
+    """A composite layer (timm's norm-act style): the RMS norm call, then an activation held as a child."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+def test_the_rms_norm_call_inside_a_composite_layer_becomes_a_twin_with_the_activation_after_it() -> None:
+    model, x = nn.Sequential(nn.Linear(8, 8), RMSNormAct(8)).eval(), torch.randn(2, 3, 8)
+    gm = trace(model)
+    twin = gm.get_submodule("1")
+    assert type(twin) is CallingRMSNorm and twin.function is F.rms_norm and twin.weight is model[1].weight
+    assert "1" not in gm.meta.get(WHOLE_MODULE_TWINS, ())  # the module's own output is after its activation
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0", "1", "1.act"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
 
 
 def test_a_call_on_the_module_weight_with_another_eps_is_left_as_code() -> None:
